@@ -1,0 +1,123 @@
+//! `pigeon-sim`: acts as a Pigeon device from the command line.
+//!
+//! `pigeon-sim connect --url ws://127.0.0.1:7700/ --credential <jwt> --state alice.state`
+//! prints every push as one JSON line on stdout (`{"seq":N,"message_id":"...","payload":...}`)
+//! and acknowledges it. The state file keeps the device token and the last processed seq,
+//! so a killed and restarted simulator resumes the same device and gets what it missed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pigeon_client::{Device, DeviceState};
+use serde_json::value::RawValue;
+
+/// Pigeon's device simulator.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Connect as one device and print what it receives.
+    Connect {
+        /// Device URL of a node, e.g. ws://127.0.0.1:7700/.
+        #[arg(long)]
+        url: String,
+        /// Device credential (see `pigeon token`).
+        #[arg(long)]
+        credential: String,
+        /// File keeping the device token and last processed seq across runs.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Exit after this many pushes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    seq: u64,
+    message_id: &'a str,
+    payload: &'a RawValue,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PIGEON_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Connect {
+        url,
+        credential,
+        state,
+        count,
+    } = Cli::parse().command;
+    match connect(url, credential, state, count).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pigeon-sim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(
+    url: String,
+    credential: String,
+    state_path: Option<PathBuf>,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let state = match &state_path {
+        Some(path) => DeviceState::load(path)?,
+        None => DeviceState::default(),
+    };
+    let mut device = Device::new(url, credential, state);
+    let mut received = 0u64;
+    let stdout = std::io::stdout();
+    while count.is_none_or(|count| received < count) {
+        let push = device.next().await?;
+        let payload = std::str::from_utf8(&push.payload)
+            .ok()
+            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok());
+        let fallback;
+        let payload = match payload {
+            Some(payload) => payload,
+            None => {
+                // Not JSON (it always is from the push API): print it as a JSON string.
+                let text = String::from_utf8_lossy(&push.payload).into_owned();
+                fallback = RawValue::from_string(serde_json::to_string(&text)?)?;
+                &fallback
+            }
+        };
+        let line = serde_json::to_string(&Line {
+            seq: push.seq,
+            message_id: &push.message_id,
+            payload,
+        })?;
+        {
+            let mut out = stdout.lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        // Processed: remember it before telling the node, so a crash in between means a
+        // replay (and the duplicate is dropped by seq), never a loss.
+        if let Some(path) = &state_path {
+            let mut processed = device.state().clone();
+            processed.last_seq = push.seq;
+            processed.save(path)?;
+        }
+        device.ack(push.seq).await;
+        received += 1;
+    }
+    Ok(())
+}

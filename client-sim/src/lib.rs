@@ -1,0 +1,453 @@
+//! Pigeon's reference client SDK.
+//!
+//! # Layout
+//! - [`Connection`]: one connection to a node: Hello/Welcome, pushes, acks, heartbeats.
+//!   Use it when you want to see every step (tests do).
+//! - [`Device`]: a device as an app holds it: reconnects with exponential backoff and
+//!   jitter, keeps its [`DeviceState`] (token and last processed seq) across reconnects,
+//!   and drops duplicate pushes, so the app sees each message once, in order.
+//! - [`Backoff`]: the reconnect delays.
+//!
+//! The binary `pigeon-sim` (src/bin) drives these as one device from the command line.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pigeon_proto::device::{
+    Ack, ClientFrame, Hello, Pong, Push, ServerFrame, Welcome, client_frame, server_frame,
+};
+use pigeon_proto::{CloseCode, Message as _};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Largest frame the client accepts from a node.
+const MAX_FRAME: usize = 64 * 1024;
+/// Time allowed to connect and receive Welcome.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not a `ws://host:port/...` URL.
+    #[error("bad URL {0}: expected ws://host:port/")]
+    Url(String),
+    /// The connection could not be made, or broke.
+    #[error("connection failed: {0}")]
+    Io(String),
+    /// The node closed the connection with this code and reason.
+    #[error("closed by the node: {code} {reason}")]
+    Closed {
+        /// The close code (see `pigeon_proto::CloseCode`).
+        code: u16,
+        /// The node's reason.
+        reason: String,
+    },
+    /// The node sent something that is not a valid frame, or not the expected one.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The node was silent past its idle timeout.
+    #[error("the node went silent")]
+    Silent,
+    /// The device state file could not be read or written.
+    #[error("state file: {0}")]
+    State(String),
+}
+
+impl ClientError {
+    /// Whether reconnecting may help. A refused credential or a replaced session will not
+    /// get better by retrying.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Closed { code, .. } => {
+                CloseCode::from_code(*code).is_none_or(CloseCode::should_reconnect)
+            }
+            ClientError::Url(_) | ClientError::State(_) => false,
+            _ => true,
+        }
+    }
+
+    /// The close code, when the node closed the connection.
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            ClientError::Closed { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+fn io(error: impl std::fmt::Display) -> ClientError {
+    ClientError::Io(error.to_string())
+}
+
+/// What a device keeps between connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The token the node issued; empty before the first connection.
+    pub device_token: String,
+    /// The highest seq processed.
+    pub last_seq: u64,
+}
+
+impl DeviceState {
+    /// Reads a state file; a missing file is a fresh device.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|error| ClientError::State(error.to_string()))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(error) => Err(ClientError::State(error.to_string())),
+        }
+    }
+
+    /// Writes the state file atomically (write aside, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), ClientError> {
+        let text =
+            serde_json::to_string(self).map_err(|error| ClientError::State(error.to_string()))?;
+        let aside = path.with_extension("tmp");
+        std::fs::write(&aside, text).map_err(|error| ClientError::State(error.to_string()))?;
+        std::fs::rename(&aside, path).map_err(|error| ClientError::State(error.to_string()))
+    }
+}
+
+/// One connection to a node.
+pub struct Connection {
+    stream: WebSocketStream<TcpStream>,
+    welcome: Welcome,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    /// Connects to `url`, says Hello with `credential` and `state`, and waits for Welcome.
+    pub async fn connect(
+        url: &str,
+        credential: &str,
+        state: &DeviceState,
+    ) -> Result<Self, ClientError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(url, credential, state))
+            .await
+            .map_err(|_| ClientError::Io("timed out connecting".into()))?
+    }
+
+    async fn connect_inner(
+        url: &str,
+        credential: &str,
+        state: &DeviceState,
+    ) -> Result<Self, ClientError> {
+        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
+        if uri.scheme_str() != Some("ws") {
+            return Err(ClientError::Url(url.into()));
+        }
+        let host = uri.host().ok_or_else(|| ClientError::Url(url.into()))?;
+        let port = uri.port_u16().unwrap_or(80);
+        let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(io)?;
+        let _ = tcp.set_nodelay(true);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(1024)
+            .write_buffer_size(0)
+            .max_message_size(Some(MAX_FRAME))
+            .max_frame_size(Some(MAX_FRAME));
+        let (stream, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
+            .await
+            .map_err(io)?;
+        let mut connection = Self {
+            stream,
+            welcome: Welcome::default(),
+            idle_timeout: CONNECT_TIMEOUT,
+        };
+        connection
+            .send(client_frame::Kind::Hello(Hello {
+                credential: credential.to_owned(),
+                device_token: state.device_token.clone(),
+                last_seq: state.last_seq,
+                client: concat!("pigeon-client/", env!("CARGO_PKG_VERSION")).into(),
+            }))
+            .await?;
+        match connection.recv().await? {
+            server_frame::Kind::Welcome(welcome) => {
+                connection.idle_timeout = Duration::from_millis(welcome.idle_timeout_ms.max(1000));
+                connection.welcome = welcome;
+                Ok(connection)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The node's Welcome.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The next push. Answers pings on the way; fails when the node closes the connection
+    /// or is silent past its idle timeout.
+    pub async fn next_push(&mut self) -> Result<Push, ClientError> {
+        loop {
+            match self.recv().await? {
+                server_frame::Kind::Push(push) => return Ok(push),
+                server_frame::Kind::Ping(ping) => {
+                    self.send(client_frame::Kind::Pong(Pong { nonce: ping.nonce }))
+                        .await?;
+                }
+                server_frame::Kind::Pong(_) => {}
+                server_frame::Kind::Welcome(_) => {
+                    return Err(ClientError::Protocol("a second Welcome".into()));
+                }
+            }
+        }
+    }
+
+    /// Acknowledges every push up to `seq`.
+    pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
+        self.send(client_frame::Kind::Ack(Ack { seq })).await
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, kind: client_frame::Kind) -> Result<(), ClientError> {
+        let frame = ClientFrame { kind: Some(kind) };
+        self.stream
+            .send(Message::Binary(frame.encode_to_vec().into()))
+            .await
+            .map_err(io)
+    }
+
+    /// The next frame from the node.
+    async fn recv(&mut self) -> Result<server_frame::Kind, ClientError> {
+        loop {
+            let message = tokio::time::timeout(self.idle_timeout, self.stream.next())
+                .await
+                .map_err(|_| ClientError::Silent)?;
+            let message = match message {
+                None => return Err(ClientError::Io("connection closed".into())),
+                Some(message) => message.map_err(io)?,
+            };
+            match message {
+                Message::Binary(bytes) => {
+                    let frame = ServerFrame::decode(bytes)
+                        .map_err(|error| ClientError::Protocol(error.to_string()))?;
+                    return frame
+                        .kind
+                        .ok_or_else(|| ClientError::Protocol("an empty frame".into()));
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame
+                        .map(|frame| (u16::from(frame.code), frame.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Err(ClientError::Closed { code, reason });
+                }
+                Message::Text(_) => {
+                    return Err(ClientError::Protocol("unexpected text frame".into()));
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if self.stream.close(None).await.is_ok() {
+                while let Some(Ok(_)) = self.stream.next().await {}
+            }
+        })
+        .await;
+    }
+}
+
+/// Reconnect delays: exponential, capped, with full jitter (a random delay between zero and
+/// the exponential bound), so that a fleet cut off at once does not return at once.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Delays from `base`, doubling up to `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let bound = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        bound.mul_f64(rand::random::<f64>())
+    }
+
+    /// Back to the first delay (after a successful connection).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(250), Duration::from_secs(30))
+    }
+}
+
+/// A device as an app holds it: one logical session across connections.
+pub struct Device {
+    url: String,
+    credential: String,
+    state: DeviceState,
+    connection: Option<Connection>,
+    backoff: Backoff,
+}
+
+impl Device {
+    /// A device that will connect to `url` with `credential`, resuming `state`.
+    pub fn new(url: impl Into<String>, credential: impl Into<String>, state: DeviceState) -> Self {
+        Self {
+            url: url.into(),
+            credential: credential.into(),
+            state,
+            connection: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Replaces the reconnect delays.
+    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The state to keep (device token and last processed seq).
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    /// The next new push, in seq order. Connects and reconnects as needed; a push already
+    /// processed (seq at or below the last one) is acknowledged again and skipped. Returns
+    /// an error only when retrying cannot help.
+    pub async fn next(&mut self) -> Result<Push, ClientError> {
+        loop {
+            let connection = match &mut self.connection {
+                Some(connection) => connection,
+                None => {
+                    match Connection::connect(&self.url, &self.credential, &self.state).await {
+                        Ok(connection) => {
+                            let welcome = connection.welcome();
+                            if !welcome.resumed {
+                                // A new token: the node has no history for us.
+                                self.state.last_seq = 0;
+                            }
+                            self.state.device_token = welcome.device_token.clone();
+                            tracing::info!(
+                                token = %welcome.device_token,
+                                resumed = welcome.resumed,
+                                "connected"
+                            );
+                            self.backoff.reset();
+                            self.connection.insert(connection)
+                        }
+                        Err(error) => {
+                            self.wait_or_fail(error).await?;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match connection.next_push().await {
+                Ok(push) if push.seq <= self.state.last_seq => {
+                    let _ = connection.ack(self.state.last_seq).await;
+                }
+                Ok(push) => return Ok(push),
+                Err(error) => {
+                    self.connection = None;
+                    self.wait_or_fail(error).await?;
+                }
+            }
+        }
+    }
+
+    /// Marks every push up to `seq` processed: updates the state and acknowledges.
+    pub async fn ack(&mut self, seq: u64) {
+        self.state.last_seq = self.state.last_seq.max(seq);
+        if let Some(connection) = &mut self.connection {
+            if connection.ack(seq).await.is_err() {
+                // The next `next` reconnects; the node replays anything unacknowledged.
+                self.connection = None;
+            }
+        }
+    }
+
+    async fn wait_or_fail(&mut self, error: ClientError) -> Result<(), ClientError> {
+        if !error.is_retryable() {
+            return Err(error);
+        }
+        let delay = self.backoff.next_delay();
+        tracing::warn!(%error, ?delay, "disconnected; reconnecting");
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        for attempt in 0..10u32 {
+            let bound = Duration::from_millis(100 * (1u64 << attempt)).min(Duration::from_secs(1));
+            assert!(backoff.next_delay() <= bound);
+        }
+        // Jitter: over many draws at the cap, not all delays are equal.
+        let draws: std::collections::HashSet<Duration> =
+            (0..20).map(|_| backoff.next_delay()).collect();
+        assert!(draws.len() > 1);
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn fatal_closes_are_not_retried() {
+        let replaced = ClientError::Closed {
+            code: 4003,
+            reason: String::new(),
+        };
+        let going_away = ClientError::Closed {
+            code: 1001,
+            reason: String::new(),
+        };
+        assert!(!replaced.is_retryable());
+        assert!(going_away.is_retryable());
+        assert!(ClientError::Silent.is_retryable());
+    }
+
+    #[test]
+    fn state_round_trips_through_its_file() {
+        let dir = std::env::temp_dir().join(format!("pigeon-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("device.state");
+        assert_eq!(DeviceState::load(&path).ok(), Some(DeviceState::default()));
+        let state = DeviceState {
+            device_token: "t".into(),
+            last_seq: 9,
+        };
+        state.save(&path).expect("save");
+        assert_eq!(DeviceState::load(&path).ok(), Some(state));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

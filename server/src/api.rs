@@ -1,0 +1,438 @@
+//! The push API over HTTP/JSON (docs/openapi.yaml).
+//!
+//! - `POST /v1/push`: push a message to uids and/or device tokens.
+//! - `GET /healthz`: liveness.
+//!
+//! Every error answers with a status and a JSON body
+//! `{"error": {"code": "...", "message": "...", "field": "..."}}`; the mapping from
+//! internal errors to statuses is [`ApiError::status`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use pigeon_proto::device::Priority;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::config::{AppSettings, Limits};
+use crate::push::{PushOutcome, PushRequest, PushService};
+use crate::store::StoreError;
+
+/// What the API handlers share.
+pub struct ApiState {
+    /// The apps, by API key.
+    pub apps: Vec<AppSettings>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Where pushes go.
+    pub push: PushService,
+}
+
+/// The API's routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/push", post(push))
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(json!({"status": "ok"})) }),
+        )
+        .fallback(|| async { ApiError::NotFound })
+        .with_state(state)
+}
+
+/// An API error, and what the caller sees of it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or a malformed `Authorization` header, or an unknown key.
+    #[error("a valid API key is required: Authorization: Bearer <api key>")]
+    Unauthorized,
+    /// The body is not valid JSON or a field is invalid.
+    #[error("{message}")]
+    InvalidField {
+        /// The field at fault, as a JSON path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The payload (or the whole body) is over its limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The store cannot take more writes right now.
+    #[error("overloaded, retry shortly")]
+    Overloaded,
+    /// The store failed; nothing was accepted.
+    #[error("the message could not be stored; nothing was accepted")]
+    Unavailable,
+    /// No such route.
+    #[error("no such endpoint")]
+    NotFound,
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::InvalidField { .. } => "invalid_request",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::Overloaded => "overloaded",
+            ApiError::Unavailable => "unavailable",
+            ApiError::NotFound => "not_found",
+        }
+    }
+
+    fn invalid(field: &str, message: impl Into<String>) -> Self {
+        ApiError::InvalidField {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Overloaded => ApiError::Overloaded,
+            StoreError::Backend(_) | StoreError::Closed => {
+                tracing::error!(%error, "push not accepted");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"code": self.code(), "message": self.to_string()});
+        if let ApiError::InvalidField { field, .. } = &self {
+            body["field"] = json!(field);
+        }
+        let mut response = (self.status(), axum::Json(json!({ "error": body }))).into_response();
+        match self {
+            ApiError::Overloaded | ApiError::Unavailable => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushBody {
+    audience: AudienceBody,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    ttl: Option<u64>,
+    #[serde(default)]
+    priority: Option<PriorityBody>,
+    #[serde(default)]
+    collapse_key: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AudienceBody {
+    #[serde(default)]
+    uids: Vec<String>,
+    #[serde(default)]
+    tokens: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PriorityBody {
+    High,
+    Normal,
+    Low,
+}
+
+const MAX_ID_LEN: usize = 256;
+const MAX_KEY_LEN: usize = 128;
+
+async fn push(State(state): State<Arc<ApiState>>, request: Request) -> Response {
+    match handle_push(&state, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle_push(state: &ApiState, request: Request) -> Result<Response, ApiError> {
+    let app = authenticate(&state.apps, request.headers())?;
+    let limits = &state.limits;
+    // Room for the payload plus a full audience of maximal ids, and the JSON around them.
+    let body_limit = limits.max_payload_bytes + limits.max_audience * (MAX_ID_LEN + 8) + 4096;
+    let body: Bytes = axum::body::to_bytes(request.into_body(), body_limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body is over {body_limit} bytes")))?;
+    let request = parse_push(&app.id, &body, limits)?;
+    let outcome = state.push.push(request).await?;
+    let (status, body) = match outcome {
+        PushOutcome::Accepted {
+            message_id,
+            targets,
+        } => (
+            StatusCode::ACCEPTED,
+            json!({"message_id": message_id, "targets": targets}),
+        ),
+        PushOutcome::Duplicate { message_id } => (
+            StatusCode::ACCEPTED,
+            json!({"message_id": message_id, "duplicate": true}),
+        ),
+    };
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// The app whose API key is in the `Authorization` header.
+fn authenticate<'a>(
+    apps: &'a [AppSettings],
+    headers: &HeaderMap,
+) -> Result<&'a AppSettings, ApiError> {
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    // Compare against every app, in constant time per comparison, so timing says nothing
+    // about which prefix of a key was right.
+    let mut found = None;
+    for app in apps {
+        if constant_time_eq(app.api_key.as_bytes(), key.as_bytes()) {
+            found = Some(app);
+        }
+    }
+    found.ok_or(ApiError::Unauthorized)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Parses and validates a push body.
+fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed: PushBody =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            let field = if path == "." {
+                // A missing or unknown field is reported at the parent: name it from the message.
+                inner
+                    .to_string()
+                    .split('`')
+                    .nth(1)
+                    .unwrap_or("body")
+                    .to_owned()
+            } else {
+                path
+            };
+            ApiError::invalid(&field, inner.to_string())
+        })?;
+    deserializer
+        .end()
+        .map_err(|error| ApiError::invalid("body", error.to_string()))?;
+
+    let payload = parsed.payload.get();
+    if payload.len() > limits.max_payload_bytes {
+        return Err(ApiError::TooLarge(format!(
+            "payload is {} bytes; the limit is {}",
+            payload.len(),
+            limits.max_payload_bytes
+        )));
+    }
+    let audience = parsed.audience;
+    if audience.uids.is_empty() && audience.tokens.is_empty() {
+        return Err(ApiError::invalid(
+            "audience",
+            "name at least one of audience.uids or audience.tokens",
+        ));
+    }
+    if audience.uids.len() + audience.tokens.len() > limits.max_audience {
+        return Err(ApiError::invalid(
+            "audience",
+            format!("at most {} uids and tokens per push", limits.max_audience),
+        ));
+    }
+    for (field, ids) in [
+        ("audience.uids", &audience.uids),
+        ("audience.tokens", &audience.tokens),
+    ] {
+        if let Some(index) = ids
+            .iter()
+            .position(|id| id.is_empty() || id.len() > MAX_ID_LEN)
+        {
+            return Err(ApiError::invalid(
+                &format!("{field}[{index}]"),
+                format!("must be 1 to {MAX_ID_LEN} bytes"),
+            ));
+        }
+    }
+    let ttl = match parsed.ttl {
+        None => limits.default_ttl,
+        Some(seconds) => {
+            let ttl = Duration::from_secs(seconds);
+            if ttl > limits.max_ttl {
+                return Err(ApiError::invalid(
+                    "ttl",
+                    format!("at most {} seconds", limits.max_ttl.as_secs()),
+                ));
+            }
+            ttl
+        }
+    };
+    let collapse_key = parsed.collapse_key.unwrap_or_default();
+    if collapse_key.len() > MAX_KEY_LEN {
+        return Err(ApiError::invalid(
+            "collapse_key",
+            format!("at most {MAX_KEY_LEN} bytes"),
+        ));
+    }
+    if let Some(key) = &parsed.idempotency_key {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(ApiError::invalid(
+                "idempotency_key",
+                format!("must be 1 to {MAX_KEY_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(PushRequest {
+        app: app.to_owned(),
+        uids: audience.uids,
+        tokens: audience.tokens,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        ttl,
+        priority: match parsed.priority {
+            Some(PriorityBody::High) => Priority::High,
+            Some(PriorityBody::Low) => Priority::Low,
+            Some(PriorityBody::Normal) | None => Priority::Normal,
+        },
+        collapse_key,
+        idempotency_key: parsed.idempotency_key,
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ApiState>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<PushRequest, ApiError> {
+        parse_push("demo", body.as_bytes(), &Limits::default())
+    }
+
+    fn field_of(result: Result<PushRequest, ApiError>) -> String {
+        match result {
+            Err(ApiError::InvalidField { field, .. }) => field,
+            Err(other) => panic!("expected an invalid field, got {other:?}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn a_full_request_parses() {
+        let request = parse(
+            r#"{"audience":{"uids":["alice"],"tokens":["t1"]},"payload":{"a":[1,2]},
+                "ttl":60,"priority":"high","collapse_key":"k","idempotency_key":"i"}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.uids, ["alice"]);
+        assert_eq!(&request.payload[..], br#"{"a":[1,2]}"#);
+        assert_eq!(request.ttl, Duration::from_secs(60));
+        assert_eq!(request.priority, Priority::High);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(field_of(parse(r#"{"audience":{"uids":["a"]}}"#)), "payload");
+        assert_eq!(field_of(parse(r#"{"payload":1}"#)), "audience");
+        assert_eq!(
+            field_of(parse(
+                r#"{"audience":{"uids":["a"]},"payload":1,"ttl":"soon"}"#
+            )),
+            "ttl"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"audience":{"uids":["a"]},"payload":1,"ttl":-1}"#)),
+            "ttl"
+        );
+        assert_eq!(
+            field_of(parse(
+                r#"{"audience":{"uids":["a"]},"payload":1,"priority":"urgent"}"#
+            )),
+            "priority"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"audience":{"uids":[7]},"payload":1}"#)),
+            "audience.uids[0]"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"audience":{},"payload":1}"#)),
+            "audience"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"audience":{"uids":[""]},"payload":1}"#)),
+            "audience.uids[0]"
+        );
+        assert_eq!(
+            field_of(parse(
+                r#"{"audience":{"uids":["a"]},"payload":1,"colour":1}"#
+            )),
+            "colour"
+        );
+        assert_eq!(
+            field_of(parse(
+                r#"{"audience":{"uids":["a"]},"payload":1,"ttl":99999999999}"#
+            )),
+            "ttl"
+        );
+        assert_eq!(field_of(parse("not json")), "body");
+    }
+
+    #[test]
+    fn an_oversized_payload_is_too_large() {
+        let body = format!(
+            r#"{{"audience":{{"uids":["a"]}},"payload":"{}"}}"#,
+            "x".repeat(5000)
+        );
+        assert!(matches!(parse(&body), Err(ApiError::TooLarge(_))));
+    }
+}

@@ -1,0 +1,230 @@
+//! Device credentials: short-lived JWTs (RFC 7519) signed HS256 with the app's secret.
+//!
+//! An app backend mints one per device session, naming the app (`app`) and the user
+//! (`sub`); the node checks signature, algorithm and expiry before a device may say anything
+//! else. Only HS256 is accepted: a token naming any other `alg` (including `none`) is refused.
+//! The format is small enough that signing and checking take a few lines over `hmac`, where
+//! a general JWT crate would bring RSA and elliptic-curve code Pigeon never uses.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::config::AppSettings;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Seconds of clock skew tolerated when checking `exp` and `iat`.
+const LEEWAY_SECS: u64 = 30;
+
+/// Longest credential accepted, in bytes; a frame limit bounds it too.
+const MAX_CREDENTIAL_LEN: usize = 2048;
+
+/// The claims of a device credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// App id.
+    pub app: String,
+    /// User id the device acts for.
+    pub sub: String,
+    /// Issued at, Unix seconds.
+    pub iat: u64,
+    /// Expires at, Unix seconds.
+    pub exp: u64,
+}
+
+/// Why a credential was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialError {
+    /// Not three base64url parts of JSON, or too long.
+    #[error("credential is not a well-formed JWT")]
+    Malformed,
+    /// The header names an algorithm other than HS256.
+    #[error("credential algorithm must be HS256")]
+    Algorithm,
+    /// The `app` claim names no configured app.
+    #[error("credential names an unknown app")]
+    UnknownApp,
+    /// The signature does not match the app's secret.
+    #[error("credential signature is invalid")]
+    Signature,
+    /// `exp` is in the past.
+    #[error("credential has expired")]
+    Expired,
+    /// `sub` is empty or too long.
+    #[error("credential has an invalid uid")]
+    InvalidUid,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    typ: Option<String>,
+}
+
+/// Mints a credential for `uid` of `app`, valid for `ttl_secs` from `now_secs`.
+pub fn mint(app: &AppSettings, uid: &str, now_secs: u64, ttl_secs: u64) -> String {
+    let header = Header {
+        alg: "HS256".into(),
+        typ: Some("JWT".into()),
+    };
+    let claims = Claims {
+        app: app.id.clone(),
+        sub: uid.to_owned(),
+        iat: now_secs,
+        exp: now_secs.saturating_add(ttl_secs),
+    };
+    // Serializing these two plain structs cannot fail.
+    let header = serde_json::to_vec(&header).unwrap_or_default();
+    let claims = serde_json::to_vec(&claims).unwrap_or_default();
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(claims)
+    );
+    let signature = mac(app, signing_input.as_bytes()).finalize().into_bytes();
+    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// Checks a credential against the apps it may belong to, at `now_secs`.
+pub fn verify<'a>(
+    credential: &str,
+    apps: impl Fn(&str) -> Option<&'a AppSettings>,
+    now_secs: u64,
+) -> Result<Claims, CredentialError> {
+    if credential.len() > MAX_CREDENTIAL_LEN {
+        return Err(CredentialError::Malformed);
+    }
+    let mut parts = credential.split('.');
+    let (Some(header), Some(claims), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(CredentialError::Malformed);
+    };
+    let header: Header = decode_part(header)?;
+    if header.alg != "HS256" {
+        return Err(CredentialError::Algorithm);
+    }
+    let claims_value: Claims = decode_part(claims)?;
+    let app = apps(&claims_value.app).ok_or(CredentialError::UnknownApp)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| CredentialError::Malformed)?;
+    let signing_input_len = credential.len() - signature_len(credential);
+    mac(app, credential[..signing_input_len].as_bytes())
+        .verify_slice(&signature)
+        .map_err(|_| CredentialError::Signature)?;
+    if claims_value.exp.saturating_add(LEEWAY_SECS) < now_secs {
+        return Err(CredentialError::Expired);
+    }
+    if claims_value.sub.is_empty() || claims_value.sub.len() > 256 {
+        return Err(CredentialError::InvalidUid);
+    }
+    Ok(claims_value)
+}
+
+/// Length of the `.signature` suffix, dot included.
+fn signature_len(credential: &str) -> usize {
+    credential
+        .rfind('.')
+        .map_or(0, |dot| credential.len() - dot)
+}
+
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, CredentialError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| CredentialError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| CredentialError::Malformed)
+}
+
+fn mac(app: &AppSettings, input: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = match HmacSha256::new_from_slice(app.secret.as_bytes()) {
+        Ok(mac) => mac,
+        Err(_) => unreachable!("HMAC accepts keys of every length"),
+    };
+    mac.update(input);
+    mac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(id: &str, secret: &str) -> AppSettings {
+        AppSettings {
+            id: id.into(),
+            api_key: "k".repeat(16),
+            secret: secret.into(),
+        }
+    }
+
+    #[test]
+    fn minted_credentials_verify() {
+        let demo = app("demo", &"s".repeat(32));
+        let credential = mint(&demo, "alice", 1_000, 60);
+        let claims = verify(&credential, |id| (id == "demo").then_some(&demo), 1_030)
+            .expect("valid credential");
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.app, "demo");
+    }
+
+    #[test]
+    fn refuses_expired_forged_and_foreign_credentials() {
+        let demo = app("demo", &"s".repeat(32));
+        let other = app("demo", &"t".repeat(32));
+        let lookup = |id: &str| (id == "demo").then_some(&demo);
+        let credential = mint(&demo, "alice", 1_000, 60);
+        assert_eq!(
+            verify(&credential, lookup, 1_000 + 60 + LEEWAY_SECS + 1),
+            Err(CredentialError::Expired)
+        );
+        let forged = mint(&other, "alice", 1_000, 60);
+        assert_eq!(
+            verify(&forged, lookup, 1_000),
+            Err(CredentialError::Signature)
+        );
+        assert_eq!(
+            verify(&credential, |_| None, 1_000),
+            Err(CredentialError::UnknownApp)
+        );
+        assert_eq!(
+            verify("a.b", lookup, 1_000),
+            Err(CredentialError::Malformed)
+        );
+        assert_eq!(
+            verify("!!.??.**", lookup, 1_000),
+            Err(CredentialError::Malformed)
+        );
+    }
+
+    #[test]
+    fn refuses_alg_none() {
+        let demo = app("demo", &"s".repeat(32));
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+        let claims =
+            URL_SAFE_NO_PAD.encode(br#"{"app":"demo","sub":"a","iat":0,"exp":9999999999}"#);
+        let credential = format!("{header}.{claims}.");
+        assert_eq!(
+            verify(&credential, |_| Some(&demo), 1_000),
+            Err(CredentialError::Algorithm)
+        );
+    }
+
+    #[test]
+    fn tampered_claims_fail_the_signature() {
+        let demo = app("demo", &"s".repeat(32));
+        let credential = mint(&demo, "alice", 1_000, 60);
+        let mut parts: Vec<&str> = credential.split('.').collect();
+        let evil =
+            URL_SAFE_NO_PAD.encode(br#"{"app":"demo","sub":"mallory","iat":1000,"exp":1060}"#);
+        parts[1] = &evil;
+        assert_eq!(
+            verify(&parts.join("."), |_| Some(&demo), 1_000),
+            Err(CredentialError::Signature)
+        );
+    }
+}

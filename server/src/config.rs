@@ -1,0 +1,516 @@
+//! Settings: one serde tree read from a TOML file, then overridden by `PIGEON_*` variables.
+//!
+//! A variable names a key by its path, upper-cased, with `__` between levels:
+//! `PIGEON_LIMITS__MAX_PAYLOAD_BYTES=8192` sets `limits.max_payload_bytes`, and
+//! `PIGEON_APPS__0__API_KEY=...` sets `api_key` of the first `[[apps]]` entry. A value is
+//! read as a TOML value when it parses as one (numbers, booleans) and as a string otherwise.
+//!
+//! Every error names the key it is about, so `pigeon` can exit with a message that points
+//! at the line to fix.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Prefix of the environment variables that override the config file.
+pub const ENV_PREFIX: &str = "PIGEON_";
+
+/// Everything a `pigeon` process is configured with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where the process listens.
+    pub listen: Listen,
+    /// Directory of the embedded store (standalone mode) and the generated demo app.
+    pub data_dir: PathBuf,
+    /// Sizes, deadlines and caps.
+    pub limits: Limits,
+    /// The apps allowed to push and whose devices may connect.
+    pub apps: Vec<AppSettings>,
+}
+
+/// Listen addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Device WebSocket listener.
+    pub websocket: SocketAddr,
+    /// Push API (HTTP/JSON) listener.
+    pub http: SocketAddr,
+}
+
+/// Limits. Every queue and every wait in Pigeon has one of these as its bound.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest push payload (the JSON text of `payload`) the API accepts.
+    pub max_payload_bytes: usize,
+    /// Largest number of uids plus tokens in one push request.
+    pub max_audience: usize,
+    /// Largest frame a device may send; larger ones close the connection (1009).
+    pub max_device_frame_bytes: usize,
+    /// Device connections one node holds at most; more are refused (1013).
+    pub max_connections: usize,
+    /// Time a new socket has to finish the WebSocket upgrade and send Hello.
+    #[serde(deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    /// A device that has been silent this long is pinged.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// A device that has been silent this long is closed (4004).
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Pushes sent to a device and not yet acknowledged; further ones wait in the store.
+    pub ack_window: u32,
+    /// Pushes queued in memory for one connection; past it the connection catches up from
+    /// the store instead.
+    pub outbound_queue: usize,
+    /// Messages kept for one offline device; past it the oldest is dropped (and counted).
+    pub max_stored_per_device: u32,
+    /// TTL of a push that names none.
+    #[serde(deserialize_with = "duration")]
+    pub default_ttl: Duration,
+    /// Largest TTL a push may ask for.
+    #[serde(deserialize_with = "duration")]
+    pub max_ttl: Duration,
+    /// How long an idempotency key is remembered.
+    #[serde(deserialize_with = "duration")]
+    pub idempotency_window: Duration,
+    /// Lifetime of credentials minted by `pigeon token` when no `--ttl` is given.
+    #[serde(deserialize_with = "duration")]
+    pub credential_ttl: Duration,
+    /// Write requests waiting for the store's writer; past it the API answers 503.
+    pub store_queue: usize,
+    /// Time a draining process waits for its connections to close before it exits.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+/// One app: its id, the API key its backend pushes with, and the secret that signs its
+/// device credentials.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    /// Short id, used in credentials and in the API.
+    pub id: String,
+    /// Bearer key of the push API.
+    pub api_key: String,
+    /// HS256 secret of device credentials.
+    pub secret: String,
+}
+
+impl fmt::Debug for AppSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppSettings")
+            .field("id", &self.id)
+            .field("api_key", &"<redacted>")
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: Listen::default(),
+            data_dir: PathBuf::from("pigeon-data"),
+            limits: Limits::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            websocket: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7800)),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 4096,
+            max_audience: 1000,
+            max_device_frame_bytes: 4096,
+            max_connections: 19_000,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            ack_window: 32,
+            outbound_queue: 64,
+            max_stored_per_device: 1000,
+            default_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_ttl: Duration::from_secs(28 * 24 * 3600),
+            idempotency_window: Duration::from_secs(24 * 3600),
+            credential_ttl: Duration::from_secs(3600),
+            store_queue: 16_384,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key has a value of the wrong type or an unknown name.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Dotted path of the key, e.g. `limits.max_payload_bytes`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Reads `path` (when given), applies the `PIGEON_*` variables of `env`, and validates.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut root = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|error| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: error.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut root, path, &value)?;
+            }
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|error| ConfigError::Key {
+                key: error.path().to_string(),
+                message: error.into_inner().to_string(),
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Reads the config from `path` and this process's environment.
+    pub fn from_process(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        Self::load(path, std::env::vars())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| {
+            Err(ConfigError::Key {
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        };
+        let limits = &self.limits;
+        if limits.max_payload_bytes == 0 {
+            return bad("limits.max_payload_bytes", "must be at least 1");
+        }
+        if limits.max_audience == 0 {
+            return bad("limits.max_audience", "must be at least 1");
+        }
+        if limits.max_device_frame_bytes < 512 {
+            return bad("limits.max_device_frame_bytes", "must be at least 512");
+        }
+        if limits.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1");
+        }
+        if limits.ack_window == 0 {
+            return bad("limits.ack_window", "must be at least 1");
+        }
+        if limits.outbound_queue == 0 {
+            return bad("limits.outbound_queue", "must be at least 1");
+        }
+        if limits.store_queue == 0 {
+            return bad("limits.store_queue", "must be at least 1");
+        }
+        if limits.max_stored_per_device == 0 {
+            return bad("limits.max_stored_per_device", "must be at least 1");
+        }
+        if limits.heartbeat_interval.is_zero() {
+            return bad("limits.heartbeat_interval", "must be longer than 0");
+        }
+        if limits.idle_timeout <= limits.heartbeat_interval {
+            return bad(
+                "limits.idle_timeout",
+                "must be longer than limits.heartbeat_interval",
+            );
+        }
+        if limits.handshake_timeout.is_zero() {
+            return bad("limits.handshake_timeout", "must be longer than 0");
+        }
+        if limits.default_ttl > limits.max_ttl {
+            return bad("limits.default_ttl", "must not exceed limits.max_ttl");
+        }
+        let mut ids = HashSet::new();
+        for (index, app) in self.apps.iter().enumerate() {
+            let key = |field: &str| format!("apps[{index}].{field}");
+            if app.id.is_empty()
+                || !app
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return bad(
+                    &key("id"),
+                    "must be non-empty ASCII letters, digits, - or _",
+                );
+            }
+            if !ids.insert(app.id.as_str()) {
+                return bad(&key("id"), "is used by another app");
+            }
+            if app.api_key.len() < 16 {
+                return bad(&key("api_key"), "must be at least 16 characters");
+            }
+            if app.secret.len() < 32 {
+                return bad(&key("secret"), "must be at least 32 characters");
+            }
+        }
+        Ok(())
+    }
+
+    /// The app with this id.
+    pub fn app(&self, id: &str) -> Option<&AppSettings> {
+        self.apps.iter().find(|app| app.id == id)
+    }
+}
+
+/// Sets one key from a `PIGEON_A__B__C` variable (given without the prefix).
+fn apply_override(root: &mut toml::Table, path: &str, raw: &str) -> Result<(), ConfigError> {
+    let env_key = format!("{ENV_PREFIX}{path}");
+    let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    if parts.iter().any(String::is_empty) {
+        return Err(ConfigError::Key {
+            key: env_key,
+            message: "empty key segment".into(),
+        });
+    }
+    let mut tree = toml::Value::Table(std::mem::take(root));
+    let result = set_path(&mut tree, &parts, parse_env_value(raw), &env_key);
+    if let toml::Value::Table(table) = tree {
+        *root = table;
+    }
+    result
+}
+
+fn set_path(
+    node: &mut toml::Value,
+    parts: &[String],
+    value: toml::Value,
+    env_key: &str,
+) -> Result<(), ConfigError> {
+    let Some((first, rest)) = parts.split_first() else {
+        *node = value;
+        return Ok(());
+    };
+    let child = match node {
+        toml::Value::Table(table) => table
+            .entry(first.clone())
+            .or_insert_with(|| table_or_array(first)),
+        toml::Value::Array(array) => array_slot(array, first, env_key)?,
+        _ => {
+            return Err(ConfigError::Key {
+                key: env_key.to_owned(),
+                message: format!("`{first}` is inside a value that is not a table"),
+            });
+        }
+    };
+    set_path(child, rest, value, env_key)
+}
+
+fn table_or_array(key: &str) -> toml::Value {
+    if key == "apps" {
+        toml::Value::Array(Vec::new())
+    } else {
+        toml::Value::Table(toml::Table::new())
+    }
+}
+
+/// The element `index` of an array of tables, created (with the ones before it) if missing.
+fn array_slot<'a>(
+    array: &'a mut Vec<toml::Value>,
+    index: &str,
+    env_key: &str,
+) -> Result<&'a mut toml::Value, ConfigError> {
+    let index: usize = index.parse().map_err(|_| ConfigError::Key {
+        key: env_key.to_owned(),
+        message: format!("`{index}` is not an array index"),
+    })?;
+    if index > 1000 {
+        return Err(ConfigError::Key {
+            key: env_key.to_owned(),
+            message: "array index too large".into(),
+        });
+    }
+    while array.len() <= index {
+        array.push(toml::Value::Table(toml::Table::new()));
+    }
+    Ok(&mut array[index])
+}
+
+/// A variable's value as TOML (numbers, booleans, arrays) when it parses as such, else a
+/// string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("value = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Reads a duration written as `"500ms"`, `"30s"`, `"5m"`, `"2h"` or `"7d"`, or as a bare
+/// number of seconds.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
+        Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like \"30s\" or \"500ms\""))?;
+    let millis = match unit.trim() {
+        "ms" => Some(number),
+        "s" | "" => number.checked_mul(1000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        "d" => number.checked_mul(86_400_000),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration `{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(text.as_bytes()).expect("write");
+        file
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let settings = Settings::load(None, env(&[])).expect("defaults are valid");
+        assert_eq!(settings.limits.max_payload_bytes, 4096);
+        assert_eq!(settings.listen.websocket.port(), 7700);
+    }
+
+    #[test]
+    fn file_and_env_override() {
+        let config = file(
+            r#"
+            data_dir = "/tmp/x"
+            [limits]
+            max_payload_bytes = 100
+            heartbeat_interval = "2s"
+            [[apps]]
+            id = "demo"
+            api_key = "0123456789abcdef"
+            secret = "0123456789abcdef0123456789abcdef"
+            "#,
+        );
+        let settings = Settings::load(
+            Some(config.path()),
+            env(&[
+                ("PIGEON_LIMITS__MAX_PAYLOAD_BYTES", "8192"),
+                ("PIGEON_APPS__0__API_KEY", "fedcba9876543210x"),
+                ("PIGEON_LISTEN__HTTP", "127.0.0.1:0"),
+                ("UNRELATED", "1"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(settings.limits.max_payload_bytes, 8192);
+        assert_eq!(settings.limits.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(settings.apps[0].api_key, "fedcba9876543210x");
+        assert_eq!(settings.listen.http.port(), 0);
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let config = file("[limits]\nmax_payload_bytes = \"lots\"\n");
+        let error = Settings::load(Some(config.path()), env(&[])).expect_err("bad type");
+        assert!(
+            error.to_string().contains("limits.max_payload_bytes"),
+            "{error}"
+        );
+
+        let config = file("[limits]\nmax_paylod_bytes = 1\n");
+        let error = Settings::load(Some(config.path()), env(&[])).expect_err("unknown key");
+        assert!(error.to_string().contains("max_paylod_bytes"), "{error}");
+
+        let error = Settings::load(None, env(&[("PIGEON_LIMITS__IDLE_TIMEOUT", "1s")]))
+            .expect_err("idle below heartbeat");
+        assert!(error.to_string().contains("limits.idle_timeout"), "{error}");
+
+        let error =
+            Settings::load(None, env(&[("PIGEON_APPS__0__ID", "x")])).expect_err("app without key");
+        assert!(error.to_string().contains("apps[0]"), "{error}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! Drives one device connection over any transport: the handshake, admission, and the
+//! session loop that feeds the [`Session`] state machine with frames, live pushes, store
+//! reads and timers, and writes out what it decides.
+//!
+//! A transport (WebSocket, QUIC) implements [`DeviceTransport`]: receive a frame, send a
+//! frame, close with a code. Everything else is here, once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pigeon_proto::CloseCode;
+use pigeon_proto::device::{ClientFrame, ServerFrame};
+use tracing::Instrument;
+
+use crate::auth;
+use crate::config::AppSettings;
+use crate::node::Node;
+use crate::session::{
+    Admission, FrameOutcome, Handshake, PushOutcome, Session, SessionConfig, SessionError,
+};
+use crate::store::{OfflineStore, Registry};
+
+/// A transport failure, and the close code it earns.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A frame over the size limit.
+    #[error("frame too large")]
+    TooBig,
+    /// Bytes that are not a valid frame.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The connection failed.
+    #[error("connection failed: {0}")]
+    Io(String),
+}
+
+impl TransportError {
+    fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            TransportError::TooBig => Some(CloseCode::TooBig),
+            TransportError::Malformed(_) => Some(CloseCode::ProtocolError),
+            // The connection is gone: there is no one to tell.
+            TransportError::Io(_) => None,
+        }
+    }
+}
+
+/// A device-facing transport carrying Pigeon frames.
+pub trait DeviceTransport: Send {
+    /// The next frame; `None` when the device closed the connection. Must be cancel-safe:
+    /// dropping the future loses no bytes.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<ClientFrame>, TransportError>> + Send;
+
+    /// Queues a frame; it may not be written until [`DeviceTransport::flush`].
+    fn feed(
+        &mut self,
+        frame: &ServerFrame,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Writes everything queued.
+    fn flush(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Closes the connection with a code and a reason, as politely as the deadline allows.
+    fn close(&mut self, code: CloseCode, reason: &str) -> impl Future<Output = ()> + Send;
+}
+
+/// What every connection of a node shares.
+pub struct DeviceContext {
+    /// The connection table.
+    pub node: Arc<Node>,
+    /// Device registry.
+    pub registry: Arc<dyn Registry>,
+    /// Offline store.
+    pub store: Arc<dyn OfflineStore>,
+    /// The apps whose devices may connect.
+    pub apps: Vec<AppSettings>,
+    /// Session knobs.
+    pub session: Arc<SessionConfig>,
+}
+
+impl DeviceContext {
+    fn app(&self, id: &str) -> Option<&AppSettings> {
+        self.apps.iter().find(|app| app.id == id)
+    }
+}
+
+/// Why the session loop ended: the code and reason to close with, if the device is still
+/// there to hear them.
+struct Ending {
+    code: Option<CloseCode>,
+    reason: String,
+}
+
+impl Ending {
+    fn close(code: CloseCode, reason: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            reason: reason.into(),
+        }
+    }
+
+    fn gone(reason: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            reason: reason.into(),
+        }
+    }
+
+    fn transport(error: TransportError) -> Self {
+        Self {
+            code: error.close_code(),
+            reason: error.to_string(),
+        }
+    }
+
+    fn session(error: SessionError) -> Self {
+        Self::close(error.close_code(), error.to_string())
+    }
+}
+
+/// Runs a device connection from its first byte to its close. `accepted` is when the socket
+/// was accepted: the handshake deadline counts from there.
+pub async fn run<T: DeviceTransport>(
+    mut transport: T,
+    context: &DeviceContext,
+    accepted: Instant,
+    peer: SocketAddr,
+) {
+    let handshake = Handshake::new(accepted, &context.session);
+    let deadline = tokio::time::Instant::from_std(handshake.deadline());
+    let first = tokio::time::timeout_at(deadline, transport.recv()).await;
+    let hello = match first {
+        Err(_elapsed) => {
+            let error = handshake
+                .handle_timeout(Instant::now())
+                .err()
+                .unwrap_or(SessionError::HandshakeTimeout);
+            return finish(&mut transport, Ending::session(error), peer).await;
+        }
+        Ok(Err(error)) => return finish(&mut transport, Ending::transport(error), peer).await,
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(frame))) => match handshake.handle_frame(frame) {
+            Ok(hello) => hello,
+            Err(error) => return finish(&mut transport, Ending::session(error), peer).await,
+        },
+    };
+    let now_secs = crate::message::unix_millis() / 1000;
+    let claims = match auth::verify(&hello.credential, |id| context.app(id), now_secs) {
+        Ok(claims) => claims,
+        Err(error) => {
+            let ending = Ending::session(SessionError::Unauthorized(error.to_string()));
+            return finish(&mut transport, ending, peer).await;
+        }
+    };
+    let device = match context
+        .registry
+        .admit_device(&claims.app, &claims.sub, &hello.device_token)
+        .await
+    {
+        Ok(device) => device,
+        Err(error) => {
+            tracing::warn!(%error, %peer, "admitting a device failed");
+            let ending = Ending::close(CloseCode::InternalError, "registry unavailable");
+            return finish(&mut transport, ending, peer).await;
+        }
+    };
+    let span = tracing::info_span!("device", device.token = %device.token, peer.addr = %peer);
+    async {
+        let connection = context.node.register(&device.token);
+        tracing::debug!(uid = %claims.sub, resumed = device.resumed, "device connected");
+        let admission = Admission {
+            device_token: device.token.clone(),
+            resumed: device.resumed,
+            acked_seq: device.acked_seq,
+            highest_seq: device.highest_seq,
+            client_last_seq: hello.last_seq,
+        };
+        let ending = drive(&mut transport, context, &admission, &connection).await;
+        context.node.unregister(&device.token, connection.id());
+        finish(&mut transport, ending, peer).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn finish<T: DeviceTransport>(transport: &mut T, ending: Ending, peer: SocketAddr) {
+    match ending.code {
+        Some(code) => {
+            tracing::debug!(%peer, code = code.code(), reason = %ending.reason, "closing");
+            transport.close(code, &ending.reason).await;
+        }
+        None => tracing::debug!(%peer, reason = %ending.reason, "connection gone"),
+    }
+}
+
+/// The session loop of an admitted device.
+async fn drive<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    admission: &Admission,
+    connection: &crate::node::Connection,
+) -> Ending {
+    let token = admission.device_token.as_str();
+    let (mut session, welcome, ack) =
+        Session::start(Instant::now(), admission, context.session.clone());
+    if let Err(error) = send(transport, [welcome]).await {
+        return Ending::transport(error);
+    }
+    if let Some(seq) = ack {
+        if let Err(error) = context.store.ack(token, seq).await {
+            tracing::warn!(%error, "persisting an ack failed");
+        }
+    }
+    let shutdown = context.node.shutdown().clone();
+    loop {
+        // Read from the store while the session is behind and has room in its window.
+        while let Some(request) = session.refill() {
+            let replay = match context
+                .store
+                .replay(token, request.after, request.limit)
+                .await
+            {
+                Ok(replay) => replay,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the offline store failed");
+                    return Ending::close(CloseCode::InternalError, "store unavailable");
+                }
+            };
+            let frames = session.handle_refill(&replay.deliveries, replay.more);
+            let sent_any = !frames.is_empty();
+            if let Err(error) = send(transport, frames).await {
+                return Ending::transport(error);
+            }
+            if !sent_any {
+                break;
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(session.deadline());
+        tokio::select! {
+            frame = transport.recv() => {
+                let frame = match frame {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return Ending::gone("closed by the device"),
+                    Err(error) => return Ending::transport(error),
+                };
+                match session.handle_frame(Instant::now(), frame) {
+                    Ok(FrameOutcome::Nothing) => {}
+                    Ok(FrameOutcome::Send(frame)) => {
+                        if let Err(error) = send(transport, [frame]).await {
+                            return Ending::transport(error);
+                        }
+                    }
+                    Ok(FrameOutcome::Acked(seq)) => {
+                        if let Err(error) = context.store.ack(token, seq).await {
+                            // The device will get these again after a reconnect: at least once.
+                            tracing::warn!(%error, "persisting an ack failed");
+                        }
+                    }
+                    Err(error) => return Ending::session(error),
+                }
+            }
+            () = connection.woken() => {
+                let inbox = connection.take();
+                if let Some(code) = inbox.close {
+                    let reason = match code {
+                        CloseCode::Replaced => "replaced by a newer connection of this device",
+                        CloseCode::GoingAway => "node shutting down; reconnect",
+                        _ => "closed by the node",
+                    };
+                    return Ending::close(code, reason);
+                }
+                if inbox.fell_behind {
+                    session.fall_behind();
+                }
+                let frames: Vec<ServerFrame> = inbox
+                    .deliveries
+                    .iter()
+                    .filter_map(|delivery| match session.handle_push(delivery) {
+                        PushOutcome::Send(frame) => Some(frame),
+                        PushOutcome::Duplicate | PushOutcome::Deferred => None,
+                    })
+                    .collect();
+                if let Err(error) = send(transport, frames).await {
+                    return Ending::transport(error);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                match session.handle_timeout(Instant::now()) {
+                    Ok(Some(ping)) => {
+                        if let Err(error) = send(transport, [ping]).await {
+                            return Ending::transport(error);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => return Ending::session(error),
+                }
+            }
+            () = shutdown.cancelled() => {
+                return Ending::close(CloseCode::GoingAway, "node shutting down; reconnect");
+            }
+        }
+    }
+}
+
+/// Sends frames and flushes once.
+async fn send<T: DeviceTransport>(
+    transport: &mut T,
+    frames: impl IntoIterator<Item = ServerFrame>,
+) -> Result<(), TransportError> {
+    let mut any = false;
+    for frame in frames {
+        transport.feed(&frame).await?;
+        any = true;
+    }
+    if any {
+        transport.flush().await?;
+    }
+    Ok(())
+}

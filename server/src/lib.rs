@@ -1,0 +1,29 @@
+//! Pigeon's server: connection nodes, the push API, the registry and the offline stores.
+//!
+//! # Layout
+//! - [`session`]: the device-session state machine (handshake, seq/ack window, heartbeats,
+//!   replay), plain logic with time passed in.
+//! - [`connection`]: drives one device connection over any transport with a session.
+//! - [`websocket`]: the WebSocket transport and its listener.
+//! - [`node`]: the table of live connections and delivery into them.
+//! - [`push`]: the push service: resolve the audience, store, deliver.
+//! - [`api`]: the HTTP/JSON push API.
+//! - [`store`]: the [`store::Registry`] and [`store::OfflineStore`] traits, and the embedded
+//!   (redb) implementation of standalone mode.
+//! - [`auth`]: device credentials (HS256 JWTs).
+//! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
+//! - [`config`]: settings from TOML and `PIGEON_*` variables.
+//! - [`standalone`]: standalone mode, all of the above in one process.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod message;
+pub mod node;
+pub mod push;
+pub mod session;
+pub mod standalone;
+pub mod store;
+pub mod websocket;

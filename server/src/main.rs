@@ -1,0 +1,152 @@
+//! `pigeon`: Pigeon's server binary.
+//!
+//! - `pigeon standalone`: a complete push server in one process.
+//! - `pigeon token`: mint a device credential, as an app backend would.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pigeon_server::config::{Settings, parse_duration};
+use pigeon_server::{auth, message, standalone};
+
+/// Pigeon, a self-hosted long-connection push server.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a complete push server in this process, with an embedded on-disk store.
+    Standalone {
+        /// TOML config file (see deploy/pigeon.toml); PIGEON_* variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a device credential (a JWT signed with the app's secret) for a uid.
+    Token {
+        /// App id.
+        #[arg(long)]
+        app: String,
+        /// User id.
+        #[arg(long)]
+        uid: String,
+        /// Lifetime, e.g. "15m" or "2h" (default: limits.credential_ttl).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// The same config file the server uses.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Standalone { config } => {
+            init_tracing();
+            let settings = match load(config) {
+                Ok(settings) => settings,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("pigeon: cannot start the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run_standalone(settings))
+        }
+        Command::Token {
+            app,
+            uid,
+            ttl,
+            config,
+        } => {
+            let settings = match load(config) {
+                Ok(settings) => settings,
+                Err(code) => return code,
+            };
+            let apps = match standalone::apps_or_demo(&settings) {
+                Ok(apps) => apps,
+                Err(error) => {
+                    eprintln!("pigeon: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Some(app_settings) = apps.iter().find(|candidate| candidate.id == app) else {
+                eprintln!("pigeon: no app `{app}` in the config");
+                return ExitCode::FAILURE;
+            };
+            let ttl = ttl.unwrap_or(settings.limits.credential_ttl);
+            let now = message::unix_millis() / 1000;
+            println!("{}", auth::mint(app_settings, &uid, now, ttl.as_secs()));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
+    Settings::from_process(config.as_deref()).map_err(|error| {
+        eprintln!("pigeon: bad configuration: {error}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PIGEON_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run_standalone(settings: Settings) -> ExitCode {
+    let data_dir = settings.data_dir.clone();
+    let running = match standalone::start(settings).await {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!("pigeon: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("pigeon standalone is running");
+    println!("  device websocket: ws://{}/", running.websocket_addr);
+    println!("  push api:         http://{}/v1/push", running.http_addr);
+    println!("  data directory:   {}", data_dir.display());
+    for app in &running.apps {
+        println!("  app {}: api key {}", app.id, app.api_key);
+    }
+    tracing::info!(
+        websocket = %running.websocket_addr,
+        http = %running.http_addr,
+        "ready"
+    );
+    wait_for_signal().await;
+    if running.shutdown().await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for signals; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,143 @@
+//! A push as it travels inside Pigeon: one [`Message`], shared by every device it goes to,
+//! and one [`Delivery`] per device, which adds that device's seq.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pigeon_proto::device::{Priority, Push};
+use pigeon_proto::store::StoredMessage;
+
+/// One accepted push.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The id the push API answered with.
+    pub id: String,
+    /// The payload's JSON text, exactly as given.
+    pub payload: Bytes,
+    /// Priority, as given.
+    pub priority: Priority,
+    /// Unix milliseconds of acceptance.
+    pub accepted_at_ms: u64,
+    /// Unix milliseconds after which it is not delivered. Equal to `accepted_at_ms` for a
+    /// TTL of 0: such a message goes only to devices online now, and is never stored.
+    pub expires_at_ms: u64,
+    /// Collapse key; empty for none.
+    pub collapse_key: String,
+}
+
+impl Message {
+    /// Whether the message may be stored for devices that are offline (TTL above 0).
+    pub fn is_storable(&self) -> bool {
+        self.expires_at_ms > self.accepted_at_ms
+    }
+
+    /// Whether the message can no longer be delivered at `now_ms`. A TTL-0 message never
+    /// expires while it is being handed to a live connection; it is simply never stored.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.is_storable() && now_ms >= self.expires_at_ms
+    }
+
+    /// The stored form.
+    pub fn to_stored(&self) -> StoredMessage {
+        StoredMessage {
+            message_id: self.id.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority as i32,
+            accepted_at_ms: self.accepted_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            collapse_key: self.collapse_key.clone(),
+        }
+    }
+
+    /// Back from the stored form.
+    pub fn from_stored(stored: StoredMessage) -> Self {
+        Self {
+            priority: stored.priority(),
+            id: stored.message_id,
+            payload: stored.payload,
+            accepted_at_ms: stored.accepted_at_ms,
+            expires_at_ms: stored.expires_at_ms,
+            collapse_key: stored.collapse_key,
+        }
+    }
+}
+
+/// A message on its way to one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    /// The device's sequence number for this message.
+    pub seq: u64,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+impl Delivery {
+    /// The frame that carries it to the device.
+    pub fn to_frame(&self) -> Push {
+        Push {
+            seq: self.seq,
+            message_id: self.message.id.clone(),
+            payload: self.message.payload.clone(),
+            priority: self.message.priority as i32,
+            accepted_at_ms: self.message.accepted_at_ms,
+            collapse_key: self.message.collapse_key.clone(),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// A new message id: 48 bits of milliseconds then 80 random bits, as 32 hex digits, so ids
+/// sort by acceptance time and never collide in practice.
+pub fn new_message_id(now_ms: u64) -> String {
+    let random: u128 = rand::random();
+    format!(
+        "{:012x}{:020x}",
+        now_ms & 0xffff_ffff_ffff,
+        random & ((1u128 << 80) - 1)
+    )
+}
+
+/// A new device token: 128 random bits, base64url.
+pub fn new_device_token() -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_and_time_ordered() {
+        let a = new_message_id(1_000);
+        let b = new_message_id(2_000);
+        assert_eq!(a.len(), 32);
+        assert!(a < b);
+        assert_ne!(new_message_id(1_000), new_message_id(1_000));
+        assert_ne!(new_device_token(), new_device_token());
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let message = Message {
+            id: new_message_id(5),
+            payload: Bytes::from_static(b"{\"a\":1}"),
+            priority: Priority::High,
+            accepted_at_ms: 5,
+            expires_at_ms: 10,
+            collapse_key: "score".into(),
+        };
+        assert_eq!(Message::from_stored(message.to_stored()), message);
+        assert!(message.is_storable());
+        assert!(message.is_expired(10));
+        assert!(!message.is_expired(9));
+    }
+}

@@ -1,0 +1,241 @@
+//! The connection node: the table of live device connections, and delivery into them.
+//!
+//! Each live connection has a [`Connection`]: a small bounded queue of live pushes, a wake-up
+//! and a close request. Delivery never waits on a device: [`Node::deliver`] queues and wakes;
+//! when a connection's queue is full the push is not queued but the connection is told it
+//! fell behind, and it reads what it missed from the offline store (every push is stored
+//! before it is delivered). An idle connection's queue holds no allocation.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use pigeon_proto::CloseCode;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::Delivery;
+
+/// The live connections of one node, by device token.
+pub struct Node {
+    connections: DashMap<String, Arc<Connection>>,
+    next_connection_id: AtomicU64,
+    queue_limit: usize,
+    shutdown: CancellationToken,
+}
+
+/// One live device connection, as the rest of the node sees it.
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    outbound: Mutex<Outbound>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Outbound {
+    queue: VecDeque<Delivery>,
+    fell_behind: bool,
+    close: Option<CloseCode>,
+}
+
+/// What a connection's task takes from its [`Connection`] when woken.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    /// Live pushes, in the order they were delivered.
+    pub deliveries: VecDeque<Delivery>,
+    /// Whether pushes were dropped because the queue was full (they are in the store).
+    pub fell_behind: bool,
+    /// A request to close the connection, with the code to close with.
+    pub close: Option<CloseCode>,
+}
+
+impl Connection {
+    /// This connection's id, unique within the node.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Waits until there is something to take.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Takes everything delivered since the last take.
+    pub fn take(&self) -> Inbox {
+        let mut outbound = lock(&self.outbound);
+        Inbox {
+            // Taking the queue leaves an unallocated one behind.
+            deliveries: std::mem::take(&mut outbound.queue),
+            fell_behind: std::mem::take(&mut outbound.fell_behind),
+            close: outbound.close.take(),
+        }
+    }
+
+    /// Asks the connection to close with `code`.
+    pub fn close(&self, code: CloseCode) {
+        lock(&self.outbound).close = Some(code);
+        self.wake.notify_one();
+    }
+
+    /// Queues a live push; returns false when the queue was full and the connection was told
+    /// to catch up from the store instead.
+    fn offer(&self, delivery: Delivery, limit: usize) -> bool {
+        let queued = {
+            let mut outbound = lock(&self.outbound);
+            if outbound.queue.len() < limit {
+                outbound.queue.push_back(delivery);
+                true
+            } else {
+                outbound.fell_behind = true;
+                false
+            }
+        };
+        self.wake.notify_one();
+        queued
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the queue itself is
+/// still consistent, so go on.
+fn lock(outbound: &Mutex<Outbound>) -> std::sync::MutexGuard<'_, Outbound> {
+    outbound
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What [`Node::deliver`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Handed to the device's live connection.
+    Live,
+    /// The device has a live connection, but its queue was full: it will read the push from
+    /// the store.
+    Lagging,
+    /// The device is not connected here.
+    Offline,
+}
+
+impl Node {
+    /// A node whose connections queue at most `queue_limit` live pushes each.
+    pub fn new(queue_limit: usize, shutdown: CancellationToken) -> Self {
+        Self {
+            connections: DashMap::new(),
+            next_connection_id: AtomicU64::new(1),
+            queue_limit,
+            shutdown,
+        }
+    }
+
+    /// Cancelled when the node shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Registers a new connection for `token`. An older connection of the same token is
+    /// asked to close with [`CloseCode::Replaced`].
+    pub fn register(&self, token: &str) -> Arc<Connection> {
+        let connection = Arc::new(Connection {
+            id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
+            outbound: Mutex::new(Outbound::default()),
+            wake: Notify::new(),
+        });
+        if let Some(older) = self
+            .connections
+            .insert(token.to_owned(), connection.clone())
+        {
+            older.close(CloseCode::Replaced);
+        }
+        connection
+    }
+
+    /// Removes the connection `id` of `token`, unless a newer one has replaced it.
+    pub fn unregister(&self, token: &str, id: u64) {
+        self.connections
+            .remove_if(token, |_, connection| connection.id == id);
+    }
+
+    /// Hands a live push to the device's connection, if it has one here.
+    pub fn deliver(&self, token: &str, delivery: Delivery) -> Delivered {
+        // Clone the handle out so no map guard is held while the connection's lock is taken.
+        let Some(connection) = self.connections.get(token).map(|entry| entry.clone()) else {
+            return Delivered::Offline;
+        };
+        if connection.offer(delivery, self.queue_limit) {
+            Delivered::Live
+        } else {
+            Delivered::Lagging
+        }
+    }
+
+    /// Whether the device has a live connection here.
+    pub fn is_online(&self, token: &str) -> bool {
+        self.connections.contains_key(token)
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Asks every connection to close with `code` (a drain).
+    pub fn close_all(&self, code: CloseCode) {
+        for entry in self.connections.iter() {
+            entry.value().close(code);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use bytes::Bytes;
+    use pigeon_proto::device::Priority;
+
+    fn delivery(seq: u64) -> Delivery {
+        Delivery {
+            seq,
+            message: Arc::new(Message {
+                id: "m".into(),
+                payload: Bytes::new(),
+                priority: Priority::Normal,
+                accepted_at_ms: 0,
+                expires_at_ms: 1,
+                collapse_key: String::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_tells_the_connection_to_catch_up() {
+        let node = Node::new(2, CancellationToken::new());
+        let connection = node.register("t");
+        assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);
+        assert_eq!(node.deliver("t", delivery(2)), Delivered::Live);
+        assert_eq!(node.deliver("t", delivery(3)), Delivered::Lagging);
+        assert_eq!(node.deliver("other", delivery(1)), Delivered::Offline);
+        let inbox = connection.take();
+        assert_eq!(
+            inbox.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(inbox.fell_behind);
+        assert!(!connection.take().fell_behind);
+    }
+
+    #[test]
+    fn a_new_connection_replaces_the_old_one() {
+        let node = Node::new(2, CancellationToken::new());
+        let old = node.register("t");
+        let new = node.register("t");
+        assert_eq!(old.take().close, Some(CloseCode::Replaced));
+        // The old connection's cleanup must not remove the new one.
+        node.unregister("t", old.id());
+        assert!(node.is_online("t"));
+        node.unregister("t", new.id());
+        assert!(!node.is_online("t"));
+    }
+}

@@ -1,0 +1,306 @@
+//! The session state machine, driven with fake time and no sockets.
+
+use super::*;
+use crate::message::Message;
+use bytes::Bytes;
+use pigeon_proto::device::{Ack, Priority};
+
+fn config() -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        handshake_timeout: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(75),
+        ack_window: 3,
+    })
+}
+
+fn admission(acked: u64, highest: u64, client_last: u64) -> Admission {
+    Admission {
+        device_token: "tok".into(),
+        resumed: true,
+        acked_seq: acked,
+        highest_seq: highest,
+        client_last_seq: client_last,
+    }
+}
+
+fn delivery(seq: u64) -> Delivery {
+    Delivery {
+        seq,
+        message: Arc::new(Message {
+            id: format!("m{seq}"),
+            payload: Bytes::from_static(b"{}"),
+            priority: Priority::Normal,
+            accepted_at_ms: 1,
+            expires_at_ms: 1_000_000,
+            collapse_key: String::new(),
+        }),
+    }
+}
+
+fn ack(seq: u64) -> ClientFrame {
+    ClientFrame {
+        kind: Some(client_frame::Kind::Ack(Ack { seq })),
+    }
+}
+
+fn pushed_seq(frame: &ServerFrame) -> u64 {
+    match &frame.kind {
+        Some(server_frame::Kind::Push(push)) => push.seq,
+        other => panic!("expected a push, got {other:?}"),
+    }
+}
+
+/// A session that has replayed an empty store and is caught up.
+fn live_session(now: Instant) -> Session {
+    let (mut session, _, _) = Session::start(now, &admission(0, 0, 0), config());
+    let request = session
+        .refill()
+        .expect("a new session reads the store first");
+    assert_eq!(request, Refill { after: 0, limit: 3 });
+    assert!(session.handle_refill(&[], false).is_empty());
+    session
+}
+
+#[test]
+fn handshake_accepts_only_hello_before_its_deadline() {
+    let now = Instant::now();
+    let handshake = Handshake::new(now, &config());
+    assert_eq!(handshake.deadline(), now + Duration::from_secs(5));
+    assert!(
+        handshake
+            .handle_timeout(now + Duration::from_secs(4))
+            .is_ok()
+    );
+    assert_eq!(
+        handshake.handle_timeout(now + Duration::from_secs(5)),
+        Err(SessionError::HandshakeTimeout)
+    );
+    assert_eq!(
+        handshake.handle_frame(ack(1)).map(|_| ()),
+        Err(SessionError::Protocol("the first frame must be Hello"))
+    );
+    let hello = ClientFrame {
+        kind: Some(client_frame::Kind::Hello(Hello {
+            credential: "jwt".into(),
+            ..Hello::default()
+        })),
+    };
+    assert_eq!(
+        handshake.handle_frame(hello).map(|hello| hello.credential),
+        Ok("jwt".into())
+    );
+}
+
+#[test]
+fn welcome_and_replay_start_after_what_the_device_processed() {
+    let now = Instant::now();
+    // The store knows ack 2 of 9 assigned; the device says it processed 5.
+    let (session, welcome, persist) = Session::start(now, &admission(2, 9, 5), config());
+    assert_eq!(persist, Some(5));
+    match welcome.kind {
+        Some(server_frame::Kind::Welcome(welcome)) => {
+            assert_eq!(welcome.acked_seq, 5);
+            assert!(welcome.resumed);
+            assert_eq!(welcome.heartbeat_ms, 30_000);
+        }
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    assert_eq!(session.refill(), Some(Refill { after: 5, limit: 3 }));
+}
+
+#[test]
+fn a_device_cannot_claim_seqs_never_assigned_nor_keep_them_across_a_new_token() {
+    let now = Instant::now();
+    let (session, _, persist) = Session::start(now, &admission(2, 4, 100), config());
+    assert_eq!(session.last_acked(), 4);
+    assert_eq!(persist, Some(4));
+    let mut fresh = admission(0, 0, 100);
+    fresh.resumed = false;
+    let (session, _, persist) = Session::start(now, &fresh, config());
+    assert_eq!(session.last_acked(), 0);
+    assert_eq!(persist, None);
+}
+
+#[test]
+fn replay_is_in_order_and_bounded_by_the_window() {
+    let now = Instant::now();
+    let (mut session, _, _) = Session::start(now, &admission(0, 5, 0), config());
+    let request = session.refill().expect("refill");
+    let rows: Vec<_> = (1..=3).map(delivery).collect();
+    let frames = session.handle_refill(&rows, true);
+    assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(request.limit, 3);
+    // Window full: no refill, and live pushes wait in the store.
+    assert_eq!(session.refill(), None);
+    assert_eq!(session.handle_push(&delivery(6)), PushOutcome::Deferred);
+    // A cumulative ack of 2 frees two slots.
+    assert_eq!(
+        session.handle_frame(now, ack(2)),
+        Ok(FrameOutcome::Acked(2))
+    );
+    assert_eq!(session.refill(), Some(Refill { after: 3, limit: 2 }));
+    let frames = session.handle_refill(&[delivery(4), delivery(6)], false);
+    assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [4, 6]);
+    assert_eq!(session.refill(), None);
+}
+
+#[test]
+fn live_pushes_flow_once_caught_up_and_duplicates_are_dropped() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    match session.handle_push(&delivery(1)) {
+        PushOutcome::Send(frame) => assert_eq!(pushed_seq(&frame), 1),
+        other => panic!("expected send, got {other:?}"),
+    }
+    assert_eq!(session.handle_push(&delivery(1)), PushOutcome::Duplicate);
+    assert!(matches!(
+        session.handle_push(&delivery(2)),
+        PushOutcome::Send(_)
+    ));
+    assert_eq!(session.last_sent(), 2);
+}
+
+#[test]
+fn a_live_push_that_overtook_another_sends_the_session_to_the_store() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    assert!(matches!(
+        session.handle_push(&delivery(1)),
+        PushOutcome::Send(_)
+    ));
+    // Seq 3 arrives before seq 2: it must not be sent first.
+    assert_eq!(session.handle_push(&delivery(3)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(2)), PushOutcome::Deferred);
+    assert_eq!(session.refill(), Some(Refill { after: 1, limit: 2 }));
+    let frames = session.handle_refill(&[delivery(2), delivery(3)], false);
+    assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [2, 3]);
+    // Caught up again: the next live push flows directly.
+    assert_eq!(
+        session.handle_frame(now, ack(3)),
+        Ok(FrameOutcome::Acked(3))
+    );
+    assert!(matches!(
+        session.handle_push(&delivery(4)),
+        PushOutcome::Send(_)
+    ));
+}
+
+#[test]
+fn a_full_window_or_a_dropped_live_push_switches_to_the_store() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    for seq in 1..=3 {
+        assert!(matches!(
+            session.handle_push(&delivery(seq)),
+            PushOutcome::Send(_)
+        ));
+    }
+    assert_eq!(session.handle_push(&delivery(4)), PushOutcome::Deferred);
+    assert_eq!(
+        session.handle_frame(now, ack(3)),
+        Ok(FrameOutcome::Acked(3))
+    );
+    // Seq 5 arrives live, but 4 is only in the store: 5 must wait so order holds.
+    assert_eq!(session.handle_push(&delivery(5)), PushOutcome::Deferred);
+    assert_eq!(session.refill(), Some(Refill { after: 3, limit: 3 }));
+    let frames = session.handle_refill(&[delivery(4), delivery(5)], false);
+    assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [4, 5]);
+    // A queue overflow reported by the node also sends the session to the store.
+    session.fall_behind();
+    assert_eq!(session.handle_push(&delivery(6)), PushOutcome::Deferred);
+    assert_eq!(session.refill(), Some(Refill { after: 5, limit: 1 }));
+}
+
+#[test]
+fn acks_are_cumulative_and_checked() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    for seq in [1, 2] {
+        assert!(matches!(
+            session.handle_push(&delivery(seq)),
+            PushOutcome::Send(_)
+        ));
+    }
+    assert_eq!(
+        session.handle_frame(now, ack(2)),
+        Ok(FrameOutcome::Acked(2))
+    );
+    // An old ack is harmless; an ack ahead of what was sent is a protocol error.
+    assert_eq!(session.handle_frame(now, ack(1)), Ok(FrameOutcome::Nothing));
+    assert_eq!(
+        session.handle_frame(now, ack(7)),
+        Err(SessionError::Protocol("an ack for a seq never sent"))
+    );
+}
+
+#[test]
+fn heartbeats_ping_a_silent_device_then_close_it() {
+    let start = Instant::now();
+    let mut session = live_session(start);
+    assert_eq!(session.deadline(), start + Duration::from_secs(30));
+    assert_eq!(
+        session.handle_timeout(start + Duration::from_secs(29)),
+        Ok(None)
+    );
+    let ping = session
+        .handle_timeout(start + Duration::from_secs(30))
+        .expect("alive");
+    assert!(matches!(
+        ping.map(|frame| frame.kind),
+        Some(Some(server_frame::Kind::Ping(_)))
+    ));
+    // Not pinged again until another interval has passed; closed at the idle deadline.
+    assert_eq!(session.deadline(), start + Duration::from_secs(60));
+    assert_eq!(
+        session.handle_timeout(start + Duration::from_secs(31)),
+        Ok(None)
+    );
+    assert!(matches!(
+        session.handle_timeout(start + Duration::from_secs(60)),
+        Ok(Some(_))
+    ));
+    assert_eq!(session.deadline(), start + Duration::from_secs(75));
+    assert_eq!(
+        session.handle_timeout(start + Duration::from_secs(75)),
+        Err(SessionError::IdleTimeout)
+    );
+}
+
+#[test]
+fn any_frame_from_the_device_keeps_it_alive() {
+    let start = Instant::now();
+    let mut session = live_session(start);
+    let pong = ClientFrame {
+        kind: Some(client_frame::Kind::Pong(Pong { nonce: 0 })),
+    };
+    let later = start + Duration::from_secs(70);
+    assert_eq!(session.handle_frame(later, pong), Ok(FrameOutcome::Nothing));
+    assert_eq!(
+        session.handle_timeout(start + Duration::from_secs(80)),
+        Ok(None)
+    );
+    assert_eq!(session.deadline(), later + Duration::from_secs(30));
+}
+
+#[test]
+fn a_device_ping_is_answered_and_a_second_hello_refused() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    let ping = ClientFrame {
+        kind: Some(client_frame::Kind::Ping(Ping { nonce: 7 })),
+    };
+    assert_eq!(
+        session.handle_frame(now, ping),
+        Ok(FrameOutcome::Send(ServerFrame {
+            kind: Some(server_frame::Kind::Pong(Pong { nonce: 7 }))
+        }))
+    );
+    let hello = ClientFrame {
+        kind: Some(client_frame::Kind::Hello(Hello::default())),
+    };
+    assert_eq!(
+        session.handle_frame(now, hello).map_err(|e| e.close_code()),
+        Err(CloseCode::ProtocolError)
+    );
+}

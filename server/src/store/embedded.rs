@@ -1,0 +1,690 @@
+//! The embedded store of standalone mode: [redb], a pure-Rust, ACID, copy-on-write B-tree
+//! database in one file.
+//!
+//! redb was chosen because a commit with `Durability::Immediate` is on disk when `commit`
+//! returns and a crash at any moment (SIGKILL included) leaves the file at the last commit,
+//! with no recovery step or write-ahead log to manage; because it is pure Rust with no
+//! background threads of its own; and because its range scans over tuple keys fit
+//! "a device's messages, ordered by seq" exactly.
+//!
+//! # Writes
+//! One writer thread owns all write transactions. Callers send it operations over a bounded
+//! queue; it takes every operation waiting (up to [`MAX_BATCH`]), applies them in one
+//! transaction, commits once (one fsync) and then answers each. This group commit makes the
+//! cost of durability one fsync per batch, not per push. When the queue is full, pushes are
+//! refused with [`StoreError::Overloaded`] (the API answers 429) rather than queued without
+//! bound.
+//!
+//! # Reads
+//! Reads run on tokio's blocking pool in their own read transactions; a commit is visible to
+//! every read that starts after it.
+//!
+//! # Tables
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `devices` | token | `DeviceRecord` (app, uid, highest and acked seq, counters) |
+//! | `bindings` | `app \0 uid \0 token` | () |
+//! | `queue` | (token, seq) | `StoredMessage` |
+//! | `expiry` | (expires at ms, token, seq) | () |
+//! | `collapse` | `token \0 collapse key` | seq |
+//! | `idempotency` | `app \0 key` | `IdempotencyRecord` |
+//! | `idempotency_expiry` | (expires at ms, `app \0 key`) | () |
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pigeon_proto::Message as _;
+use pigeon_proto::store::{DeviceRecord, IdempotencyRecord, StoredMessage};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Accept, AcceptOutcome, AdmittedDevice, OfflineStore, Registry, Replay, StoreError};
+use crate::message::{Delivery, Message, new_device_token, unix_millis};
+
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const BINDINGS: TableDefinition<&str, ()> = TableDefinition::new("bindings");
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("expiry");
+const COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("collapse");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
+const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("idempotency_expiry");
+
+/// Operations applied in one transaction at most.
+const MAX_BATCH: usize = 512;
+/// Expired rows removed by one sweep at most (the next sweep goes on).
+const SWEEP_LIMIT: usize = 10_000;
+/// How often expired messages and idempotency keys are removed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The embedded registry and offline store.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    writes: mpsc::Sender<Job>,
+    max_stored_per_device: u32,
+}
+
+/// Counters of the embedded store, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Messages stored and not yet acknowledged.
+    pub pending: u32,
+    /// Dropped because of the per-device cap.
+    pub dropped: u64,
+    /// Replaced by a newer message with the same collapse key.
+    pub collapsed: u64,
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+enum Op {
+    Admit {
+        app: String,
+        uid: String,
+        token: String,
+    },
+    Accept(Accept),
+    Ack {
+        token: String,
+        seq: u64,
+    },
+    Sweep {
+        now_ms: u64,
+    },
+}
+
+enum Reply {
+    Admitted(AdmittedDevice),
+    Accepted(AcceptOutcome),
+    Done,
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn backend(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`, starts its writer thread, and a task that
+    /// sweeps expired rows. `queue` bounds the writes waiting for the writer.
+    pub fn open(dir: &Path, queue: usize, max_stored_per_device: u32) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(backend)?;
+        let db = Database::create(dir.join("pigeon.redb")).map_err(backend)?;
+        let db = Arc::new(db);
+        {
+            // Create every table, so that reads never meet a missing one.
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(DEVICES).map_err(backend)?;
+            txn.open_table(BINDINGS).map_err(backend)?;
+            txn.open_table(QUEUE).map_err(backend)?;
+            txn.open_table(EXPIRY).map_err(backend)?;
+            txn.open_table(COLLAPSE).map_err(backend)?;
+            txn.open_table(IDEMPOTENCY).map_err(backend)?;
+            txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?;
+            txn.commit().map_err(backend)?;
+        }
+        let (writes, jobs) = mpsc::channel(queue);
+        let writer = Writer {
+            db: db.clone(),
+            max_stored_per_device,
+        };
+        std::thread::Builder::new()
+            .name("pigeon-store-writer".into())
+            .spawn(move || writer.run(jobs))
+            .map_err(backend)?;
+        let store = Self {
+            db,
+            writes,
+            max_stored_per_device,
+        };
+        // The sweeper holds only a weak sender, so dropping the last store handle closes
+        // the queue, which ends the writer thread and releases the database file.
+        let sweeper = store.writes.downgrade();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+            loop {
+                interval.tick().await;
+                let Some(writes) = sweeper.upgrade() else {
+                    break;
+                };
+                let (reply, answer) = oneshot::channel();
+                let op = Op::Sweep {
+                    now_ms: unix_millis(),
+                };
+                if writes.send(Job { op, reply }).await.is_err() {
+                    break;
+                }
+                drop(writes);
+                match answer.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "sweeping expired messages failed"),
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// The per-device cap this store enforces.
+    pub fn max_stored_per_device(&self) -> u32 {
+        self.max_stored_per_device
+    }
+
+    /// Removes messages and idempotency keys that expired before `now_ms`.
+    pub async fn sweep(&self, now_ms: u64) -> Result<()> {
+        self.write(Op::Sweep { now_ms }, true).await.map(|_| ())
+    }
+
+    /// The counters of a device, if it exists.
+    pub async fn device_counters(&self, token: &str) -> Result<Option<DeviceCounters>> {
+        let token = token.to_owned();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            let record = devices
+                .get(token.as_str())
+                .map_err(backend)?
+                .map(|value| decode_device(value.value()))
+                .transpose()?;
+            Ok(record.map(|record| DeviceCounters {
+                pending: record.pending,
+                dropped: record.dropped,
+                collapsed: record.collapsed,
+            }))
+        })
+        .await
+    }
+
+    /// Messages stored in all queues, for metrics.
+    pub async fn stored_messages(&self) -> Result<u64> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let queue = txn.open_table(QUEUE).map_err(backend)?;
+            queue.len().map_err(backend)
+        })
+        .await
+    }
+
+    async fn write(&self, op: Op, wait_for_room: bool) -> Result<Reply> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job { op, reply };
+        if wait_for_room {
+            self.writes
+                .send(job)
+                .await
+                .map_err(|_| StoreError::Closed)?;
+        } else {
+            self.writes.try_send(job).map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || read(&db))
+            .await
+            .map_err(backend)?
+    }
+}
+
+#[async_trait]
+impl Registry for EmbeddedStore {
+    async fn admit_device(&self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
+        let op = Op::Admit {
+            app: app.to_owned(),
+            uid: uid.to_owned(),
+            token: token.to_owned(),
+        };
+        match self.write(op, true).await? {
+            Reply::Admitted(device) => Ok(device),
+            _ => Err(backend("unexpected reply to admit")),
+        }
+    }
+
+    async fn tokens_for_uid(&self, app: &str, uid: &str) -> Result<Vec<String>> {
+        let prefix = format!("{app}\0{uid}\0");
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let bindings = txn.open_table(BINDINGS).map_err(backend)?;
+            let mut tokens = Vec::new();
+            for entry in bindings.range(prefix.as_str()..).map_err(backend)? {
+                let (key, _) = entry.map_err(backend)?;
+                match key.value().strip_prefix(prefix.as_str()) {
+                    Some(token) => tokens.push(token.to_owned()),
+                    None => break,
+                }
+            }
+            Ok(tokens)
+        })
+        .await
+    }
+
+    async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>> {
+        let app = app.to_owned();
+        let tokens = tokens.to_vec();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            tokens
+                .iter()
+                .map(|token| {
+                    let record = devices.get(token.as_str()).map_err(backend)?;
+                    match record {
+                        Some(value) => Ok(decode_device(value.value())?.app == app),
+                        None => Ok(false),
+                    }
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OfflineStore for EmbeddedStore {
+    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome> {
+        match self.write(Op::Accept(accept), false).await? {
+            Reply::Accepted(outcome) => Ok(outcome),
+            _ => Err(backend("unexpected reply to accept")),
+        }
+    }
+
+    async fn ack(&self, token: &str, seq: u64) -> Result<()> {
+        let op = Op::Ack {
+            token: token.to_owned(),
+            seq,
+        };
+        self.write(op, true).await.map(|_| ())
+    }
+
+    async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay> {
+        let token = token.to_owned();
+        let now_ms = unix_millis();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let queue = txn.open_table(QUEUE).map_err(backend)?;
+            let start = after.saturating_add(1);
+            let mut replay = Replay::default();
+            for entry in queue
+                .range((token.as_str(), start)..=(token.as_str(), u64::MAX))
+                .map_err(backend)?
+            {
+                let (key, value) = entry.map_err(backend)?;
+                if replay.deliveries.len() >= limit as usize {
+                    replay.more = true;
+                    break;
+                }
+                let message = Message::from_stored(decode_stored(value.value())?);
+                if message.is_expired(now_ms) {
+                    continue;
+                }
+                replay.deliveries.push(Delivery {
+                    seq: key.value().1,
+                    message: Arc::new(message),
+                });
+            }
+            Ok(replay)
+        })
+        .await
+    }
+}
+
+fn decode_device(bytes: &[u8]) -> Result<DeviceRecord> {
+    DeviceRecord::decode(bytes).map_err(backend)
+}
+
+fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
+    StoredMessage::decode(bytes).map_err(backend)
+}
+
+/// The single owner of write transactions.
+struct Writer {
+    db: Arc<Database>,
+    max_stored_per_device: u32,
+}
+
+impl Writer {
+    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(job) = jobs.blocking_recv() {
+            batch.push(job);
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.apply(&mut batch);
+        }
+    }
+
+    /// Applies a batch in one transaction and answers every job.
+    fn apply(&self, batch: &mut Vec<Job>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let outcome = (|| -> Result<()> {
+            let mut txn = self.db.begin_write().map_err(backend)?;
+            txn.set_durability(Durability::Immediate);
+            {
+                let mut tables = Tables::open(&txn)?;
+                for job in batch.iter_mut() {
+                    let op = std::mem::replace(&mut job.op, Op::Sweep { now_ms: 0 });
+                    replies.push(self.apply_one(&mut tables, op)?);
+                }
+            }
+            txn.commit().map_err(backend)
+        })();
+        match outcome {
+            Ok(()) => {
+                for (job, reply) in batch.drain(..).zip(replies) {
+                    let _ = job.reply.send(Ok(reply));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, operations = batch.len(), "store transaction failed");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(error_copy(&error)));
+                }
+            }
+        }
+    }
+
+    fn apply_one(&self, tables: &mut Tables<'_>, op: Op) -> Result<Reply> {
+        match op {
+            Op::Admit { app, uid, token } => tables.admit(&app, &uid, &token).map(Reply::Admitted),
+            Op::Accept(accept) => tables
+                .accept(accept, self.max_stored_per_device)
+                .map(Reply::Accepted),
+            Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
+            Op::Sweep { now_ms } => tables.sweep(now_ms).map(|()| Reply::Done),
+        }
+    }
+}
+
+fn error_copy(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Overloaded => StoreError::Overloaded,
+        StoreError::Backend(message) => StoreError::Backend(message.clone()),
+        StoreError::Closed => StoreError::Closed,
+    }
+}
+
+/// The tables of one write transaction.
+struct Tables<'txn> {
+    devices: redb::Table<'txn, &'static str, &'static [u8]>,
+    bindings: redb::Table<'txn, &'static str, ()>,
+    queue: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
+    collapse: redb::Table<'txn, &'static str, u64>,
+    idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
+    idempotency_expiry: redb::Table<'txn, (u64, &'static str), ()>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            devices: txn.open_table(DEVICES).map_err(backend)?,
+            bindings: txn.open_table(BINDINGS).map_err(backend)?,
+            queue: txn.open_table(QUEUE).map_err(backend)?,
+            expiry: txn.open_table(EXPIRY).map_err(backend)?,
+            collapse: txn.open_table(COLLAPSE).map_err(backend)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
+            idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?,
+        })
+    }
+
+    fn device(&self, token: &str) -> Result<Option<DeviceRecord>> {
+        self.devices
+            .get(token)
+            .map_err(backend)?
+            .map(|value| decode_device(value.value()))
+            .transpose()
+    }
+
+    fn put_device(&mut self, token: &str, record: &DeviceRecord) -> Result<()> {
+        self.devices
+            .insert(token, record.encode_to_vec().as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
+        if !token.is_empty() {
+            if let Some(mut record) = self.device(token)? {
+                if record.app == app {
+                    if record.uid != uid {
+                        // The device changed hands (another user signed in): rebind.
+                        let old = format!("{app}\0{}\0{token}", record.uid);
+                        self.bindings.remove(old.as_str()).map_err(backend)?;
+                        let new = format!("{app}\0{uid}\0{token}");
+                        self.bindings.insert(new.as_str(), ()).map_err(backend)?;
+                        record.uid = uid.to_owned();
+                        self.put_device(token, &record)?;
+                    }
+                    return Ok(AdmittedDevice {
+                        token: token.to_owned(),
+                        resumed: true,
+                        acked_seq: record.acked_seq,
+                        highest_seq: record.highest_seq,
+                    });
+                }
+            }
+        }
+        let token = new_device_token();
+        let record = DeviceRecord {
+            app: app.to_owned(),
+            uid: uid.to_owned(),
+            created_at_ms: unix_millis(),
+            ..DeviceRecord::default()
+        };
+        self.put_device(&token, &record)?;
+        let binding = format!("{app}\0{uid}\0{token}");
+        self.bindings
+            .insert(binding.as_str(), ())
+            .map_err(backend)?;
+        Ok(AdmittedDevice {
+            token,
+            resumed: false,
+            acked_seq: 0,
+            highest_seq: 0,
+        })
+    }
+
+    fn accept(&mut self, accept: Accept, cap: u32) -> Result<AcceptOutcome> {
+        let now_ms = unix_millis();
+        if let Some((key, expires_at_ms)) = &accept.idempotency {
+            let id_key = format!("{}\0{key}", accept.app);
+            let existing = self
+                .idempotency
+                .get(id_key.as_str())
+                .map_err(backend)?
+                .map(|value| IdempotencyRecord::decode(value.value()).map_err(backend))
+                .transpose()?;
+            if let Some(existing) = existing {
+                if existing.expires_at_ms > now_ms {
+                    return Ok(AcceptOutcome::Duplicate {
+                        message_id: existing.message_id,
+                    });
+                }
+                self.idempotency_expiry
+                    .remove((existing.expires_at_ms, id_key.as_str()))
+                    .map_err(backend)?;
+            }
+            let record = IdempotencyRecord {
+                message_id: accept.message.id.clone(),
+                expires_at_ms: *expires_at_ms,
+            };
+            self.idempotency
+                .insert(id_key.as_str(), record.encode_to_vec().as_slice())
+                .map_err(backend)?;
+            self.idempotency_expiry
+                .insert((*expires_at_ms, id_key.as_str()), ())
+                .map_err(backend)?;
+        }
+        let stored = accept.message.to_stored().encode_to_vec();
+        let mut seqs = Vec::with_capacity(accept.targets.len());
+        for target in &accept.targets {
+            let token = target.token.as_str();
+            let Some(mut record) = self.device(token)? else {
+                seqs.push(0);
+                continue;
+            };
+            if record.app != accept.app {
+                seqs.push(0);
+                continue;
+            }
+            record.highest_seq += 1;
+            let seq = record.highest_seq;
+            if target.store {
+                let collapse_key = &accept.message.collapse_key;
+                if !collapse_key.is_empty() {
+                    let key = format!("{token}\0{collapse_key}");
+                    let previous = self.collapse.get(key.as_str()).map_err(backend)?;
+                    let previous = previous.map(|value| value.value());
+                    if let Some(previous) = previous {
+                        if self.remove_message(token, previous)? {
+                            record.pending = record.pending.saturating_sub(1);
+                            record.collapsed += 1;
+                        }
+                    }
+                    self.collapse.insert(key.as_str(), seq).map_err(backend)?;
+                }
+                while record.pending >= cap {
+                    let oldest = self
+                        .queue
+                        .range((token, 0)..=(token, u64::MAX))
+                        .map_err(backend)?
+                        .next()
+                        .transpose()
+                        .map_err(backend)?
+                        .map(|(key, _)| key.value().1);
+                    let Some(oldest) = oldest else {
+                        record.pending = 0;
+                        break;
+                    };
+                    self.remove_message(token, oldest)?;
+                    record.pending = record.pending.saturating_sub(1);
+                    record.dropped += 1;
+                }
+                self.queue
+                    .insert((token, seq), stored.as_slice())
+                    .map_err(backend)?;
+                self.expiry
+                    .insert((accept.message.expires_at_ms, token, seq), ())
+                    .map_err(backend)?;
+                record.pending += 1;
+            }
+            self.put_device(token, &record)?;
+            seqs.push(seq);
+        }
+        Ok(AcceptOutcome::Accepted { seqs })
+    }
+
+    /// Removes one stored message with its index rows; false when it was not there.
+    fn remove_message(&mut self, token: &str, seq: u64) -> Result<bool> {
+        let Some(value) = self.queue.remove((token, seq)).map_err(backend)? else {
+            return Ok(false);
+        };
+        let stored = decode_stored(value.value())?;
+        drop(value);
+        self.expiry
+            .remove((stored.expires_at_ms, token, seq))
+            .map_err(backend)?;
+        if !stored.collapse_key.is_empty() {
+            let key = format!("{token}\0{}", stored.collapse_key);
+            let points_here = self
+                .collapse
+                .get(key.as_str())
+                .map_err(backend)?
+                .is_some_and(|value| value.value() == seq);
+            if points_here {
+                self.collapse.remove(key.as_str()).map_err(backend)?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn ack(&mut self, token: &str, seq: u64) -> Result<()> {
+        let Some(mut record) = self.device(token)? else {
+            return Ok(());
+        };
+        let seq = seq.min(record.highest_seq);
+        if seq <= record.acked_seq {
+            return Ok(());
+        }
+        let seqs: Vec<u64> = self
+            .queue
+            .range((token, record.acked_seq + 1)..=(token, seq))
+            .map_err(backend)?
+            .map(|entry| entry.map(|(key, _)| key.value().1).map_err(backend))
+            .collect::<Result<_>>()?;
+        for stored_seq in seqs {
+            if self.remove_message(token, stored_seq)? {
+                record.pending = record.pending.saturating_sub(1);
+            }
+        }
+        record.acked_seq = seq;
+        self.put_device(token, &record)
+    }
+
+    fn sweep(&mut self, now_ms: u64) -> Result<()> {
+        let expired: Vec<(String, u64)> = self
+            .expiry
+            .range((0, "", 0)..(now_ms, "", 0))
+            .map_err(backend)?
+            .take(SWEEP_LIMIT)
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (_, token, seq) = key.value();
+                        (token.to_owned(), seq)
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (token, seq) in expired {
+            if self.remove_message(&token, seq)? {
+                if let Some(mut record) = self.device(&token)? {
+                    record.pending = record.pending.saturating_sub(1);
+                    self.put_device(&token, &record)?;
+                }
+            }
+        }
+        let expired_keys: Vec<(u64, String)> = self
+            .idempotency_expiry
+            .range((0, "")..(now_ms, ""))
+            .map_err(backend)?
+            .take(SWEEP_LIMIT)
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (at, key) = key.value();
+                        (at, key.to_owned())
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (at, key) in expired_keys {
+            self.idempotency_expiry
+                .remove((at, key.as_str()))
+                .map_err(backend)?;
+            self.idempotency.remove(key.as_str()).map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+//! Starts real `pigeon` processes for integration tests and talks to them over real sockets.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pigeon_client::{ClientError, Connection, DeviceState};
+use pigeon_proto::device::Push;
+use pigeon_server::config::AppSettings;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A `pigeon standalone` process on ephemeral ports.
+pub struct Server {
+    child: Child,
+    pub ws_url: String,
+    pub http_url: String,
+    pub api_key: String,
+    pub data_dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Server {
+    /// Starts a server on `data_dir` with extra `PIGEON_*` settings.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(data_dir, env)
+    }
+
+    fn spawn(data_dir: &Path, env: Vec<(String, String)>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pigeon"));
+        command
+            .arg("standalone")
+            .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
+            .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
+            .env("PIGEON_DATA_DIR", data_dir)
+            .env("PIGEON_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in &env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn pigeon");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, received) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut ws_url, mut http_url, mut api_key) = (None, None, None);
+        while ws_url.is_none() || http_url.is_none() || api_key.is_none() {
+            let line = received
+                .recv_timeout(WAIT)
+                .expect("pigeon did not print its addresses in time");
+            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("ws://")) {
+                ws_url = Some(url.to_owned());
+            }
+            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+                http_url = Some(url.trim_end_matches("/v1/push").to_owned());
+            }
+            if let Some(key) = line.split("api key ").nth(1) {
+                api_key = Some(key.trim().to_owned());
+            }
+        }
+        Self {
+            child,
+            ws_url: ws_url.expect("ws url"),
+            http_url: http_url.expect("http url"),
+            api_key: api_key.expect("api key"),
+            data_dir: data_dir.to_owned(),
+            env,
+        }
+    }
+
+    /// The demo app, as the server created it.
+    pub fn app(&self) -> AppSettings {
+        pigeon_server::standalone::demo_app(&self.data_dir).expect("demo app")
+    }
+
+    /// A fresh credential for `uid`.
+    pub fn credential(&self, uid: &str) -> String {
+        let now = pigeon_server::message::unix_millis() / 1000;
+        pigeon_server::auth::mint(&self.app(), uid, now, 600)
+    }
+
+    /// POSTs a push with the demo app's key.
+    pub async fn push(&self, body: Value) -> (u16, Value) {
+        self.push_with_key(Some(&self.api_key), body.to_string()).await
+    }
+
+    /// POSTs a raw body with an optional key.
+    pub async fn push_with_key(&self, key: Option<&str>, body: String) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let mut request = client
+            .post(format!("{}/v1/push", self.http_url))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("push timed out")
+            .expect("push request");
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Pushes `payload` to `uid` with a TTL of a minute; asserts 202.
+    pub async fn push_to(&self, uid: &str, payload: Value) -> Value {
+        let (status, body) = self
+            .push(json!({"audience": {"uids": [uid]}, "payload": payload, "ttl": 60}))
+            .await;
+        assert_eq!(status, 202, "push failed: {body}");
+        body
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().map(|status| status.success()).unwrap_or(false)
+    }
+
+    /// Starts a new process on the same data directory and settings.
+    pub fn restart(&mut self) {
+        self.kill();
+        let data_dir = self.data_dir.clone();
+        let env = std::mem::take(&mut self.env);
+        *self = Self::spawn(&data_dir, env);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects as a device of `uid` with `state`.
+pub async fn connect(server: &Server, uid: &str, state: &DeviceState) -> Connection {
+    Connection::connect(&server.ws_url, &server.credential(uid), state)
+        .await
+        .expect("connect")
+}
+
+/// The next push, or a failure after [`WAIT`].
+pub async fn next_push(connection: &mut Connection) -> Push {
+    tokio::time::timeout(WAIT, connection.next_push())
+        .await
+        .expect("no push in time")
+        .expect("connection failed")
+}
+
+/// Asserts that no push arrives within `quiet`.
+pub async fn assert_no_push(connection: &mut Connection, quiet: Duration) {
+    if let Ok(result) = tokio::time::timeout(quiet, connection.next_push()).await {
+        panic!("expected no push, got {result:?}");
+    }
+}
+
+/// The error that ended a connection (a close from the node, usually).
+pub async fn closed(connection: &mut Connection) -> ClientError {
+    loop {
+        match tokio::time::timeout(WAIT, connection.next_push()).await {
+            Err(_) => panic!("connection not closed in time"),
+            Ok(Ok(_)) => continue,
+            Ok(Err(error)) => return error,
+        }
+    }
+}
+
+/// The payload of a push, as JSON.
+pub fn payload(push: &Push) -> Value {
+    serde_json::from_slice(&push.payload).expect("payload is JSON")
+}
+
+/// A raw WebSocket to the server, for sending what a well-behaved client never would.
+pub async fn raw_websocket(
+    server: &Server,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+{
+    let (stream, _) = tokio_tungstenite::connect_async(server.ws_url.as_str())
+        .await
+        .expect("raw websocket");
+    stream
+}
+
+/// Sends one message on a raw WebSocket and returns the close code the server answers with.
+pub async fn close_code_after<S>(stream: &mut S, message: Option<Message>) -> Option<u16>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message>
+        + Unpin,
+{
+    if let Some(message) = message {
+        let _ = stream.send(message).await;
+    }
+    loop {
+        match tokio::time::timeout(WAIT, stream.next()).await {
+            Err(_) => panic!("server did not close in time"),
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
