@@ -31,6 +31,8 @@ pub struct Settings {
     pub limits: Limits,
     /// The apps allowed to push and whose devices may connect.
     pub apps: Vec<AppSettings>,
+    /// Log filter, in `tracing` env-filter syntax: `info`, `pigeon_server=debug,warn`, ...
+    pub log: String,
 }
 
 /// Listen addresses.
@@ -120,6 +122,7 @@ impl Default for Settings {
             data_dir: PathBuf::from("pigeon-data"),
             limits: Limits::default(),
             apps: Vec::new(),
+            log: "info".into(),
         }
     }
 }
@@ -504,6 +507,19 @@ mod tests {
         let error =
             Settings::load(None, env(&[("PIGEON_APPS__0__ID", "x")])).expect_err("app without key");
         assert!(error.to_string().contains("apps[0]"), "{error}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid_and_shows_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pigeon.toml");
+        let settings = Settings::load(Some(&path), env(&[])).expect("deploy/pigeon.toml");
+        let defaults = Settings::default();
+        assert_eq!(
+            format!("{:?}", settings.limits),
+            format!("{:?}", defaults.limits)
+        );
+        assert_eq!(settings.listen.websocket, defaults.listen.websocket);
+        assert_eq!(settings.listen.http, defaults.listen.http);
     }
 
     #[test]

@@ -98,7 +98,8 @@ impl Server {
 
     /// POSTs a push with the demo app's key.
     pub async fn push(&self, body: Value) -> (u16, Value) {
-        self.push_with_key(Some(&self.api_key), body.to_string()).await
+        self.push_with_key(Some(&self.api_key), body.to_string())
+            .await
     }
 
     /// POSTs a raw body with an optional key.
@@ -140,7 +141,10 @@ impl Server {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        self.child.wait().map(|status| status.success()).unwrap_or(false)
+        self.child
+            .wait()
+            .map(|status| status.success())
+            .unwrap_or(false)
     }
 
     /// Starts a new process on the same data directory and settings.
@@ -200,8 +204,7 @@ pub fn payload(push: &Push) -> Value {
 /// A raw WebSocket to the server, for sending what a well-behaved client never would.
 pub async fn raw_websocket(
     server: &Server,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
-{
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let (stream, _) = tokio_tungstenite::connect_async(server.ws_url.as_str())
         .await
         .expect("raw websocket");
