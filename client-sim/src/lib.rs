@@ -383,11 +383,11 @@ impl Device {
     /// Marks every push up to `seq` processed: updates the state and acknowledges.
     pub async fn ack(&mut self, seq: u64) {
         self.state.last_seq = self.state.last_seq.max(seq);
-        if let Some(connection) = &mut self.connection {
-            if connection.ack(seq).await.is_err() {
-                // The next `next` reconnects; the node replays anything unacknowledged.
-                self.connection = None;
-            }
+        if let Some(connection) = &mut self.connection
+            && connection.ack(seq).await.is_err()
+        {
+            // The next `next` reconnects; the node replays anything unacknowledged.
+            self.connection = None;
         }
     }
 

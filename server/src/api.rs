@@ -316,13 +316,13 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             format!("at most {MAX_KEY_LEN} bytes"),
         ));
     }
-    if let Some(key) = &parsed.idempotency_key {
-        if key.is_empty() || key.len() > MAX_KEY_LEN {
-            return Err(ApiError::invalid(
-                "idempotency_key",
-                format!("must be 1 to {MAX_KEY_LEN} bytes"),
-            ));
-        }
+    if let Some(key) = &parsed.idempotency_key
+        && (key.is_empty() || key.len() > MAX_KEY_LEN)
+    {
+        return Err(ApiError::invalid(
+            "idempotency_key",
+            format!("must be 1 to {MAX_KEY_LEN} bytes"),
+        ));
     }
     Ok(PushRequest {
         app: app.to_owned(),

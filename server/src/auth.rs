@@ -113,8 +113,10 @@ pub fn verify<'a>(
     let signature = URL_SAFE_NO_PAD
         .decode(signature)
         .map_err(|_| CredentialError::Malformed)?;
-    let signing_input_len = credential.len() - signature_len(credential);
-    mac(app, credential[..signing_input_len].as_bytes())
+    let signing_input = credential
+        .rsplit_once('.')
+        .map_or("", |(signing_input, _)| signing_input);
+    mac(app, signing_input.as_bytes())
         .verify_slice(&signature)
         .map_err(|_| CredentialError::Signature)?;
     if claims_value.exp.saturating_add(LEEWAY_SECS) < now_secs {
@@ -124,13 +126,6 @@ pub fn verify<'a>(
         return Err(CredentialError::InvalidUid);
     }
     Ok(claims_value)
-}
-
-/// Length of the `.signature` suffix, dot included.
-fn signature_len(credential: &str) -> usize {
-    credential
-        .rfind('.')
-        .map_or(0, |dot| credential.len() - dot)
 }
 
 fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, CredentialError> {

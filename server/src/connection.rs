@@ -208,10 +208,10 @@ async fn drive<T: DeviceTransport>(
     if let Err(error) = send(transport, [welcome]).await {
         return Ending::transport(error);
     }
-    if let Some(seq) = ack {
-        if let Err(error) = context.store.ack(token, seq).await {
-            tracing::warn!(%error, "persisting an ack failed");
-        }
+    if let Some(seq) = ack
+        && let Err(error) = context.store.ack(token, seq).await
+    {
+        tracing::warn!(%error, "persisting an ack failed");
     }
     let shutdown = context.node.shutdown().clone();
     loop {

@@ -461,26 +461,25 @@ impl<'txn> Tables<'txn> {
     }
 
     fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
-        if !token.is_empty() {
-            if let Some(mut record) = self.device(token)? {
-                if record.app == app {
-                    if record.uid != uid {
-                        // The device changed hands (another user signed in): rebind.
-                        let old = format!("{app}\0{}\0{token}", record.uid);
-                        self.bindings.remove(old.as_str()).map_err(backend)?;
-                        let new = format!("{app}\0{uid}\0{token}");
-                        self.bindings.insert(new.as_str(), ()).map_err(backend)?;
-                        record.uid = uid.to_owned();
-                        self.put_device(token, &record)?;
-                    }
-                    return Ok(AdmittedDevice {
-                        token: token.to_owned(),
-                        resumed: true,
-                        acked_seq: record.acked_seq,
-                        highest_seq: record.highest_seq,
-                    });
-                }
+        if !token.is_empty()
+            && let Some(mut record) = self.device(token)?
+            && record.app == app
+        {
+            if record.uid != uid {
+                // The device changed hands (another user signed in): rebind.
+                let old = format!("{app}\0{}\0{token}", record.uid);
+                self.bindings.remove(old.as_str()).map_err(backend)?;
+                let new = format!("{app}\0{uid}\0{token}");
+                self.bindings.insert(new.as_str(), ()).map_err(backend)?;
+                record.uid = uid.to_owned();
+                self.put_device(token, &record)?;
             }
+            return Ok(AdmittedDevice {
+                token: token.to_owned(),
+                resumed: true,
+                acked_seq: record.acked_seq,
+                highest_seq: record.highest_seq,
+            });
         }
         let token = new_device_token();
         let record = DeviceRecord {
@@ -553,11 +552,11 @@ impl<'txn> Tables<'txn> {
                     let key = format!("{token}\0{collapse_key}");
                     let previous = self.collapse.get(key.as_str()).map_err(backend)?;
                     let previous = previous.map(|value| value.value());
-                    if let Some(previous) = previous {
-                        if self.remove_message(token, previous)? {
-                            record.pending = record.pending.saturating_sub(1);
-                            record.collapsed += 1;
-                        }
+                    if let Some(previous) = previous
+                        && self.remove_message(token, previous)?
+                    {
+                        record.pending = record.pending.saturating_sub(1);
+                        record.collapsed += 1;
                     }
                     self.collapse.insert(key.as_str(), seq).map_err(backend)?;
                 }
@@ -655,11 +654,11 @@ impl<'txn> Tables<'txn> {
             })
             .collect::<Result<_>>()?;
         for (token, seq) in expired {
-            if self.remove_message(&token, seq)? {
-                if let Some(mut record) = self.device(&token)? {
-                    record.pending = record.pending.saturating_sub(1);
-                    self.put_device(&token, &record)?;
-                }
+            if self.remove_message(&token, seq)?
+                && let Some(mut record) = self.device(&token)?
+            {
+                record.pending = record.pending.saturating_sub(1);
+                self.put_device(&token, &record)?;
             }
         }
         let expired_keys: Vec<(u64, String)> = self

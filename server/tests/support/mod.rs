@@ -52,7 +52,7 @@ impl Server {
         }
         let mut child = command.spawn().expect("spawn pigeon");
         let stdout = child.stdout.take().expect("stdout");
-        let (lines, received) = mpsc::channel();
+        let (lines, received) = mpsc::sync_channel(256);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if lines.send(line).is_err() {
