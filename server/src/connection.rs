@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pigeon_proto::CloseCode;
-use pigeon_proto::device::{ClientFrame, ServerFrame};
+use pigeon_proto::device::{ClientFrame, Hello, ServerFrame};
 use tracing::Instrument;
 
 use crate::auth;
@@ -146,12 +146,44 @@ pub async fn run<T: DeviceTransport>(
             Err(error) => return finish(&mut transport, Ending::session(error), peer).await,
         },
     };
+    // Everything the session needs from the handshake is made here, and the rest (the
+    // credential, the claims) is dropped before the session starts: an idle connection
+    // keeps only what it must.
+    let Some(admission) = admit(&mut transport, context, hello, peer).await else {
+        return;
+    };
+    let span = tracing::debug_span!(
+        "device",
+        device.token = %admission.device_token,
+        peer.addr = %peer
+    );
+    async {
+        let connection = context.node.register(&admission.device_token);
+        let ending = drive(&mut transport, context, &admission, &connection).await;
+        context
+            .node
+            .unregister(&admission.device_token, connection.id());
+        finish(&mut transport, ending, peer).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Checks the credential and resolves the device token; closes the connection and returns
+/// `None` when either fails.
+async fn admit<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    hello: Hello,
+    peer: SocketAddr,
+) -> Option<Admission> {
     let now_secs = crate::message::unix_millis() / 1000;
     let claims = match auth::verify(&hello.credential, |id| context.app(id), now_secs) {
         Ok(claims) => claims,
         Err(error) => {
             let ending = Ending::session(SessionError::Unauthorized(error.to_string()));
-            return finish(&mut transport, ending, peer).await;
+            finish(transport, ending, peer).await;
+            return None;
         }
     };
     let device = match context
@@ -163,26 +195,23 @@ pub async fn run<T: DeviceTransport>(
         Err(error) => {
             tracing::warn!(%error, %peer, "admitting a device failed");
             let ending = Ending::close(CloseCode::InternalError, "registry unavailable");
-            return finish(&mut transport, ending, peer).await;
+            finish(transport, ending, peer).await;
+            return None;
         }
     };
-    let span = tracing::info_span!("device", device.token = %device.token, peer.addr = %peer);
-    async {
-        let connection = context.node.register(&device.token);
-        tracing::debug!(uid = %claims.sub, resumed = device.resumed, "device connected");
-        let admission = Admission {
-            device_token: device.token.clone(),
-            resumed: device.resumed,
-            acked_seq: device.acked_seq,
-            highest_seq: device.highest_seq,
-            client_last_seq: hello.last_seq,
-        };
-        let ending = drive(&mut transport, context, &admission, &connection).await;
-        context.node.unregister(&device.token, connection.id());
-        finish(&mut transport, ending, peer).await;
-    }
-    .instrument(span)
-    .await
+    tracing::debug!(
+        uid = %claims.sub,
+        device.token = %device.token,
+        resumed = device.resumed,
+        "device connected"
+    );
+    Some(Admission {
+        device_token: device.token,
+        resumed: device.resumed,
+        acked_seq: device.acked_seq,
+        highest_seq: device.highest_seq,
+        client_last_seq: hello.last_seq,
+    })
 }
 
 async fn finish<T: DeviceTransport>(transport: &mut T, ending: Ending, peer: SocketAddr) {

@@ -172,8 +172,11 @@ impl PushService {
     ) -> Result<Vec<String>, StoreError> {
         let mut seen = HashSet::new();
         let mut tokens = Vec::new();
-        for uid in &request.uids {
-            let bound = self.registry.tokens_for_uid(&request.app, uid).await?;
+        let per_uid = self
+            .registry
+            .tokens_for_uids(&request.app, &request.uids)
+            .await?;
+        for bound in per_uid {
             if bound.is_empty() {
                 counts.unknown += 1;
             }

@@ -60,8 +60,12 @@ pub trait Registry: Send + Sync + 'static {
         token: &str,
     ) -> Result<AdmittedDevice, StoreError>;
 
-    /// The tokens bound to `uid` in `app`.
-    async fn tokens_for_uid(&self, app: &str, uid: &str) -> Result<Vec<String>, StoreError>;
+    /// The tokens bound to each of `uids` in `app`, in the order given.
+    async fn tokens_for_uids(
+        &self,
+        app: &str,
+        uids: &[String],
+    ) -> Result<Vec<Vec<String>>, StoreError>;
 
     /// For each token, whether it is a device of `app`.
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>, StoreError>;

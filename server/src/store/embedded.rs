@@ -254,20 +254,25 @@ impl Registry for EmbeddedStore {
         }
     }
 
-    async fn tokens_for_uid(&self, app: &str, uid: &str) -> Result<Vec<String>> {
-        let prefix = format!("{app}\0{uid}\0");
+    async fn tokens_for_uids(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>> {
+        let prefixes: Vec<String> = uids.iter().map(|uid| format!("{app}\0{uid}\0")).collect();
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let bindings = txn.open_table(BINDINGS).map_err(backend)?;
-            let mut tokens = Vec::new();
-            for entry in bindings.range(prefix.as_str()..).map_err(backend)? {
-                let (key, _) = entry.map_err(backend)?;
-                match key.value().strip_prefix(prefix.as_str()) {
-                    Some(token) => tokens.push(token.to_owned()),
-                    None => break,
-                }
-            }
-            Ok(tokens)
+            prefixes
+                .iter()
+                .map(|prefix| {
+                    let mut tokens = Vec::new();
+                    for entry in bindings.range(prefix.as_str()..).map_err(backend)? {
+                        let (key, _) = entry.map_err(backend)?;
+                        match key.value().strip_prefix(prefix.as_str()) {
+                            Some(token) => tokens.push(token.to_owned()),
+                            None => break,
+                        }
+                    }
+                    Ok(tokens)
+                })
+                .collect()
         })
         .await
     }
