@@ -2,6 +2,7 @@
 //!
 //! - `POST /v1/push`: push a message to uids and/or device tokens.
 //! - `GET /healthz`: liveness.
+//! - `GET /metrics`: Prometheus metrics.
 //!
 //! Every error answers with a status and a JSON body
 //! `{"error": {"code": "...", "message": "...", "field": "..."}}`; the mapping from
@@ -22,6 +23,8 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::config::{AppSettings, Limits};
+use crate::metrics::Metrics;
+use crate::node::Node;
 use crate::push::{PushOutcome, PushRequest, PushService};
 use crate::store::StoreError;
 
@@ -33,6 +36,10 @@ pub struct ApiState {
     pub limits: Limits,
     /// Where pushes go.
     pub push: PushService,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The node whose connections `/metrics` counts.
+    pub node: Arc<Node>,
 }
 
 /// The API's routes.
@@ -43,6 +50,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
         .with_state(state)
 }
@@ -178,6 +186,11 @@ enum PriorityBody {
 const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
 
+async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let text = state.metrics.render(state.node.connection_count());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
 async fn push(State(state): State<Arc<ApiState>>, request: Request) -> Response {
     match handle_push(&state, request).await {
         Ok(response) => response,
@@ -194,19 +207,27 @@ async fn handle_push(state: &ApiState, request: Request) -> Result<Response, Api
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body is over {body_limit} bytes")))?;
     let request = parse_push(&app.id, &body, limits)?;
-    let outcome = state.push.push(request).await?;
+    let outcome = state.push.push(request).await.inspect_err(|_| {
+        state.metrics.push_failed();
+    })?;
     let (status, body) = match outcome {
         PushOutcome::Accepted {
             message_id,
             targets,
-        } => (
-            StatusCode::ACCEPTED,
-            json!({"message_id": message_id, "targets": targets}),
-        ),
-        PushOutcome::Duplicate { message_id } => (
-            StatusCode::ACCEPTED,
-            json!({"message_id": message_id, "duplicate": true}),
-        ),
+        } => {
+            state.metrics.push_accepted(&targets);
+            (
+                StatusCode::ACCEPTED,
+                json!({"message_id": message_id, "targets": targets}),
+            )
+        }
+        PushOutcome::Duplicate { message_id } => {
+            state.metrics.push_duplicate();
+            (
+                StatusCode::ACCEPTED,
+                json!({"message_id": message_id, "duplicate": true}),
+            )
+        }
     };
     Ok((status, axum::Json(body)).into_response())
 }

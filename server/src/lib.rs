@@ -12,6 +12,7 @@
 //!   (redb) implementation of standalone mode.
 //! - [`auth`]: device credentials (HS256 JWTs).
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
+//! - [`metrics`]: counters for `GET /metrics` (Prometheus text format).
 //! - [`config`]: settings from TOML and `PIGEON_*` variables.
 //! - [`standalone`]: standalone mode, all of the above in one process.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod message;
+pub mod metrics;
 pub mod node;
 pub mod push;
 pub mod session;

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{self, ApiState};
 use crate::config::{AppSettings, Settings};
 use crate::connection::DeviceContext;
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::push::PushService;
 use crate::session::SessionConfig;
@@ -179,6 +180,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             store,
             limits.idempotency_window,
         ),
+        metrics: Arc::new(Metrics::default()),
+        node: node.clone(),
     });
     let api_shutdown = shutdown.clone();
     tracker.spawn(async move {
