@@ -11,6 +11,14 @@ use serde_json::json;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Registers a device of `uid` (connects once, then disconnects); returns its state.
+async fn offline_device(server: &Server, uid: &str) -> DeviceState {
+    let device = connect(server, uid, &DeviceState::default()).await;
+    let state = state_of(&device, 0);
+    device.close().await;
+    state
+}
+
 fn state_of(connection: &Connection, last_seq: u64) -> DeviceState {
     DeviceState {
         device_token: connection.welcome().device_token.clone(),
@@ -73,9 +81,7 @@ async fn a_uid_with_several_devices_gets_the_push_on_each() {
 async fn offline_pushes_are_replayed_in_order_after_reconnect() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
-    let device = connect(&server, "bob", &DeviceState::default()).await;
-    let state = state_of(&device, 0);
-    device.close().await;
+    let state = offline_device(&server, "bob").await;
     for n in 1..=5 {
         let body = server.push_to("bob", json!({"n": n})).await;
         assert_eq!(body["targets"]["stored"], 1, "{body}");
@@ -95,9 +101,7 @@ async fn offline_pushes_are_replayed_in_order_after_reconnect() {
 async fn more_than_a_window_of_offline_pushes_replays_completely() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[("PIGEON_LIMITS__ACK_WINDOW", "4")]);
-    let device = connect(&server, "carol", &DeviceState::default()).await;
-    let state = state_of(&device, 0);
-    device.close().await;
+    let state = offline_device(&server, "carol").await;
     for n in 1..=20 {
         server.push_to("carol", json!(n)).await;
     }
@@ -113,9 +117,7 @@ async fn more_than_a_window_of_offline_pushes_replays_completely() {
 async fn expired_messages_are_not_delivered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
-    let device = connect(&server, "dave", &DeviceState::default()).await;
-    let state = state_of(&device, 0);
-    device.close().await;
+    let state = offline_device(&server, "dave").await;
     let (status, _) = server
         .push(json!({"audience": {"uids": ["dave"]}, "payload": "short", "ttl": 1}))
         .await;
@@ -134,9 +136,7 @@ async fn ttl_zero_reaches_only_devices_online_now() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
     let mut online = connect(&server, "erin", &DeviceState::default()).await;
-    let offline = connect(&server, "frank", &DeviceState::default()).await;
-    let offline_state = state_of(&offline, 0);
-    offline.close().await;
+    let offline_state = offline_device(&server, "frank").await;
     let (status, body) = server
         .push(json!({"audience": {"uids": ["erin", "frank"]}, "payload": "now", "ttl": 0}))
         .await;
@@ -152,9 +152,7 @@ async fn ttl_zero_reaches_only_devices_online_now() {
 async fn a_collapse_key_replaces_the_pending_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
-    let device = connect(&server, "gina", &DeviceState::default()).await;
-    let state = state_of(&device, 0);
-    device.close().await;
+    let state = offline_device(&server, "gina").await;
     for (score, key) in [
         ("1-0", "score"),
         ("news", ""),
@@ -285,9 +283,7 @@ async fn sigterm_drains_devices_with_going_away_and_keeps_everything() {
 async fn the_per_device_cap_keeps_the_newest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[("PIGEON_LIMITS__MAX_STORED_PER_DEVICE", "3")]);
-    let device = connect(&server, "liam", &DeviceState::default()).await;
-    let state = state_of(&device, 0);
-    device.close().await;
+    let state = offline_device(&server, "liam").await;
     for n in 1..=6 {
         server.push_to("liam", json!(n)).await;
     }
