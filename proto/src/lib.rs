@@ -60,8 +60,8 @@ pub enum CloseCode {
     Replaced = 4003,
     /// The device sent nothing (not even a Pong) before the idle deadline.
     IdleTimeout = 4004,
-    /// The device acknowledged too slowly and its outbound queue overflowed; whatever it
-    /// missed is kept and replayed when it reconnects.
+    /// The device stopped reading: a write to it did not complete within the idle timeout.
+    /// Whatever it missed is kept and replayed when it reconnects.
     SlowConsumer = 4008,
 }
 

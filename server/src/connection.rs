@@ -34,6 +34,9 @@ pub enum TransportError {
     /// The connection failed.
     #[error("connection failed: {0}")]
     Io(String),
+    /// The device stopped reading: a write did not complete within the idle timeout.
+    #[error("the device is not reading")]
+    Stalled,
 }
 
 impl TransportError {
@@ -41,6 +44,7 @@ impl TransportError {
         match self {
             TransportError::TooBig => Some(CloseCode::TooBig),
             TransportError::Malformed(_) => Some(CloseCode::ProtocolError),
+            TransportError::Stalled => Some(CloseCode::SlowConsumer),
             // The connection is gone: there is no one to tell.
             TransportError::Io(_) => None,
         }
@@ -232,9 +236,10 @@ async fn drive<T: DeviceTransport>(
     connection: &crate::node::Connection,
 ) -> Ending {
     let token = admission.device_token.as_str();
+    let write_deadline = context.session.idle_timeout;
     let (mut session, welcome, ack) =
         Session::start(Instant::now(), admission, context.session.clone());
-    if let Err(error) = send(transport, [welcome]).await {
+    if let Err(error) = send(transport, [welcome], write_deadline).await {
         return Ending::transport(error);
     }
     if let Some(seq) = ack
@@ -259,7 +264,7 @@ async fn drive<T: DeviceTransport>(
             };
             let frames = session.handle_refill(&replay.deliveries, replay.more);
             let sent_any = !frames.is_empty();
-            if let Err(error) = send(transport, frames).await {
+            if let Err(error) = send(transport, frames, write_deadline).await {
                 return Ending::transport(error);
             }
             if !sent_any {
@@ -277,7 +282,7 @@ async fn drive<T: DeviceTransport>(
                 match session.handle_frame(Instant::now(), frame) {
                     Ok(FrameOutcome::Nothing) => {}
                     Ok(FrameOutcome::Send(frame)) => {
-                        if let Err(error) = send(transport, [frame]).await {
+                        if let Err(error) = send(transport, [frame], write_deadline).await {
                             return Ending::transport(error);
                         }
                     }
@@ -311,14 +316,14 @@ async fn drive<T: DeviceTransport>(
                         PushOutcome::Duplicate | PushOutcome::Deferred => None,
                     })
                     .collect();
-                if let Err(error) = send(transport, frames).await {
+                if let Err(error) = send(transport, frames, write_deadline).await {
                     return Ending::transport(error);
                 }
             }
             () = tokio::time::sleep_until(deadline) => {
                 match session.handle_timeout(Instant::now()) {
                     Ok(Some(ping)) => {
-                        if let Err(error) = send(transport, [ping]).await {
+                        if let Err(error) = send(transport, [ping], write_deadline).await {
                             return Ending::transport(error);
                         }
                     }
@@ -333,18 +338,59 @@ async fn drive<T: DeviceTransport>(
     }
 }
 
-/// Sends frames and flushes once.
+/// Sends frames and flushes once. A device that stops reading would hold this write (and
+/// with it the whole session) forever, so it gets the idle timeout to take the bytes.
 async fn send<T: DeviceTransport>(
     transport: &mut T,
     frames: impl IntoIterator<Item = ServerFrame>,
+    deadline: std::time::Duration,
 ) -> Result<(), TransportError> {
-    let mut any = false;
-    for frame in frames {
-        transport.feed(&frame).await?;
-        any = true;
+    let write = async {
+        let mut any = false;
+        for frame in frames {
+            transport.feed(&frame).await?;
+            any = true;
+        }
+        if any {
+            transport.flush().await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(deadline, write)
+        .await
+        .unwrap_or(Err(TransportError::Stalled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport whose writes never complete, like a device that stopped reading.
+    struct Stuck;
+
+    impl DeviceTransport for Stuck {
+        async fn recv(&mut self) -> Result<Option<ClientFrame>, TransportError> {
+            std::future::pending().await
+        }
+        async fn feed(&mut self, _frame: &ServerFrame) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn flush(&mut self) -> Result<(), TransportError> {
+            std::future::pending().await
+        }
+        async fn close(&mut self, _code: CloseCode, _reason: &str) {}
     }
-    if any {
-        transport.flush().await?;
+
+    #[tokio::test]
+    async fn a_device_that_stops_reading_is_closed_as_slow() {
+        let result = send(
+            &mut Stuck,
+            [ServerFrame::default()],
+            std::time::Duration::from_millis(20),
+        )
+        .await;
+        let error = result.expect_err("the write cannot complete");
+        assert!(matches!(error, TransportError::Stalled));
+        assert_eq!(error.close_code(), Some(CloseCode::SlowConsumer));
     }
-    Ok(())
 }
