@@ -179,13 +179,6 @@ impl Node {
     pub fn connection_count(&self) -> usize {
         self.connections.len()
     }
-
-    /// Asks every connection to close with `code` (a drain).
-    pub fn close_all(&self, code: CloseCode) {
-        for entry in self.connections.iter() {
-            entry.value().close(code);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use pigeon_proto::CloseCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -212,8 +211,8 @@ impl Running {
     pub async fn shutdown(self) -> bool {
         let connections = self.node.connection_count();
         tracing::info!(connections, "draining");
+        // Every connection watches this token and closes with 1001 (going away).
         self.shutdown.cancel();
-        self.node.close_all(CloseCode::GoingAway);
         self.tracker.close();
         let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await

@@ -64,7 +64,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<Job>,
-    max_stored_per_device: u32,
 }
 
 /// Counters of the embedded store, for tests and metrics.
@@ -139,11 +138,7 @@ impl EmbeddedStore {
             .name("pigeon-store-writer".into())
             .spawn(move || writer.run(jobs))
             .map_err(backend)?;
-        let store = Self {
-            db,
-            writes,
-            max_stored_per_device,
-        };
+        let store = Self { db, writes };
         // The sweeper holds only a weak sender, so dropping the last store handle closes
         // the queue, which ends the writer thread and releases the database file.
         let sweeper = store.writes.downgrade();
@@ -170,11 +165,6 @@ impl EmbeddedStore {
             }
         });
         Ok(store)
-    }
-
-    /// The per-device cap this store enforces.
-    pub fn max_stored_per_device(&self) -> u32 {
-        self.max_stored_per_device
     }
 
     /// Removes messages and idempotency keys that expired before `now_ms`.
