@@ -213,18 +213,47 @@ async fn a_second_connection_of_a_device_replaces_the_first() {
         }
         other => panic!("expected a close, got {other:?}"),
     }
-    assert!(
-        !ClientError::Closed {
-            code: 4003,
-            reason: String::new()
-        }
-        .is_retryable()
-    );
     server.push_to("ivy", json!("to the new one")).await;
     assert_eq!(
         payload(&next_push(&mut second).await),
         json!("to the new one")
     );
+}
+
+#[tokio::test]
+async fn a_replaced_sdk_device_stops_instead_of_fighting_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut device = pigeon_client::Device::new(
+        server.ws_url.clone(),
+        server.credential("uma"),
+        DeviceState::default(),
+    );
+    // Connect the SDK device by waiting for its first push.
+    let deadline = std::time::Instant::now() + WAIT;
+    {
+        let receiving = async {
+            let push = device.next().await.expect("first push");
+            device.ack(push.seq).await;
+        };
+        tokio::pin!(receiving);
+        loop {
+            tokio::select! {
+                () = &mut receiving => break,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {
+                    assert!(std::time::Instant::now() < deadline, "SDK device never connected");
+                    server.push_to("uma", json!("hello")).await;
+                }
+            }
+        }
+    }
+    // The same token connects from elsewhere: the SDK gives up with 4003, no reconnect.
+    let _other = connect(&server, "uma", device.state()).await;
+    let error = tokio::time::timeout(WAIT, device.next())
+        .await
+        .expect("the SDK device did not stop in time")
+        .expect_err("a replaced device must not reconnect");
+    assert_eq!(error.close_code(), Some(4003));
 }
 
 #[tokio::test]
