@@ -7,6 +7,8 @@
 //!   jitter, keeps its [`DeviceState`] (token and last processed seq) across reconnects,
 //!   and drops duplicate pushes, so the app sees each message once, in order.
 //! - [`Backoff`]: the reconnect delays.
+//! - [`ConnectOptions`]: the CA to trust for `wss://` and `quic://`, a source address.
+//!   The transports themselves live in the private `link` module.
 //!
 //! The binary `pigeon-sim` (src/bin) drives these as one device from the command line.
 #![forbid(unsafe_code)]
@@ -14,32 +16,33 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use pigeon_proto::CloseCode;
 use pigeon_proto::device::{
-    Ack, ClientFrame, Hello, Pong, Push, ServerFrame, Welcome, client_frame, server_frame,
+    Ack, ClientFrame, Hello, Pong, Push, Welcome, client_frame, server_frame,
 };
-use pigeon_proto::{CloseCode, Message as _};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::http::Uri;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// Largest frame the client accepts from a node.
-const MAX_FRAME: usize = 64 * 1024;
+mod link;
+
+pub use link::ConnectOptions;
+use link::{Incoming, Link};
+
 /// Time allowed to connect and receive Welcome.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a connection failed or ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The URL is not a `ws://host:port/...` URL.
-    #[error("bad URL {0}: expected ws://host:port/")]
+    /// The URL is not a `ws://`, `wss://` or `quic://` URL with a host.
+    #[error("bad URL {0}: expected ws://, wss:// or quic://host:port/")]
     Url(String),
     /// The connection could not be made, or broke.
     #[error("connection failed: {0}")]
     Io(String),
+    /// TLS failed: an untrusted certificate, a wrong server name, or a CA file that could
+    /// not be read.
+    #[error("TLS failed: {0}")]
+    Tls(String),
     /// The node closed the connection with this code and reason.
     #[error("closed by the node: {code} {reason}")]
     Closed {
@@ -67,7 +70,7 @@ impl ClientError {
             ClientError::Closed { code, .. } => {
                 CloseCode::from_code(*code).is_none_or(CloseCode::should_reconnect)
             }
-            ClientError::Url(_) | ClientError::State(_) => false,
+            ClientError::Url(_) | ClientError::State(_) | ClientError::Tls(_) => false,
             _ => true,
         }
     }
@@ -79,10 +82,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-fn io(error: impl std::fmt::Display) -> ClientError {
-    ClientError::Io(error.to_string())
 }
 
 /// What a device keeps between connections.
@@ -118,69 +117,70 @@ impl DeviceState {
 
 /// One connection to a node.
 pub struct Connection {
-    stream: WebSocketStream<TcpStream>,
+    link: Link,
     welcome: Welcome,
     idle_timeout: Duration,
 }
 
 impl Connection {
-    /// Connects to `url`, says Hello with `credential` and `state`, and waits for Welcome.
+    /// Connects to `url` (`ws://`, `wss://` or `quic://`), says Hello with `credential` and
+    /// `state`, and waits for Welcome.
     pub async fn connect(
         url: &str,
         credential: &str,
         state: &DeviceState,
     ) -> Result<Self, ClientError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(url, credential, state))
+        Self::connect_with(url, credential, state, &ConnectOptions::default()).await
+    }
+
+    /// [`Connection::connect`] with options (a CA to trust, a source address).
+    pub async fn connect_with(
+        url: &str,
+        credential: &str,
+        state: &DeviceState,
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        let connecting = async {
+            let link = Link::open(url, options).await?;
+            let mut connection = Self {
+                link,
+                welcome: Welcome::default(),
+                idle_timeout: CONNECT_TIMEOUT,
+            };
+            connection
+                .send(client_frame::Kind::Hello(Hello {
+                    credential: credential.to_owned(),
+                    device_token: state.device_token.clone(),
+                    last_seq: state.last_seq,
+                    client: concat!("pigeon-client/", env!("CARGO_PKG_VERSION")).into(),
+                }))
+                .await?;
+            match connection.recv().await? {
+                server_frame::Kind::Welcome(welcome) => {
+                    connection.idle_timeout =
+                        Duration::from_millis(welcome.idle_timeout_ms.max(1000));
+                    connection.welcome = welcome;
+                    Ok(connection)
+                }
+                other => Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                ))),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| ClientError::Io("timed out connecting".into()))?
     }
 
-    async fn connect_inner(
-        url: &str,
-        credential: &str,
-        state: &DeviceState,
-    ) -> Result<Self, ClientError> {
-        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
-        if uri.scheme_str() != Some("ws") {
-            return Err(ClientError::Url(url.into()));
-        }
-        let host = uri.host().ok_or_else(|| ClientError::Url(url.into()))?;
-        let port = uri.port_u16().unwrap_or(80);
-        let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
-            .await
-            .map_err(io)?;
-        let _ = tcp.set_nodelay(true);
-        let config = WebSocketConfig::default()
-            .read_buffer_size(1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(MAX_FRAME))
-            .max_frame_size(Some(MAX_FRAME));
-        let (stream, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(config))
-            .await
-            .map_err(io)?;
-        let mut connection = Self {
-            stream,
-            welcome: Welcome::default(),
-            idle_timeout: CONNECT_TIMEOUT,
-        };
-        connection
-            .send(client_frame::Kind::Hello(Hello {
-                credential: credential.to_owned(),
-                device_token: state.device_token.clone(),
-                last_seq: state.last_seq,
-                client: concat!("pigeon-client/", env!("CARGO_PKG_VERSION")).into(),
-            }))
-            .await?;
-        match connection.recv().await? {
-            server_frame::Kind::Welcome(welcome) => {
-                connection.idle_timeout = Duration::from_millis(welcome.idle_timeout_ms.max(1000));
-                connection.welcome = welcome;
-                Ok(connection)
-            }
-            other => Err(ClientError::Protocol(format!(
-                "expected Welcome, got {other:?}"
-            ))),
-        }
+    /// Moves a QUIC connection to a new local UDP socket (a new port), as a phone that
+    /// changes networks does; the connection and its session go on. Fails on WebSocket.
+    pub fn rebind(&self) -> Result<(), ClientError> {
+        self.link.rebind()
+    }
+
+    /// The local UDP address of a QUIC connection.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.link.local_addr()
     }
 
     /// The node's Welcome.
@@ -213,53 +213,25 @@ impl Connection {
 
     /// Sends one frame.
     pub async fn send(&mut self, kind: client_frame::Kind) -> Result<(), ClientError> {
-        let frame = ClientFrame { kind: Some(kind) };
-        self.stream
-            .send(Message::Binary(frame.encode_to_vec().into()))
-            .await
-            .map_err(io)
+        self.link.send(&ClientFrame { kind: Some(kind) }).await
     }
 
     /// The next frame from the node.
     async fn recv(&mut self) -> Result<server_frame::Kind, ClientError> {
-        loop {
-            let message = tokio::time::timeout(self.idle_timeout, self.stream.next())
-                .await
-                .map_err(|_| ClientError::Silent)?;
-            let message = match message {
-                None => return Err(ClientError::Io("connection closed".into())),
-                Some(message) => message.map_err(io)?,
-            };
-            match message {
-                Message::Binary(bytes) => {
-                    let frame = ServerFrame::decode(bytes)
-                        .map_err(|error| ClientError::Protocol(error.to_string()))?;
-                    return frame
-                        .kind
-                        .ok_or_else(|| ClientError::Protocol("an empty frame".into()));
-                }
-                Message::Close(frame) => {
-                    let (code, reason) = frame
-                        .map(|frame| (u16::from(frame.code), frame.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
-                    return Err(ClientError::Closed { code, reason });
-                }
-                Message::Text(_) => {
-                    return Err(ClientError::Protocol("unexpected text frame".into()));
-                }
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-            }
+        let incoming = tokio::time::timeout(self.idle_timeout, self.link.recv())
+            .await
+            .map_err(|_| ClientError::Silent)??;
+        match incoming {
+            Incoming::Frame(frame) => frame
+                .kind
+                .ok_or_else(|| ClientError::Protocol("an empty frame".into())),
+            Incoming::Closed { code, reason } => Err(ClientError::Closed { code, reason }),
         }
     }
 
     /// Closes the connection normally.
-    pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            if self.stream.close(None).await.is_ok() {
-                while let Some(Ok(_)) = self.stream.next().await {}
-            }
-        })
-        .await;
+    pub async fn close(self) {
+        self.link.close().await;
     }
 }
 
@@ -311,6 +283,7 @@ pub struct Device {
     state: DeviceState,
     connection: Option<Connection>,
     backoff: Backoff,
+    options: ConnectOptions,
 }
 
 impl Device {
@@ -322,7 +295,14 @@ impl Device {
             state,
             connection: None,
             backoff: Backoff::default(),
+            options: ConnectOptions::default(),
         }
+    }
+
+    /// Replaces the connect options (a CA to trust, a source address).
+    pub fn with_options(mut self, options: ConnectOptions) -> Self {
+        self.options = options;
+        self
     }
 
     /// Replaces the reconnect delays.
@@ -344,7 +324,13 @@ impl Device {
             let connection = match &mut self.connection {
                 Some(connection) => connection,
                 None => {
-                    match Connection::connect(&self.url, &self.credential, &self.state).await {
+                    let connecting = Connection::connect_with(
+                        &self.url,
+                        &self.credential,
+                        &self.state,
+                        &self.options,
+                    );
+                    match connecting.await {
                         Ok(connection) => {
                             let welcome = connection.welcome();
                             if !welcome.resumed {

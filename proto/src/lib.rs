@@ -5,6 +5,7 @@
 //!   (`proto/pigeon/device.proto`), plus [`CloseCode`], the close codes both transports use.
 //! - [`store`]: the stored form of a message waiting for a device (`proto/pigeon/store.proto`),
 //!   shared by the embedded and the Redis offline stores.
+//! - [`framing`]: frames on a byte stream (QUIC), each behind a varint length prefix.
 
 /// Generated code, nested as the protobuf packages are (prost's paths between packages
 /// rely on it).
@@ -99,6 +100,61 @@ impl CloseCode {
 /// The ALPN protocol id of Pigeon's device protocol over QUIC.
 pub const ALPN: &[u8] = b"pigeon/1";
 
+/// Frames on a byte stream: each frame is a protobuf message behind its length as a
+/// protobuf varint (prost's "length-delimited" encoding). WebSocket needs none of this; its
+/// messages are the frames.
+pub mod framing {
+    use bytes::{Buf, BytesMut};
+    use prost::Message;
+
+    /// A length prefix that cannot be honoured.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum FrameError {
+        /// The announced frame is larger than allowed.
+        TooBig {
+            /// The announced length.
+            length: usize,
+        },
+        /// The bytes are not a valid length prefix or frame.
+        Malformed(String),
+    }
+
+    /// Appends `frame`, length-prefixed, to `out`.
+    pub fn encode(frame: &impl Message, out: &mut Vec<u8>) {
+        // A Vec grows as needed, so encoding into it cannot fail.
+        let _ = frame.encode_length_delimited(out);
+    }
+
+    /// Takes one whole frame off the front of `buffer`, if it holds one. A frame announced
+    /// as larger than `max` is an error as soon as its prefix is read, before its bytes are.
+    pub fn decode<M: Message + Default>(
+        buffer: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<M>, FrameError> {
+        // A varint is complete at the first byte without its high bit, within 10 bytes.
+        let Some(end) = buffer.iter().take(10).position(|byte| byte & 0x80 == 0) else {
+            if buffer.len() >= 10 {
+                return Err(FrameError::Malformed("length prefix too long".into()));
+            }
+            return Ok(None);
+        };
+        let length = prost::decode_length_delimiter(&buffer[..=end])
+            .map_err(|error| FrameError::Malformed(error.to_string()))?;
+        if length > max {
+            return Err(FrameError::TooBig { length });
+        }
+        let prefix = end + 1;
+        if buffer.len() < prefix + length {
+            return Ok(None);
+        }
+        buffer.advance(prefix);
+        let body = buffer.split_to(length).freeze();
+        M::decode(body)
+            .map(Some)
+            .map_err(|error| FrameError::Malformed(error.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +180,52 @@ mod tests {
         };
         let bytes = frame.encode_to_vec();
         assert_eq!(ClientFrame::decode(bytes.as_slice()).ok(), Some(frame));
+    }
+
+    #[test]
+    fn framing_round_trips_byte_by_byte() {
+        let frames: Vec<ClientFrame> = (0..50u64)
+            .map(|seq| ClientFrame {
+                kind: Some(client_frame::Kind::Ack(device::Ack {
+                    seq: seq * 1_000_003,
+                })),
+            })
+            .collect();
+        let mut wire = Vec::new();
+        for frame in &frames {
+            framing::encode(frame, &mut wire);
+        }
+        // Fed one byte at a time, every frame comes out once, whole and in order.
+        let mut buffer = bytes::BytesMut::new();
+        let mut decoded = Vec::new();
+        for byte in wire {
+            buffer.extend_from_slice(&[byte]);
+            while let Some(frame) = framing::decode::<ClientFrame>(&mut buffer, 64).expect("valid")
+            {
+                decoded.push(frame);
+            }
+        }
+        assert_eq!(decoded, frames);
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn framing_refuses_oversized_and_malformed_prefixes() {
+        let mut buffer = bytes::BytesMut::from(&[0xff, 0xff, 0x03][..]);
+        assert_eq!(
+            framing::decode::<ClientFrame>(&mut buffer, 4096),
+            Err(framing::FrameError::TooBig { length: 65535 })
+        );
+        let mut buffer = bytes::BytesMut::from(&[0xffu8; 12][..]);
+        assert!(matches!(
+            framing::decode::<ClientFrame>(&mut buffer, 4096),
+            Err(framing::FrameError::Malformed(_))
+        ));
+        let mut buffer = bytes::BytesMut::from(&[0x02, 0x00, 0x00][..]);
+        assert!(matches!(
+            framing::decode::<ClientFrame>(&mut buffer, 4096),
+            Err(framing::FrameError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub struct Settings {
     pub apps: Vec<AppSettings>,
     /// Log filter, in `tracing` env-filter syntax: `info`, `pigeon_server=debug,warn`, ...
     pub log: String,
+    /// The certificate of the device listeners. With it, the WebSocket listener speaks only
+    /// wss, and a QUIC listener may be configured.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a certificate chain and its private key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Listen addresses.
@@ -43,6 +56,8 @@ pub struct Listen {
     pub websocket: SocketAddr,
     /// Push API (HTTP/JSON) listener.
     pub http: SocketAddr,
+    /// Device QUIC listener (UDP); none by default. Needs `[tls]`.
+    pub quic: Option<SocketAddr>,
 }
 
 /// Limits. Every queue and every wait in Pigeon has one of these as its bound.
@@ -123,6 +138,7 @@ impl Default for Settings {
             limits: Limits::default(),
             apps: Vec::new(),
             log: "info".into(),
+            tls: None,
         }
     }
 }
@@ -132,6 +148,7 @@ impl Default for Listen {
         Self {
             websocket: SocketAddr::from(([127, 0, 0, 1], 7700)),
             http: SocketAddr::from(([127, 0, 0, 1], 7800)),
+            quic: None,
         }
     }
 }
@@ -273,6 +290,12 @@ impl Settings {
         }
         if limits.default_ttl > limits.max_ttl {
             return bad("limits.default_ttl", "must not exceed limits.max_ttl");
+        }
+        if self.listen.quic.is_some() && self.tls.is_none() {
+            return bad(
+                "listen.quic",
+                "QUIC needs a certificate: set tls.cert and tls.key",
+            );
         }
         let mut ids = HashSet::new();
         for (index, app) in self.apps.iter().enumerate() {

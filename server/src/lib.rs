@@ -4,7 +4,9 @@
 //! - [`session`]: the device-session state machine (handshake, seq/ack window, heartbeats,
 //!   replay), plain logic with time passed in.
 //! - [`connection`]: drives one device connection over any transport with a session.
-//! - [`websocket`]: the WebSocket transport and its listener.
+//! - [`websocket`]: the WebSocket transport (ws and wss) and its listener.
+//! - [`quic`]: the QUIC transport and its listener.
+//! - [`tls`]: certificates for wss and QUIC, and development certificates.
 //! - [`node`]: the table of live connections and delivery into them.
 //! - [`push`]: the push service: resolve the audience, store, deliver.
 //! - [`api`]: the HTTP/JSON push API.
@@ -25,7 +27,9 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod push;
+pub mod quic;
 pub mod session;
 pub mod standalone;
 pub mod store;
+pub mod tls;
 pub mod websocket;

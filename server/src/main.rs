@@ -2,6 +2,7 @@
 //!
 //! - `pigeon standalone`: a complete push server in one process.
 //! - `pigeon token`: mint a device credential, as an app backend would.
+//! - `pigeon cert --dev`: write a development certificate for wss and QUIC.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,17 @@ enum Command {
         /// TOML config file (see deploy/pigeon.toml); PIGEON_* variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Write a certificate for trying wss and QUIC locally: a development CA (ca.pem, for
+    /// clients to trust) and a server certificate for localhost, 127.0.0.1 and ::1
+    /// (cert.pem, key.pem).
+    Cert {
+        /// Required: these certificates are for development only.
+        #[arg(long, required = true)]
+        dev: bool,
+        /// Directory to write into.
+        #[arg(long, default_value = "pigeon-certs")]
+        out: PathBuf,
     },
     /// Print a device credential (a JWT signed with the app's secret) for a uid.
     Token {
@@ -62,6 +74,30 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run_standalone(settings))
         }
+        Command::Cert { dev: _, out } => match pigeon_server::tls::write_dev_certificate(&out) {
+            Ok(files) => {
+                println!(
+                    "wrote {}, {} and {}",
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display()
+                );
+                println!(
+                    "serve with:   PIGEON_TLS__CERT={} PIGEON_TLS__KEY={} PIGEON_LISTEN__QUIC=127.0.0.1:7701",
+                    files.cert.display(),
+                    files.key.display()
+                );
+                println!(
+                    "trust with:   pigeon-sim connect --ca {} ...",
+                    files.ca.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("pigeon: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Token {
             app,
             uid,
@@ -118,7 +154,11 @@ async fn run_standalone(settings: Settings) -> ExitCode {
         }
     };
     println!("pigeon standalone is running");
-    println!("  device websocket: ws://{}/", running.websocket_addr);
+    let scheme = if running.websocket_tls { "wss" } else { "ws" };
+    println!("  device websocket: {scheme}://{}/", running.websocket_addr);
+    if let Some(quic) = running.quic_addr {
+        println!("  device quic:      quic://{quic}/");
+    }
     println!("  push api:         http://{}/v1/push", running.http_addr);
     println!("  data directory:   {}", data_dir.display());
     for app in &running.apps {

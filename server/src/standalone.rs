@@ -40,6 +40,9 @@ pub enum StartError {
         /// Why.
         source: StoreError,
     },
+    /// The certificate could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The demo app's file could not be read or written.
     #[error("demo app file {path}: {message}")]
     DemoApp {
@@ -54,6 +57,10 @@ pub enum StartError {
 pub struct Running {
     /// Where devices connect (WebSocket).
     pub websocket_addr: SocketAddr,
+    /// Whether the WebSocket listener speaks TLS (wss).
+    pub websocket_tls: bool,
+    /// Where devices connect over QUIC, when configured.
+    pub quic_addr: Option<SocketAddr>,
     /// Where the push API listens.
     pub http_addr: SocketAddr,
     /// The apps it serves (the demo app included, when it was created).
@@ -62,6 +69,12 @@ pub struct Running {
     node: Arc<Node>,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
+}
+
+/// The rustls configurations of the device listeners.
+struct TlsConfigs {
+    websocket: rustls::ServerConfig,
+    quic: rustls::ServerConfig,
 }
 
 /// The id of the app created when the config declares none.
@@ -150,7 +163,29 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         ack_window: limits.ack_window,
     });
 
+    let tls = match &settings.tls {
+        Some(files) => Some(TlsConfigs {
+            websocket: crate::tls::server_config(&files.cert, &files.key, &[b"http/1.1"], false)?,
+            quic: crate::tls::server_config(&files.cert, &files.key, &[pigeon_proto::ALPN], true)?,
+        }),
+        None => None,
+    };
     let websocket_listener = bind(settings.listen.websocket).await?;
+    let quic_endpoint = match (settings.listen.quic, &tls) {
+        (Some(addr), Some(tls)) => Some(
+            crate::quic::endpoint(addr, tls.quic.clone(), limits.idle_timeout)
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        _ => None,
+    };
+    let quic_addr = match (&quic_endpoint, settings.listen.quic) {
+        (Some(endpoint), Some(addr)) => Some(
+            endpoint
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?,
+        ),
+        _ => None,
+    };
     let http_listener = bind(settings.listen.http).await?;
     let websocket_addr = local_addr(&websocket_listener, settings.listen.websocket)?;
     let http_addr = local_addr(&http_listener, settings.listen.http)?;
@@ -163,13 +198,25 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         session,
     });
     let tracker = TaskTracker::new();
+    let websocket_tls = tls.is_some();
     tracker.spawn(websocket::serve(
         websocket_listener,
-        context,
+        tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls.websocket))),
+        context.clone(),
         limits.max_connections,
         limits.max_device_frame_bytes,
         tracker.clone(),
     ));
+    if let Some(endpoint) = quic_endpoint {
+        // One connection limit per listener: a node's sockets are TCP and UDP alike.
+        tracker.spawn(crate::quic::serve(
+            endpoint,
+            context,
+            limits.max_connections,
+            limits.max_device_frame_bytes,
+            tracker.clone(),
+        ));
+    }
     let api_state = Arc::new(ApiState {
         apps: apps.clone(),
         limits: limits.clone(),
@@ -190,6 +237,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     });
     Ok(Running {
         websocket_addr,
+        websocket_tls,
+        quic_addr,
         http_addr,
         apps,
         shutdown,

@@ -1,4 +1,5 @@
-//! The WebSocket transport: each Pigeon frame is one binary WebSocket message.
+//! The WebSocket transport: each Pigeon frame is one binary WebSocket message, over plain
+//! TCP (ws) or TLS (wss, when the node has a certificate).
 //!
 //! The listener takes a permit of the node's connection limit before it accepts, so a node
 //! never holds more sockets than configured; past the limit a new device is told 1013
@@ -6,7 +7,6 @@
 //! sized for push traffic, not bulk transfer: tungstenite's 128 KiB defaults would cost more
 //! per idle connection than everything else together.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use pigeon_proto::device::{ClientFrame, ServerFrame};
 use pigeon_proto::{CloseCode, Message as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -118,9 +119,11 @@ where
     }
 }
 
-/// Accepts device WebSocket connections on `listener` until the node shuts down.
+/// Accepts device WebSocket connections on `listener` until the node shuts down; over TLS
+/// when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     context: Arc<DeviceContext>,
     max_connections: usize,
     max_frame: usize,
@@ -146,20 +149,32 @@ pub async fn serve(
         };
         let accepted_at = Instant::now();
         let _ = stream.set_nodelay(true);
+        let deadline =
+            tokio::time::Instant::from_std(accepted_at + context.session.handshake_timeout);
+        let tls = tls.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let context = context.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    connect(stream, peer, &context, config, accepted_at).await;
+                    let result = upgrade(stream, tls, config, deadline, |stream| {
+                        connection::run(stream, &context, accepted_at, peer)
+                    });
+                    if let Err(error) = result.await {
+                        tracing::debug!(%peer, %error, "device connection not established");
+                    }
                 });
             }
             Err(_) => {
                 if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                    let deadline = context.session.handshake_timeout;
                     tokio::spawn(async move {
                         let _refusal = refusal;
-                        refuse(stream, config, deadline).await;
+                        let _ = upgrade(stream, tls, config, deadline, |mut stream| async move {
+                            stream
+                                .close(CloseCode::TryAgainLater, "node at its connection limit")
+                                .await;
+                        })
+                        .await;
                     });
                 }
                 // Else: drop the socket; the device's backoff will bring it back.
@@ -168,29 +183,41 @@ pub async fn serve(
     }
 }
 
-async fn connect(
+/// Completes TLS (when configured) and the WebSocket upgrade before `deadline`, then hands
+/// the transport to `then`.
+async fn upgrade<F, Fut>(
     stream: TcpStream,
-    peer: SocketAddr,
-    context: &DeviceContext,
+    tls: Option<TlsAcceptor>,
     config: WebSocketConfig,
-    accepted_at: Instant,
-) {
-    let deadline = tokio::time::Instant::from_std(accepted_at + context.session.handshake_timeout);
-    let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(config));
-    match tokio::time::timeout_at(deadline, upgrade).await {
-        Ok(Ok(stream)) => {
-            connection::run(WebSocketTransport::new(stream), context, accepted_at, peer).await;
-        }
-        Ok(Err(error)) => tracing::debug!(%peer, %error, "WebSocket upgrade failed"),
-        Err(_) => tracing::debug!(%peer, "WebSocket upgrade timed out"),
-    }
+    deadline: tokio::time::Instant,
+    then: F,
+) -> Result<(), String>
+where
+    F: FnOnce(WebSocketTransport<Box<dyn DeviceIo>>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let handshake = async {
+        let stream: Box<dyn DeviceIo> = match tls {
+            Some(acceptor) => Box::new(
+                acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(|error| format!("TLS handshake failed: {error}"))?,
+            ),
+            None => Box::new(stream),
+        };
+        tokio_tungstenite::accept_async_with_config(stream, Some(config))
+            .await
+            .map_err(|error| format!("WebSocket upgrade failed: {error}"))
+    };
+    let stream = tokio::time::timeout_at(deadline, handshake)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())??;
+    then(WebSocketTransport::new(stream)).await;
+    Ok(())
 }
 
-async fn refuse(stream: TcpStream, config: WebSocketConfig, deadline: Duration) {
-    let upgrade = tokio_tungstenite::accept_async_with_config(stream, Some(config));
-    if let Ok(Ok(stream)) = tokio::time::timeout(deadline, upgrade).await {
-        WebSocketTransport::new(stream)
-            .close(CloseCode::TryAgainLater, "node at its connection limit")
-            .await;
-    }
-}
+/// A byte stream a device connection runs on: TCP, or TLS over TCP.
+pub trait DeviceIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> DeviceIo for T {}

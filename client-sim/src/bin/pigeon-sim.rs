@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pigeon_client::{Device, DeviceState};
+use pigeon_client::{ConnectOptions, Device, DeviceState};
 use serde_json::value::RawValue;
 
 /// Pigeon's device simulator.
@@ -25,9 +25,16 @@ struct Cli {
 enum Command {
     /// Connect as one device and print what it receives.
     Connect {
-        /// Device URL of a node, e.g. ws://127.0.0.1:7700/.
+        /// Device URL of a node: ws://127.0.0.1:7700/, wss://localhost:7700/ or
+        /// quic://localhost:7701/.
         #[arg(long)]
         url: String,
+        /// PEM file of the CA to trust for wss:// and quic:// (default: the system's roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Name to check the node's certificate against (default: the URL's host).
+        #[arg(long)]
+        server_name: Option<String>,
         /// Device credential (see `pigeon token`).
         #[arg(long)]
         credential: String,
@@ -59,11 +66,18 @@ async fn main() -> ExitCode {
         .init();
     let Command::Connect {
         url,
+        ca,
+        server_name,
         credential,
         state,
         count,
     } = Cli::parse().command;
-    match connect(url, credential, state, count).await {
+    let options = ConnectOptions {
+        ca_file: ca,
+        server_name,
+        bind: None,
+    };
+    match connect(url, options, credential, state, count).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("pigeon-sim: {error}");
@@ -74,6 +88,7 @@ async fn main() -> ExitCode {
 
 async fn connect(
     url: String,
+    options: ConnectOptions,
     credential: String,
     state_path: Option<PathBuf>,
     count: Option<u64>,
@@ -82,7 +97,7 @@ async fn connect(
         Some(path) => DeviceState::load(path)?,
         None => DeviceState::default(),
     };
-    let mut device = Device::new(url, credential, state);
+    let mut device = Device::new(url, credential, state).with_options(options);
     let mut received = 0u64;
     let stdout = std::io::stdout();
     while count.is_none_or(|count| received < count) {
