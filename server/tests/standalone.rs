@@ -19,6 +19,47 @@ async fn offline_device(server: &Server, uid: &str) -> DeviceState {
     state
 }
 
+/// Runs each delivery scenario over every device transport: ws, wss and QUIC.
+macro_rules! over_every_transport {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use super::Transport;
+
+            #[tokio::test]
+            async fn ws() {
+                super::$scenario(Transport::Ws).await;
+            }
+
+            #[tokio::test]
+            async fn wss() {
+                super::$scenario(Transport::Wss).await;
+            }
+
+            #[tokio::test]
+            async fn quic() {
+                super::$scenario(Transport::Quic).await;
+            }
+        }
+    )*};
+}
+
+over_every_transport!(
+    online_push_reaches_a_connected_device,
+    a_uid_with_several_devices_gets_the_push_on_each,
+    offline_pushes_are_replayed_in_order_after_reconnect,
+    more_than_a_window_of_offline_pushes_replays_completely,
+    expired_messages_are_not_delivered,
+    ttl_zero_reaches_only_devices_online_now,
+    a_collapse_key_replaces_the_pending_message,
+    acks_are_cumulative,
+    a_second_connection_of_a_device_replaces_the_first,
+    a_replaced_sdk_device_stops_instead_of_fighting_back,
+    nothing_accepted_is_lost_when_the_server_is_killed,
+    sigterm_drains_devices_with_going_away_and_keeps_everything,
+    the_per_device_cap_keeps_the_newest,
+    a_repeated_idempotency_key_sends_nothing_again,
+);
+
 fn state_of(connection: &Connection, last_seq: u64) -> DeviceState {
     DeviceState {
         device_token: connection.welcome().device_token.clone(),
@@ -26,10 +67,9 @@ fn state_of(connection: &Connection, last_seq: u64) -> DeviceState {
     }
 }
 
-#[tokio::test]
-async fn online_push_reaches_a_connected_device() {
+async fn online_push_reaches_a_connected_device(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut device = connect(&server, "alice", &DeviceState::default()).await;
     assert!(!device.welcome().resumed);
     let body = server.push_to("alice", json!({"title": "hi"})).await;
@@ -40,10 +80,9 @@ async fn online_push_reaches_a_connected_device() {
     assert_eq!(Some(push.message_id.as_str()), body["message_id"].as_str());
 }
 
-#[tokio::test]
-async fn a_uid_with_several_devices_gets_the_push_on_each() {
+async fn a_uid_with_several_devices_gets_the_push_on_each(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut phone = connect(&server, "alice", &DeviceState::default()).await;
     let mut tablet = connect(&server, "alice", &DeviceState::default()).await;
     assert_ne!(phone.welcome().device_token, tablet.welcome().device_token);
@@ -77,10 +116,9 @@ async fn a_uid_with_several_devices_gets_the_push_on_each() {
     );
 }
 
-#[tokio::test]
-async fn offline_pushes_are_replayed_in_order_after_reconnect() {
+async fn offline_pushes_are_replayed_in_order_after_reconnect(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let state = offline_device(&server, "bob").await;
     for n in 1..=5 {
         let body = server.push_to("bob", json!({"n": n})).await;
@@ -97,10 +135,9 @@ async fn offline_pushes_are_replayed_in_order_after_reconnect() {
     assert_eq!(next_push(&mut device).await.seq, 6);
 }
 
-#[tokio::test]
-async fn more_than_a_window_of_offline_pushes_replays_completely() {
+async fn more_than_a_window_of_offline_pushes_replays_completely(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__ACK_WINDOW", "4")]);
+    let server = Server::start_over(transport, dir.path(), &[("PIGEON_LIMITS__ACK_WINDOW", "4")]);
     let state = offline_device(&server, "carol").await;
     for n in 1..=20 {
         server.push_to("carol", json!(n)).await;
@@ -113,10 +150,9 @@ async fn more_than_a_window_of_offline_pushes_replays_completely() {
     }
 }
 
-#[tokio::test]
-async fn expired_messages_are_not_delivered() {
+async fn expired_messages_are_not_delivered(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let state = offline_device(&server, "dave").await;
     let (status, _) = server
         .push(json!({"audience": {"uids": ["dave"]}, "payload": "short", "ttl": 1}))
@@ -131,10 +167,9 @@ async fn expired_messages_are_not_delivered() {
     assert_no_push(&mut device, Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn ttl_zero_reaches_only_devices_online_now() {
+async fn ttl_zero_reaches_only_devices_online_now(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut online = connect(&server, "erin", &DeviceState::default()).await;
     let offline_state = offline_device(&server, "frank").await;
     let (status, body) = server
@@ -148,10 +183,9 @@ async fn ttl_zero_reaches_only_devices_online_now() {
     assert_no_push(&mut offline, Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn a_collapse_key_replaces_the_pending_message() {
+async fn a_collapse_key_replaces_the_pending_message(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let state = offline_device(&server, "gina").await;
     for (score, key) in [
         ("1-0", "score"),
@@ -174,10 +208,9 @@ async fn a_collapse_key_replaces_the_pending_message() {
     assert_no_push(&mut device, Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn acks_are_cumulative() {
+async fn acks_are_cumulative(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut device = connect(&server, "hank", &DeviceState::default()).await;
     for n in 1..=4 {
         server.push_to("hank", json!(n)).await;
@@ -199,10 +232,9 @@ async fn acks_are_cumulative() {
     assert_no_push(&mut device, Duration::from_millis(300)).await;
 }
 
-#[tokio::test]
-async fn a_second_connection_of_a_device_replaces_the_first() {
+async fn a_second_connection_of_a_device_replaces_the_first(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut first = connect(&server, "ivy", &DeviceState::default()).await;
     let state = state_of(&first, 0);
     let mut second = connect(&server, "ivy", &state).await;
@@ -220,15 +252,15 @@ async fn a_second_connection_of_a_device_replaces_the_first() {
     );
 }
 
-#[tokio::test]
-async fn a_replaced_sdk_device_stops_instead_of_fighting_back() {
+async fn a_replaced_sdk_device_stops_instead_of_fighting_back(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut device = pigeon_client::Device::new(
-        server.ws_url.clone(),
+        server.device_url(),
         server.credential("uma"),
         DeviceState::default(),
-    );
+    )
+    .with_options(server.options());
     // Connect the SDK device by waiting for its first push.
     let deadline = std::time::Instant::now() + WAIT;
     {
@@ -256,10 +288,9 @@ async fn a_replaced_sdk_device_stops_instead_of_fighting_back() {
     assert_eq!(error.close_code(), Some(4003));
 }
 
-#[tokio::test]
-async fn nothing_accepted_is_lost_when_the_server_is_killed() {
+async fn nothing_accepted_is_lost_when_the_server_is_killed(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start_over(transport, dir.path(), &[]);
     let mut device = connect(&server, "jack", &DeviceState::default()).await;
     let state = state_of(&device, 0);
     // One delivered and acknowledged, then the device goes away.
@@ -292,10 +323,9 @@ fn state_of_token(state: &DeviceState, last_seq: u64) -> DeviceState {
     }
 }
 
-#[tokio::test]
-async fn sigterm_drains_devices_with_going_away_and_keeps_everything() {
+async fn sigterm_drains_devices_with_going_away_and_keeps_everything(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Server::start(dir.path(), &[]);
+    let mut server = Server::start_over(transport, dir.path(), &[]);
     let mut device = connect(&server, "kate", &DeviceState::default()).await;
     let state = state_of(&device, 0);
     server.push_to("kate", json!("before")).await;
@@ -308,10 +338,13 @@ async fn sigterm_drains_devices_with_going_away_and_keeps_everything() {
     assert_eq!(payload(&next_push(&mut device).await), json!("before"));
 }
 
-#[tokio::test]
-async fn the_per_device_cap_keeps_the_newest() {
+async fn the_per_device_cap_keeps_the_newest(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__MAX_STORED_PER_DEVICE", "3")]);
+    let server = Server::start_over(
+        transport,
+        dir.path(),
+        &[("PIGEON_LIMITS__MAX_STORED_PER_DEVICE", "3")],
+    );
     let state = offline_device(&server, "liam").await;
     for n in 1..=6 {
         server.push_to("liam", json!(n)).await;
@@ -386,10 +419,9 @@ async fn the_push_api_rejects_bad_requests_clearly() {
     assert_eq!(unknown.1["targets"]["unknown"], 1);
 }
 
-#[tokio::test]
-async fn a_repeated_idempotency_key_sends_nothing_again() {
+async fn a_repeated_idempotency_key_sends_nothing_again(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[]);
+    let server = Server::start_over(transport, dir.path(), &[]);
     let mut device = connect(&server, "mia", &DeviceState::default()).await;
     let body =
         json!({"audience": {"uids": ["mia"]}, "payload": "once", "idempotency_key": "order-7"});

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pigeon_client::{ClientError, Connection, DeviceState};
+use pigeon_client::{ClientError, ConnectOptions, Connection, DeviceState};
 use pigeon_proto::device::Push;
 use pigeon_server::config::AppSettings;
 use serde_json::{Value, json};
@@ -17,10 +17,27 @@ use tokio_tungstenite::tungstenite::Message;
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// How devices reach a test server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket over plain TCP.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+    /// QUIC.
+    Quic,
+}
+
 /// A `pigeon standalone` process on ephemeral ports.
 pub struct Server {
     child: Child,
+    pub transport: Transport,
+    /// The WebSocket URL (wss:// when the server has a certificate).
     pub ws_url: String,
+    /// The QUIC URL, when the server listens for QUIC.
+    pub quic_url: Option<String>,
+    /// The development CA that signed the server's certificate, when it has one.
+    pub ca: Option<PathBuf>,
     pub http_url: String,
     pub api_key: String,
     pub data_dir: PathBuf,
@@ -28,16 +45,29 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server on `data_dir` with extra `PIGEON_*` settings.
+    /// Starts a plaintext (ws) server on `data_dir` with extra `PIGEON_*` settings.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Self {
-        let env: Vec<(String, String)> = env
+        Self::start_over(Transport::Ws, data_dir, env)
+    }
+
+    /// Starts a server whose devices connect over `transport`. For wss and QUIC it gets a
+    /// development certificate (written under `data_dir`) and listens for both.
+    pub fn start_over(transport: Transport, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::spawn(data_dir, env)
+        if transport != Transport::Ws {
+            let files = pigeon_server::tls::write_dev_certificate(&data_dir.join("certs"))
+                .expect("development certificate");
+            env.push(("PIGEON_TLS__CERT".into(), files.cert.display().to_string()));
+            env.push(("PIGEON_TLS__KEY".into(), files.key.display().to_string()));
+            env.push(("PIGEON_LISTEN__QUIC".into(), "127.0.0.1:0".into()));
+        }
+        Self::spawn(transport, data_dir, env)
     }
 
-    fn spawn(data_dir: &Path, env: Vec<(String, String)>) -> Self {
+    fn spawn(transport: Transport, data_dir: &Path, env: Vec<(String, String)>) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_pigeon"));
         command
             .arg("standalone")
@@ -60,14 +90,23 @@ impl Server {
                 }
             }
         });
-        let (mut ws_url, mut http_url, mut api_key) = (None, None, None);
-        while ws_url.is_none() || http_url.is_none() || api_key.is_none() {
+        let (mut ws_url, mut http_url, mut api_key, mut quic_url) = (None, None, None, None);
+        let wants_quic = transport != Transport::Ws;
+        while ws_url.is_none()
+            || http_url.is_none()
+            || api_key.is_none()
+            || (wants_quic && quic_url.is_none())
+        {
             let line = received
                 .recv_timeout(WAIT)
                 .expect("pigeon did not print its addresses in time");
-            if let Some(url) = line.split_whitespace().find(|w| w.starts_with("ws://")) {
-                ws_url = Some(url.to_owned());
-            }
+            let url = |scheme: &str| {
+                line.split_whitespace()
+                    .find(|word| word.starts_with(scheme))
+                    .map(str::to_owned)
+            };
+            ws_url = ws_url.or(url("ws://")).or(url("wss://"));
+            quic_url = quic_url.or(url("quic://"));
             if let Some(url) = line.split_whitespace().find(|w| w.starts_with("http://")) {
                 http_url = Some(url.trim_end_matches("/v1/push").to_owned());
             }
@@ -75,13 +114,33 @@ impl Server {
                 api_key = Some(key.trim().to_owned());
             }
         }
+        let ca = wants_quic.then(|| data_dir.join("certs").join("ca.pem"));
         Self {
             child,
+            transport,
             ws_url: ws_url.expect("ws url"),
+            quic_url,
+            ca,
             http_url: http_url.expect("http url"),
             api_key: api_key.expect("api key"),
             data_dir: data_dir.to_owned(),
             env,
+        }
+    }
+
+    /// The URL devices of this server's transport connect to.
+    pub fn device_url(&self) -> String {
+        match self.transport {
+            Transport::Ws | Transport::Wss => self.ws_url.clone(),
+            Transport::Quic => self.quic_url.clone().expect("a QUIC listener"),
+        }
+    }
+
+    /// Connect options that trust this server's certificate.
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            ca_file: self.ca.clone(),
+            ..ConnectOptions::default()
         }
     }
 
@@ -152,7 +211,7 @@ impl Server {
         self.kill();
         let data_dir = self.data_dir.clone();
         let env = std::mem::take(&mut self.env);
-        *self = Self::spawn(&data_dir, env);
+        *self = Self::spawn(self.transport, &data_dir, env);
     }
 }
 
@@ -165,7 +224,8 @@ impl Drop for Server {
 
 /// Connects as a device of `uid` with `state`.
 pub async fn connect(server: &Server, uid: &str, state: &DeviceState) -> Connection {
-    Connection::connect(&server.ws_url, &server.credential(uid), state)
+    let url = server.device_url();
+    Connection::connect_with(&url, &server.credential(uid), state, &server.options())
         .await
         .expect("connect")
 }
