@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 use crate::config::{AppSettings, Limits};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::push::{PushOutcome, PushRequest, PushService};
+use crate::push::{PushOutcome, PushRequest, Pusher};
 use crate::store::StoreError;
 
 /// What the API handlers share.
@@ -34,12 +34,13 @@ pub struct ApiState {
     pub apps: Vec<AppSettings>,
     /// Request limits.
     pub limits: Limits,
-    /// Where pushes go.
-    pub push: PushService,
+    /// Where pushes go; none on a connection node of cluster mode, which serves only
+    /// `/healthz` and `/metrics`.
+    pub push: Option<Arc<dyn Pusher>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// The node whose connections `/metrics` counts.
-    pub node: Arc<Node>,
+    /// The node whose connections `/metrics` counts, if this process holds devices.
+    pub node: Option<Arc<Node>>,
 }
 
 /// The API's routes.
@@ -187,7 +188,11 @@ const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let text = state.metrics.render(state.node.connection_count());
+    let connections = state
+        .node
+        .as_ref()
+        .map_or(0, |node| node.connection_count());
+    let text = state.metrics.render(connections);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -199,6 +204,9 @@ async fn push(State(state): State<Arc<ApiState>>, request: Request) -> Response 
 }
 
 async fn handle_push(state: &ApiState, request: Request) -> Result<Response, ApiError> {
+    let Some(pusher) = &state.push else {
+        return Err(ApiError::NotFound);
+    };
     let app = authenticate(&state.apps, request.headers())?;
     let limits = &state.limits;
     // Room for the payload plus a full audience of maximal ids, and the JSON around them.
@@ -207,7 +215,7 @@ async fn handle_push(state: &ApiState, request: Request) -> Result<Response, Api
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body is over {body_limit} bytes")))?;
     let request = parse_push(&app.id, &body, limits)?;
-    let outcome = state.push.push(request).await.inspect_err(|_| {
+    let outcome = pusher.push(request).await.inspect_err(|_| {
         state.metrics.push_failed();
     })?;
     let (status, body) = match outcome {
@@ -237,9 +245,18 @@ fn authenticate<'a>(
     apps: &'a [AppSettings],
     headers: &HeaderMap,
 ) -> Result<&'a AppSettings, ApiError> {
-    let key = headers
+    let header = headers
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.to_str().ok());
+    app_for_authorization(apps, header)
+}
+
+/// The app whose API key an `Authorization` value (`Bearer <key>`) carries.
+pub fn app_for_authorization<'a>(
+    apps: &'a [AppSettings],
+    authorization: Option<&str>,
+) -> Result<&'a AppSettings, ApiError> {
+    let key = authorization
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
@@ -281,8 +298,52 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
     deserializer
         .end()
         .map_err(|error| ApiError::invalid("body", error.to_string()))?;
+    validate_push(
+        app,
+        PushFields {
+            uids: parsed.audience.uids,
+            tokens: parsed.audience.tokens,
+            payload: parsed.payload.get(),
+            ttl_seconds: parsed.ttl,
+            priority: match parsed.priority {
+                Some(PriorityBody::High) => Priority::High,
+                Some(PriorityBody::Low) => Priority::Low,
+                Some(PriorityBody::Normal) | None => Priority::Normal,
+            },
+            collapse_key: parsed.collapse_key,
+            idempotency_key: parsed.idempotency_key,
+        },
+        limits,
+    )
+}
 
-    let payload = parsed.payload.get();
+/// The fields of a push, however they arrived (JSON or gRPC), before validation.
+#[derive(Debug)]
+pub struct PushFields<'a> {
+    /// Target uids.
+    pub uids: Vec<String>,
+    /// Target tokens.
+    pub tokens: Vec<String>,
+    /// The payload's JSON text, already known to be JSON.
+    pub payload: &'a str,
+    /// TTL in seconds, if given.
+    pub ttl_seconds: Option<u64>,
+    /// Priority.
+    pub priority: Priority,
+    /// Collapse key, if given.
+    pub collapse_key: Option<String>,
+    /// Idempotency key, if given.
+    pub idempotency_key: Option<String>,
+}
+
+/// Checks a push's fields against the limits; errors name the field (in the JSON API's
+/// terms).
+pub fn validate_push(
+    app: &str,
+    fields: PushFields<'_>,
+    limits: &Limits,
+) -> Result<PushRequest, ApiError> {
+    let payload = fields.payload;
     if payload.len() > limits.max_payload_bytes {
         return Err(ApiError::TooLarge(format!(
             "payload is {} bytes; the limit is {}",
@@ -290,7 +351,10 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             limits.max_payload_bytes
         )));
     }
-    let audience = parsed.audience;
+    let audience = AudienceBody {
+        uids: fields.uids,
+        tokens: fields.tokens,
+    };
     if audience.uids.is_empty() && audience.tokens.is_empty() {
         return Err(ApiError::invalid(
             "audience",
@@ -317,7 +381,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             ));
         }
     }
-    let ttl = match parsed.ttl {
+    let ttl = match fields.ttl_seconds {
         None => limits.default_ttl,
         Some(seconds) => {
             let ttl = Duration::from_secs(seconds);
@@ -330,14 +394,14 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             ttl
         }
     };
-    let collapse_key = parsed.collapse_key.unwrap_or_default();
+    let collapse_key = fields.collapse_key.unwrap_or_default();
     if collapse_key.len() > MAX_KEY_LEN {
         return Err(ApiError::invalid(
             "collapse_key",
             format!("at most {MAX_KEY_LEN} bytes"),
         ));
     }
-    if let Some(key) = &parsed.idempotency_key
+    if let Some(key) = &fields.idempotency_key
         && (key.is_empty() || key.len() > MAX_KEY_LEN)
     {
         return Err(ApiError::invalid(
@@ -351,13 +415,9 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
         tokens: audience.tokens,
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         ttl,
-        priority: match parsed.priority {
-            Some(PriorityBody::High) => Priority::High,
-            Some(PriorityBody::Low) => Priority::Low,
-            Some(PriorityBody::Normal) | None => Priority::Normal,
-        },
+        priority: fields.priority,
         collapse_key,
-        idempotency_key: parsed.idempotency_key,
+        idempotency_key: fields.idempotency_key,
     })
 }
 

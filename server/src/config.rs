@@ -36,6 +36,42 @@ pub struct Settings {
     /// The certificate of the device listeners. With it, the WebSocket listener speaks only
     /// wss, and a QUIC listener may be configured.
     pub tls: Option<TlsFiles>,
+    /// Cluster mode (`pigeon node`, `pigeon gateway`): Redis, leases, fan-out.
+    pub cluster: ClusterSettings,
+}
+
+/// Settings of cluster mode; standalone mode ignores them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Redis URLs: one for a single Redis, or seed nodes of a Redis Cluster.
+    pub redis: Vec<String>,
+    /// Whether `redis` names a Redis Cluster.
+    pub redis_cluster: bool,
+    /// Prefix of every Redis key, so that deployments can share a Redis.
+    pub key_prefix: String,
+    /// This node's id; empty: a new random one at every start.
+    pub node_id: String,
+    /// The address gateways and other nodes dial for this node's gRPC API; empty: the
+    /// address `listen.grpc` is bound to.
+    pub advertise: String,
+    /// A node's membership lease; a node that has not renewed it for this long is dead and
+    /// its devices count as offline.
+    #[serde(deserialize_with = "duration")]
+    pub lease: Duration,
+    /// Deadline of one Redis command (and of connecting to Redis).
+    #[serde(deserialize_with = "duration")]
+    pub redis_timeout: Duration,
+    /// Deadline of one Deliver call from a gateway to a node.
+    #[serde(deserialize_with = "duration")]
+    pub deliver_timeout: Duration,
+    /// Targets in one Deliver call at most.
+    pub deliver_batch: usize,
+    /// Consecutive failed calls that open a node's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips its node before letting one trial call through.
+    #[serde(deserialize_with = "duration")]
+    pub breaker_cooldown: Duration,
 }
 
 /// PEM files of a certificate chain and its private key.
@@ -58,6 +94,8 @@ pub struct Listen {
     pub http: SocketAddr,
     /// Device QUIC listener (UDP); none by default. Needs `[tls]`.
     pub quic: Option<SocketAddr>,
+    /// gRPC listener: a node's internal API, or a gateway's push API.
+    pub grpc: SocketAddr,
 }
 
 /// Limits. Every queue and every wait in Pigeon has one of these as its bound.
@@ -139,6 +177,7 @@ impl Default for Settings {
             apps: Vec::new(),
             log: "info".into(),
             tls: None,
+            cluster: ClusterSettings::default(),
         }
     }
 }
@@ -149,6 +188,25 @@ impl Default for Listen {
             websocket: SocketAddr::from(([127, 0, 0, 1], 7700)),
             http: SocketAddr::from(([127, 0, 0, 1], 7800)),
             quic: None,
+            grpc: SocketAddr::from(([127, 0, 0, 1], 7900)),
+        }
+    }
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            redis: vec!["redis://127.0.0.1:6379".into()],
+            redis_cluster: false,
+            key_prefix: "pigeon".into(),
+            node_id: String::new(),
+            advertise: String::new(),
+            lease: Duration::from_secs(10),
+            redis_timeout: Duration::from_secs(1),
+            deliver_timeout: Duration::from_secs(2),
+            deliver_batch: 500,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -296,6 +354,31 @@ impl Settings {
                 "listen.quic",
                 "QUIC needs a certificate: set tls.cert and tls.key",
             );
+        }
+        let cluster = &self.cluster;
+        if cluster.redis.is_empty() {
+            return bad("cluster.redis", "name at least one Redis URL");
+        }
+        if cluster.lease < Duration::from_secs(1) {
+            return bad("cluster.lease", "must be at least 1s");
+        }
+        if cluster.redis_timeout.is_zero() || cluster.deliver_timeout.is_zero() {
+            return bad(
+                "cluster.redis_timeout",
+                "cluster.redis_timeout and cluster.deliver_timeout must be longer than 0",
+            );
+        }
+        if cluster.deliver_batch == 0 {
+            return bad("cluster.deliver_batch", "must be at least 1");
+        }
+        if cluster.breaker_failures == 0 {
+            return bad("cluster.breaker_failures", "must be at least 1");
+        }
+        if cluster
+            .key_prefix
+            .contains(|c: char| c == '{' || c == '}' || c.is_whitespace())
+        {
+            return bad("cluster.key_prefix", "must not contain braces or spaces");
         }
         let mut ids = HashSet::new();
         for (index, app) in self.apps.iter().enumerate() {
@@ -543,6 +626,11 @@ mod tests {
         );
         assert_eq!(settings.listen.websocket, defaults.listen.websocket);
         assert_eq!(settings.listen.http, defaults.listen.http);
+        assert_eq!(settings.listen.grpc, defaults.listen.grpc);
+        assert_eq!(
+            format!("{:?}", settings.cluster),
+            format!("{:?}", defaults.cluster)
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::node::Node;
 use crate::session::{
     Admission, FrameOutcome, Handshake, PushOutcome, Session, SessionConfig, SessionError,
 };
-use crate::store::{OfflineStore, Registry};
+use crate::store::{OfflineStore, Registry, StoreError};
 
 /// A transport failure, and the close code it earns.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +70,19 @@ pub trait DeviceTransport: Send {
     fn close(&mut self, code: CloseCode, reason: &str) -> impl Future<Output = ()> + Send;
 }
 
+/// Where a node tells the registry which devices it holds (cluster mode). Standalone mode
+/// has none: its one node is where every device is.
+#[async_trait::async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// The device's connection `connection` is live here; once this returns, pushes to the
+    /// device are routed to this node. A connection of the same device on another node is
+    /// told to close.
+    async fn online(&self, token: &str, connection: u64) -> Result<(), StoreError>;
+
+    /// The connection ended; the route is removed unless a newer connection replaced it.
+    async fn offline(&self, token: &str, connection: u64);
+}
+
 /// What every connection of a node shares.
 pub struct DeviceContext {
     /// The connection table.
@@ -82,6 +95,8 @@ pub struct DeviceContext {
     pub apps: Vec<AppSettings>,
     /// Session knobs.
     pub session: Arc<SessionConfig>,
+    /// The registry's routes to this node, in cluster mode.
+    pub presence: Option<Arc<dyn Presence>>,
 }
 
 impl DeviceContext {
@@ -162,11 +177,25 @@ pub async fn run<T: DeviceTransport>(
         peer.addr = %peer
     );
     async {
-        let connection = context.node.register(&admission.device_token);
-        let ending = drive(&mut transport, context, &admission, &connection).await;
-        context
-            .node
-            .unregister(&admission.device_token, connection.id());
+        let token = admission.device_token.as_str();
+        let connection = context.node.register(token);
+        // The route must be in the registry before the session reads the store: a push
+        // recorded before it is in the store, one recorded after it is delivered here.
+        let routed = match &context.presence {
+            Some(presence) => presence.online(token, connection.id()).await,
+            None => Ok(()),
+        };
+        let ending = match routed {
+            Ok(()) => drive(&mut transport, context, &admission, &connection).await,
+            Err(error) => {
+                tracing::warn!(%error, "registering the device's route failed");
+                Ending::close(CloseCode::InternalError, "registry unavailable")
+            }
+        };
+        context.node.unregister(token, connection.id());
+        if let Some(presence) = &context.presence {
+            presence.offline(token, connection.id()).await;
+        }
         finish(&mut transport, ending, peer).await;
     }
     .instrument(span)
@@ -248,9 +277,13 @@ async fn drive<T: DeviceTransport>(
         tracing::warn!(%error, "persisting an ack failed");
     }
     let shutdown = context.node.shutdown().clone();
+    // When reading the store failed: the connection stays up and the read is retried then.
+    let mut store_retry: Option<tokio::time::Instant> = None;
     loop {
         // Read from the store while the session is behind and has room in its window.
-        while let Some(request) = session.refill() {
+        while store_retry.is_none()
+            && let Some(request) = session.refill()
+        {
             let replay = match context
                 .store
                 .replay(token, request.after, request.limit)
@@ -258,8 +291,9 @@ async fn drive<T: DeviceTransport>(
             {
                 Ok(replay) => replay,
                 Err(error) => {
-                    tracing::warn!(%error, "reading the offline store failed");
-                    return Ending::close(CloseCode::InternalError, "store unavailable");
+                    tracing::warn!(%error, "reading the offline store failed; retrying");
+                    store_retry = Some(tokio::time::Instant::now() + STORE_RETRY);
+                    break;
                 }
             };
             let frames = session.handle_refill(&replay.deliveries, replay.more);
@@ -331,12 +365,18 @@ async fn drive<T: DeviceTransport>(
                     Err(error) => return Ending::session(error),
                 }
             }
+            () = tokio::time::sleep_until(store_retry.unwrap_or(deadline)), if store_retry.is_some() => {
+                store_retry = None;
+            }
             () = shutdown.cancelled() => {
                 return Ending::close(CloseCode::GoingAway, "node shutting down; reconnect");
             }
         }
     }
 }
+
+/// How long a session waits before reading the store again after a failed read.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sends frames and flushes once. A device that stops reading would hold this write (and
 /// with it the whole session) forever, so it gets the idle timeout to take the bytes.

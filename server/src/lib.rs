@@ -21,8 +21,10 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod grpc;
 pub mod message;
 pub mod metrics;
 pub mod node;

@@ -1,6 +1,7 @@
 //! `pigeon`: Pigeon's server binary.
 //!
 //! - `pigeon standalone`: a complete push server in one process.
+//! - `pigeon node`, `pigeon gateway`: the two kinds of process of cluster mode.
 //! - `pigeon token`: mint a device credential, as an app backend would.
 //! - `pigeon cert --dev`: write a development certificate for wss and QUIC.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pigeon_server::config::{Settings, parse_duration};
-use pigeon_server::{auth, message, standalone};
+use pigeon_server::{auth, cluster, message, standalone};
 
 /// Pigeon, a self-hosted long-connection push server.
 #[derive(Parser, Debug)]
@@ -24,6 +25,19 @@ struct Cli {
 enum Command {
     /// Run a complete push server in this process, with an embedded on-disk store.
     Standalone {
+        /// TOML config file (see deploy/pigeon.toml); PIGEON_* variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a connection node of cluster mode: device listeners and the internal gRPC API,
+    /// with Redis as registry and store (see docs/cluster.md).
+    Node {
+        /// TOML config file (see deploy/pigeon.toml); PIGEON_* variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a gateway of cluster mode: the push API over HTTP and gRPC, fanning out to nodes.
+    Gateway {
         /// TOML config file (see deploy/pigeon.toml); PIGEON_* variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -59,21 +73,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone { config } => {
-            let settings = match load(config) {
-                Ok(settings) => settings,
-                Err(code) => return code,
-            };
-            init_tracing(&settings.log);
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("pigeon: cannot start the runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(run_standalone(settings))
-        }
+        Command::Standalone { config } => serve(config, run_standalone),
+        Command::Node { config } => serve(config, run_node),
+        Command::Gateway { config } => serve(config, run_gateway),
         Command::Cert { dev: _, out } => match pigeon_server::tls::write_dev_certificate(&out) {
             Ok(files) => {
                 println!(
@@ -127,6 +129,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads the settings, starts logging and a runtime, and runs `server` on it.
+fn serve<F: std::future::Future<Output = ExitCode>>(
+    config: Option<PathBuf>,
+    server: impl FnOnce(Settings) -> F,
+) -> ExitCode {
+    let settings = match load(config) {
+        Ok(settings) => settings,
+        Err(code) => return code,
+    };
+    init_tracing(&settings.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("pigeon: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(server(settings))
+}
+
 fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
     Settings::from_process(config.as_deref()).map_err(|error| {
         eprintln!("pigeon: bad configuration: {error}");
@@ -169,6 +191,51 @@ async fn run_standalone(settings: Settings) -> ExitCode {
         http = %running.http_addr,
         "ready"
     );
+    wait_for_signal().await;
+    if running.shutdown().await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn run_node(settings: Settings) -> ExitCode {
+    let running = match cluster::node::start(settings).await {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!("pigeon: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("pigeon node {} is running", running.node_id);
+    let scheme = if running.websocket_tls { "wss" } else { "ws" };
+    println!("  device websocket: {scheme}://{}/", running.websocket_addr);
+    if let Some(quic) = running.quic_addr {
+        println!("  device quic:      quic://{quic}/");
+    }
+    println!("  node grpc:        {}", running.grpc_addr);
+    println!("  metrics:          http://{}/metrics", running.http_addr);
+    tracing::info!(node = %running.node_id, websocket = %running.websocket_addr, "ready");
+    wait_for_signal().await;
+    if running.shutdown().await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn run_gateway(settings: Settings) -> ExitCode {
+    let running = match cluster::gateway::start(settings).await {
+        Ok(running) => running,
+        Err(error) => {
+            eprintln!("pigeon: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("pigeon gateway is running");
+    println!("  push api:         http://{}/v1/push", running.http_addr);
+    println!("  push grpc:        {}", running.grpc_addr);
+    tracing::info!(http = %running.http_addr, grpc = %running.grpc_addr, "ready");
     wait_for_signal().await;
     if running.shutdown().await {
         ExitCode::SUCCESS

@@ -157,6 +157,23 @@ impl Node {
             .remove_if(token, |_, connection| connection.id == id);
     }
 
+    /// Asks the connection `id` of `token` to close with `code`; false when that connection
+    /// is not open here (any more).
+    pub fn close_connection(&self, token: &str, id: u64, code: CloseCode) -> bool {
+        let connection = self
+            .connections
+            .get(token)
+            .filter(|entry| entry.id == id)
+            .map(|entry| entry.clone());
+        match connection {
+            Some(connection) => {
+                connection.close(code);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Hands a live push to the device's connection, if it has one here.
     pub fn deliver(&self, token: &str, delivery: Delivery) -> Delivered {
         // Clone the handle out so no map guard is held while the connection's lock is taken.

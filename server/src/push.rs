@@ -70,6 +70,68 @@ pub enum PushOutcome {
     },
 }
 
+/// Something that accepts pushes: [`PushService`] in standalone mode, the gateway in
+/// cluster mode. The HTTP and gRPC APIs call this.
+#[async_trait::async_trait]
+pub trait Pusher: Send + Sync + 'static {
+    /// Pushes one message.
+    async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError>;
+}
+
+/// The message a request describes, accepted at `now_ms`, and its idempotency key with
+/// the time it stops counting.
+pub fn new_message(
+    request: &mut PushRequest,
+    now_ms: u64,
+    idempotency_window: Duration,
+) -> (Arc<Message>, Option<(String, u64)>) {
+    let message = Arc::new(Message {
+        id: new_message_id(now_ms),
+        payload: std::mem::take(&mut request.payload),
+        priority: request.priority,
+        accepted_at_ms: now_ms,
+        expires_at_ms: now_ms.saturating_add(request.ttl.as_millis() as u64),
+        collapse_key: std::mem::take(&mut request.collapse_key),
+    });
+    let idempotency = request.idempotency_key.take().map(|key| {
+        let until = now_ms.saturating_add(idempotency_window.as_millis() as u64);
+        (key, until)
+    });
+    (message, idempotency)
+}
+
+/// The distinct known tokens of the audience; counts the unknown uids and tokens.
+pub async fn resolve(
+    registry: &dyn Registry,
+    request: &PushRequest,
+    counts: &mut TargetCounts,
+) -> Result<Vec<String>, StoreError> {
+    let mut seen = HashSet::new();
+    let mut tokens = Vec::new();
+    let per_uid = registry
+        .tokens_for_uids(&request.app, &request.uids)
+        .await?;
+    for bound in per_uid {
+        if bound.is_empty() {
+            counts.unknown += 1;
+        }
+        for token in bound {
+            if seen.insert(token.clone()) {
+                tokens.push(token);
+            }
+        }
+    }
+    let known = registry.known_tokens(&request.app, &request.tokens).await?;
+    for (token, known) in request.tokens.iter().zip(known) {
+        if !known {
+            counts.unknown += 1;
+        } else if seen.insert(token.clone()) {
+            tokens.push(token.clone());
+        }
+    }
+    Ok(tokens)
+}
+
 /// Accepts pushes for one node's devices (standalone mode).
 pub struct PushService {
     node: Arc<Node>,
@@ -95,19 +157,11 @@ impl PushService {
     }
 
     /// Pushes one message.
-    pub async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
+    pub async fn push(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
         let now_ms = unix_millis();
         let mut counts = TargetCounts::default();
-        let tokens = self.resolve(&request, &mut counts).await?;
-
-        let message = Arc::new(Message {
-            id: new_message_id(now_ms),
-            payload: request.payload,
-            priority: request.priority,
-            accepted_at_ms: now_ms,
-            expires_at_ms: now_ms.saturating_add(request.ttl.as_millis() as u64),
-            collapse_key: request.collapse_key,
-        });
+        let tokens = resolve(self.registry.as_ref(), &request, &mut counts).await?;
+        let (message, idempotency) = new_message(&mut request, now_ms, self.idempotency_window);
         let storable = message.is_storable();
         let targets: Vec<Target> = tokens
             .into_iter()
@@ -124,10 +178,6 @@ impl PushService {
                 store: storable,
             })
             .collect();
-        let idempotency = request.idempotency_key.map(|key| {
-            let until = now_ms.saturating_add(self.idempotency_window.as_millis() as u64);
-            (key, until)
-        });
         let outcome = self
             .store
             .accept(Accept {
@@ -163,40 +213,11 @@ impl PushService {
             targets: counts,
         })
     }
+}
 
-    /// The distinct known tokens of the audience; counts the unknown ones.
-    async fn resolve(
-        &self,
-        request: &PushRequest,
-        counts: &mut TargetCounts,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut seen = HashSet::new();
-        let mut tokens = Vec::new();
-        let per_uid = self
-            .registry
-            .tokens_for_uids(&request.app, &request.uids)
-            .await?;
-        for bound in per_uid {
-            if bound.is_empty() {
-                counts.unknown += 1;
-            }
-            for token in bound {
-                if seen.insert(token.clone()) {
-                    tokens.push(token);
-                }
-            }
-        }
-        let known = self
-            .registry
-            .known_tokens(&request.app, &request.tokens)
-            .await?;
-        for (token, known) in request.tokens.iter().zip(known) {
-            if !known {
-                counts.unknown += 1;
-            } else if seen.insert(token.clone()) {
-                tokens.push(token.clone());
-            }
-        }
-        Ok(tokens)
+#[async_trait::async_trait]
+impl Pusher for PushService {
+    async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
+        PushService::push(self, request).await
     }
 }

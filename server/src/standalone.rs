@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
-use crate::config::{AppSettings, Settings};
+use crate::config::{AppSettings, Limits, Settings};
 use crate::connection::DeviceContext;
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -134,12 +134,6 @@ pub fn apps_or_demo(settings: &Settings) -> Result<Vec<AppSettings>, StartError>
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
-}
-
 /// Starts a standalone server.
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let apps = apps_or_demo(&settings)?;
@@ -156,38 +150,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let store = Arc::new(store);
     let shutdown = CancellationToken::new();
     let node = Arc::new(Node::new(limits.outbound_queue, shutdown.clone()));
-    let session = Arc::new(SessionConfig {
-        handshake_timeout: limits.handshake_timeout,
-        heartbeat_interval: limits.heartbeat_interval,
-        idle_timeout: limits.idle_timeout,
-        ack_window: limits.ack_window,
-    });
+    let session = Arc::new(session_config(&limits));
 
-    let tls = match &settings.tls {
-        Some(files) => Some(TlsConfigs {
-            websocket: crate::tls::server_config(&files.cert, &files.key, &[b"http/1.1"], false)?,
-            quic: crate::tls::server_config(&files.cert, &files.key, &[pigeon_proto::ALPN], true)?,
-        }),
-        None => None,
-    };
-    let websocket_listener = bind(settings.listen.websocket).await?;
-    let quic_endpoint = match (settings.listen.quic, &tls) {
-        (Some(addr), Some(tls)) => Some(
-            crate::quic::endpoint(addr, tls.quic.clone(), limits.idle_timeout)
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
-        _ => None,
-    };
-    let quic_addr = match (&quic_endpoint, settings.listen.quic) {
-        (Some(endpoint), Some(addr)) => Some(
-            endpoint
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr, source })?,
-        ),
-        _ => None,
-    };
+    let devices = DeviceListeners::bind(&settings).await?;
     let http_listener = bind(settings.listen.http).await?;
-    let websocket_addr = local_addr(&websocket_listener, settings.listen.websocket)?;
     let http_addr = local_addr(&http_listener, settings.listen.http)?;
 
     let context = Arc::new(DeviceContext {
@@ -196,38 +162,26 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         store: store.clone(),
         apps: apps.clone(),
         session,
+        presence: None,
     });
     let tracker = TaskTracker::new();
-    let websocket_tls = tls.is_some();
-    tracker.spawn(websocket::serve(
-        websocket_listener,
-        tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls.websocket))),
-        context.clone(),
-        limits.max_connections,
-        limits.max_device_frame_bytes,
-        tracker.clone(),
-    ));
-    if let Some(endpoint) = quic_endpoint {
-        // One connection limit per listener: a node's sockets are TCP and UDP alike.
-        tracker.spawn(crate::quic::serve(
-            endpoint,
-            context,
-            limits.max_connections,
-            limits.max_device_frame_bytes,
-            tracker.clone(),
-        ));
-    }
+    let (websocket_addr, websocket_tls, quic_addr) = (
+        devices.websocket_addr,
+        devices.websocket_tls,
+        devices.quic_addr,
+    );
+    devices.spawn(context, &limits, &tracker);
     let api_state = Arc::new(ApiState {
         apps: apps.clone(),
         limits: limits.clone(),
-        push: PushService::new(
+        push: Some(Arc::new(PushService::new(
             node.clone(),
             store.clone(),
             store,
             limits.idempotency_window,
-        ),
+        ))),
         metrics: Arc::new(Metrics::default()),
-        node: node.clone(),
+        node: Some(node.clone()),
     });
     let api_shutdown = shutdown.clone();
     tracker.spawn(async move {
@@ -248,7 +202,108 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     })
 }
 
-fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+/// The session knobs of `limits`.
+pub(crate) fn session_config(limits: &Limits) -> SessionConfig {
+    SessionConfig {
+        handshake_timeout: limits.handshake_timeout,
+        heartbeat_interval: limits.heartbeat_interval,
+        idle_timeout: limits.idle_timeout,
+        ack_window: limits.ack_window,
+    }
+}
+
+/// The bound device listeners (WebSocket, and QUIC when configured) of a process that
+/// holds devices: standalone, or a cluster node.
+pub(crate) struct DeviceListeners {
+    /// Where the WebSocket listener is bound.
+    pub websocket_addr: SocketAddr,
+    /// Whether it speaks TLS.
+    pub websocket_tls: bool,
+    /// Where the QUIC endpoint is bound, if any.
+    pub quic_addr: Option<SocketAddr>,
+    websocket: TcpListener,
+    websocket_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    quic: Option<quinn::Endpoint>,
+}
+
+impl DeviceListeners {
+    /// Loads the certificate (if any) and binds the listeners `settings.listen` names.
+    pub async fn bind(settings: &Settings) -> Result<Self, StartError> {
+        let tls = match &settings.tls {
+            Some(files) => Some(TlsConfigs {
+                websocket: crate::tls::server_config(
+                    &files.cert,
+                    &files.key,
+                    &[b"http/1.1"],
+                    false,
+                )?,
+                quic: crate::tls::server_config(
+                    &files.cert,
+                    &files.key,
+                    &[pigeon_proto::ALPN],
+                    true,
+                )?,
+            }),
+            None => None,
+        };
+        let websocket = bind(settings.listen.websocket).await?;
+        let websocket_addr = local_addr(&websocket, settings.listen.websocket)?;
+        let (quic, quic_addr) = match (settings.listen.quic, &tls) {
+            (Some(addr), Some(tls)) => {
+                let endpoint =
+                    crate::quic::endpoint(addr, tls.quic.clone(), settings.limits.idle_timeout)
+                        .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = endpoint
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                (Some(endpoint), Some(bound))
+            }
+            _ => (None, None),
+        };
+        Ok(Self {
+            websocket_addr,
+            websocket_tls: tls.is_some(),
+            quic_addr,
+            websocket,
+            websocket_acceptor: tls
+                .map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls.websocket))),
+            quic,
+        })
+    }
+
+    /// Starts accepting devices into `context`, on tasks of `tracker`.
+    pub fn spawn(self, context: Arc<DeviceContext>, limits: &Limits, tracker: &TaskTracker) {
+        tracker.spawn(websocket::serve(
+            self.websocket,
+            self.websocket_acceptor,
+            context.clone(),
+            limits.max_connections,
+            limits.max_device_frame_bytes,
+            tracker.clone(),
+        ));
+        if let Some(endpoint) = self.quic {
+            // One connection limit per listener: a node's sockets are TCP and UDP alike.
+            tracker.spawn(crate::quic::serve(
+                endpoint,
+                context,
+                limits.max_connections,
+                limits.max_device_frame_bytes,
+                tracker.clone(),
+            ));
+        }
+    }
+}
+
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+pub(crate) fn local_addr(
+    listener: &TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
     listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use crate::message::{Delivery, Message};
 
 pub mod embedded;
+pub mod redis;
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]

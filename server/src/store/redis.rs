@@ -1,0 +1,740 @@
+//! The Redis registry and offline store of cluster mode, for a single Redis or a Redis
+//! Cluster. The key schema is in docs/cluster.md; in short, with `p` the key prefix:
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters |
+//! | `p:q:{token}` | sorted set | pending messages: score = seq, member = `StoredMessage` |
+//! | `p:c:{token}` | hash | collapse key -> seq of its pending message |
+//! | `p:m:{token}` | hash | message id -> seq, for pushes with an idempotency key |
+//! | `p:u:{app:uid}` | set | the uid's device tokens |
+//! | `p:i:{app:key}` | string | an idempotency key: `p:<message id>` while the push is being recorded, `d:<message id>` once it is |
+//! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
+//!
+//! Everything about one token shares the hash tag `{token}`, so each per-device operation is
+//! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
+//! to many devices is one script per device, run concurrently; the idempotency key makes a
+//! retried push converge instead of duplicating (see [`RedisStore::accept_routed`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use pigeon_proto::Message as _;
+use pigeon_proto::store::StoredMessage;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+
+use crate::config::ClusterSettings;
+use crate::message::{Delivery, Message, new_device_token, unix_millis};
+use crate::store::{
+    Accept, AcceptOutcome, AdmittedDevice, OfflineStore, Registry, Replay, StoreError,
+};
+
+/// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
+/// command issued while Redis is unreachable fails within the configured timeout.
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// One Redis server.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+impl RedisConnection {
+    /// Connects as `settings` say. A single Redis is connected lazily (a node or gateway may
+    /// start before Redis does); a Redis Cluster must answer now, to learn its slots.
+    pub async fn open(settings: &ClusterSettings) -> Result<Self, StoreError> {
+        let timeout = settings.redis_timeout;
+        if settings.redis_cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(settings.redis.clone())
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1)
+                .build()
+                .map_err(backend)?;
+            let connection = client.get_async_connection().await.map_err(backend)?;
+            Ok(RedisConnection::Cluster(connection))
+        } else {
+            let url = settings.redis.first().ok_or_else(|| {
+                StoreError::Backend("cluster.redis names no Redis URL".to_owned())
+            })?;
+            let client = redis::Client::open(url.as_str()).map_err(backend)?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            let manager =
+                ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
+            Ok(RedisConnection::Single(manager))
+        }
+    }
+}
+
+fn backend(error: redis::RedisError) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+/// The Redis key of each record; see the module docs.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn device(&self, token: &str) -> String {
+        format!("{}:d:{{{token}}}", self.prefix)
+    }
+    fn queue(&self, token: &str) -> String {
+        format!("{}:q:{{{token}}}", self.prefix)
+    }
+    fn collapse(&self, token: &str) -> String {
+        format!("{}:c:{{{token}}}", self.prefix)
+    }
+    fn message_ids(&self, token: &str) -> String {
+        format!("{}:m:{{{token}}}", self.prefix)
+    }
+    fn uid(&self, app: &str, uid: &str) -> String {
+        format!("{}:u:{{{app}:{uid}}}", self.prefix)
+    }
+    fn idempotency(&self, app: &str, key: &str) -> String {
+        format!("{}:i:{{{app}:{key}}}", self.prefix)
+    }
+    fn node(&self, node_id: &str) -> String {
+        format!("{}:n:{node_id}", self.prefix)
+    }
+}
+
+/// Whether `token` could be one this store issued. Anything else is unknown without a
+/// lookup, and never reaches a key name.
+fn plausible_token(token: &str) -> bool {
+    (1..=64).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Records a message for one device. Returns `{seq, node, conn}`: seq 0 when the token is
+/// no device of the app, -1 when a TTL-0 message finds the device offline (not recorded).
+/// With an idempotency window, a message id already recorded for the device returns its
+/// first seq instead of a second copy.
+const ACCEPT: &str = r"
+local device, queue, collapse, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local app, body, expires, collapse_key, message_id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local idempotency_ms, store, cap = tonumber(ARGV[6]), ARGV[7] == '1', tonumber(ARGV[8])
+if redis.call('HGET', device, 'app') ~= app then return {0, '', '0'} end
+local route = redis.call('HMGET', device, 'node', 'conn')
+local node, conn = route[1] or '', route[2] or '0'
+if idempotency_ms > 0 then
+  local seen = redis.call('HGET', ids, message_id)
+  if seen then return {tonumber(seen), node, conn} end
+end
+if not store and node == '' then return {-1, '', '0'} end
+local seq = redis.call('HINCRBY', device, 'seq', 1)
+if store then
+  if collapse_key ~= '' then
+    local older = redis.call('HGET', collapse, collapse_key)
+    if older and redis.call('ZREMRANGEBYSCORE', queue, older, older) > 0 then
+      redis.call('HINCRBY', device, 'collapsed', 1)
+    end
+    redis.call('HSET', collapse, collapse_key, seq)
+  end
+  redis.call('ZADD', queue, seq, body)
+  local over = redis.call('ZCARD', queue) - cap
+  if over > 0 then
+    redis.call('ZPOPMIN', queue, over)
+    redis.call('HINCRBY', device, 'dropped', over)
+  end
+  for _, key in ipairs({queue, collapse}) do
+    local at = redis.call('PEXPIRETIME', key)
+    if at == -1 or (at >= 0 and at < expires) then redis.call('PEXPIREAT', key, expires) end
+  end
+end
+if idempotency_ms > 0 then
+  redis.call('HSET', ids, message_id, seq)
+  redis.call('PEXPIRE', ids, idempotency_ms)
+end
+return {seq, node, conn}
+";
+
+/// Resumes a known token of the app, rebinding it to the uid. Returns `{old uid, seq,
+/// acked}`, or nil when the token is no device of the app.
+const RESUME: &str = r"
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return false end
+local old = redis.call('HGET', KEYS[1], 'uid') or ''
+redis.call('HSET', KEYS[1], 'uid', ARGV[2])
+local counters = redis.call('HMGET', KEYS[1], 'seq', 'acked')
+return {old, counters[1] or '0', counters[2] or '0'}
+";
+
+/// Creates a new device record; 0 when the token is taken.
+const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'app', ARGV[1], 'uid', ARGV[2], 'seq', 0, 'acked', 0, 'created', ARGV[3])
+return 1
+";
+
+/// Records a cumulative ack and forgets the acknowledged messages.
+const ACK: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seq = tonumber(ARGV[1])
+if seq > tonumber(redis.call('HGET', KEYS[1], 'acked') or '0') then
+  redis.call('HSET', KEYS[1], 'acked', seq)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', seq)
+end
+return 1
+";
+
+/// Routes a device to this node's connection. Returns the previous `{node, conn}`, or nil
+/// when the device is unknown.
+const ONLINE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local old = redis.call('HMGET', KEYS[1], 'node', 'conn')
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'conn', ARGV[2])
+return {old[1] or '', old[2] or '0'}
+";
+
+/// Removes the device's route, if it is still this node's connection.
+const OFFLINE: &str = r"
+local route = redis.call('HMGET', KEYS[1], 'node', 'conn')
+if route[1] == ARGV[1] and route[2] == ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'node', 'conn')
+  return 1
+end
+return 0
+";
+
+struct Scripts {
+    accept: Script,
+    resume: Script,
+    create: Script,
+    ack: Script,
+    online: Script,
+    offline: Script,
+}
+
+/// Where the registry routes a device: a node's id and that node's connection id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The node holding the connection.
+    pub node: String,
+    /// The connection's id on that node.
+    pub connection: u64,
+}
+
+/// What recording a push did for one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The token is no device of the app.
+    Unknown,
+    /// A TTL-0 message and the device is offline: not recorded.
+    Dropped,
+    /// Recorded (or, for a TTL-0 message, given a seq) with this seq; the device's route
+    /// as the registry had it at that moment.
+    Seq {
+        /// The device's seq for the message.
+        seq: u64,
+        /// The device's route, when it is connected somewhere.
+        route: Option<Route>,
+    },
+}
+
+/// The outcome of [`RedisStore::accept_routed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoutedOutcome {
+    /// Recorded; one entry per target, in order. `message` carries the id actually used
+    /// (a retry of an interrupted push reuses the first attempt's id).
+    Accepted {
+        /// The message as recorded.
+        message: Arc<Message>,
+        /// Per target.
+        targets: Vec<Recorded>,
+    },
+    /// The idempotency key was used before, and that push was fully recorded.
+    Duplicate {
+        /// The first message's id.
+        message_id: String,
+    },
+}
+
+/// The Redis registry and offline store.
+pub struct RedisStore {
+    connection: RedisConnection,
+    keys: Keys,
+    cap: u32,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// A store over `connection`, keeping at most `cap` messages per device.
+    pub fn new(connection: RedisConnection, key_prefix: &str, cap: u32) -> Self {
+        Self {
+            connection,
+            keys: Keys {
+                prefix: key_prefix.to_owned(),
+            },
+            cap,
+            scripts: Scripts {
+                accept: Script::new(ACCEPT),
+                resume: Script::new(RESUME),
+                create: Script::new(CREATE),
+                ack: Script::new(ACK),
+                online: Script::new(ONLINE),
+                offline: Script::new(OFFLINE),
+            },
+        }
+    }
+
+    fn connection(&self) -> RedisConnection {
+        self.connection.clone()
+    }
+
+    /// Records a push like [`OfflineStore::accept`], and also returns each target's route.
+    ///
+    /// With an idempotency key the key is claimed first (`p:<id>`), then every target is
+    /// recorded, then the key is marked done (`d:<id>`). A retry that finds the key done is
+    /// a duplicate; one that finds it still pending (the first attempt died midway, or is
+    /// still running) records the push again under the first attempt's message id, and the
+    /// per-device record of message ids makes each device get it once.
+    pub async fn accept_routed(&self, accept: Accept) -> Result<RoutedOutcome, StoreError> {
+        let mut message = accept.message;
+        let mut idempotency_ms = 0u64;
+        let mut claim = None;
+        if let Some((key, until_ms)) = &accept.idempotency {
+            let window = until_ms.saturating_sub(unix_millis()).max(1);
+            idempotency_ms = window;
+            let redis_key = self.keys.idempotency(&accept.app, key);
+            let previous: Option<String> = redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(format!("p:{}", message.id))
+                .arg("NX")
+                .arg("PX")
+                .arg(window)
+                .arg("GET")
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            match previous.as_deref().and_then(|value| value.split_once(':')) {
+                None => {}
+                Some(("d", first)) => {
+                    return Ok(RoutedOutcome::Duplicate {
+                        message_id: first.to_owned(),
+                    });
+                }
+                Some((_, first)) => {
+                    let mut again = (*message).clone();
+                    again.id = first.to_owned();
+                    message = Arc::new(again);
+                }
+            }
+            claim = Some(redis_key);
+        }
+        let body = message.to_stored().encode_to_vec();
+        let recordings = accept.targets.iter().map(|target| {
+            let mut invocation = self.scripts.accept.prepare_invoke();
+            invocation
+                .key(self.keys.device(&target.token))
+                .key(self.keys.queue(&target.token))
+                .key(self.keys.collapse(&target.token))
+                .key(self.keys.message_ids(&target.token))
+                .arg(&accept.app)
+                .arg(body.as_slice())
+                .arg(message.expires_at_ms)
+                .arg(&message.collapse_key)
+                .arg(&message.id)
+                .arg(idempotency_ms)
+                .arg(if target.store { "1" } else { "0" })
+                .arg(self.cap);
+            let mut connection = self.connection();
+            let plausible = plausible_token(&target.token);
+            async move {
+                if !plausible {
+                    return Ok(Recorded::Unknown);
+                }
+                let (seq, node, conn): (i64, String, String) = invocation
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(backend)?;
+                Ok::<_, StoreError>(match seq {
+                    0 => Recorded::Unknown,
+                    seq if seq < 0 => Recorded::Dropped,
+                    seq => Recorded::Seq {
+                        seq: seq as u64,
+                        route: (!node.is_empty()).then(|| Route {
+                            node,
+                            connection: conn.parse().unwrap_or(0),
+                        }),
+                    },
+                })
+            }
+        });
+        let targets = try_join_all(recordings).await?;
+        if let Some(redis_key) = claim {
+            let () = redis::cmd("SET")
+                .arg(&redis_key)
+                .arg(format!("d:{}", message.id))
+                .arg("XX")
+                .arg("KEEPTTL")
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+        }
+        Ok(RoutedOutcome::Accepted { message, targets })
+    }
+
+    /// Routes the device to `node`'s connection `connection`; returns where it was routed
+    /// before (None: nowhere, or the device is unknown).
+    pub async fn route_online(
+        &self,
+        token: &str,
+        node: &str,
+        connection: u64,
+    ) -> Result<Option<Route>, StoreError> {
+        let previous: Option<(String, String)> = self
+            .scripts
+            .online
+            .key(self.keys.device(token))
+            .arg(node)
+            .arg(connection)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(previous.and_then(|(node, conn)| {
+            (!node.is_empty()).then(|| Route {
+                node,
+                connection: conn.parse().unwrap_or(0),
+            })
+        }))
+    }
+
+    /// Removes the device's route if it still points at `node`'s `connection`.
+    pub async fn route_offline(
+        &self,
+        token: &str,
+        node: &str,
+        connection: u64,
+    ) -> Result<(), StoreError> {
+        let _removed: i64 = self
+            .scripts
+            .offline
+            .key(self.keys.device(token))
+            .arg(node)
+            .arg(connection)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Renews (or takes) `node_id`'s lease, advertising `address`. Returns false when the
+    /// lease had lapsed (or Redis lost it), so the caller knows to re-register its devices.
+    pub async fn renew_lease(
+        &self,
+        node_id: &str,
+        address: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let previous: Option<String> = redis::cmd("SET")
+            .arg(self.keys.node(node_id))
+            .arg(address)
+            .arg("PX")
+            .arg(lease.as_millis() as u64)
+            .arg("GET")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(previous.is_some())
+    }
+
+    /// Gives up `node_id`'s lease (a draining node).
+    pub async fn drop_lease(&self, node_id: &str) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.keys.node(node_id))
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// The gRPC address of `node_id`, if its lease is live.
+    pub async fn node_address(&self, node_id: &str) -> Result<Option<String>, StoreError> {
+        redis::cmd("GET")
+            .arg(self.keys.node(node_id))
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)
+    }
+
+    /// Answers PING: whether Redis is reachable now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Registry for RedisStore {
+    async fn admit_device(
+        &self,
+        app: &str,
+        uid: &str,
+        token: &str,
+    ) -> Result<AdmittedDevice, StoreError> {
+        if plausible_token(token) {
+            let resumed: Option<(String, u64, u64)> = self
+                .scripts
+                .resume
+                .key(self.keys.device(token))
+                .arg(app)
+                .arg(uid)
+                .invoke_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            if let Some((old_uid, highest_seq, acked_seq)) = resumed {
+                if !old_uid.is_empty() && old_uid != uid {
+                    let _: i64 = redis::cmd("SREM")
+                        .arg(self.keys.uid(app, &old_uid))
+                        .arg(token)
+                        .query_async(&mut self.connection())
+                        .await
+                        .map_err(backend)?;
+                }
+                // Always (re)bind: this also repairs a binding lost half-way before.
+                self.bind(app, uid, token).await?;
+                return Ok(AdmittedDevice {
+                    token: token.to_owned(),
+                    resumed: true,
+                    acked_seq,
+                    highest_seq,
+                });
+            }
+        }
+        for _ in 0..4 {
+            let token = new_device_token();
+            let created: i64 = self
+                .scripts
+                .create
+                .key(self.keys.device(&token))
+                .arg(app)
+                .arg(uid)
+                .arg(unix_millis())
+                .invoke_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            if created == 1 {
+                self.bind(app, uid, &token).await?;
+                return Ok(AdmittedDevice {
+                    token,
+                    resumed: false,
+                    acked_seq: 0,
+                    highest_seq: 0,
+                });
+            }
+        }
+        Err(StoreError::Backend(
+            "could not issue a unique device token".to_owned(),
+        ))
+    }
+
+    async fn tokens_for_uids(
+        &self,
+        app: &str,
+        uids: &[String],
+    ) -> Result<Vec<Vec<String>>, StoreError> {
+        try_join_all(uids.iter().map(|uid| {
+            let key = self.keys.uid(app, uid);
+            let mut connection = self.connection();
+            async move {
+                redis::cmd("SMEMBERS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut connection)
+                    .await
+                    .map_err(backend)
+            }
+        }))
+        .await
+    }
+
+    async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>, StoreError> {
+        try_join_all(tokens.iter().map(|token| {
+            let key = plausible_token(token).then(|| self.keys.device(token));
+            let mut connection = self.connection();
+            async move {
+                let Some(key) = key else { return Ok(false) };
+                let owner: Option<String> = redis::cmd("HGET")
+                    .arg(key)
+                    .arg("app")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(backend)?;
+                Ok(owner.as_deref() == Some(app))
+            }
+        }))
+        .await
+    }
+}
+
+impl RedisStore {
+    async fn bind(&self, app: &str, uid: &str, token: &str) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.keys.uid(app, uid))
+            .arg(token)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl OfflineStore for RedisStore {
+    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
+        Ok(match self.accept_routed(accept).await? {
+            RoutedOutcome::Duplicate { message_id } => AcceptOutcome::Duplicate { message_id },
+            RoutedOutcome::Accepted { targets, .. } => AcceptOutcome::Accepted {
+                seqs: targets
+                    .iter()
+                    .map(|target| match target {
+                        Recorded::Seq { seq, .. } => *seq,
+                        Recorded::Unknown | Recorded::Dropped => 0,
+                    })
+                    .collect(),
+            },
+        })
+    }
+
+    async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError> {
+        let _: i64 = self
+            .scripts
+            .ack
+            .key(self.keys.device(token))
+            .key(self.keys.queue(token))
+            .arg(seq)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
+        let queue = self.keys.queue(token);
+        let now_ms = unix_millis();
+        let mut replay = Replay::default();
+        let mut cursor = after;
+        // Expired messages are skipped and removed on the way; each page reads past them.
+        loop {
+            let wanted = u64::from(limit) - replay.deliveries.len() as u64;
+            let rows: Vec<(Vec<u8>, u64)> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&queue)
+                .arg(format!("({cursor}"))
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(wanted + 1)
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            let mut expired = Vec::new();
+            let exhausted = rows.len() as u64 <= wanted;
+            for (body, seq) in rows {
+                if replay.deliveries.len() >= limit as usize {
+                    replay.more = true;
+                    break;
+                }
+                cursor = seq;
+                let message = match StoredMessage::decode(body.as_slice()) {
+                    Ok(stored) => Message::from_stored(stored),
+                    Err(error) => {
+                        tracing::error!(%error, seq, "undecodable stored message; skipped");
+                        continue;
+                    }
+                };
+                if message.is_expired(now_ms) {
+                    expired.push(body);
+                    continue;
+                }
+                replay.deliveries.push(Delivery {
+                    seq,
+                    message: Arc::new(message),
+                });
+            }
+            if !expired.is_empty() {
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(&queue)
+                    .arg(expired)
+                    .query_async(&mut self.connection())
+                    .await
+                    .map_err(backend)?;
+            }
+            if replay.more || exhausted || replay.deliveries.len() >= limit as usize {
+                return Ok(replay);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_device_share_a_hash_tag() {
+        let keys = Keys { prefix: "p".into() };
+        for key in [
+            keys.device("tok"),
+            keys.queue("tok"),
+            keys.collapse("tok"),
+            keys.message_ids("tok"),
+        ] {
+            assert!(key.ends_with(":{tok}"), "{key}");
+        }
+        assert_eq!(keys.uid("app", "alice"), "p:u:{app:alice}");
+    }
+
+    #[test]
+    fn only_plausible_tokens_become_keys() {
+        assert!(plausible_token("Ab-_09"));
+        assert!(!plausible_token(""));
+        assert!(!plausible_token("a}b"));
+        assert!(!plausible_token(&"a".repeat(65)));
+    }
+}
