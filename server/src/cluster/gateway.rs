@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::{Peers, StartError, declared_apps, open_store};
+use super::{PeerError, Peers, StartError, declared_apps, open_store};
 use crate::api::{self, ApiError, ApiState, PushFields, app_for_authorization, validate_push};
 use crate::config::Settings;
 use crate::grpc::cluster::{DeliverRequest, DeliverStatus, DeliverTarget};
@@ -140,6 +140,12 @@ impl Gateway {
                             .iter()
                             .filter(|status| **status == DeliverStatus::Live as i32)
                             .count() as u32,
+                        // A dead node or an open breaker is expected while a node is down:
+                        // quiet. A failed call is news.
+                        Err(error @ (PeerError::Dead(_) | PeerError::Open(_))) => {
+                            tracing::debug!(%error, "not delivered live; stored");
+                            0
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "deliver failed; the targets read it from the store");
                             0

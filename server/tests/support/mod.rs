@@ -14,6 +14,8 @@ use pigeon_server::config::AppSettings;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod cluster;
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 

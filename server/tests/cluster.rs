@@ -1,0 +1,365 @@
+//! Cluster mode end to end: a `redis-server` of the test's own (or a three-master Redis
+//! Cluster), `pigeon node` and `pigeon gateway` processes, devices over WebSocket.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pigeon_client::{ClientError, DeviceState};
+use pigeon_server::grpc::push::PushRequest;
+use pigeon_server::grpc::push::push_client::PushClient;
+use serde_json::json;
+use support::cluster::{
+    Deployment, GatewayProcess, NodeProcess, Redis, RedisCluster, connect, state_of,
+};
+use support::{WAIT, assert_no_push, closed, next_push, payload};
+
+#[tokio::test]
+async fn a_push_reaches_devices_of_one_uid_on_different_nodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let (one, two) = (
+        NodeProcess::start(&deployment, &[]),
+        NodeProcess::start(&deployment, &[]),
+    );
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    let mut phone = connect(&one, "alice", &DeviceState::default()).await;
+    let mut laptop = connect(&two, "alice", &DeviceState::default()).await;
+    let answer = gateway.push_to(&["alice"], json!({"n": 1})).await;
+    assert_eq!(answer["targets"]["delivered"], 2, "{answer}");
+    for device in [&mut phone, &mut laptop] {
+        let push = next_push(device).await;
+        assert_eq!((push.seq, payload(&push)), (1, json!({"n": 1})));
+        assert_eq!(push.message_id, answer["message_id"]);
+    }
+
+    // The same operation over gRPC, with the same key.
+    let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .expect("gRPC connect");
+    let mut request = tonic::Request::new(PushRequest {
+        uids: vec!["alice".into()],
+        payload_json: r#"{"n":2}"#.into(),
+        ttl_seconds: Some(60),
+        ..PushRequest::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", support::cluster::app().api_key)
+            .parse()
+            .expect("metadata"),
+    );
+    let response = client.push(request).await.expect("gRPC push").into_inner();
+    assert_eq!(response.targets.expect("counts").delivered, 2);
+    for device in [&mut phone, &mut laptop] {
+        let push = next_push(device).await;
+        assert_eq!((push.seq, payload(&push)), (2, json!({"n": 2})));
+    }
+
+    // gRPC errors: a bad key, and a payload that is not JSON.
+    let unauthenticated = client
+        .push(PushRequest {
+            uids: vec!["alice".into()],
+            payload_json: "{}".into(),
+            ..PushRequest::default()
+        })
+        .await
+        .expect_err("no key");
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+    let mut bad = tonic::Request::new(PushRequest {
+        uids: vec!["alice".into()],
+        payload_json: "not json".into(),
+        ..PushRequest::default()
+    });
+    bad.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", support::cluster::app().api_key)
+            .parse()
+            .expect("metadata"),
+    );
+    let invalid = client.push(bad).await.expect_err("bad payload");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+    assert!(invalid.message().contains("payload_json"), "{invalid:?}");
+}
+
+/// Collects pushes from `connection` until every id of `wanted` has arrived; returns them
+/// by seq. Acks as it goes.
+async fn collect_until(
+    connection: &mut pigeon_client::Connection,
+    wanted: &[String],
+) -> BTreeMap<u64, String> {
+    let mut received = BTreeMap::new();
+    while !wanted
+        .iter()
+        .all(|id| received.values().any(|seen| seen == id))
+    {
+        let push = next_push(connection).await;
+        connection.ack(push.seq).await.expect("ack");
+        received.insert(push.seq, push.message_id);
+    }
+    received
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_fan_out_loses_nothing_that_was_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let mut doomed = NodeProcess::start(&deployment, &[]);
+    let survivor = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    let uids: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
+    let mut states = Vec::new();
+    let mut connections = Vec::new();
+    for uid in &uids {
+        let connection = connect(&doomed, uid, &DeviceState::default()).await;
+        states.push(state_of(&connection, 0));
+        connections.push(connection);
+    }
+
+    // Pushes go out back to back from another task while the node dies under them.
+    let pusher = tokio::spawn({
+        let uids = uids.clone();
+        let http_url = gateway.http_url.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let mut accepted = Vec::new();
+            for n in 0..60 {
+                let response = client
+                    .post(format!("{http_url}/v1/push"))
+                    .bearer_auth(support::cluster::app().api_key)
+                    .json(&json!({"audience": {"uids": uids}, "payload": {"n": n}, "ttl": 300}))
+                    .send()
+                    .await
+                    .expect("push request");
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.expect("json");
+                assert_eq!(status, 202, "{body}");
+                accepted.push(body["message_id"].as_str().expect("id").to_owned());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            accepted
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    doomed.kill();
+    drop(connections);
+    let accepted = tokio::time::timeout(WAIT, pusher)
+        .await
+        .expect("pushes finished")
+        .expect("pusher");
+    assert_eq!(accepted.len(), 60);
+
+    // Each device reconnects to the other node, having processed nothing, and gets every
+    // accepted message, once each, in seq order with no gap.
+    for (uid, state) in uids.iter().zip(&states) {
+        let mut connection = connect(&survivor, uid, state).await;
+        assert!(connection.welcome().resumed);
+        let received = collect_until(&mut connection, &accepted).await;
+        let seqs: Vec<u64> = received.keys().copied().collect();
+        assert_eq!(seqs, (1..=60).collect::<Vec<u64>>(), "{uid}: gap or extra");
+        let ids: Vec<&String> = received.values().collect();
+        assert_eq!(ids, accepted.iter().collect::<Vec<_>>(), "{uid}: order");
+    }
+}
+
+#[tokio::test]
+async fn a_device_moving_to_another_node_replaces_its_old_connection_and_keeps_its_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let (one, two) = (
+        NodeProcess::start(&deployment, &[]),
+        NodeProcess::start(&deployment, &[]),
+    );
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    let mut old = connect(&one, "bob", &DeviceState::default()).await;
+    for n in 1..=3 {
+        gateway.push_to(&["bob"], json!({"n": n})).await;
+    }
+    for n in 1..=3 {
+        assert_eq!(next_push(&mut old).await.seq, n);
+    }
+    old.ack(3).await.expect("ack");
+    // Two more reach the old connection but are never acknowledged.
+    for n in 4..=5 {
+        gateway.push_to(&["bob"], json!({"n": n})).await;
+        assert_eq!(next_push(&mut old).await.seq, n);
+    }
+
+    // The device (which processed up to 3) shows up on the other node.
+    let mut new = connect(&two, "bob", &state_of(&old, 3)).await;
+    let error = closed(&mut old).await;
+    assert_eq!(error.close_code(), Some(4003), "{error:?}");
+    let answer = gateway.push_to(&["bob"], json!({"n": 6})).await;
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    let mut seqs = Vec::new();
+    for _ in 4..=6 {
+        let push = next_push(&mut new).await;
+        seqs.push((push.seq, payload(&push)["n"].as_u64().expect("n")));
+    }
+    assert_eq!(seqs, [(4, 4), (5, 5), (6, 6)]);
+}
+
+#[tokio::test]
+async fn a_draining_node_sends_its_devices_elsewhere_and_keeps_what_they_did_not_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let mut draining = NodeProcess::start(&deployment, &[]);
+    let other = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    let mut device = connect(&draining, "carol", &DeviceState::default()).await;
+    let state = state_of(&device, 0);
+    gateway.push_to(&["carol"], json!({"n": 1})).await;
+    assert_eq!(next_push(&mut device).await.seq, 1);
+    // Not acknowledged. The node is told to drain.
+    draining.terminate();
+    let error = closed(&mut device).await;
+    assert_eq!(error.close_code(), Some(1001), "{error:?}");
+    match &error {
+        ClientError::Closed { reason, .. } => assert!(reason.contains("reconnect"), "{reason}"),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    assert_eq!(
+        draining.exited_within(Duration::from_secs(10)),
+        Some(true),
+        "the node must exit cleanly within its drain deadline"
+    );
+
+    // While the device is away, one more; then it connects to the other node.
+    let answer = gateway.push_to(&["carol"], json!({"n": 2})).await;
+    assert_eq!(answer["targets"]["stored"], 1, "{answer}");
+    let mut device = connect(&other, "carol", &state).await;
+    let first = next_push(&mut device).await;
+    let second = next_push(&mut device).await;
+    assert_eq!(
+        [(first.seq, payload(&first)), (second.seq, payload(&second))],
+        [(1, json!({"n": 1})), (2, json!({"n": 2}))]
+    );
+}
+
+#[tokio::test]
+async fn while_redis_is_down_pushes_get_503_and_devices_stay_connected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    let mut device = connect(&node, "dave", &DeviceState::default()).await;
+    gateway.push_to(&["dave"], json!({"n": 1})).await;
+    let push = next_push(&mut device).await;
+    device.ack(push.seq).await.expect("ack");
+
+    redis.kill();
+    let (status, body) = gateway
+        .push(json!({"audience": {"uids": ["dave"]}, "payload": {"n": "lost"}, "ttl": 300}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    // The device's connection is untouched by the outage.
+    assert_no_push(&mut device, Duration::from_millis(500)).await;
+
+    redis.restart();
+    // Everything resumes without restarting anything: the same gateway accepts again and
+    // the same connection receives.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answer = loop {
+        let (status, body) = gateway
+            .push(json!({"audience": {"uids": ["dave"]}, "payload": {"n": 2}, "ttl": 300}))
+            .await;
+        if status == 202 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let push = next_push(&mut device).await;
+    assert_eq!((push.seq, payload(&push)), (2, json!({"n": 2})));
+    assert_eq!(push.message_id, answer["message_id"]);
+}
+
+#[tokio::test]
+async fn cluster_mode_runs_on_a_three_master_redis_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisCluster::start(dir.path());
+    let deployment = Deployment::cluster(&redis);
+    let (one, two) = (
+        NodeProcess::start(&deployment, &[]),
+        NodeProcess::start(&deployment, &[]),
+    );
+    let gateway = GatewayProcess::start(&deployment, &[]);
+
+    // Enough uids and devices that their keys land on every master.
+    let uids: Vec<String> = (0..12).map(|i| format!("member-{i}")).collect();
+    let mut devices = Vec::new();
+    for (index, uid) in uids.iter().enumerate() {
+        let node = if index % 2 == 0 { &one } else { &two };
+        devices.push(connect(node, uid, &DeviceState::default()).await);
+    }
+    let uid_refs: Vec<&str> = uids.iter().map(String::as_str).collect();
+    let answer = gateway.push_to(&uid_refs, json!({"all": true})).await;
+    assert_eq!(answer["targets"]["delivered"], 12, "{answer}");
+    for device in &mut devices {
+        let push = next_push(device).await;
+        assert_eq!((push.seq, payload(&push)), (1, json!({"all": true})));
+        device.ack(push.seq).await.expect("ack");
+    }
+    let keys_per_master: Vec<usize> = redis
+        .masters
+        .iter()
+        .map(|master| {
+            master
+                .cli(&["DBSIZE"])
+                .and_then(|size| size.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        keys_per_master.iter().all(|&keys| keys > 0),
+        "keys should spread over every master: {keys_per_master:?}"
+    );
+
+    // Offline replay, collapse and idempotency on the cluster too.
+    let away = state_of(&devices[0], 1);
+    drop(devices);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 1..=3 {
+        let (status, body) = gateway
+            .push(
+                json!({"audience": {"uids": ["member-0"]}, "payload": {"n": n},
+                        "ttl": 300, "collapse_key": "score"}),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let retry = json!({"audience": {"uids": ["member-0"]}, "payload": {"n": "once"},
+                       "ttl": 300, "idempotency_key": "k-1"});
+    let (_, first) = gateway.push(retry.clone()).await;
+    let (_, second) = gateway.push(retry).await;
+    assert_eq!(second["duplicate"], true, "{second}");
+    assert_eq!(second["message_id"], first["message_id"]);
+
+    let mut device = connect(&two, "member-0", &away).await;
+    let collapsed = next_push(&mut device).await;
+    assert_eq!(
+        payload(&collapsed),
+        json!({"n": 3}),
+        "only the newest of a collapse key"
+    );
+    let once = next_push(&mut device).await;
+    assert_eq!(payload(&once), json!({"n": "once"}));
+    assert!(once.seq > collapsed.seq);
+    assert_no_push(&mut device, Duration::from_millis(300)).await;
+}
