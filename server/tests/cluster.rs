@@ -363,3 +363,67 @@ async fn cluster_mode_runs_on_a_three_master_redis_cluster() {
     assert!(once.seq > collapsed.seq);
     assert_no_push(&mut device, Duration::from_millis(300)).await;
 }
+
+#[tokio::test]
+async fn a_gateway_killed_mid_fan_out_loses_nothing_it_answered_202_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let mut gateway = GatewayProcess::start(&deployment, &[]);
+
+    let uids: Vec<String> = (0..8).map(|i| format!("reader-{i}")).collect();
+    let mut states = Vec::new();
+    // The devices stay connected while the gateway dies.
+    let mut held = Vec::new();
+    for uid in &uids {
+        let connection = connect(&node, uid, &DeviceState::default()).await;
+        states.push(state_of(&connection, 0));
+        held.push(connection);
+    }
+    let pusher = tokio::spawn({
+        let uids = uids.clone();
+        let http_url = gateway.http_url.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let mut accepted = Vec::new();
+            for n in 0..200 {
+                let sent = client
+                    .post(format!("{http_url}/v1/push"))
+                    .bearer_auth(support::cluster::app().api_key)
+                    .json(&json!({"audience": {"uids": uids}, "payload": {"n": n}, "ttl": 300}))
+                    .send()
+                    .await;
+                // Once the gateway is gone, requests fail: those were never promised.
+                let Ok(response) = sent else { break };
+                if response.status().as_u16() != 202 {
+                    break;
+                }
+                let Ok(body) = response.json::<serde_json::Value>().await else {
+                    break;
+                };
+                accepted.push(body["message_id"].as_str().expect("id").to_owned());
+            }
+            accepted
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gateway.kill();
+    let accepted = tokio::time::timeout(WAIT, pusher)
+        .await
+        .expect("pusher stopped")
+        .expect("pusher");
+    assert!(!accepted.is_empty(), "some pushes must have been accepted");
+    assert!(accepted.len() < 200, "the gateway must die mid-stream");
+
+    drop(held);
+    // Every device, reconnecting, gets every message that was answered 202, in seq order
+    // with no gap (a message recorded but cut off before its 202 may come too).
+    for (uid, state) in uids.iter().zip(&states) {
+        let mut connection = connect(&node, uid, state).await;
+        let received = collect_until(&mut connection, &accepted).await;
+        let seqs: Vec<u64> = received.keys().copied().collect();
+        let highest = *seqs.last().expect("some");
+        assert_eq!(seqs, (1..=highest).collect::<Vec<u64>>(), "{uid}: gap");
+    }
+}
