@@ -23,6 +23,7 @@ use pigeon_proto::device::{
 use serde::{Deserialize, Serialize};
 
 mod link;
+pub mod swarm;
 
 pub use link::ConnectOptions;
 use link::{Incoming, Link};

@@ -1,19 +1,786 @@
 //! `pigeon-load`: Pigeon's load-test harness.
 //!
-//! This is the crate's skeleton: the scenarios (idle, unicast, broadcast, reconnect storm)
-//! arrive with the load-test harness issue. Until then the binary only says so.
+//! Each scenario starts a deployment (its own `redis-server`, `pigeon node` processes and a
+//! `pigeon gateway`, all on loopback) or uses a running one (`--ws-url`, `--http-url`,
+//! `--app`, `--api-key`, `--secret`), starts `pigeon-sim swarm` processes holding the
+//! devices, runs, checks that every device got every message with no gap, and writes
+//! `result.json` and `report.html` into `--out`. Any loss makes it exit with status 1.
+//!
+//! - `idle`: connect N devices and hold them: connect rate, node RSS per connection, the
+//!   kernel's socket memory, the simulator's bytes per device.
+//! - `unicast`: pushes to random uids at a target rate (HTTP or gRPC): achieved rate,
+//!   latency percentiles from send to device receipt, errors by kind.
+//! - `broadcast`: one message to every connected device: time to first and last delivery,
+//!   deliveries per second.
+//! - `reconnect-storm`: N devices with K stored messages each reconnect at once: time until
+//!   all are back and everything is replayed.
 
+mod deploy;
+mod fleet;
+mod report;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pigeon_client::swarm::{Report, unix_micros};
+use pigeon_server::config::AppSettings;
+use serde_json::json;
 
-/// Pigeon's load-test harness (scenarios not yet implemented).
+use deploy::{Deployment, Plan};
+use fleet::Fleet;
+use report::{Percentiles, RunResult, Sample};
+
+/// Devices one simulator or one node process holds at most, by default (the open-file
+/// limit is 20,000 per process).
+const PER_PROCESS: usize = 15_000;
+/// Uids per push request (the API's default `limits.max_audience`).
+const AUDIENCE: usize = 1000;
+
+/// Pigeon's load-test harness.
 #[derive(Parser, Debug)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// Connect N devices and hold them.
+    Idle(Common),
+    /// Push to random uids at a target rate.
+    Unicast {
+        #[command(flatten)]
+        common: Common,
+        /// Pushes per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Which push API.
+        #[arg(long, value_enum, default_value_t = Api::Http)]
+        api: Api,
+    },
+    /// One push to every connected device.
+    Broadcast(Common),
+    /// N devices with K stored messages each reconnect at once.
+    ReconnectStorm {
+        #[command(flatten)]
+        common: Common,
+        /// Stored messages per device.
+        #[arg(long, default_value_t = 5)]
+        messages: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Api {
+    Http,
+    Grpc,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Simulated devices.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Node processes to start (default: one per 15,000 devices).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Simulator processes (default: one per 15,000 devices).
+    #[arg(long)]
+    sims: Option<usize>,
+    /// First-time connects per second, per simulator.
+    #[arg(long, default_value_t = 5000)]
+    connect_rate: u32,
+    /// Seconds to hold the connections before measuring memory (idle).
+    #[arg(long, default_value_t = 5)]
+    hold: u64,
+    /// Where `pigeon` and `pigeon-sim` are (default: beside this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Directory for result.json, report.html and the run's files.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Redis appendfsync of the started Redis: always (Pigeon's guarantee) or everysec.
+    #[arg(long, default_value = "always")]
+    redis_fsync: String,
+    /// Use a running deployment: its device URLs (repeat for several nodes).
+    #[arg(long = "ws-url")]
+    ws_urls: Vec<String>,
+    /// The running deployment's push API, e.g. http://127.0.0.1:7800.
+    #[arg(long)]
+    http_url: Option<String>,
+    /// The running deployment's gRPC push API address (host:port).
+    #[arg(long)]
+    grpc_addr: Option<String>,
+    /// The running deployment's app id.
+    #[arg(long, default_value = "demo")]
+    app: String,
+    /// The running deployment's API key.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The running deployment's app secret (to mint device credentials).
+    #[arg(long)]
+    secret: Option<String>,
+}
 
 fn main() -> ExitCode {
-    let Cli {} = Cli::parse();
-    eprintln!("pigeon-load: no scenarios yet; see the load-test harness issue");
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("pigeon-load: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("pigeon-load: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The running parts of a scenario.
+struct Run {
+    deployment: Deployment,
+    fleet: Fleet,
+    result: RunResult,
+    timeline: Arc<Mutex<Vec<Sample>>>,
+    sampler: tokio::task::JoinHandle<()>,
+    out: PathBuf,
+    started: Instant,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let (name, common) = match &cli.scenario {
+        Scenario::Idle(common) => ("idle", common),
+        Scenario::Unicast { common, .. } => ("unicast", common),
+        Scenario::Broadcast(common) => ("broadcast", common),
+        Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
+    };
+    anyhow::ensure!(common.devices > 0, "--devices must be at least 1");
+    let mut run = prepare(name, command, common).await?;
+    let outcome = match &cli.scenario {
+        Scenario::Idle(common) => idle(&mut run, common).await,
+        Scenario::Unicast {
+            common,
+            rate,
+            duration,
+            api,
+        } => {
+            unicast(
+                &mut run,
+                common,
+                *rate,
+                Duration::from_secs(*duration),
+                *api,
+            )
+            .await
+        }
+        Scenario::Broadcast(common) => broadcast(&mut run, common).await,
+        Scenario::ReconnectStorm { common, messages } => {
+            reconnect_storm(&mut run, common, *messages).await
+        }
+    };
+    if let Err(error) = outcome {
+        run.result.problem(format!("the run failed: {error:#}"));
+    }
+    finish(run).await
+}
+
+async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result<Run> {
+    let out = common.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "loadtest-results/{name}-{}",
+            unix_micros() / 1_000_000
+        ))
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let bin_dir = common
+        .bin_dir
+        .clone()
+        .unwrap_or_else(deploy::default_bin_dir);
+    let per_process =
+        |given: Option<usize>| given.unwrap_or(common.devices.div_ceil(PER_PROCESS)).max(1);
+    let deployment = if common.ws_urls.is_empty() {
+        Deployment::start(&Plan {
+            bin_dir: bin_dir.clone(),
+            work_dir: out.clone(),
+            nodes: per_process(common.nodes),
+            redis_fsync: common.redis_fsync.clone(),
+        })
+        .await?
+    } else {
+        let (Some(http_url), Some(api_key), Some(secret)) =
+            (&common.http_url, &common.api_key, &common.secret)
+        else {
+            anyhow::bail!("a running deployment needs --http-url, --api-key and --secret");
+        };
+        Deployment::external(
+            common.ws_urls.clone(),
+            http_url.clone(),
+            common.grpc_addr.clone(),
+            AppSettings {
+                id: common.app.clone(),
+                api_key: api_key.clone(),
+                secret: secret.clone(),
+            },
+        )
+    };
+    let fleet = Fleet::start(
+        &bin_dir,
+        &out,
+        &deployment.app,
+        &deployment.ws_urls,
+        common.devices,
+        per_process(common.sims),
+        common.connect_rate,
+    )
+    .await?;
+    let started = Instant::now();
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let sampler = tokio::spawn(sample(
+        fleet.progress_reader(),
+        deployment.node_pids.clone(),
+        fleet.pids(),
+        deployment.redis_pid,
+        common.devices,
+        timeline.clone(),
+        started,
+    ));
+    let mut result = RunResult {
+        scenario: name.to_owned(),
+        command,
+        ..RunResult::default()
+    };
+    result.figure("devices", common.devices);
+    result.figure("node processes", deployment.ws_urls.len());
+    result.figure("simulator processes", per_process(common.sims));
+    result.figure(
+        "machine",
+        format!(
+            "{} cores, {} GiB",
+            std::thread::available_parallelism().map_or(0, usize::from),
+            mem_total_gib()
+        ),
+    );
+    Ok(Run {
+        deployment,
+        fleet,
+        result,
+        timeline,
+        sampler,
+        out,
+        started,
+    })
+}
+
+fn mem_total_gib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("MemTotal:"))
+                .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1_048_576)
+}
+
+/// Samples the timeline every half second and prints a progress line every second.
+async fn sample(
+    progress: fleet::ProgressReader,
+    node_pids: Vec<u32>,
+    sim_pids: Vec<u32>,
+    redis_pid: Option<u32>,
+    devices: usize,
+    timeline: Arc<Mutex<Vec<Sample>>>,
+    started: Instant,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = 0u64;
+    loop {
+        ticks.tick().await;
+        tick += 1;
+        let now = progress.read();
+        let sample = Sample {
+            t: started.elapsed().as_secs_f64(),
+            connected: now.connected,
+            received: now.received,
+            node_rss: deploy::rss_total(&node_pids),
+            sim_rss: deploy::rss_total(&sim_pids),
+            redis_rss: deploy::rss_total(&redis_pid.into_iter().collect::<Vec<_>>()),
+        };
+        if tick % 2 == 0 {
+            eprintln!(
+                "[{:6.1}s] connected {:>8}/{devices}  received {:>9}  node rss {:>7.1} MiB  sim rss {:>7.1} MiB",
+                sample.t,
+                sample.connected,
+                sample.received,
+                sample.node_rss as f64 / 1_048_576.0,
+                sample.sim_rss as f64 / 1_048_576.0,
+            );
+        }
+        timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sample);
+    }
+}
+
+/// Connects every device; records the connect rate. Fails the run if not all connect.
+async fn connect_all(run: &mut Run, common: &Common) -> anyhow::Result<()> {
+    let n = common.devices as u64;
+    let begin = Instant::now();
+    run.fleet.connect().await?;
+    let timeout = Duration::from_secs(60 + n / 500);
+    let fleet = &run.fleet;
+    let all = (fleet.wait_until(timeout, |p| p.connected >= n)).await;
+    let took = begin.elapsed().as_secs_f64();
+    if !all {
+        let connected = run.fleet.progress().connected;
+        run.result.problem(format!(
+            "only {connected} of {n} devices connected within {timeout:?}"
+        ));
+        anyhow::bail!("not every device connected");
+    }
+    run.result.figure("connect time (s)", round(took, 2));
+    run.result
+        .figure("connect rate (devices/s)", round(n as f64 / took, 0));
+    Ok(())
+}
+
+async fn idle(run: &mut Run, common: &Common) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let node_pids = run.deployment.node_pids.clone();
+    let redis_pids: Vec<u32> = run.deployment.redis_pid.into_iter().collect();
+    let sim_pids = run.fleet.pids();
+    let (node_before, sim_before, redis_before, sockets_before) = (
+        deploy::rss_total(&node_pids),
+        deploy::rss_total(&sim_pids),
+        deploy::rss_total(&redis_pids),
+        deploy::tcp_socket_memory().unwrap_or(0),
+    );
+    connect_all(run, common).await?;
+    tokio::time::sleep(Duration::from_secs(common.hold)).await;
+    let n = common.devices as f64;
+    let (node_after, sim_after, redis_after, sockets_after) = (
+        deploy::rss_total(&node_pids),
+        deploy::rss_total(&sim_pids),
+        deploy::rss_total(&redis_pids),
+        deploy::tcp_socket_memory().unwrap_or(0),
+    );
+    let result = &mut run.result;
+    if !node_pids.is_empty() {
+        result.figure("node RSS before (MiB)", round(mib(node_before), 1));
+        result.figure("node RSS after (MiB)", round(mib(node_after), 1));
+        result.figure(
+            "node RSS per connection (bytes)",
+            round(node_after.saturating_sub(node_before) as f64 / n, 0),
+        );
+        result.figure(
+            "redis RSS per device (bytes)",
+            round(redis_after.saturating_sub(redis_before) as f64 / n, 0),
+        );
+    }
+    result.figure(
+        "kernel TCP memory, both ends (MiB)",
+        round(mib(sockets_after.saturating_sub(sockets_before)), 1),
+    );
+    result.figure(
+        "kernel TCP memory per connection, both ends (bytes)",
+        round(sockets_after.saturating_sub(sockets_before) as f64 / n, 0),
+    );
+    result.figure(
+        "simulator bytes per device",
+        round(sim_after.saturating_sub(sim_before) as f64 / n, 0),
+    );
+    Ok(())
+}
+
+/// Sends pushes to `uids` in requests of at most [`AUDIENCE`] uids, `parallel` at a time;
+/// returns how many device deliveries were accepted (delivered + stored).
+async fn push_to_all(
+    deployment: &Deployment,
+    uids: &[String],
+    payload: serde_json::Value,
+    errors: &mut BTreeMap<String, u64>,
+) -> u64 {
+    let client = reqwest::Client::new();
+    let requests = uids.chunks(AUDIENCE).map(|chunk| {
+        let body = json!({"audience": {"uids": chunk}, "payload": payload, "ttl": 3600});
+        let request = client
+            .post(format!("{}/v1/push", deployment.http_url))
+            .bearer_auth(&deployment.app.api_key)
+            .json(&body)
+            .send();
+        async move { classify(request.await).await }
+    });
+    let mut accepted = 0;
+    let outcomes = futures_util::future::join_all(requests).await;
+    for outcome in outcomes {
+        match outcome {
+            Ok(count) => accepted += count,
+            Err(kind) => *errors.entry(kind).or_default() += 1,
+        }
+    }
+    accepted
+}
+
+/// A push's accepted deliveries, or its error kind.
+async fn classify(response: reqwest::Result<reqwest::Response>) -> Result<u64, String> {
+    let response = response.map_err(|error| {
+        if error.is_timeout() {
+            "timeout".to_owned()
+        } else if error.is_connect() {
+            "connect".to_owned()
+        } else {
+            "transport".to_owned()
+        }
+    })?;
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if status != 202 {
+        let code = body["error"]["code"].as_str().unwrap_or("?").to_owned();
+        return Err(format!("http {status} {code}"));
+    }
+    let targets = &body["targets"];
+    let count = |key: &str| targets[key].as_u64().unwrap_or(0);
+    if count("unknown") > 0 || count("dropped") > 0 {
+        return Err("unknown or dropped targets".into());
+    }
+    Ok(count("delivered") + count("stored"))
+}
+
+async fn unicast(
+    run: &mut Run,
+    common: &Common,
+    rate: u32,
+    duration: Duration,
+    api: Api,
+) -> anyhow::Result<()> {
+    connect_all(run, common).await?;
+    let n = common.devices;
+    let grpc = match api {
+        Api::Http => None,
+        Api::Grpc => {
+            let addr = run
+                .deployment
+                .grpc_addr
+                .clone()
+                .context("--api grpc needs the gateway's gRPC address (--grpc-addr)")?;
+            Some(
+                pigeon_server::grpc::push::push_client::PushClient::connect(format!(
+                    "http://{addr}"
+                ))
+                .await
+                .context("connecting to the gRPC push API")?,
+            )
+        }
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let errors = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let begin = Instant::now();
+    let mut sent = 0u64;
+    let mut skipped = 0u64;
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    let api_key = run.deployment.app.api_key.clone();
+    let http_url = run.deployment.http_url.clone();
+    (async {
+        while begin.elapsed() < duration {
+            ticks.tick().await;
+            let due = (begin.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+            while sent < due {
+                sent += 1;
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    skipped += 1;
+                    continue;
+                };
+                let uid = fleet::uid(rand::random_range(0..n));
+                let payload = json!({"t": unix_micros(), "uid": uid});
+                let (accepted, errors) = (accepted.clone(), errors.clone());
+                let outcome = match &grpc {
+                    Some(client) => {
+                        let mut client = client.clone();
+                        let key = api_key.clone();
+                        tasks.spawn(async move {
+                            let mut request =
+                                tonic::Request::new(pigeon_server::grpc::push::PushRequest {
+                                    uids: vec![uid],
+                                    payload_json: payload.to_string(),
+                                    ttl_seconds: Some(3600),
+                                    ..Default::default()
+                                });
+                            if let Ok(value) = format!("Bearer {key}").parse() {
+                                request.metadata_mut().insert("authorization", value);
+                            }
+                            let outcome = match client.push(request).await {
+                                Ok(response) => {
+                                    let targets = response.into_inner().targets.unwrap_or_default();
+                                    Ok(u64::from(targets.delivered + targets.stored))
+                                }
+                                Err(status) => Err(format!("grpc {:?}", status.code())),
+                            };
+                            record(outcome, &accepted, &errors);
+                            drop(permit);
+                        })
+                    }
+                    None => {
+                        let request = http
+                            .post(format!("{http_url}/v1/push"))
+                            .bearer_auth(&api_key)
+                            .json(&json!({"audience": {"uids": [uid]}, "payload": payload, "ttl": 3600}))
+                            .send();
+                        tasks.spawn(async move {
+                            record(classify(request.await).await, &accepted, &errors);
+                            drop(permit);
+                        })
+                    }
+                };
+                let _ = outcome;
+            }
+            // Reap finished requests so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let elapsed = begin.elapsed().as_secs_f64();
+    let accepted = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    run.result.figure("api", format!("{api:?}").to_lowercase());
+    run.result.figure("target rate (pushes/s)", rate);
+    run.result.figure(
+        "achieved rate (accepted pushes/s)",
+        round(accepted as f64 / elapsed, 1),
+    );
+    run.result.figure("accepted pushes", accepted);
+    if skipped > 0 {
+        run.result
+            .figure("not sent: 512 requests already in flight", skipped);
+    }
+    run.result.errors = errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    expect_deliveries(run, accepted, Duration::from_secs(30)).await?;
+    let reports = run.fleet.reports().await?;
+    let mut latencies: Vec<u32> = reports
+        .iter()
+        .flat_map(|report| report.latencies_us.iter().copied())
+        .collect();
+    run.result.latency = Some(Percentiles::of(&mut latencies));
+    run.result.set_cdf(&latencies);
+    Ok(())
+}
+
+fn record(
+    outcome: Result<u64, String>,
+    accepted: &std::sync::atomic::AtomicU64,
+    errors: &Mutex<BTreeMap<String, u64>>,
+) {
+    match outcome {
+        Ok(count) => {
+            accepted.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        }
+        Err(kind) => {
+            *errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(kind)
+                .or_default() += 1;
+        }
+    }
+}
+
+/// Waits until the devices' seqs add up to `expected` deliveries (every device starts at
+/// seq 0 in a run); records a problem if they do not within `timeout`.
+async fn expect_deliveries(run: &mut Run, expected: u64, timeout: Duration) -> anyhow::Result<()> {
+    let fleet = &run.fleet;
+    let all = (fleet.wait_until(timeout, |p| p.seq_sum >= expected)).await;
+    if !all {
+        let got = run.fleet.progress().seq_sum;
+        run.result.problem(format!(
+            "LOSS: devices received {got} of {expected} accepted deliveries within {timeout:?}"
+        ));
+    }
+    Ok(())
+}
+
+async fn broadcast(run: &mut Run, common: &Common) -> anyhow::Result<()> {
+    connect_all(run, common).await?;
+    let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
+    let mut errors = BTreeMap::new();
+    let sent_us = unix_micros();
+    let begin = Instant::now();
+    let accepted = push_to_all(&run.deployment, &uids, json!({"broadcast": 1}), &mut errors).await;
+    let api_time = begin.elapsed().as_secs_f64();
+    run.result.errors = errors;
+    if accepted < common.devices as u64 {
+        run.result.problem(format!(
+            "the API accepted {accepted} of {} deliveries",
+            common.devices
+        ));
+    }
+    expect_deliveries(run, common.devices as u64, Duration::from_secs(60)).await?;
+    let reports = run.fleet.reports().await?;
+    let first = reports
+        .iter()
+        .map(|r| r.first_received_us)
+        .filter(|&t| t > 0)
+        .min()
+        .unwrap_or(sent_us);
+    let last = reports
+        .iter()
+        .map(|r| r.last_received_us)
+        .max()
+        .unwrap_or(sent_us);
+    let to_last = (last.saturating_sub(sent_us)) as f64 / 1e6;
+    run.result.figure(
+        "requests (uids per request)",
+        format!("{} ({AUDIENCE})", uids.len().div_ceil(AUDIENCE)),
+    );
+    run.result
+        .figure("API answered all (s)", round(api_time, 3));
+    run.result.figure(
+        "time to first delivery (ms)",
+        round(first.saturating_sub(sent_us) as f64 / 1000.0, 1),
+    );
+    run.result
+        .figure("time to last delivery (ms)", round(to_last * 1000.0, 1));
+    run.result.figure(
+        "deliveries per second",
+        round(common.devices as f64 / to_last.max(1e-6), 0),
+    );
+    Ok(())
+}
+
+async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> anyhow::Result<()> {
+    connect_all(run, common).await?;
+    run.fleet.disconnect().await?;
+    let fleet = &run.fleet;
+    let gone = fleet
+        .wait_until(Duration::from_secs(60), |p| p.connected == 0)
+        .await;
+    anyhow::ensure!(gone, "the devices did not disconnect");
+    let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
+    let mut errors = BTreeMap::new();
+    let mut accepted = 0;
+    for k in 0..messages {
+        accepted += push_to_all(&run.deployment, &uids, json!({"stored": k}), &mut errors).await;
+    }
+    run.result.errors = errors;
+    let expected = (common.devices * messages) as u64;
+    if accepted < expected {
+        run.result.problem(format!(
+            "the API accepted {accepted} of {expected} deliveries"
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_us = unix_micros();
+    let begin = Instant::now();
+    run.fleet.connect().await?;
+    let n = common.devices as u64;
+    let fleet = &run.fleet;
+    let back = fleet
+        .wait_until(Duration::from_secs(60 + n / 500), |p| p.connected >= n)
+        .await;
+    let reconnected = begin.elapsed().as_secs_f64();
+    if !back {
+        run.result.problem("not every device reconnected");
+    }
+    expect_deliveries(run, accepted, Duration::from_secs(60 + n / 500)).await?;
+    let reports = run.fleet.reports().await?;
+    let last = reports
+        .iter()
+        .map(|r| r.last_received_us)
+        .max()
+        .unwrap_or(sent_us);
+    run.result.figure("stored messages per device", messages);
+    run.result
+        .figure("all reconnected after (s)", round(reconnected, 2));
+    run.result.figure(
+        "all replayed after (s)",
+        round(last.saturating_sub(sent_us) as f64 / 1e6, 2),
+    );
+    run.result.figure(
+        "replayed messages per second",
+        round(
+            accepted as f64 / (last.saturating_sub(sent_us) as f64 / 1e6).max(1e-6),
+            0,
+        ),
+    );
+    Ok(())
+}
+
+/// Collects the simulators' reports, checks them, writes the results; whether all is well.
+async fn finish(mut run: Run) -> anyhow::Result<bool> {
+    match run.fleet.reports().await {
+        Ok(reports) => check(&mut run.result, &reports),
+        Err(error) => run
+            .result
+            .problem(format!("no report from the simulators: {error:#}")),
+    }
+    if let Some(exited) = run.deployment.exited() {
+        run.result.problem(exited);
+    }
+    run.sampler.abort();
+    run.result.timeline = run
+        .timeline
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    run.result.ok = run.result.problems.is_empty();
+    run.result.figure(
+        "run time (s)",
+        round(run.started.elapsed().as_secs_f64(), 1),
+    );
+    run.result.write(&run.out)?;
+    println!("{}", run.result.summary());
+    println!(
+        "  wrote {} and {}",
+        run.out.join("result.json").display(),
+        run.out.join("report.html").display()
+    );
+    run.fleet.stop().await;
+    run.deployment.stop().await;
+    Ok(run.result.ok)
+}
+
+/// The checks every run makes of what the devices saw.
+fn check(result: &mut RunResult, reports: &[Report]) {
+    let sum = |field: fn(&Report) -> u64| -> u64 { reports.iter().map(field).sum() };
+    let gaps = sum(|r| r.gaps);
+    if gaps > 0 {
+        result.problem(format!(
+            "LOSS: {gaps} seqs skipped (messages never received)"
+        ));
+    }
+    result.figure("pushes received", sum(|r| r.received));
+    result.figure("duplicates dropped", sum(|r| r.duplicates));
+    result.figure("unexpected disconnects", sum(|r| r.disconnects));
+    result.figure("failed connection attempts", sum(|r| r.connect_failures));
+    let rss = sum(|r| r.rss_bytes);
+    result.figure("simulator RSS (MiB)", round(mib(rss), 1));
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pigeon_client::{ConnectOptions, Device, DeviceState};
+use pigeon_client::{ConnectOptions, Device, DeviceState, swarm};
 use serde_json::value::RawValue;
 
 /// Pigeon's device simulator.
@@ -45,6 +45,25 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Simulate many devices in this process, driven by commands on stdin (for the
+    /// load-test harness; see the `pigeon_client::swarm` docs).
+    Swarm {
+        /// File of devices, one `uid<TAB>credential` per line.
+        #[arg(long)]
+        devices: PathBuf,
+        /// Node device URLs, used round robin.
+        #[arg(long = "url", required = true)]
+        urls: Vec<String>,
+        /// Source addresses (e.g. 127.0.0.2), used round robin, to spread ports.
+        #[arg(long = "bind")]
+        binds: Vec<std::net::IpAddr>,
+        /// First-time connects per second.
+        #[arg(long, default_value_t = 5000)]
+        connect_rate: u32,
+        /// PEM file of the CA to trust for wss:// and quic://.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
 }
 
 #[derive(serde::Serialize)]
@@ -54,8 +73,27 @@ struct Line<'a> {
     payload: &'a RawValue,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One device is one thread's work; a swarm uses every core.
+    let runtime = match &cli.command {
+        Command::Connect { .. } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Command::Swarm { .. } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("pigeon-sim: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PIGEON_LOG")
@@ -64,20 +102,69 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let Command::Connect {
-        url,
-        ca,
-        server_name,
-        credential,
-        state,
-        count,
-    } = Cli::parse().command;
+    let (url, ca, server_name, credential, state, count) = match cli.command {
+        Command::Connect {
+            url,
+            ca,
+            server_name,
+            credential,
+            state,
+            count,
+        } => (url, ca, server_name, credential, state, count),
+        Command::Swarm {
+            devices,
+            urls,
+            binds,
+            connect_rate,
+            ca,
+        } => return swarm(devices, urls, binds, connect_rate, ca).await,
+    };
     let options = ConnectOptions {
         ca_file: ca,
         server_name,
         bind: None,
     };
     match connect(url, options, credential, state, count).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pigeon-sim: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn swarm(
+    devices: PathBuf,
+    urls: Vec<String>,
+    binds: Vec<std::net::IpAddr>,
+    connect_rate: u32,
+    ca: Option<PathBuf>,
+) -> ExitCode {
+    let text = match std::fs::read_to_string(&devices) {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("pigeon-sim: cannot read {}: {error}", devices.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let devices = match swarm::read_devices(&text) {
+        Ok(devices) => devices,
+        Err(error) => {
+            eprintln!("pigeon-sim: {}: {error}", devices.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    drop(text);
+    let settings = swarm::SwarmSettings {
+        urls,
+        binds,
+        connect_rate,
+        options: ConnectOptions {
+            ca_file: ca,
+            ..ConnectOptions::default()
+        },
+    };
+    match swarm::run(devices, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("pigeon-sim: {error}");

@@ -1,0 +1,248 @@
+//! The deployment under test: started by the harness (its own `redis-server`, `pigeon node`
+//! processes and a `pigeon gateway`, all on loopback), or an already running one given by
+//! its URLs. Processes the harness started are killed when the [`Deployment`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pigeon_server::config::AppSettings;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a started process has to print its addresses.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running deployment.
+pub struct Deployment {
+    /// Device URLs, one per node.
+    pub ws_urls: Vec<String>,
+    /// The push API's base URL (`http://host:port`).
+    pub http_url: String,
+    /// The gRPC push API's address, when known.
+    pub grpc_addr: Option<String>,
+    /// The app pushed to and connected as.
+    pub app: AppSettings,
+    /// Pids of the node processes (for their memory), when the harness started them.
+    pub node_pids: Vec<u32>,
+    /// Pid of the Redis, when the harness started it.
+    pub redis_pid: Option<u32>,
+    children: Vec<Child>,
+}
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Where `pigeon` is.
+    pub bin_dir: PathBuf,
+    /// Working directory for Redis's files and logs.
+    pub work_dir: PathBuf,
+    /// Node processes.
+    pub nodes: usize,
+    /// Redis `appendfsync`: `always` (what Pigeon's guarantee needs) or `everysec`.
+    pub redis_fsync: String,
+}
+
+/// An app for the run, with random keys.
+fn random_app() -> AppSettings {
+    let hex = |bytes: usize| -> String {
+        (0..bytes)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect()
+    };
+    AppSettings {
+        id: "load".into(),
+        api_key: format!("pk_load_{}", hex(16)),
+        secret: hex(32),
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until `child` prints a line containing each label; the word after each.
+async fn addresses(child: &mut Child, labels: &[&str]) -> anyhow::Result<Vec<String>> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut found: Vec<Option<String>> = vec![None; labels.len()];
+    let reading = async {
+        while found.iter().any(Option::is_none) {
+            let Some(line) = lines.next_line().await? else {
+                bail!("the process exited before printing its addresses");
+            };
+            for (label, slot) in labels.iter().zip(found.iter_mut()) {
+                if let Some(rest) = line.split(label).nth(1) {
+                    *slot = rest.split_whitespace().next().map(str::to_owned);
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(START_TIMEOUT, reading)
+        .await
+        .context("timed out waiting for the process to start")??;
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(found.into_iter().flatten().collect())
+}
+
+impl Deployment {
+    /// Starts Redis, `plan.nodes` nodes and a gateway.
+    pub async fn start(plan: &Plan) -> anyhow::Result<Self> {
+        let pigeon = plan.bin_dir.join("pigeon");
+        anyhow::ensure!(
+            pigeon.exists(),
+            "{} not found: build it (cargo build --release --bins) or pass --bin-dir",
+            pigeon.display()
+        );
+        let app = random_app();
+        let mut children = Vec::new();
+
+        let redis_dir = plan.work_dir.join("redis");
+        std::fs::create_dir_all(&redis_dir)?;
+        let port = free_port()?;
+        let redis = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &plan.redis_fsync])
+            .args(["--dir", &redis_dir.display().to_string()])
+            .args(["--logfile", "redis.log", "--maxclients", "10000"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (is it installed?)")?;
+        let redis_pid = redis.id();
+        children.push(redis);
+        wait_for_redis(port).await?;
+        let redis_url = format!("redis://127.0.0.1:{port}");
+
+        let env = |command: &mut Command| {
+            command
+                .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
+                .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
+                .env("PIGEON_LISTEN__GRPC", "127.0.0.1:0")
+                .env("PIGEON_APPS__0__ID", &app.id)
+                .env("PIGEON_APPS__0__API_KEY", &app.api_key)
+                .env("PIGEON_APPS__0__SECRET", &app.secret)
+                .env("PIGEON_CLUSTER__REDIS", format!("[\"{redis_url}\"]"))
+                .env("PIGEON_LIMITS__MAX_CONNECTIONS", "19500")
+                .env("PIGEON_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+        };
+        let mut ws_urls = Vec::new();
+        let mut node_pids = Vec::new();
+        for _ in 0..plan.nodes {
+            let mut command = Command::new(&pigeon);
+            command.arg("node");
+            env(&mut command);
+            let mut child = command.spawn().context("starting pigeon node")?;
+            let found = addresses(&mut child, &["device websocket: "]).await?;
+            ws_urls.push(found[0].clone());
+            node_pids.extend(child.id());
+            children.push(child);
+        }
+        let mut command = Command::new(&pigeon);
+        command.arg("gateway");
+        env(&mut command);
+        let mut gateway = command.spawn().context("starting pigeon gateway")?;
+        let found = addresses(&mut gateway, &["push api: ", "push grpc: "]).await?;
+        children.push(gateway);
+        Ok(Self {
+            ws_urls,
+            http_url: found[0].trim_end_matches("/v1/push").to_owned(),
+            grpc_addr: Some(found[1].clone()),
+            app,
+            node_pids,
+            redis_pid,
+            children,
+        })
+    }
+
+    /// An already running deployment.
+    pub fn external(
+        ws_urls: Vec<String>,
+        http_url: String,
+        grpc_addr: Option<String>,
+        app: AppSettings,
+    ) -> Self {
+        Self {
+            ws_urls,
+            http_url,
+            grpc_addr,
+            app,
+            node_pids: Vec::new(),
+            redis_pid: None,
+            children: Vec::new(),
+        }
+    }
+
+    /// Whether a process the harness started has exited (it should not have).
+    pub fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|child| {
+            child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|status| format!("a deployment process exited: {status}"))
+        })
+    }
+
+    /// Stops everything the harness started.
+    pub async fn stop(mut self) {
+        // The gateway and the nodes before Redis, so that none of them complains about it.
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+async fn wait_for_redis(port: u16) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        let pong = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "PING"])
+            .output()
+            .await;
+        if pong.is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "PONG") {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("redis-server did not answer on port {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The kernel's TCP socket memory, bytes (`/proc/net/sockstat`, `TCP: ... mem <pages>`).
+pub fn tcp_socket_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = text.lines().find(|line| line.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "mem" {
+            let pages: u64 = words.next()?.parse().ok()?;
+            return Some(pages * 4096);
+        }
+    }
+    None
+}
+
+/// Resident memory of these processes together, bytes.
+pub fn rss_total(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| pigeon_client::swarm::rss_of(&pid.to_string()))
+        .sum()
+}
+
+/// The directory of the running executable: where `pigeon` and `pigeon-sim` are built.
+pub fn default_bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}

@@ -1,0 +1,229 @@
+//! The simulated devices: several `pigeon-sim swarm` processes (a process holds at most
+//! ~19,900 sockets), each with its share of the devices, its own source address
+//! (127.0.0.2, 127.0.0.3, ...) so that ports never run short, driven over stdin and heard
+//! over stdout.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use pigeon_client::swarm::{Progress, Report};
+use pigeon_server::config::AppSettings;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// One simulator process.
+struct Swarm {
+    child: Child,
+    stdin: ChildStdin,
+    progress: Arc<Mutex<Progress>>,
+    reports: mpsc::Receiver<Report>,
+}
+
+/// Reads the simulators' latest progress lines.
+#[derive(Clone)]
+pub struct ProgressReader(Vec<Arc<Mutex<Progress>>>);
+
+impl ProgressReader {
+    /// The latest progress of all simulators, summed.
+    pub fn read(&self) -> Progress {
+        let mut total = Progress::default();
+        for progress in &self.0 {
+            let progress = progress.lock().unwrap_or_else(|p| p.into_inner());
+            total.connected += progress.connected;
+            total.received += progress.received;
+            total.seq_sum += progress.seq_sum;
+        }
+        total
+    }
+}
+
+/// Every simulator process of a run.
+pub struct Fleet {
+    swarms: Vec<Swarm>,
+}
+
+/// The uid of device `index`.
+pub fn uid(index: usize) -> String {
+    format!("u{index}")
+}
+
+impl Fleet {
+    /// Writes each simulator's devices (uid and a fresh credential) to `work_dir` and
+    /// starts the simulators; the devices wait for [`Fleet::connect`].
+    pub async fn start(
+        bin_dir: &Path,
+        work_dir: &Path,
+        app: &AppSettings,
+        urls: &[String],
+        devices: usize,
+        simulators: usize,
+        connect_rate: u32,
+    ) -> anyhow::Result<Self> {
+        let sim = bin_dir.join("pigeon-sim");
+        anyhow::ensure!(
+            sim.exists(),
+            "{} not found: build it (cargo build --release --bins) or pass --bin-dir",
+            sim.display()
+        );
+        let now = pigeon_server::message::unix_millis() / 1000;
+        let mut swarms = Vec::new();
+        for index in 0..simulators {
+            let mut text = String::new();
+            // Device i belongs to simulator i % simulators, and connects to node i % nodes.
+            for device in (index..devices).step_by(simulators) {
+                let uid = uid(device);
+                let credential = pigeon_server::auth::mint(app, &uid, now, 24 * 3600);
+                text.push_str(&format!("{uid}\t{credential}\n"));
+            }
+            let file = work_dir.join(format!("devices-{index}.tsv"));
+            std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+            // Each simulator's devices connect to the nodes in the same rotation as the
+            // device indices, starting from its own offset.
+            let rotated: Vec<String> = (0..urls.len())
+                .map(|k| urls[(index + k * simulators) % urls.len()].clone())
+                .collect();
+            let mut command = Command::new(&sim);
+            command
+                .arg("swarm")
+                .arg("--devices")
+                .arg(&file)
+                .args(["--bind", &format!("127.0.0.{}", 2 + index % 250)])
+                .args(["--connect-rate", &connect_rate.to_string()])
+                .env("PIGEON_LOG", "warn")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            for url in &rotated {
+                command.args(["--url", url]);
+            }
+            let mut child = command.spawn().context("starting pigeon-sim swarm")?;
+            let stdin = child.stdin.take().context("no stdin")?;
+            let stdout = child.stdout.take().context("no stdout")?;
+            let progress = Arc::new(Mutex::new(Progress::default()));
+            let (report_tx, reports) = mpsc::channel(4);
+            let shared = progress.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    match value["type"].as_str() {
+                        Some("progress") => {
+                            if let Ok(progress) = serde_json::from_value(value) {
+                                *shared.lock().unwrap_or_else(|p| p.into_inner()) = progress;
+                            }
+                        }
+                        Some("report") => {
+                            if let Ok(report) = serde_json::from_value(value)
+                                && report_tx.send(report).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            swarms.push(Swarm {
+                child,
+                stdin,
+                progress,
+                reports,
+            });
+        }
+        Ok(Self { swarms })
+    }
+
+    async fn command(&mut self, command: &str) -> anyhow::Result<()> {
+        for swarm in &mut self.swarms {
+            swarm
+                .stdin
+                .write_all(format!("{command}\n").as_bytes())
+                .await
+                .context("a simulator stopped listening")?;
+            swarm.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Tells every device to connect (or reconnect).
+    pub async fn connect(&mut self) -> anyhow::Result<()> {
+        self.command("connect").await
+    }
+
+    /// Tells every device to disconnect.
+    pub async fn disconnect(&mut self) -> anyhow::Result<()> {
+        self.command("disconnect").await
+    }
+
+    /// The latest progress of all simulators, summed.
+    pub fn progress(&self) -> Progress {
+        self.progress_reader().read()
+    }
+
+    /// A reader of the simulators' progress that outlives borrows of the fleet.
+    pub fn progress_reader(&self) -> ProgressReader {
+        ProgressReader(
+            self.swarms
+                .iter()
+                .map(|swarm| swarm.progress.clone())
+                .collect(),
+        )
+    }
+
+    /// A fresh report from every simulator.
+    pub async fn reports(&mut self) -> anyhow::Result<Vec<Report>> {
+        self.command("report").await?;
+        let mut reports = Vec::new();
+        for swarm in &mut self.swarms {
+            let report = tokio::time::timeout(Duration::from_secs(30), swarm.reports.recv())
+                .await
+                .context("a simulator did not report in time")?
+                .context("a simulator exited")?;
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// Pids of the simulators.
+    pub fn pids(&self) -> Vec<u32> {
+        self.swarms
+            .iter()
+            .filter_map(|swarm| swarm.child.id())
+            .collect()
+    }
+
+    /// Waits until `done` holds for the summed progress, or `timeout` passes; whether it
+    /// held.
+    pub async fn wait_until(&self, timeout: Duration, done: impl Fn(&Progress) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if done(&self.progress()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the simulators.
+    pub async fn stop(mut self) {
+        let _ = self.command("quit").await;
+        for swarm in &mut self.swarms {
+            if tokio::time::timeout(Duration::from_secs(5), swarm.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = swarm.child.kill().await;
+            }
+        }
+    }
+}

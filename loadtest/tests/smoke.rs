@@ -1,0 +1,92 @@
+//! Each scenario at tiny scale, against a deployment the harness starts itself (its own
+//! `redis-server`, a `pigeon node`, a `pigeon gateway`, `pigeon-sim swarm`), so that the
+//! harness cannot rot. `cargo test --workspace` builds the binaries it drives.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where cargo put `pigeon-load`, and with it `pigeon` and `pigeon-sim`.
+fn bin_dir() -> PathBuf {
+    let load = Path::new(env!("CARGO_BIN_EXE_pigeon-load"));
+    let dir = load.parent().expect("bin dir").to_owned();
+    for bin in ["pigeon", "pigeon-sim"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{bin} is not built in {}: run `cargo test --workspace` (or `cargo build --bins`)",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// Runs a scenario; its result.json.
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(env!("CARGO_BIN_EXE_pigeon-load"))
+        .args(args)
+        .args(["--devices", "30", "--bin-dir"])
+        .arg(bin_dir())
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run pigeon-load");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "pigeon-load {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("result: OK"), "{stdout}");
+    let html = std::fs::read_to_string(out.path().join("report.html")).expect("report.html");
+    assert!(html.contains("<svg") && !html.contains("<script"));
+    let text = std::fs::read_to_string(out.path().join("result.json")).expect("result.json");
+    let result: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(!result["timeline"].as_array().expect("timeline").is_empty());
+    result
+}
+
+#[test]
+fn idle_reports_memory_per_connection() {
+    let result = run(&["idle", "--hold", "1"]);
+    let figures = &result["figures"];
+    assert!(
+        figures["node RSS per connection (bytes)"]
+            .as_f64()
+            .expect("node")
+            > 0.0
+    );
+    assert!(figures["simulator bytes per device"].is_number());
+    assert!(figures["connect rate (devices/s)"].as_f64().expect("rate") > 0.0);
+}
+
+#[test]
+fn unicast_over_http_and_grpc_reports_latency_percentiles() {
+    for api in ["http", "grpc"] {
+        let result = run(&["unicast", "--rate", "100", "--duration", "1", "--api", api]);
+        let latency = &result["latency"];
+        assert!(
+            latency["count"].as_u64().expect("count") > 50,
+            "{api}: {latency}"
+        );
+        assert!(latency["p50"].as_u64().expect("p50") <= latency["p99"].as_u64().expect("p99"));
+        assert_eq!(
+            result["figures"]["pushes received"],
+            result["figures"]["accepted pushes"]
+        );
+    }
+}
+
+#[test]
+fn broadcast_reaches_every_device() {
+    let result = run(&["broadcast"]);
+    assert_eq!(result["figures"]["pushes received"], 30);
+    assert!(result["figures"]["time to last delivery (ms)"].is_number());
+}
+
+#[test]
+fn a_reconnect_storm_replays_every_stored_message() {
+    let result = run(&["reconnect-storm", "--messages", "3"]);
+    assert_eq!(result["figures"]["pushes received"], 90);
+    assert!(result["figures"]["all replayed after (s)"].is_number());
+}
