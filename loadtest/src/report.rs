@@ -263,13 +263,11 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// One line of a chart: its name, its colour and its points.
+type Series<'a> = (&'a str, &'a str, &'a [(f64, f64)]);
+
 /// A line chart as inline SVG.
-fn chart(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[(&str, &str, &[(f64, f64)])],
-) -> String {
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> String {
     let (width, height, pad) = (720.0, 260.0, 50.0);
     let all = series.iter().flat_map(|(_, _, points)| points.iter());
     let (mut x_max, mut y_max) = (0.0f64, 0.0f64);

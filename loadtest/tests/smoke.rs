@@ -57,6 +57,7 @@ fn idle_reports_memory_per_connection() {
             > 0.0
     );
     assert!(figures["simulator bytes per device"].is_number());
+    assert!(figures["kernel socket slab per connection, both ends (bytes)"].is_number());
     assert!(figures["connect rate (devices/s)"].as_f64().expect("rate") > 0.0);
 }
 
