@@ -16,7 +16,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running deployment.
 pub struct Deployment {
-    /// Device URLs, one per node.
+    /// Device URLs (ws://, wss:// or quic://), one per node.
     pub ws_urls: Vec<String>,
     /// The push API's base URL (`http://host:port`).
     pub http_url: String,
@@ -28,6 +28,8 @@ pub struct Deployment {
     pub node_pids: Vec<u32>,
     /// Pid of the Redis, when the harness started it.
     pub redis_pid: Option<u32>,
+    /// The CA devices must trust (wss and QUIC).
+    pub ca: Option<PathBuf>,
     children: Vec<Child>,
 }
 
@@ -42,6 +44,19 @@ pub struct Plan {
     pub nodes: usize,
     /// Redis `appendfsync`: `always` (what Pigeon's guarantee needs) or `everysec`.
     pub redis_fsync: String,
+    /// How devices connect.
+    pub transport: Transport,
+}
+
+/// How the simulated devices reach the nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// WebSocket over TCP.
+    Ws,
+    /// WebSocket over TLS (a development certificate).
+    Wss,
+    /// QUIC (a development certificate).
+    Quic,
 }
 
 /// An app for the run, with random keys.
@@ -118,6 +133,17 @@ impl Deployment {
         children.push(redis);
         wait_for_redis(port).await?;
         let redis_url = format!("redis://127.0.0.1:{port}");
+        let certs = plan.work_dir.join("certs");
+        if plan.transport != Transport::Ws {
+            let status = Command::new(&pigeon)
+                .args(["cert", "--dev", "--out"])
+                .arg(&certs)
+                .stdout(Stdio::null())
+                .status()
+                .await
+                .context("running pigeon cert --dev")?;
+            anyhow::ensure!(status.success(), "pigeon cert --dev failed");
+        }
 
         let env = |command: &mut Command| {
             command
@@ -133,6 +159,14 @@ impl Deployment {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
+            if plan.transport != Transport::Ws {
+                command
+                    .env("PIGEON_TLS__CERT", certs.join("cert.pem"))
+                    .env("PIGEON_TLS__KEY", certs.join("key.pem"));
+            }
+            if plan.transport == Transport::Quic {
+                command.env("PIGEON_LISTEN__QUIC", "127.0.0.1:0");
+            }
         };
         let mut ws_urls = Vec::new();
         let mut node_pids = Vec::new();
@@ -141,7 +175,11 @@ impl Deployment {
             command.arg("node");
             env(&mut command);
             let mut child = command.spawn().context("starting pigeon node")?;
-            let found = addresses(&mut child, &["device websocket: "]).await?;
+            let label = match plan.transport {
+                Transport::Quic => "device quic: ",
+                Transport::Ws | Transport::Wss => "device websocket: ",
+            };
+            let found = addresses(&mut child, &[label]).await?;
             ws_urls.push(found[0].clone());
             node_pids.extend(child.id());
             children.push(child);
@@ -149,6 +187,7 @@ impl Deployment {
         let mut command = Command::new(&pigeon);
         command.arg("gateway");
         env(&mut command);
+        command.env_remove("PIGEON_LISTEN__QUIC");
         let mut gateway = command.spawn().context("starting pigeon gateway")?;
         let found = addresses(&mut gateway, &["push api: ", "push grpc: "]).await?;
         children.push(gateway);
@@ -159,6 +198,7 @@ impl Deployment {
             app,
             node_pids,
             redis_pid,
+            ca: (plan.transport != Transport::Ws).then(|| certs.join("ca.pem")),
             children,
         })
     }
@@ -169,6 +209,7 @@ impl Deployment {
         http_url: String,
         grpc_addr: Option<String>,
         app: AppSettings,
+        ca: Option<PathBuf>,
     ) -> Self {
         Self {
             ws_urls,
@@ -177,6 +218,7 @@ impl Deployment {
             app,
             node_pids: Vec::new(),
             redis_pid: None,
+            ca,
             children: Vec::new(),
         }
     }

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pigeon_client::swarm::{Progress, Report};
-use pigeon_server::config::AppSettings;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
+
+use crate::deploy::Deployment;
 
 /// One simulator process.
 struct Swarm {
@@ -52,17 +53,22 @@ pub fn uid(index: usize) -> String {
 }
 
 impl Fleet {
-    /// Writes each simulator's devices (uid and a fresh credential) to `work_dir` and
-    /// starts the simulators; the devices wait for [`Fleet::connect`].
+    /// Writes each simulator's devices (uid and a fresh credential for `deployment`'s app)
+    /// to `work_dir` and starts the simulators against its nodes; the devices wait for
+    /// [`Fleet::connect`].
     pub async fn start(
         bin_dir: &Path,
         work_dir: &Path,
-        app: &AppSettings,
-        urls: &[String],
+        deployment: &Deployment,
         devices: usize,
         simulators: usize,
         connect_rate: u32,
     ) -> anyhow::Result<Self> {
+        let (app, urls, ca) = (
+            &deployment.app,
+            &deployment.ws_urls,
+            deployment.ca.as_deref(),
+        );
         let sim = bin_dir.join("pigeon-sim");
         anyhow::ensure!(
             sim.exists(),
@@ -100,6 +106,9 @@ impl Fleet {
                 .kill_on_drop(true);
             for url in &rotated {
                 command.args(["--url", url]);
+            }
+            if let Some(ca) = ca {
+                command.arg("--ca").arg(ca);
             }
             let mut child = command.spawn().context("starting pigeon-sim swarm")?;
             let stdin = child.stdin.take().context("no stdin")?;

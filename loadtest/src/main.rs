@@ -32,7 +32,7 @@ use pigeon_client::swarm::{Report, unix_micros};
 use pigeon_server::config::AppSettings;
 use serde_json::json;
 
-use deploy::{Deployment, Plan};
+use deploy::{Deployment, Plan, Transport};
 use fleet::Fleet;
 use report::{Percentiles, RunResult, Sample};
 
@@ -114,6 +114,13 @@ struct Common {
     /// Redis appendfsync of the started Redis: always (Pigeon's guarantee) or everysec.
     #[arg(long, default_value = "always")]
     redis_fsync: String,
+    /// How devices connect to the started nodes (wss and QUIC with a development
+    /// certificate).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
+    /// The CA to trust for a running deployment's wss:// or quic:// URLs.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Use a running deployment: its device URLs (repeat for several nodes).
     #[arg(long = "ws-url")]
     ws_urls: Vec<String>,
@@ -222,6 +229,7 @@ async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result
             work_dir: out.clone(),
             nodes: per_process(common.nodes),
             redis_fsync: common.redis_fsync.clone(),
+            transport: common.transport,
         })
         .await?
     } else {
@@ -239,13 +247,13 @@ async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result
                 api_key: api_key.clone(),
                 secret: secret.clone(),
             },
+            common.ca.clone(),
         )
     };
     let fleet = Fleet::start(
         &bin_dir,
         &out,
-        &deployment.app,
-        &deployment.ws_urls,
+        &deployment,
         common.devices,
         per_process(common.sims),
         common.connect_rate,
@@ -268,6 +276,14 @@ async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result
         ..RunResult::default()
     };
     result.figure("devices", common.devices);
+    result.figure(
+        "transport",
+        deployment
+            .ws_urls
+            .first()
+            .and_then(|url| url.split("://").next())
+            .unwrap_or("?"),
+    );
     result.figure("node processes", deployment.ws_urls.len());
     result.figure("simulator processes", per_process(common.sims));
     result.figure(

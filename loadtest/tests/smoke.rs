@@ -91,3 +91,12 @@ fn a_reconnect_storm_replays_every_stored_message() {
     assert_eq!(result["figures"]["pushes received"], 90);
     assert!(result["figures"]["all replayed after (s)"].is_number());
 }
+
+#[test]
+fn idle_over_wss_and_quic() {
+    for transport in ["wss", "quic"] {
+        let result = run(&["idle", "--hold", "1", "--transport", transport]);
+        assert_eq!(result["figures"]["transport"], transport);
+        assert!(result["figures"]["node RSS per connection (bytes)"].is_number());
+    }
+}
