@@ -379,52 +379,62 @@ async fn connect_all(run: &mut Run, common: &Common) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Memory of the run's processes and of the kernel's sockets at one moment, bytes.
+struct Memory {
+    nodes: u64,
+    simulators: u64,
+    redis: u64,
+    tcp_buffers: u64,
+    socket_slab: u64,
+}
+
+impl Memory {
+    fn take(nodes: &[u32], simulators: &[u32], redis: &[u32]) -> Self {
+        Self {
+            nodes: deploy::rss_total(nodes),
+            simulators: deploy::rss_total(simulators),
+            redis: deploy::rss_total(redis),
+            tcp_buffers: deploy::tcp_socket_memory().unwrap_or(0),
+            socket_slab: deploy::socket_slab_memory().unwrap_or(0),
+        }
+    }
+}
+
 async fn idle(run: &mut Run, common: &Common) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let node_pids = run.deployment.node_pids.clone();
     let redis_pids: Vec<u32> = run.deployment.redis_pid.into_iter().collect();
     let sim_pids = run.fleet.pids();
-    let (node_before, sim_before, redis_before, sockets_before, slab_before) = (
-        deploy::rss_total(&node_pids),
-        deploy::rss_total(&sim_pids),
-        deploy::rss_total(&redis_pids),
-        deploy::tcp_socket_memory().unwrap_or(0),
-        deploy::socket_slab_memory().unwrap_or(0),
-    );
+    let before = Memory::take(&node_pids, &sim_pids, &redis_pids);
     connect_all(run, common).await?;
     tokio::time::sleep(Duration::from_secs(common.hold)).await;
+    let after = Memory::take(&node_pids, &sim_pids, &redis_pids);
     let n = common.devices as f64;
-    let (node_after, sim_after, redis_after, sockets_after, slab_after) = (
-        deploy::rss_total(&node_pids),
-        deploy::rss_total(&sim_pids),
-        deploy::rss_total(&redis_pids),
-        deploy::tcp_socket_memory().unwrap_or(0),
-        deploy::socket_slab_memory().unwrap_or(0),
-    );
+    let grew = |field: fn(&Memory) -> u64| field(&after).saturating_sub(field(&before)) as f64;
     let result = &mut run.result;
     if !node_pids.is_empty() {
-        result.figure("node RSS before (MiB)", round(mib(node_before), 1));
-        result.figure("node RSS after (MiB)", round(mib(node_after), 1));
+        result.figure("node RSS before (MiB)", round(mib(before.nodes), 1));
+        result.figure("node RSS after (MiB)", round(mib(after.nodes), 1));
         result.figure(
             "node RSS per connection (bytes)",
-            round(node_after.saturating_sub(node_before) as f64 / n, 0),
+            round(grew(|m| m.nodes) / n, 0),
         );
         result.figure(
             "redis RSS per device (bytes)",
-            round(redis_after.saturating_sub(redis_before) as f64 / n, 0),
+            round(grew(|m| m.redis) / n, 0),
         );
     }
     result.figure(
         "kernel TCP buffer memory, both ends (MiB)",
-        round(mib(sockets_after.saturating_sub(sockets_before)), 1),
+        round(grew(|m| m.tcp_buffers) / 1_048_576.0, 1),
     );
     result.figure(
         "kernel socket slab per connection, both ends (bytes)",
-        round(slab_after.saturating_sub(slab_before) as f64 / n, 0),
+        round(grew(|m| m.socket_slab) / n, 0),
     );
     result.figure(
         "simulator bytes per device",
-        round(sim_after.saturating_sub(sim_before) as f64 / n, 0),
+        round(grew(|m| m.simulators) / n, 0),
     );
     Ok(())
 }

@@ -134,7 +134,8 @@ impl Breaker {
     }
 
     /// Whether calls are being skipped.
-    pub fn is_open(&self) -> bool {
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         !matches!(*self.state(), BreakerState::Closed { .. })
     }
 }

@@ -202,6 +202,24 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     })
 }
 
+/// Waits, up to `timeout`, for the tasks of `tracker` (every connection's among them) to
+/// end after shutdown was signalled; false when the deadline passed first.
+pub(crate) async fn wait_for_connections(
+    tracker: &TaskTracker,
+    node: &Node,
+    timeout: std::time::Duration,
+) -> bool {
+    tracker.close();
+    let drained = tokio::time::timeout(timeout, tracker.wait()).await.is_ok();
+    if !drained {
+        tracing::warn!(
+            remaining = node.connection_count(),
+            "drain deadline passed with connections still open"
+        );
+    }
+    drained
+}
+
 /// The session knobs of `limits`.
 pub(crate) fn session_config(limits: &Limits) -> SessionConfig {
     SessionConfig {
@@ -313,20 +331,9 @@ impl Running {
     /// Drains: stops accepting, tells every device to reconnect (1001), and waits for the
     /// connections to finish, up to the drain timeout. Returns false when it ran out.
     pub async fn shutdown(self) -> bool {
-        let connections = self.node.connection_count();
-        tracing::info!(connections, "draining");
+        tracing::info!(connections = self.node.connection_count(), "draining");
         // Every connection watches this token and closes with 1001 (going away).
         self.shutdown.cancel();
-        self.tracker.close();
-        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_ok();
-        if !drained {
-            tracing::warn!(
-                remaining = self.node.connection_count(),
-                "drain deadline passed with connections still open"
-            );
-        }
-        drained
+        wait_for_connections(&self.tracker, &self.node, self.drain_timeout).await
     }
 }

@@ -103,6 +103,55 @@ async fn collect_until(
     received
 }
 
+/// Connects a fresh device for each uid to `node`; their states and connections.
+async fn connect_each(
+    node: &NodeProcess,
+    uids: &[String],
+) -> (Vec<DeviceState>, Vec<pigeon_client::Connection>) {
+    let mut states = Vec::new();
+    let mut connections = Vec::new();
+    for uid in uids {
+        let connection = connect(node, uid, &DeviceState::default()).await;
+        states.push(state_of(&connection, 0));
+        connections.push(connection);
+    }
+    (states, connections)
+}
+
+/// Pushes to all `uids` up to `rounds` times, back to back, from another task; stops at the
+/// first push that is not answered 202 (from then on nothing was promised). The ids of the
+/// pushes that were answered 202.
+fn push_rounds(
+    gateway: &GatewayProcess,
+    uids: &[String],
+    rounds: u32,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let uids = uids.to_vec();
+    let http_url = gateway.http_url.clone();
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut accepted = Vec::new();
+        for n in 0..rounds {
+            let sent = client
+                .post(format!("{http_url}/v1/push"))
+                .bearer_auth(support::cluster::app().api_key)
+                .json(&json!({"audience": {"uids": uids}, "payload": {"n": n}, "ttl": 300}))
+                .send()
+                .await;
+            let Ok(response) = sent else { break };
+            if response.status().as_u16() != 202 {
+                break;
+            }
+            let Ok(body) = response.json::<serde_json::Value>().await else {
+                break;
+            };
+            accepted.push(body["message_id"].as_str().expect("id").to_owned());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        accepted
+    })
+}
+
 #[tokio::test]
 async fn a_node_killed_mid_fan_out_loses_nothing_that_was_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -113,38 +162,10 @@ async fn a_node_killed_mid_fan_out_loses_nothing_that_was_accepted() {
     let gateway = GatewayProcess::start(&deployment, &[]);
 
     let uids: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
-    let mut states = Vec::new();
-    let mut connections = Vec::new();
-    for uid in &uids {
-        let connection = connect(&doomed, uid, &DeviceState::default()).await;
-        states.push(state_of(&connection, 0));
-        connections.push(connection);
-    }
-
-    // Pushes go out back to back from another task while the node dies under them.
-    let pusher = tokio::spawn({
-        let uids = uids.clone();
-        let http_url = gateway.http_url.clone();
-        async move {
-            let client = reqwest::Client::new();
-            let mut accepted = Vec::new();
-            for n in 0..60 {
-                let response = client
-                    .post(format!("{http_url}/v1/push"))
-                    .bearer_auth(support::cluster::app().api_key)
-                    .json(&json!({"audience": {"uids": uids}, "payload": {"n": n}, "ttl": 300}))
-                    .send()
-                    .await
-                    .expect("push request");
-                let status = response.status().as_u16();
-                let body: serde_json::Value = response.json().await.expect("json");
-                assert_eq!(status, 202, "{body}");
-                accepted.push(body["message_id"].as_str().expect("id").to_owned());
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            accepted
-        }
-    });
+    let (states, connections) = connect_each(&doomed, &uids).await;
+    // Pushes go out back to back from another task while the node dies under them; every
+    // one must still be answered 202.
+    let pusher = push_rounds(&gateway, &uids, 60);
     tokio::time::sleep(Duration::from_millis(100)).await;
     doomed.kill();
     drop(connections);
@@ -373,40 +394,9 @@ async fn a_gateway_killed_mid_fan_out_loses_nothing_it_answered_202_for() {
     let mut gateway = GatewayProcess::start(&deployment, &[]);
 
     let uids: Vec<String> = (0..8).map(|i| format!("reader-{i}")).collect();
-    let mut states = Vec::new();
     // The devices stay connected while the gateway dies.
-    let mut held = Vec::new();
-    for uid in &uids {
-        let connection = connect(&node, uid, &DeviceState::default()).await;
-        states.push(state_of(&connection, 0));
-        held.push(connection);
-    }
-    let pusher = tokio::spawn({
-        let uids = uids.clone();
-        let http_url = gateway.http_url.clone();
-        async move {
-            let client = reqwest::Client::new();
-            let mut accepted = Vec::new();
-            for n in 0..200 {
-                let sent = client
-                    .post(format!("{http_url}/v1/push"))
-                    .bearer_auth(support::cluster::app().api_key)
-                    .json(&json!({"audience": {"uids": uids}, "payload": {"n": n}, "ttl": 300}))
-                    .send()
-                    .await;
-                // Once the gateway is gone, requests fail: those were never promised.
-                let Ok(response) = sent else { break };
-                if response.status().as_u16() != 202 {
-                    break;
-                }
-                let Ok(body) = response.json::<serde_json::Value>().await else {
-                    break;
-                };
-                accepted.push(body["message_id"].as_str().expect("id").to_owned());
-            }
-            accepted
-        }
-    });
+    let (states, held) = connect_each(&node, &uids).await;
+    let pusher = push_rounds(&gateway, &uids, 200);
     tokio::time::sleep(Duration::from_millis(150)).await;
     gateway.kill();
     let accepted = tokio::time::timeout(WAIT, pusher)

@@ -61,9 +61,9 @@ impl Pusher for Gateway {
                 app: request.app,
                 message,
                 targets: tokens
-                    .iter()
+                    .into_iter()
                     .map(|token| Target {
-                        token: token.clone(),
+                        token,
                         store: storable,
                     })
                     .collect(),
@@ -78,7 +78,7 @@ impl Pusher for Gateway {
         };
         let mut by_node: HashMap<String, Vec<DeliverTarget>> = HashMap::new();
         let mut routed = 0u32;
-        for (token, recorded) in tokens.iter().zip(&recorded) {
+        for (token, recorded) in recorded {
             match recorded {
                 Recorded::Unknown => counts.unknown += 1,
                 Recorded::Dropped => counts.dropped += 1,
@@ -92,10 +92,7 @@ impl Pusher for Gateway {
                     by_node
                         .entry(route.node.clone())
                         .or_default()
-                        .push(DeliverTarget {
-                            token: token.clone(),
-                            seq: *seq,
-                        });
+                        .push(DeliverTarget { token, seq });
                 }
             }
         }
@@ -123,11 +120,7 @@ impl Gateway {
     ) -> u32 {
         let stored = &message.to_stored();
         let calls = by_node.into_iter().flat_map(|(node, targets)| {
-            let batches: Vec<Vec<DeliverTarget>> = targets
-                .chunks(self.batch)
-                .map(<[DeliverTarget]>::to_vec)
-                .collect();
-            batches.into_iter().map(move |targets| {
+            batches(targets, self.batch).into_iter().map(move |targets| {
                 let request = DeliverRequest {
                     message: Some(stored.clone()),
                     targets,
@@ -156,6 +149,17 @@ impl Gateway {
         });
         join_all(calls).await.into_iter().sum()
     }
+}
+
+/// `targets` split into batches of at most `size`, without copying them.
+fn batches(mut targets: Vec<DeliverTarget>, size: usize) -> Vec<Vec<DeliverTarget>> {
+    let mut batches = Vec::with_capacity(targets.len().div_ceil(size.max(1)));
+    while targets.len() > size {
+        let rest = targets.split_off(size);
+        batches.push(std::mem::replace(&mut targets, rest));
+    }
+    batches.push(targets);
+    batches
 }
 
 /// The push API over gRPC, sharing the HTTP API's state (apps, limits, metrics).
@@ -320,5 +324,30 @@ impl RunningGateway {
         tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets(count: u64) -> Vec<DeliverTarget> {
+        (1..=count)
+            .map(|seq| DeliverTarget {
+                token: format!("t{seq}"),
+                seq,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn targets_are_split_into_bounded_batches_in_order() {
+        let split = batches(targets(7), 3);
+        let seqs: Vec<Vec<u64>> = split
+            .iter()
+            .map(|batch| batch.iter().map(|target| target.seq).collect())
+            .collect();
+        assert_eq!(seqs, [vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        assert_eq!(batches(targets(3), 3).len(), 1);
     }
 }

@@ -29,7 +29,7 @@ use crate::grpc::cluster::{
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
 use crate::node::{Delivered, Node};
-use crate::standalone::{DeviceListeners, bind, local_addr, session_config};
+use crate::standalone::{DeviceListeners, bind, local_addr, session_config, wait_for_connections};
 use crate::store::StoreError;
 use crate::store::redis::RedisStore;
 
@@ -294,24 +294,13 @@ impl RunningNode {
     /// calling, and waits for the connections up to the drain timeout. Nothing unacknowledged is lost: it is all in the store already.
     /// Returns false when the deadline passed first.
     pub async fn shutdown(self) -> bool {
-        let connections = self.node.connection_count();
-        tracing::info!(connections, "draining");
+        tracing::info!(connections = self.node.connection_count(), "draining");
         // Stops accepting, stops renewing the lease, and closes every device (1001).
         self.shutdown.cancel();
         let _ = self.lease.await;
         if let Err(error) = self.store.drop_lease(&self.node_id).await {
             tracing::warn!(%error, "giving up the node lease failed; it will lapse");
         }
-        self.tracker.close();
-        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_ok();
-        if !drained {
-            tracing::warn!(
-                remaining = self.node.connection_count(),
-                "drain deadline passed with connections still open"
-            );
-        }
-        drained
+        wait_for_connections(&self.tracker, &self.node, self.drain_timeout).await
     }
 }

@@ -277,13 +277,13 @@ pub enum Recorded {
 /// The outcome of [`RedisStore::accept_routed`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RoutedOutcome {
-    /// Recorded; one entry per target, in order. `message` carries the id actually used
-    /// (a retry of an interrupted push reuses the first attempt's id).
+    /// Recorded; one entry per target, in order, with the target's token. `message` carries
+    /// the id actually used (a retry of an interrupted push reuses the first attempt's id).
     Accepted {
         /// The message as recorded.
         message: Arc<Message>,
-        /// Per target.
-        targets: Vec<Recorded>,
+        /// Per target: its token and what was recorded.
+        targets: Vec<(String, Recorded)>,
     },
     /// The idempotency key was used before, and that push was fully recorded.
     Duplicate {
@@ -403,7 +403,13 @@ impl RedisStore {
                 })
             }
         });
-        let targets = try_join_all(recordings).await?;
+        let recorded = try_join_all(recordings).await?;
+        let targets = accept
+            .targets
+            .into_iter()
+            .map(|target| target.token)
+            .zip(recorded)
+            .collect();
         if let Some(redis_key) = claim {
             let () = redis::cmd("SET")
                 .arg(&redis_key)
@@ -498,15 +504,6 @@ impl RedisStore {
             .query_async(&mut self.connection())
             .await
             .map_err(backend)
-    }
-
-    /// Answers PING: whether Redis is reachable now.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
-        Ok(())
     }
 }
 
@@ -632,7 +629,7 @@ impl OfflineStore for RedisStore {
             RoutedOutcome::Accepted { targets, .. } => AcceptOutcome::Accepted {
                 seqs: targets
                     .iter()
-                    .map(|target| match target {
+                    .map(|(_, target)| match target {
                         Recorded::Seq { seq, .. } => *seq,
                         Recorded::Unknown | Recorded::Dropped => 0,
                     })

@@ -1,7 +1,6 @@
 //! Real processes of cluster mode for tests: `redis-server` (single, or a three-master Redis
 //! Cluster) on ephemeral ports in a temporary directory, `pigeon node` and `pigeon gateway`.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +11,7 @@ use pigeon_client::{ConnectOptions, Connection, DeviceState};
 use pigeon_server::config::AppSettings;
 use serde_json::{Value, json};
 
-use super::WAIT;
+use super::{WAIT, stdout_lines};
 
 /// The app every test process serves.
 pub fn app() -> AppSettings {
@@ -251,20 +250,6 @@ impl Deployment {
         }
         command
     }
-}
-
-/// The lines a child prints on stdout, read on a thread.
-fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("stdout");
-    let (lines, received) = mpsc::sync_channel(256);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    received
 }
 
 /// The word after `label` on the first line that has it.

@@ -83,15 +83,7 @@ impl Server {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("spawn pigeon");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, received) = mpsc::sync_channel(256);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let received = stdout_lines(&mut child);
         let (mut ws_url, mut http_url, mut api_key, mut quic_url) = (None, None, None, None);
         let wants_quic = transport != Transport::Ws;
         while ws_url.is_none()
@@ -222,6 +214,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The lines a child prints on stdout, read on a thread.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, received) = mpsc::sync_channel(256);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    received
 }
 
 /// Connects as a device of `uid` with `state`.
