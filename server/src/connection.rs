@@ -141,34 +141,19 @@ impl Ending {
 
 /// Runs a device connection from its first byte to its close. `accepted` is when the socket
 /// was accepted: the handshake deadline counts from there.
+///
+/// The transport is borrowed, not moved in: an async fn keeps the slots of its by-value
+/// arguments for its whole life, and this future lives as long as the connection.
 pub async fn run<T: DeviceTransport>(
-    mut transport: T,
+    transport: &mut T,
     context: &DeviceContext,
     accepted: Instant,
-    peer: SocketAddr,
+    peer: &SocketAddr,
 ) {
-    let handshake = Handshake::new(accepted, &context.session);
-    let deadline = tokio::time::Instant::from_std(handshake.deadline());
-    let first = tokio::time::timeout_at(deadline, transport.recv()).await;
-    let hello = match first {
-        Err(_elapsed) => {
-            let error = handshake
-                .handle_timeout(Instant::now())
-                .err()
-                .unwrap_or(SessionError::HandshakeTimeout);
-            return finish(&mut transport, Ending::session(error), peer).await;
-        }
-        Ok(Err(error)) => return finish(&mut transport, Ending::transport(error), peer).await,
-        Ok(Ok(None)) => return,
-        Ok(Ok(Some(frame))) => match handshake.handle_frame(frame) {
-            Ok(hello) => hello,
-            Err(error) => return finish(&mut transport, Ending::session(error), peer).await,
-        },
-    };
     // Everything the session needs from the handshake is made here, and the rest (the
-    // credential, the claims) is dropped before the session starts: an idle connection
-    // keeps only what it must.
-    let Some(admission) = admit(&mut transport, context, hello, peer).await else {
+    // credential, the claims, the futures that checked them) is freed before the session
+    // starts: an idle connection keeps only what it must.
+    let Some(admission) = Box::pin(handshake(transport, context, accepted, *peer)).await else {
         return;
     };
     let span = tracing::debug_span!(
@@ -186,7 +171,7 @@ pub async fn run<T: DeviceTransport>(
             None => Ok(()),
         };
         let ending = match routed {
-            Ok(()) => drive(&mut transport, context, &admission, &connection).await,
+            Ok(()) => drive(transport, context, &admission, &connection).await,
             Err(error) => {
                 tracing::warn!(%error, "registering the device's route failed");
                 Ending::close(CloseCode::InternalError, "registry unavailable")
@@ -196,10 +181,46 @@ pub async fn run<T: DeviceTransport>(
         if let Some(presence) = &context.presence {
             presence.offline(token, connection.id()).await;
         }
-        finish(&mut transport, ending, peer).await;
+        Box::pin(finish(transport, ending, *peer)).await;
     }
     .instrument(span)
     .await
+}
+
+/// Reads the Hello before the handshake deadline and admits the device; `None` when the
+/// connection ended (and was told why).
+async fn handshake<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    accepted: Instant,
+    peer: SocketAddr,
+) -> Option<Admission> {
+    let handshake = Handshake::new(accepted, &context.session);
+    let deadline = tokio::time::Instant::from_std(handshake.deadline());
+    let first = tokio::time::timeout_at(deadline, transport.recv()).await;
+    let hello = match first {
+        Err(_elapsed) => {
+            let error = handshake
+                .handle_timeout(Instant::now())
+                .err()
+                .unwrap_or(SessionError::HandshakeTimeout);
+            finish(transport, Ending::session(error), peer).await;
+            return None;
+        }
+        Ok(Err(error)) => {
+            finish(transport, Ending::transport(error), peer).await;
+            return None;
+        }
+        Ok(Ok(None)) => return None,
+        Ok(Ok(Some(frame))) => match handshake.handle_frame(frame) {
+            Ok(hello) => hello,
+            Err(error) => {
+                finish(transport, Ending::session(error), peer).await;
+                return None;
+            }
+        },
+    };
+    admit(transport, context, hello, peer).await
 }
 
 /// Checks the credential and resolves the device token; closes the connection and returns
@@ -257,7 +278,22 @@ async fn finish<T: DeviceTransport>(transport: &mut T, ending: Ending, peer: Soc
     }
 }
 
+/// What woke the session loop.
+enum Event {
+    /// A frame from the device, or why there is none.
+    Frame(Box<Result<Option<ClientFrame>, TransportError>>),
+    /// The node queued pushes or a close request for this connection (a drain is one: see
+    /// [`Node::shut_down`](crate::node::Node::shut_down)).
+    Woken,
+    /// A deadline passed: a heartbeat, the idle deadline, or a store read to retry.
+    Timer,
+}
+
 /// The session loop of an admitted device.
+///
+/// A node holds many more idle connections than busy ones, so this loop is shaped for the
+/// idle case: between events it holds the session, the transport and one small wait;
+/// handling an event runs in a boxed future that exists only while it runs.
 async fn drive<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
@@ -265,113 +301,169 @@ async fn drive<T: DeviceTransport>(
     connection: &crate::node::Connection,
 ) -> Ending {
     let token = admission.device_token.as_str();
-    let write_deadline = context.session.idle_timeout;
     let (mut session, welcome, ack) =
         Session::start(Instant::now(), admission, context.session.clone());
-    if let Err(error) = send(transport, [welcome], write_deadline).await {
+    if let Err(error) = Box::pin(welcome_device(transport, context, token, welcome, ack)).await {
         return Ending::transport(error);
     }
+    // When reading the store failed: the connection stays up and the read is retried then.
+    let mut store_retry: Option<Instant> = None;
+    loop {
+        if store_retry.is_none() && session.refill().is_some() {
+            match Box::pin(catch_up(transport, context, token, &mut session)).await {
+                Ok(true) => {}
+                Ok(false) => store_retry = Some(Instant::now() + STORE_RETRY),
+                Err(error) => return Ending::transport(error),
+            }
+        }
+        let deadline = match store_retry {
+            Some(retry) => retry.min(session.deadline()),
+            None => session.deadline(),
+        };
+        let event = tokio::select! {
+            // Boxed: a frame is large, and `event` is kept while the event is handled.
+            frame = transport.recv() => Event::Frame(Box::new(frame)),
+            () = std::future::poll_fn(|cx| connection.poll_woken(cx)) => Event::Woken,
+            () = tokio::time::sleep_until(deadline.into()) => Event::Timer,
+        };
+        // Each event is handled in a boxed future, which exists only while it runs.
+        let handled = match event {
+            Event::Frame(frame) => {
+                Box::pin(on_frame(transport, context, token, &mut session, *frame)).await
+            }
+            Event::Woken => Box::pin(on_woken(transport, context, &mut session, connection)).await,
+            Event::Timer => {
+                let now = Instant::now();
+                if store_retry.is_some_and(|retry| retry <= now) {
+                    store_retry = None;
+                }
+                Box::pin(on_timer(transport, context, &mut session, now)).await
+            }
+        };
+        if let Err(ending) = handled {
+            return ending;
+        }
+    }
+}
+
+/// Sends the Welcome, and persists the ack the Hello carried, if it acknowledged more than
+/// the store knew.
+async fn welcome_device<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    token: &str,
+    welcome: ServerFrame,
+    ack: Option<u64>,
+) -> Result<(), TransportError> {
+    send(transport, [welcome], context.session.idle_timeout).await?;
     if let Some(seq) = ack
         && let Err(error) = context.store.ack(token, seq).await
     {
         tracing::warn!(%error, "persisting an ack failed");
     }
-    let shutdown = context.node.shutdown().clone();
-    // When reading the store failed: the connection stays up and the read is retried then.
-    let mut store_retry: Option<tokio::time::Instant> = None;
-    loop {
-        // Read from the store while the session is behind and has room in its window.
-        while store_retry.is_none()
-            && let Some(request) = session.refill()
+    Ok(())
+}
+
+/// Reads from the store while the session is behind and has room in its window, and sends
+/// what it reads. Returns false when a store read failed (to be retried later).
+async fn catch_up<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    token: &str,
+    session: &mut Session,
+) -> Result<bool, TransportError> {
+    while let Some(request) = session.refill() {
+        let replay = match context
+            .store
+            .replay(token, request.after, request.limit)
+            .await
         {
-            let replay = match context
-                .store
-                .replay(token, request.after, request.limit)
-                .await
-            {
-                Ok(replay) => replay,
-                Err(error) => {
-                    tracing::warn!(%error, "reading the offline store failed; retrying");
-                    store_retry = Some(tokio::time::Instant::now() + STORE_RETRY);
-                    break;
-                }
-            };
-            let frames = session.handle_refill(&replay.deliveries, replay.more);
-            let sent_any = !frames.is_empty();
-            if let Err(error) = send(transport, frames, write_deadline).await {
-                return Ending::transport(error);
+            Ok(replay) => replay,
+            Err(error) => {
+                tracing::warn!(%error, "reading the offline store failed; retrying");
+                return Ok(false);
             }
-            if !sent_any {
-                break;
-            }
+        };
+        let frames = session.handle_refill(&replay.deliveries, replay.more);
+        if frames.is_empty() {
+            break;
         }
-        let deadline = tokio::time::Instant::from_std(session.deadline());
-        tokio::select! {
-            frame = transport.recv() => {
-                let frame = match frame {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => return Ending::gone("closed by the device"),
-                    Err(error) => return Ending::transport(error),
-                };
-                match session.handle_frame(Instant::now(), frame) {
-                    Ok(FrameOutcome::Nothing) => {}
-                    Ok(FrameOutcome::Send(frame)) => {
-                        if let Err(error) = send(transport, [frame], write_deadline).await {
-                            return Ending::transport(error);
-                        }
-                    }
-                    Ok(FrameOutcome::Acked(seq)) => {
-                        if let Err(error) = context.store.ack(token, seq).await {
-                            // The device will get these again after a reconnect: at least once.
-                            tracing::warn!(%error, "persisting an ack failed");
-                        }
-                    }
-                    Err(error) => return Ending::session(error),
-                }
+        send(transport, frames, context.session.idle_timeout).await?;
+    }
+    Ok(true)
+}
+
+async fn on_frame<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    token: &str,
+    session: &mut Session,
+    frame: Result<Option<ClientFrame>, TransportError>,
+) -> Result<(), Ending> {
+    let frame = match frame {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err(Ending::gone("closed by the device")),
+        Err(error) => return Err(Ending::transport(error)),
+    };
+    match session.handle_frame(Instant::now(), frame) {
+        Ok(FrameOutcome::Nothing) => Ok(()),
+        Ok(FrameOutcome::Send(frame)) => send(transport, [frame], context.session.idle_timeout)
+            .await
+            .map_err(Ending::transport),
+        Ok(FrameOutcome::Acked(seq)) => {
+            if let Err(error) = context.store.ack(token, seq).await {
+                // The device will get these again after a reconnect: at least once.
+                tracing::warn!(%error, "persisting an ack failed");
             }
-            () = connection.woken() => {
-                let inbox = connection.take();
-                if let Some(code) = inbox.close {
-                    let reason = match code {
-                        CloseCode::Replaced => "replaced by a newer connection of this device",
-                        CloseCode::GoingAway => "node shutting down; reconnect",
-                        _ => "closed by the node",
-                    };
-                    return Ending::close(code, reason);
-                }
-                if inbox.fell_behind {
-                    session.fall_behind();
-                }
-                let frames: Vec<ServerFrame> = inbox
-                    .deliveries
-                    .iter()
-                    .filter_map(|delivery| match session.handle_push(delivery) {
-                        PushOutcome::Send(frame) => Some(frame),
-                        PushOutcome::Duplicate | PushOutcome::Deferred => None,
-                    })
-                    .collect();
-                if let Err(error) = send(transport, frames, write_deadline).await {
-                    return Ending::transport(error);
-                }
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                match session.handle_timeout(Instant::now()) {
-                    Ok(Some(ping)) => {
-                        if let Err(error) = send(transport, [ping], write_deadline).await {
-                            return Ending::transport(error);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(error) => return Ending::session(error),
-                }
-            }
-            () = tokio::time::sleep_until(store_retry.unwrap_or(deadline)), if store_retry.is_some() => {
-                store_retry = None;
-            }
-            () = shutdown.cancelled() => {
-                return Ending::close(CloseCode::GoingAway, "node shutting down; reconnect");
-            }
+            Ok(())
         }
+        Err(error) => Err(Ending::session(error)),
+    }
+}
+
+async fn on_woken<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    session: &mut Session,
+    connection: &crate::node::Connection,
+) -> Result<(), Ending> {
+    let inbox = connection.take();
+    if let Some(code) = inbox.close {
+        let reason = match code {
+            CloseCode::Replaced => "replaced by a newer connection of this device",
+            CloseCode::GoingAway => "node shutting down; reconnect",
+            _ => "closed by the node",
+        };
+        return Err(Ending::close(code, reason));
+    }
+    if inbox.fell_behind {
+        session.fall_behind();
+    }
+    let frames: Vec<ServerFrame> = inbox
+        .deliveries
+        .iter()
+        .filter_map(|delivery| match session.handle_push(delivery) {
+            PushOutcome::Send(frame) => Some(frame),
+            PushOutcome::Duplicate | PushOutcome::Deferred => None,
+        })
+        .collect();
+    send(transport, frames, context.session.idle_timeout)
+        .await
+        .map_err(Ending::transport)
+}
+
+async fn on_timer<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    session: &mut Session,
+    now: Instant,
+) -> Result<(), Ending> {
+    match session.handle_timeout(now) {
+        Ok(Some(ping)) => send(transport, [ping], context.session.idle_timeout)
+            .await
+            .map_err(Ending::transport),
+        Ok(None) => Ok(()),
+        Err(error) => Err(Ending::session(error)),
     }
 }
 

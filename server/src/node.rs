@@ -9,11 +9,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use pigeon_proto::CloseCode;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Delivery;
@@ -31,7 +32,11 @@ pub struct Node {
 pub struct Connection {
     id: u64,
     outbound: Mutex<Outbound>,
-    wake: Notify,
+    /// Set when there is something to take; the connection's task clears it.
+    pending: AtomicBool,
+    /// The connection's task, while it waits. (One waiter per connection, so a waker slot
+    /// does what a `Notify` would, in less memory and with no waiter in the task's future.)
+    waker: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
@@ -58,9 +63,24 @@ impl Connection {
         self.id
     }
 
-    /// Waits until there is something to take.
-    pub async fn woken(&self) {
-        self.wake.notified().await;
+    /// Ready once there is something to take (since the last time it was ready). Only the
+    /// connection's own task may poll it.
+    pub fn poll_woken(&self, context: &mut Context<'_>) -> Poll<()> {
+        if self.pending.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(context.waker());
+        // A wake between the check and the registration would be missed without this one.
+        if self.pending.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn wake(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Takes everything delivered since the last take.
@@ -77,7 +97,7 @@ impl Connection {
     /// Asks the connection to close with `code`.
     pub fn close(&self, code: CloseCode) {
         lock(&self.outbound).close = Some(code);
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Queues a live push; returns false when the queue was full and the connection was told
@@ -93,7 +113,7 @@ impl Connection {
                 false
             }
         };
-        self.wake.notify_one();
+        self.wake();
         queued
     }
 }
@@ -140,7 +160,8 @@ impl Node {
         let connection = Arc::new(Connection {
             id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
             outbound: Mutex::new(Outbound::default()),
-            wake: Notify::new(),
+            pending: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
         });
         if let Some(older) = self
             .connections
@@ -148,7 +169,20 @@ impl Node {
         {
             older.close(CloseCode::Replaced);
         }
+        // Registered after `shut_down` went through the table: close it here instead.
+        if self.shutdown.is_cancelled() {
+            connection.close(CloseCode::GoingAway);
+        }
         connection
+    }
+
+    /// Shuts the node down: cancels the shutdown token (listeners stop accepting) and asks
+    /// every connection, and any registered from now on, to close with 1001 (going away).
+    pub fn shut_down(&self) {
+        self.shutdown.cancel();
+        for entry in self.connections.iter() {
+            entry.close(CloseCode::GoingAway);
+        }
     }
 
     /// Removes the connection `id` of `token`, unless a newer one has replaced it.
@@ -247,5 +281,28 @@ mod tests {
         assert!(node.is_online("t"));
         node.unregister("t", new.id());
         assert!(!node.is_online("t"));
+    }
+
+    #[test]
+    fn shutting_down_closes_connections_open_and_to_come() {
+        let node = Node::new(2, CancellationToken::new());
+        let open = node.register("open");
+        node.shut_down();
+        assert!(node.shutdown().is_cancelled());
+        assert_eq!(open.take().close, Some(CloseCode::GoingAway));
+        let late = node.register("late");
+        assert_eq!(late.take().close, Some(CloseCode::GoingAway));
+    }
+
+    #[test]
+    fn a_wake_before_the_wait_is_not_lost() {
+        let node = Node::new(2, CancellationToken::new());
+        let connection = node.register("t");
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
+        assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);
+        assert_eq!(connection.poll_woken(&mut context), Poll::Ready(()));
+        // Taken once: quiet until the next delivery.
+        assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
     }
 }

@@ -200,7 +200,7 @@ async fn connect(
         }
     };
     let (send, recv) = stream;
-    let transport = QuicTransport::new(connection, send, recv, max_frame);
-    connection::run(transport, context, accepted_at, peer).await;
+    let mut transport = QuicTransport::new(connection, send, recv, max_frame);
+    connection::run(&mut transport, context, accepted_at, &peer).await;
     Ok(())
 }

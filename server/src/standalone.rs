@@ -65,7 +65,6 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The apps it serves (the demo app included, when it was created).
     pub apps: Vec<AppSettings>,
-    shutdown: CancellationToken,
     node: Arc<Node>,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
@@ -195,7 +194,6 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         quic_addr,
         http_addr,
         apps,
-        shutdown,
         node,
         tracker,
         drain_timeout: limits.drain_timeout,
@@ -332,8 +330,8 @@ impl Running {
     /// connections to finish, up to the drain timeout. Returns false when it ran out.
     pub async fn shutdown(self) -> bool {
         tracing::info!(connections = self.node.connection_count(), "draining");
-        // Every connection watches this token and closes with 1001 (going away).
-        self.shutdown.cancel();
+        // Stops the listeners and closes every device with 1001.
+        self.node.shut_down();
         wait_for_connections(&self.tracker, &self.node, self.drain_timeout).await
     }
 }

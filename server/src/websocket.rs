@@ -3,117 +3,311 @@
 //!
 //! The listener takes a permit of the node's connection limit before it accepts, so a node
 //! never holds more sockets than configured; past the limit a new device is told 1013
-//! ("try again later") by a small, separately bounded set of refusal tasks. Buffers are
-//! sized for push traffic, not bulk transfer: tungstenite's 128 KiB defaults would cost more
-//! per idle connection than everything else together.
+//! ("try again later") by a small, separately bounded set of refusal tasks.
+//!
+//! The framing is Pigeon's own ([`frame`], [`handshake`]) rather than a general WebSocket
+//! library's, for memory: an idle device connection is the most numerous thing a node holds,
+//! and general libraries keep read and write buffers, waker proxies and configuration per
+//! connection. Here an idle connection holds its socket and three empty `Vec`s, and waits
+//! for readiness before it allocates a read buffer. It speaks the part of RFC 6455 a server
+//! of binary messages needs: the upgrade, masked client frames, fragmentation, ping/pong
+//! and the closing handshake; no extensions (compression) and no subprotocols.
 
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use pigeon_proto::device::{ClientFrame, ServerFrame};
 use pigeon_proto::{CloseCode, Message as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::{WebSocketConfig, frame::coding};
+use tokio_rustls::server::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
+
+mod frame;
+mod handshake;
+
+use frame::{FrameError, Opcode};
 
 /// Time allowed for a close handshake before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections being refused (over the limit) at once, at most.
 const MAX_REFUSALS: usize = 64;
-/// Initial read buffer; it grows for a larger frame and is capped by the frame limit.
-const READ_BUFFER: usize = 256;
-/// Bytes queued for a device that does not read, at most, before its connection fails.
-const MAX_WRITE_BUFFER: usize = 256 * 1024;
+/// Bytes read from a socket at a time. The buffer exists only while a read is being parsed.
+const READ_CHUNK: usize = 2048;
+/// Longest upgrade request accepted.
+const MAX_UPGRADE_REQUEST: usize = 8192;
 
 /// A device connection over WebSocket.
+///
+/// An idle connection holds its socket and nothing else: the bytes of a frame that has not
+/// fully arrived, a fragmented message being assembled and frames not yet written each live
+/// in a buffer that is freed as soon as it is empty.
 pub struct WebSocketTransport<S> {
-    stream: WebSocketStream<S>,
+    io: S,
+    /// Bytes read and not yet parsed.
+    input: Vec<u8>,
+    /// The payload of a fragmented message so far.
+    message: Vec<u8>,
+    /// Whether a fragmented message is being assembled.
+    fragmented: bool,
+    /// Frames encoded and not yet written.
+    output: Vec<u8>,
+    /// Whether a Close frame has been queued (it is the last frame sent).
+    close_sent: bool,
+    max_frame: usize,
 }
 
-impl<S> WebSocketTransport<S> {
-    /// Wraps an upgraded WebSocket.
-    pub fn new(stream: WebSocketStream<S>) -> Self {
-        Self { stream }
+/// A byte stream a device connection runs on: TCP, or TLS over TCP.
+pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits until bytes can be read and appends them to `buffer`; 0 when the peer closed.
+    /// Cancel-safe.
+    fn read_some(&mut self, buffer: &mut Vec<u8>)
+    -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+impl DeviceIo for TcpStream {
+    async fn read_some(&mut self, buffer: &mut Vec<u8>) -> io::Result<usize> {
+        // Readiness first, so a connection waiting for its device holds no buffer; polled
+        // rather than awaited through `readable()`, whose future carries a waiter of its own.
+        std::future::poll_fn(|context| {
+            loop {
+                std::task::ready!(self.poll_read_ready(context))?;
+                buffer.reserve(READ_CHUNK);
+                match self.try_read_buf(buffer) {
+                    // Readiness was stale; `try_read_buf` cleared it, so the next poll waits.
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return std::task::Poll::Ready(result),
+                }
+            }
+        })
+        .await
     }
 }
 
-/// The WebSocket settings of a device connection with frames of at most `max_frame` bytes.
-pub fn websocket_config(max_frame: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(Some(max_frame))
-        .max_frame_size(Some(max_frame))
-}
-
-fn transport_error(error: WsError) -> TransportError {
-    match error {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => TransportError::TooBig,
-        WsError::Capacity(other) => TransportError::Malformed(other.to_string()),
-        WsError::Protocol(error) => TransportError::Malformed(error.to_string()),
-        WsError::Utf8(error) => TransportError::Malformed(error),
-        other => TransportError::Io(other.to_string()),
+impl DeviceIo for TlsStream<TcpStream> {
+    async fn read_some(&mut self, buffer: &mut Vec<u8>) -> io::Result<usize> {
+        // TLS keeps its own record buffers; one more chunk while waiting changes little.
+        buffer.reserve(READ_CHUNK);
+        self.read_buf(buffer).await
     }
 }
 
-impl<S> DeviceTransport for WebSocketTransport<S>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
+/// A frame read, or what to do about it.
+enum Inbound {
+    /// A whole Pigeon frame.
+    Frame(ClientFrame),
+    /// The device closed the connection.
+    Closed,
+    /// A frame handled here (a ping, a pong, a fragment): read on.
+    Handled,
+}
+
+impl<S: DeviceIo> WebSocketTransport<S> {
+    /// A connection whose handshake is done; `input` holds what arrived after the request.
+    fn new(io: S, input: Vec<u8>, max_frame: usize) -> Self {
+        Self {
+            io,
+            input,
+            message: Vec::new(),
+            fragmented: false,
+            output: Vec::new(),
+            close_sent: false,
+            max_frame,
+        }
+    }
+
+    /// Completes the opening handshake: reads the upgrade request and answers 101, or an HTTP
+    /// error saying what was wrong.
+    pub async fn accept(mut io: S, max_frame: usize) -> Result<Self, String> {
+        let mut input = Vec::new();
+        loop {
+            let read = io
+                .read_some(&mut input)
+                .await
+                .map_err(|error| format!("reading the upgrade request failed: {error}"))?;
+            if read == 0 {
+                return Err("the device closed during the upgrade".into());
+            }
+            match handshake::parse(&input, MAX_UPGRADE_REQUEST) {
+                Ok(handshake::Parsed::Partial) => {}
+                Ok(handshake::Parsed::Upgrade { len, response }) => {
+                    io.write_all(&response)
+                        .await
+                        .map_err(|error| format!("answering the upgrade failed: {error}"))?;
+                    input.drain(..len);
+                    if input.is_empty() {
+                        input = Vec::new();
+                    }
+                    return Ok(Self::new(io, input, max_frame));
+                }
+                Err(rejection) => {
+                    let _ = io.write_all(&rejection.response()).await;
+                    let _ = io.shutdown().await;
+                    return Err(format!("upgrade refused: {}", rejection.message));
+                }
+            }
+        }
+    }
+
+    /// Parses the next frame from what has been read, if it has fully arrived.
+    fn parse(&mut self) -> Result<Option<Inbound>, TransportError> {
+        let header = match frame::parse_header(&self.input, self.max_frame) {
+            Ok(Some(header)) => header,
+            Ok(None) => return Ok(None),
+            Err(FrameError::TooBig(_)) => return Err(TransportError::TooBig),
+            Err(FrameError::Protocol(reason)) => {
+                return Err(TransportError::Malformed(reason.into()));
+            }
+        };
+        match header.opcode {
+            Opcode::Text => {
+                return Err(TransportError::Malformed(
+                    "text frames are not part of the protocol".into(),
+                ));
+            }
+            Opcode::Binary if self.fragmented => {
+                return Err(TransportError::Malformed(
+                    "a new message inside a fragmented one".into(),
+                ));
+            }
+            Opcode::Continuation if !self.fragmented => {
+                return Err(TransportError::Malformed(
+                    "a continuation frame outside a message".into(),
+                ));
+            }
+            Opcode::Continuation if self.message.len() + header.payload_len > self.max_frame => {
+                return Err(TransportError::TooBig);
+            }
+            _ => {}
+        }
+        let end = header.frame_len();
+        if self.input.len() < end {
+            self.input.reserve(end - self.input.len());
+            return Ok(None);
+        }
+        let payload = &mut self.input[header.header_len..end];
+        frame::unmask(payload, header.mask);
+        let inbound = match header.opcode {
+            Opcode::Binary if header.fin => Inbound::Frame(decode(payload)?),
+            Opcode::Binary => {
+                self.fragmented = true;
+                self.message.extend_from_slice(payload);
+                Inbound::Handled
+            }
+            Opcode::Continuation => {
+                self.message.extend_from_slice(payload);
+                if header.fin {
+                    let frame = decode(&self.message)?;
+                    self.message = Vec::new();
+                    self.fragmented = false;
+                    Inbound::Frame(frame)
+                } else {
+                    Inbound::Handled
+                }
+            }
+            Opcode::Ping => {
+                if !self.close_sent {
+                    frame::encode_control(Opcode::Pong, payload, &mut self.output);
+                }
+                Inbound::Handled
+            }
+            Opcode::Close => {
+                if !self.close_sent {
+                    // Echo the device's code, completing the closing handshake.
+                    let code = frame::close_code(payload);
+                    let echo = if code == 1005 { 1000 } else { code };
+                    frame::encode_close(echo, "", &mut self.output);
+                    self.close_sent = true;
+                }
+                Inbound::Closed
+            }
+            Opcode::Pong | Opcode::Text => Inbound::Handled,
+        };
+        self.input.drain(..end);
+        if self.input.is_empty() {
+            self.input = Vec::new();
+        }
+        Ok(Some(inbound))
+    }
+
+    /// Writes what is queued. Cancel-safe: each completed write is taken off the queue.
+    async fn write_out(&mut self) -> Result<(), TransportError> {
+        while !self.output.is_empty() {
+            let written = self.io.write(&self.output).await.map_err(io_error)?;
+            if written == 0 {
+                return Err(TransportError::Io(
+                    "the connection stopped taking bytes".into(),
+                ));
+            }
+            self.output.drain(..written);
+        }
+        self.output = Vec::new();
+        self.io.flush().await.map_err(io_error)
+    }
+}
+
+fn decode(payload: &[u8]) -> Result<ClientFrame, TransportError> {
+    ClientFrame::decode(payload).map_err(|error| TransportError::Malformed(error.to_string()))
+}
+
+fn io_error(error: io::Error) -> TransportError {
+    TransportError::Io(error.to_string())
+}
+
+impl<S: DeviceIo> DeviceTransport for WebSocketTransport<S> {
     async fn recv(&mut self) -> Result<Option<ClientFrame>, TransportError> {
         loop {
-            let Some(message) = self.stream.next().await else {
+            let mut closed = false;
+            while let Some(inbound) = self.parse()? {
+                match inbound {
+                    Inbound::Frame(frame) => return Ok(Some(frame)),
+                    Inbound::Closed => {
+                        closed = true;
+                        break;
+                    }
+                    Inbound::Handled => {}
+                }
+            }
+            // Pongs for the device's pings (and the echo of its Close) go out before reading
+            // on. Rare, so boxed: the future an idle connection waits in stays small.
+            if !self.output.is_empty() {
+                Box::pin(self.write_out()).await?;
+            }
+            if closed || self.io.read_some(&mut self.input).await.map_err(io_error)? == 0 {
                 return Ok(None);
-            };
-            match message.map_err(transport_error)? {
-                Message::Binary(bytes) => {
-                    return ClientFrame::decode(bytes)
-                        .map(Some)
-                        .map_err(|error| TransportError::Malformed(error.to_string()));
-                }
-                Message::Text(_) => {
-                    return Err(TransportError::Malformed(
-                        "text frames are not part of the protocol".into(),
-                    ));
-                }
-                Message::Close(_) => return Ok(None),
-                // tungstenite answers pings itself; neither needs the session.
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
     }
 
     async fn feed(&mut self, frame: &ServerFrame) -> Result<(), TransportError> {
-        self.stream
-            .feed(Message::Binary(frame.encode_to_vec().into()))
-            .await
-            .map_err(transport_error)
+        let len = frame.encoded_len();
+        self.output.reserve(len + 10);
+        frame::encode_header(Opcode::Binary, len, &mut self.output);
+        frame
+            .encode(&mut self.output)
+            .map_err(|error| TransportError::Io(error.to_string()))
     }
 
     async fn flush(&mut self) -> Result<(), TransportError> {
-        self.stream.flush().await.map_err(transport_error)
+        self.write_out().await
     }
 
     async fn close(&mut self, code: CloseCode, reason: &str) {
-        let frame = CloseFrame {
-            code: coding::CloseCode::from(code.code()),
-            reason: reason.into(),
-        };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if self.stream.close(Some(frame)).await.is_ok() {
-                // Wait for the device's close frame, so the close is clean on both sides.
-                while let Some(Ok(_)) = self.stream.next().await {}
+            if !self.close_sent {
+                frame::encode_close(code.code(), reason, &mut self.output);
+                self.close_sent = true;
             }
+            self.write_out().await?;
+            // Wait for the device's Close, so the close is clean on both sides.
+            while self.recv().await?.is_some() {}
+            self.io.shutdown().await.map_err(io_error)
         })
         .await;
     }
@@ -132,7 +326,6 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let shutdown = context.node.shutdown().clone();
-    let config = websocket_config(max_frame);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -149,75 +342,310 @@ pub async fn serve(
         };
         let accepted_at = Instant::now();
         let _ = stream.set_nodelay(true);
-        let deadline =
-            tokio::time::Instant::from_std(accepted_at + context.session.handshake_timeout);
-        let tls = tls.clone();
-        match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let context = context.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    let result = upgrade(stream, tls, config, deadline, |stream| {
-                        connection::run(stream, &context, accepted_at, peer)
-                    });
-                    if let Err(error) = result.await {
-                        tracing::debug!(%peer, %error, "device connection not established");
-                    }
-                });
-            }
-            Err(_) => {
-                if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
-                        let _refusal = refusal;
-                        let _ = upgrade(stream, tls, config, deadline, |mut stream| async move {
-                            stream
-                                .close(CloseCode::TryAgainLater, "node at its connection limit")
-                                .await;
-                        })
-                        .await;
-                    });
-                }
-                // Else: drop the socket; the device's backoff will bring it back.
-            }
+        let (permit, refuse) = match permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match refusals.clone().try_acquire_owned() {
+                Ok(permit) => (permit, true),
+                // Over the limit with enough refusals under way: drop the socket; the
+                // device's backoff brings it back.
+                Err(_) => continue,
+            },
+        };
+        let accepted = Box::new(Accepted {
+            context: context.clone(),
+            _permit: permit,
+            refuse,
+            at: accepted_at,
+            peer,
+            max_frame,
+        });
+        // Plain and TLS connections are separate task types, so a plain connection's task
+        // is not sized for TLS state.
+        match &tls {
+            None => tracker.spawn(plain(stream, accepted)),
+            Some(acceptor) => tracker.spawn(tls_connection(stream, acceptor.clone(), accepted)),
+        };
+    }
+}
+
+/// A connection the listener accepted, and what its task needs to serve it.
+struct Accepted {
+    context: Arc<DeviceContext>,
+    /// Held until the task ends: a place within the node's connection limit, or one of the
+    /// refusals under way.
+    _permit: OwnedSemaphorePermit,
+    /// The node is full: the device is only told so (1013).
+    refuse: bool,
+    at: Instant,
+    peer: SocketAddr,
+    max_frame: usize,
+}
+
+impl Accepted {
+    /// The handshake (TLS, upgrade, Hello) must be done by then.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.at + self.context.session.handshake_timeout)
+    }
+}
+
+/// The task of a plain (ws) connection.
+///
+/// Shaped for size, as it lives as long as the connection: the upgrade's state is boxed and
+/// freed once done, and `accepted` is boxed because an async fn keeps its by-value
+/// arguments' slots for its whole life.
+fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
+    // Boxed before the task's future exists, so the task holds no slot for the socket.
+    let upgrade = Box::pin(accept(
+        stream,
+        accepted.deadline(),
+        accepted.max_frame,
+        accepted.peer,
+    ));
+    async move {
+        let Some(mut transport) = upgrade.await else {
+            return;
+        };
+        serve_device(&mut transport, &accepted).await;
+    }
+}
+
+/// The task of a TLS (wss) connection.
+async fn tls_connection(stream: TcpStream, acceptor: TlsAcceptor, accepted: Box<Accepted>) {
+    let peer = accepted.peer;
+    let tls = Box::pin(tokio::time::timeout_at(
+        accepted.deadline(),
+        acceptor.accept(stream),
+    ));
+    match tls.await {
+        Ok(Ok(stream)) => {
+            let upgrade = accept(stream, accepted.deadline(), accepted.max_frame, peer);
+            let Some(mut transport) = Box::pin(upgrade).await else {
+                return;
+            };
+            serve_device(&mut transport, &accepted).await;
+        }
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// The WebSocket upgrade, before `deadline`.
+async fn accept<S: DeviceIo>(
+    io: S,
+    deadline: tokio::time::Instant,
+    max_frame: usize,
+    peer: SocketAddr,
+) -> Option<WebSocketTransport<S>> {
+    let upgrade = WebSocketTransport::accept(io, max_frame);
+    let upgrade = tokio::time::timeout_at(deadline, upgrade);
+    match upgrade.await {
+        Ok(Ok(transport)) => Some(transport),
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "device connection not established");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "WebSocket upgrade timed out");
+            None
         }
     }
 }
 
-/// Completes TLS (when configured) and the WebSocket upgrade before `deadline`, then hands
-/// the transport to `then`.
-async fn upgrade<F, Fut>(
-    stream: TcpStream,
-    tls: Option<TlsAcceptor>,
-    config: WebSocketConfig,
-    deadline: tokio::time::Instant,
-    then: F,
-) -> Result<(), String>
-where
-    F: FnOnce(WebSocketTransport<Box<dyn DeviceIo>>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let handshake = async {
-        let stream: Box<dyn DeviceIo> = match tls {
-            Some(acceptor) => Box::new(
-                acceptor
-                    .accept(stream)
-                    .await
-                    .map_err(|error| format!("TLS handshake failed: {error}"))?,
-            ),
-            None => Box::new(stream),
-        };
-        tokio_tungstenite::accept_async_with_config(stream, Some(config))
-            .await
-            .map_err(|error| format!("WebSocket upgrade failed: {error}"))
-    };
-    let stream = tokio::time::timeout_at(deadline, handshake)
-        .await
-        .map_err(|_| "handshake timed out".to_owned())??;
-    then(WebSocketTransport::new(stream)).await;
-    Ok(())
+/// Runs an upgraded connection: a session, or a 1013 close when the node is full.
+async fn serve_device<S: DeviceIo>(transport: &mut WebSocketTransport<S>, accepted: &Accepted) {
+    if accepted.refuse {
+        let refusal = transport.close(CloseCode::TryAgainLater, "node at its connection limit");
+        Box::pin(refusal).await;
+    } else {
+        connection::run(transport, &accepted.context, accepted.at, &accepted.peer).await;
+    }
 }
 
-/// A byte stream a device connection runs on: TCP, or TLS over TCP.
-pub trait DeviceIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+#[cfg(test)]
+mod tests {
+    use pigeon_proto::device::{Ack, Hello, client_frame, server_frame};
 
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> DeviceIo for T {}
+    use super::*;
+    use crate::config::AppSettings;
+    use crate::node::Node;
+    use crate::session::SessionConfig;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn app() -> AppSettings {
+        AppSettings {
+            id: "demo".into(),
+            api_key: "key".into(),
+            secret: "secret".into(),
+        }
+    }
+
+    fn context(dir: &std::path::Path) -> Arc<DeviceContext> {
+        let store = Arc::new(EmbeddedStore::open(dir, 16, 100).unwrap());
+        Arc::new(DeviceContext {
+            node: Arc::new(Node::new(16, tokio_util::sync::CancellationToken::new())),
+            registry: store.clone(),
+            store,
+            apps: vec![app()],
+            session: Arc::new(SessionConfig {
+                handshake_timeout: Duration::from_secs(10),
+                heartbeat_interval: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(90),
+                ack_window: 32,
+            }),
+            presence: None,
+        })
+    }
+
+    /// A plain connection accepted from a client socket, and the client's end.
+    async fn accepted(context: Arc<DeviceContext>) -> (TcpStream, Box<Accepted>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let accepted = Box::new(Accepted {
+            context,
+            _permit: permit,
+            refuse: false,
+            at: Instant::now(),
+            peer,
+            max_frame: 4096,
+        });
+        (stream, accepted, client)
+    }
+
+    /// What an idle plain connection costs the node is mostly its task: the future below in
+    /// tokio's task cell (about 150 bytes more, rounded up to 128), plus the socket's
+    /// registration and the connection-table entry. The bound keeps the cell within 1 KiB, so
+    /// a change cannot quietly grow it; BENCHMARKS.md has the measured RSS.
+    #[tokio::test]
+    async fn a_plain_connection_task_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, accepted, _client) = accepted(context(dir.path())).await;
+        let task = plain(stream, accepted);
+        let size = std::mem::size_of_val(&task);
+        println!("plain connection task future: {size} bytes");
+        assert!(
+            size <= 920,
+            "a plain connection's task future is {size} bytes"
+        );
+    }
+
+    fn client_bytes(frame: &pigeon_proto::device::ClientFrame) -> Vec<u8> {
+        frame::client_frame(0x82, &frame.encode_to_vec(), [7, 1, 9, 3])
+    }
+
+    /// Reads one unmasked frame from the server: (first byte, payload).
+    async fn read_frame(client: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[1] & 0x80, 0, "server frames are unmasked");
+        let len = match head[1] & 0x7F {
+            126 => usize::from(client.read_u16().await.unwrap()),
+            127 => client.read_u64().await.unwrap() as usize,
+            short => usize::from(short),
+        };
+        let mut payload = vec![0; len];
+        client.read_exact(&mut payload).await.unwrap();
+        (head[0], payload)
+    }
+
+    /// The whole conversation over raw bytes: a Hello sent in the same write as the upgrade
+    /// request, a fragmented Ack with a Ping between its fragments, and the closing
+    /// handshake.
+    #[tokio::test]
+    async fn speaks_rfc_6455_on_the_wire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, accepted, mut client) = accepted(context(dir.path())).await;
+        let task = tokio::spawn(plain(stream, accepted));
+        let hello = pigeon_proto::device::ClientFrame {
+            kind: Some(client_frame::Kind::Hello(Hello {
+                credential: crate::auth::mint(
+                    &app(),
+                    "alice",
+                    crate::message::unix_millis() / 1000,
+                    600,
+                ),
+                device_token: String::new(),
+                last_seq: 0,
+                client: "wire-test".into(),
+            })),
+        };
+        let mut first_write = b"GET / HTTP/1.1\r\nHost: node\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\n\r\n"
+            .to_vec();
+        first_write.extend(client_bytes(&hello));
+        client.write_all(&first_write).await.unwrap();
+
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            response.push(client.read_u8().await.unwrap());
+        }
+        let response = String::from_utf8(response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
+        let (first, welcome) = read_frame(&mut client).await;
+        assert_eq!(first, 0x82);
+        let welcome = ServerFrame::decode(&welcome[..]).unwrap();
+        assert!(matches!(welcome.kind, Some(server_frame::Kind::Welcome(_))));
+
+        // An Ack of seq 0 in two fragments, a Ping between them: the Pong comes back.
+        let ack = pigeon_proto::device::ClientFrame {
+            kind: Some(client_frame::Kind::Ack(Ack { seq: 0 })),
+        }
+        .encode_to_vec();
+        let (head, tail) = ack.split_at(1);
+        let mut bytes = frame::client_frame(0x02, head, [1, 2, 3, 4]);
+        bytes.extend(frame::client_frame(0x89, b"are you there", [5, 6, 7, 8]));
+        bytes.extend(frame::client_frame(0x80, tail, [9, 9, 9, 9]));
+        client.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client).await,
+            (0x8A, b"are you there".to_vec())
+        );
+
+        // The device closes; the node echoes its code and ends the connection.
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        client
+            .write_all(&frame::client_frame(0x88, &close, [1, 1, 1, 1]))
+            .await
+            .unwrap();
+        let (first, payload) = read_frame(&mut client).await;
+        assert_eq!(first, 0x88);
+        assert_eq!(frame::close_code(&payload), 1000);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the connection ends after the closing handshake")
+            .unwrap();
+    }
+
+    /// A frame that breaks the protocol is answered with a close code saying so.
+    #[tokio::test]
+    async fn a_broken_frame_closes_with_1002() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stream, accepted, mut client) = accepted(context(dir.path())).await;
+        tokio::spawn(plain(stream, accepted));
+        client
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: n\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            response.push(client.read_u8().await.unwrap());
+        }
+        // Unmasked: a client must mask.
+        client.write_all(&[0x82, 0x01, 0x00]).await.unwrap();
+        let (first, payload) = read_frame(&mut client).await;
+        assert_eq!(first, 0x88);
+        assert_eq!(frame::close_code(&payload), 1002);
+        assert_eq!(
+            std::str::from_utf8(&payload[2..]).unwrap(),
+            "malformed frame: frames from a client must be masked"
+        );
+    }
+}

@@ -52,7 +52,6 @@ pub struct RunningNode {
     pub grpc_addr: SocketAddr,
     store: Arc<RedisStore>,
     node: Arc<Node>,
-    shutdown: CancellationToken,
     tracker: TaskTracker,
     lease: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
@@ -248,7 +247,6 @@ pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
         grpc_addr,
         store,
         node,
-        shutdown,
         tracker,
         lease,
         drain_timeout: limits.drain_timeout,
@@ -296,7 +294,7 @@ impl RunningNode {
     pub async fn shutdown(self) -> bool {
         tracing::info!(connections = self.node.connection_count(), "draining");
         // Stops accepting, stops renewing the lease, and closes every device (1001).
-        self.shutdown.cancel();
+        self.node.shut_down();
         let _ = self.lease.await;
         if let Err(error) = self.store.drop_lease(&self.node_id).await {
             tracing::warn!(%error, "giving up the node lease failed; it will lapse");
