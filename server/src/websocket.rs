@@ -8,8 +8,7 @@
 //! The framing is Pigeon's own ([`frame`], [`handshake`]) rather than a general WebSocket
 //! library's, for memory: an idle device connection is the most numerous thing a node holds,
 //! and general libraries keep read and write buffers, waker proxies and configuration per
-//! connection. Here an idle connection holds its socket and three empty `Vec`s, and waits
-//! for readiness before it allocates a read buffer. It speaks the part of RFC 6455 a server
+//! connection. Here an idle connection holds its socket and three empty `Vec`s. It speaks the part of RFC 6455 a server
 //! of binary messages needs: the upgrade, masked client frames, fragmentation, ping/pong
 //! and the closing handshake; no extensions (compression) and no subprotocols.
 
@@ -20,11 +19,10 @@ use std::time::{Duration, Instant};
 
 use pigeon_proto::device::{ClientFrame, ServerFrame};
 use pigeon_proto::{CloseCode, Message as _};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
@@ -38,7 +36,7 @@ use frame::{FrameError, Opcode};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections being refused (over the limit) at once, at most.
 const MAX_REFUSALS: usize = 64;
-/// Bytes read from a socket at a time. The buffer exists only while a read is being parsed.
+/// Bytes read from a socket at a time, at most.
 const READ_CHUNK: usize = 2048;
 /// Longest upgrade request accepted.
 const MAX_UPGRADE_REQUEST: usize = 8192;
@@ -64,38 +62,26 @@ pub struct WebSocketTransport<S> {
 }
 
 /// A byte stream a device connection runs on: TCP, or TLS over TCP.
-pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {
-    /// Waits until bytes can be read and appends them to `buffer`; 0 when the peer closed.
-    /// Cancel-safe.
-    fn read_some(&mut self, buffer: &mut Vec<u8>)
-    -> impl Future<Output = io::Result<usize>> + Send;
-}
+pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {}
 
-impl DeviceIo for TcpStream {
-    async fn read_some(&mut self, buffer: &mut Vec<u8>) -> io::Result<usize> {
-        // Readiness first, so a connection waiting for its device holds no buffer; polled
-        // rather than awaited through `readable()`, whose future carries a waiter of its own.
-        std::future::poll_fn(|context| {
-            loop {
-                std::task::ready!(self.poll_read_ready(context))?;
-                buffer.reserve(READ_CHUNK);
-                match self.try_read_buf(buffer) {
-                    // Readiness was stale; `try_read_buf` cleared it, so the next poll waits.
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    result => return std::task::Poll::Ready(result),
-                }
-            }
-        })
-        .await
-    }
-}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> DeviceIo for T {}
 
-impl DeviceIo for TlsStream<TcpStream> {
-    async fn read_some(&mut self, buffer: &mut Vec<u8>) -> io::Result<usize> {
-        // TLS keeps its own record buffers; one more chunk while waiting changes little.
-        buffer.reserve(READ_CHUNK);
-        self.read_buf(buffer).await
-    }
+/// Waits until bytes can be read and appends them to `buffer`; 0 when the peer closed.
+/// Cancel-safe.
+///
+/// The bytes land in a stack buffer first and `buffer` grows only by what arrived, so a
+/// connection waiting for its device holds no read buffer. (Reserving before the wait would
+/// keep one per idle connection: readiness is often stale, so the read after a frame finds
+/// nothing and waits again with the buffer allocated.)
+async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buffer: &mut Vec<u8>) -> io::Result<usize> {
+    std::future::poll_fn(|context| {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut chunk);
+        std::task::ready!(std::pin::Pin::new(&mut *io).poll_read(context, &mut read))?;
+        buffer.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
 }
 
 /// A frame read, or what to do about it.
@@ -127,8 +113,7 @@ impl<S: DeviceIo> WebSocketTransport<S> {
     pub async fn accept(mut io: S, max_frame: usize) -> Result<Self, String> {
         let mut input = Vec::new();
         loop {
-            let read = io
-                .read_some(&mut input)
+            let read = read_some(&mut io, &mut input)
                 .await
                 .map_err(|error| format!("reading the upgrade request failed: {error}"))?;
             if read == 0 {
@@ -279,7 +264,12 @@ impl<S: DeviceIo> DeviceTransport for WebSocketTransport<S> {
             if !self.output.is_empty() {
                 Box::pin(self.write_out()).await?;
             }
-            if closed || self.io.read_some(&mut self.input).await.map_err(io_error)? == 0 {
+            if closed
+                || read_some(&mut self.io, &mut self.input)
+                    .await
+                    .map_err(io_error)?
+                    == 0
+            {
                 return Ok(None);
             }
         }
@@ -464,6 +454,8 @@ async fn serve_device<S: DeviceIo>(transport: &mut WebSocketTransport<S>, accept
 #[cfg(test)]
 mod tests {
     use pigeon_proto::device::{Ack, Hello, client_frame, server_frame};
+
+    use tokio::io::AsyncReadExt as _;
 
     use super::*;
     use crate::config::AppSettings;
