@@ -46,6 +46,9 @@ pub struct Plan {
     pub redis_fsync: String,
     /// How devices connect.
     pub transport: Transport,
+    /// The nodes' heartbeat interval in seconds, when not their default; their idle timeout
+    /// is then 2.5 heartbeats.
+    pub heartbeat: Option<u64>,
 }
 
 /// How the simulated devices reach the nodes.
@@ -166,6 +169,11 @@ impl Deployment {
             }
             if plan.transport == Transport::Quic {
                 command.env("PIGEON_LISTEN__QUIC", "127.0.0.1:0");
+            }
+            if let Some(seconds) = plan.heartbeat {
+                command
+                    .env("PIGEON_LIMITS__HEARTBEAT_INTERVAL", format!("{seconds}s"))
+                    .env("PIGEON_LIMITS__IDLE_TIMEOUT", format!("{}s", seconds * 5 / 2));
             }
         };
         let mut ws_urls = Vec::new();
