@@ -296,6 +296,12 @@ fn print_line<T: Serialize>(kind: &str, value: &T) {
     println!("{object}");
 }
 
+/// First delay before retrying a failed connect; it doubles per failure up to
+/// [`CONNECT_RETRY_MAX`], with full jitter.
+const CONNECT_RETRY_BASE: Duration = Duration::from_millis(500);
+/// Longest delay before retrying a failed connect.
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// One device: connects when told, receives and acks, checks seqs, reconnects when its
 /// connection is lost, disconnects when told.
 async fn simulate(
@@ -308,6 +314,7 @@ async fn simulate(
 ) {
     let mut state = DeviceState::default();
     let mut first = true;
+    let mut backoff = crate::Backoff::new(CONNECT_RETRY_BASE, CONNECT_RETRY_MAX);
     loop {
         // Wait to be told to connect.
         let Ok(_) = phase
@@ -326,11 +333,14 @@ async fn simulate(
                 Err(error) => {
                     stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(uid = %device.uid, %error, "connect failed");
-                    tokio::time::sleep(Duration::from_millis(200 + rand::random::<u64>() % 800))
-                        .await;
+                    // Exponential with jitter, as the SDK's devices do: a fleet refused at
+                    // once (a node at its limit, a slow registry) must not come back at once
+                    // and again, which turns an overload into a collapse.
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
+        backoff.reset();
         state.device_token = connection.welcome().device_token.clone();
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
