@@ -296,6 +296,18 @@ fn print_line<T: Serialize>(kind: &str, value: &T) {
     println!("{object}");
 }
 
+/// What a connected device does next.
+enum Step {
+    /// Acknowledge up to this seq.
+    Ack(u64),
+    /// The connection was lost: reconnect.
+    Lost,
+    /// Told to disconnect.
+    Leave,
+    /// Nothing (the phase changed to one that keeps the connection).
+    Stay,
+}
+
 /// First delay before retrying a failed connect; it doubles per failure up to
 /// [`CONNECT_RETRY_MAX`], with full jitter.
 const CONNECT_RETRY_BASE: Duration = Duration::from_millis(500);
@@ -327,47 +339,66 @@ async fn simulate(
             tokio::time::sleep(first_delay).await;
             first = false;
         }
-        let mut connection =
-            match Connection::connect_with(&url, &device.credential, &state, &options).await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(uid = %device.uid, %error, "connect failed");
-                    // Exponential with jitter, as the SDK's devices do: a fleet refused at
-                    // once (a node at its limit, a slow registry) must not come back at once
-                    // and again, which turns an overload into a collapse.
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
+        // Boxed: connecting is the largest state a device passes through, and an unboxed
+        // future would size every device's task for it, waiting or connected.
+        let connecting = Box::pin(Connection::connect_with(
+            &url,
+            &device.credential,
+            &state,
+            &options,
+        ));
+        let mut connection = match connecting.await {
+            Ok(connection) => connection,
+            Err(error) => {
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(uid = %device.uid, %error, "connect failed");
+                // Exponential with jitter, as the SDK's devices do: a fleet refused at
+                // once (a node at its limit, a slow registry) must not come back at once
+                // and again, which turns an overload into a collapse.
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
         backoff.reset();
         state.device_token = connection.welcome().device_token.clone();
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
         let told_to_leave = loop {
-            tokio::select! {
+            // The select only decides; acting on it (an ack) happens after, so the push it
+            // read is not kept in the task while the ack is written.
+            let step = tokio::select! {
                 push = connection.next_push() => match push {
                     Ok(push) => {
                         stats.record(push.seq, &mut state.last_seq, &push.payload);
-                        if connection.ack(push.seq).await.is_err() {
-                            break false;
-                        }
+                        Step::Ack(push.seq)
                     }
                     Err(error) => {
                         tracing::debug!(uid = %device.uid, %error, "connection lost");
-                        break false;
+                        Step::Lost
                     }
                 },
                 changed = phase.changed() => {
                     if changed.is_err() || *phase.borrow() == Phase::Offline {
-                        break true;
+                        Step::Leave
+                    } else {
+                        Step::Stay
                     }
                 }
+            };
+            match step {
+                Step::Ack(seq) => {
+                    if Box::pin(connection.ack(seq)).await.is_err() {
+                        break false;
+                    }
+                }
+                Step::Lost => break false,
+                Step::Leave => break true,
+                Step::Stay => {}
             }
         };
         stats.connected.fetch_sub(1, Ordering::Relaxed);
         if told_to_leave {
-            connection.close().await;
+            Box::pin(connection.close()).await;
         } else {
             stats.disconnects.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 400)).await;

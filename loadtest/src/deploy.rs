@@ -173,7 +173,10 @@ impl Deployment {
             if let Some(seconds) = plan.heartbeat {
                 command
                     .env("PIGEON_LIMITS__HEARTBEAT_INTERVAL", format!("{seconds}s"))
-                    .env("PIGEON_LIMITS__IDLE_TIMEOUT", format!("{}s", seconds * 5 / 2));
+                    .env(
+                        "PIGEON_LIMITS__IDLE_TIMEOUT",
+                        format!("{}s", seconds * 5 / 2),
+                    );
             }
         };
         let mut ws_urls = Vec::new();
