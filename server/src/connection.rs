@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::config::AppSettings;
+use crate::log_throttle::Throttle;
 use crate::node::Node;
 use crate::session::{
     Admission, FrameOutcome, Handshake, PushOutcome, Session, SessionConfig, SessionError,
@@ -173,7 +174,10 @@ pub async fn run<T: DeviceTransport>(
         let ending = match routed {
             Ok(()) => drive(transport, context, &admission, &connection).await,
             Err(error) => {
-                tracing::warn!(%error, "registering the device's route failed");
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    tracing::warn!(%error, suppressed, "registering the device's route failed");
+                }
                 Ending::close(CloseCode::InternalError, "registry unavailable")
             }
         };
@@ -247,7 +251,10 @@ async fn admit<T: DeviceTransport>(
     {
         Ok(device) => device,
         Err(error) => {
-            tracing::warn!(%error, %peer, "admitting a device failed");
+            static THROTTLE: Throttle = Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                tracing::warn!(%error, %peer, suppressed, "admitting a device failed");
+            }
             let ending = Ending::close(CloseCode::InternalError, "registry unavailable");
             finish(transport, ending, peer).await;
             return None;

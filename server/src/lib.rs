@@ -15,6 +15,7 @@
 //! - [`auth`]: device credentials (HS256 JWTs).
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
 //! - [`metrics`]: counters for `GET /metrics` (Prometheus text format).
+//! - [`log_throttle`]: one warning a second from a call site that fails per device.
 //! - [`config`]: settings from TOML and `PIGEON_*` variables.
 //! - [`standalone`]: standalone mode, all of the above in one process.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod grpc;
+pub mod log_throttle;
 pub mod message;
 pub mod metrics;
 pub mod node;

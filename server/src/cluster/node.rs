@@ -26,6 +26,7 @@ use crate::grpc::cluster::node_server::{self, NodeServer};
 use crate::grpc::cluster::{
     DeliverRequest, DeliverResponse, DeliverStatus, TakeoverRequest, TakeoverResponse,
 };
+use crate::log_throttle::Throttle;
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
 use crate::node::{Delivered, Node};
@@ -98,7 +99,10 @@ impl Presence for ClusterPresence {
         {
             // The route now points at a closed connection: Deliver answers "offline" for it
             // and the messages stay in the store, so this costs latency, not messages.
-            tracing::warn!(%error, "removing a device route failed");
+            static THROTTLE: Throttle = Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                tracing::warn!(%error, suppressed, "removing a device route failed");
+            }
         }
     }
 }
