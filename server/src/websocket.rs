@@ -528,6 +528,23 @@ mod tests {
         frame::client_frame(0x82, &frame.encode_to_vec(), [7, 1, 9, 3])
     }
 
+    /// Sends an upgrade request with `then` in the same write (a client that pipelines its
+    /// first frames), and reads the 101.
+    async fn upgrade(client: &mut TcpStream, then: &[u8]) {
+        let mut request = b"GET / HTTP/1.1\r\nHost: node\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\n\r\n"
+            .to_vec();
+        request.extend_from_slice(then);
+        client.write_all(&request).await.unwrap();
+        let mut response = Vec::new();
+        while !response.ends_with(b"\r\n\r\n") {
+            response.push(client.read_u8().await.unwrap());
+        }
+        let response = String::from_utf8(response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
+    }
+
     /// Reads one unmasked frame from the server: (first byte, payload).
     async fn read_frame(client: &mut TcpStream) -> (u8, Vec<u8>) {
         let mut head = [0u8; 2];
@@ -564,19 +581,7 @@ mod tests {
                 client: "wire-test".into(),
             })),
         };
-        let mut first_write = b"GET / HTTP/1.1\r\nHost: node\r\nUpgrade: websocket\r\n\
-            Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-            Sec-WebSocket-Version: 13\r\n\r\n"
-            .to_vec();
-        first_write.extend(client_bytes(&hello));
-        client.write_all(&first_write).await.unwrap();
-
-        let mut response = Vec::new();
-        while !response.ends_with(b"\r\n\r\n") {
-            response.push(client.read_u8().await.unwrap());
-        }
-        let response = String::from_utf8(response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 101 "), "{response}");
+        upgrade(&mut client, &client_bytes(&hello)).await;
         let (first, welcome) = read_frame(&mut client).await;
         assert_eq!(first, 0x82);
         let welcome = ServerFrame::decode(&welcome[..]).unwrap();
@@ -619,17 +624,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (stream, accepted, mut client) = accepted(context(dir.path())).await;
         tokio::spawn(plain(stream, accepted));
-        client
-            .write_all(
-                b"GET / HTTP/1.1\r\nHost: n\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut response = Vec::new();
-        while !response.ends_with(b"\r\n\r\n") {
-            response.push(client.read_u8().await.unwrap());
-        }
+        upgrade(&mut client, &[]).await;
         // Unmasked: a client must mask.
         client.write_all(&[0x82, 0x01, 0x00]).await.unwrap();
         let (first, payload) = read_frame(&mut client).await;
