@@ -6,6 +6,8 @@
 //! - [`store`]: the stored form of a message waiting for a device (`proto/pigeon/store.proto`),
 //!   shared by the embedded and the Redis offline stores.
 //! - [`framing`]: frames on a byte stream (QUIC), each behind a varint length prefix.
+//! - [`websocket`]: RFC 6455 frames and the handshake's accept key, for both the node and
+//!   the device side of a WebSocket connection.
 
 /// Generated code, nested as the protobuf packages are (prost's paths between packages
 /// rely on it).
@@ -103,6 +105,8 @@ pub const ALPN: &[u8] = b"pigeon/1";
 /// Frames on a byte stream: each frame is a protobuf message behind its length as a
 /// protobuf varint (prost's "length-delimited" encoding). WebSocket needs none of this; its
 /// messages are the frames.
+pub mod websocket;
+
 pub mod framing {
     use bytes::{Buf, BytesMut};
     use prost::Message;

@@ -5,12 +5,13 @@
 //! never holds more sockets than configured; past the limit a new device is told 1013
 //! ("try again later") by a small, separately bounded set of refusal tasks.
 //!
-//! The framing is Pigeon's own ([`frame`], [`handshake`]) rather than a general WebSocket
-//! library's, for memory: an idle device connection is the most numerous thing a node holds,
-//! and general libraries keep read and write buffers, waker proxies and configuration per
-//! connection. Here an idle connection holds its socket and three empty `Vec`s. It speaks the part of RFC 6455 a server
-//! of binary messages needs: the upgrade, masked client frames, fragmentation, ping/pong
-//! and the closing handshake; no extensions (compression) and no subprotocols.
+//! The framing is Pigeon's own (`pigeon_proto::websocket::Framer`, which the client SDK
+//! uses too, and [`handshake`]) rather than a general WebSocket library's, for memory: an
+//! idle device connection is the most numerous thing a node holds, and general libraries
+//! keep read and write buffers, waker proxies and configuration per connection. Here an
+//! idle connection holds its socket and three empty `Vec`s. It speaks the part of RFC 6455
+//! a server of binary messages needs: the upgrade, masked client frames, fragmentation,
+//! ping/pong and the closing handshake; no extensions (compression) and no subprotocols.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use pigeon_proto::device::{ClientFrame, ServerFrame};
 use pigeon_proto::{CloseCode, Message as _};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -27,17 +28,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
 
-mod frame;
 mod handshake;
 
-use frame::{FrameError, Opcode};
+use pigeon_proto::websocket::{FrameError, Framer, Inbound, Sender, read_some};
 
 /// Time allowed for a close handshake before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections being refused (over the limit) at once, at most.
 const MAX_REFUSALS: usize = 64;
-/// Bytes read from a socket at a time, at most.
-const READ_CHUNK: usize = 2048;
 /// Longest upgrade request accepted.
 const MAX_UPGRADE_REQUEST: usize = 8192;
 
@@ -48,17 +46,7 @@ const MAX_UPGRADE_REQUEST: usize = 8192;
 /// in a buffer that is freed as soon as it is empty.
 pub struct WebSocketTransport<S> {
     io: S,
-    /// Bytes read and not yet parsed.
-    input: Vec<u8>,
-    /// The payload of a fragmented message so far.
-    message: Vec<u8>,
-    /// Whether a fragmented message is being assembled.
-    fragmented: bool,
-    /// Frames encoded and not yet written.
-    output: Vec<u8>,
-    /// Whether a Close frame has been queued (it is the last frame sent).
-    close_sent: bool,
-    max_frame: usize,
+    framer: Framer,
 }
 
 /// A byte stream a device connection runs on: TCP, or TLS over TCP.
@@ -66,45 +54,12 @@ pub trait DeviceIo: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> DeviceIo for T {}
 
-/// Waits until bytes can be read and appends them to `buffer`; 0 when the peer closed.
-/// Cancel-safe.
-///
-/// The bytes land in a stack buffer first and `buffer` grows only by what arrived, so a
-/// connection waiting for its device holds no read buffer. (Reserving before the wait would
-/// keep one per idle connection: readiness is often stale, so the read after a frame finds
-/// nothing and waits again with the buffer allocated.)
-async fn read_some<S: AsyncRead + Unpin>(io: &mut S, buffer: &mut Vec<u8>) -> io::Result<usize> {
-    std::future::poll_fn(|context| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut chunk);
-        std::task::ready!(std::pin::Pin::new(&mut *io).poll_read(context, &mut read))?;
-        buffer.extend_from_slice(read.filled());
-        std::task::Poll::Ready(Ok(read.filled().len()))
-    })
-    .await
-}
-
-/// A frame read, or what to do about it.
-enum Inbound {
-    /// A whole Pigeon frame.
-    Frame(ClientFrame),
-    /// The device closed the connection.
-    Closed,
-    /// A frame handled here (a ping, a pong, a fragment): read on.
-    Handled,
-}
-
 impl<S: DeviceIo> WebSocketTransport<S> {
     /// A connection whose handshake is done; `input` holds what arrived after the request.
     fn new(io: S, input: Vec<u8>, max_frame: usize) -> Self {
         Self {
             io,
-            input,
-            message: Vec::new(),
-            fragmented: false,
-            output: Vec::new(),
-            close_sent: false,
-            max_frame,
+            framer: Framer::new(Sender::Client, max_frame, input),
         }
     }
 
@@ -139,104 +94,9 @@ impl<S: DeviceIo> WebSocketTransport<S> {
             }
         }
     }
-
-    /// Parses the next frame from what has been read, if it has fully arrived.
-    fn parse(&mut self) -> Result<Option<Inbound>, TransportError> {
-        let header = match frame::parse_header(&self.input, self.max_frame) {
-            Ok(Some(header)) => header,
-            Ok(None) => return Ok(None),
-            Err(FrameError::TooBig(_)) => return Err(TransportError::TooBig),
-            Err(FrameError::Protocol(reason)) => {
-                return Err(TransportError::Malformed(reason.into()));
-            }
-        };
-        match header.opcode {
-            Opcode::Text => {
-                return Err(TransportError::Malformed(
-                    "text frames are not part of the protocol".into(),
-                ));
-            }
-            Opcode::Binary if self.fragmented => {
-                return Err(TransportError::Malformed(
-                    "a new message inside a fragmented one".into(),
-                ));
-            }
-            Opcode::Continuation if !self.fragmented => {
-                return Err(TransportError::Malformed(
-                    "a continuation frame outside a message".into(),
-                ));
-            }
-            Opcode::Continuation if self.message.len() + header.payload_len > self.max_frame => {
-                return Err(TransportError::TooBig);
-            }
-            _ => {}
-        }
-        let end = header.frame_len();
-        if self.input.len() < end {
-            self.input.reserve(end - self.input.len());
-            return Ok(None);
-        }
-        let payload = &mut self.input[header.header_len..end];
-        frame::unmask(payload, header.mask);
-        let inbound = match header.opcode {
-            Opcode::Binary if header.fin => Inbound::Frame(decode(payload)?),
-            Opcode::Binary => {
-                self.fragmented = true;
-                self.message.extend_from_slice(payload);
-                Inbound::Handled
-            }
-            Opcode::Continuation => {
-                self.message.extend_from_slice(payload);
-                if header.fin {
-                    let frame = decode(&self.message)?;
-                    self.message = Vec::new();
-                    self.fragmented = false;
-                    Inbound::Frame(frame)
-                } else {
-                    Inbound::Handled
-                }
-            }
-            Opcode::Ping => {
-                if !self.close_sent {
-                    frame::encode_control(Opcode::Pong, payload, &mut self.output);
-                }
-                Inbound::Handled
-            }
-            Opcode::Close => {
-                if !self.close_sent {
-                    // Echo the device's code, completing the closing handshake.
-                    let code = frame::close_code(payload);
-                    let echo = if code == 1005 { 1000 } else { code };
-                    frame::encode_close(echo, "", &mut self.output);
-                    self.close_sent = true;
-                }
-                Inbound::Closed
-            }
-            Opcode::Pong | Opcode::Text => Inbound::Handled,
-        };
-        self.input.drain(..end);
-        if self.input.is_empty() {
-            self.input = Vec::new();
-        }
-        Ok(Some(inbound))
-    }
-
-    /// Writes what is queued. Cancel-safe: each completed write is taken off the queue.
-    async fn write_out(&mut self) -> Result<(), TransportError> {
-        while !self.output.is_empty() {
-            let written = self.io.write(&self.output).await.map_err(io_error)?;
-            if written == 0 {
-                return Err(TransportError::Io(
-                    "the connection stopped taking bytes".into(),
-                ));
-            }
-            self.output.drain(..written);
-        }
-        self.output = Vec::new();
-        self.io.flush().await.map_err(io_error)
-    }
 }
 
+/// A device's frame, from a whole binary message.
 fn decode(payload: &[u8]) -> Result<ClientFrame, TransportError> {
     ClientFrame::decode(payload).map_err(|error| TransportError::Malformed(error.to_string()))
 }
@@ -249,10 +109,10 @@ impl<S: DeviceIo> DeviceTransport for WebSocketTransport<S> {
     async fn recv(&mut self) -> Result<Option<ClientFrame>, TransportError> {
         loop {
             let mut closed = false;
-            while let Some(inbound) = self.parse()? {
+            while let Some(inbound) = self.framer.parse(decode).map_err(frame_error)? {
                 match inbound {
-                    Inbound::Frame(frame) => return Ok(Some(frame)),
-                    Inbound::Closed => {
+                    Inbound::Message(frame) => return frame.map(Some),
+                    Inbound::Closed { .. } => {
                         closed = true;
                         break;
                     }
@@ -261,45 +121,47 @@ impl<S: DeviceIo> DeviceTransport for WebSocketTransport<S> {
             }
             // Pongs for the device's pings (and the echo of its Close) go out before reading
             // on. Rare, so boxed: the future an idle connection waits in stays small.
-            if !self.output.is_empty() {
-                Box::pin(self.write_out()).await?;
-            }
-            if closed
-                || read_some(&mut self.io, &mut self.input)
+            if self.framer.has_output() {
+                Box::pin(self.framer.write_out(&mut self.io))
                     .await
-                    .map_err(io_error)?
-                    == 0
-            {
+                    .map_err(io_error)?;
+            }
+            if closed || self.framer.read(&mut self.io).await.map_err(io_error)? == 0 {
                 return Ok(None);
             }
         }
     }
 
     async fn feed(&mut self, frame: &ServerFrame) -> Result<(), TransportError> {
-        let len = frame.encoded_len();
-        self.output.reserve(len + 10);
-        frame::encode_header(Opcode::Binary, len, &mut self.output);
-        frame
-            .encode(&mut self.output)
-            .map_err(|error| TransportError::Io(error.to_string()))
+        // Encoding into a Vec cannot fail: it grows as needed.
+        self.framer
+            .queue_message(frame.encoded_len(), |out| frame.encode_raw(out));
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), TransportError> {
-        self.write_out().await
+        self.framer.write_out(&mut self.io).await.map_err(io_error)
     }
 
     async fn close(&mut self, code: CloseCode, reason: &str) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if !self.close_sent {
-                frame::encode_close(code.code(), reason, &mut self.output);
-                self.close_sent = true;
-            }
-            self.write_out().await?;
+            self.framer.queue_close(code.code(), reason);
+            self.framer
+                .write_out(&mut self.io)
+                .await
+                .map_err(io_error)?;
             // Wait for the device's Close, so the close is clean on both sides.
             while self.recv().await?.is_some() {}
             self.io.shutdown().await.map_err(io_error)
         })
         .await;
+    }
+}
+
+fn frame_error(error: FrameError) -> TransportError {
+    match error {
+        FrameError::TooBig(_) => TransportError::TooBig,
+        FrameError::Protocol(reason) => TransportError::Malformed(reason.into()),
     }
 }
 
@@ -457,11 +319,20 @@ mod tests {
 
     use tokio::io::AsyncReadExt as _;
 
+    use pigeon_proto::websocket::{self as frame, Opcode};
+
     use super::*;
     use crate::config::AppSettings;
     use crate::node::Node;
     use crate::session::SessionConfig;
     use crate::store::embedded::EmbeddedStore;
+
+    /// A frame as a device sends it: masked, ending its message or not.
+    fn masked(fin: bool, opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_frame(fin, opcode, payload, Some(rand::random()), &mut out);
+        out
+    }
 
     fn app() -> AppSettings {
         AppSettings {
@@ -525,7 +396,7 @@ mod tests {
     }
 
     fn client_bytes(frame: &pigeon_proto::device::ClientFrame) -> Vec<u8> {
-        frame::client_frame(0x82, &frame.encode_to_vec(), [7, 1, 9, 3])
+        masked(true, Opcode::Binary, &frame.encode_to_vec())
     }
 
     /// Sends an upgrade request with `then` in the same write (a client that pipelines its
@@ -593,9 +464,9 @@ mod tests {
         }
         .encode_to_vec();
         let (head, tail) = ack.split_at(1);
-        let mut bytes = frame::client_frame(0x02, head, [1, 2, 3, 4]);
-        bytes.extend(frame::client_frame(0x89, b"are you there", [5, 6, 7, 8]));
-        bytes.extend(frame::client_frame(0x80, tail, [9, 9, 9, 9]));
+        let mut bytes = masked(false, Opcode::Binary, head);
+        bytes.extend(masked(true, Opcode::Ping, b"are you there"));
+        bytes.extend(masked(true, Opcode::Continuation, tail));
         client.write_all(&bytes).await.unwrap();
         assert_eq!(
             read_frame(&mut client).await,
@@ -606,7 +477,7 @@ mod tests {
         let mut close = 1000u16.to_be_bytes().to_vec();
         close.extend_from_slice(b"bye");
         client
-            .write_all(&frame::client_frame(0x88, &close, [1, 1, 1, 1]))
+            .write_all(&masked(true, Opcode::Close, &close))
             .await
             .unwrap();
         let (first, payload) = read_frame(&mut client).await;

@@ -2,7 +2,7 @@
 //! upgrade request in, a 101 (or an error with a JSON body) out.
 
 use base64::Engine as _;
-use sha1::{Digest as _, Sha1};
+use pigeon_proto::websocket::accept_key;
 
 /// Headers an upgrade request may carry, at most.
 const MAX_HEADERS: usize = 32;
@@ -140,15 +140,6 @@ fn values<'a>(
         .filter_map(|header| std::str::from_utf8(header.value).ok())
 }
 
-/// The Sec-WebSocket-Accept value for a request's key (RFC 6455 section 4.2.2).
-fn accept_key(key: &str) -> String {
-    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-    let mut sha1 = Sha1::new();
-    sha1.update(key.as_bytes());
-    sha1.update(GUID);
-    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,7 +156,6 @@ mod tests {
     #[test]
     fn answers_the_rfc_example_with_its_accept_key() {
         // RFC 6455 section 1.3: this key is answered with this accept value.
-        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         let request = request("");
         let Ok(Parsed::Upgrade { len, response }) = parse(request.as_bytes(), 8192) else {
             panic!("a valid upgrade");
