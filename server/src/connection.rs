@@ -366,9 +366,18 @@ async fn welcome_device<T: DeviceTransport>(
     if let Some(seq) = ack
         && let Err(error) = context.store.ack(token, seq).await
     {
-        tracing::warn!(%error, "persisting an ack failed");
+        ack_failed(&error);
     }
     Ok(())
+}
+
+/// Logs a failed ack write (throttled: a store outage fails every device's acks at once).
+/// The device gets those messages again after a reconnect: at least once.
+fn ack_failed(error: &crate::store::StoreError) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.allow() {
+        tracing::warn!(%error, suppressed, "persisting an ack failed");
+    }
 }
 
 /// Reads from the store while the session is behind and has room in its window, and sends
@@ -387,7 +396,10 @@ async fn catch_up<T: DeviceTransport>(
         {
             Ok(replay) => replay,
             Err(error) => {
-                tracing::warn!(%error, "reading the offline store failed; retrying");
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    tracing::warn!(%error, suppressed, "reading the offline store failed; retrying");
+                }
                 return Ok(false);
             }
         };
@@ -419,8 +431,7 @@ async fn on_frame<T: DeviceTransport>(
             .map_err(Ending::transport),
         Ok(FrameOutcome::Acked(seq)) => {
             if let Err(error) = context.store.ack(token, seq).await {
-                // The device will get these again after a reconnect: at least once.
-                tracing::warn!(%error, "persisting an ack failed");
+                ack_failed(&error);
             }
             Ok(())
         }

@@ -329,6 +329,11 @@ impl Session {
 
     /// Heartbeats: returns a Ping to send, or an error when the device has been silent past
     /// the idle deadline.
+    ///
+    /// Each heartbeat also marks the session behind, so it reads the store once more: a
+    /// push whose live delivery was lost (a gateway's Deliver call that timed out, a node
+    /// behind an open circuit breaker) reaches a device that stays connected by its next
+    /// heartbeat, not only when it reconnects. One store read per heartbeat per device.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<Option<ServerFrame>, SessionError> {
         if now >= self.last_heard + self.config.idle_timeout {
             return Err(SessionError::IdleTimeout);
@@ -339,6 +344,7 @@ impl Session {
         };
         if now >= quiet_since + self.config.heartbeat_interval {
             self.last_ping = Some(now);
+            self.caught_up = false;
             return Ok(Some(ServerFrame {
                 kind: Some(server_frame::Kind::Ping(Ping { nonce: 0 })),
             }));

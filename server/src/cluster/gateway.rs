@@ -7,10 +7,10 @@
 //!    next seq and returns the device's route. From here on, nothing is lost: the API
 //!    answers 202 only after every target is recorded, and 503 if any could not be;
 //! 3. fanned out: the routed targets are grouped by node, and each node gets Deliver calls
-//!    of at most `cluster.deliver_batch` targets, all nodes in parallel, each call under
-//!    the deliver deadline and the node's circuit breaker. A target that is not reached
-//!    live stays in the store and is replayed when the device reconnects (or at its next
-//!    push), on whichever node.
+//!    of at most `cluster.deliver_batch` targets, all nodes in parallel (at most 64 calls
+//!    in flight), each call under the deliver deadline and the node's circuit breaker. A
+//!    target that is not reached live stays in the store and is read from there at the
+//!    device's next heartbeat, push or reconnect, on whichever node.
 //!
 //! The gateway keeps no state another copy could not rebuild: only caches of node
 //! addresses, gRPC channels and breakers.
@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::StreamExt as _;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -111,8 +111,8 @@ impl Pusher for Gateway {
 }
 
 impl Gateway {
-    /// Sends Deliver calls to every node at once, in batches; returns how many targets
-    /// were handed to a live connection.
+    /// Sends Deliver calls to the nodes in batches, at most [`DELIVER_CALLS_IN_FLIGHT`] at
+    /// once; returns how many targets were handed to a live connection.
     async fn fan_out(
         &self,
         message: &Message,
@@ -147,9 +147,20 @@ impl Gateway {
                 }
             })
         });
-        join_all(calls).await.into_iter().sum()
+        // Collected first: the stream below needs the calls as values, not borrowed
+        // closures.
+        let calls: Vec<_> = calls.collect();
+        futures_util::stream::iter(calls)
+            .buffer_unordered(DELIVER_CALLS_IN_FLIGHT)
+            .fold(0u32, |live, delivered| async move { live + delivered })
+            .await
     }
 }
+
+/// Deliver calls one push keeps in flight, at most. A broadcast to a million devices is
+/// 2,000 batches: sent all at once, the nodes (busy writing those very pushes and taking
+/// the acks) missed their deadline on most of them and breakers opened.
+const DELIVER_CALLS_IN_FLIGHT: usize = 64;
 
 /// `targets` split into batches of at most `size`, without copying them.
 fn batches(mut targets: Vec<DeliverTarget>, size: usize) -> Vec<Vec<DeliverTarget>> {

@@ -304,3 +304,23 @@ fn a_device_ping_is_answered_and_a_second_hello_refused() {
         Err(CloseCode::ProtocolError)
     );
 }
+
+/// A live push lost on its way (a Deliver call that timed out) is in the store only; the
+/// next heartbeat makes a connected session read the store again and send it.
+#[test]
+fn a_heartbeat_reads_the_store_again_for_pushes_lost_on_the_way() {
+    let start = Instant::now();
+    let mut session = live_session(start);
+    assert_eq!(session.refill(), None, "caught up: no read while idle");
+    let ping = session
+        .handle_timeout(start + Duration::from_secs(30))
+        .expect("alive");
+    assert!(ping.is_some());
+    let request = session
+        .refill()
+        .expect("the heartbeat asks for a store read");
+    assert_eq!(request, Refill { after: 0, limit: 3 });
+    let frames = session.handle_refill(&[delivery(1)], false);
+    assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(session.refill(), None, "caught up again");
+}

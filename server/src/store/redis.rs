@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::future::try_join_all;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use pigeon_proto::Message as _;
 use pigeon_proto::store::StoredMessage;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -403,7 +403,7 @@ impl RedisStore {
                 })
             }
         });
-        let recorded = try_join_all(recordings).await?;
+        let recorded = bounded(recordings.collect()).await?;
         let targets = accept
             .targets
             .into_iter()
@@ -576,35 +576,44 @@ impl Registry for RedisStore {
         app: &str,
         uids: &[String],
     ) -> Result<Vec<Vec<String>>, StoreError> {
-        try_join_all(uids.iter().map(|uid| {
-            let key = self.keys.uid(app, uid);
-            let mut connection = self.connection();
-            async move {
-                redis::cmd("SMEMBERS")
-                    .arg(key)
-                    .query_async::<Vec<String>>(&mut connection)
-                    .await
-                    .map_err(backend)
-            }
-        }))
+        bounded(
+            uids.iter()
+                .map(|uid| {
+                    let key = self.keys.uid(app, uid);
+                    let mut connection = self.connection();
+                    async move {
+                        redis::cmd("SMEMBERS")
+                            .arg(key)
+                            .query_async::<Vec<String>>(&mut connection)
+                            .await
+                            .map_err(backend)
+                    }
+                })
+                .collect(),
+        )
         .await
     }
 
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>, StoreError> {
-        try_join_all(tokens.iter().map(|token| {
-            let key = plausible_token(token).then(|| self.keys.device(token));
-            let mut connection = self.connection();
-            async move {
-                let Some(key) = key else { return Ok(false) };
-                let owner: Option<String> = redis::cmd("HGET")
-                    .arg(key)
-                    .arg("app")
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(backend)?;
-                Ok(owner.as_deref() == Some(app))
-            }
-        }))
+        bounded(
+            tokens
+                .iter()
+                .map(|token| {
+                    let key = plausible_token(token).then(|| self.keys.device(token));
+                    let mut connection = self.connection();
+                    async move {
+                        let Some(key) = key else { return Ok(false) };
+                        let owner: Option<String> = redis::cmd("HGET")
+                            .arg(key)
+                            .arg("app")
+                            .query_async(&mut connection)
+                            .await
+                            .map_err(backend)?;
+                        Ok(owner.as_deref() == Some(app))
+                    }
+                })
+                .collect(),
+        )
         .await
     }
 }
@@ -707,6 +716,25 @@ impl OfflineStore for RedisStore {
             }
         }
     }
+}
+
+/// Commands of one operation in flight at once, at most.
+const IN_FLIGHT: usize = 512;
+
+/// Runs `operations` (one per target of a push, say) with at most [`IN_FLIGHT`] in flight,
+/// and collects their results in order; the first error ends it.
+///
+/// Each command's `cluster.redis_timeout` runs from when it is sent. With a large audience
+/// all in flight at once, the last commands would wait behind the first ones past their
+/// timeout: a push to 100,000 uids failed that way with all of them sent together.
+async fn bounded<T, F>(operations: Vec<F>) -> Result<Vec<T>, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    futures_util::stream::iter(operations)
+        .buffered(IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 #[cfg(test)]
