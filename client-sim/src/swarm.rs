@@ -236,36 +236,54 @@ pub struct SwarmSettings {
     pub options: ConnectOptions,
 }
 
-/// Runs a swarm until `quit` or the end of stdin.
-pub async fn run(devices: Vec<SwarmDevice>, settings: SwarmSettings) -> anyhow::Result<()> {
-    anyhow::ensure!(!settings.urls.is_empty(), "give at least one --url");
-    let stats = Arc::new(Stats::default());
-    let (phase_tx, phase_rx) = watch::channel(Phase::Waiting);
-    let count = devices.len() as u64;
-    let rate = f64::from(settings.connect_rate.max(1));
-    for (index, device) in devices.into_iter().enumerate() {
-        let url = settings.urls[index % settings.urls.len()].clone();
+/// What every device of a swarm shares.
+struct Shared {
+    settings: SwarmSettings,
+    stats: Stats,
+}
+
+impl Shared {
+    /// The URL and options device `index` connects with: URLs and source addresses are
+    /// handed out round robin.
+    fn target(&self, index: u32) -> (&str, ConnectOptions) {
+        let settings = &self.settings;
+        let index = index as usize;
         let mut options = settings.options.clone();
         if !settings.binds.is_empty() {
             options.bind = Some(settings.binds[index % settings.binds.len()]);
         }
+        (&settings.urls[index % settings.urls.len()], options)
+    }
+}
+
+/// Runs a swarm until `quit` or the end of stdin.
+pub async fn run(devices: Vec<SwarmDevice>, settings: SwarmSettings) -> anyhow::Result<()> {
+    anyhow::ensure!(!settings.urls.is_empty(), "give at least one --url");
+    let count = devices.len() as u64;
+    let rate = f64::from(settings.connect_rate.max(1));
+    let shared = Arc::new(Shared {
+        settings,
+        stats: Stats::default(),
+    });
+    let (phase_tx, phase_rx) = watch::channel(Phase::Waiting);
+    for (index, device) in devices.into_iter().enumerate() {
         let first_delay = Duration::from_secs_f64(index as f64 / rate);
         tokio::spawn(simulate(
-            device,
-            url,
-            options,
+            index as u32,
+            device.credential.into_boxed_str(),
             first_delay,
-            stats.clone(),
+            shared.clone(),
             phase_rx.clone(),
         ));
     }
+    let stats = &shared.stats;
     let progress = tokio::spawn({
-        let stats = stats.clone();
+        let shared = shared.clone();
         async move {
             let mut ticks = tokio::time::interval(Duration::from_millis(200));
             loop {
                 ticks.tick().await;
-                print_line("progress", &stats.progress());
+                print_line("progress", &shared.stats.progress());
             }
         }
     });
@@ -316,14 +334,18 @@ const CONNECT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// One device: connects when told, receives and acks, checks seqs, reconnects when its
 /// connection is lost, disconnects when told.
+///
+/// A device holds only its index, credential and session state; what all devices share
+/// (URLs, TLS options, counters) is behind one `Arc`. Connecting, acking and closing run
+/// in boxed futures, so the task itself is sized for waiting.
 async fn simulate(
-    device: SwarmDevice,
-    url: String,
-    options: ConnectOptions,
+    index: u32,
+    credential: Box<str>,
     first_delay: Duration,
-    stats: Arc<Stats>,
+    shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
 ) {
+    let stats = &shared.stats;
     let mut state = DeviceState::default();
     let mut first = true;
     let mut backoff = crate::Backoff::new(CONNECT_RETRY_BASE, CONNECT_RETRY_MAX);
@@ -339,19 +361,15 @@ async fn simulate(
             tokio::time::sleep(first_delay).await;
             first = false;
         }
-        // Boxed: connecting is the largest state a device passes through, and an unboxed
-        // future would size every device's task for it, waiting or connected.
-        let connecting = Box::pin(Connection::connect_with(
-            &url,
-            &device.credential,
-            &state,
-            &options,
-        ));
+        let connecting = Box::pin(async {
+            let (url, options) = shared.target(index);
+            Connection::connect_with(url, &credential, &state, &options).await
+        });
         let mut connection = match connecting.await {
             Ok(connection) => connection,
             Err(error) => {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(uid = %device.uid, %error, "connect failed");
+                tracing::debug!(device = index, %error, "connect failed");
                 // Exponential with jitter, as the SDK's devices do: a fleet refused at
                 // once (a node at its limit, a slow registry) must not come back at once
                 // and again, which turns an overload into a collapse.
@@ -360,7 +378,9 @@ async fn simulate(
             }
         };
         backoff.reset();
-        state.device_token = connection.welcome().device_token.clone();
+        if state.device_token != connection.welcome().device_token {
+            state.device_token = connection.welcome().device_token.clone();
+        }
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
         let told_to_leave = loop {
@@ -373,7 +393,7 @@ async fn simulate(
                         Step::Ack(push.seq)
                     }
                     Err(error) => {
-                        tracing::debug!(uid = %device.uid, %error, "connection lost");
+                        tracing::debug!(device = index, %error, "connection lost");
                         Step::Lost
                     }
                 },

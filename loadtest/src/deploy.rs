@@ -49,6 +49,8 @@ pub struct Plan {
     /// The nodes' heartbeat interval in seconds, when not their default; their idle timeout
     /// is then 2.5 heartbeats.
     pub heartbeat: Option<u64>,
+    /// The gateway's `limits.max_audience` (uids and tokens per push), when not its default.
+    pub max_audience: Option<usize>,
 }
 
 /// How the simulated devices reach the nodes.
@@ -169,6 +171,9 @@ impl Deployment {
             }
             if plan.transport == Transport::Quic {
                 command.env("PIGEON_LISTEN__QUIC", "127.0.0.1:0");
+            }
+            if let Some(max) = plan.max_audience {
+                command.env("PIGEON_LIMITS__MAX_AUDIENCE", max.to_string());
             }
             if let Some(seconds) = plan.heartbeat {
                 command

@@ -52,6 +52,9 @@ pub fn uid(index: usize) -> String {
     format!("u{index}")
 }
 
+/// Source addresses per simulator.
+const SOURCES: usize = 4;
+
 impl Fleet {
     /// Writes each simulator's devices (uid and a fresh credential for `deployment`'s app)
     /// to `work_dir` and starts the simulators against its nodes; the devices wait for
@@ -76,6 +79,14 @@ impl Fleet {
             sim.display()
         );
         let now = pigeon_server::message::unix_millis() / 1000;
+        // Each simulator connects from its own loopback addresses, SOURCES of them, so that
+        // no address runs out of source ports. The kernel picks a connection's source port
+        // at connect() (the simulator binds with IP_BIND_ADDRESS_NO_PORT), preferring even
+        // ports: ~14,000 of them in the default range. Once an address has used them all,
+        // every connect() searches the rest one 4-tuple lookup at a time: with one address
+        // per simulator, connects stalled at 945,600 (67 x 14,116) with 78% of the CPU in
+        // __inet_check_established (perf). Binding without that option reserved each port
+        // for every destination instead: 84% of the CPU in the bind search, at 896,000.
         let mut swarms = Vec::new();
         for index in 0..simulators {
             let mut text = String::new();
@@ -97,7 +108,6 @@ impl Fleet {
                 .arg("swarm")
                 .arg("--devices")
                 .arg(&file)
-                .args(["--bind", &format!("127.0.0.{}", 2 + index % 250)])
                 .args(["--connect-rate", &connect_rate.to_string()])
                 .env("PIGEON_LOG", "warn")
                 .stdin(Stdio::piped())
@@ -109,6 +119,9 @@ impl Fleet {
             }
             if let Some(ca) = ca {
                 command.arg("--ca").arg(ca);
+            }
+            for source in 0..SOURCES {
+                command.args(["--bind", &format!("127.0.{source}.{}", 2 + index % 250)]);
             }
             let mut child = command.spawn().context("starting pigeon-sim swarm")?;
             let stdin = child.stdin.take().context("no stdin")?;

@@ -10,8 +10,9 @@
 //!   kernel's socket memory, the simulator's bytes per device.
 //! - `unicast`: pushes to random uids at a target rate (HTTP or gRPC): achieved rate,
 //!   latency percentiles from send to device receipt, errors by kind.
-//! - `broadcast`: one message to every connected device: time to first and last delivery,
-//!   deliveries per second.
+//! - `broadcast`: one message to every connected device, in one push request whose audience
+//!   is every uid (`--audience` splits it): time to first and last delivery, deliveries per
+//!   second.
 //! - `reconnect-storm`: N devices with K stored messages each reconnect at once: time until
 //!   all are back and everything is replayed.
 
@@ -39,7 +40,8 @@ use report::{Percentiles, RunResult, Sample};
 /// Devices one simulator or one node process holds at most, by default (the open-file
 /// limit is 20,000 per process).
 const PER_PROCESS: usize = 15_000;
-/// Uids per push request (the API's default `limits.max_audience`).
+/// Uids per push request (the API's default `limits.max_audience`), except for a
+/// broadcast to a deployment the harness started.
 const AUDIENCE: usize = 1000;
 /// Push requests in flight at once when pushing to every device.
 const PARALLEL: usize = 8;
@@ -71,7 +73,15 @@ enum Scenario {
         api: Api,
     },
     /// One push to every connected device.
-    Broadcast(Common),
+    Broadcast {
+        #[command(flatten)]
+        common: Common,
+        /// Uids per push request. Default: every device in one request when the harness
+        /// starts the deployment (its gateway's `limits.max_audience` raised to match);
+        /// 1,000 (the API's default limit) against a running deployment.
+        #[arg(long)]
+        audience: Option<usize>,
+    },
     /// N devices with K stored messages each reconnect at once.
     ReconnectStorm {
         #[command(flatten)]
@@ -181,11 +191,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let (name, common) = match &cli.scenario {
         Scenario::Idle(common) => ("idle", common),
         Scenario::Unicast { common, .. } => ("unicast", common),
-        Scenario::Broadcast(common) => ("broadcast", common),
+        Scenario::Broadcast { common, .. } => ("broadcast", common),
         Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
     };
     anyhow::ensure!(common.devices > 0, "--devices must be at least 1");
-    let mut run = prepare(name, command, common).await?;
+    // A broadcast is one request to every device, so the gateway the harness starts must
+    // take an audience that large.
+    let max_audience = match &cli.scenario {
+        Scenario::Broadcast { audience, .. } => {
+            Some(audience.unwrap_or(common.devices).max(AUDIENCE))
+        }
+        _ => None,
+    };
+    let mut run = prepare(name, command, common, max_audience).await?;
     let outcome = match &cli.scenario {
         Scenario::Idle(common) => idle(&mut run, common).await,
         Scenario::Unicast {
@@ -203,7 +221,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             )
             .await
         }
-        Scenario::Broadcast(common) => broadcast(&mut run, common).await,
+        Scenario::Broadcast { common, audience } => {
+            let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
+                common.devices
+            } else {
+                AUDIENCE
+            });
+            broadcast(&mut run, common, audience.max(1)).await
+        }
         Scenario::ReconnectStorm { common, messages } => {
             reconnect_storm(&mut run, common, *messages).await
         }
@@ -214,7 +239,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     finish(run).await
 }
 
-async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result<Run> {
+async fn prepare(
+    name: &str,
+    command: String,
+    common: &Common,
+    max_audience: Option<usize>,
+) -> anyhow::Result<Run> {
     let out = common.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
             "loadtest-results/{name}-{}",
@@ -236,6 +266,7 @@ async fn prepare(name: &str, command: String, common: &Common) -> anyhow::Result
             redis_fsync: common.redis_fsync.clone(),
             transport: common.transport,
             heartbeat: common.heartbeat,
+            max_audience,
         })
         .await?
     } else {
@@ -451,7 +482,7 @@ async fn idle(run: &mut Run, common: &Common) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends pushes to `uids` in requests of at most [`AUDIENCE`] uids, [`PARALLEL`] at a time
+/// Sends pushes to `uids` in requests of at most `audience` uids, [`PARALLEL`] at a time
 /// (the Redis behind the gateway is one thread: more in flight only queue there); returns
 /// how many (uid, message) pairs were accepted: each simulated uid has one device, so that
 /// is what the devices must receive. (The API's own counts can be higher: a uid may also
@@ -459,11 +490,12 @@ async fn idle(run: &mut Run, common: &Common) -> anyhow::Result<()> {
 async fn push_to_all(
     deployment: &Deployment,
     uids: &[String],
+    audience: usize,
     payload: serde_json::Value,
     errors: &mut BTreeMap<String, u64>,
 ) -> u64 {
     let client = reqwest::Client::new();
-    let requests = uids.chunks(AUDIENCE).map(|chunk| {
+    let requests = uids.chunks(audience).map(|chunk| {
         let body = json!({"audience": {"uids": chunk}, "payload": payload, "ttl": 3600});
         let request = client
             .post(format!("{}/v1/push", deployment.http_url))
@@ -678,13 +710,20 @@ async fn expect_deliveries(run: &mut Run, expected: u64, timeout: Duration) -> a
     Ok(())
 }
 
-async fn broadcast(run: &mut Run, common: &Common) -> anyhow::Result<()> {
+async fn broadcast(run: &mut Run, common: &Common, audience: usize) -> anyhow::Result<()> {
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
     let mut errors = BTreeMap::new();
     let sent_us = unix_micros();
     let begin = Instant::now();
-    let accepted = push_to_all(&run.deployment, &uids, json!({"broadcast": 1}), &mut errors).await;
+    let accepted = push_to_all(
+        &run.deployment,
+        &uids,
+        audience,
+        json!({"broadcast": 1}),
+        &mut errors,
+    )
+    .await;
     let api_time = begin.elapsed().as_secs_f64();
     run.result.errors = errors;
     if accepted < common.devices as u64 {
@@ -693,8 +732,12 @@ async fn broadcast(run: &mut Run, common: &Common) -> anyhow::Result<()> {
             common.devices
         ));
     }
-    // What was accepted must arrive, all of it.
-    expect_deliveries(run, accepted, Duration::from_secs(60)).await?;
+    // What was accepted must arrive, all of it: a minute, a second per 10,000 devices, and
+    // one heartbeat interval (a device whose live delivery was lost reads the store at its
+    // next heartbeat).
+    let heartbeat = common.heartbeat.unwrap_or(30);
+    let patience = Duration::from_secs(60 + common.devices as u64 / 10_000 + heartbeat);
+    expect_deliveries(run, accepted, patience).await?;
     let reports = run.fleet.reports().await?;
     let first = reports
         .iter()
@@ -710,7 +753,7 @@ async fn broadcast(run: &mut Run, common: &Common) -> anyhow::Result<()> {
     let to_last = last.saturating_sub(sent_us) as f64 / 1e6;
     run.result.figure(
         "requests (uids per request)",
-        format!("{} ({AUDIENCE})", uids.len().div_ceil(AUDIENCE)),
+        format!("{} ({audience})", uids.len().div_ceil(audience)),
     );
     run.result
         .figure("API answered all (s)", round(api_time, 3));
@@ -739,7 +782,14 @@ async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> any
     let mut errors = BTreeMap::new();
     let mut accepted = 0;
     for k in 0..messages {
-        accepted += push_to_all(&run.deployment, &uids, json!({"stored": k}), &mut errors).await;
+        accepted += push_to_all(
+            &run.deployment,
+            &uids,
+            AUDIENCE,
+            json!({"stored": k}),
+            &mut errors,
+        )
+        .await;
     }
     run.result.errors = errors;
     let expected = (common.devices * messages) as u64;
