@@ -100,3 +100,91 @@ fn idle_over_wss_and_quic() {
         assert!(result["figures"]["node RSS per connection (bytes)"].is_number());
     }
 }
+
+/// A running `pigeon standalone`, killed when dropped.
+struct Standalone {
+    child: std::process::Child,
+    ws_url: String,
+    http_url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn standalone() -> Standalone {
+    use std::io::BufRead as _;
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(bin_dir().join("pigeon"))
+        .arg("standalone")
+        .env("PIGEON_DATA_DIR", data.path())
+        .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
+        .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
+        .env("PIGEON_APPS__0__ID", "smoke")
+        .env("PIGEON_APPS__0__API_KEY", "smoke-api-key-0123456789")
+        .env(
+            "PIGEON_APPS__0__SECRET",
+            "smoke-secret-0123456789abcdef-0123456789",
+        )
+        .env("PIGEON_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start pigeon standalone");
+    let stdout = child.stdout.take().expect("stdout");
+    let (mut ws_url, mut http_url) = (None, None);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("a line");
+        if let Some(url) = line.trim().strip_prefix("device websocket: ") {
+            ws_url = Some(url.trim().to_owned());
+        }
+        if let Some(url) = line.trim().strip_prefix("push api: ") {
+            http_url = Some(url.trim().trim_end_matches("/v1/push").to_owned());
+        }
+        if ws_url.is_some() && http_url.is_some() {
+            break;
+        }
+    }
+    // Keep reading, as a supervisor would, so the server never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Standalone {
+        child,
+        ws_url: ws_url.expect("the device URL"),
+        http_url: http_url.expect("the push API URL"),
+        _data: data,
+    }
+}
+
+#[test]
+fn a_running_deployment_is_driven_by_its_urls() {
+    let server = standalone();
+    let deployment = [
+        "--ws-url",
+        server.ws_url.as_str(),
+        "--http-url",
+        server.http_url.as_str(),
+        "--app",
+        "smoke",
+        "--api-key",
+        "smoke-api-key-0123456789",
+        "--secret",
+        "smoke-secret-0123456789abcdef-0123456789",
+    ];
+    let broadcast = run(&[&["broadcast"][..], &deployment].concat());
+    assert_eq!(broadcast["figures"]["pushes received"], 30);
+    assert_eq!(broadcast["figures"]["node processes"], 1);
+    let unicast = run(&[
+        &["unicast", "--rate", "50", "--duration", "1"][..],
+        &deployment,
+    ]
+    .concat());
+    assert_eq!(
+        unicast["figures"]["pushes received"],
+        unicast["figures"]["accepted pushes"]
+    );
+}

@@ -175,17 +175,20 @@ async fn run_standalone(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("pigeon standalone is running");
     let scheme = if running.websocket_tls { "wss" } else { "ws" };
-    println!("  device websocket: {scheme}://{}/", running.websocket_addr);
+    let mut banner = format!(
+        "pigeon standalone is running\n  device websocket: {scheme}://{}/\n",
+        running.websocket_addr
+    );
     if let Some(quic) = running.quic_addr {
-        println!("  device quic:      quic://{quic}/");
+        banner += &format!("  device quic:      quic://{quic}/\n");
     }
-    println!("  push api:         http://{}/v1/push", running.http_addr);
-    println!("  data directory:   {}", data_dir.display());
+    banner += &format!("  push api:         http://{}/v1/push\n", running.http_addr);
+    banner += &format!("  data directory:   {}\n", data_dir.display());
     for app in &running.apps {
-        println!("  app {}: api key {}", app.id, app.api_key);
+        banner += &format!("  app {}: api key {}\n", app.id, app.api_key);
     }
+    announce(&banner);
     tracing::info!(
         websocket = %running.websocket_addr,
         http = %running.http_addr,
@@ -207,14 +210,17 @@ async fn run_node(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("pigeon node {} is running", running.node_id);
     let scheme = if running.websocket_tls { "wss" } else { "ws" };
-    println!("  device websocket: {scheme}://{}/", running.websocket_addr);
+    let mut banner = format!(
+        "pigeon node {} is running\n  device websocket: {scheme}://{}/\n",
+        running.node_id, running.websocket_addr
+    );
     if let Some(quic) = running.quic_addr {
-        println!("  device quic:      quic://{quic}/");
+        banner += &format!("  device quic:      quic://{quic}/\n");
     }
-    println!("  node grpc:        {}", running.grpc_addr);
-    println!("  metrics:          http://{}/metrics", running.http_addr);
+    banner += &format!("  node grpc:        {}\n", running.grpc_addr);
+    banner += &format!("  metrics:          http://{}/metrics\n", running.http_addr);
+    announce(&banner);
     tracing::info!(node = %running.node_id, websocket = %running.websocket_addr, "ready");
     wait_for_signal().await;
     if running.shutdown().await {
@@ -232,9 +238,10 @@ async fn run_gateway(settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("pigeon gateway is running");
-    println!("  push api:         http://{}/v1/push", running.http_addr);
-    println!("  push grpc:        {}", running.grpc_addr);
+    announce(&format!(
+        "pigeon gateway is running\n  push api:         http://{}/v1/push\n  push grpc:        {}\n",
+        running.http_addr, running.grpc_addr
+    ));
     tracing::info!(http = %running.http_addr, grpc = %running.grpc_addr, "ready");
     wait_for_signal().await;
     if running.shutdown().await {
@@ -242,6 +249,17 @@ async fn run_gateway(settings: Settings) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Prints the startup banner in one write. A server outlives whoever reads
+/// its stdout: if that reader has gone (a closed pipe), the banner is lost
+/// and the server keeps serving; `println!` would panic instead.
+fn announce(banner: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(banner.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 async fn wait_for_signal() {

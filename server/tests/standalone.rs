@@ -564,3 +564,35 @@ async fn a_bad_config_exits_non_zero_naming_the_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("limits.max_payload_bytes"), "{stderr}");
 }
+
+/// Whoever started the server may stop reading its stdout (a supervisor that read the
+/// addresses and closed the pipe): printing the banner into a closed pipe must not stop it.
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_the_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = format!("127.0.0.1:{}", cluster::free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pigeon"))
+        .arg("standalone")
+        .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
+        .env("PIGEON_LISTEN__HTTP", &http)
+        .env("PIGEON_DATA_DIR", dir.path())
+        .env("PIGEON_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pigeon");
+    drop(child.stdout.take());
+    let metrics = format!("http://{http}/metrics");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while reqwest::get(&metrics).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The banner is written once the listeners are up; give it time to hit the pipe.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exited = child.try_wait().expect("try_wait");
+    let served = reqwest::get(&metrics).await.map(|r| r.status().as_u16());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(exited, None, "the server exited");
+    assert_eq!(served.ok(), Some(200));
+}
