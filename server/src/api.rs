@@ -188,11 +188,10 @@ const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let connections = state
-        .node
-        .as_ref()
-        .map_or(0, |node| node.connection_count());
-    let text = state.metrics.render(connections);
+    let (connections, parked) = state.node.as_ref().map_or((0, 0), |node| {
+        (node.connection_count(), node.parked_count())
+    });
+    let text = state.metrics.render(connections, parked);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

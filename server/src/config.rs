@@ -119,6 +119,11 @@ pub struct Limits {
     /// A device that has been silent this long is closed (4004).
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// A plain (ws) WebSocket connection with nothing to do for this long leaves its task
+    /// and waits in the node's parking lot (a few hundred bytes instead of a task); a frame,
+    /// a push or a timer brings it back. 0 parks as soon as a connection is idle.
+    #[serde(deserialize_with = "duration")]
+    pub park_after: Duration,
     /// Pushes sent to a device and not yet acknowledged; further ones wait in the store.
     pub ack_window: u32,
     /// Pushes queued in memory for one connection; past it the connection catches up from
@@ -221,6 +226,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
+            park_after: Duration::from_secs(1),
             ack_window: 32,
             outbound_queue: 64,
             max_stored_per_device: 1000,

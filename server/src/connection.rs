@@ -108,7 +108,7 @@ impl DeviceContext {
 
 /// Why the session loop ended: the code and reason to close with, if the device is still
 /// there to hear them.
-struct Ending {
+pub(crate) struct Ending {
     code: Option<CloseCode>,
     reason: String,
 }
@@ -140,6 +140,38 @@ impl Ending {
     }
 }
 
+/// An admitted device's session, apart from its transport: what the session loop keeps
+/// between events, and all of the session a parked connection keeps
+/// (see `websocket::park`).
+pub(crate) struct Live {
+    session: Session,
+    connection: Arc<crate::node::Connection>,
+    token: String,
+    /// When reading the store failed: the connection stays up and the read is retried then.
+    store_retry: Option<Instant>,
+}
+
+impl Live {
+    /// The connection's entry in the node's table.
+    pub(crate) fn connection(&self) -> &Arc<crate::node::Connection> {
+        &self.connection
+    }
+
+    /// When the session next has something to do on its own: a heartbeat, the idle
+    /// deadline, or a store read to retry.
+    pub(crate) fn wake_at(&self) -> Instant {
+        match self.store_retry {
+            Some(retry) => retry.min(self.session.deadline()),
+            None => self.session.deadline(),
+        }
+    }
+
+    /// The tracing span of this device's connection.
+    pub(crate) fn span(&self, peer: &SocketAddr) -> tracing::Span {
+        tracing::debug_span!("device", device.token = %self.token, peer.addr = %peer)
+    }
+}
+
 /// Runs a device connection from its first byte to its close. `accepted` is when the socket
 /// was accepted: the handshake deadline counts from there.
 ///
@@ -151,44 +183,100 @@ pub async fn run<T: DeviceTransport>(
     accepted: Instant,
     peer: &SocketAddr,
 ) {
-    // Everything the session needs from the handshake is made here, and the rest (the
-    // credential, the claims, the futures that checked them) is freed before the session
-    // starts: an idle connection keeps only what it must.
-    let Some(admission) = Box::pin(handshake(transport, context, accepted, *peer)).await else {
+    let Some(mut live) = Box::pin(open(transport, context, accepted, *peer)).await else {
         return;
     };
-    let span = tracing::debug_span!(
-        "device",
-        device.token = %admission.device_token,
-        peer.addr = %peer
-    );
+    let span = live.span(peer);
     async {
-        let token = admission.device_token.as_str();
-        let connection = context.node.register(token);
+        // Without a parking lot the loop only ends with the connection.
+        let ending = loop {
+            if let Err(ending) = drive(transport, context, &mut live, None).await {
+                break ending;
+            }
+        };
+        Box::pin(end(transport, context, live, ending, *peer)).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// The handshake, admission and Welcome: a device whose session is under way, or `None`
+/// when the connection ended (and the device was told why).
+///
+/// Everything the session needs from the handshake is made here, and the rest (the
+/// credential, the claims, the futures that checked them) is freed before the session
+/// starts: an idle connection keeps only what it must.
+pub(crate) async fn open<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    accepted: Instant,
+    peer: SocketAddr,
+) -> Option<Live> {
+    let admission = Box::pin(handshake(transport, context, accepted, peer)).await?;
+    let connection = context.node.register(&admission.device_token);
+    let (session, welcome, ack) =
+        Session::start(Instant::now(), &admission, context.session.clone());
+    let live = Live {
+        session,
+        connection,
+        token: admission.device_token,
+        store_retry: None,
+    };
+    let span = live.span(&peer);
+    async {
         // The route must be in the registry before the session reads the store: a push
         // recorded before it is in the store, one recorded after it is delivered here.
         let routed = match &context.presence {
-            Some(presence) => presence.online(token, connection.id()).await,
+            Some(presence) => presence.online(&live.token, live.connection.id()).await,
             None => Ok(()),
         };
-        let ending = match routed {
-            Ok(()) => drive(transport, context, &admission, &connection).await,
+        let welcomed = match routed {
+            Ok(()) => welcome_device(transport, context, &live.token, welcome, ack)
+                .await
+                .map_err(Ending::transport),
             Err(error) => {
                 static THROTTLE: Throttle = Throttle::new();
                 if let Some(suppressed) = THROTTLE.allow() {
                     tracing::warn!(%error, suppressed, "registering the device's route failed");
                 }
-                Ending::close(CloseCode::InternalError, "registry unavailable")
+                Err(Ending::close(
+                    CloseCode::InternalError,
+                    "registry unavailable",
+                ))
             }
         };
-        context.node.unregister(token, connection.id());
-        if let Some(presence) = &context.presence {
-            presence.offline(token, connection.id()).await;
+        match welcomed {
+            Ok(()) => Some(live),
+            Err(ending) => {
+                Box::pin(end(transport, context, live, ending, peer)).await;
+                None
+            }
         }
-        Box::pin(finish(transport, ending, *peer)).await;
     }
     .instrument(span)
     .await
+}
+
+/// Ends an admitted device's connection: out of the node's table and the registry's
+/// routes, then closed with the ending's code.
+pub(crate) async fn end<T: DeviceTransport>(
+    transport: &mut T,
+    context: &DeviceContext,
+    live: Live,
+    ending: Ending,
+    peer: SocketAddr,
+) {
+    forget(context, &live).await;
+    finish(transport, ending, peer).await;
+}
+
+/// Takes an admitted device out of the node's table and the registry's routes (its
+/// connection is over, or its socket is lost).
+pub(crate) async fn forget(context: &DeviceContext, live: &Live) {
+    context.node.unregister(&live.token, live.connection.id());
+    if let Some(presence) = &context.presence {
+        presence.offline(&live.token, live.connection.id()).await;
+    }
 }
 
 /// Reads the Hello before the handshake deadline and admits the device; `None` when the
@@ -296,37 +384,46 @@ enum Event {
     Timer,
 }
 
-/// The session loop of an admitted device.
+/// The session loop of an admitted device: returns `Err` with why the connection ends, or
+/// `Ok` when it had nothing to do for `park_after` (only when that is given) and may leave
+/// its task until a frame, a push or [`Live::wake_at`] comes.
 ///
 /// A node holds many more idle connections than busy ones, so this loop is shaped for the
 /// idle case: between events it holds the session, the transport and one small wait;
 /// handling an event runs in a boxed future that exists only while it runs.
-async fn drive<T: DeviceTransport>(
+pub(crate) async fn drive<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
-    admission: &Admission,
-    connection: &crate::node::Connection,
-) -> Ending {
-    let token = admission.device_token.as_str();
-    let (mut session, welcome, ack) =
-        Session::start(Instant::now(), admission, context.session.clone());
-    if let Err(error) = Box::pin(welcome_device(transport, context, token, welcome, ack)).await {
-        return Ending::transport(error);
-    }
-    // When reading the store failed: the connection stays up and the read is retried then.
-    let mut store_retry: Option<Instant> = None;
+    live: &mut Live,
+    park_after: Option<std::time::Duration>,
+) -> Result<(), Ending> {
+    let mut idle_since = Instant::now();
     loop {
+        let Live {
+            session,
+            token,
+            store_retry,
+            ..
+        } = &mut *live;
         if store_retry.is_none() && session.refill().is_some() {
-            match Box::pin(catch_up(transport, context, token, &mut session)).await {
+            match Box::pin(catch_up(transport, context, token, session)).await {
                 Ok(true) => {}
-                Ok(false) => store_retry = Some(Instant::now() + STORE_RETRY),
-                Err(error) => return Ending::transport(error),
+                Ok(false) => *store_retry = Some(Instant::now() + STORE_RETRY),
+                Err(error) => return Err(Ending::transport(error)),
             }
         }
-        let deadline = match store_retry {
-            Some(retry) => retry.min(session.deadline()),
-            None => session.deadline(),
-        };
+        let wake_at = live.wake_at();
+        // A connection waiting to retry the store keeps its task.
+        let park_at = park_after
+            .filter(|_| live.store_retry.is_none())
+            .map(|after| idle_since + after);
+        let deadline = park_at.map_or(wake_at, |park_at| park_at.min(wake_at));
+        let Live {
+            session,
+            connection,
+            token,
+            store_retry,
+        } = &mut *live;
         let event = tokio::select! {
             // Boxed: a frame is large, and `event` is kept while the event is handled.
             frame = transport.recv() => Event::Frame(Box::new(frame)),
@@ -334,22 +431,23 @@ async fn drive<T: DeviceTransport>(
             () = tokio::time::sleep_until(deadline.into()) => Event::Timer,
         };
         // Each event is handled in a boxed future, which exists only while it runs.
-        let handled = match event {
+        match event {
             Event::Frame(frame) => {
-                Box::pin(on_frame(transport, context, token, &mut session, *frame)).await
+                Box::pin(on_frame(transport, context, token, session, *frame)).await?;
             }
-            Event::Woken => Box::pin(on_woken(transport, context, &mut session, connection)).await,
+            Event::Woken => Box::pin(on_woken(transport, context, session, connection)).await?,
             Event::Timer => {
                 let now = Instant::now();
-                if store_retry.is_some_and(|retry| retry <= now) {
-                    store_retry = None;
+                if wake_at > now && park_at.is_some_and(|park_at| park_at <= now) {
+                    return Ok(());
                 }
-                Box::pin(on_timer(transport, context, &mut session, now)).await
+                if store_retry.is_some_and(|retry| retry <= now) {
+                    *store_retry = None;
+                }
+                Box::pin(on_timer(transport, context, session, now)).await?;
             }
-        };
-        if let Err(ending) = handled {
-            return ending;
         }
+        idle_since = Instant::now();
     }
 }
 

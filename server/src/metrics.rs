@@ -43,15 +43,19 @@ impl Metrics {
         self.pushes_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The metrics in the Prometheus text format, with the live connection count.
-    pub fn render(&self, connections: usize) -> String {
+    /// The metrics in the Prometheus text format, with the live connection count and how
+    /// many of those connections are parked (waiting without a task).
+    pub fn render(&self, connections: usize, parked: usize) -> String {
         let mut out = String::new();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
             "# HELP pigeon_connections Live device connections.\n\
              # TYPE pigeon_connections gauge\n\
-             pigeon_connections {connections}"
+             pigeon_connections {connections}\n\
+             # HELP pigeon_parked_connections Live connections idle in the parking lot, without a task.\n\
+             # TYPE pigeon_parked_connections gauge\n\
+             pigeon_parked_connections {parked}"
         );
         let _ = writeln!(
             out,
@@ -95,8 +99,9 @@ mod tests {
             dropped: 0,
         });
         metrics.push_duplicate();
-        let text = metrics.render(7);
+        let text = metrics.render(7, 5);
         assert!(text.contains("pigeon_connections 7\n"), "{text}");
+        assert!(text.contains("pigeon_parked_connections 5\n"), "{text}");
         assert!(
             text.contains("pigeon_pushes_total{result=\"accepted\"} 1\n"),
             "{text}"

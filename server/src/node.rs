@@ -9,8 +9,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
@@ -25,6 +25,8 @@ pub struct Node {
     next_connection_id: AtomicU64,
     queue_limit: usize,
     shutdown: CancellationToken,
+    /// Connections waiting without a task (see `websocket::park`).
+    parked: AtomicUsize,
 }
 
 /// One live device connection, as the rest of the node sees it.
@@ -76,6 +78,14 @@ impl Connection {
         } else {
             Poll::Pending
         }
+    }
+
+    /// Hands this connection's wake-up to `waker` while the connection has no task (it is
+    /// parked). Returns whether something is already waiting to be taken: then no wake
+    /// may come, and the caller must bring the connection back itself.
+    pub fn park(&self, waker: &Waker) -> bool {
+        self.waker.register(waker);
+        self.pending.load(Ordering::Acquire)
     }
 
     fn wake(&self) {
@@ -146,6 +156,7 @@ impl Node {
             next_connection_id: AtomicU64::new(1),
             queue_limit,
             shutdown,
+            parked: AtomicUsize::new(0),
         }
     }
 
@@ -229,6 +240,20 @@ impl Node {
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Live connections waiting without a task.
+    pub fn parked_count(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection that left its task (`true`) or got one back (`false`).
+    pub(crate) fn count_parked(&self, parked: bool) {
+        if parked {
+            self.parked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.parked.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

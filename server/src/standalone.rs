@@ -293,8 +293,7 @@ impl DeviceListeners {
             self.websocket,
             self.websocket_acceptor,
             context.clone(),
-            limits.max_connections,
-            limits.max_device_frame_bytes,
+            limits.clone(),
             tracker.clone(),
         ));
         if let Some(endpoint) = self.quic {

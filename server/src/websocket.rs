@@ -9,9 +9,11 @@
 //! uses too, and [`handshake`]) rather than a general WebSocket library's, for memory: an
 //! idle device connection is the most numerous thing a node holds, and general libraries
 //! keep read and write buffers, waker proxies and configuration per connection. Here an
-//! idle connection holds its socket and three empty `Vec`s. It speaks the part of RFC 6455
-//! a server of binary messages needs: the upgrade, masked client frames, fragmentation,
-//! ping/pong and the closing handshake; no extensions (compression) and no subprotocols.
+//! idle connection holds its socket and three empty `Vec`s, and a plain (ws) one that
+//! stays idle for `limits.park_after` gives up its task too and waits in the node's
+//! parking lot ([`park`]). It speaks the part of RFC 6455 a server of binary messages
+//! needs: the upgrade, masked client frames, fragmentation, ping/pong and the closing
+//! handshake; no extensions (compression) and no subprotocols.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,9 +28,53 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use tracing::Instrument as _;
+
+use crate::config::Limits;
 use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
 
 mod handshake;
+#[cfg(target_os = "linux")]
+mod park;
+
+/// Off Linux there is no parking lot: every connection keeps its task.
+#[cfg(not(target_os = "linux"))]
+mod park {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::net::TcpStream;
+    use tokio_util::task::TaskTracker;
+
+    use super::{Accepted, WebSocketTransport};
+    use crate::connection::Live;
+    use crate::node::Node;
+
+    pub(crate) enum Lot {}
+
+    impl Lot {
+        pub(crate) fn start(
+            _park_after: Duration,
+            _tracker: &TaskTracker,
+            _node: Arc<Node>,
+        ) -> std::io::Result<Arc<Self>> {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
+
+        pub(crate) fn park_after(&self) -> Option<Duration> {
+            match *self {}
+        }
+
+        pub(crate) fn park(
+            self: &Arc<Self>,
+            _transport: WebSocketTransport<TcpStream>,
+            _live: Live,
+            _accepted: Box<Accepted>,
+        ) {
+            match **self {}
+        }
+    }
+}
 
 use pigeon_proto::websocket::{FrameError, Framer, Inbound, Sender, read_some};
 
@@ -171,10 +217,22 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     context: Arc<DeviceContext>,
-    max_connections: usize,
-    max_frame: usize,
+    limits: Limits,
     tracker: TaskTracker,
 ) {
+    let (max_connections, max_frame) = (limits.max_connections, limits.max_device_frame_bytes);
+    // Idle plain connections leave their tasks for the parking lot. (A TLS stream's state
+    // lives in user space and cannot wait on a bare file descriptor.)
+    let lot = match tls {
+        Some(_) => None,
+        None => match park::Lot::start(limits.park_after, &tracker, context.node.clone()) {
+            Ok(lot) => Some(lot),
+            Err(error) => {
+                tracing::warn!(%error, "no parking lot: idle connections keep their tasks");
+                None
+            }
+        },
+    };
     let permits = Arc::new(Semaphore::new(max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let shutdown = context.node.shutdown().clone();
@@ -210,6 +268,7 @@ pub async fn serve(
             at: accepted_at,
             peer,
             max_frame,
+            lot: lot.clone(),
         });
         // Plain and TLS connections are separate task types, so a plain connection's task
         // is not sized for TLS state.
@@ -231,6 +290,8 @@ struct Accepted {
     at: Instant,
     peer: SocketAddr,
     max_frame: usize,
+    /// Where the connection waits while idle, if it may leave its task.
+    lot: Option<Arc<park::Lot>>,
 }
 
 impl Accepted {
@@ -257,8 +318,45 @@ fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()>
         let Some(mut transport) = upgrade.await else {
             return;
         };
-        serve_device(&mut transport, &accepted).await;
+        let Some(lot) = accepted.lot.clone().filter(|_| !accepted.refuse) else {
+            Box::pin(serve_device(&mut transport, &accepted)).await;
+            return;
+        };
+        let admitted = connection::open(
+            &mut transport,
+            &accepted.context,
+            accepted.at,
+            accepted.peer,
+        );
+        let Some(live) = Box::pin(admitted).await else {
+            return;
+        };
+        Box::pin(serve_parkable(transport, live, accepted, lot)).await;
     }
+}
+
+/// Runs an admitted plain connection until it ends, or until it has been idle long enough
+/// to leave its task for the parking lot (which brings it back here when it has something
+/// to do).
+async fn serve_parkable(
+    mut transport: WebSocketTransport<TcpStream>,
+    mut live: connection::Live,
+    accepted: Box<Accepted>,
+    lot: Arc<park::Lot>,
+) {
+    let span = live.span(&accepted.peer);
+    let context = &accepted.context;
+    let driven = connection::drive(&mut transport, context, &mut live, lot.park_after());
+    let ending = match driven.instrument(span.clone()).await {
+        Ok(()) => {
+            lot.park(transport, live, accepted);
+            return;
+        }
+        Err(ending) => ending,
+    };
+    connection::end(&mut transport, context, live, ending, accepted.peer)
+        .instrument(span)
+        .await;
 }
 
 /// The task of a TLS (wss) connection.
@@ -374,23 +472,22 @@ mod tests {
             at: Instant::now(),
             peer,
             max_frame: 4096,
+            lot: None,
         });
         (stream, accepted, client)
     }
 
-    /// What an idle plain connection costs the node is mostly its task: the future below in
-    /// tokio's task cell (about 150 bytes more, rounded up to 128), plus the socket's
-    /// registration and the connection-table entry. The bound keeps the cell within 1 KiB, so
-    /// a change cannot quietly grow it; BENCHMARKS.md has the measured RSS.
+    /// A busy plain connection's task holds the socket, the framing and boxed futures for
+    /// what it is doing; an idle one has none (it waits in the parking lot: see
+    /// `park::tests`). The bound keeps the task's own future from quietly growing.
     #[tokio::test]
     async fn a_plain_connection_task_stays_small() {
         let dir = tempfile::tempdir().unwrap();
         let (stream, accepted, _client) = accepted(context(dir.path())).await;
         let task = plain(stream, accepted);
         let size = std::mem::size_of_val(&task);
-        println!("plain connection task future: {size} bytes");
         assert!(
-            size <= 920,
+            size <= 256,
             "a plain connection's task future is {size} bytes"
         );
     }

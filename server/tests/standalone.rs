@@ -596,3 +596,58 @@ async fn a_closed_stdout_does_not_stop_the_server() {
     assert_eq!(exited, None, "the server exited");
     assert_eq!(served.ok(), Some(200));
 }
+
+/// The value of a gauge or counter line `name` on the server's /metrics.
+async fn metric(server: &Server, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{}/metrics", server.http_url))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the metric `name` reads `value`.
+async fn await_metric(server: &Server, name: &str, value: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let read = metric(server, name).await;
+        if read == Some(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {read:?}, never {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Idle connections leave their tasks for the parking lot (the test servers park at once);
+/// a push brings one back, it delivers, and it parks again. The lot's other wake-ups
+/// (frames, heartbeats, close requests, the drain) are what every other test here runs on.
+#[tokio::test]
+async fn idle_connections_wait_parked_and_pushes_bring_them_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut devices = Vec::new();
+    for uid in ["pia", "pat", "pim"] {
+        devices.push(connect(&server, uid, &DeviceState::default()).await);
+    }
+    await_metric(&server, "pigeon_connections", 3).await;
+    await_metric(&server, "pigeon_parked_connections", 3).await;
+
+    for round in 1..=3 {
+        server.push_to("pat", json!({ "round": round })).await;
+        let push = next_push(&mut devices[1]).await;
+        assert_eq!(push.seq, round);
+        assert_eq!(payload(&push), json!({ "round": round }));
+        // Its ack brings it back once more; then it waits parked again.
+        await_metric(&server, "pigeon_parked_connections", 3).await;
+    }
+    assert_no_push(&mut devices[0], Duration::from_millis(200)).await;
+    assert_no_push(&mut devices[2], Duration::from_millis(200)).await;
+    assert_eq!(metric(&server, "pigeon_connections").await, Some(3));
+}

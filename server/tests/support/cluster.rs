@@ -243,6 +243,7 @@ impl Deployment {
             .env("PIGEON_CLUSTER__DELIVER_TIMEOUT", "500ms")
             .env("PIGEON_LIMITS__DRAIN_TIMEOUT", "5s")
             .env("PIGEON_LOG", "warn")
+            .env("PIGEON_LIMITS__PARK_AFTER", "0s")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (key, value) in extra {

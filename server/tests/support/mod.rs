@@ -77,6 +77,9 @@ impl Server {
             .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
             .env("PIGEON_DATA_DIR", data_dir)
             .env("PIGEON_LOG", "warn")
+            // Every idle connection leaves its task at once: the suite runs through the
+            // parking lot (a push, a frame or a timer brings each connection back).
+            .env("PIGEON_LIMITS__PARK_AFTER", "0s")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (key, value) in &env {
