@@ -121,7 +121,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// A plain (ws) WebSocket connection with nothing to do for this long leaves its task
     /// and waits in the node's parking lot (a few hundred bytes instead of a task); a frame,
-    /// a push or a timer brings it back. 0 parks as soon as a connection is idle.
+    /// a push or a timer brings it back. 0 (the default) parks as soon as a connection is
+    /// idle; a connection whose device owes an ack or a pong waits at least a second.
     #[serde(deserialize_with = "duration")]
     pub park_after: Duration,
     /// Pushes sent to a device and not yet acknowledged; further ones wait in the store.
@@ -226,7 +227,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
-            park_after: Duration::from_secs(1),
+            park_after: Duration::ZERO,
             ack_window: 32,
             outbound_queue: 64,
             max_stored_per_device: 1000,
