@@ -464,6 +464,16 @@ impl Framer {
         }
     }
 
+    /// Whether the framing holds nothing: no bytes read or to write, no message being
+    /// assembled, no close sent. Such a framer is the same as a new one.
+    pub fn is_pristine(&self) -> bool {
+        self.input.is_empty()
+            && self.message.is_empty()
+            && self.output.is_empty()
+            && !self.fragmented
+            && !self.close_sent
+    }
+
     /// Whether frames wait to be written.
     pub fn has_output(&self) -> bool {
         !self.output.is_empty()
@@ -683,8 +693,14 @@ mod tests {
         let parsed = deliver(&mut node, &bytes).await;
         assert_eq!(parsed, vec![Inbound::Message(b"hello".to_vec())]);
 
+        assert!(
+            node.is_pristine(),
+            "a whole message read leaves nothing behind"
+        );
         node.queue_message(3, |out| out.extend_from_slice(b"hey"));
+        assert!(!node.is_pristine(), "a frame waits to be written");
         let bytes = wire(&mut node).await;
+        assert!(node.is_pristine());
         assert_eq!(bytes[1] & 0x80, 0, "a node does not mask");
         assert_eq!(
             deliver(&mut device, &bytes).await,
@@ -733,6 +749,28 @@ mod tests {
         let echo = wire(&mut node).await;
         assert_eq!(echo[0], 0x88);
         assert_eq!(close_code(&echo[2..]), 4003, "one Close: the echo");
+        assert!(!node.is_pristine(), "a framer that closed is not a new one");
+    }
+
+    /// Part of a frame, or part of a fragmented message, is state a new framer lacks.
+    #[tokio::test]
+    async fn a_framer_mid_frame_or_mid_message_is_not_pristine() {
+        let mut node = Framer::new(Sender::Client, 1024, Vec::new());
+        let mut bytes = Vec::new();
+        encode_frame(
+            false,
+            Opcode::Binary,
+            b"frag",
+            Some([1, 2, 3, 4]),
+            &mut bytes,
+        );
+        assert_eq!(deliver(&mut node, &bytes[..3]).await, vec![]);
+        assert!(!node.is_pristine(), "half a frame is buffered");
+        assert_eq!(
+            deliver(&mut node, &bytes[3..]).await,
+            vec![Inbound::Handled]
+        );
+        assert!(!node.is_pristine(), "half a message is assembled");
     }
 
     #[tokio::test]

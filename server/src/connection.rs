@@ -146,7 +146,8 @@ impl Ending {
 pub(crate) struct Live {
     session: Session,
     connection: Arc<crate::node::Connection>,
-    token: String,
+    /// The device token, shared with the node's table.
+    token: Arc<str>,
     /// When reading the store failed: the connection stays up and the read is retried then.
     store_retry: Option<Instant>,
 }
@@ -213,13 +214,13 @@ pub(crate) async fn open<T: DeviceTransport>(
     peer: SocketAddr,
 ) -> Option<Live> {
     let admission = Box::pin(handshake(transport, context, accepted, peer)).await?;
-    let connection = context.node.register(&admission.device_token);
     let (session, welcome, ack) =
         Session::start(Instant::now(), &admission, context.session.clone());
+    let token: Arc<str> = admission.device_token.into();
     let live = Live {
         session,
-        connection,
-        token: admission.device_token,
+        connection: context.node.register(&token),
+        token,
         store_retry: None,
     };
     let span = live.span(&peer);

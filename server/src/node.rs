@@ -21,7 +21,7 @@ use crate::message::Delivery;
 
 /// The live connections of one node, by device token.
 pub struct Node {
-    connections: DashMap<String, Arc<Connection>>,
+    connections: DashMap<Arc<str>, Arc<Connection>>,
     next_connection_id: AtomicU64,
     queue_limit: usize,
     shutdown: CancellationToken,
@@ -167,17 +167,14 @@ impl Node {
 
     /// Registers a new connection for `token`. An older connection of the same token is
     /// asked to close with [`CloseCode::Replaced`].
-    pub fn register(&self, token: &str) -> Arc<Connection> {
+    pub fn register(&self, token: &Arc<str>) -> Arc<Connection> {
         let connection = Arc::new(Connection {
             id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
             outbound: Mutex::new(Outbound::default()),
             pending: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        if let Some(older) = self
-            .connections
-            .insert(token.to_owned(), connection.clone())
-        {
+        if let Some(older) = self.connections.insert(token.clone(), connection.clone()) {
             older.close(CloseCode::Replaced);
         }
         // Registered after `shut_down` went through the table: close it here instead.
@@ -281,7 +278,7 @@ mod tests {
     #[test]
     fn a_full_queue_tells_the_connection_to_catch_up() {
         let node = Node::new(2, CancellationToken::new());
-        let connection = node.register("t");
+        let connection = node.register(&Arc::from("t"));
         assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);
         assert_eq!(node.deliver("t", delivery(2)), Delivered::Live);
         assert_eq!(node.deliver("t", delivery(3)), Delivered::Lagging);
@@ -298,8 +295,8 @@ mod tests {
     #[test]
     fn a_new_connection_replaces_the_old_one() {
         let node = Node::new(2, CancellationToken::new());
-        let old = node.register("t");
-        let new = node.register("t");
+        let old = node.register(&Arc::from("t"));
+        let new = node.register(&Arc::from("t"));
         assert_eq!(old.take().close, Some(CloseCode::Replaced));
         // The old connection's cleanup must not remove the new one.
         node.unregister("t", old.id());
@@ -311,18 +308,18 @@ mod tests {
     #[test]
     fn shutting_down_closes_connections_open_and_to_come() {
         let node = Node::new(2, CancellationToken::new());
-        let open = node.register("open");
+        let open = node.register(&Arc::from("open"));
         node.shut_down();
         assert!(node.shutdown().is_cancelled());
         assert_eq!(open.take().close, Some(CloseCode::GoingAway));
-        let late = node.register("late");
+        let late = node.register(&Arc::from("late"));
         assert_eq!(late.take().close, Some(CloseCode::GoingAway));
     }
 
     #[test]
     fn a_wake_before_the_wait_is_not_lost() {
         let node = Node::new(2, CancellationToken::new());
-        let connection = node.register("t");
+        let connection = node.register(&Arc::from("t"));
         let mut context = Context::from_waker(std::task::Waker::noop());
         assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
         assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);

@@ -25,7 +25,7 @@ use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use pigeon_proto::websocket::Framer;
+use pigeon_proto::websocket::{Framer, Sender};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -57,7 +57,9 @@ pub(crate) struct Lot {
 
 #[derive(Default)]
 struct State {
-    parked: Slab<Parked>,
+    /// Boxed: a slab grows by doubling, and a few hundred thousand inline entries would
+    /// leave the copies of its earlier sizes behind in the heap.
+    parked: Slab<Box<Parked>>,
     /// Each parked connection's wake-up time, with its key.
     timers: BTreeSet<(Instant, u64)>,
     /// Bumped at each park, so a stale key (a waker or readiness event of a connection
@@ -68,7 +70,8 @@ struct State {
 /// A connection without a task.
 struct Parked {
     stream: std::net::TcpStream,
-    framer: Framer,
+    /// `None` when it held nothing (most often): a new one is the same.
+    framer: Option<Box<Framer>>,
     live: Live,
     accepted: Box<Accepted>,
     wake_at: Instant,
@@ -182,15 +185,15 @@ impl Lot {
         let entry = state.parked.vacant_entry();
         let key = key(entry.key(), generation);
         let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
-        let parked = Parked {
-            framer,
+        let parked = Box::new(Parked {
+            framer: (!framer.is_pristine()).then(|| Box::new(framer)),
             live,
             accepted,
             wake_at,
             generation,
             _task: self.tracker.token(),
             stream,
-        };
+        });
         if let Err(error) = self
             .epoll
             .get_ref()
@@ -245,7 +248,7 @@ impl Lot {
         self.resume(parked);
     }
 
-    fn resume(self: &Arc<Self>, parked: Parked) {
+    fn resume(self: &Arc<Self>, parked: Box<Parked>) {
         let lot = self.clone();
         self.tracker.spawn_on(
             async move {
@@ -255,9 +258,13 @@ impl Lot {
                     live,
                     accepted,
                     ..
-                } = parked;
+                } = *parked;
                 match TcpStream::from_std(stream) {
                     Ok(io) => {
+                        let framer = framer.map_or_else(
+                            || Framer::new(Sender::Client, accepted.max_frame, Vec::new()),
+                            |framer| *framer,
+                        );
                         let transport = WebSocketTransport { io, framer };
                         Box::pin(super::serve_parkable(transport, live, accepted, lot)).await;
                     }
@@ -351,13 +358,13 @@ impl Lot {
 mod tests {
     use super::*;
 
-    /// What a parked connection keeps in the lot's slab: the socket, the framing's empty
-    /// buffers, the session, its table entry and token, the accept record's box and the
-    /// timer's key. (Beside it, outside the slab: the accept record, the table entry, the
-    /// waker and the timer's place in the set; BENCHMARKS.md has the measured RSS.)
+    /// What a parked connection keeps in its box in the lot: the socket, the session, its
+    /// table entry and token, the accept record's box and the timer's key (the framing
+    /// only when it holds something). Beside it: the accept record, the table entry, the
+    /// waker and the timer's place in the set; BENCHMARKS.md has the measured RSS.
     #[test]
     fn a_parked_connection_stays_small() {
         let size = size_of::<Parked>();
-        assert!(size <= 288, "a parked connection is {size} bytes");
+        assert!(size <= 192, "a parked connection is {size} bytes");
     }
 }
