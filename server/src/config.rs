@@ -122,7 +122,7 @@ pub struct Limits {
     /// A plain (ws) WebSocket connection with nothing to do for this long leaves its task
     /// and waits in the node's parking lot (a few hundred bytes instead of a task); a frame,
     /// a push or a timer brings it back. 0 (the default) parks as soon as a connection is
-    /// idle; a connection whose device owes an ack or a pong waits at least a second.
+    /// idle.
     #[serde(deserialize_with = "duration")]
     pub park_after: Duration,
     /// Pushes sent to a device and not yet acknowledged; further ones wait in the store.

@@ -414,15 +414,12 @@ pub(crate) async fn drive<T: DeviceTransport>(
             }
         }
         let wake_at = live.wake_at();
-        // A connection waiting to retry the store keeps its task; one whose device owes an
-        // answer (an ack, a pong) keeps it a moment longer, for the answer is most likely
-        // on its way.
+        // A connection waiting to retry the store keeps its task. One whose device owes an
+        // answer (an ack, a pong) does not: under load answers are slow, and thousands of
+        // tasks waiting for them at once would leave the heap fragmented long after.
         let park_at = park_after
             .filter(|_| live.store_retry.is_none())
-            .map(|after| match live.session.awaiting_device() {
-                true => idle_since + after.max(AWAIT_ANSWER),
-                false => idle_since + after,
-            });
+            .map(|after| idle_since + after);
         let deadline = park_at.map_or(wake_at, |park_at| park_at.min(wake_at));
         let Live {
             session,
@@ -588,10 +585,6 @@ async fn on_timer<T: DeviceTransport>(
         Err(error) => Err(Ending::session(error)),
     }
 }
-
-/// How long a connection whose device owes an answer stays in its task before it may be
-/// parked anyway (a device that never answers must not hold a task until its idle timeout).
-const AWAIT_ANSWER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a session waits before reading the store again after a failed read.
 const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);

@@ -352,12 +352,6 @@ impl Session {
         Ok(None)
     }
 
-    /// Whether the device owes an answer: pushes sent and not acknowledged, or a ping not
-    /// answered.
-    pub fn awaiting_device(&self) -> bool {
-        !self.in_flight.is_empty() || self.last_ping.is_some_and(|ping| ping > self.last_heard)
-    }
-
     /// The highest seq sent.
     pub fn last_sent(&self) -> u64 {
         self.last_sent

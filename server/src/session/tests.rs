@@ -324,34 +324,3 @@ fn a_heartbeat_reads_the_store_again_for_pushes_lost_on_the_way() {
     assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), vec![1]);
     assert_eq!(session.refill(), None, "caught up again");
 }
-
-#[test]
-fn the_device_owes_an_answer_for_unacked_pushes_and_unanswered_pings() {
-    let start = Instant::now();
-    let mut session = live_session(start);
-    assert!(!session.awaiting_device());
-    assert!(matches!(
-        session.handle_push(&delivery(1)),
-        PushOutcome::Send(_)
-    ));
-    assert!(session.awaiting_device(), "a push awaits its ack");
-    let later = start + Duration::from_secs(1);
-    assert_eq!(
-        session.handle_frame(later, ack(1)),
-        Ok(FrameOutcome::Acked(1))
-    );
-    assert!(!session.awaiting_device());
-
-    let ping_at = later + Duration::from_secs(30);
-    assert!(matches!(session.handle_timeout(ping_at), Ok(Some(_))));
-    assert!(session.awaiting_device(), "a ping awaits its pong");
-    let pong = ClientFrame {
-        kind: Some(client_frame::Kind::Pong(Pong { nonce: 0 })),
-    };
-    let answered = ping_at + Duration::from_millis(5);
-    assert_eq!(
-        session.handle_frame(answered, pong),
-        Ok(FrameOutcome::Nothing)
-    );
-    assert!(!session.awaiting_device());
-}
