@@ -69,6 +69,12 @@ pub trait DeviceTransport: Send {
 
     /// Closes the connection with a code and a reason, as politely as the deadline allows.
     fn close(&mut self, code: CloseCode, reason: &str) -> impl Future<Output = ()> + Send;
+
+    /// Whether nothing waits to be written: a connection may leave its task only then
+    /// (a parked connection is woken by what it reads, never by room to write).
+    fn is_at_rest(&self) -> bool {
+        true
+    }
 }
 
 /// Where a node tells the registry which devices it holds (cluster mode). Standalone mode
@@ -414,11 +420,11 @@ pub(crate) async fn drive<T: DeviceTransport>(
             }
         }
         let wake_at = live.wake_at();
-        // A connection waiting to retry the store keeps its task. One whose device owes an
-        // answer (an ack, a pong) does not: under load answers are slow, and thousands of
-        // tasks waiting for them at once would leave the heap fragmented long after.
+        // A connection waiting to retry the store, or to write, keeps its task. One whose
+        // device owes an answer (an ack, a pong) does not: under load answers are slow, and
+        // thousands of tasks waiting for them at once would leave the heap fragmented.
         let park_at = park_after
-            .filter(|_| live.store_retry.is_none())
+            .filter(|_| live.store_retry.is_none() && transport.is_at_rest())
             .map(|after| idle_since + after);
         let deadline = park_at.map_or(wake_at, |park_at| park_at.min(wake_at));
         let Live {
@@ -427,10 +433,14 @@ pub(crate) async fn drive<T: DeviceTransport>(
             token,
             store_retry,
         } = &mut *live;
+        // In this order: what the node has for the device, then what the device sent
+        // (frames already read come first), and only then the timer, so a connection never
+        // parks with a whole frame read and unhandled (nothing would wake it for that).
         let event = tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| connection.poll_woken(cx)) => Event::Woken,
             // Boxed: a frame is large, and `event` is kept while the event is handled.
             frame = transport.recv() => Event::Frame(Box::new(frame)),
-            () = std::future::poll_fn(|cx| connection.poll_woken(cx)) => Event::Woken,
             () = tokio::time::sleep_until(deadline.into()) => Event::Timer,
         };
         // Each event is handled in a boxed future, which exists only while it runs.
@@ -441,7 +451,8 @@ pub(crate) async fn drive<T: DeviceTransport>(
             Event::Woken => Box::pin(on_woken(transport, context, session, connection)).await?,
             Event::Timer => {
                 let now = Instant::now();
-                if wake_at > now && park_at.is_some_and(|park_at| park_at <= now) {
+                let idle = park_at.is_some_and(|park_at| park_at <= now);
+                if idle && wake_at > now && transport.is_at_rest() {
                     return Ok(());
                 }
                 if store_retry.is_some_and(|retry| retry <= now) {

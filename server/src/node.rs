@@ -80,11 +80,16 @@ impl Connection {
         }
     }
 
-    /// Hands this connection's wake-up to `waker` while the connection has no task (it is
-    /// parked). Returns whether something is already waiting to be taken: then no wake
-    /// may come, and the caller must bring the connection back itself.
-    pub fn park(&self, waker: &Waker) -> bool {
+    /// Hands this connection's wake-up to `waker`, for while the connection has no task (it
+    /// is parked). Only the connection's owner may call it, never while a task of the
+    /// connection polls [`Connection::poll_woken`].
+    pub fn hand_wake_to(&self, waker: &Waker) {
         self.waker.register(waker);
+    }
+
+    /// Whether something waits to be taken (a wake that came before the wake-up was handed
+    /// over went to the old waker: this is how the new owner learns of it).
+    pub fn has_pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
     }
 

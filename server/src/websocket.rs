@@ -189,6 +189,10 @@ impl<S: DeviceIo> DeviceTransport for WebSocketTransport<S> {
         self.framer.write_out(&mut self.io).await.map_err(io_error)
     }
 
+    fn is_at_rest(&self) -> bool {
+        !self.framer.has_output()
+    }
+
     async fn close(&mut self, code: CloseCode, reason: &str) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             self.framer.queue_close(code.code(), reason);
@@ -331,22 +335,24 @@ fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()>
         let Some(live) = Box::pin(admitted).await else {
             return;
         };
-        Box::pin(serve_parkable(transport, live, accepted, lot)).await;
+        let park_after = lot.park_after();
+        Box::pin(serve_parkable(transport, live, accepted, lot, park_after)).await;
     }
 }
 
-/// Runs an admitted plain connection until it ends, or until it has been idle long enough
-/// to leave its task for the parking lot (which brings it back here when it has something
-/// to do).
+/// Runs an admitted plain connection until it ends, or until it has been idle for
+/// `park_after` (if given) and leaves its task for the parking lot (which brings it back
+/// here when it has something to do).
 async fn serve_parkable(
     mut transport: WebSocketTransport<TcpStream>,
     mut live: connection::Live,
     accepted: Box<Accepted>,
     lot: Arc<park::Lot>,
+    park_after: Option<Duration>,
 ) {
     let span = live.span(&accepted.peer);
     let context = &accepted.context;
-    let driven = connection::drive(&mut transport, context, &mut live, lot.park_after());
+    let driven = connection::drive(&mut transport, context, &mut live, park_after);
     let ending = match driven.instrument(span.clone()).await {
         Ok(()) => {
             lot.park(transport, live, accepted);
@@ -584,6 +590,54 @@ mod tests {
             .await
             .expect("the connection ends after the closing handshake")
             .unwrap();
+    }
+
+    /// Frames that arrive together are all handled before the connection parks: with the
+    /// Hello, a Ping in the same write (read into the framing at once, so the socket has
+    /// nothing more to report) is answered, though the connection parks as soon as idle.
+    #[tokio::test]
+    async fn frames_read_together_are_handled_before_parking() {
+        let dir = tempfile::tempdir().unwrap();
+        let context = context(dir.path());
+        let tracker = TaskTracker::new();
+        let lot = park::Lot::start(Duration::ZERO, &tracker, context.node.clone()).unwrap();
+        for round in 0..20 {
+            let (stream, mut accepted, mut client) = accepted(context.clone()).await;
+            accepted.lot = Some(lot.clone());
+            tokio::spawn(plain(stream, accepted));
+            let hello = pigeon_proto::device::ClientFrame {
+                kind: Some(client_frame::Kind::Hello(Hello {
+                    credential: crate::auth::mint(
+                        &app(),
+                        &format!("pat{round}"),
+                        crate::message::unix_millis() / 1000,
+                        600,
+                    ),
+                    ..Default::default()
+                })),
+            };
+            let ping = pigeon_proto::device::ClientFrame {
+                kind: Some(client_frame::Kind::Ping(pigeon_proto::device::Ping {
+                    nonce: round,
+                })),
+            };
+            let mut both = client_bytes(&hello);
+            both.extend(client_bytes(&ping));
+            upgrade(&mut client, &both).await;
+            let (_, welcome) = read_frame(&mut client).await;
+            let welcome = ServerFrame::decode(&welcome[..]).unwrap();
+            assert!(matches!(welcome.kind, Some(server_frame::Kind::Welcome(_))));
+            let (_, pong) = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut client))
+                .await
+                .expect("the Ping read with the Hello is answered");
+            let pong = ServerFrame::decode(&pong[..]).unwrap();
+            assert_eq!(
+                pong.kind,
+                Some(server_frame::Kind::Pong(pigeon_proto::device::Pong {
+                    nonce: round
+                }))
+            );
+        }
     }
 
     /// A frame that breaks the protocol is answered with a close code saying so.

@@ -59,7 +59,8 @@ pub(crate) struct Lot {
 struct State {
     /// Boxed: a slab grows by doubling, and a few hundred thousand inline entries would
     /// leave the copies of its earlier sizes behind in the heap.
-    parked: Slab<Box<Parked>>,
+    /// `None`: reserved by a connection being parked, not yet findable.
+    parked: Slab<Option<Box<Parked>>>,
     /// Each parked connection's wake-up time, with its key.
     timers: BTreeSet<(Instant, u64)>,
     /// Bumped at each park, so a stale key (a waker or readiness event of a connection
@@ -179,12 +180,19 @@ impl Lot {
         };
         let connection = live.connection().clone();
         let wake_at = live.wake_at();
-        let mut state = self.state();
-        state.generation = state.generation.wrapping_add(1);
-        let generation = state.generation;
-        let entry = state.parked.vacant_entry();
-        let key = key(entry.key(), generation);
-        let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
+        // The slot is reserved first, so the connection's wake-up can be handed to the lot
+        // before anything can find the connection and resume it: a task resumed earlier
+        // would register its own waker, and this one would then replace it.
+        let (slot, generation) = {
+            let mut state = self.state();
+            state.generation = state.generation.wrapping_add(1);
+            (state.parked.insert(None), state.generation)
+        };
+        let key = key(slot, generation);
+        connection.hand_wake_to(&Waker::from(Arc::new(Unpark {
+            lot: Arc::downgrade(self),
+            key,
+        })));
         let parked = Box::new(Parked {
             framer: (!framer.is_pristine()).then(|| Box::new(framer)),
             live,
@@ -194,19 +202,25 @@ impl Lot {
             _task: self.tracker.token(),
             stream,
         });
+        let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
+        let mut state = self.state();
         if let Err(error) = self
             .epoll
             .get_ref()
             .0
             .add(&parked.stream, EpollEvent::new(interest, key))
         {
-            // Nothing would tell the lot the device spoke: keep the connection in a task.
+            // Nothing would tell the lot the device spoke: the connection stays in its task,
+            // and does not try to park again.
+            let _ = state.parked.try_remove(slot);
             drop(state);
             tracing::debug!(%error, "a connection could not be parked");
-            self.resume(parked);
+            self.resume(parked, false);
             return;
         }
-        entry.insert(parked);
+        if let Some(reserved) = state.parked.get_mut(slot) {
+            *reserved = Some(parked);
+        }
         self.node.count_parked(true);
         let earliest = state.timers.first().is_none_or(|&(at, _)| wake_at < at);
         state.timers.insert((wake_at, key));
@@ -214,13 +228,10 @@ impl Lot {
         if earliest {
             self.timer_added.notify_one();
         }
-        let waker = Waker::from(Arc::new(Unpark {
-            lot: Arc::downgrade(self),
-            key,
-        }));
-        // Something was delivered before the waker was in place, or the lot stopped taking
-        // connections (a drain's close request may have gone to the old task's waker).
-        if connection.park(&waker) || self.park_after().is_none() {
+        // Something was delivered before the wake-up was handed over (its wake reached the
+        // old task, or found the slot still reserved), or the lot stopped taking
+        // connections (a drain's close request may have gone the same way).
+        if connection.has_pending() || self.park_after().is_none() {
             self.unpark(key);
         }
     }
@@ -230,14 +241,17 @@ impl Lot {
         let (slot, generation) = split(key);
         let parked = {
             let mut state = self.state();
-            if state
-                .parked
-                .get(slot)
-                .is_none_or(|parked| parked.generation != generation)
-            {
+            // An empty slot is reserved by a connection still on its way in: its `park`
+            // looks at what woke it once it is in.
+            let Some(Some(parked)) = state.parked.get(slot) else {
+                return;
+            };
+            if parked.generation != generation {
                 return;
             }
-            let parked = state.parked.remove(slot);
+            let Some(Some(parked)) = state.parked.try_remove(slot) else {
+                return;
+            };
             self.node.count_parked(false);
             state.timers.remove(&(parked.wake_at, key));
             parked
@@ -245,10 +259,11 @@ impl Lot {
         // Before the socket is registered with tokio again. It is in the set unless it was
         // never added (a failed park), and a failed delete leaves at worst a stale key.
         let _ = self.epoll.get_ref().0.delete(&parked.stream);
-        self.resume(parked);
+        self.resume(parked, true);
     }
 
-    fn resume(self: &Arc<Self>, parked: Box<Parked>) {
+    /// Runs the connection in a new task; it may park again if `may_park`.
+    fn resume(self: &Arc<Self>, parked: Box<Parked>, may_park: bool) {
         let lot = self.clone();
         self.tracker.spawn_on(
             async move {
@@ -266,7 +281,10 @@ impl Lot {
                             |framer| *framer,
                         );
                         let transport = WebSocketTransport { io, framer };
-                        Box::pin(super::serve_parkable(transport, live, accepted, lot)).await;
+                        let park_after = lot.park_after().filter(|_| may_park);
+                        let served =
+                            super::serve_parkable(transport, live, accepted, lot, park_after);
+                        Box::pin(served).await;
                     }
                     Err(error) => {
                         tracing::debug!(%error, "a parked connection's socket could not be restored");
@@ -346,7 +364,7 @@ impl Lot {
             .state()
             .parked
             .iter()
-            .map(|(slot, parked)| key(slot, parked.generation))
+            .filter_map(|(slot, parked)| Some(key(slot, parked.as_ref()?.generation)))
             .collect();
         for key in keys {
             self.unpark(key);
