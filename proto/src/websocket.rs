@@ -598,26 +598,20 @@ mod tests {
             parse_header(&unmasked, 100, Sender::Client),
             Err(FrameError::Protocol("frames from a client must be masked"))
         );
-        let reserved = client_frame(0xC2, b"x", mask);
-        assert_eq!(
-            parse_header(&reserved, 100, Sender::Client),
-            Err(FrameError::Protocol("reserved bits set"))
-        );
-        let unknown = client_frame(0x83, b"x", mask);
-        assert_eq!(
-            parse_header(&unknown, 100, Sender::Client),
-            Err(FrameError::Protocol("unknown opcode"))
-        );
-        let fragmented_ping = client_frame(0x09, b"x", mask);
-        assert_eq!(
-            parse_header(&fragmented_ping, 100, Sender::Client),
-            Err(FrameError::Protocol("fragmented control frame"))
-        );
-        let long_ping = client_frame(0x89, &[0; 126], mask);
-        assert_eq!(
-            parse_header(&long_ping, 1000, Sender::Client),
-            Err(FrameError::Protocol("control frame over 125 bytes"))
-        );
+        let refusals: [(u8, &[u8], &str); 4] = [
+            (0xC2, b"x", "reserved bits set"),
+            (0x83, b"x", "unknown opcode"),
+            (0x09, b"x", "fragmented control frame"),
+            (0x89, &[0; 126], "control frame over 125 bytes"),
+        ];
+        for (first, payload, reason) in refusals {
+            let frame = client_frame(first, payload, mask);
+            assert_eq!(
+                parse_header(&frame, 1000, Sender::Client),
+                Err(FrameError::Protocol(reason)),
+                "first byte {first:#04x}"
+            );
+        }
         // The size is refused from the header alone, before the payload arrives.
         let big = client_frame(0x82, &[0; 5000], mask);
         assert_eq!(

@@ -99,20 +99,14 @@ async fn a_uid_with_several_devices_gets_the_push_on_each(transport: Transport) 
     assert_eq!(payload(&next_push(&mut tablet).await), json!("tablet only"));
     assert_no_push(&mut phone, Duration::from_millis(300)).await;
 
-    let metrics = reqwest::get(format!("{}/metrics", server.http_url))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(metrics.contains("pigeon_connections 2\n"), "{metrics}");
-    assert!(
-        metrics.contains("pigeon_pushes_total{result=\"accepted\"} 2\n"),
-        "{metrics}"
+    assert_eq!(metric(&server, "pigeon_connections").await, Some(2));
+    assert_eq!(
+        metric(&server, "pigeon_pushes_total{result=\"accepted\"}").await,
+        Some(2)
     );
-    assert!(
-        metrics.contains("pigeon_push_targets_total{state=\"delivered\"} 3\n"),
-        "{metrics}"
+    assert_eq!(
+        metric(&server, "pigeon_push_targets_total{state=\"delivered\"}").await,
+        Some(3)
     );
 }
 
