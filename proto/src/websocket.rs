@@ -702,14 +702,7 @@ mod tests {
         );
 
         // A fragmented message with a Ping between its fragments.
-        let mut bytes = Vec::new();
-        encode_frame(
-            false,
-            Opcode::Binary,
-            b"frag",
-            Some([1, 2, 3, 4]),
-            &mut bytes,
-        );
+        let mut bytes = first_fragment();
         encode_control(Opcode::Ping, b"p", Some([5, 6, 7, 8]), &mut bytes);
         encode_frame(
             true,
@@ -746,10 +739,8 @@ mod tests {
         assert!(!node.is_pristine(), "a framer that closed is not a new one");
     }
 
-    /// Part of a frame, or part of a fragmented message, is state a new framer lacks.
-    #[tokio::test]
-    async fn a_framer_mid_frame_or_mid_message_is_not_pristine() {
-        let mut node = Framer::new(Sender::Client, 1024, Vec::new());
+    /// The first fragment ("frag") of a masked binary message from a device.
+    fn first_fragment() -> Vec<u8> {
         let mut bytes = Vec::new();
         encode_frame(
             false,
@@ -758,6 +749,14 @@ mod tests {
             Some([1, 2, 3, 4]),
             &mut bytes,
         );
+        bytes
+    }
+
+    /// Part of a frame, or part of a fragmented message, is state a new framer lacks.
+    #[tokio::test]
+    async fn a_framer_mid_frame_or_mid_message_is_not_pristine() {
+        let mut node = Framer::new(Sender::Client, 1024, Vec::new());
+        let bytes = first_fragment();
         assert_eq!(deliver(&mut node, &bytes[..3]).await, vec![]);
         assert!(!node.is_pristine(), "half a frame is buffered");
         assert_eq!(
