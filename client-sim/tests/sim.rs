@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 struct Harness {
-    running: pigeon_server::standalone::Running,
+    running: pigeon_server::standalone::Standalone,
     _dir: tempfile::TempDir,
 }
 
@@ -38,7 +38,8 @@ impl Harness {
 
     fn credential(&self, uid: &str) -> String {
         let now = pigeon_server::message::unix_millis() / 1000;
-        pigeon_server::auth::mint(&self.running.apps[0], uid, now, 600)
+        let app = &self.running.apps[0];
+        pigeon_proto::credential::mint(&app.id, app.secret.as_bytes(), uid, now, 600)
     }
 }
 
@@ -50,7 +51,7 @@ fn sim(
 ) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_pigeon-sim"))
         .args(["connect", "--url"])
-        .arg(format!("ws://{}/", harness.running.websocket_addr))
+        .arg(format!("ws://{}/", harness.running.devices.websocket))
         .args(["--credential", credential, "--state"])
         .arg(state)
         .args(["--count", &count.to_string()])

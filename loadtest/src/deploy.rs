@@ -7,7 +7,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use pigeon_server::config::AppSettings;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -62,6 +61,18 @@ pub enum Transport {
     Wss,
     /// QUIC (a development certificate).
     Quic,
+}
+
+/// The app a run pushes as and connects devices of: the `[[apps]]` entry the harness gives
+/// the processes it starts, or the one a running deployment was given.
+#[derive(Clone, Debug)]
+pub struct AppSettings {
+    /// App id.
+    pub id: String,
+    /// API key of the push API.
+    pub api_key: String,
+    /// Secret that signs device credentials.
+    pub secret: String,
 }
 
 /// An app for the run, with random keys.

@@ -78,7 +78,9 @@ impl Fleet {
             "{} not found: build it (cargo build --release --bins) or pass --bin-dir",
             sim.display()
         );
-        let now = pigeon_server::message::unix_millis() / 1000;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
         // Each simulator connects from its own loopback addresses, SOURCES of them, so that
         // no address runs out of source ports. The kernel picks a connection's source port
         // at connect() (the simulator binds with IP_BIND_ADDRESS_NO_PORT), preferring even
@@ -93,7 +95,13 @@ impl Fleet {
             // Device i belongs to simulator i % simulators, and connects to node i % nodes.
             for device in (index..devices).step_by(simulators) {
                 let uid = uid(device);
-                let credential = pigeon_server::auth::mint(app, &uid, now, 24 * 3600);
+                let credential = pigeon_proto::credential::mint(
+                    &app.id,
+                    app.secret.as_bytes(),
+                    &uid,
+                    now,
+                    24 * 3600,
+                );
                 text.push_str(&format!("{uid}\t{credential}\n"));
             }
             let file = work_dir.join(format!("devices-{index}.tsv"));

@@ -30,10 +30,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use pigeon_client::swarm::{Report, unix_micros};
-use pigeon_server::config::AppSettings;
 use serde_json::json;
 
-use deploy::{Deployment, Plan, Transport};
+use deploy::{AppSettings, Deployment, Plan, Transport};
 use fleet::Fleet;
 use report::{Percentiles, RunResult, Sample};
 
@@ -566,11 +565,9 @@ async fn unicast(
                 .clone()
                 .context("--api grpc needs the gateway's gRPC address (--grpc-addr)")?;
             Some(
-                pigeon_server::grpc::push::push_client::PushClient::connect(format!(
-                    "http://{addr}"
-                ))
-                .await
-                .context("connecting to the gRPC push API")?,
+                pigeon_proto::push::push_client::PushClient::connect(format!("http://{addr}"))
+                    .await
+                    .context("connecting to the gRPC push API")?,
             )
         }
     };
@@ -607,7 +604,7 @@ async fn unicast(
                         let key = api_key.clone();
                         tasks.spawn(async move {
                             let mut request =
-                                tonic::Request::new(pigeon_server::grpc::push::PushRequest {
+                                tonic::Request::new(pigeon_proto::push::PushRequest {
                                     uids: vec![uid],
                                     payload_json: payload.to_string(),
                                     ttl_seconds: Some(3600),

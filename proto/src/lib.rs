@@ -3,8 +3,13 @@
 //! # Layout
 //! - [`device`]: the device protocol spoken between a device and a connection node
 //!   (`proto/pigeon/device.proto`), plus [`CloseCode`], the close codes both transports use.
+//! - [`credential`]: device credentials (HS256 JWTs): minted by app backends (and by
+//!   `pigeon token`, the load-test harness), checked by connection nodes.
 //! - [`store`]: the stored form of a message waiting for a device (`proto/pigeon/store.proto`),
 //!   shared by the embedded and the Redis offline stores.
+//! - `cluster` and `push` (feature `grpc`): the gRPC services of cluster mode, a node's
+//!   internal API (`proto/pigeon/cluster.proto`: `Deliver`, `Takeover`) and the push API
+//!   (`proto/pigeon/push.proto`), client and server.
 //! - [`framing`]: frames on a byte stream (QUIC), each behind a varint length prefix.
 //! - [`websocket`]: RFC 6455 frames and the handshake's accept key, for both the node and
 //!   the device side of a WebSocket connection.
@@ -31,6 +36,34 @@ mod generated {
 pub use generated::pigeon::device::v1 as device;
 /// The stored message format (`pigeon.store.v1`).
 pub use generated::pigeon::store::v1 as store;
+
+/// The generated gRPC services, nested as their protobuf packages are.
+#[cfg(feature = "grpc")]
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod generated_grpc {
+    pub mod pigeon {
+        pub mod cluster {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/pigeon.cluster.v1.rs"));
+            }
+        }
+        pub mod push {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/pigeon.push.v1.rs"));
+            }
+        }
+    }
+}
+
+/// A connection node's internal API (`pigeon.cluster.v1`), which gateways and other nodes
+/// call.
+#[cfg(feature = "grpc")]
+pub use generated_grpc::pigeon::cluster::v1 as cluster;
+/// The push API over gRPC (`pigeon.push.v1`).
+#[cfg(feature = "grpc")]
+pub use generated_grpc::pigeon::push::v1 as push;
+
+pub mod credential;
 
 pub use prost::Message;
 

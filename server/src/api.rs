@@ -1,8 +1,12 @@
-//! The push API over HTTP/JSON (docs/openapi.yaml).
+//! The HTTP API (docs/openapi.yaml), in two parts a process composes as its role needs:
 //!
-//! - `POST /v1/push`: push a message to uids and/or device tokens.
-//! - `GET /healthz`: liveness.
-//! - `GET /metrics`: Prometheus metrics.
+//! - [`push_routes`]: `POST /v1/push`, push a message to uids and/or device tokens
+//!   (standalone, gateway);
+//! - [`ops_routes`]: `GET /healthz` (liveness) and `GET /metrics` (Prometheus), and a JSON
+//!   404 for anything else (every role).
+//!
+//! It also holds what the gRPC push API shares with it: request validation
+//! ([`validate_push`]), API keys ([`app_for_authorization`]) and the error mapping.
 //!
 //! Every error answers with a status and a JSON body
 //! `{"error": {"code": "...", "message": "...", "field": "..."}}`; the mapping from
@@ -24,36 +28,34 @@ use serde_json::value::RawValue;
 
 use crate::config::{AppSettings, Limits};
 use crate::metrics::Metrics;
-use crate::node::Node;
-use crate::push::{PushOutcome, PushRequest, Pusher};
+use crate::push::{Pipeline, PushOutcome, PushRequest};
 use crate::store::StoreError;
 
-/// What the API handlers share.
-pub struct ApiState {
+/// What the push handlers (HTTP and gRPC) share.
+pub struct PushApi {
     /// The apps, by API key.
     pub apps: Vec<AppSettings>,
     /// Request limits.
     pub limits: Limits,
-    /// Where pushes go; none on a connection node of cluster mode, which serves only
-    /// `/healthz` and `/metrics`.
-    pub push: Option<Arc<dyn Pusher>>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// The node whose connections `/metrics` counts, if this process holds devices.
-    pub node: Option<Arc<Node>>,
+    /// Where accepted requests go.
+    pub pipeline: Arc<Pipeline>,
 }
 
-/// The API's routes.
-pub fn router(state: Arc<ApiState>) -> Router {
+/// `POST /v1/push`.
+pub fn push_routes(api: Arc<PushApi>) -> Router {
+    Router::new().route("/v1/push", post(push)).with_state(api)
+}
+
+/// `GET /healthz`, `GET /metrics`, and a JSON 404 for every other path.
+pub fn ops_routes(metrics: Arc<Metrics>) -> Router {
     Router::new()
-        .route("/v1/push", post(push))
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NotFound })
-        .with_state(state)
+        .with_state(metrics)
 }
 
 /// An API error, and what the caller sees of it.
@@ -187,56 +189,37 @@ enum PriorityBody {
 const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
 
-async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    let (connections, parked) = state.node.as_ref().map_or((0, 0), |node| {
-        (node.connection_count(), node.parked_count())
-    });
-    let text = state.metrics.render(connections, parked);
+async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
+    let text = metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn push(State(state): State<Arc<ApiState>>, request: Request) -> Response {
-    match handle_push(&state, request).await {
+async fn push(State(api): State<Arc<PushApi>>, request: Request) -> Response {
+    match handle_push(&api, request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
 }
 
-async fn handle_push(state: &ApiState, request: Request) -> Result<Response, ApiError> {
-    let Some(pusher) = &state.push else {
-        return Err(ApiError::NotFound);
-    };
-    let app = authenticate(&state.apps, request.headers())?;
-    let limits = &state.limits;
+async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiError> {
+    let app = authenticate(&api.apps, request.headers())?;
+    let limits = &api.limits;
     // Room for the payload plus a full audience of maximal ids, and the JSON around them.
     let body_limit = limits.max_payload_bytes + limits.max_audience * (MAX_ID_LEN + 8) + 4096;
     let body: Bytes = axum::body::to_bytes(request.into_body(), body_limit)
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body is over {body_limit} bytes")))?;
     let request = parse_push(&app.id, &body, limits)?;
-    let outcome = pusher.push(request).await.inspect_err(|_| {
-        state.metrics.push_failed();
-    })?;
-    let (status, body) = match outcome {
+    let body = match api.pipeline.push(request).await? {
         PushOutcome::Accepted {
             message_id,
             targets,
-        } => {
-            state.metrics.push_accepted(&targets);
-            (
-                StatusCode::ACCEPTED,
-                json!({"message_id": message_id, "targets": targets}),
-            )
-        }
+        } => json!({"message_id": message_id, "targets": targets}),
         PushOutcome::Duplicate { message_id } => {
-            state.metrics.push_duplicate();
-            (
-                StatusCode::ACCEPTED,
-                json!({"message_id": message_id, "duplicate": true}),
-            )
+            json!({"message_id": message_id, "duplicate": true})
         }
     };
-    Ok((status, axum::Json(body)).into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
 /// The app whose API key is in the `Authorization` header.
@@ -418,17 +401,6 @@ pub fn validate_push(
         collapse_key,
         idempotency_key: fields.idempotency_key,
     })
-}
-
-/// Serves the API on `listener` until `shutdown` is cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: Arc<ApiState>,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 #[cfg(test)]

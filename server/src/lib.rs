@@ -1,35 +1,50 @@
 //! Pigeon's server: connection nodes, the push API, the registry and the offline stores.
 //!
 //! # Layout
+//! Device connections:
 //! - [`session`]: the device-session state machine (handshake, seq/ack window, heartbeats,
 //!   replay), plain logic with time passed in.
-//! - [`connection`]: drives one device connection over any transport with a session.
-//! - [`websocket`]: the WebSocket transport (ws and wss) and its listener.
+//! - [`device`]: one device connection over any transport: admission (Hello, credential,
+//!   device token), the session loop, and the transport trait.
+//! - [`websocket`]: the WebSocket transport (ws and wss), its listener, and the parking lot
+//!   of idle plain connections.
 //! - [`quic`]: the QUIC transport and its listener.
 //! - [`tls`]: certificates for wss and QUIC, and development certificates.
-//! - [`node`]: the table of live connections and delivery into them.
-//! - [`push`]: the push service: resolve the audience, store, deliver.
-//! - [`api`]: the HTTP/JSON push API.
-//! - [`store`]: the [`store::Registry`] and [`store::OfflineStore`] traits, and the embedded
-//!   (redb) implementation of standalone mode.
-//! - [`auth`]: device credentials (HS256 JWTs).
+//! - [`connections`]: a process's table of live connections, and delivery into them.
+//!
+//! Pushes:
+//! - [`push`]: the push pipeline (resolve, record, deliver, count) and its one seam, the
+//!   [`push::Fanout`]: the process's own connection table, or the nodes over gRPC.
+//! - [`api`]: the HTTP API (push routes, health and metrics routes), request validation.
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
-//! - [`metrics`]: counters for `GET /metrics` (Prometheus text format).
-//! - [`log_throttle`]: one warning a second from a call site that fails per device.
+//!
+//! State:
+//! - [`store`]: the [`store::Registry`] and [`store::OfflineStore`] traits and the rules both
+//!   stores keep; the embedded (redb) store of standalone mode and the Redis store of
+//!   cluster mode.
+//!
+//! Processes:
+//! - [`process`]: the parts every role is composed from (listeners, device listeners and
+//!   their drain, the HTTP server, start errors).
+//! - [`standalone`]: `pigeon standalone`, everything in one process.
+//! - [`cluster`]: `pigeon node` and `pigeon gateway` around Redis, cluster membership
+//!   (leases, routes) and the gateway's fan-out to the nodes.
 //! - [`config`]: settings from TOML and `PIGEON_*` variables.
-//! - [`standalone`]: standalone mode, all of the above in one process.
+//! - [`metrics`]: counters and gauges for `GET /metrics` (Prometheus text format).
+//! - [`log_throttle`]: one warning a second from a call site that fails per device.
+//!
+//! Device credentials (JWTs) and the gRPC services are wire formats, in `pigeon-proto`.
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod auth;
 pub mod cluster;
 pub mod config;
-pub mod connection;
-pub mod grpc;
+pub mod connections;
+pub mod device;
 pub mod log_throttle;
 pub mod message;
 pub mod metrics;
-pub mod node;
+pub mod process;
 pub mod push;
 pub mod quic;
 pub mod session;

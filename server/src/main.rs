@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use pigeon_server::config::{Settings, parse_duration};
-use pigeon_server::{auth, cluster, message, standalone};
+use pigeon_server::process::{Running, StartError};
+use pigeon_server::{cluster, message, standalone};
 
 /// Pigeon, a self-hosted long-connection push server.
 #[derive(Parser, Debug)]
@@ -73,9 +74,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone { config } => serve(config, run_standalone),
-        Command::Node { config } => serve(config, run_node),
-        Command::Gateway { config } => serve(config, run_gateway),
+        Command::Standalone { config } => {
+            serve(config, |settings| run(standalone::start(settings)))
+        }
+        Command::Node { config } => serve(config, |settings| run(cluster::node::start(settings))),
+        Command::Gateway { config } => {
+            serve(config, |settings| run(cluster::gateway::start(settings)))
+        }
         Command::Cert { dev: _, out } => match pigeon_server::tls::write_dev_certificate(&out) {
             Ok(files) => {
                 println!(
@@ -123,7 +128,14 @@ fn main() -> ExitCode {
             };
             let ttl = ttl.unwrap_or(settings.limits.credential_ttl);
             let now = message::unix_millis() / 1000;
-            println!("{}", auth::mint(app_settings, &uid, now, ttl.as_secs()));
+            let credential = pigeon_proto::credential::mint(
+                &app_settings.id,
+                app_settings.secret.as_bytes(),
+                &uid,
+                now,
+                ttl.as_secs(),
+            );
+            println!("{credential}");
             ExitCode::SUCCESS
         }
     }
@@ -166,83 +178,18 @@ fn init_tracing(filter: &str) {
         .init();
 }
 
-async fn run_standalone(settings: Settings) -> ExitCode {
-    let data_dir = settings.data_dir.clone();
-    let running = match standalone::start(settings).await {
+/// Runs a process of any role: starts it, prints its banner, serves until SIGTERM or
+/// SIGINT, then drains.
+async fn run<R: Running>(start: impl Future<Output = Result<R, StartError>>) -> ExitCode {
+    let running = match start.await {
         Ok(running) => running,
         Err(error) => {
             eprintln!("pigeon: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let scheme = if running.websocket_tls { "wss" } else { "ws" };
-    let mut banner = format!(
-        "pigeon standalone is running\n  device websocket: {scheme}://{}/\n",
-        running.websocket_addr
-    );
-    if let Some(quic) = running.quic_addr {
-        banner += &format!("  device quic:      quic://{quic}/\n");
-    }
-    banner += &format!("  push api:         http://{}/v1/push\n", running.http_addr);
-    banner += &format!("  data directory:   {}\n", data_dir.display());
-    for app in &running.apps {
-        banner += &format!("  app {}: api key {}\n", app.id, app.api_key);
-    }
-    announce(&banner);
-    tracing::info!(
-        websocket = %running.websocket_addr,
-        http = %running.http_addr,
-        "ready"
-    );
-    wait_for_signal().await;
-    if running.shutdown().await {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-async fn run_node(settings: Settings) -> ExitCode {
-    let running = match cluster::node::start(settings).await {
-        Ok(running) => running,
-        Err(error) => {
-            eprintln!("pigeon: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let scheme = if running.websocket_tls { "wss" } else { "ws" };
-    let mut banner = format!(
-        "pigeon node {} is running\n  device websocket: {scheme}://{}/\n",
-        running.node_id, running.websocket_addr
-    );
-    if let Some(quic) = running.quic_addr {
-        banner += &format!("  device quic:      quic://{quic}/\n");
-    }
-    banner += &format!("  node grpc:        {}\n", running.grpc_addr);
-    banner += &format!("  metrics:          http://{}/metrics\n", running.http_addr);
-    announce(&banner);
-    tracing::info!(node = %running.node_id, websocket = %running.websocket_addr, "ready");
-    wait_for_signal().await;
-    if running.shutdown().await {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-async fn run_gateway(settings: Settings) -> ExitCode {
-    let running = match cluster::gateway::start(settings).await {
-        Ok(running) => running,
-        Err(error) => {
-            eprintln!("pigeon: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    announce(&format!(
-        "pigeon gateway is running\n  push api:         http://{}/v1/push\n  push grpc:        {}\n",
-        running.http_addr, running.grpc_addr
-    ));
-    tracing::info!(http = %running.http_addr, grpc = %running.grpc_addr, "ready");
+    announce(&running.banner());
+    tracing::info!("ready");
     wait_for_signal().await;
     if running.shutdown().await {
         ExitCode::SUCCESS

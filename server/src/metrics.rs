@@ -3,13 +3,18 @@
 //! Plain atomics: a handful of numbers do not need a metrics framework.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::connections::ConnectionTable;
 use crate::push::TargetCounts;
 
 /// The process's metrics.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Metrics {
+    /// The connections of a process that holds devices (standalone, node), for the
+    /// connection gauges.
+    connections: Option<Arc<ConnectionTable>>,
     pushes_accepted: AtomicU64,
     pushes_duplicate: AtomicU64,
     pushes_failed: AtomicU64,
@@ -20,6 +25,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The metrics of a process that holds the devices of `connections`.
+    pub fn with_connections(connections: Arc<ConnectionTable>) -> Self {
+        Self {
+            connections: Some(connections),
+            ..Self::default()
+        }
+    }
+
     /// Counts an accepted push and its targets.
     pub fn push_accepted(&self, targets: &TargetCounts) {
         self.pushes_accepted.fetch_add(1, Ordering::Relaxed);
@@ -43,20 +56,25 @@ impl Metrics {
         self.pushes_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The metrics in the Prometheus text format, with the live connection count and how
-    /// many of those connections are parked (waiting without a task).
-    pub fn render(&self, connections: usize, parked: usize) -> String {
+    /// The metrics in the Prometheus text format; in a process that holds devices, with
+    /// the live connection count and how many of those connections are parked (waiting
+    /// without a task).
+    pub fn render(&self) -> String {
         let mut out = String::new();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP pigeon_connections Live device connections.\n\
-             # TYPE pigeon_connections gauge\n\
-             pigeon_connections {connections}\n\
-             # HELP pigeon_parked_connections Live connections idle in the parking lot, without a task.\n\
-             # TYPE pigeon_parked_connections gauge\n\
-             pigeon_parked_connections {parked}"
-        );
+        if let Some(table) = &self.connections {
+            let _ = writeln!(
+                out,
+                "# HELP pigeon_connections Live device connections.\n\
+                 # TYPE pigeon_connections gauge\n\
+                 pigeon_connections {}\n\
+                 # HELP pigeon_parked_connections Live connections idle in the parking lot, without a task.\n\
+                 # TYPE pigeon_parked_connections gauge\n\
+                 pigeon_parked_connections {}",
+                table.connection_count(),
+                table.parked_count(),
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP pigeon_pushes_total Push requests, by result.\n\
@@ -91,7 +109,14 @@ mod tests {
 
     #[test]
     fn renders_what_was_counted() {
-        let metrics = Metrics::default();
+        let connections = Arc::new(ConnectionTable::new(
+            4,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        for token in ["a", "b"] {
+            connections.register(&Arc::from(token));
+        }
+        let metrics = Metrics::with_connections(connections);
         metrics.push_accepted(&TargetCounts {
             delivered: 2,
             stored: 1,
@@ -99,9 +124,9 @@ mod tests {
             dropped: 0,
         });
         metrics.push_duplicate();
-        let text = metrics.render(7, 5);
-        assert!(text.contains("pigeon_connections 7\n"), "{text}");
-        assert!(text.contains("pigeon_parked_connections 5\n"), "{text}");
+        let text = metrics.render();
+        assert!(text.contains("pigeon_connections 2\n"), "{text}");
+        assert!(text.contains("pigeon_parked_connections 0\n"), "{text}");
         assert!(
             text.contains("pigeon_pushes_total{result=\"accepted\"} 1\n"),
             "{text}"

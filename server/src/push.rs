@@ -1,11 +1,14 @@
-//! The push service: from a validated request to stored and delivered messages.
+//! The push pipeline, the one path every push takes, in standalone mode and on a gateway:
 //!
-//! 1. Resolve the audience (uids and tokens) to known device tokens of the app.
-//! 2. Record the message for every target in the offline store, atomically with its
-//!    idempotency key. From here on the message survives a crash.
-//! 3. Hand it to the targets' live connections.
+//! 1. **resolve** the audience (uids and tokens) to known device tokens of the app;
+//! 2. **record** the message for every target in the offline store, atomically with its
+//!    idempotency key per device. From here on the message survives a crash. The store
+//!    answers with each target's seq and, for a device connected at that moment, its route;
+//! 3. **deliver** it to the routed targets' live connections, through a [`Fanout`]: the
+//!    process's own connection table (standalone), or the nodes over gRPC (a gateway);
+//! 4. **count** what became of each target, for the answer and for `/metrics`.
 //!
-//! The HTTP API (and, in cluster mode, the gRPC API) only translate requests and errors.
+//! The HTTP and gRPC APIs only translate requests and errors.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,9 +18,10 @@ use bytes::Bytes;
 use pigeon_proto::device::Priority;
 use serde::Serialize;
 
+use crate::connections::{ConnectionTable, Delivered};
 use crate::message::{Delivery, Message, new_message_id, unix_millis};
-use crate::node::{Delivered, Node};
-use crate::store::{Accept, AcceptOutcome, OfflineStore, Registry, StoreError, Target};
+use crate::metrics::Metrics;
+use crate::store::{Accept, AcceptOutcome, Recorded, Registry, Route, Store, StoreError, Target};
 
 /// A push request that passed validation.
 #[derive(Clone, Debug)]
@@ -70,17 +74,140 @@ pub enum PushOutcome {
     },
 }
 
-/// Something that accepts pushes: [`PushService`] in standalone mode, the gateway in
-/// cluster mode. The HTTP and gRPC APIs call this.
+/// A recorded target whose device was connected when the message was recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveTarget {
+    /// The device token.
+    pub token: String,
+    /// The device's seq for the message.
+    pub seq: u64,
+    /// Where the device is connected.
+    pub route: Route,
+}
+
+/// How recorded messages reach live connections: the one part of the pipeline that
+/// differs between standalone mode (the process's own [`ConnectionTable`]) and a gateway
+/// (the nodes, over gRPC).
 #[async_trait::async_trait]
-pub trait Pusher: Send + Sync + 'static {
-    /// Pushes one message.
-    async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError>;
+pub trait Fanout: Send + Sync + 'static {
+    /// Hands `message` to the connections of `targets`; returns how many were handed to a
+    /// live connection. It cannot fail: a target not reached reads the message from the
+    /// store at its next heartbeat, push or reconnect (a TTL-0 message is then lost, as
+    /// "now or never" says).
+    async fn deliver(&self, message: &Arc<Message>, targets: Vec<LiveTarget>) -> u32;
+}
+
+/// The process's own connections (standalone mode).
+#[async_trait::async_trait]
+impl Fanout for ConnectionTable {
+    async fn deliver(&self, message: &Arc<Message>, targets: Vec<LiveTarget>) -> u32 {
+        let mut live = 0;
+        for target in targets {
+            let delivery = Delivery {
+                seq: target.seq,
+                message: message.clone(),
+            };
+            if ConnectionTable::deliver(self, &target.token, delivery) == Delivered::Live {
+                live += 1;
+            }
+        }
+        live
+    }
+}
+
+/// Accepts pushes: resolve, record, deliver, count.
+pub struct Pipeline {
+    store: Arc<dyn Store>,
+    fanout: Arc<dyn Fanout>,
+    metrics: Arc<Metrics>,
+    idempotency_window: Duration,
+}
+
+impl Pipeline {
+    /// A pipeline over these parts.
+    pub fn new(
+        store: Arc<dyn Store>,
+        fanout: Arc<dyn Fanout>,
+        metrics: Arc<Metrics>,
+        idempotency_window: Duration,
+    ) -> Self {
+        Self {
+            store,
+            fanout,
+            metrics,
+            idempotency_window,
+        }
+    }
+
+    /// Pushes one message, and counts the outcome.
+    pub async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
+        let outcome = self.run(request).await;
+        match &outcome {
+            Ok(PushOutcome::Accepted { targets, .. }) => self.metrics.push_accepted(targets),
+            Ok(PushOutcome::Duplicate { .. }) => self.metrics.push_duplicate(),
+            Err(_) => self.metrics.push_failed(),
+        }
+        outcome
+    }
+
+    async fn run(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
+        let now_ms = unix_millis();
+        let mut counts = TargetCounts::default();
+        let tokens = resolve(self.store.as_ref(), &request, &mut counts).await?;
+        let (message, idempotency) = new_message(&mut request, now_ms, self.idempotency_window);
+        let storable = message.is_storable();
+        let targets = tokens
+            .into_iter()
+            .map(|token| Target {
+                token,
+                store: storable,
+            })
+            .collect();
+        let accept = Accept {
+            app: request.app,
+            message,
+            targets,
+            idempotency,
+        };
+        let (message, recorded) = match self.store.record(accept).await? {
+            AcceptOutcome::Duplicate { message_id } => {
+                return Ok(PushOutcome::Duplicate { message_id });
+            }
+            AcceptOutcome::Accepted { message, targets } => (message, targets),
+        };
+        let mut live_targets = Vec::new();
+        for (token, recorded) in recorded {
+            match recorded {
+                Recorded::Unknown => counts.unknown += 1,
+                Recorded::Dropped => counts.dropped += 1,
+                Recorded::Seq { route: None, .. } if storable => counts.stored += 1,
+                Recorded::Seq { route: None, .. } => counts.dropped += 1,
+                Recorded::Seq {
+                    seq,
+                    route: Some(route),
+                } => live_targets.push(LiveTarget { token, seq, route }),
+            }
+        }
+        let routed = live_targets.len() as u32;
+        let live = self.fanout.deliver(&message, live_targets).await;
+        counts.delivered += live;
+        // A routed target not reached live reads the message from the store; a TTL-0 one
+        // has lost it.
+        if storable {
+            counts.stored += routed.saturating_sub(live);
+        } else {
+            counts.dropped += routed.saturating_sub(live);
+        }
+        Ok(PushOutcome::Accepted {
+            message_id: message.id.clone(),
+            targets: counts,
+        })
+    }
 }
 
 /// The message a request describes, accepted at `now_ms`, and its idempotency key with
 /// the time it stops counting.
-pub fn new_message(
+fn new_message(
     request: &mut PushRequest,
     now_ms: u64,
     idempotency_window: Duration,
@@ -101,7 +228,7 @@ pub fn new_message(
 }
 
 /// The distinct known tokens of the audience; counts the unknown uids and tokens.
-pub async fn resolve(
+async fn resolve(
     registry: &dyn Registry,
     request: &PushRequest,
     counts: &mut TargetCounts,
@@ -130,94 +257,4 @@ pub async fn resolve(
         }
     }
     Ok(tokens)
-}
-
-/// Accepts pushes for one node's devices (standalone mode).
-pub struct PushService {
-    node: Arc<Node>,
-    registry: Arc<dyn Registry>,
-    store: Arc<dyn OfflineStore>,
-    idempotency_window: Duration,
-}
-
-impl PushService {
-    /// A push service over these parts.
-    pub fn new(
-        node: Arc<Node>,
-        registry: Arc<dyn Registry>,
-        store: Arc<dyn OfflineStore>,
-        idempotency_window: Duration,
-    ) -> Self {
-        Self {
-            node,
-            registry,
-            store,
-            idempotency_window,
-        }
-    }
-
-    /// Pushes one message.
-    pub async fn push(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
-        let now_ms = unix_millis();
-        let mut counts = TargetCounts::default();
-        let tokens = resolve(self.registry.as_ref(), &request, &mut counts).await?;
-        let (message, idempotency) = new_message(&mut request, now_ms, self.idempotency_window);
-        let storable = message.is_storable();
-        let targets: Vec<Target> = tokens
-            .into_iter()
-            .filter(|token| {
-                // A TTL-0 push only goes to devices online now.
-                let keep = storable || self.node.is_online(token);
-                if !keep {
-                    counts.dropped += 1;
-                }
-                keep
-            })
-            .map(|token| Target {
-                token,
-                store: storable,
-            })
-            .collect();
-        let outcome = self
-            .store
-            .accept(Accept {
-                app: request.app,
-                message: message.clone(),
-                targets: targets.clone(),
-                idempotency,
-            })
-            .await?;
-        let seqs = match outcome {
-            AcceptOutcome::Duplicate { message_id } => {
-                return Ok(PushOutcome::Duplicate { message_id });
-            }
-            AcceptOutcome::Accepted { seqs } => seqs,
-        };
-        for (target, seq) in targets.iter().zip(seqs) {
-            if seq == 0 {
-                counts.unknown += 1;
-                continue;
-            }
-            let delivery = Delivery {
-                seq,
-                message: message.clone(),
-            };
-            match self.node.deliver(&target.token, delivery) {
-                Delivered::Live => counts.delivered += 1,
-                Delivered::Lagging | Delivered::Offline if storable => counts.stored += 1,
-                Delivered::Lagging | Delivered::Offline => counts.dropped += 1,
-            }
-        }
-        Ok(PushOutcome::Accepted {
-            message_id: message.id.clone(),
-            targets: counts,
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl Pusher for PushService {
-    async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
-        PushService::push(self, request).await
-    }
 }

@@ -22,7 +22,7 @@ use quinn::{ConnectionError, Endpoint, ReadError, VarInt};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
+use crate::device::{self, DeviceContext, DeviceTransport, TransportError};
 
 /// Bytes read off the stream at once, at most.
 const READ_CHUNK: usize = 4096;
@@ -147,7 +147,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
-    let shutdown = context.node.shutdown().clone();
+    let shutdown = context.connections.shutdown().clone();
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
@@ -201,6 +201,6 @@ async fn connect(
     };
     let (send, recv) = stream;
     let mut transport = QuicTransport::new(connection, send, recv, max_frame);
-    connection::run(&mut transport, context, accepted_at, &peer).await;
+    device::run(&mut transport, context, accepted_at, &peer).await;
     Ok(())
 }

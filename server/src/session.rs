@@ -141,7 +141,7 @@ pub struct Refill {
 
 /// What to do with a live push.
 #[derive(Debug, PartialEq, Eq)]
-pub enum PushOutcome {
+pub enum PushDecision {
     /// Send this frame.
     Send(ServerFrame),
     /// Already sent (it came both live and from the store): nothing to do.
@@ -251,21 +251,21 @@ impl Session {
     }
 
     /// A live push for this device.
-    pub fn handle_push(&mut self, delivery: &Delivery) -> PushOutcome {
+    pub fn handle_push(&mut self, delivery: &Delivery) -> PushDecision {
         if delivery.seq <= self.last_sent {
-            return PushOutcome::Duplicate;
+            return PushDecision::Duplicate;
         }
         if !self.caught_up {
-            return PushOutcome::Deferred;
+            return PushDecision::Deferred;
         }
         // Seqs are assigned one by one, so a live push that is not the next seq overtook
         // one still on its way (or one that only the store has): read from the store, which
         // keeps the order.
         if delivery.seq != self.last_sent + 1 || self.window_full() {
             self.caught_up = false;
-            return PushOutcome::Deferred;
+            return PushDecision::Deferred;
         }
-        PushOutcome::Send(self.send(delivery))
+        PushDecision::Send(self.send(delivery))
     }
 
     /// The node had to drop a live push for this connection (its queue was full); what was

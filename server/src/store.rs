@@ -1,16 +1,31 @@
-//! The registry of devices and the offline store, as traits, plus the embedded
-//! implementation that standalone mode uses.
+//! The registry of devices and the offline store, as traits that both stores implement:
+//! the embedded one of standalone mode ([`embedded`], redb) and the Redis one of cluster
+//! mode ([`redis`]). One contract test suite (`tests/store_contract.rs`) runs the same cases
+//! against both.
 //!
 //! - [`Registry`]: which devices exist, which app and uid each belongs to, and which tokens a
 //!   uid has. A device is admitted (its token resolved or issued, and bound to its uid) when
 //!   it connects.
 //! - [`OfflineStore`]: per-device message queues ordered by seq, with TTL, a per-device cap
-//!   and collapse keys, plus idempotency keys. Every push is written here *before* it is
+//!   and collapse keys, plus idempotency keys. Every push is recorded here *before* it is
 //!   handed to a connection and removed when the device acknowledges it, so that a message
 //!   the API accepted survives any crash (see docs/delivery.md).
 //!
-//! Both are async traits so that the Redis implementations of cluster mode plug in without
-//! touching the session or the API.
+//! # The rules both stores keep
+//! - Recording a push gives each target device its next seq (`highest + 1`), so a device's
+//!   seqs are unique and increasing.
+//! - A message with a collapse key replaces the device's pending message with the same key
+//!   (counted as `collapsed`); past `max_stored_per_device` the oldest pending message is
+//!   dropped (counted as `dropped`).
+//! - An expired message is never replayed.
+//! - An ack is cumulative and never goes above the highest seq assigned (a device cannot
+//!   acknowledge what it was never given).
+//! - A TTL-0 message is never stored. It takes a seq only for a device that is connected at
+//!   that moment (the store knows the device's [`Route`]); for any other it is dropped.
+//! - With an idempotency key, a push is recorded once per key within its window: a retry is
+//!   a duplicate, and a retry of a push that was interrupted half-way records it for the
+//!   remaining targets under the first attempt's message id, never twice for one device.
+//! - A token that is no device of the pushing app is unknown: nothing is recorded for it.
 
 use std::sync::Arc;
 
@@ -72,7 +87,24 @@ pub trait Registry: Send + Sync + 'static {
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>, StoreError>;
 }
 
-/// One target of an accepted push.
+/// Where a device is connected: a node's id (empty in standalone mode, whose one process
+/// holds every connection) and that node's id for the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The node holding the connection.
+    pub node: String,
+    /// The connection's id on that node.
+    pub connection: u64,
+}
+
+/// Where a store that keeps no routes of its own (the embedded one) learns which devices
+/// are connected: the process's connection table.
+pub trait Routes: Send + Sync + 'static {
+    /// The device's route, when it is connected.
+    fn route(&self, token: &str) -> Option<Route>;
+}
+
+/// One target of a push to record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// The device token.
@@ -89,22 +121,40 @@ pub struct Accept {
     pub app: String,
     /// The message.
     pub message: Arc<Message>,
-    /// Its targets, already known to be devices of `app`.
+    /// Its targets.
     pub targets: Vec<Target>,
     /// The idempotency key, and when it stops counting (Unix ms).
     pub idempotency: Option<(String, u64)>,
 }
 
+/// What recording a push did for one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// The token is no device of the app.
+    Unknown,
+    /// A TTL-0 message and the device is not connected: not recorded.
+    Dropped,
+    /// Recorded (or, for a TTL-0 message, given a seq) with this seq.
+    Seq {
+        /// The device's seq for the message.
+        seq: u64,
+        /// Where the device was connected at that moment, if it was.
+        route: Option<Route>,
+    },
+}
+
 /// What became of a push.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AcceptOutcome {
-    /// Recorded: the seq of each target, in the order given (0 for a target that turned out
-    /// not to exist).
+    /// Recorded.
     Accepted {
-        /// Seqs, one per target.
-        seqs: Vec<u64>,
+        /// The message as recorded: a retry of an interrupted push carries the first
+        /// attempt's id.
+        message: Arc<Message>,
+        /// Per target, in the order given: its token and what was recorded.
+        targets: Vec<(String, Recorded)>,
     },
-    /// The idempotency key was used before, for this message; nothing was recorded.
+    /// The idempotency key was used before, and that push was fully recorded.
     Duplicate {
         /// The first message's id.
         message_id: String,
@@ -120,18 +170,37 @@ pub struct Replay {
     pub more: bool,
 }
 
+/// A device's books in the offline store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCounters {
+    /// Messages stored and not yet acknowledged (expired ones included until they are
+    /// removed).
+    pub pending: u64,
+    /// Dropped because of the per-device cap.
+    pub dropped: u64,
+    /// Replaced by a newer message with the same collapse key.
+    pub collapsed: u64,
+}
+
 /// Per-device message queues and idempotency keys.
 #[async_trait]
 pub trait OfflineStore: Send + Sync + 'static {
-    /// Records a push atomically: claims the idempotency key, assigns each target its next
-    /// seq and stores the message for it (replacing a pending message with the same
-    /// collapse key, and dropping the oldest past the per-device cap). Once this returns
-    /// `Accepted`, the message survives a crash of the process.
-    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome, StoreError>;
+    /// Records a push (see the module docs for the rules). Once this returns `Accepted`,
+    /// the message survives a crash of the process; each routed target can then be handed
+    /// to its connection.
+    async fn record(&self, accept: Accept) -> Result<AcceptOutcome, StoreError>;
 
     /// The device has processed everything up to `seq`: forget those messages.
     async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError>;
 
     /// Up to `limit` unexpired messages of `token` with seq above `after`.
     async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError>;
+
+    /// The device's counters, if it exists.
+    async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError>;
 }
+
+/// The registry and the offline store of one deployment, which both stores are.
+pub trait Store: Registry + OfflineStore {}
+
+impl<T: Registry + OfflineStore> Store for T {}

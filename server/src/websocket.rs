@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::config::Limits;
-use crate::connection::{self, DeviceContext, DeviceTransport, TransportError};
+use crate::device::{self, DeviceContext, DeviceTransport, TransportError};
 
 mod handshake;
 #[cfg(target_os = "linux")]
@@ -47,8 +47,8 @@ mod park {
     use tokio_util::task::TaskTracker;
 
     use super::{Accepted, WebSocketTransport};
-    use crate::connection::Live;
-    use crate::node::Node;
+    use crate::connections::ConnectionTable;
+    use crate::device::Live;
 
     pub(crate) enum Lot {}
 
@@ -56,7 +56,7 @@ mod park {
         pub(crate) fn start(
             _park_after: Duration,
             _tracker: &TaskTracker,
-            _node: Arc<Node>,
+            _connections: Arc<ConnectionTable>,
         ) -> std::io::Result<Arc<Self>> {
             Err(std::io::ErrorKind::Unsupported.into())
         }
@@ -229,7 +229,7 @@ pub async fn serve(
     // lives in user space and cannot wait on a bare file descriptor.)
     let lot = match tls {
         Some(_) => None,
-        None => match park::Lot::start(limits.park_after, &tracker, context.node.clone()) {
+        None => match park::Lot::start(limits.park_after, &tracker, context.connections.clone()) {
             Ok(lot) => Some(lot),
             Err(error) => {
                 tracing::warn!(%error, "no parking lot: idle connections keep their tasks");
@@ -239,7 +239,7 @@ pub async fn serve(
     };
     let permits = Arc::new(Semaphore::new(max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
-    let shutdown = context.node.shutdown().clone();
+    let shutdown = context.connections.shutdown().clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -326,7 +326,7 @@ fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()>
             Box::pin(serve_device(&mut transport, &accepted)).await;
             return;
         };
-        let admitted = connection::open(
+        let admitted = device::open(
             &mut transport,
             &accepted.context,
             accepted.at,
@@ -345,14 +345,14 @@ fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()>
 /// here when it has something to do).
 async fn serve_parkable(
     mut transport: WebSocketTransport<TcpStream>,
-    mut live: connection::Live,
+    mut live: device::Live,
     accepted: Box<Accepted>,
     lot: Arc<park::Lot>,
     park_after: Option<Duration>,
 ) {
     let span = live.span(&accepted.peer);
     let context = &accepted.context;
-    let driven = connection::drive(&mut transport, context, &mut live, park_after);
+    let driven = device::drive(&mut transport, context, &mut live, park_after);
     let ending = match driven.instrument(span.clone()).await {
         Ok(()) => {
             lot.park(transport, live, accepted);
@@ -360,7 +360,7 @@ async fn serve_parkable(
         }
         Err(ending) => ending,
     };
-    connection::end(&mut transport, context, live, ending, accepted.peer)
+    device::end(&mut transport, context, live, ending, accepted.peer)
         .instrument(span)
         .await;
 }
@@ -413,7 +413,7 @@ async fn serve_device<S: DeviceIo>(transport: &mut WebSocketTransport<S>, accept
         let refusal = transport.close(CloseCode::TryAgainLater, "node at its connection limit");
         Box::pin(refusal).await;
     } else {
-        connection::run(transport, &accepted.context, accepted.at, &accepted.peer).await;
+        device::run(transport, &accepted.context, accepted.at, &accepted.peer).await;
     }
 }
 
@@ -427,7 +427,7 @@ mod tests {
 
     use super::*;
     use crate::config::AppSettings;
-    use crate::node::Node;
+    use crate::connections::ConnectionTable;
     use crate::session::SessionConfig;
     use crate::store::embedded::EmbeddedStore;
 
@@ -447,11 +447,14 @@ mod tests {
     }
 
     fn context(dir: &std::path::Path) -> Arc<DeviceContext> {
-        let store = Arc::new(EmbeddedStore::open(dir, 16, 100).unwrap());
+        let connections = Arc::new(ConnectionTable::new(
+            16,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let store = EmbeddedStore::open(dir, 16, 100, connections.clone()).unwrap();
         Arc::new(DeviceContext {
-            node: Arc::new(Node::new(16, tokio_util::sync::CancellationToken::new())),
-            registry: store.clone(),
-            store,
+            connections,
+            store: Arc::new(store),
             apps: vec![app()],
             session: Arc::new(SessionConfig {
                 handshake_timeout: Duration::from_secs(10),
@@ -544,8 +547,9 @@ mod tests {
         let task = tokio::spawn(plain(stream, accepted));
         let hello = pigeon_proto::device::ClientFrame {
             kind: Some(client_frame::Kind::Hello(Hello {
-                credential: crate::auth::mint(
-                    &app(),
+                credential: pigeon_proto::credential::mint(
+                    "demo",
+                    app().secret.as_bytes(),
                     "alice",
                     crate::message::unix_millis() / 1000,
                     600,
@@ -600,15 +604,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let context = context(dir.path());
         let tracker = TaskTracker::new();
-        let lot = park::Lot::start(Duration::ZERO, &tracker, context.node.clone()).unwrap();
+        let lot = park::Lot::start(Duration::ZERO, &tracker, context.connections.clone()).unwrap();
         for round in 0..20 {
             let (stream, mut accepted, mut client) = accepted(context.clone()).await;
             accepted.lot = Some(lot.clone());
             tokio::spawn(plain(stream, accepted));
             let hello = pigeon_proto::device::ClientFrame {
                 kind: Some(client_frame::Kind::Hello(Hello {
-                    credential: crate::auth::mint(
-                        &app(),
+                    credential: pigeon_proto::credential::mint(
+                        "demo",
+                        app().secret.as_bytes(),
                         &format!("pat{round}"),
                         crate::message::unix_millis() / 1000,
                         600,

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pigeon_client::{ClientError, DeviceState};
-use pigeon_server::grpc::push::PushRequest;
-use pigeon_server::grpc::push::push_client::PushClient;
+use pigeon_proto::push::PushRequest;
+use pigeon_proto::push::push_client::PushClient;
 use serde_json::json;
 use support::cluster::{
     Deployment, GatewayProcess, NodeProcess, Redis, RedisCluster, connect, state_of,

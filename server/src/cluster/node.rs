@@ -14,45 +14,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pigeon_proto::CloseCode;
+use pigeon_proto::cluster::node_server::{self, NodeServer};
+use pigeon_proto::cluster::{
+    DeliverRequest, DeliverResponse, DeliverStatus, TakeoverRequest, TakeoverResponse,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use super::{Peers, StartError, declared_apps, open_store};
-use crate::api::{self, ApiState};
+use super::membership::Membership;
+use super::peers::Peers;
+use super::{declared_apps, open_redis};
+use crate::api;
 use crate::config::Settings;
-use crate::connection::{DeviceContext, Presence};
-use crate::grpc::cluster::node_server::{self, NodeServer};
-use crate::grpc::cluster::{
-    DeliverRequest, DeliverResponse, DeliverStatus, TakeoverRequest, TakeoverResponse,
-};
+use crate::connections::{ConnectionTable, Delivered};
+use crate::device::{DeviceContext, Presence};
 use crate::log_throttle::Throttle;
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
-use crate::node::{Delivered, Node};
-use crate::standalone::{DeviceListeners, bind, local_addr, session_config, wait_for_connections};
+use crate::process::{self, DeviceAddresses, DeviceListeners, Running, StartError};
 use crate::store::StoreError;
-use crate::store::redis::RedisStore;
 
 /// Targets one Deliver call may carry; a gateway's batches are far smaller.
 const MAX_DELIVER_TARGETS: usize = 10_000;
 
 /// A running node.
-pub struct RunningNode {
+pub struct Node {
     /// This node's id in the registry.
     pub node_id: String,
-    /// Where devices connect over WebSocket.
-    pub websocket_addr: SocketAddr,
-    /// Whether that listener speaks TLS.
-    pub websocket_tls: bool,
-    /// Where devices connect over QUIC, if configured.
-    pub quic_addr: Option<SocketAddr>,
+    /// Where devices connect.
+    pub devices: DeviceAddresses,
     /// `/healthz` and `/metrics`.
     pub http_addr: SocketAddr,
     /// The internal gRPC API.
     pub grpc_addr: SocketAddr,
-    store: Arc<RedisStore>,
-    node: Arc<Node>,
+    membership: Arc<Membership>,
+    connections: Arc<ConnectionTable>,
     tracker: TaskTracker,
     lease: tokio::task::JoinHandle<()>,
     drain_timeout: Duration,
@@ -61,7 +58,7 @@ pub struct RunningNode {
 /// Writes this node's device routes to the registry, and has older connections of the
 /// same device on other nodes closed.
 struct ClusterPresence {
-    store: Arc<RedisStore>,
+    membership: Arc<Membership>,
     peers: Arc<Peers>,
     node_id: String,
 }
@@ -70,7 +67,7 @@ struct ClusterPresence {
 impl Presence for ClusterPresence {
     async fn online(&self, token: &str, connection: u64) -> Result<(), StoreError> {
         let previous = self
-            .store
+            .membership
             .route_online(token, &self.node_id, connection)
             .await?;
         if let Some(previous) = previous
@@ -93,7 +90,7 @@ impl Presence for ClusterPresence {
 
     async fn offline(&self, token: &str, connection: u64) {
         if let Err(error) = self
-            .store
+            .membership
             .route_offline(token, &self.node_id, connection)
             .await
         {
@@ -107,13 +104,13 @@ impl Presence for ClusterPresence {
     }
 }
 
-/// The internal gRPC API.
-struct NodeApi {
-    node: Arc<Node>,
+/// The node's internal gRPC API (the `pigeon.cluster.v1.Node` service).
+struct InternalApi {
+    connections: Arc<ConnectionTable>,
 }
 
 #[tonic::async_trait]
-impl node_server::Node for NodeApi {
+impl node_server::Node for InternalApi {
     async fn deliver(
         &self,
         request: Request<DeliverRequest>,
@@ -136,7 +133,7 @@ impl node_server::Node for NodeApi {
                     seq: target.seq,
                     message: message.clone(),
                 };
-                let status = match self.node.deliver(&target.token, delivery) {
+                let status = match self.connections.deliver(&target.token, delivery) {
                     Delivered::Live => DeliverStatus::Live,
                     Delivered::Lagging => DeliverStatus::Lagging,
                     Delivered::Offline => DeliverStatus::Offline,
@@ -152,28 +149,28 @@ impl node_server::Node for NodeApi {
         request: Request<TakeoverRequest>,
     ) -> Result<Response<TakeoverResponse>, Status> {
         let request = request.into_inner();
-        let closed =
-            self.node
-                .close_connection(&request.token, request.connection_id, CloseCode::Replaced);
+        let closed = self.connections.close_connection(
+            &request.token,
+            request.connection_id,
+            CloseCode::Replaced,
+        );
         Ok(Response::new(TakeoverResponse { closed }))
     }
 }
 
 /// Starts a node.
-pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
+pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let apps = declared_apps(&settings)?;
-    let limits = settings.limits.clone();
-    let store = open_store(&settings).await?;
+    let limits = &settings.limits;
+    let (store, membership) = open_redis(&settings).await?;
     let node_id = if settings.cluster.node_id.is_empty() {
         format!("node-{:016x}", rand::random::<u64>())
     } else {
         settings.cluster.node_id.clone()
     };
     let devices = DeviceListeners::bind(&settings).await?;
-    let http_listener = bind(settings.listen.http).await?;
-    let http_addr = local_addr(&http_listener, settings.listen.http)?;
-    let grpc_listener = bind(settings.listen.grpc).await?;
-    let grpc_addr = local_addr(&grpc_listener, settings.listen.grpc)?;
+    let (http_listener, http_addr) = process::bind(settings.listen.http).await?;
+    let (grpc_listener, grpc_addr) = process::bind(settings.listen.grpc).await?;
     let advertise = if settings.cluster.advertise.is_empty() {
         grpc_addr.to_string()
     } else {
@@ -181,23 +178,25 @@ pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
     };
 
     let shutdown = CancellationToken::new();
-    let node = Arc::new(Node::new(limits.outbound_queue, shutdown.clone()));
-    let peers = Arc::new(Peers::new(store.clone(), settings.cluster.clone()));
-    let context = Arc::new(DeviceContext {
-        node: node.clone(),
-        registry: store.clone(),
-        store: store.clone(),
-        apps: apps.clone(),
-        session: Arc::new(session_config(&limits)),
-        presence: Some(Arc::new(ClusterPresence {
-            store: store.clone(),
-            peers,
-            node_id: node_id.clone(),
-        })),
-    });
+    let connections = Arc::new(ConnectionTable::new(
+        limits.outbound_queue,
+        shutdown.clone(),
+    ));
+    let presence = ClusterPresence {
+        membership: membership.clone(),
+        peers: Arc::new(Peers::new(membership.clone(), settings.cluster.clone())),
+        node_id: node_id.clone(),
+    };
+    let context = DeviceContext::new(
+        connections.clone(),
+        store,
+        apps,
+        limits,
+        Some(Arc::new(presence)),
+    );
 
     // The lease first: a device routed here before the lease exists would look offline.
-    if let Err(error) = store
+    if let Err(error) = membership
         .renew_lease(&node_id, &advertise, settings.cluster.lease)
         .await
     {
@@ -205,36 +204,28 @@ pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
     }
     let tracker = TaskTracker::new();
     let lease = tokio::spawn(keep_lease(
-        store.clone(),
+        membership.clone(),
         node_id.clone(),
         advertise,
         settings.cluster.lease,
         shutdown.clone(),
     ));
-    let (websocket_addr, websocket_tls, quic_addr) = (
-        devices.websocket_addr,
-        devices.websocket_tls,
-        devices.quic_addr,
-    );
-    devices.spawn(context, &limits, &tracker);
+    let device_addresses = devices.addresses();
+    devices.start(Arc::new(context), &settings, &tracker);
 
-    let api_state = Arc::new(ApiState {
-        apps,
-        limits: limits.clone(),
-        push: None,
-        metrics: Arc::new(Metrics::default()),
-        node: Some(node.clone()),
-    });
-    let api_shutdown = shutdown.clone();
-    tracker.spawn(async move {
-        if let Err(error) = api::serve(http_listener, api_state, api_shutdown).await {
-            tracing::error!(%error, "metrics endpoint failed");
-        }
-    });
+    let metrics = Arc::new(Metrics::with_connections(connections.clone()));
+    process::serve_http(
+        http_listener,
+        api::ops_routes(metrics),
+        shutdown.clone(),
+        &tracker,
+    );
     // The gRPC server outlives the drain of the device connections (Deliver answers
     // "offline" for closed ones); it stops when the process exits.
     let grpc = tonic::transport::Server::builder()
-        .add_service(NodeServer::new(NodeApi { node: node.clone() }))
+        .add_service(NodeServer::new(InternalApi {
+            connections: connections.clone(),
+        }))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener));
     tokio::spawn(async move {
         if let Err(error) = grpc.await {
@@ -242,15 +233,13 @@ pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
         }
     });
 
-    Ok(RunningNode {
+    Ok(Node {
         node_id,
-        websocket_addr,
-        websocket_tls,
-        quic_addr,
+        devices: device_addresses,
         http_addr,
         grpc_addr,
-        store,
-        node,
+        membership,
+        connections,
         tracker,
         lease,
         drain_timeout: limits.drain_timeout,
@@ -259,7 +248,7 @@ pub async fn start(settings: Settings) -> Result<RunningNode, StartError> {
 
 /// Renews the lease every third of its length until shutdown.
 async fn keep_lease(
-    store: Arc<RedisStore>,
+    membership: Arc<Membership>,
     node_id: String,
     advertise: String,
     lease: Duration,
@@ -273,7 +262,7 @@ async fn keep_lease(
             _ = ticks.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        match store.renew_lease(&node_id, &advertise, lease).await {
+        match membership.renew_lease(&node_id, &advertise, lease).await {
             Ok(held) => {
                 if !healthy || !held {
                     tracing::info!(node = %node_id, "node lease renewed");
@@ -290,19 +279,26 @@ async fn keep_lease(
     }
 }
 
-impl RunningNode {
-    /// Drains: stops accepting, closes every device with 1001 so it reconnects to another
-    /// node (each close removes the device's route), gives up the lease so gateways stop
-    /// calling, and waits for the connections up to the drain timeout. Nothing unacknowledged is lost: it is all in the store already.
-    /// Returns false when the deadline passed first.
-    pub async fn shutdown(self) -> bool {
-        tracing::info!(connections = self.node.connection_count(), "draining");
+impl Running for Node {
+    fn banner(&self) -> String {
+        let mut banner = format!("pigeon node {} is running\n", self.node_id);
+        banner += &self.devices.describe();
+        banner += &format!("  node grpc:        {}\n", self.grpc_addr);
+        banner += &format!("  metrics:          http://{}/metrics\n", self.http_addr);
+        banner
+    }
+
+    /// Drains: stops accepting and renewing the lease, closes every device with 1001 so it
+    /// reconnects to another node (each close removes the device's route), gives up the
+    /// lease so gateways stop calling, and waits for the connections up to the drain
+    /// timeout. Nothing unacknowledged is lost: it is all in the store already.
+    async fn shutdown(self) -> bool {
         // Stops accepting, stops renewing the lease, and closes every device (1001).
-        self.node.shut_down();
+        self.connections.shut_down();
         let _ = self.lease.await;
-        if let Err(error) = self.store.drop_lease(&self.node_id).await {
+        if let Err(error) = self.membership.drop_lease(&self.node_id).await {
             tracing::warn!(%error, "giving up the node lease failed; it will lapse");
         }
-        wait_for_connections(&self.tracker, &self.node, self.drain_timeout).await
+        process::drain(&self.connections, &self.tracker, self.drain_timeout).await
     }
 }

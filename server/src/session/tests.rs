@@ -133,7 +133,7 @@ fn replay_is_in_order_and_bounded_by_the_window() {
     assert_eq!(request.limit, 3);
     // Window full: no refill, and live pushes wait in the store.
     assert_eq!(session.refill(), None);
-    assert_eq!(session.handle_push(&delivery(6)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(6)), PushDecision::Deferred);
     // A cumulative ack of 2 frees two slots.
     assert_eq!(
         session.handle_frame(now, ack(2)),
@@ -150,13 +150,13 @@ fn live_pushes_flow_once_caught_up_and_duplicates_are_dropped() {
     let now = Instant::now();
     let mut session = live_session(now);
     match session.handle_push(&delivery(1)) {
-        PushOutcome::Send(frame) => assert_eq!(pushed_seq(&frame), 1),
+        PushDecision::Send(frame) => assert_eq!(pushed_seq(&frame), 1),
         other => panic!("expected send, got {other:?}"),
     }
-    assert_eq!(session.handle_push(&delivery(1)), PushOutcome::Duplicate);
+    assert_eq!(session.handle_push(&delivery(1)), PushDecision::Duplicate);
     assert!(matches!(
         session.handle_push(&delivery(2)),
-        PushOutcome::Send(_)
+        PushDecision::Send(_)
     ));
     assert_eq!(session.last_sent(), 2);
 }
@@ -167,11 +167,11 @@ fn a_live_push_that_overtook_another_sends_the_session_to_the_store() {
     let mut session = live_session(now);
     assert!(matches!(
         session.handle_push(&delivery(1)),
-        PushOutcome::Send(_)
+        PushDecision::Send(_)
     ));
     // Seq 3 arrives before seq 2: it must not be sent first.
-    assert_eq!(session.handle_push(&delivery(3)), PushOutcome::Deferred);
-    assert_eq!(session.handle_push(&delivery(2)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(3)), PushDecision::Deferred);
+    assert_eq!(session.handle_push(&delivery(2)), PushDecision::Deferred);
     assert_eq!(session.refill(), Some(Refill { after: 1, limit: 2 }));
     let frames = session.handle_refill(&[delivery(2), delivery(3)], false);
     assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [2, 3]);
@@ -182,7 +182,7 @@ fn a_live_push_that_overtook_another_sends_the_session_to_the_store() {
     );
     assert!(matches!(
         session.handle_push(&delivery(4)),
-        PushOutcome::Send(_)
+        PushDecision::Send(_)
     ));
 }
 
@@ -193,22 +193,22 @@ fn a_full_window_or_a_dropped_live_push_switches_to_the_store() {
     for seq in 1..=3 {
         assert!(matches!(
             session.handle_push(&delivery(seq)),
-            PushOutcome::Send(_)
+            PushDecision::Send(_)
         ));
     }
-    assert_eq!(session.handle_push(&delivery(4)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(4)), PushDecision::Deferred);
     assert_eq!(
         session.handle_frame(now, ack(3)),
         Ok(FrameOutcome::Acked(3))
     );
     // Seq 5 arrives live, but 4 is only in the store: 5 must wait so order holds.
-    assert_eq!(session.handle_push(&delivery(5)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(5)), PushDecision::Deferred);
     assert_eq!(session.refill(), Some(Refill { after: 3, limit: 3 }));
     let frames = session.handle_refill(&[delivery(4), delivery(5)], false);
     assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [4, 5]);
     // A queue overflow reported by the node also sends the session to the store.
     session.fall_behind();
-    assert_eq!(session.handle_push(&delivery(6)), PushOutcome::Deferred);
+    assert_eq!(session.handle_push(&delivery(6)), PushDecision::Deferred);
     assert_eq!(session.refill(), Some(Refill { after: 5, limit: 1 }));
 }
 
@@ -219,7 +219,7 @@ fn acks_are_cumulative_and_checked() {
     for seq in [1, 2] {
         assert!(matches!(
             session.handle_push(&delivery(seq)),
-            PushOutcome::Send(_)
+            PushDecision::Send(_)
         ));
     }
     assert_eq!(

@@ -40,7 +40,10 @@ use pigeon_proto::store::{DeviceRecord, IdempotencyRecord, StoredMessage};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Accept, AcceptOutcome, AdmittedDevice, OfflineStore, Registry, Replay, StoreError};
+use super::{
+    Accept, AcceptOutcome, AdmittedDevice, DeviceCounters, OfflineStore, Recorded, Registry,
+    Replay, Routes, StoreError,
+};
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -64,17 +67,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<Job>,
-}
-
-/// Counters of the embedded store, for tests and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceCounters {
-    /// Messages stored and not yet acknowledged.
-    pub pending: u32,
-    /// Dropped because of the per-device cap.
-    pub dropped: u64,
-    /// Replaced by a newer message with the same collapse key.
-    pub collapsed: u64,
 }
 
 struct Job {
@@ -112,8 +104,14 @@ fn backend(error: impl std::fmt::Display) -> StoreError {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, starts its writer thread, and a task that
-    /// sweeps expired rows. `queue` bounds the writes waiting for the writer.
-    pub fn open(dir: &Path, queue: usize, max_stored_per_device: u32) -> Result<Self> {
+    /// sweeps expired rows. `queue` bounds the writes waiting for the writer; `routes` says
+    /// which devices are connected (for TTL-0 pushes).
+    pub fn open(
+        dir: &Path,
+        queue: usize,
+        max_stored_per_device: u32,
+        routes: Arc<dyn Routes>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(backend)?;
         let db = Database::create(dir.join("pigeon.redb")).map_err(backend)?;
         let db = Arc::new(db);
@@ -133,6 +131,7 @@ impl EmbeddedStore {
         let writer = Writer {
             db: db.clone(),
             max_stored_per_device,
+            routes,
         };
         std::thread::Builder::new()
             .name("pigeon-store-writer".into())
@@ -170,26 +169,6 @@ impl EmbeddedStore {
     /// Removes messages and idempotency keys that expired before `now_ms`.
     pub async fn sweep(&self, now_ms: u64) -> Result<()> {
         self.write(Op::Sweep { now_ms }, true).await.map(|_| ())
-    }
-
-    /// The counters of a device, if it exists.
-    pub async fn device_counters(&self, token: &str) -> Result<Option<DeviceCounters>> {
-        let token = token.to_owned();
-        self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let devices = txn.open_table(DEVICES).map_err(backend)?;
-            let record = devices
-                .get(token.as_str())
-                .map_err(backend)?
-                .map(|value| decode_device(value.value()))
-                .transpose()?;
-            Ok(record.map(|record| DeviceCounters {
-                pending: record.pending,
-                dropped: record.dropped,
-                collapsed: record.collapsed,
-            }))
-        })
-        .await
     }
 
     /// Messages stored in all queues, for metrics.
@@ -290,7 +269,7 @@ impl Registry for EmbeddedStore {
 
 #[async_trait]
 impl OfflineStore for EmbeddedStore {
-    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome> {
+    async fn record(&self, accept: Accept) -> Result<AcceptOutcome> {
         match self.write(Op::Accept(accept), false).await? {
             Reply::Accepted(outcome) => Ok(outcome),
             _ => Err(backend("unexpected reply to accept")),
@@ -335,6 +314,25 @@ impl OfflineStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>> {
+        let token = token.to_owned();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            let record = devices
+                .get(token.as_str())
+                .map_err(backend)?
+                .map(|value| decode_device(value.value()))
+                .transpose()?;
+            Ok(record.map(|record| DeviceCounters {
+                pending: u64::from(record.pending),
+                dropped: record.dropped,
+                collapsed: record.collapsed,
+            }))
+        })
+        .await
+    }
 }
 
 fn decode_device(bytes: &[u8]) -> Result<DeviceRecord> {
@@ -349,6 +347,7 @@ fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
 struct Writer {
     db: Arc<Database>,
     max_stored_per_device: u32,
+    routes: Arc<dyn Routes>,
 }
 
 impl Writer {
@@ -400,7 +399,7 @@ impl Writer {
         match op {
             Op::Admit { app, uid, token } => tables.admit(&app, &uid, &token).map(Reply::Admitted),
             Op::Accept(accept) => tables
-                .accept(accept, self.max_stored_per_device)
+                .accept(accept, self.max_stored_per_device, self.routes.as_ref())
                 .map(Reply::Accepted),
             Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
             Op::Sweep { now_ms } => tables.sweep(now_ms).map(|()| Reply::Done),
@@ -496,7 +495,12 @@ impl<'txn> Tables<'txn> {
         })
     }
 
-    fn accept(&mut self, accept: Accept, cap: u32) -> Result<AcceptOutcome> {
+    fn accept(
+        &mut self,
+        mut accept: Accept,
+        cap: u32,
+        routes: &dyn Routes,
+    ) -> Result<AcceptOutcome> {
         let now_ms = unix_millis();
         if let Some((key, expires_at_ms)) = &accept.idempotency {
             let id_key = format!("{}\0{key}", accept.app);
@@ -528,62 +532,79 @@ impl<'txn> Tables<'txn> {
                 .map_err(backend)?;
         }
         let stored = accept.message.to_stored().encode_to_vec();
-        let mut seqs = Vec::with_capacity(accept.targets.len());
-        for target in &accept.targets {
-            let token = target.token.as_str();
-            let Some(mut record) = self.device(token)? else {
-                seqs.push(0);
-                continue;
-            };
-            if record.app != accept.app {
-                seqs.push(0);
-                continue;
-            }
-            record.highest_seq += 1;
-            let seq = record.highest_seq;
-            if target.store {
-                let collapse_key = &accept.message.collapse_key;
-                if !collapse_key.is_empty() {
-                    let key = format!("{token}\0{collapse_key}");
-                    let previous = self.collapse.get(key.as_str()).map_err(backend)?;
-                    let previous = previous.map(|value| value.value());
-                    if let Some(previous) = previous
-                        && self.remove_message(token, previous)?
-                    {
-                        record.pending = record.pending.saturating_sub(1);
-                        record.collapsed += 1;
-                    }
-                    self.collapse.insert(key.as_str(), seq).map_err(backend)?;
-                }
-                while record.pending >= cap {
-                    let oldest = self
-                        .queue
-                        .range((token, 0)..=(token, u64::MAX))
-                        .map_err(backend)?
-                        .next()
-                        .transpose()
-                        .map_err(backend)?
-                        .map(|(key, _)| key.value().1);
-                    let Some(oldest) = oldest else {
-                        record.pending = 0;
-                        break;
-                    };
-                    self.remove_message(token, oldest)?;
-                    record.pending = record.pending.saturating_sub(1);
-                    record.dropped += 1;
-                }
-                self.queue
-                    .insert((token, seq), stored.as_slice())
-                    .map_err(backend)?;
-                self.expiry
-                    .insert((accept.message.expires_at_ms, token, seq), ())
-                    .map_err(backend)?;
-                record.pending += 1;
-            }
-            self.put_device(token, &record)?;
-            seqs.push(seq);
+        let mut targets = Vec::with_capacity(accept.targets.len());
+        for target in std::mem::take(&mut accept.targets) {
+            let recorded =
+                self.record_one(&accept, &target.token, target.store, &stored, cap, routes)?;
+            targets.push((target.token, recorded));
         }
-        Ok(AcceptOutcome::Accepted { seqs })
+        Ok(AcceptOutcome::Accepted {
+            message: accept.message,
+            targets,
+        })
+    }
+
+    /// Records the message for one target (the rules are in `crate::store`).
+    fn record_one(
+        &mut self,
+        accept: &Accept,
+        token: &str,
+        store: bool,
+        stored: &[u8],
+        cap: u32,
+        routes: &dyn Routes,
+    ) -> Result<Recorded> {
+        let Some(mut record) = self.device(token)? else {
+            return Ok(Recorded::Unknown);
+        };
+        if record.app != accept.app {
+            return Ok(Recorded::Unknown);
+        }
+        let route = routes.route(token);
+        if !store && route.is_none() {
+            return Ok(Recorded::Dropped);
+        }
+        record.highest_seq += 1;
+        let seq = record.highest_seq;
+        if store {
+            let collapse_key = &accept.message.collapse_key;
+            if !collapse_key.is_empty() {
+                let key = format!("{token}\0{collapse_key}");
+                let previous = self.collapse.get(key.as_str()).map_err(backend)?;
+                let previous = previous.map(|value| value.value());
+                if let Some(previous) = previous
+                    && self.remove_message(token, previous)?
+                {
+                    record.pending = record.pending.saturating_sub(1);
+                    record.collapsed += 1;
+                }
+                self.collapse.insert(key.as_str(), seq).map_err(backend)?;
+            }
+            while record.pending >= cap {
+                let oldest = self
+                    .queue
+                    .range((token, 0)..=(token, u64::MAX))
+                    .map_err(backend)?
+                    .next()
+                    .transpose()
+                    .map_err(backend)?
+                    .map(|(key, _)| key.value().1);
+                let Some(oldest) = oldest else {
+                    record.pending = 0;
+                    break;
+                };
+                self.remove_message(token, oldest)?;
+                record.pending = record.pending.saturating_sub(1);
+                record.dropped += 1;
+            }
+            self.queue.insert((token, seq), stored).map_err(backend)?;
+            self.expiry
+                .insert((accept.message.expires_at_ms, token, seq), ())
+                .map_err(backend)?;
+            record.pending += 1;
+        }
+        self.put_device(token, &record)?;
+        Ok(Recorded::Seq { seq, route })
     }
 
     /// Removes one stored message with its index rows; false when it was not there.

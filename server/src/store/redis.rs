@@ -14,7 +14,11 @@
 //! Everything about one token shares the hash tag `{token}`, so each per-device operation is
 //! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
 //! to many devices is one script per device, run concurrently; the idempotency key makes a
-//! retried push converge instead of duplicating (see [`RedisStore::accept_routed`]).
+//! retried push converge instead of duplicating (see [`RedisStore::record`]).
+//!
+//! The routes (`node`, `conn` in `p:d:{token}`) and the leases (`p:n:<node id>`) are cluster
+//! membership's (`crate::cluster::membership`); the store only reads a device's route when
+//! it records a push for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +34,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use crate::config::ClusterSettings;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::store::{
-    Accept, AcceptOutcome, AdmittedDevice, OfflineStore, Registry, Replay, StoreError,
+    Accept, AcceptOutcome, AdmittedDevice, DeviceCounters, OfflineStore, Recorded, Registry,
+    Replay, Route, StoreError,
 };
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
@@ -106,18 +111,24 @@ impl RedisConnection {
     }
 }
 
-fn backend(error: redis::RedisError) -> StoreError {
+pub(crate) fn backend(error: redis::RedisError) -> StoreError {
     StoreError::Backend(error.to_string())
 }
 
 /// The Redis key of each record; see the module docs.
 #[derive(Clone, Debug)]
-struct Keys {
+pub(crate) struct Keys {
     prefix: String,
 }
 
 impl Keys {
-    fn device(&self, token: &str) -> String {
+    /// The keys under `prefix`.
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+    pub(crate) fn device(&self, token: &str) -> String {
         format!("{}:d:{{{token}}}", self.prefix)
     }
     fn queue(&self, token: &str) -> String {
@@ -135,7 +146,7 @@ impl Keys {
     fn idempotency(&self, app: &str, key: &str) -> String {
         format!("{}:i:{{{app}:{key}}}", self.prefix)
     }
-    fn node(&self, node_id: &str) -> String {
+    pub(crate) fn node(&self, node_id: &str) -> String {
         format!("{}:n:{node_id}", self.prefix)
     }
 }
@@ -209,10 +220,11 @@ redis.call('HSET', KEYS[1], 'app', ARGV[1], 'uid', ARGV[2], 'seq', 0, 'acked', 0
 return 1
 ";
 
-/// Records a cumulative ack and forgets the acknowledged messages.
+/// Records a cumulative ack and forgets the acknowledged messages. An ack above the highest
+/// seq assigned counts up to that seq only.
 const ACK: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local seq = tonumber(ARGV[1])
+local seq = math.min(tonumber(ARGV[1]), tonumber(redis.call('HGET', KEYS[1], 'seq') or '0'))
 if seq > tonumber(redis.call('HGET', KEYS[1], 'acked') or '0') then
   redis.call('HSET', KEYS[1], 'acked', seq)
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', seq)
@@ -220,76 +232,11 @@ end
 return 1
 ";
 
-/// Routes a device to this node's connection. Returns the previous `{node, conn}`, or nil
-/// when the device is unknown.
-const ONLINE: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local old = redis.call('HMGET', KEYS[1], 'node', 'conn')
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'conn', ARGV[2])
-return {old[1] or '', old[2] or '0'}
-";
-
-/// Removes the device's route, if it is still this node's connection.
-const OFFLINE: &str = r"
-local route = redis.call('HMGET', KEYS[1], 'node', 'conn')
-if route[1] == ARGV[1] and route[2] == ARGV[2] then
-  redis.call('HDEL', KEYS[1], 'node', 'conn')
-  return 1
-end
-return 0
-";
-
 struct Scripts {
     accept: Script,
     resume: Script,
     create: Script,
     ack: Script,
-    online: Script,
-    offline: Script,
-}
-
-/// Where the registry routes a device: a node's id and that node's connection id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// The node holding the connection.
-    pub node: String,
-    /// The connection's id on that node.
-    pub connection: u64,
-}
-
-/// What recording a push did for one target.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Recorded {
-    /// The token is no device of the app.
-    Unknown,
-    /// A TTL-0 message and the device is offline: not recorded.
-    Dropped,
-    /// Recorded (or, for a TTL-0 message, given a seq) with this seq; the device's route
-    /// as the registry had it at that moment.
-    Seq {
-        /// The device's seq for the message.
-        seq: u64,
-        /// The device's route, when it is connected somewhere.
-        route: Option<Route>,
-    },
-}
-
-/// The outcome of [`RedisStore::accept_routed`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RoutedOutcome {
-    /// Recorded; one entry per target, in order, with the target's token. `message` carries
-    /// the id actually used (a retry of an interrupted push reuses the first attempt's id).
-    Accepted {
-        /// The message as recorded.
-        message: Arc<Message>,
-        /// Per target: its token and what was recorded.
-        targets: Vec<(String, Recorded)>,
-    },
-    /// The idempotency key was used before, and that push was fully recorded.
-    Duplicate {
-        /// The first message's id.
-        message_id: String,
-    },
 }
 
 /// The Redis registry and offline store.
@@ -305,17 +252,13 @@ impl RedisStore {
     pub fn new(connection: RedisConnection, key_prefix: &str, cap: u32) -> Self {
         Self {
             connection,
-            keys: Keys {
-                prefix: key_prefix.to_owned(),
-            },
+            keys: Keys::new(key_prefix),
             cap,
             scripts: Scripts {
                 accept: Script::new(ACCEPT),
                 resume: Script::new(RESUME),
                 create: Script::new(CREATE),
                 ack: Script::new(ACK),
-                online: Script::new(ONLINE),
-                offline: Script::new(OFFLINE),
             },
         }
     }
@@ -324,14 +267,14 @@ impl RedisStore {
         self.connection.clone()
     }
 
-    /// Records a push like [`OfflineStore::accept`], and also returns each target's route.
+    /// Records a push ([`OfflineStore::record`]).
     ///
     /// With an idempotency key the key is claimed first (`p:<id>`), then every target is
     /// recorded, then the key is marked done (`d:<id>`). A retry that finds the key done is
     /// a duplicate; one that finds it still pending (the first attempt died midway, or is
     /// still running) records the push again under the first attempt's message id, and the
     /// per-device record of message ids makes each device get it once.
-    pub async fn accept_routed(&self, accept: Accept) -> Result<RoutedOutcome, StoreError> {
+    async fn record_push(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
         let mut message = accept.message;
         let mut idempotency_ms = 0u64;
         let mut claim = None;
@@ -352,7 +295,7 @@ impl RedisStore {
             match previous.as_deref().and_then(|value| value.split_once(':')) {
                 None => {}
                 Some(("d", first)) => {
-                    return Ok(RoutedOutcome::Duplicate {
+                    return Ok(AcceptOutcome::Duplicate {
                         message_id: first.to_owned(),
                     });
                 }
@@ -420,90 +363,7 @@ impl RedisStore {
                 .await
                 .map_err(backend)?;
         }
-        Ok(RoutedOutcome::Accepted { message, targets })
-    }
-
-    /// Routes the device to `node`'s connection `connection`; returns where it was routed
-    /// before (None: nowhere, or the device is unknown).
-    pub async fn route_online(
-        &self,
-        token: &str,
-        node: &str,
-        connection: u64,
-    ) -> Result<Option<Route>, StoreError> {
-        let previous: Option<(String, String)> = self
-            .scripts
-            .online
-            .key(self.keys.device(token))
-            .arg(node)
-            .arg(connection)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
-        Ok(previous.and_then(|(node, conn)| {
-            (!node.is_empty()).then(|| Route {
-                node,
-                connection: conn.parse().unwrap_or(0),
-            })
-        }))
-    }
-
-    /// Removes the device's route if it still points at `node`'s `connection`.
-    pub async fn route_offline(
-        &self,
-        token: &str,
-        node: &str,
-        connection: u64,
-    ) -> Result<(), StoreError> {
-        let _removed: i64 = self
-            .scripts
-            .offline
-            .key(self.keys.device(token))
-            .arg(node)
-            .arg(connection)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// Renews (or takes) `node_id`'s lease, advertising `address`. Returns false when the
-    /// lease had lapsed (or Redis lost it), so the caller knows to re-register its devices.
-    pub async fn renew_lease(
-        &self,
-        node_id: &str,
-        address: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let previous: Option<String> = redis::cmd("SET")
-            .arg(self.keys.node(node_id))
-            .arg(address)
-            .arg("PX")
-            .arg(lease.as_millis() as u64)
-            .arg("GET")
-            .query_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
-        Ok(previous.is_some())
-    }
-
-    /// Gives up `node_id`'s lease (a draining node).
-    pub async fn drop_lease(&self, node_id: &str) -> Result<(), StoreError> {
-        let _: i64 = redis::cmd("DEL")
-            .arg(self.keys.node(node_id))
-            .query_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// The gRPC address of `node_id`, if its lease is live.
-    pub async fn node_address(&self, node_id: &str) -> Result<Option<String>, StoreError> {
-        redis::cmd("GET")
-            .arg(self.keys.node(node_id))
-            .query_async(&mut self.connection())
-            .await
-            .map_err(backend)
+        Ok(AcceptOutcome::Accepted { message, targets })
     }
 }
 
@@ -632,19 +492,8 @@ impl RedisStore {
 
 #[async_trait]
 impl OfflineStore for RedisStore {
-    async fn accept(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
-        Ok(match self.accept_routed(accept).await? {
-            RoutedOutcome::Duplicate { message_id } => AcceptOutcome::Duplicate { message_id },
-            RoutedOutcome::Accepted { targets, .. } => AcceptOutcome::Accepted {
-                seqs: targets
-                    .iter()
-                    .map(|(_, target)| match target {
-                        Recorded::Seq { seq, .. } => *seq,
-                        Recorded::Unknown | Recorded::Dropped => 0,
-                    })
-                    .collect(),
-            },
-        })
+    async fn record(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
+        self.record_push(accept).await
     }
 
     async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError> {
@@ -715,6 +564,26 @@ impl OfflineStore for RedisStore {
                 return Ok(replay);
             }
         }
+    }
+
+    async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError> {
+        if !plausible_token(token) {
+            return Ok(None);
+        }
+        let (exists, dropped, collapsed, pending): (bool, Option<u64>, Option<u64>, u64) =
+            redis::pipe()
+                .exists(self.keys.device(token))
+                .hget(self.keys.device(token), "dropped")
+                .hget(self.keys.device(token), "collapsed")
+                .zcard(self.keys.queue(token))
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+        Ok(exists.then(|| DeviceCounters {
+            pending,
+            dropped: dropped.unwrap_or(0),
+            collapsed: collapsed.unwrap_or(0),
+        }))
     }
 }
 

@@ -34,8 +34,8 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::{Accepted, WebSocketTransport};
-use crate::connection::{self, Live};
-use crate::node::Node;
+use crate::connections::ConnectionTable;
+use crate::device::{self, Live};
 
 /// Readiness events taken from the epoll instance per call.
 const EVENTS_PER_WAIT: usize = 256;
@@ -51,8 +51,8 @@ pub(crate) struct Lot {
     watching: AtomicBool,
     tracker: TaskTracker,
     runtime: tokio::runtime::Handle,
-    /// The node's table (which counts parked connections) and shutdown.
-    node: Arc<Node>,
+    /// The connection table (which counts parked connections) and its shutdown.
+    connections: Arc<ConnectionTable>,
 }
 
 #[derive(Default)]
@@ -120,7 +120,7 @@ impl Lot {
     pub(crate) fn start(
         park_after: Duration,
         tracker: &TaskTracker,
-        node: Arc<Node>,
+        connections: Arc<ConnectionTable>,
     ) -> io::Result<Arc<Self>> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         // `AsyncFd::new` is deprecated because an `AsRawFd` may hand out a descriptor it does
@@ -137,7 +137,7 @@ impl Lot {
             watching: AtomicBool::new(true),
             tracker: tracker.clone(),
             runtime: tokio::runtime::Handle::current(),
-            node,
+            connections,
         });
         tracker.spawn(lot.clone().watch());
         Ok(lot)
@@ -146,7 +146,8 @@ impl Lot {
     /// How long a connection may be idle before it is parked; `None` when the lot takes no
     /// more (the node is draining, or the lot's task stopped).
     pub(crate) fn park_after(&self) -> Option<Duration> {
-        let open = self.watching.load(Ordering::Acquire) && !self.node.shutdown().is_cancelled();
+        let open =
+            self.watching.load(Ordering::Acquire) && !self.connections.shutdown().is_cancelled();
         open.then_some(self.park_after)
     }
 
@@ -172,7 +173,7 @@ impl Lot {
                 // The socket is gone with the failed deregistration: so is the device.
                 tracing::debug!(%error, "parking a connection lost its socket");
                 self.tracker.spawn_on(
-                    async move { connection::forget(&accepted.context, &live).await },
+                    async move { device::forget(&accepted.context, &live).await },
                     &self.runtime,
                 );
                 return;
@@ -221,7 +222,7 @@ impl Lot {
         if let Some(reserved) = state.parked.get_mut(slot) {
             *reserved = Some(parked);
         }
-        self.node.count_parked(true);
+        self.connections.count_parked(true);
         let earliest = state.timers.first().is_none_or(|&(at, _)| wake_at < at);
         state.timers.insert((wake_at, key));
         drop(state);
@@ -252,7 +253,7 @@ impl Lot {
             let Some(Some(parked)) = state.parked.try_remove(slot) else {
                 return;
             };
-            self.node.count_parked(false);
+            self.connections.count_parked(false);
             state.timers.remove(&(parked.wake_at, key));
             parked
         };
@@ -288,7 +289,7 @@ impl Lot {
                     }
                     Err(error) => {
                         tracing::debug!(%error, "a parked connection's socket could not be restored");
-                        connection::forget(&accepted.context, &live).await;
+                        device::forget(&accepted.context, &live).await;
                     }
                 }
             },
@@ -354,7 +355,7 @@ impl Lot {
                     }
                 }
                 () = self.timer_added.notified() => {}
-                () = self.node.shutdown().cancelled() => break,
+                () = self.connections.shutdown().cancelled() => break,
             }
         }
         self.watching.store(false, Ordering::Release);

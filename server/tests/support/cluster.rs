@@ -397,8 +397,7 @@ impl Drop for GatewayProcess {
 
 /// A fresh credential for `uid`.
 pub fn credential(uid: &str) -> String {
-    let now = pigeon_server::message::unix_millis() / 1000;
-    pigeon_server::auth::mint(&app(), uid, now, 600)
+    super::mint(&app(), uid)
 }
 
 /// Connects a device of `uid` to `node` with `state`.

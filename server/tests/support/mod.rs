@@ -16,6 +16,12 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub mod cluster;
 
+/// A credential for `uid` of `app`, valid for ten minutes from now.
+pub fn mint(app: &AppSettings, uid: &str) -> String {
+    let now = pigeon_server::message::unix_millis() / 1000;
+    pigeon_proto::credential::mint(&app.id, app.secret.as_bytes(), uid, now, 600)
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -148,8 +154,7 @@ impl Server {
 
     /// A fresh credential for `uid`.
     pub fn credential(&self, uid: &str) -> String {
-        let now = pigeon_server::message::unix_millis() / 1000;
-        pigeon_server::auth::mint(&self.app(), uid, now, 600)
+        mint(&self.app(), uid)
     }
 
     /// POSTs a push with the demo app's key.

@@ -1,7 +1,9 @@
-//! The connection node: the table of live device connections, and delivery into them.
+//! The connection table: a process's live device connections by token, and delivery into
+//! them.
 //!
 //! Each live connection has a [`Connection`]: a small bounded queue of live pushes, a wake-up
-//! and a close request. Delivery never waits on a device: [`Node::deliver`] queues and wakes;
+//! and a close request. Delivery never waits on a device: [`ConnectionTable::deliver`] queues
+//! and wakes;
 //! when a connection's queue is full the push is not queued but the connection is told it
 //! fell behind, and it reads what it missed from the offline store (every push is stored
 //! before it is delivered). An idle connection's queue holds no allocation.
@@ -18,9 +20,10 @@ use pigeon_proto::CloseCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::Delivery;
+use crate::store::{Route, Routes};
 
-/// The live connections of one node, by device token.
-pub struct Node {
+/// The live device connections of one process, by device token.
+pub struct ConnectionTable {
     connections: DashMap<Arc<str>, Arc<Connection>>,
     next_connection_id: AtomicU64,
     queue_limit: usize,
@@ -29,7 +32,7 @@ pub struct Node {
     parked: AtomicUsize,
 }
 
-/// One live device connection, as the rest of the node sees it.
+/// One live device connection, as the rest of the process sees it.
 #[derive(Debug)]
 pub struct Connection {
     id: u64,
@@ -60,7 +63,7 @@ pub struct Inbox {
 }
 
 impl Connection {
-    /// This connection's id, unique within the node.
+    /// This connection's id, unique within the table.
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -141,7 +144,7 @@ fn lock(outbound: &Mutex<Outbound>) -> std::sync::MutexGuard<'_, Outbound> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What [`Node::deliver`] did.
+/// What [`ConnectionTable::deliver`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivered {
     /// Handed to the device's live connection.
@@ -153,8 +156,8 @@ pub enum Delivered {
     Offline,
 }
 
-impl Node {
-    /// A node whose connections queue at most `queue_limit` live pushes each.
+impl ConnectionTable {
+    /// A table whose connections queue at most `queue_limit` live pushes each.
     pub fn new(queue_limit: usize, shutdown: CancellationToken) -> Self {
         Self {
             connections: DashMap::new(),
@@ -165,7 +168,7 @@ impl Node {
         }
     }
 
-    /// Cancelled when the node shuts down.
+    /// Cancelled when the process shuts down.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
     }
@@ -189,7 +192,7 @@ impl Node {
         connection
     }
 
-    /// Shuts the node down: cancels the shutdown token (listeners stop accepting) and asks
+    /// Shuts the table down: cancels the shutdown token (listeners stop accepting) and asks
     /// every connection, and any registered from now on, to close with 1001 (going away).
     pub fn shut_down(&self) {
         self.shutdown.cancel();
@@ -259,6 +262,17 @@ impl Node {
     }
 }
 
+/// In standalone mode the connection table is where the store learns which devices are
+/// connected (for TTL-0 pushes): every route is a connection of this process.
+impl Routes for ConnectionTable {
+    fn route(&self, token: &str) -> Option<Route> {
+        self.connections.get(token).map(|connection| Route {
+            node: String::new(),
+            connection: connection.id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,12 +296,12 @@ mod tests {
 
     #[test]
     fn a_full_queue_tells_the_connection_to_catch_up() {
-        let node = Node::new(2, CancellationToken::new());
-        let connection = node.register(&Arc::from("t"));
-        assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);
-        assert_eq!(node.deliver("t", delivery(2)), Delivered::Live);
-        assert_eq!(node.deliver("t", delivery(3)), Delivered::Lagging);
-        assert_eq!(node.deliver("other", delivery(1)), Delivered::Offline);
+        let table = ConnectionTable::new(2, CancellationToken::new());
+        let connection = table.register(&Arc::from("t"));
+        assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);
+        assert_eq!(table.deliver("t", delivery(2)), Delivered::Live);
+        assert_eq!(table.deliver("t", delivery(3)), Delivered::Lagging);
+        assert_eq!(table.deliver("other", delivery(1)), Delivered::Offline);
         let inbox = connection.take();
         assert_eq!(
             inbox.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>(),
@@ -299,35 +313,35 @@ mod tests {
 
     #[test]
     fn a_new_connection_replaces_the_old_one() {
-        let node = Node::new(2, CancellationToken::new());
-        let old = node.register(&Arc::from("t"));
-        let new = node.register(&Arc::from("t"));
+        let table = ConnectionTable::new(2, CancellationToken::new());
+        let old = table.register(&Arc::from("t"));
+        let new = table.register(&Arc::from("t"));
         assert_eq!(old.take().close, Some(CloseCode::Replaced));
         // The old connection's cleanup must not remove the new one.
-        node.unregister("t", old.id());
-        assert!(node.is_online("t"));
-        node.unregister("t", new.id());
-        assert!(!node.is_online("t"));
+        table.unregister("t", old.id());
+        assert!(table.is_online("t"));
+        table.unregister("t", new.id());
+        assert!(!table.is_online("t"));
     }
 
     #[test]
     fn shutting_down_closes_connections_open_and_to_come() {
-        let node = Node::new(2, CancellationToken::new());
-        let open = node.register(&Arc::from("open"));
-        node.shut_down();
-        assert!(node.shutdown().is_cancelled());
+        let table = ConnectionTable::new(2, CancellationToken::new());
+        let open = table.register(&Arc::from("open"));
+        table.shut_down();
+        assert!(table.shutdown().is_cancelled());
         assert_eq!(open.take().close, Some(CloseCode::GoingAway));
-        let late = node.register(&Arc::from("late"));
+        let late = table.register(&Arc::from("late"));
         assert_eq!(late.take().close, Some(CloseCode::GoingAway));
     }
 
     #[test]
     fn a_wake_before_the_wait_is_not_lost() {
-        let node = Node::new(2, CancellationToken::new());
-        let connection = node.register(&Arc::from("t"));
+        let table = ConnectionTable::new(2, CancellationToken::new());
+        let connection = table.register(&Arc::from("t"));
         let mut context = Context::from_waker(std::task::Waker::noop());
         assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
-        assert_eq!(node.deliver("t", delivery(1)), Delivered::Live);
+        assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);
         assert_eq!(connection.poll_woken(&mut context), Poll::Ready(()));
         // Taken once: quiet until the next delivery.
         assert_eq!(connection.poll_woken(&mut context), Poll::Pending);

@@ -1,8 +1,8 @@
 //! Device credentials: short-lived JWTs (RFC 7519) signed HS256 with the app's secret.
 //!
 //! An app backend mints one per device session, naming the app (`app`) and the user
-//! (`sub`); the node checks signature, algorithm and expiry before a device may say anything
-//! else. Only HS256 is accepted: a token naming any other `alg` (including `none`) is refused.
+//! (`sub`); the device presents it in its Hello, and the node checks signature, algorithm
+//! and expiry before the device may say anything else. Only HS256 is accepted: a token naming any other `alg` (including `none`) is refused.
 //! The format is small enough that signing and checking take a few lines over `hmac`, where
 //! a general JWT crate would bring RSA and elliptic-curve code Pigeon never uses.
 
@@ -11,8 +11,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-
-use crate::config::AppSettings;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -65,14 +63,15 @@ struct Header {
     typ: Option<String>,
 }
 
-/// Mints a credential for `uid` of `app`, valid for `ttl_secs` from `now_secs`.
-pub fn mint(app: &AppSettings, uid: &str, now_secs: u64, ttl_secs: u64) -> String {
+/// Mints a credential for `uid` of the app `app` whose secret is `secret`, valid for
+/// `ttl_secs` from `now_secs`.
+pub fn mint(app: &str, secret: &[u8], uid: &str, now_secs: u64, ttl_secs: u64) -> String {
     let header = Header {
         alg: "HS256".into(),
         typ: Some("JWT".into()),
     };
     let claims = Claims {
-        app: app.id.clone(),
+        app: app.to_owned(),
         sub: uid.to_owned(),
         iat: now_secs,
         exp: now_secs.saturating_add(ttl_secs),
@@ -85,14 +84,17 @@ pub fn mint(app: &AppSettings, uid: &str, now_secs: u64, ttl_secs: u64) -> Strin
         URL_SAFE_NO_PAD.encode(header),
         URL_SAFE_NO_PAD.encode(claims)
     );
-    let signature = mac(app, signing_input.as_bytes()).finalize().into_bytes();
+    let signature = mac(secret, signing_input.as_bytes())
+        .finalize()
+        .into_bytes();
     format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
 }
 
-/// Checks a credential against the apps it may belong to, at `now_secs`.
+/// Checks a credential at `now_secs`; `secret_of` gives the secret of an app id, if the app
+/// exists.
 pub fn verify<'a>(
     credential: &str,
-    apps: impl Fn(&str) -> Option<&'a AppSettings>,
+    secret_of: impl Fn(&str) -> Option<&'a [u8]>,
     now_secs: u64,
 ) -> Result<Claims, CredentialError> {
     if credential.len() > MAX_CREDENTIAL_LEN {
@@ -109,14 +111,14 @@ pub fn verify<'a>(
         return Err(CredentialError::Algorithm);
     }
     let claims_value: Claims = decode_part(claims)?;
-    let app = apps(&claims_value.app).ok_or(CredentialError::UnknownApp)?;
+    let secret = secret_of(&claims_value.app).ok_or(CredentialError::UnknownApp)?;
     let signature = URL_SAFE_NO_PAD
         .decode(signature)
         .map_err(|_| CredentialError::Malformed)?;
     let signing_input = credential
         .rsplit_once('.')
         .map_or("", |(signing_input, _)| signing_input);
-    mac(app, signing_input.as_bytes())
+    mac(secret, signing_input.as_bytes())
         .verify_slice(&signature)
         .map_err(|_| CredentialError::Signature)?;
     if claims_value.exp.saturating_add(LEEWAY_SECS) < now_secs {
@@ -135,9 +137,9 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Result<T, Credenti
     serde_json::from_slice(&bytes).map_err(|_| CredentialError::Malformed)
 }
 
-fn mac(app: &AppSettings, input: &[u8]) -> HmacSha256 {
+fn mac(secret: &[u8], input: &[u8]) -> HmacSha256 {
     // HMAC takes keys of any length, so this cannot fail.
-    let mut mac = match HmacSha256::new_from_slice(app.secret.as_bytes()) {
+    let mut mac = match HmacSha256::new_from_slice(secret) {
         Ok(mac) => mac,
         Err(_) => unreachable!("HMAC accepts keys of every length"),
     };
@@ -149,76 +151,65 @@ fn mac(app: &AppSettings, input: &[u8]) -> HmacSha256 {
 mod tests {
     use super::*;
 
-    fn app(id: &str, secret: &str) -> AppSettings {
-        AppSettings {
-            id: id.into(),
-            api_key: "k".repeat(16),
-            secret: secret.into(),
-        }
+    const SECRET: &[u8] = b"ssssssssssssssssssssssssssssssss";
+    const OTHER: &[u8] = b"tttttttttttttttttttttttttttttttt";
+
+    fn demo(id: &str) -> Option<&'static [u8]> {
+        (id == "demo").then_some(SECRET)
     }
 
     #[test]
     fn minted_credentials_verify() {
-        let demo = app("demo", &"s".repeat(32));
-        let credential = mint(&demo, "alice", 1_000, 60);
-        let claims = verify(&credential, |id| (id == "demo").then_some(&demo), 1_030)
-            .expect("valid credential");
+        let credential = mint("demo", SECRET, "alice", 1_000, 60);
+        let claims = verify(&credential, demo, 1_030).expect("valid credential");
         assert_eq!(claims.sub, "alice");
         assert_eq!(claims.app, "demo");
     }
 
     #[test]
     fn refuses_expired_forged_and_foreign_credentials() {
-        let demo = app("demo", &"s".repeat(32));
-        let other = app("demo", &"t".repeat(32));
-        let lookup = |id: &str| (id == "demo").then_some(&demo);
-        let credential = mint(&demo, "alice", 1_000, 60);
+        let credential = mint("demo", SECRET, "alice", 1_000, 60);
         assert_eq!(
-            verify(&credential, lookup, 1_000 + 60 + LEEWAY_SECS + 1),
+            verify(&credential, demo, 1_000 + 60 + LEEWAY_SECS + 1),
             Err(CredentialError::Expired)
         );
-        let forged = mint(&other, "alice", 1_000, 60);
+        let forged = mint("demo", OTHER, "alice", 1_000, 60);
         assert_eq!(
-            verify(&forged, lookup, 1_000),
+            verify(&forged, demo, 1_000),
             Err(CredentialError::Signature)
         );
         assert_eq!(
             verify(&credential, |_| None, 1_000),
             Err(CredentialError::UnknownApp)
         );
+        assert_eq!(verify("a.b", demo, 1_000), Err(CredentialError::Malformed));
         assert_eq!(
-            verify("a.b", lookup, 1_000),
-            Err(CredentialError::Malformed)
-        );
-        assert_eq!(
-            verify("!!.??.**", lookup, 1_000),
+            verify("!!.??.**", demo, 1_000),
             Err(CredentialError::Malformed)
         );
     }
 
     #[test]
     fn refuses_alg_none() {
-        let demo = app("demo", &"s".repeat(32));
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
         let claims =
             URL_SAFE_NO_PAD.encode(br#"{"app":"demo","sub":"a","iat":0,"exp":9999999999}"#);
         let credential = format!("{header}.{claims}.");
         assert_eq!(
-            verify(&credential, |_| Some(&demo), 1_000),
+            verify(&credential, demo, 1_000),
             Err(CredentialError::Algorithm)
         );
     }
 
     #[test]
     fn tampered_claims_fail_the_signature() {
-        let demo = app("demo", &"s".repeat(32));
-        let credential = mint(&demo, "alice", 1_000, 60);
+        let credential = mint("demo", SECRET, "alice", 1_000, 60);
         let mut parts: Vec<&str> = credential.split('.').collect();
         let evil =
             URL_SAFE_NO_PAD.encode(br#"{"app":"demo","sub":"mallory","iat":1000,"exp":1060}"#);
         parts[1] = &evil;
         assert_eq!(
-            verify(&parts.join("."), |_| Some(&demo), 1_000),
+            verify(&parts.join("."), demo, 1_000),
             Err(CredentialError::Signature)
         );
     }

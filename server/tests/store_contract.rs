@@ -1,0 +1,641 @@
+//! The store contract: the same cases against the embedded store (redb in a temporary
+//! directory), the Redis store on a `redis-server` of the test's own, and the Redis store on
+//! a three-master Redis Cluster. The rules are those of `pigeon_server::store`'s docs.
+//!
+//! Each case gets a fresh store (a new directory, or a new key prefix on the same Redis) and
+//! says which case and which store failed.
+
+mod support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pigeon_proto::device::Priority;
+use pigeon_server::cluster::membership::Membership;
+use pigeon_server::config::ClusterSettings;
+use pigeon_server::connections::ConnectionTable;
+use pigeon_server::message::{Message, new_message_id, unix_millis};
+use pigeon_server::store::embedded::EmbeddedStore;
+use pigeon_server::store::redis::{RedisConnection, RedisStore};
+use pigeon_server::store::{Accept, AcceptOutcome, DeviceCounters, Recorded, Route, Store, Target};
+use support::cluster::{Redis, RedisCluster};
+use tokio_util::sync::CancellationToken;
+
+/// Messages kept per device by every store under test.
+const CAP: u32 = 5;
+
+/// A store under test, and how to make one of its devices connected.
+struct Backend {
+    store: Arc<dyn Store>,
+    connect: Connect,
+    /// Whether a record is all or nothing (one transaction), so an interrupted one can never
+    /// leave some targets recorded and others not.
+    atomic_records: bool,
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum Connect {
+    /// The embedded store learns routes from the process's connection table.
+    Table(Arc<ConnectionTable>),
+    /// The Redis store reads the routes cluster membership writes.
+    Membership(Membership),
+}
+
+impl Backend {
+    async fn embedded() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = Arc::new(ConnectionTable::new(16, CancellationToken::new()));
+        let store = EmbeddedStore::open(dir.path(), 1024, CAP, table.clone()).expect("open");
+        Self {
+            store: Arc::new(store),
+            connect: Connect::Table(table),
+            atomic_records: true,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn redis(urls: Vec<String>, cluster: bool, prefix: String) -> Self {
+        let settings = ClusterSettings {
+            redis: urls,
+            redis_cluster: cluster,
+            ..ClusterSettings::default()
+        };
+        let connection = RedisConnection::open(&settings).await.expect("connect");
+        Self {
+            store: Arc::new(RedisStore::new(connection.clone(), &prefix, CAP)),
+            connect: Connect::Membership(Membership::new(connection, &prefix)),
+            atomic_records: false,
+            _dir: None,
+        }
+    }
+
+    /// Makes the device connected: routed to connection 7 of node `node-a` (standalone: of
+    /// this process).
+    async fn connect(&self, token: &str) -> Route {
+        match &self.connect {
+            Connect::Table(table) => {
+                let connection = table.register(&Arc::from(token));
+                Route {
+                    node: String::new(),
+                    connection: connection.id(),
+                }
+            }
+            Connect::Membership(membership) => {
+                membership
+                    .route_online(token, "node-a", 7)
+                    .await
+                    .expect("route");
+                Route {
+                    node: "node-a".into(),
+                    connection: 7,
+                }
+            }
+        }
+    }
+
+    async fn device(&self, uid: &str) -> String {
+        self.store
+            .admit_device("demo", uid, "")
+            .await
+            .expect("admit")
+            .token
+    }
+
+    /// Records `message` for `tokens` (stored unless the message's TTL is 0).
+    async fn record(
+        &self,
+        message: Arc<Message>,
+        tokens: &[&str],
+        idempotency: Option<(&str, u64)>,
+    ) -> AcceptOutcome {
+        self.store
+            .record(accept("demo", message, tokens, idempotency))
+            .await
+            .expect("record")
+    }
+
+    /// The seqs a one-target record gave.
+    async fn push(&self, token: &str, body: &str) -> u64 {
+        match self.record(message(body, 60_000, ""), &[token], None).await {
+            AcceptOutcome::Accepted { targets, .. } => match &targets[0].1 {
+                Recorded::Seq { seq, .. } => *seq,
+                other => panic!("expected a seq, got {other:?}"),
+            },
+            other => panic!("expected accepted, got {other:?}"),
+        }
+    }
+
+    /// `(seq, payload)` of everything replayable after `after`.
+    async fn pending(&self, token: &str, after: u64) -> Vec<(u64, String)> {
+        let replay = self.store.replay(token, after, 1000).await.expect("replay");
+        assert!(!replay.more);
+        replay
+            .deliveries
+            .iter()
+            .map(|delivery| {
+                let payload = String::from_utf8_lossy(&delivery.message.payload).into_owned();
+                (delivery.seq, payload)
+            })
+            .collect()
+    }
+
+    async fn counters(&self, token: &str) -> DeviceCounters {
+        self.store
+            .counters(token)
+            .await
+            .expect("counters")
+            .expect("a known device")
+    }
+}
+
+fn message(body: &str, ttl_ms: u64, collapse_key: &str) -> Arc<Message> {
+    let now = unix_millis();
+    Arc::new(Message {
+        id: new_message_id(now),
+        payload: Bytes::from(body.to_owned()),
+        priority: Priority::Normal,
+        accepted_at_ms: now,
+        expires_at_ms: now + ttl_ms,
+        collapse_key: collapse_key.into(),
+    })
+}
+
+fn accept(
+    app: &str,
+    message: Arc<Message>,
+    tokens: &[&str],
+    idempotency: Option<(&str, u64)>,
+) -> Accept {
+    let store = message.is_storable();
+    Accept {
+        app: app.into(),
+        targets: tokens
+            .iter()
+            .map(|token| Target {
+                token: (*token).into(),
+                store,
+            })
+            .collect(),
+        message,
+        idempotency: idempotency.map(|(key, until)| (key.to_owned(), until)),
+    }
+}
+
+fn recorded(outcome: &AcceptOutcome) -> Vec<Recorded> {
+    match outcome {
+        AcceptOutcome::Accepted { targets, .. } => targets
+            .iter()
+            .map(|(_, recorded)| recorded.clone())
+            .collect(),
+        other => panic!("expected accepted, got {other:?}"),
+    }
+}
+
+fn seq(seq: u64) -> Recorded {
+    Recorded::Seq { seq, route: None }
+}
+
+// The cases.
+
+async fn devices_are_admitted_resumed_and_rebound(backend: &Backend) {
+    let store = &backend.store;
+    let first = store
+        .admit_device("demo", "alice", "")
+        .await
+        .expect("admit");
+    assert!(!first.resumed);
+    let again = store
+        .admit_device("demo", "alice", &first.token)
+        .await
+        .expect("admit");
+    assert!(again.resumed);
+    assert_eq!(again.token, first.token);
+    // Unknown and implausible tokens get a new one.
+    for presented in ["never-issued", "a}b{c", &"x".repeat(300)] {
+        let fresh = store
+            .admit_device("demo", "alice", presented)
+            .await
+            .expect("admit");
+        assert!(!fresh.resumed, "{presented}");
+        assert_ne!(fresh.token, presented);
+    }
+    let second = store
+        .admit_device("demo", "carol", "")
+        .await
+        .expect("admit");
+    store
+        .admit_device("demo", "bob", &second.token)
+        .await
+        .expect("admit");
+    let tokens = store
+        .tokens_for_uids("demo", &["carol".into(), "bob".into(), "bo".into()])
+        .await
+        .expect("tokens");
+    assert_eq!(tokens, vec![vec![], vec![second.token.clone()], vec![]]);
+}
+
+async fn seqs_start_at_one_and_count_up_per_device(backend: &Backend) {
+    let alice = backend.device("alice").await;
+    let bob = backend.device("bob").await;
+    for expected in 1..=3 {
+        assert_eq!(backend.push(&alice, "a").await, expected);
+    }
+    assert_eq!(backend.push(&bob, "b").await, 1);
+    let resumed = backend
+        .store
+        .admit_device("demo", "alice", &alice)
+        .await
+        .expect("admit");
+    assert_eq!((resumed.highest_seq, resumed.acked_seq), (3, 0));
+    // One record with both devices gives each its own next seq.
+    let outcome = backend
+        .record(message("both", 60_000, ""), &[&alice, &bob], None)
+        .await;
+    assert_eq!(recorded(&outcome), vec![seq(4), seq(2)]);
+}
+
+async fn acks_are_cumulative_and_never_above_the_highest_seq(backend: &Backend) {
+    let token = backend.device("alice").await;
+    for n in 1..=4 {
+        backend.push(&token, &format!("m{n}")).await;
+    }
+    backend.store.ack(&token, 2).await.expect("ack");
+    // An older ack changes nothing.
+    backend.store.ack(&token, 1).await.expect("ack");
+    assert_eq!(
+        backend.pending(&token, 0).await,
+        vec![(3, "m3".into()), (4, "m4".into())]
+    );
+    // An ack far ahead of what was assigned counts up to the highest seq only, so later
+    // messages are not acknowledged before they exist.
+    backend.store.ack(&token, 3000).await.expect("ack");
+    let device = backend
+        .store
+        .admit_device("demo", "alice", &token)
+        .await
+        .expect("admit");
+    assert_eq!((device.acked_seq, device.highest_seq), (4, 4));
+    assert_eq!(backend.push(&token, "m5").await, 5);
+    assert_eq!(backend.pending(&token, 4).await, vec![(5, "m5".into())]);
+    assert_eq!(backend.counters(&token).await.pending, 1);
+    // Acks of unknown devices are ignored.
+    backend.store.ack("never-issued", 9).await.expect("ack");
+}
+
+async fn replay_is_in_seq_order_and_pages(backend: &Backend) {
+    let token = backend.device("alice").await;
+    let many = backend.device("many").await;
+    for n in 1..=CAP {
+        backend.push(&token, &format!("m{n}")).await;
+    }
+    let first = backend.store.replay(&token, 0, 2).await.expect("replay");
+    let seqs: Vec<u64> = first.deliveries.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+    assert!(first.more);
+    let next = backend.store.replay(&token, 2, 2).await.expect("replay");
+    let seqs: Vec<u64> = next.deliveries.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, [3, 4]);
+    let last = backend.store.replay(&token, 4, 2).await.expect("replay");
+    let seqs: Vec<u64> = last.deliveries.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, [5]);
+    assert!(!last.more);
+    // The message comes back as it was recorded.
+    let body = message("{\"n\":1}", 60_000, "k");
+    backend.record(body.clone(), &[&many], None).await;
+    let replay = backend.store.replay(&many, 0, 10).await.expect("replay");
+    assert_eq!(*replay.deliveries[0].message, *body);
+    assert!(backend.pending("never-issued", 0).await.is_empty());
+}
+
+async fn expired_messages_are_never_replayed(backend: &Backend) {
+    let token = backend.device("alice").await;
+    let short = message("short", 1, "");
+    let expires = short.expires_at_ms;
+    backend.record(short, &[&token], None).await;
+    backend.push(&token, "long").await;
+    backend
+        .record(message("short too", 1, ""), &[&token], None)
+        .await;
+    while unix_millis() <= expires + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(backend.pending(&token, 0).await, vec![(2, "long".into())]);
+    // A page is filled past expired rows.
+    let page = backend.store.replay(&token, 0, 1).await.expect("replay");
+    assert_eq!(page.deliveries.len(), 1);
+    assert_eq!(page.deliveries[0].seq, 2);
+}
+
+async fn a_collapse_key_replaces_the_pending_message(backend: &Backend) {
+    let token = backend.device("alice").await;
+    backend
+        .record(message("score 1-0", 60_000, "score"), &[&token], None)
+        .await;
+    backend
+        .record(message("other", 60_000, ""), &[&token], None)
+        .await;
+    backend
+        .record(message("score 2-0", 60_000, "score"), &[&token], None)
+        .await;
+    assert_eq!(
+        backend.pending(&token, 0).await,
+        vec![(2, "other".into()), (3, "score 2-0".into())]
+    );
+    // Once acknowledged, a message with the key is no longer pending: nothing is replaced.
+    backend.store.ack(&token, 3).await.expect("ack");
+    backend
+        .record(message("score 3-0", 60_000, "score"), &[&token], None)
+        .await;
+    let counters = backend.counters(&token).await;
+    assert_eq!((counters.pending, counters.collapsed), (1, 1));
+}
+
+async fn the_per_device_cap_keeps_the_newest(backend: &Backend) {
+    let token = backend.device("alice").await;
+    for n in 1..=CAP + 2 {
+        backend.push(&token, &format!("m{n}")).await;
+    }
+    let seqs: Vec<u64> = backend
+        .pending(&token, 0)
+        .await
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(seqs, (3..=u64::from(CAP) + 2).collect::<Vec<_>>());
+    let counters = backend.counters(&token).await;
+    assert_eq!((counters.pending, counters.dropped), (u64::from(CAP), 2));
+}
+
+async fn ttl_zero_goes_only_to_connected_devices_and_is_never_stored(backend: &Backend) {
+    let online = backend.device("online").await;
+    let offline = backend.device("offline").await;
+    let route = backend.connect(&online).await;
+    let outcome = backend
+        .record(message("now or never", 0, ""), &[&online, &offline], None)
+        .await;
+    assert_eq!(
+        recorded(&outcome),
+        vec![
+            Recorded::Seq {
+                seq: 1,
+                route: Some(route.clone())
+            },
+            Recorded::Dropped
+        ]
+    );
+    assert!(backend.pending(&online, 0).await.is_empty());
+    // A stored message to a connected device carries its route too; the offline device's
+    // seq did not move.
+    let outcome = backend
+        .record(message("kept", 60_000, ""), &[&online, &offline], None)
+        .await;
+    assert_eq!(
+        recorded(&outcome),
+        vec![
+            Recorded::Seq {
+                seq: 2,
+                route: Some(route)
+            },
+            seq(1)
+        ]
+    );
+}
+
+async fn an_idempotency_key_records_once_within_its_window(backend: &Backend) {
+    let token = backend.device("alice").await;
+    let far = unix_millis() + 60_000;
+    let first = message("first", 60_000, "");
+    let first_id = first.id.clone();
+    let outcome = backend
+        .record(first, &[&token], Some(("order-1", far)))
+        .await;
+    assert_eq!(recorded(&outcome), vec![seq(1)]);
+    let again = backend
+        .record(
+            message("again", 60_000, ""),
+            &[&token],
+            Some(("order-1", far)),
+        )
+        .await;
+    assert_eq!(
+        again,
+        AcceptOutcome::Duplicate {
+            message_id: first_id
+        }
+    );
+    // Another app's key of the same name is another key.
+    let other_app = backend
+        .store
+        .record(accept(
+            "other",
+            message("other app", 60_000, ""),
+            &[&token],
+            Some(("order-1", far)),
+        ))
+        .await
+        .expect("record");
+    assert_eq!(recorded(&other_app), vec![Recorded::Unknown]);
+    // Past its window the key counts no more.
+    let soon = unix_millis() + 300;
+    backend
+        .record(
+            message("short key", 60_000, ""),
+            &[&token],
+            Some(("order-2", soon)),
+        )
+        .await;
+    while unix_millis() <= soon + 50 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let later = backend
+        .record(
+            message("later", 60_000, ""),
+            &[&token],
+            Some(("order-2", far)),
+        )
+        .await;
+    assert_eq!(recorded(&later), vec![seq(3)]);
+    assert_eq!(
+        backend.pending(&token, 0).await,
+        vec![
+            (1, "first".into()),
+            (2, "short key".into()),
+            (3, "later".into())
+        ]
+    );
+}
+
+async fn a_retry_after_an_interrupted_record_reaches_each_device_once(backend: &Backend) {
+    const DEVICES: usize = 1500;
+    let uids: Vec<String> = (0..DEVICES).map(|n| format!("u{n}")).collect();
+    let tokens = futures_util::future::join_all(uids.iter().map(|uid| backend.device(uid))).await;
+    let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let far = unix_millis() + 60_000;
+    // Interrupt a record as soon as its first target holds the message, as if the process
+    // recording it died there; try again with a new key until an interruption leaves a
+    // partial record, where a store can leave one.
+    let mut attempt = 0;
+    let (key, interrupted) = loop {
+        attempt += 1;
+        let key = format!("order-{attempt}");
+        let first = message("first try", 60_000, "");
+        let record = backend
+            .store
+            .record(accept("demo", first, &tokens, Some((&key, far))));
+        let first_recorded = async {
+            while backend.pending(tokens[0], 0).await.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = first_recorded => {}
+            outcome = record => { outcome.expect("record"); }
+        }
+        let mut recorded = 0;
+        for token in &tokens {
+            recorded += usize::from(!backend.pending(token, 0).await.is_empty());
+        }
+        if backend.atomic_records {
+            assert_eq!(recorded, DEVICES, "an interrupted record is all or nothing");
+            break (key, recorded);
+        }
+        if recorded < DEVICES {
+            break (key, recorded);
+        }
+        assert!(attempt < 10, "no interruption left a partial record");
+        for token in &tokens {
+            backend.store.ack(token, u64::MAX).await.expect("ack");
+        }
+    };
+    eprintln!("interrupted after {interrupted} of {DEVICES} targets");
+    // The retry: the client never got an answer, so it sends the push again, as a new
+    // request (a new message id) with the same idempotency key.
+    let retry = backend
+        .record(message("retry", 60_000, ""), &tokens, Some((&key, far)))
+        .await;
+    let message_id = match &retry {
+        AcceptOutcome::Accepted { message, .. } => message.id.clone(),
+        AcceptOutcome::Duplicate { message_id } => message_id.clone(),
+    };
+    for token in &tokens {
+        let replay = backend.store.replay(token, 0, 100).await.expect("replay");
+        let copies: Vec<&str> = replay
+            .deliveries
+            .iter()
+            .map(|delivery| delivery.message.id.as_str())
+            .collect();
+        assert_eq!(copies, [message_id.as_str()], "device {token}");
+    }
+}
+
+async fn unknown_and_foreign_tokens_are_unknown(backend: &Backend) {
+    let token = backend.device("alice").await;
+    let outcome = backend
+        .record(
+            message("hello", 60_000, ""),
+            &["never-issued", "a}b{c", &token],
+            None,
+        )
+        .await;
+    assert_eq!(
+        recorded(&outcome),
+        vec![Recorded::Unknown, Recorded::Unknown, seq(1)]
+    );
+    // A device of demo is no device of another app: not known, not recorded, not resumed.
+    let known = backend
+        .store
+        .known_tokens("other", &[token.clone(), "never-issued".into()])
+        .await
+        .expect("known");
+    assert_eq!(known, vec![false, false]);
+    assert_eq!(
+        backend
+            .store
+            .known_tokens("demo", std::slice::from_ref(&token))
+            .await
+            .expect("known"),
+        vec![true]
+    );
+    let foreign = backend
+        .store
+        .record(accept("other", message("x", 60_000, ""), &[&token], None))
+        .await
+        .expect("record");
+    assert_eq!(recorded(&foreign), vec![Recorded::Unknown]);
+    let admitted = backend
+        .store
+        .admit_device("other", "alice", &token)
+        .await
+        .expect("admit");
+    assert!(!admitted.resumed);
+    assert_ne!(admitted.token, token);
+    assert_eq!(backend.pending(&token, 0).await, vec![(1, "hello".into())]);
+    assert!(
+        backend
+            .store
+            .counters("never-issued")
+            .await
+            .expect("counters")
+            .is_none()
+    );
+}
+
+type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        [$((stringify!($case), (|backend| Box::pin($case(backend))) as Case)),*]
+    };
+}
+
+const CASES: [(&str, Case); 11] = cases![
+    devices_are_admitted_resumed_and_rebound,
+    seqs_start_at_one_and_count_up_per_device,
+    acks_are_cumulative_and_never_above_the_highest_seq,
+    replay_is_in_seq_order_and_pages,
+    expired_messages_are_never_replayed,
+    a_collapse_key_replaces_the_pending_message,
+    the_per_device_cap_keeps_the_newest,
+    ttl_zero_goes_only_to_connected_devices_and_is_never_stored,
+    an_idempotency_key_records_once_within_its_window,
+    a_retry_after_an_interrupted_record_reaches_each_device_once,
+    unknown_and_foreign_tokens_are_unknown,
+];
+
+/// Runs every case on a fresh store from `backend`, naming the case and the store first.
+async fn run_cases<F: Future<Output = Backend>>(store: &str, backend: impl Fn(usize) -> F) {
+    for (index, (name, case)) in CASES.iter().enumerate() {
+        eprintln!("{store}: {name}");
+        let backend = backend(index).await;
+        case(&backend).await;
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_store_keeps_the_contract() {
+    run_cases("embedded", |_| Backend::embedded()).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    run_cases("redis", |index| {
+        Backend::redis(vec![redis.url()], false, format!("case{index}"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_contract_on_a_redis_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = RedisCluster::start(dir.path());
+    run_cases("redis cluster", |index| {
+        Backend::redis(cluster.urls(), true, format!("case{index}"))
+    })
+    .await;
+}
