@@ -312,14 +312,14 @@ async fn replay_is_in_seq_order_and_pages(backend: &Backend) {
 
 async fn expired_messages_are_never_replayed(backend: &Backend) {
     let token = backend.device("alice").await;
-    let short = message("short", 1, "");
-    let expires = short.expires_at_ms;
-    backend.record(short, &[&token], None).await;
-    backend.push(&token, "long").await;
     backend
-        .record(message("short too", 1, ""), &[&token], None)
+        .record(message("short", 1, ""), &[&token], None)
         .await;
-    while unix_millis() <= expires + 1 {
+    backend.push(&token, "long").await;
+    let short_too = message("short too", 1, "");
+    let all_expired = short_too.expires_at_ms;
+    backend.record(short_too, &[&token], None).await;
+    while unix_millis() <= all_expired {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(backend.pending(&token, 0).await, vec![(2, "long".into())]);

@@ -75,7 +75,7 @@ impl Redis {
             .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (see .ci/run)");
+            .expect("redis-server must be installed: run the tests with scripts/test, which installs it");
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
         while !self.answers() {
