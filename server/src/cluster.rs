@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::config::{AppSettings, Settings};
 use crate::process::StartError;
+use crate::store::Store;
 use crate::store::redis::{RedisConnection, RedisStore};
 use membership::Membership;
 
@@ -30,7 +31,7 @@ fn declared_apps(settings: &Settings) -> Result<Vec<AppSettings>, StartError> {
 }
 
 /// Connects to Redis: the registry and store, and cluster membership, over one connection.
-async fn open_redis(settings: &Settings) -> Result<(Arc<RedisStore>, Arc<Membership>), StartError> {
+async fn open_redis(settings: &Settings) -> Result<(Arc<dyn Store>, Arc<Membership>), StartError> {
     let cluster = &settings.cluster;
     let connection = RedisConnection::open(cluster)
         .await

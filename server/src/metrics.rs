@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::connections::ConnectionTable;
-use crate::push::TargetCounts;
 
 /// The process's metrics.
 #[derive(Default)]
@@ -33,14 +32,15 @@ impl Metrics {
         }
     }
 
-    /// Counts an accepted push and its targets.
-    pub fn push_accepted(&self, targets: &TargetCounts) {
+    /// Counts an accepted push and how many of its targets were delivered live, stored,
+    /// unknown and dropped.
+    pub fn push_accepted(&self, delivered: u32, stored: u32, unknown: u32, dropped: u32) {
         self.pushes_accepted.fetch_add(1, Ordering::Relaxed);
         for (counter, value) in [
-            (&self.targets_delivered, targets.delivered),
-            (&self.targets_stored, targets.stored),
-            (&self.targets_unknown, targets.unknown),
-            (&self.targets_dropped, targets.dropped),
+            (&self.targets_delivered, delivered),
+            (&self.targets_stored, stored),
+            (&self.targets_unknown, unknown),
+            (&self.targets_dropped, dropped),
         ] {
             counter.fetch_add(u64::from(value), Ordering::Relaxed);
         }
@@ -117,14 +117,11 @@ mod tests {
             connections.register(&Arc::from(token));
         }
         let metrics = Metrics::with_connections(connections);
-        metrics.push_accepted(&TargetCounts {
-            delivered: 2,
-            stored: 1,
-            unknown: 0,
-            dropped: 0,
-        });
+        metrics.push_accepted(2, 1, 0, 0);
         metrics.push_duplicate();
         let text = metrics.render();
+        // A process without devices (a gateway) has no connection gauges.
+        assert!(!Metrics::default().render().contains("pigeon_connections"));
         assert!(text.contains("pigeon_connections 2\n"), "{text}");
         assert!(text.contains("pigeon_parked_connections 0\n"), "{text}");
         assert!(

@@ -143,7 +143,12 @@ impl Pipeline {
     pub async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
         let outcome = self.run(request).await;
         match &outcome {
-            Ok(PushOutcome::Accepted { targets, .. }) => self.metrics.push_accepted(targets),
+            Ok(PushOutcome::Accepted { targets, .. }) => self.metrics.push_accepted(
+                targets.delivered,
+                targets.stored,
+                targets.unknown,
+                targets.dropped,
+            ),
             Ok(PushOutcome::Duplicate { .. }) => self.metrics.push_duplicate(),
             Err(_) => self.metrics.push_failed(),
         }
