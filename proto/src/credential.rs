@@ -51,8 +51,8 @@ pub enum CredentialError {
     /// `exp` is in the past.
     #[error("credential has expired")]
     Expired,
-    /// `sub` is empty or too long.
-    #[error("credential has an invalid uid")]
+    /// `sub` is no valid uid (see [`valid_uid`]).
+    #[error("credential has an invalid uid: 1 to 256 bytes, no control characters")]
     InvalidUid,
 }
 
@@ -61,6 +61,16 @@ struct Header {
     alg: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     typ: Option<String>,
+}
+
+/// Longest uid, in bytes.
+pub const MAX_UID_LEN: usize = 256;
+
+/// Whether `uid` is a valid user id: 1 to [`MAX_UID_LEN`] bytes of UTF-8 with no control
+/// characters. The push API checks the uids it is given by the same rule, so a uid a
+/// device can act for is exactly a uid a push can name.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= MAX_UID_LEN && !uid.chars().any(char::is_control)
 }
 
 /// Mints a credential for `uid` of the app `app` whose secret is `secret`, valid for
@@ -124,7 +134,7 @@ pub fn verify<'a>(
     if claims_value.exp.saturating_add(LEEWAY_SECS) < now_secs {
         return Err(CredentialError::Expired);
     }
-    if claims_value.sub.is_empty() || claims_value.sub.len() > 256 {
+    if !valid_uid(&claims_value.sub) {
         return Err(CredentialError::InvalidUid);
     }
     Ok(claims_value)
@@ -199,6 +209,30 @@ mod tests {
             verify(&credential, demo, 1_000),
             Err(CredentialError::Algorithm)
         );
+    }
+
+    #[test]
+    fn uids_are_checked_by_one_rule() {
+        for uid in ["alice", "张伟", "a b", &"u".repeat(MAX_UID_LEN)] {
+            assert!(valid_uid(uid), "{uid}");
+            let credential = mint("demo", SECRET, uid, 1_000, 60);
+            assert!(verify(&credential, demo, 1_000).is_ok(), "{uid}");
+        }
+        for uid in [
+            "",
+            "carl\0evil",
+            "line\nbreak",
+            "\u{7f}",
+            &"u".repeat(MAX_UID_LEN + 1),
+        ] {
+            assert!(!valid_uid(uid), "{uid:?}");
+            let credential = mint("demo", SECRET, uid, 1_000, 60);
+            assert_eq!(
+                verify(&credential, demo, 1_000),
+                Err(CredentialError::InvalidUid),
+                "{uid:?}"
+            );
+        }
     }
 
     #[test]

@@ -21,10 +21,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use http_body_util::BodyExt as _;
 use pigeon_proto::device::Priority;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+
+use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 
 use crate::config::{AppSettings, Limits};
 use crate::metrics::Metrics;
@@ -43,7 +46,10 @@ pub struct PushApi {
 
 /// `POST /v1/push`.
 pub fn push_routes(api: Arc<PushApi>) -> Router {
-    Router::new().route("/v1/push", post(push)).with_state(api)
+    Router::new()
+        .route("/v1/push", post(push))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(api)
 }
 
 /// `GET /healthz`, `GET /metrics`, and a JSON 404 for every other path.
@@ -54,6 +60,7 @@ pub fn ops_routes(metrics: Arc<Metrics>) -> Router {
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
         .route("/metrics", get(render_metrics))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound })
         .with_state(metrics)
 }
@@ -84,6 +91,16 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// The route exists, but not for this method.
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+    /// The request body could not be read (a malformed chunked encoding, a connection that
+    /// broke off).
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
+    /// The request body did not arrive within `limits.http_body_timeout`.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
 }
 
 impl ApiError {
@@ -96,6 +113,9 @@ impl ApiError {
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -107,6 +127,9 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable => "unavailable",
             ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BadBody(_) => "bad_body",
+            ApiError::BodyTimeout => "request_timeout",
         }
     }
 
@@ -114,6 +137,27 @@ impl ApiError {
         ApiError::InvalidField {
             field: field.to_owned(),
             message: message.into(),
+        }
+    }
+}
+
+/// The gRPC push API's answer for each error.
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        use tonic::Status;
+        match &error {
+            ApiError::Unauthorized => Status::unauthenticated(error.to_string()),
+            ApiError::InvalidField { field, message } => {
+                Status::invalid_argument(format!("{field}: {message}"))
+            }
+            ApiError::TooLarge(message) => Status::invalid_argument(message.clone()),
+            ApiError::BadBody(_) => Status::invalid_argument(error.to_string()),
+            ApiError::Overloaded => Status::resource_exhausted(error.to_string()),
+            ApiError::Unavailable => Status::unavailable(error.to_string()),
+            ApiError::BodyTimeout => Status::deadline_exceeded(error.to_string()),
+            ApiError::NotFound | ApiError::MethodNotAllowed => {
+                Status::unimplemented(error.to_string())
+            }
         }
     }
 }
@@ -148,16 +192,25 @@ impl IntoResponse for ApiError {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            // The rest of the body may still be on its way, or never come: the connection
+            // cannot carry another request.
+            ApiError::BadBody(_) | ApiError::BodyTimeout | ApiError::TooLarge(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response
     }
 }
 
+/// A push request's body. Each object of it is read through [`Object`], so that only a JSON
+/// object is taken for one (serde would also take an array of the fields in order).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PushBody {
-    audience: AudienceBody,
+    audience: Object<AudienceBody>,
     payload: Box<RawValue>,
     #[serde(default)]
     ttl: Option<u64>,
@@ -176,6 +229,31 @@ struct AudienceBody {
     uids: Vec<String>,
     #[serde(default)]
     tokens: Vec<String>,
+}
+
+/// A `T` that must be written as a JSON object.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectVisitor(std::marker::PhantomData))
+            .map(Object)
+    }
 }
 
 #[derive(Deserialize)]
@@ -204,11 +282,7 @@ async fn push(State(api): State<Arc<PushApi>>, request: Request) -> Response {
 async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiError> {
     let app = authenticate(&api.apps, request.headers())?;
     let limits = &api.limits;
-    // Room for the payload plus a full audience of maximal ids, and the JSON around them.
-    let body_limit = limits.max_payload_bytes + limits.max_audience * (MAX_ID_LEN + 8) + 4096;
-    let body: Bytes = axum::body::to_bytes(request.into_body(), body_limit)
-        .await
-        .map_err(|_| ApiError::TooLarge(format!("request body is over {body_limit} bytes")))?;
+    let body = read_body(request, limits).await?;
     let request = parse_push(&app.id, &body, limits)?;
     let body = match api.pipeline.push(request).await? {
         PushOutcome::Accepted {
@@ -220,6 +294,32 @@ async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiErr
         }
     };
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+/// The body of a push request, within its size limit and `limits.http_body_timeout`.
+async fn read_body(request: Request, limits: &Limits) -> Result<Bytes, ApiError> {
+    // Room for the payload plus a full audience of maximal ids, and the JSON around them.
+    let limit = limits.max_payload_bytes + limits.max_audience * (MAX_ID_LEN + 8) + 4096;
+    let too_large = || ApiError::TooLarge(format!("request body is over {limit} bytes"));
+    // A declared length over the limit is refused before the body is read, so a client that
+    // asked `Expect: 100-continue` is not invited to send it.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let body = http_body_util::Limited::new(request.into_body(), limit);
+    let collected = tokio::time::timeout(limits.http_body_timeout, body.collect())
+        .await
+        .map_err(|_| ApiError::BodyTimeout)?;
+    match collected {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(ApiError::BadBody(error.to_string())),
+    }
 }
 
 /// The app whose API key is in the `Authorization` header.
@@ -260,8 +360,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Parses and validates a push body.
 fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed: PushBody =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    let Object(parsed): Object<PushBody> = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|error| {
             let path = error.path().to_string();
             let inner = error.into_inner();
             let field = if path == "." {
@@ -283,8 +383,8 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
     validate_push(
         app,
         PushFields {
-            uids: parsed.audience.uids,
-            tokens: parsed.audience.tokens,
+            uids: parsed.audience.0.uids,
+            tokens: parsed.audience.0.tokens,
             payload: parsed.payload.get(),
             ttl_seconds: parsed.ttl,
             priority: match parsed.priority {
@@ -297,6 +397,32 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
         },
         limits,
     )
+}
+
+/// Checks that the payload is I-JSON (RFC 7493), which every device's JSON parser reads
+/// alike: no lone surrogate in a string (`"\ud800"`), no number past the range of a double
+/// (`1e999999`). It is still relayed byte for byte.
+fn check_json_text(payload: &str) -> Result<(), ApiError> {
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(value) if finite_numbers(&value) => Ok(()),
+        Ok(_) => Err(ApiError::invalid(
+            "payload",
+            "a number is out of the range of a double (RFC 7493)",
+        )),
+        Err(error) => Err(ApiError::invalid(
+            "payload",
+            format!("not I-JSON (RFC 7493): {error}"),
+        )),
+    }
+}
+
+fn finite_numbers(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Number(number) => number.as_f64().is_some_and(f64::is_finite),
+        serde_json::Value::Array(items) => items.iter().all(finite_numbers),
+        serde_json::Value::Object(fields) => fields.values().all(finite_numbers),
+        _ => true,
+    }
 }
 
 /// The fields of a push, however they arrived (JSON or gRPC), before validation.
@@ -349,20 +475,23 @@ pub fn validate_push(
             format!("at most {} uids and tokens per push", limits.max_audience),
         ));
     }
-    for (field, ids) in [
-        ("audience.uids", &audience.uids),
-        ("audience.tokens", &audience.tokens),
-    ] {
-        if let Some(index) = ids
-            .iter()
-            .position(|id| id.is_empty() || id.len() > MAX_ID_LEN)
-        {
-            return Err(ApiError::invalid(
-                &format!("{field}[{index}]"),
-                format!("must be 1 to {MAX_ID_LEN} bytes"),
-            ));
-        }
+    if let Some(index) = audience.uids.iter().position(|uid| !valid_uid(uid)) {
+        return Err(ApiError::invalid(
+            &format!("audience.uids[{index}]"),
+            format!("must be 1 to {MAX_UID_LEN} bytes with no control characters"),
+        ));
     }
+    if let Some(index) = audience
+        .tokens
+        .iter()
+        .position(|token| token.is_empty() || token.len() > MAX_ID_LEN)
+    {
+        return Err(ApiError::invalid(
+            &format!("audience.tokens[{index}]"),
+            format!("must be 1 to {MAX_ID_LEN} bytes"),
+        ));
+    }
+    check_json_text(payload)?;
     let ttl = match fields.ttl_seconds {
         None => limits.default_ttl,
         Some(seconds) => {
@@ -477,6 +606,53 @@ mod tests {
             "ttl"
         );
         assert_eq!(field_of(parse("not json")), "body");
+    }
+
+    #[test]
+    fn only_objects_are_objects() {
+        // serde would read a struct from an array of its fields, in order.
+        assert_eq!(field_of(parse(r#"[{"uids":["x"]},1]"#)), "body");
+        assert_eq!(
+            field_of(parse(r#"{"audience":[["x"]],"payload":1}"#)),
+            "audience"
+        );
+        for body in [
+            r#"[{"uids":["x"]},1]"#,
+            r#"{"audience":[["x"]],"payload":1}"#,
+            r#"{"audience":"x","payload":1}"#,
+        ] {
+            let Err(error) = parse(body) else {
+                panic!("{body} was accepted");
+            };
+            // Messages speak of the API, never of the server's types.
+            assert!(!error.to_string().contains("struct"), "{error}");
+        }
+    }
+
+    #[test]
+    fn uids_follow_the_credential_rule() {
+        assert_eq!(
+            field_of(parse(
+                r#"{"audience":{"uids":["carl","carl\u0000evil"]},"payload":1}"#
+            )),
+            "audience.uids[1]"
+        );
+        assert_eq!(
+            field_of(parse(r#"{"audience":{"uids":["tab\tbed"]},"payload":1}"#)),
+            "audience.uids[0]"
+        );
+        assert!(parse(r#"{"audience":{"uids":["张伟 2"]},"payload":1}"#).is_ok());
+    }
+
+    #[test]
+    fn payloads_must_be_i_json() {
+        for payload in [r#""\ud800""#, r#"{"n":1e999999}"#, r#"[-1e400]"#] {
+            let body = format!(r#"{{"audience":{{"uids":["a"]}},"payload":{payload}}}"#);
+            assert_eq!(field_of(parse(&body)), "payload", "{payload}");
+        }
+        let body = r#"{"audience":{"uids":["a"]},"payload":{"s":"\ud83d\ude00","n":1e308}}"#;
+        let request = parse(body).expect("a surrogate pair and a large double are fine");
+        assert_eq!(&request.payload[..], br#"{"s":"\ud83d\ude00","n":1e308}"#);
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct Listen {
     pub quic: Option<SocketAddr>,
     /// gRPC listener: a node's internal API, or a gateway's push API.
     pub grpc: SocketAddr,
+    /// Listen backlog of every TCP listener: connections the kernel holds for the process
+    /// before it accepts them. 0 (the default): the kernel's maximum (`net.core.somaxconn`).
+    pub backlog: u32,
 }
 
 /// Limits. Every queue and every wait in Pigeon has one of these as its bound.
@@ -149,6 +152,23 @@ pub struct Limits {
     /// Time a draining process waits for its connections to close before it exits.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// Connections the HTTP API holds at once; more are closed as they arrive.
+    pub max_http_connections: usize,
+    /// Connections a gRPC port (a gateway's push API, a node's internal API) holds at once;
+    /// more are closed as they arrive.
+    pub max_grpc_connections: usize,
+    /// Time an HTTP client has to send a whole request head, from when it connects or from
+    /// the previous response.
+    #[serde(deserialize_with = "duration")]
+    pub http_header_timeout: Duration,
+    /// Time a push request's body has to arrive, once its head has.
+    #[serde(deserialize_with = "duration")]
+    pub http_body_timeout: Duration,
+    /// An HTTP or gRPC connection whose peer sends nothing for this long while the server
+    /// waits to read is closed (a gRPC client must send its preface within it; servers ping
+    /// idle gRPC connections at a third of it, so live ones stay open).
+    #[serde(deserialize_with = "duration")]
+    pub connection_idle_timeout: Duration,
 }
 
 /// One app: its id, the API key its backend pushes with, and the secret that signs its
@@ -195,6 +215,7 @@ impl Default for Listen {
             http: SocketAddr::from(([127, 0, 0, 1], 7800)),
             quic: None,
             grpc: SocketAddr::from(([127, 0, 0, 1], 7900)),
+            backlog: 0,
         }
     }
 }
@@ -237,6 +258,11 @@ impl Default for Limits {
             credential_ttl: Duration::from_secs(3600),
             store_queue: 16_384,
             drain_timeout: Duration::from_secs(10),
+            max_http_connections: 512,
+            max_grpc_connections: 512,
+            http_header_timeout: Duration::from_secs(10),
+            http_body_timeout: Duration::from_secs(30),
+            connection_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -353,6 +379,26 @@ impl Settings {
         if limits.handshake_timeout.is_zero() {
             return bad("limits.handshake_timeout", "must be longer than 0");
         }
+        for (key, value) in [
+            ("limits.max_http_connections", limits.max_http_connections),
+            ("limits.max_grpc_connections", limits.max_grpc_connections),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        for (key, value) in [
+            ("limits.http_header_timeout", limits.http_header_timeout),
+            ("limits.http_body_timeout", limits.http_body_timeout),
+            (
+                "limits.connection_idle_timeout",
+                limits.connection_idle_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return bad(key, "must be longer than 0");
+            }
+        }
         if limits.default_ttl > limits.max_ttl {
             return bad("limits.default_ttl", "must not exceed limits.max_ttl");
         }
@@ -388,6 +434,7 @@ impl Settings {
             return bad("cluster.key_prefix", "must not contain braces or spaces");
         }
         let mut ids = HashSet::new();
+        let mut api_keys = HashSet::new();
         for (index, app) in self.apps.iter().enumerate() {
             let key = |field: &str| format!("apps[{index}].{field}");
             if app.id.is_empty()
@@ -406,6 +453,10 @@ impl Settings {
             }
             if app.api_key.len() < 16 {
                 return bad(&key("api_key"), "must be at least 16 characters");
+            }
+            // A key names its app: two apps with one key would push as whichever matched.
+            if !api_keys.insert(app.api_key.as_str()) {
+                return bad(&key("api_key"), "is used by another app");
             }
             if app.secret.len() < 32 {
                 return bad(&key("secret"), "must be at least 32 characters");
@@ -620,6 +671,40 @@ mod tests {
         let error =
             Settings::load(None, env(&[("PIGEON_APPS__0__ID", "x")])).expect_err("app without key");
         assert!(error.to_string().contains("apps[0]"), "{error}");
+    }
+
+    #[test]
+    fn two_apps_may_not_share_an_id_or_an_api_key() {
+        let app = |index: usize, id: &str, key: &str| {
+            [
+                (format!("PIGEON_APPS__{index}__ID"), id.to_owned()),
+                (format!("PIGEON_APPS__{index}__API_KEY"), key.to_owned()),
+                (format!("PIGEON_APPS__{index}__SECRET"), "s".repeat(32)),
+            ]
+        };
+        let load = |apps: Vec<[(String, String); 3]>| {
+            Settings::load(None, apps.into_iter().flatten()).map(|settings| settings.apps.len())
+        };
+        assert_eq!(
+            load(vec![
+                app(0, "one", "key-one-0123456789"),
+                app(1, "two", "key-two-0123456789")
+            ])
+            .ok(),
+            Some(2)
+        );
+        let error = load(vec![
+            app(0, "one", "shared-key-0123456789"),
+            app(1, "two", "shared-key-0123456789"),
+        ])
+        .expect_err("shared key");
+        assert!(error.to_string().contains("apps[1].api_key"), "{error}");
+        let error = load(vec![
+            app(0, "one", "key-one-0123456789"),
+            app(1, "one", "key-two-0123456789"),
+        ])
+        .expect_err("shared id");
+        assert!(error.to_string().contains("apps[1].id"), "{error}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod device;
+pub mod listener;
 pub mod log_throttle;
 pub mod message;
 pub mod metrics;

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::connections::ConnectionTable;
 use crate::device::DeviceContext;
+use crate::listener::{self, BoundedListener};
 use crate::store::StoreError;
 use crate::websocket;
 
@@ -69,33 +69,51 @@ pub trait Running: Send + Sized {
     fn shutdown(self) -> impl Future<Output = bool> + Send;
 }
 
-/// Binds a TCP listener.
-pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
-    Ok((listener, bound))
+/// Binds a TCP listener on `addr` with the configured backlog.
+pub fn bind(
+    addr: SocketAddr,
+    settings: &Settings,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    listener::bind(addr, settings.listen.backlog)
+        .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Serves `router` on `listener`, on a task of `tracker`, until `shutdown` is cancelled.
-pub fn serve_http(
-    listener: TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-    tracker: &TaskTracker,
-) {
-    tracker.spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    });
+/// Binds the HTTP API's listener (`listen.http`), bounded by the HTTP limits.
+pub fn bind_http(settings: &Settings) -> Result<(BoundedListener, SocketAddr), StartError> {
+    let limits = &settings.limits;
+    let (listener, addr) = bind(settings.listen.http, settings)?;
+    let bounded = BoundedListener::new(
+        listener,
+        limits.max_http_connections,
+        limits.connection_idle_timeout,
+    );
+    Ok((bounded, addr))
 }
+
+/// Binds the gRPC listener (`listen.grpc`), bounded by the gRPC limits.
+pub fn bind_grpc(settings: &Settings) -> Result<(BoundedListener, SocketAddr), StartError> {
+    let limits = &settings.limits;
+    let (listener, addr) = bind(settings.listen.grpc, settings)?;
+    let bounded = BoundedListener::new(
+        listener,
+        limits.max_grpc_connections,
+        limits.connection_idle_timeout,
+    );
+    Ok((bounded, addr))
+}
+
+/// A gRPC server for `limits`: it pings a connection that has been quiet for a third of the
+/// idle timeout (a live client answers, so only dead or silent peers reach the timeout), and
+/// bounds each connection's concurrent calls.
+pub fn grpc_server(limits: &crate::config::Limits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.connection_idle_timeout / 3))
+        .http2_keepalive_timeout(Some(limits.connection_idle_timeout / 3))
+        .max_concurrent_streams(Some(GRPC_STREAMS_PER_CONNECTION))
+}
+
+/// Concurrent calls on one gRPC connection, at most.
+const GRPC_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// The rustls configurations of the device listeners.
 struct TlsConfigs {
@@ -155,7 +173,7 @@ impl DeviceListeners {
             }),
             None => None,
         };
-        let (websocket, websocket_addr) = bind(settings.listen.websocket).await?;
+        let (websocket, websocket_addr) = bind(settings.listen.websocket, settings)?;
         let (quic, quic_addr) = match (settings.listen.quic, &tls) {
             (Some(addr), Some(tls)) => {
                 let endpoint =

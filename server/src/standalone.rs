@@ -14,6 +14,7 @@ use crate::api::{self, PushApi};
 use crate::config::{AppSettings, Settings};
 use crate::connections::ConnectionTable;
 use crate::device::DeviceContext;
+use crate::listener;
 use crate::metrics::Metrics;
 use crate::process::{self, DeviceAddresses, DeviceListeners, Running, StartError};
 use crate::push::Pipeline;
@@ -110,7 +111,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     })?;
     let store = Arc::new(store);
     let devices = DeviceListeners::bind(&settings).await?;
-    let (http_listener, http_addr) = process::bind(settings.listen.http).await?;
+    let (http_listener, http_addr) = process::bind_http(&settings)?;
 
     let tracker = TaskTracker::new();
     let context = DeviceContext::new(
@@ -135,9 +136,10 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         pipeline: Arc::new(pipeline),
     });
     let router = api::push_routes(push_api).merge(api::ops_routes(metrics));
-    process::serve_http(
+    listener::serve_http(
         http_listener,
         router,
+        limits,
         connections.shutdown().clone(),
         &tracker,
     );

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pigeon_proto::device::Priority;
 use pigeon_proto::push::push_server::{self, PushServer};
 use pigeon_proto::push::{self as push_proto, TargetCounts as TargetCountsProto};
 use serde_json::value::RawValue;
@@ -29,6 +30,7 @@ use super::peers::Peers;
 use super::{declared_apps, open_redis};
 use crate::api::{self, ApiError, PushApi, PushFields, app_for_authorization, validate_push};
 use crate::config::Settings;
+use crate::listener;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
 use crate::push::{Pipeline, PushOutcome};
@@ -36,21 +38,6 @@ use crate::push::{Pipeline, PushOutcome};
 /// The push API over gRPC, sharing the HTTP API's apps, limits and pipeline.
 struct PushGrpc {
     api: Arc<PushApi>,
-}
-
-impl From<ApiError> for Status {
-    fn from(error: ApiError) -> Self {
-        match &error {
-            ApiError::Unauthorized => Status::unauthenticated(error.to_string()),
-            ApiError::InvalidField { field, message } => {
-                Status::invalid_argument(format!("{field}: {message}"))
-            }
-            ApiError::TooLarge(message) => Status::invalid_argument(message.clone()),
-            ApiError::Overloaded => Status::resource_exhausted(error.to_string()),
-            ApiError::Unavailable => Status::unavailable(error.to_string()),
-            ApiError::NotFound => Status::unimplemented(error.to_string()),
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -71,7 +58,13 @@ impl push_server::Push for PushGrpc {
                 field: "payload_json".into(),
                 message: format!("not JSON: {error}"),
             })?;
-        let priority = body.priority();
+        let priority = Priority::try_from(body.priority).map_err(|_| ApiError::InvalidField {
+            field: "priority".into(),
+            message: format!(
+                "{} is no priority: PRIORITY_NORMAL (0), PRIORITY_HIGH (1) or PRIORITY_LOW (2)",
+                body.priority
+            ),
+        })?;
         let push = validate_push(
             &app,
             PushFields {
@@ -125,8 +118,8 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let apps = declared_apps(&settings)?;
     let limits = &settings.limits;
     let (store, membership) = open_redis(&settings).await?;
-    let (http_listener, http_addr) = process::bind(settings.listen.http).await?;
-    let (grpc_listener, grpc_addr) = process::bind(settings.listen.grpc).await?;
+    let (http_listener, http_addr) = process::bind_http(&settings)?;
+    let (grpc_listener, grpc_addr) = process::bind_grpc(&settings)?;
     let peers = Peers::new(membership, settings.cluster.clone());
     let metrics = Arc::new(Metrics::default());
     let pipeline = Pipeline::new(
@@ -143,14 +136,13 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let router = api::push_routes(push_api.clone()).merge(api::ops_routes(metrics));
-    process::serve_http(http_listener, router, shutdown.clone(), &tracker);
+    listener::serve_http(http_listener, router, limits, shutdown.clone(), &tracker);
     let grpc_shutdown = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
+    let grpc = process::grpc_server(limits)
         .add_service(PushServer::new(PushGrpc { api: push_api }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener),
-            async move { grpc_shutdown.cancelled().await },
-        );
+        .serve_with_incoming_shutdown(listener::incoming(grpc_listener), async move {
+            grpc_shutdown.cancelled().await
+        });
     tracker.spawn(async move {
         if let Err(error) = grpc.await {
             tracing::error!(%error, "gRPC push API failed");

@@ -29,6 +29,7 @@ use crate::api;
 use crate::config::Settings;
 use crate::connections::{ConnectionTable, Delivered};
 use crate::device::{DeviceContext, Presence};
+use crate::listener;
 use crate::log_throttle::Throttle;
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
@@ -169,8 +170,8 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         settings.cluster.node_id.clone()
     };
     let devices = DeviceListeners::bind(&settings).await?;
-    let (http_listener, http_addr) = process::bind(settings.listen.http).await?;
-    let (grpc_listener, grpc_addr) = process::bind(settings.listen.grpc).await?;
+    let (http_listener, http_addr) = process::bind_http(&settings)?;
+    let (grpc_listener, grpc_addr) = process::bind_grpc(&settings)?;
     let advertise = if settings.cluster.advertise.is_empty() {
         grpc_addr.to_string()
     } else {
@@ -214,19 +215,20 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     devices.start(Arc::new(context), &settings, &tracker);
 
     let metrics = Arc::new(Metrics::with_connections(connections.clone()));
-    process::serve_http(
+    listener::serve_http(
         http_listener,
         api::ops_routes(metrics),
+        limits,
         shutdown.clone(),
         &tracker,
     );
     // The gRPC server outlives the drain of the device connections (Deliver answers
     // "offline" for closed ones); it stops when the process exits.
-    let grpc = tonic::transport::Server::builder()
+    let grpc = process::grpc_server(limits)
         .add_service(NodeServer::new(InternalApi {
             connections: connections.clone(),
         }))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc_listener));
+        .serve_with_incoming(listener::incoming(grpc_listener));
     tokio::spawn(async move {
         if let Err(error) = grpc.await {
             tracing::error!(%error, "internal gRPC server failed");
