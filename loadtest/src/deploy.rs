@@ -75,13 +75,16 @@ pub struct AppSettings {
     pub secret: String,
 }
 
+/// `bytes` random bytes, in hex.
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
 /// An app for the run, with random keys.
 fn random_app() -> AppSettings {
-    let hex = |bytes: usize| -> String {
-        (0..bytes)
-            .map(|_| format!("{:02x}", rand::random::<u8>()))
-            .collect()
-    };
+    let hex = random_hex;
     AppSettings {
         id: "load".into(),
         api_key: format!("pk_load_{}", hex(16)),
@@ -130,6 +133,8 @@ impl Deployment {
             pigeon.display()
         );
         let app = random_app();
+        // The nodes' internal API takes calls from the run's own gateway only.
+        let cluster_secret = random_hex(32);
         let mut children = Vec::new();
 
         let redis_dir = plan.work_dir.join("redis");
@@ -170,6 +175,7 @@ impl Deployment {
                 .env("PIGEON_APPS__0__API_KEY", &app.api_key)
                 .env("PIGEON_APPS__0__SECRET", &app.secret)
                 .env("PIGEON_CLUSTER__REDIS", format!("[\"{redis_url}\"]"))
+                .env("PIGEON_CLUSTER__SECRET", &cluster_secret)
                 .env("PIGEON_LIMITS__MAX_CONNECTIONS", "19500")
                 .env("PIGEON_LOG", "warn")
                 .stdout(Stdio::piped())

@@ -22,10 +22,14 @@ pub mod membership;
 pub mod node;
 pub mod peers;
 
-/// The apps of a cluster process, which must be declared.
+/// The apps of a cluster process, which must be declared, as must the secret the processes
+/// share.
 fn declared_apps(settings: &Settings) -> Result<Vec<AppSettings>, StartError> {
     if settings.apps.is_empty() {
         return Err(StartError::NoApps);
+    }
+    if settings.cluster.secret.expose().is_empty() {
+        return Err(StartError::NoClusterSecret);
     }
     Ok(settings.apps.clone())
 }

@@ -67,11 +67,42 @@ pub struct ClusterSettings {
     pub deliver_timeout: Duration,
     /// Targets in one Deliver call at most.
     pub deliver_batch: usize,
+    /// The secret every node and gateway of the deployment shares: a node's internal gRPC
+    /// API refuses calls that do not carry it (`authorization: Bearer <secret>`). Cluster
+    /// mode does not start without one (at least 32 characters).
+    pub secret: Secret,
     /// Consecutive failed calls that open a node's circuit breaker.
     pub breaker_failures: u32,
     /// How long an open breaker skips its node before letting one trial call through.
     #[serde(deserialize_with = "duration")]
     pub breaker_cooldown: Duration,
+}
+
+/// A secret from the config: printed as `<redacted>`, so it never reaches a log.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret with this value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The value itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        })
+    }
 }
 
 /// PEM files of a certificate chain and its private key.
@@ -232,6 +263,7 @@ impl Default for ClusterSettings {
             redis_timeout: Duration::from_secs(1),
             deliver_timeout: Duration::from_secs(2),
             deliver_batch: 500,
+            secret: Secret::default(),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
         }
@@ -419,6 +451,15 @@ impl Settings {
             return bad(
                 "cluster.redis_timeout",
                 "cluster.redis_timeout and cluster.deliver_timeout must be longer than 0",
+            );
+        }
+        let secret = cluster.secret.expose();
+        if !secret.is_empty()
+            && (secret.len() < 32 || !secret.bytes().all(|byte| byte.is_ascii_graphic()))
+        {
+            return bad(
+                "cluster.secret",
+                "must be at least 32 printable ASCII characters, no spaces",
             );
         }
         if cluster.deliver_batch == 0 {

@@ -44,6 +44,11 @@ pub enum StartError {
         /// Why.
         source: StoreError,
     },
+    /// Cluster mode's processes authenticate each other with a shared secret.
+    #[error(
+        "cluster mode needs cluster.secret (at least 32 characters), the same on every node and gateway"
+    )]
+    NoClusterSecret,
     /// Cluster mode serves only the apps its config declares.
     #[error("cluster mode needs its apps in the config ([[apps]]), the same on every process")]
     NoApps,

@@ -225,9 +225,12 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     // The gRPC server outlives the drain of the device connections (Deliver answers
     // "offline" for closed ones); it stops when the process exits.
     let grpc = process::grpc_server(limits)
-        .add_service(NodeServer::new(InternalApi {
-            connections: connections.clone(),
-        }))
+        .add_service(NodeServer::with_interceptor(
+            InternalApi {
+                connections: connections.clone(),
+            },
+            caller_check(&settings.cluster.secret),
+        ))
         .serve_with_incoming(listener::incoming(grpc_listener));
     tokio::spawn(async move {
         if let Err(error) = grpc.await {
@@ -246,6 +249,26 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         lease,
         drain_timeout: limits.drain_timeout,
     })
+}
+
+/// Lets through only calls that carry the cluster's secret (`authorization: Bearer
+/// <secret>`), compared in constant time.
+fn caller_check(
+    secret: &crate::config::Secret,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + 'static {
+    let expected = format!("Bearer {}", secret.expose()).into_bytes();
+    move |request: Request<()>| {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        match presented {
+            Some(presented) if api::constant_time_eq(presented, &expected) => Ok(request),
+            _ => Err(Status::unauthenticated(
+                "the internal API needs the cluster's secret",
+            )),
+        }
+    }
 }
 
 /// Renews the lease every third of its length until shutdown.

@@ -104,6 +104,8 @@ const MAX_REMEMBERED_NODES: usize = 4096;
 pub struct Peers {
     membership: Arc<Membership>,
     settings: ClusterSettings,
+    /// `Bearer <cluster secret>`, sent with every call.
+    authorization: tonic::metadata::AsciiMetadataValue,
     addresses: DashMap<String, (Option<String>, Instant)>,
     clients: DashMap<String, NodeClient<Channel>>,
     breakers: DashMap<String, Arc<Breaker>>,
@@ -134,7 +136,11 @@ pub enum PeerError {
 impl Peers {
     /// The peers known through `membership`.
     pub fn new(membership: Arc<Membership>, settings: ClusterSettings) -> Self {
+        let authorization = format!("Bearer {}", settings.secret.expose())
+            .parse()
+            .unwrap_or_else(|_| tonic::metadata::AsciiMetadataValue::from_static(""));
         Self {
+            authorization,
             membership,
             settings,
             addresses: DashMap::new(),
@@ -211,6 +217,16 @@ impl Peers {
         Ok((self.client(node, &address)?, breaker))
     }
 
+    /// A call of the internal API: with the cluster's secret, and `deadline`.
+    fn request<T>(&self, message: T, deadline: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(deadline);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        request
+    }
+
     /// Calls Deliver on `node`, within the deliver deadline and through its breaker.
     pub async fn deliver(
         &self,
@@ -219,8 +235,7 @@ impl Peers {
     ) -> Result<DeliverResponse, PeerError> {
         let (mut client, breaker) = self.callable(node).await?;
         let deadline = self.settings.deliver_timeout;
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(deadline);
+        let request = self.request(request, deadline);
         let result = tokio::time::timeout(deadline, client.deliver(request)).await;
         let outcome = match result {
             Ok(Ok(response)) => Ok(response.into_inner()),
@@ -238,11 +253,11 @@ impl Peers {
     pub async fn takeover(&self, token: &str, route: &Route) -> Result<bool, PeerError> {
         let (mut client, breaker) = self.callable(&route.node).await?;
         let deadline = self.settings.deliver_timeout;
-        let mut request = tonic::Request::new(TakeoverRequest {
+        let takeover = TakeoverRequest {
             token: token.to_owned(),
             connection_id: route.connection,
-        });
-        request.set_timeout(deadline);
+        };
+        let request = self.request(takeover, deadline);
         let result = tokio::time::timeout(deadline, client.takeover(request)).await;
         let outcome = match result {
             Ok(Ok(response)) => Ok(response.into_inner().closed),

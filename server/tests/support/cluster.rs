@@ -22,6 +22,9 @@ pub fn app() -> AppSettings {
     }
 }
 
+/// The secret the test's nodes and gateways share.
+pub const CLUSTER_SECRET: &str = "cluster-test-shared-secret-0123456789";
+
 /// A port nothing listens on right now (nor on `port + 10000`, a Redis Cluster bus port).
 pub fn free_port() -> u16 {
     loop {
@@ -212,7 +215,7 @@ impl Deployment {
         }
     }
 
-    fn command(&self, role: &str, extra: &[(&str, &str)]) -> Command {
+    pub fn command(&self, role: &str, extra: &[(&str, &str)]) -> Command {
         let app = app();
         let mut command = Command::new(env!("CARGO_BIN_EXE_pigeon"));
         command
@@ -224,6 +227,7 @@ impl Deployment {
             .env("PIGEON_APPS__0__API_KEY", &app.api_key)
             .env("PIGEON_APPS__0__SECRET", &app.secret)
             .env("PIGEON_CLUSTER__KEY_PREFIX", &self.prefix)
+            .env("PIGEON_CLUSTER__SECRET", CLUSTER_SECRET)
             .env(
                 "PIGEON_CLUSTER__REDIS",
                 format!(

@@ -131,6 +131,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The URL devices of this server's transport connect to.
     pub fn device_url(&self) -> String {
         match self.transport {
