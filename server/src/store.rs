@@ -26,6 +26,8 @@
 //!   a duplicate, and a retry of a push that was interrupted half-way records it for the
 //!   remaining targets under the first attempt's message id, never twice for one device.
 //! - A token that is no device of the pushing app is unknown: nothing is recorded for it.
+//! - A device token belongs to one app and one uid: presented with a credential of another
+//!   uid (or app), it is not resumed; a new token is issued.
 
 use std::sync::Arc;
 
@@ -67,8 +69,8 @@ pub struct AdmittedDevice {
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Admits a device of `uid` in `app` that presented `token` (empty on first connect):
-    /// resumes that token when it is known in this app (rebinding it if the uid changed),
-    /// otherwise issues a new one. Binds uid -> token.
+    /// resumes that token when it is a device of this app and this uid, otherwise issues a
+    /// new one (a token is no key to another user's queue). Binds uid -> token.
     async fn admit_device(
         &self,
         app: &str,

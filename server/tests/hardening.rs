@@ -364,3 +364,43 @@ async fn the_internal_api_needs_the_cluster_secret() {
         assert!(stderr.contains("cluster.secret"), "{stderr}");
     }
 }
+
+/// Finding 5: a device token is no bearer key to another user's queue. Presented with a
+/// credential of another uid it is not resumed: that device gets a token of its own, and the
+/// owner keeps its queue, its pushes and its connection.
+#[tokio::test]
+async fn a_device_token_is_bound_to_its_uid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let bob = connect(&server, "bob2", &DeviceState::default()).await;
+    let bob_state = DeviceState {
+        device_token: bob.welcome().device_token.clone(),
+        last_seq: 0,
+    };
+    bob.close().await;
+    for n in 1..=3 {
+        let answer = server.push_to("bob2", json!({"n": n})).await;
+        assert_eq!(answer["targets"]["stored"], 1, "{answer}");
+    }
+    // alice2 presents bob2's token.
+    let mut alice = connect(&server, "alice2", &bob_state).await;
+    assert!(!alice.welcome().resumed);
+    assert_ne!(alice.welcome().device_token, bob_state.device_token);
+    assert_eq!(alice.welcome().acked_seq, 0);
+    support::assert_no_push(&mut alice, Duration::from_millis(300)).await;
+    // Pushes to bob2 still find his device; bob2 resumes and gets all four, in order.
+    let answer = server.push_to("bob2", json!({"n": 4})).await;
+    assert_eq!(answer["targets"]["stored"], 1, "{answer}");
+    assert_eq!(answer["targets"]["unknown"], 0, "{answer}");
+    let mut bob = connect(&server, "bob2", &bob_state).await;
+    assert!(bob.welcome().resumed);
+    for n in 1..=4u64 {
+        let push = support::next_push(&mut bob).await;
+        assert_eq!(push.seq, n);
+        assert_eq!(support::payload(&push)["n"], n);
+    }
+    // alice2's device was not replaced, and gets its own pushes.
+    server.push_to("alice2", json!({"for": "alice"})).await;
+    let push = support::next_push(&mut alice).await;
+    assert_eq!(support::payload(&push)["for"], "alice");
+}

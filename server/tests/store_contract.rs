@@ -200,7 +200,7 @@ fn seq(seq: u64) -> Recorded {
 
 // The cases.
 
-async fn devices_are_admitted_resumed_and_rebound(backend: &Backend) {
+async fn devices_are_admitted_and_resumed_by_their_own_uid_only(backend: &Backend) {
     let store = &backend.store;
     let first = store
         .admit_device("demo", "alice", "")
@@ -222,19 +222,34 @@ async fn devices_are_admitted_resumed_and_rebound(backend: &Backend) {
         assert!(!fresh.resumed, "{presented}");
         assert_ne!(fresh.token, presented);
     }
-    let second = store
-        .admit_device("demo", "carol", "")
+    // Alice's token presented by bob is no key to alice's queue: bob gets a token of his
+    // own, and alice keeps hers, with her messages and her pushes.
+    backend.push(&first.token, "for alice").await;
+    let bob = store
+        .admit_device("demo", "bob", &first.token)
         .await
         .expect("admit");
-    store
-        .admit_device("demo", "bob", &second.token)
-        .await
-        .expect("admit");
+    assert!(!bob.resumed);
+    assert_ne!(bob.token, first.token);
+    assert_eq!(bob.highest_seq, 0);
+    assert!(backend.pending(&bob.token, 0).await.is_empty());
+    assert_eq!(
+        backend.pending(&first.token, 0).await,
+        vec![(1, "for alice".into())]
+    );
     let tokens = store
-        .tokens_for_uids("demo", &["carol".into(), "bob".into(), "bo".into()])
+        .tokens_for_uids("demo", &["alice".into(), "bob".into(), "bo".into()])
         .await
         .expect("tokens");
-    assert_eq!(tokens, vec![vec![], vec![second.token.clone()], vec![]]);
+    assert!(tokens[0].contains(&first.token));
+    assert_eq!(tokens[1], vec![bob.token.clone()]);
+    assert!(tokens[2].is_empty());
+    let resumed = store
+        .admit_device("demo", "alice", &first.token)
+        .await
+        .expect("admit");
+    assert!(resumed.resumed);
+    assert_eq!(resumed.highest_seq, 1);
 }
 
 async fn seqs_start_at_one_and_count_up_per_device(backend: &Backend) {
@@ -593,7 +608,7 @@ macro_rules! cases {
 }
 
 const CASES: [(&str, Case); 11] = cases![
-    devices_are_admitted_resumed_and_rebound,
+    devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,
     acks_are_cumulative_and_never_above_the_highest_seq,
     replay_is_in_seq_order_and_pages,

@@ -455,19 +455,13 @@ impl<'txn> Tables<'txn> {
     }
 
     fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
+        // A token resumes only the device of its own app and uid: its queue is never handed
+        // to anyone else.
         if !token.is_empty()
-            && let Some(mut record) = self.device(token)?
+            && let Some(record) = self.device(token)?
             && record.app == app
+            && record.uid == uid
         {
-            if record.uid != uid {
-                // The device changed hands (another user signed in): rebind.
-                let old = format!("{app}\0{}\0{token}", record.uid);
-                self.bindings.remove(old.as_str()).map_err(backend)?;
-                let new = format!("{app}\0{uid}\0{token}");
-                self.bindings.insert(new.as_str(), ()).map_err(backend)?;
-                record.uid = uid.to_owned();
-                self.put_device(token, &record)?;
-            }
             return Ok(AdmittedDevice {
                 token: token.to_owned(),
                 resumed: true,

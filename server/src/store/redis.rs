@@ -203,14 +203,13 @@ end
 return {seq, node, conn}
 ";
 
-/// Resumes a known token of the app, rebinding it to the uid. Returns `{old uid, seq,
-/// acked}`, or nil when the token is no device of the app.
+/// Resumes a known token of the app and uid. Returns `{seq, acked}`, or nil when the token
+/// is no device of that app and uid (its queue is never handed to anyone else).
 const RESUME: &str = r"
-if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return false end
-local old = redis.call('HGET', KEYS[1], 'uid') or ''
-redis.call('HSET', KEYS[1], 'uid', ARGV[2])
+local owner = redis.call('HMGET', KEYS[1], 'app', 'uid')
+if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return false end
 local counters = redis.call('HMGET', KEYS[1], 'seq', 'acked')
-return {old, counters[1] or '0', counters[2] or '0'}
+return {counters[1] or '0', counters[2] or '0'}
 ";
 
 /// Creates a new device record; 0 when the token is taken.
@@ -376,7 +375,7 @@ impl Registry for RedisStore {
         token: &str,
     ) -> Result<AdmittedDevice, StoreError> {
         if plausible_token(token) {
-            let resumed: Option<(String, u64, u64)> = self
+            let resumed: Option<(u64, u64)> = self
                 .scripts
                 .resume
                 .key(self.keys.device(token))
@@ -385,16 +384,8 @@ impl Registry for RedisStore {
                 .invoke_async(&mut self.connection())
                 .await
                 .map_err(backend)?;
-            if let Some((old_uid, highest_seq, acked_seq)) = resumed {
-                if !old_uid.is_empty() && old_uid != uid {
-                    let _: i64 = redis::cmd("SREM")
-                        .arg(self.keys.uid(app, &old_uid))
-                        .arg(token)
-                        .query_async(&mut self.connection())
-                        .await
-                        .map_err(backend)?;
-                }
-                // Always (re)bind: this also repairs a binding lost half-way before.
+            if let Some((highest_seq, acked_seq)) = resumed {
+                // Always bind: this repairs a binding lost half-way before.
                 self.bind(app, uid, token).await?;
                 return Ok(AdmittedDevice {
                     token: token.to_owned(),
