@@ -142,8 +142,12 @@ pub struct Limits {
     pub max_audience: usize,
     /// Largest frame a device may send; larger ones close the connection (1009).
     pub max_device_frame_bytes: usize,
-    /// Device connections one node holds at most; more are refused (1013).
+    /// Device connections one node holds at most, counted from their Hello; more are
+    /// refused (1013).
     pub max_connections: usize,
+    /// Device connections being set up (TLS and WebSocket handshakes, waiting for Hello) at
+    /// most; when all are taken, the oldest is closed (1013) to make room for the newest.
+    pub max_handshakes: usize,
     /// Time a new socket has to finish the WebSocket upgrade and send Hello.
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
@@ -277,6 +281,7 @@ impl Default for Limits {
             max_audience: 1000,
             max_device_frame_bytes: 4096,
             max_connections: 19_000,
+            max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
@@ -386,6 +391,9 @@ impl Settings {
         }
         if limits.max_connections == 0 {
             return bad("limits.max_connections", "must be at least 1");
+        }
+        if limits.max_handshakes == 0 {
+            return bad("limits.max_handshakes", "must be at least 1");
         }
         if limits.ack_window == 0 {
             return bad("limits.ack_window", "must be at least 1");

@@ -30,6 +30,9 @@ pub struct ConnectionTable {
     shutdown: CancellationToken,
     /// Connections waiting without a task (see `websocket::park`).
     parked: AtomicUsize,
+    /// Places taken within the process's connection limit: one per device that has said
+    /// Hello, until its connection ends (see [`ConnectionTable::reserve`]).
+    reserved: AtomicUsize,
 }
 
 /// One live device connection, as the rest of the process sees it.
@@ -165,6 +168,7 @@ impl ConnectionTable {
             queue_limit,
             shutdown,
             parked: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
         }
     }
 
@@ -245,6 +249,30 @@ impl ConnectionTable {
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Takes a place for a new connection if fewer than `max` are taken. Every place taken
+    /// must be given back with [`ConnectionTable::release`] when that connection ends.
+    pub fn reserve(&self, max: usize) -> bool {
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < max).then_some(taken + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a place taken with [`ConnectionTable::reserve`].
+    pub fn release(&self) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                taken.checked_sub(1)
+            });
+    }
+
+    /// Places taken within the connection limit.
+    pub fn reserved(&self) -> usize {
+        self.reserved.load(Ordering::Acquire)
     }
 
     /// Live connections waiting without a task.

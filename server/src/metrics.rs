@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::connections::ConnectionTable;
+use crate::device::Handshakes;
 
 /// The process's metrics.
 #[derive(Default)]
 pub struct Metrics {
-    /// The connections of a process that holds devices (standalone, node), for the
-    /// connection gauges.
-    connections: Option<Arc<ConnectionTable>>,
+    /// The connections of a process that holds devices (standalone, node), live and being
+    /// set up, for the connection gauges.
+    devices: Option<(Arc<ConnectionTable>, Arc<Handshakes>)>,
     pushes_accepted: AtomicU64,
     pushes_duplicate: AtomicU64,
     pushes_failed: AtomicU64,
@@ -24,10 +25,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The metrics of a process that holds the devices of `connections`.
-    pub fn with_connections(connections: Arc<ConnectionTable>) -> Self {
+    /// The metrics of a process that holds the devices of `connections`, set up through
+    /// `handshakes`.
+    pub fn with_devices(connections: Arc<ConnectionTable>, handshakes: Arc<Handshakes>) -> Self {
         Self {
-            connections: Some(connections),
+            devices: Some((connections, handshakes)),
             ..Self::default()
         }
     }
@@ -62,7 +64,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        if let Some(table) = &self.connections {
+        if let Some((table, handshakes)) = &self.devices {
             let _ = writeln!(
                 out,
                 "# HELP pigeon_connections Live device connections.\n\
@@ -70,9 +72,17 @@ impl Metrics {
                  pigeon_connections {}\n\
                  # HELP pigeon_parked_connections Live connections idle in the parking lot, without a task.\n\
                  # TYPE pigeon_parked_connections gauge\n\
-                 pigeon_parked_connections {}",
+                 pigeon_parked_connections {}\n\
+                 # HELP pigeon_handshakes Device connections being set up (not past their Hello yet).\n\
+                 # TYPE pigeon_handshakes gauge\n\
+                 pigeon_handshakes {}\n\
+                 # HELP pigeon_handshakes_evicted_total Handshakes closed to make room for newer ones (limits.max_handshakes).\n\
+                 # TYPE pigeon_handshakes_evicted_total counter\n\
+                 pigeon_handshakes_evicted_total {}",
                 table.connection_count(),
                 table.parked_count(),
+                handshakes.in_progress(),
+                handshakes.evicted(),
             );
         }
         let _ = writeln!(
@@ -116,7 +126,9 @@ mod tests {
         for token in ["a", "b"] {
             connections.register(&Arc::from(token));
         }
-        let metrics = Metrics::with_connections(connections);
+        let handshakes = Handshakes::new(4);
+        let _pending = handshakes.enter();
+        let metrics = Metrics::with_devices(connections, handshakes);
         metrics.push_accepted(2, 1, 0, 0);
         metrics.push_duplicate();
         let text = metrics.render();
@@ -124,6 +136,7 @@ mod tests {
         assert!(!Metrics::default().render().contains("pigeon_connections"));
         assert!(text.contains("pigeon_connections 2\n"), "{text}");
         assert!(text.contains("pigeon_parked_connections 0\n"), "{text}");
+        assert!(text.contains("pigeon_handshakes 1\n"), "{text}");
         assert!(
             text.contains("pigeon_pushes_total{result=\"accepted\"} 1\n"),
             "{text}"

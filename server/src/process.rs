@@ -221,11 +221,11 @@ impl DeviceListeners {
             tracker.clone(),
         ));
         if let Some(endpoint) = self.quic {
-            // One connection limit per listener: a node's sockets are TCP and UDP alike.
+            // The connection limit and the handshake places are the context's, shared by
+            // both listeners.
             tracker.spawn(crate::quic::serve(
                 endpoint,
                 context,
-                limits.max_connections,
                 limits.max_device_frame_bytes,
                 tracker.clone(),
             ));

@@ -19,10 +19,9 @@ use pigeon_proto::device::{ClientFrame, ServerFrame};
 use pigeon_proto::framing::{self, FrameError};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{ConnectionError, Endpoint, ReadError, VarInt};
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::device::{self, DeviceContext, DeviceTransport, TransportError};
+use crate::device::{self, DeviceContext, DeviceTransport, HandshakeTicket, TransportError};
 
 /// Bytes read off the stream at once, at most.
 const READ_CHUNK: usize = 4096;
@@ -142,11 +141,9 @@ pub fn endpoint(
 pub async fn serve(
     endpoint: Endpoint,
     context: Arc<DeviceContext>,
-    max_connections: usize,
     max_frame: usize,
     tracker: TaskTracker,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
     let shutdown = context.connections.shutdown().clone();
     loop {
         let incoming = tokio::select! {
@@ -155,16 +152,17 @@ pub async fn serve(
         };
         let Some(incoming) = incoming else { break };
         let accepted_at = Instant::now();
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        if context.connections.reserved() >= context.max_connections {
             // At the limit: refuse before any handshake work (CONNECTION_REFUSED).
             incoming.refuse();
             continue;
-        };
+        }
+        let ticket = context.handshakes.enter();
         let context = context.clone();
         tracker.spawn(async move {
-            let _permit = permit;
             let peer = incoming.remote_address();
-            if let Err(error) = connect(incoming, &context, accepted_at, max_frame).await {
+            let connected = connect(incoming, &context, accepted_at, max_frame, ticket);
+            if let Err(error) = connected.await {
                 tracing::debug!(%peer, %error, "QUIC device connection not established");
             }
         });
@@ -179,15 +177,27 @@ async fn connect(
     context: &DeviceContext,
     accepted_at: Instant,
     max_frame: usize,
+    ticket: HandshakeTicket,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::from_std(accepted_at + context.session.handshake_timeout);
     let connecting = incoming.accept().map_err(|error| error.to_string())?;
-    let connection = tokio::time::timeout_at(deadline, connecting)
-        .await
+    let connection = tokio::select! {
+        connection = tokio::time::timeout_at(deadline, connecting) => connection,
+        () = ticket.evicted() => return Err("evicted during the QUIC handshake".into()),
+    };
+    let connection = connection
         .map_err(|_| "QUIC handshake timed out".to_owned())?
         .map_err(|error| error.to_string())?;
     let peer = connection.remote_address();
-    let stream = match tokio::time::timeout_at(deadline, connection.accept_bi()).await {
+    let stream = tokio::select! {
+        stream = tokio::time::timeout_at(deadline, connection.accept_bi()) => stream,
+        () = ticket.evicted() => {
+            let code = CloseCode::TryAgainLater;
+            connection.close(VarInt::from_u32(u32::from(code.code())), b"evicted");
+            return Err("evicted before opening its control stream".into());
+        }
+    };
+    let stream = match stream {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(error.to_string()),
         Err(_) => {
@@ -201,6 +211,6 @@ async fn connect(
     };
     let (send, recv) = stream;
     let mut transport = QuicTransport::new(connection, send, recv, max_frame);
-    device::run(&mut transport, context, accepted_at, &peer).await;
+    device::run(&mut transport, context, accepted_at, &peer, ticket).await;
     Ok(())
 }

@@ -122,8 +122,9 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         None,
     );
     let device_addresses = devices.addresses();
+    let handshakes = context.handshakes.clone();
     devices.start(Arc::new(context), &settings, &tracker);
-    let metrics = Arc::new(Metrics::with_connections(connections.clone()));
+    let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     let pipeline = Pipeline::new(
         store,
         connections.clone(),

@@ -1,9 +1,11 @@
 //! The WebSocket transport: each Pigeon frame is one binary WebSocket message, over plain
 //! TCP (ws) or TLS (wss, when the node has a certificate).
 //!
-//! The listener takes a permit of the node's connection limit before it accepts, so a node
-//! never holds more sockets than configured; past the limit a new device is told 1013
-//! ("try again later") by a small, separately bounded set of refusal tasks.
+//! A new socket takes a place among the handshakes under way (`limits.max_handshakes`; the
+//! oldest is evicted when they are all taken) and counts against the node's connection
+//! limit once it has sent its Hello (see `device::admission`). Past the limit a new device
+//! is told 1013 ("try again later") by a small, separately bounded set of refusal tasks;
+//! while they are all busy, new sockets wait in the listen backlog.
 //!
 //! The framing is Pigeon's own (`pigeon_proto::websocket::Framer`, which the client SDK
 //! uses too, and [`handshake`]) rather than a general WebSocket library's, for memory: an
@@ -31,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::config::Limits;
-use crate::device::{self, DeviceContext, DeviceTransport, TransportError};
+use crate::device::{self, DeviceContext, DeviceTransport, HandshakeTicket, TransportError};
 
 mod handshake;
 #[cfg(target_os = "linux")]
@@ -82,6 +84,8 @@ use pigeon_proto::websocket::{FrameError, Framer, Inbound, Sender, read_some};
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections being refused (over the limit) at once, at most.
 const MAX_REFUSALS: usize = 64;
+/// Time a refused device has to complete its upgrade and hear why, at most.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest upgrade request accepted.
 const MAX_UPGRADE_REQUEST: usize = 8192;
 
@@ -224,7 +228,7 @@ pub async fn serve(
     limits: Limits,
     tracker: TaskTracker,
 ) {
-    let (max_connections, max_frame) = (limits.max_connections, limits.max_device_frame_bytes);
+    let max_frame = limits.max_device_frame_bytes;
     // Idle plain connections leave their tasks for the parking lot. (A TLS stream's state
     // lives in user space and cannot wait on a bare file descriptor.)
     let lot = match tls {
@@ -237,7 +241,6 @@ pub async fn serve(
             }
         },
     };
-    let permits = Arc::new(Semaphore::new(max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     let shutdown = context.connections.shutdown().clone();
     loop {
@@ -256,19 +259,22 @@ pub async fn serve(
         };
         let accepted_at = Instant::now();
         let _ = stream.set_nodelay(true);
-        let (permit, refuse) = match permits.clone().try_acquire_owned() {
-            Ok(permit) => (permit, false),
-            Err(_) => match refusals.clone().try_acquire_owned() {
-                Ok(permit) => (permit, true),
-                // Over the limit with enough refusals under way: drop the socket; the
-                // device's backoff brings it back.
-                Err(_) => continue,
-            },
+        let entry = if context.connections.reserved() >= context.max_connections {
+            // Full: at most MAX_REFUSALS devices are told so at once (each takes a round
+            // trip or two); new sockets wait in the listen backlog meanwhile.
+            let refusal = tokio::select! {
+                refusal = refusals.clone().acquire_owned() => refusal,
+                () = shutdown.cancelled() => break,
+            };
+            match refusal {
+                Ok(refusal) => Entry::Refuse(refusal),
+                Err(_closed) => break,
+            }
+        } else {
+            Entry::Handshake(context.handshakes.enter())
         };
         let accepted = Box::new(Accepted {
             context: context.clone(),
-            _permit: permit,
-            refuse,
             at: accepted_at,
             peer,
             max_frame,
@@ -277,20 +283,25 @@ pub async fn serve(
         // Plain and TLS connections are separate task types, so a plain connection's task
         // is not sized for TLS state.
         match &tls {
-            None => tracker.spawn(plain(stream, accepted)),
-            Some(acceptor) => tracker.spawn(tls_connection(stream, acceptor.clone(), accepted)),
+            None => tracker.spawn(plain(stream, accepted, entry)),
+            Some(acceptor) => {
+                tracker.spawn(tls_connection(stream, acceptor.clone(), accepted, entry))
+            }
         };
     }
+}
+
+/// What a new socket is let in for.
+enum Entry {
+    /// A handshake, in its place among those under way.
+    Handshake(HandshakeTicket),
+    /// Only to be told that the node is full (1013), holding one of the refusals under way.
+    Refuse(OwnedSemaphorePermit),
 }
 
 /// A connection the listener accepted, and what its task needs to serve it.
 struct Accepted {
     context: Arc<DeviceContext>,
-    /// Held until the task ends: a place within the node's connection limit, or one of the
-    /// refusals under way.
-    _permit: OwnedSemaphorePermit,
-    /// The node is full: the device is only told so (1013).
-    refuse: bool,
     at: Instant,
     peer: SocketAddr,
     max_frame: usize,
@@ -299,9 +310,13 @@ struct Accepted {
 }
 
 impl Accepted {
-    /// The handshake (TLS, upgrade, Hello) must be done by then.
-    fn deadline(&self) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.at + self.context.session.handshake_timeout)
+    /// The handshake (TLS, upgrade, Hello) must be done by then; a refusal's much sooner.
+    fn deadline(&self, entry: &Entry) -> tokio::time::Instant {
+        let allowed = match entry {
+            Entry::Handshake(_) => self.context.session.handshake_timeout,
+            Entry::Refuse(_) => REFUSAL_TIMEOUT.min(self.context.session.handshake_timeout),
+        };
+        tokio::time::Instant::from_std(self.at + allowed)
     }
 }
 
@@ -310,20 +325,36 @@ impl Accepted {
 /// Shaped for size, as it lives as long as the connection: the upgrade's state is boxed and
 /// freed once done, and `accepted` is boxed because an async fn keeps its by-value
 /// arguments' slots for its whole life.
-fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()> + Send {
+fn plain(
+    stream: TcpStream,
+    accepted: Box<Accepted>,
+    entry: Entry,
+) -> impl Future<Output = ()> + Send {
     // Boxed before the task's future exists, so the task holds no slot for the socket.
     let upgrade = Box::pin(accept(
         stream,
-        accepted.deadline(),
+        accepted.deadline(&entry),
         accepted.max_frame,
         accepted.peer,
+        entry,
     ));
     async move {
-        let Some(mut transport) = upgrade.await else {
+        let Some((mut transport, entry)) = upgrade.await else {
             return;
         };
-        let Some(lot) = accepted.lot.clone().filter(|_| !accepted.refuse) else {
-            Box::pin(serve_device(&mut transport, &accepted)).await;
+        let ticket = match entry {
+            Entry::Refuse(_refusal) => return Box::pin(refuse(&mut transport)).await,
+            Entry::Handshake(ticket) => ticket,
+        };
+        let Some(lot) = accepted.lot.clone() else {
+            let run = device::run(
+                &mut transport,
+                &accepted.context,
+                accepted.at,
+                &accepted.peer,
+                ticket,
+            );
+            Box::pin(run).await;
             return;
         };
         let admitted = device::open(
@@ -331,6 +362,7 @@ fn plain(stream: TcpStream, accepted: Box<Accepted>) -> impl Future<Output = ()>
             &accepted.context,
             accepted.at,
             accepted.peer,
+            ticket,
         );
         let Some(live) = Box::pin(admitted).await else {
             return;
@@ -366,36 +398,62 @@ async fn serve_parkable(
 }
 
 /// The task of a TLS (wss) connection.
-async fn tls_connection(stream: TcpStream, acceptor: TlsAcceptor, accepted: Box<Accepted>) {
+async fn tls_connection(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    accepted: Box<Accepted>,
+    entry: Entry,
+) {
     let peer = accepted.peer;
-    let tls = Box::pin(tokio::time::timeout_at(
-        accepted.deadline(),
-        acceptor.accept(stream),
-    ));
-    match tls.await {
+    let deadline = accepted.deadline(&entry);
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+    let tls = match &entry {
+        Entry::Handshake(ticket) => tokio::select! {
+            tls = tls => tls,
+            () = ticket.evicted() => return,
+        },
+        Entry::Refuse(_) => tls.await,
+    };
+    match tls {
         Ok(Ok(stream)) => {
-            let upgrade = accept(stream, accepted.deadline(), accepted.max_frame, peer);
-            let Some(mut transport) = Box::pin(upgrade).await else {
+            let upgrade = accept(stream, deadline, accepted.max_frame, peer, entry);
+            let Some((mut transport, entry)) = Box::pin(upgrade).await else {
                 return;
             };
-            serve_device(&mut transport, &accepted).await;
+            match entry {
+                Entry::Refuse(_refusal) => refuse(&mut transport).await,
+                Entry::Handshake(ticket) => {
+                    let context = &accepted.context;
+                    device::run(&mut transport, context, accepted.at, &peer, ticket).await;
+                }
+            }
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
-/// The WebSocket upgrade, before `deadline`.
+/// The WebSocket upgrade, before `deadline` (and, for a handshake, before it is evicted).
 async fn accept<S: DeviceIo>(
     io: S,
     deadline: tokio::time::Instant,
     max_frame: usize,
     peer: SocketAddr,
-) -> Option<WebSocketTransport<S>> {
-    let upgrade = WebSocketTransport::accept(io, max_frame);
-    let upgrade = tokio::time::timeout_at(deadline, upgrade);
-    match upgrade.await {
-        Ok(Ok(transport)) => Some(transport),
+    entry: Entry,
+) -> Option<(WebSocketTransport<S>, Entry)> {
+    let upgrade = tokio::time::timeout_at(deadline, WebSocketTransport::accept(io, max_frame));
+    let upgraded = match &entry {
+        Entry::Handshake(ticket) => tokio::select! {
+            upgraded = upgrade => upgraded,
+            () = ticket.evicted() => {
+                tracing::debug!(%peer, "evicted during the WebSocket upgrade");
+                return None;
+            }
+        },
+        Entry::Refuse(_) => upgrade.await,
+    };
+    match upgraded {
+        Ok(Ok(transport)) => Some((transport, entry)),
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "device connection not established");
             None
@@ -407,14 +465,11 @@ async fn accept<S: DeviceIo>(
     }
 }
 
-/// Runs an upgraded connection: a session, or a 1013 close when the node is full.
-async fn serve_device<S: DeviceIo>(transport: &mut WebSocketTransport<S>, accepted: &Accepted) {
-    if accepted.refuse {
-        let refusal = transport.close(CloseCode::TryAgainLater, "node at its connection limit");
-        Box::pin(refusal).await;
-    } else {
-        device::run(transport, &accepted.context, accepted.at, &accepted.peer).await;
-    }
+/// Tells an upgraded device that the node is full (1013), without waiting long for its
+/// answer: the refusal's place is wanted for the next one.
+async fn refuse<S: DeviceIo>(transport: &mut WebSocketTransport<S>) {
+    let refusal = transport.close(CloseCode::TryAgainLater, "node at its connection limit");
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refusal).await;
 }
 
 #[cfg(test)]
@@ -463,7 +518,13 @@ mod tests {
                 ack_window: 32,
             }),
             presence: None,
+            handshakes: device::Handshakes::new(16),
+            max_connections: 16,
         })
+    }
+
+    fn handshake(context: &DeviceContext) -> Entry {
+        Entry::Handshake(context.handshakes.enter())
     }
 
     /// A plain connection accepted from a client socket, and the client's end.
@@ -473,11 +534,8 @@ mod tests {
             .await
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let accepted = Box::new(Accepted {
             context,
-            _permit: permit,
-            refuse: false,
             at: Instant::now(),
             peer,
             max_frame: 4096,
@@ -492,8 +550,9 @@ mod tests {
     #[tokio::test]
     async fn a_plain_connection_task_stays_small() {
         let dir = tempfile::tempdir().unwrap();
-        let (stream, accepted, _client) = accepted(context(dir.path())).await;
-        let task = plain(stream, accepted);
+        let context = context(dir.path());
+        let (stream, accepted, _client) = accepted(context.clone()).await;
+        let task = plain(stream, accepted, handshake(&context));
         let size = std::mem::size_of_val(&task);
         assert!(
             size <= 256,
@@ -543,8 +602,9 @@ mod tests {
     #[tokio::test]
     async fn speaks_rfc_6455_on_the_wire() {
         let dir = tempfile::tempdir().unwrap();
-        let (stream, accepted, mut client) = accepted(context(dir.path())).await;
-        let task = tokio::spawn(plain(stream, accepted));
+        let context = context(dir.path());
+        let (stream, accepted, mut client) = accepted(context.clone()).await;
+        let task = tokio::spawn(plain(stream, accepted, handshake(&context)));
         let hello = pigeon_proto::device::ClientFrame {
             kind: Some(client_frame::Kind::Hello(Hello {
                 credential: pigeon_proto::credential::mint(
@@ -608,7 +668,7 @@ mod tests {
         for round in 0..20 {
             let (stream, mut accepted, mut client) = accepted(context.clone()).await;
             accepted.lot = Some(lot.clone());
-            tokio::spawn(plain(stream, accepted));
+            tokio::spawn(plain(stream, accepted, handshake(&context)));
             let hello = pigeon_proto::device::ClientFrame {
                 kind: Some(client_frame::Kind::Hello(Hello {
                     credential: pigeon_proto::credential::mint(
@@ -649,8 +709,9 @@ mod tests {
     #[tokio::test]
     async fn a_broken_frame_closes_with_1002() {
         let dir = tempfile::tempdir().unwrap();
-        let (stream, accepted, mut client) = accepted(context(dir.path())).await;
-        tokio::spawn(plain(stream, accepted));
+        let context = context(dir.path());
+        let (stream, accepted, mut client) = accepted(context.clone()).await;
+        tokio::spawn(plain(stream, accepted, handshake(&context)));
         upgrade(&mut client, &[]).await;
         // Unmasked: a client must mask.
         client.write_all(&[0x82, 0x01, 0x00]).await.unwrap();

@@ -404,3 +404,83 @@ async fn a_device_token_is_bound_to_its_uid() {
     let push = support::next_push(&mut alice).await;
     assert_eq!(support::payload(&push)["for"], "alice");
 }
+
+/// Finding 3: sockets that never send Hello (or never even upgrade) cannot keep devices
+/// out. They do not count against `max_connections`, the oldest are evicted when the
+/// handshake places run out, and `/metrics` shows them.
+#[tokio::test]
+async fn silent_sockets_do_not_keep_devices_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("PIGEON_LIMITS__MAX_CONNECTIONS", "100"),
+            ("PIGEON_LIMITS__MAX_HANDSHAKES", "50"),
+            ("PIGEON_LIMITS__HANDSHAKE_TIMEOUT", "10s"),
+        ],
+    );
+    let device_port = address(&server.ws_url);
+    // 164 sockets that say nothing, then 20 that upgrade and never say Hello.
+    let mut silent = Vec::new();
+    for _ in 0..164 {
+        silent.push(TcpStream::connect(&device_port).await.expect("connect"));
+    }
+    let mut upgraded = Vec::new();
+    for _ in 0..20 {
+        upgraded.push(support::raw_websocket(&server).await);
+    }
+    support::await_metric(&server, "pigeon_handshakes", 50).await;
+    let evicted = support::metric(&server, "pigeon_handshakes_evicted_total")
+        .await
+        .expect("evictions counted");
+    assert!(evicted >= 164 + 20 - 50, "{evicted} evicted");
+    // A device gets in at once, well within the handshake window.
+    let started = Instant::now();
+    let device = connect(&server, "real", &DeviceState::default()).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        support::metric(&server, "pigeon_connections").await,
+        Some(1)
+    );
+    // The evicted silent sockets were closed.
+    let mut closed = 0;
+    for stream in &mut silent {
+        closed += usize::from(read_until_closed(stream, Duration::from_millis(50)).await.1);
+    }
+    assert!(
+        closed >= 164 - 50,
+        "only {closed} of the silent sockets were closed"
+    );
+    drop(device);
+}
+
+/// Finding 6: past the connection limit every device hears 1013, none a bare EOF: at most
+/// 64 are refused at once, the rest wait in the listen backlog for their turn.
+#[tokio::test]
+async fn past_the_limit_every_device_hears_1013() {
+    use pigeon_client::{ClientError, Connection};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__MAX_CONNECTIONS", "100")]);
+    let options = server.options();
+    let attempts = (0..300).map(|n| {
+        let credential = server.credential(&format!("crowd{n}"));
+        let url = server.ws_url.clone();
+        let options = options.clone();
+        async move {
+            Connection::connect_with(&url, &credential, &DeviceState::default(), &options).await
+        }
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let mut welcomed = Vec::new();
+    let mut refused = 0;
+    for result in results {
+        match result {
+            Ok(connection) => welcomed.push(connection),
+            Err(ClientError::Closed { code: 1013, .. }) => refused += 1,
+            Err(other) => panic!("a device got neither a Welcome nor 1013: {other:?}"),
+        }
+    }
+    assert_eq!(welcomed.len(), 100);
+    assert_eq!(refused, 200);
+}

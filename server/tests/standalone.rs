@@ -597,33 +597,6 @@ async fn a_closed_stdout_does_not_stop_the_server() {
 }
 
 /// The value of a gauge or counter line `name` on the server's /metrics.
-async fn metric(server: &Server, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("{}/metrics", server.http_url))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Waits until the metric `name` reads `value`.
-async fn await_metric(server: &Server, name: &str, value: u64) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let read = metric(server, name).await;
-        if read == Some(value) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} is {read:?}, never {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Idle connections leave their tasks for the parking lot (the test servers park at once);
 /// a push brings one back, it delivers, and it parks again. The lot's other wake-ups
 /// (frames, heartbeats, close requests, the drain) are what every other test here runs on.

@@ -142,12 +142,13 @@ async fn past_the_connection_limit_new_devices_are_refused_cleanly() {
     let server = Server::start_over(
         Transport::Quic,
         dir.path(),
-        &[("PIGEON_LIMITS__MAX_CONNECTIONS", "1")],
+        &[("PIGEON_LIMITS__MAX_CONNECTIONS", "2")],
     );
     let credential = server.credential("una");
     let options = server.options();
     let quic_url = server.quic_url.clone().expect("quic url");
-    // Each listener holds one connection; the next one on each is refused.
+    // The limit is the node's, over both listeners: a wss and a QUIC device fill it, and
+    // the next one on each is refused.
     let _ws = Connection::connect_with(
         &server.ws_url,
         &credential,

@@ -212,9 +212,10 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         shutdown.clone(),
     ));
     let device_addresses = devices.addresses();
+    let handshakes = context.handshakes.clone();
     devices.start(Arc::new(context), &settings, &tracker);
 
-    let metrics = Arc::new(Metrics::with_connections(connections.clone()));
+    let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     listener::serve_http(
         http_listener,
         api::ops_routes(metrics),

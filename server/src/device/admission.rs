@@ -1,8 +1,20 @@
 //! Admission: a new connection's Hello before the handshake deadline, its credential, and
 //! its device token resolved (or issued) by the registry.
+//!
+//! Connections being set up are bounded apart from the live ones ([`Handshakes`]): a socket
+//! counts against `limits.max_connections` only once it has sent a Hello, so sockets that
+//! never do cannot keep devices out. They take places among `limits.max_handshakes`
+//! instead, and when those are all taken, the oldest is closed to make room for the new
+//! one: a device completes its handshake in a round trip or two, while a socket that sits
+//! silent is always the oldest.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
 
 use pigeon_proto::CloseCode;
 use pigeon_proto::credential;
@@ -13,17 +25,106 @@ use super::{DeviceContext, Ending};
 use crate::log_throttle::Throttle;
 use crate::session::{Admission, Handshake, SessionError};
 
-/// Reads the Hello before the handshake deadline and admits the device; otherwise, why the
-/// connection ends.
+/// The connections of a process that are being set up (transport handshake, WebSocket
+/// upgrade, Hello), at most a fixed number; past it the oldest is evicted.
+#[derive(Debug)]
+pub struct Handshakes {
+    pending: Mutex<VecDeque<(u64, CancellationToken)>>,
+    capacity: usize,
+    next_id: AtomicU64,
+    evicted: AtomicU64,
+}
+
+/// A connection's place among the [`Handshakes`], given up when dropped.
+#[derive(Debug)]
+pub struct HandshakeTicket {
+    id: u64,
+    evicted: CancellationToken,
+    handshakes: Arc<Handshakes>,
+}
+
+impl Handshakes {
+    /// At most `capacity` handshakes at once.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            pending: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            next_id: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, CancellationToken)>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A place for a new connection's handshake; when all are taken, the oldest handshake
+    /// is told to give up its own.
+    pub fn enter(self: &Arc<Self>) -> HandshakeTicket {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        let mut pending = self.pending();
+        while pending.len() >= self.capacity {
+            if let Some((_, oldest)) = pending.pop_front() {
+                oldest.cancel();
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        pending.push_back((id, evicted.clone()));
+        HandshakeTicket {
+            id,
+            evicted,
+            handshakes: self.clone(),
+        }
+    }
+
+    /// Handshakes under way.
+    pub fn in_progress(&self) -> usize {
+        self.pending().len()
+    }
+
+    /// Handshakes evicted to make room for newer ones, since the start.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+impl HandshakeTicket {
+    /// Completes when this handshake was evicted to make room for a newer one.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await;
+    }
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        let mut pending = self.handshakes.pending();
+        // Ids enter in increasing order, so the queue is sorted by id.
+        if let Ok(index) = pending.binary_search_by_key(&self.id, |(id, _)| *id) {
+            pending.remove(index);
+        }
+    }
+}
+
+/// Reads the Hello before the handshake deadline, gives up the handshake's place, and admits
+/// the device if the process has room for it; otherwise, why the connection ends.
 pub(crate) async fn admit<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
     accepted: Instant,
     peer: SocketAddr,
+    ticket: HandshakeTicket,
 ) -> Result<Admission, Ending> {
     let handshake = Handshake::new(accepted, &context.session);
     let deadline = tokio::time::Instant::from_std(handshake.deadline());
-    let hello = match tokio::time::timeout_at(deadline, transport.recv()).await {
+    let first = tokio::select! {
+        first = tokio::time::timeout_at(deadline, transport.recv()) => first,
+        () = ticket.evicted() => return Err(evicted()),
+    };
+    drop(ticket);
+    let hello = match first {
         Err(_elapsed) => {
             let error = handshake
                 .handle_timeout(Instant::now())
@@ -35,7 +136,27 @@ pub(crate) async fn admit<T: DeviceTransport>(
         Ok(Ok(None)) => return Err(Ending::gone("closed before its Hello")),
         Ok(Ok(Some(frame))) => handshake.handle_frame(frame).map_err(Ending::session)?,
     };
-    resolve(context, hello, peer).await
+    // A device counts against the limit from its Hello until its connection ends (the
+    // place is given back by `device::forget`, or here if it is not admitted).
+    if !context.connections.reserve(context.max_connections) {
+        return Err(Ending::close(
+            CloseCode::TryAgainLater,
+            "node at its connection limit",
+        ));
+    }
+    let admitted = resolve(context, hello, peer).await;
+    if admitted.is_err() {
+        context.connections.release();
+    }
+    admitted
+}
+
+/// Why an evicted handshake ends.
+pub(crate) fn evicted() -> Ending {
+    Ending::close(
+        CloseCode::TryAgainLater,
+        "too many connections being set up; try again",
+    )
 }
 
 /// Checks the credential and resolves the device token.

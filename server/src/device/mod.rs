@@ -26,6 +26,7 @@ pub mod admission;
 pub mod session_loop;
 pub mod transport;
 
+pub use admission::{HandshakeTicket, Handshakes};
 pub(crate) use session_loop::{Live, drive};
 pub use transport::{DeviceTransport, TransportError};
 
@@ -54,6 +55,10 @@ pub struct DeviceContext {
     pub session: Arc<SessionConfig>,
     /// The registry's routes to this node, in cluster mode.
     pub presence: Option<Arc<dyn Presence>>,
+    /// Connections being set up, bounded apart from the live ones.
+    pub handshakes: Arc<Handshakes>,
+    /// Live connections the process holds at most (`limits.max_connections`).
+    pub max_connections: usize,
 }
 
 impl DeviceContext {
@@ -76,6 +81,8 @@ impl DeviceContext {
                 ack_window: limits.ack_window,
             }),
             presence,
+            handshakes: Handshakes::new(limits.max_handshakes),
+            max_connections: limits.max_connections,
         }
     }
 
@@ -128,8 +135,9 @@ pub async fn run<T: DeviceTransport>(
     context: &DeviceContext,
     accepted: Instant,
     peer: &SocketAddr,
+    ticket: HandshakeTicket,
 ) {
-    let Some(mut live) = Box::pin(open(transport, context, accepted, *peer)).await else {
+    let Some(mut live) = Box::pin(open(transport, context, accepted, *peer, ticket)).await else {
         return;
     };
     let span = live.span(peer);
@@ -157,8 +165,10 @@ pub(crate) async fn open<T: DeviceTransport>(
     context: &DeviceContext,
     accepted: Instant,
     peer: SocketAddr,
+    ticket: HandshakeTicket,
 ) -> Option<Live> {
-    let admission = match Box::pin(admission::admit(transport, context, accepted, peer)).await {
+    let admitted = admission::admit(transport, context, accepted, peer, ticket);
+    let admission = match Box::pin(admitted).await {
         Ok(admission) => admission,
         Err(ending) => {
             finish(transport, ending, peer).await;
@@ -222,13 +232,18 @@ pub(crate) async fn forget(context: &DeviceContext, live: &Live) {
     context
         .connections
         .unregister(live.token(), live.connection().id());
+    context.connections.release();
     if let Some(presence) = &context.presence {
         presence.offline(live.token(), live.connection().id()).await;
     }
 }
 
 /// Tells the device why its connection ends, if it is still there.
-async fn finish<T: DeviceTransport>(transport: &mut T, ending: Ending, peer: SocketAddr) {
+pub(crate) async fn finish<T: DeviceTransport>(
+    transport: &mut T,
+    ending: Ending,
+    peer: SocketAddr,
+) {
     match ending.code {
         Some(code) => {
             tracing::debug!(%peer, code = code.code(), reason = %ending.reason, "closing");

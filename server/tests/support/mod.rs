@@ -311,3 +311,31 @@ where
         }
     }
 }
+
+/// The value of the metric `name` on the server's `/metrics`.
+pub async fn metric(server: &Server, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{}/metrics", server.http_url))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the metric `name` reads `value`.
+pub async fn await_metric(server: &Server, name: &str, value: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let read = metric(server, name).await;
+        if read == Some(value) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is {read:?}, never {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
