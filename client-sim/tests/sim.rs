@@ -39,7 +39,7 @@ impl Harness {
     fn credential(&self, uid: &str) -> String {
         let now = pigeon_server::message::unix_millis() / 1000;
         let app = &self.running.apps[0];
-        pigeon_proto::credential::mint(&app.id, app.secret.as_bytes(), uid, now, 600)
+        pigeon_proto::credential::mint(&app.id, app.signing_key(), uid, now, 600)
     }
 }
 

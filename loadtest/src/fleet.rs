@@ -95,13 +95,11 @@ impl Fleet {
             // Device i belongs to simulator i % simulators, and connects to node i % nodes.
             for device in (index..devices).step_by(simulators) {
                 let uid = uid(device);
-                let credential = pigeon_proto::credential::mint(
-                    &app.id,
-                    app.secret.as_bytes(),
-                    &uid,
-                    now,
-                    24 * 3600,
-                );
+                let key = pigeon_proto::credential::Key {
+                    secret: app.secret.as_bytes(),
+                    kid: None,
+                };
+                let credential = pigeon_proto::credential::mint(&app.id, key, &uid, now, 24 * 3600);
                 text.push_str(&format!("{uid}\t{credential}\n"));
             }
             let file = work_dir.join(format!("devices-{index}.tsv"));

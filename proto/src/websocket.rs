@@ -255,6 +255,13 @@ pub fn close_code(payload: &[u8]) -> u16 {
     }
 }
 
+/// Whether an endpoint may send `code` in a Close frame (RFC 6455 section 7.4): the
+/// defined codes but 1004 (reserved), 1005 and 1006 (never sent) and 1015 (TLS), and the
+/// ranges for libraries (3000-3999) and applications (4000-4999).
+pub fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// The reason text of a Close frame's (unmasked) payload.
 pub fn close_reason(payload: &[u8]) -> String {
     String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned()
@@ -426,8 +433,15 @@ impl Framer {
                 let code = close_code(payload);
                 let reason = close_reason(payload);
                 if !self.close_sent {
-                    // Echo the peer's code, completing the closing handshake.
-                    let echo = if code == 1005 { 1000 } else { code };
+                    // Echo the peer's code, completing the closing handshake; a code no
+                    // endpoint may send (0, 1005, 1006, 5000, ...) or a one-byte body is a
+                    // protocol error, and is answered as one.
+                    let echo = match payload.len() {
+                        0 => 1000,
+                        1 => 1002,
+                        _ if sendable_close_code(code) => code,
+                        _ => 1002,
+                    };
                     encode_close(echo, "", mask, &mut self.output);
                     self.close_sent = true;
                 }
@@ -640,6 +654,31 @@ mod tests {
             assert_eq!(out.len(), expected_header, "len {len}");
             assert_eq!(out[0], 0x82);
             assert_eq!(out[1] & 0x80, 0, "server frames are not masked");
+        }
+    }
+
+    #[test]
+    fn a_close_with_a_code_nobody_may_send_is_answered_as_a_protocol_error() {
+        for (payload, echo) in [
+            (&[0x00, 0x00][..], 1002),
+            (&[0x03, 0xed][..], 1002),
+            (&[0x03, 0xee][..], 1002),
+            (&[0x13, 0x88][..], 1002),
+            (&[0x03][..], 1002),
+            (&[][..], 1000),
+            (&[0x0f, 0xa3][..], 4003),
+            (&[0x03, 0xe8][..], 1000),
+        ] {
+            let mut node = Framer::new(Sender::Client, 1024, Vec::new());
+            let mut bytes = Vec::new();
+            encode_frame(true, Opcode::Close, payload, Some([1, 2, 3, 4]), &mut bytes);
+            node.input.extend_from_slice(&bytes);
+            let parsed = node.parse(|_| Ok::<(), ()>(()));
+            assert!(
+                matches!(parsed, Ok(Some(Inbound::Closed { .. }))),
+                "{payload:?}"
+            );
+            assert_eq!(close_code(&node.output[2..]), echo, "{payload:?}");
         }
     }
 

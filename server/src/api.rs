@@ -29,7 +29,7 @@ use serde_json::value::RawValue;
 
 use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 
-use crate::config::{AppSettings, Limits};
+use crate::config::{AppSettings, Limits, Secret};
 use crate::metrics::Metrics;
 use crate::push::{Pipeline, PushOutcome, PushRequest};
 use crate::store::StoreError;
@@ -52,8 +52,21 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
         .with_state(api)
 }
 
-/// `GET /healthz`, `GET /metrics`, and a JSON 404 for every other path.
-pub fn ops_routes(metrics: Arc<Metrics>) -> Router {
+/// What the health and metrics routes share.
+struct Ops {
+    metrics: Arc<Metrics>,
+    /// `Bearer <token>` that `/metrics` requires, if any.
+    authorization: Option<String>,
+}
+
+/// `GET /healthz`, `GET /metrics` (behind `metrics_token` when one is set), and a JSON 404
+/// for every other path.
+pub fn ops_routes(metrics: Arc<Metrics>, metrics_token: &Secret) -> Router {
+    let token = metrics_token.expose();
+    let ops = Ops {
+        metrics,
+        authorization: (!token.is_empty()).then(|| format!("Bearer {token}")),
+    };
     Router::new()
         .route(
             "/healthz",
@@ -62,7 +75,7 @@ pub fn ops_routes(metrics: Arc<Metrics>) -> Router {
         .route("/metrics", get(render_metrics))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|| async { ApiError::NotFound })
-        .with_state(metrics)
+        .with_state(Arc::new(ops))
 }
 
 /// An API error, and what the caller sees of it.
@@ -267,8 +280,17 @@ enum PriorityBody {
 const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
 
-async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> Response {
-    let text = metrics.render();
+async fn render_metrics(State(ops): State<Arc<Ops>>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &ops.authorization {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .map(|value| value.as_bytes())
+            .unwrap_or_default();
+        if !constant_time_eq(presented, expected.as_bytes()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    let text = ops.metrics.render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -346,8 +368,10 @@ pub fn app_for_authorization<'a>(
     // about which prefix of a key was right.
     let mut found = None;
     for app in apps {
-        if constant_time_eq(app.api_key.as_bytes(), key.as_bytes()) {
-            found = Some(app);
+        for api_key in app.api_keys() {
+            if constant_time_eq(api_key.as_bytes(), key.as_bytes()) {
+                found = Some(app);
+            }
         }
     }
     found.ok_or(ApiError::Unauthorized)

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pigeon_proto::credential::{AppKeys, Key};
 use serde::{Deserialize, Deserializer};
 
 /// Prefix of the environment variables that override the config file.
@@ -33,6 +34,9 @@ pub struct Settings {
     pub apps: Vec<AppSettings>,
     /// Log filter, in `tracing` env-filter syntax: `info`, `pigeon_server=debug,warn`, ...
     pub log: String,
+    /// When set, `GET /metrics` answers only requests with `Authorization: Bearer <token>`
+    /// (at least 16 characters); `/healthz` stays open.
+    pub metrics_token: Secret,
     /// The certificate of the device listeners. With it, the WebSocket listener speaks only
     /// wss, and a QUIC listener may be configured.
     pub tls: Option<TlsFiles>,
@@ -182,6 +186,10 @@ pub struct Limits {
     /// Lifetime of credentials minted by `pigeon token` when no `--ttl` is given.
     #[serde(deserialize_with = "duration")]
     pub credential_ttl: Duration,
+    /// The furthest ahead a credential's `exp` may be when a device presents it; a longer
+    /// lived credential is refused (4001).
+    #[serde(deserialize_with = "duration")]
+    pub max_credential_lifetime: Duration,
     /// Write requests waiting for the store's writer; past it the API answers 503.
     pub store_queue: usize,
     /// Time a draining process waits for its connections to close before it exits.
@@ -207,7 +215,8 @@ pub struct Limits {
 }
 
 /// One app: its id, the API key its backend pushes with, and the secret that signs its
-/// device credentials.
+/// device credentials; during a rotation (docs/security.md), also the key and the secret
+/// being retired.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppSettings {
@@ -215,8 +224,64 @@ pub struct AppSettings {
     pub id: String,
     /// Bearer key of the push API.
     pub api_key: String,
-    /// HS256 secret of device credentials.
+    /// A second API key, accepted too while backends move to `api_key`.
+    #[serde(default)]
+    pub previous_api_key: Option<String>,
+    /// HS256 secret of device credentials: the one `pigeon token` signs with.
     pub secret: String,
+    /// The key id (`kid`) of `secret`, which credentials signed with it name.
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// A second secret, accepted too until the credentials it signed have expired.
+    #[serde(default)]
+    pub previous_secret: Option<String>,
+    /// The key id of `previous_secret`.
+    #[serde(default)]
+    pub previous_kid: Option<String>,
+}
+
+impl AppSettings {
+    /// An app with one API key and one secret.
+    pub fn new(
+        id: impl Into<String>,
+        api_key: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            api_key: api_key.into(),
+            previous_api_key: None,
+            secret: secret.into(),
+            kid: None,
+            previous_secret: None,
+            previous_kid: None,
+        }
+    }
+
+    /// The API keys a push may present: the current one, and the previous one during a
+    /// rotation.
+    pub fn api_keys(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.api_key.as_str()).chain(self.previous_api_key.as_deref())
+    }
+
+    /// The key credentials are signed with now.
+    pub fn signing_key(&self) -> Key<'_> {
+        Key {
+            secret: self.secret.as_bytes(),
+            kid: self.kid.as_deref(),
+        }
+    }
+
+    /// The keys a credential may be signed with.
+    pub fn keys(&self) -> AppKeys<'_> {
+        AppKeys {
+            current: self.signing_key(),
+            previous: self.previous_secret.as_deref().map(|secret| Key {
+                secret: secret.as_bytes(),
+                kid: self.previous_kid.as_deref(),
+            }),
+        }
+    }
 }
 
 impl fmt::Debug for AppSettings {
@@ -225,6 +290,8 @@ impl fmt::Debug for AppSettings {
             .field("id", &self.id)
             .field("api_key", &"<redacted>")
             .field("secret", &"<redacted>")
+            .field("kid", &self.kid)
+            .field("rotating", &self.previous_secret.is_some())
             .finish()
     }
 }
@@ -237,6 +304,7 @@ impl Default for Settings {
             limits: Limits::default(),
             apps: Vec::new(),
             log: "info".into(),
+            metrics_token: Secret::default(),
             tls: None,
             cluster: ClusterSettings::default(),
         }
@@ -293,6 +361,7 @@ impl Default for Limits {
             max_ttl: Duration::from_secs(28 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
             credential_ttl: Duration::from_secs(3600),
+            max_credential_lifetime: Duration::from_secs(7 * 24 * 3600),
             store_queue: 16_384,
             drain_timeout: Duration::from_secs(10),
             max_http_connections: 512,
@@ -439,6 +508,12 @@ impl Settings {
                 return bad(key, "must be longer than 0");
             }
         }
+        if limits.credential_ttl > limits.max_credential_lifetime {
+            return bad(
+                "limits.credential_ttl",
+                "must not exceed limits.max_credential_lifetime",
+            );
+        }
         if limits.default_ttl > limits.max_ttl {
             return bad("limits.default_ttl", "must not exceed limits.max_ttl");
         }
@@ -446,6 +521,13 @@ impl Settings {
             return bad(
                 "listen.quic",
                 "QUIC needs a certificate: set tls.cert and tls.key",
+            );
+        }
+        let token = self.metrics_token.expose();
+        if !token.is_empty() && (token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic())) {
+            return bad(
+                "metrics_token",
+                "must be at least 16 printable ASCII characters, no spaces",
             );
         }
         let cluster = &self.cluster;
@@ -503,12 +585,46 @@ impl Settings {
             if app.api_key.len() < 16 {
                 return bad(&key("api_key"), "must be at least 16 characters");
             }
+            if app.previous_api_key.as_ref().is_some_and(|k| k.len() < 16) {
+                return bad(&key("previous_api_key"), "must be at least 16 characters");
+            }
             // A key names its app: two apps with one key would push as whichever matched.
-            if !api_keys.insert(app.api_key.as_str()) {
-                return bad(&key("api_key"), "is used by another app");
+            for (field, api_key) in [
+                ("api_key", Some(&app.api_key)),
+                ("previous_api_key", app.previous_api_key.as_ref()),
+            ] {
+                if let Some(api_key) = api_key
+                    && !api_keys.insert(api_key.as_str())
+                {
+                    return bad(&key(field), "is used by another app, or twice by this one");
+                }
             }
             if app.secret.len() < 32 {
                 return bad(&key("secret"), "must be at least 32 characters");
+            }
+            if app
+                .previous_secret
+                .as_ref()
+                .is_some_and(|secret| secret.len() < 32)
+            {
+                return bad(&key("previous_secret"), "must be at least 32 characters");
+            }
+            if app.previous_kid.is_some() && app.previous_secret.is_none() {
+                return bad(
+                    &key("previous_kid"),
+                    "names the key id of previous_secret, which is not set",
+                );
+            }
+            for (field, kid) in [("kid", &app.kid), ("previous_kid", &app.previous_kid)] {
+                if kid
+                    .as_ref()
+                    .is_some_and(|kid| kid.is_empty() || kid.len() > 64)
+                {
+                    return bad(&key(field), "must be 1 to 64 characters");
+                }
+            }
+            if app.kid.is_some() && app.kid == app.previous_kid {
+                return bad(&key("previous_kid"), "must differ from kid");
             }
         }
         Ok(())

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
             let now = message::unix_millis() / 1000;
             let credential = pigeon_proto::credential::mint(
                 &app_settings.id,
-                app_settings.secret.as_bytes(),
+                app_settings.signing_key(),
                 &uid,
                 now,
                 ttl.as_secs(),

@@ -54,11 +54,7 @@ pub fn demo_app(data_dir: &Path) -> Result<AppSettings, StartError> {
         Ok(text) => {
             let file: DemoFile =
                 toml::from_str(&text).map_err(|error| failed(error.to_string()))?;
-            return Ok(AppSettings {
-                id: DEMO_APP.into(),
-                api_key: file.api_key,
-                secret: file.secret,
-            });
+            return Ok(AppSettings::new(DEMO_APP, file.api_key, file.secret));
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(failed(error.to_string())),
@@ -75,11 +71,7 @@ pub fn demo_app(data_dir: &Path) -> Result<AppSettings, StartError> {
     std::fs::create_dir_all(data_dir).map_err(|error| failed(error.to_string()))?;
     let text = toml::to_string(&file).map_err(|error| failed(error.to_string()))?;
     std::fs::write(&path, text).map_err(|error| failed(error.to_string()))?;
-    Ok(AppSettings {
-        id: DEMO_APP.into(),
-        api_key: file.api_key,
-        secret: file.secret,
-    })
+    Ok(AppSettings::new(DEMO_APP, file.api_key, file.secret))
 }
 
 /// The apps of `settings`, or the demo app when it declares none.
@@ -136,7 +128,8 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         limits: limits.clone(),
         pipeline: Arc::new(pipeline),
     });
-    let router = api::push_routes(push_api).merge(api::ops_routes(metrics));
+    let router =
+        api::push_routes(push_api).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(
         http_listener,
         router,

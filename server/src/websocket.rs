@@ -494,11 +494,7 @@ mod tests {
     }
 
     fn app() -> AppSettings {
-        AppSettings {
-            id: "demo".into(),
-            api_key: "key".into(),
-            secret: "secret".into(),
-        }
+        AppSettings::new("demo", "key", "secret")
     }
 
     fn context(dir: &std::path::Path) -> Arc<DeviceContext> {
@@ -520,6 +516,7 @@ mod tests {
             presence: None,
             handshakes: device::Handshakes::new(16),
             max_connections: 16,
+            max_credential_lifetime: Duration::from_secs(3600),
         })
     }
 
@@ -609,7 +606,7 @@ mod tests {
             kind: Some(client_frame::Kind::Hello(Hello {
                 credential: pigeon_proto::credential::mint(
                     "demo",
-                    app().secret.as_bytes(),
+                    app().signing_key(),
                     "alice",
                     crate::message::unix_millis() / 1000,
                     600,
@@ -673,7 +670,7 @@ mod tests {
                 kind: Some(client_frame::Kind::Hello(Hello {
                     credential: pigeon_proto::credential::mint(
                         "demo",
-                        app().secret.as_bytes(),
+                        app().signing_key(),
                         &format!("pat{round}"),
                         crate::message::unix_millis() / 1000,
                         600,

@@ -484,3 +484,138 @@ async fn past_the_limit_every_device_hears_1013() {
     assert_eq!(welcomed.len(), 100);
     assert_eq!(refused, 200);
 }
+
+/// Key rotation: during it the previous API key and the previous secret work beside the
+/// new ones (a `kid` selects the secret); once they are removed from the config, what they
+/// sign is refused. Finding 13's credential checks too: `nbf` and the longest lifetime.
+#[tokio::test]
+async fn keys_rotate_without_downtime() {
+    use pigeon_client::{ClientError, Connection};
+    use pigeon_proto::credential::{self, Key};
+
+    const OLD_SECRET: &str = "old-secret-0123456789abcdef0123456789";
+    const NEW_SECRET: &str = "new-secret-0123456789abcdef0123456789";
+    let rotating = [
+        ("PIGEON_APPS__0__ID", "news"),
+        ("PIGEON_APPS__0__API_KEY", "pk_new_0123456789abcdef"),
+        ("PIGEON_APPS__0__SECRET", NEW_SECRET),
+        ("PIGEON_APPS__0__KID", "2026-11"),
+        // The rotation's half, dropped from the config once it is done:
+        (
+            "PIGEON_APPS__0__PREVIOUS_API_KEY",
+            "pk_old_0123456789abcdef",
+        ),
+        ("PIGEON_APPS__0__PREVIOUS_SECRET", OLD_SECRET),
+        ("PIGEON_APPS__0__PREVIOUS_KID", "2026-05"),
+    ];
+    let old_key = Key {
+        secret: OLD_SECRET.as_bytes(),
+        kid: Some("2026-05"),
+    };
+    let new_key = Key {
+        secret: NEW_SECRET.as_bytes(),
+        kid: Some("2026-11"),
+    };
+    let unnamed_old = Key {
+        secret: OLD_SECRET.as_bytes(),
+        kid: None,
+    };
+    let now = pigeon_server::message::unix_millis() / 1000;
+    let mint = |key: Key<'_>, ttl: u64| credential::mint("news", key, "reader", now, ttl);
+    let push = json!({"audience": {"uids": ["reader"]}, "payload": 1}).to_string();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &rotating);
+    for api_key in ["pk_new_0123456789abcdef", "pk_old_0123456789abcdef"] {
+        let (status, answer) = server.push_with_key(Some(api_key), push.clone()).await;
+        assert_eq!(status, 202, "{api_key}: {answer}");
+    }
+    let options = server.options();
+    for key in [old_key, new_key, unnamed_old] {
+        let credential = mint(key, 600);
+        let device = Connection::connect_with(
+            &server.ws_url,
+            &credential,
+            &DeviceState::default(),
+            &options,
+        )
+        .await;
+        assert!(device.is_ok(), "{key:?}: {:?}", device.err());
+    }
+    // A credential that lives past limits.max_credential_lifetime (7 days) is refused.
+    let forever = mint(new_key, 365 * 86_400);
+    let refused =
+        Connection::connect_with(&server.ws_url, &forever, &DeviceState::default(), &options).await;
+    assert!(
+        matches!(refused, Err(ClientError::Closed { code: 4001, .. })),
+        "{:?}",
+        refused.err()
+    );
+    drop(server);
+
+    // The rotation is done: the previous key and secret are gone from the config.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &rotating[..4]);
+    let (status, _) = server
+        .push_with_key(Some("pk_old_0123456789abcdef"), push.clone())
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = server
+        .push_with_key(Some("pk_new_0123456789abcdef"), push)
+        .await;
+    assert_eq!(status, 202);
+    for key in [old_key, unnamed_old] {
+        let refused = Connection::connect_with(
+            &server.ws_url,
+            &mint(key, 600),
+            &DeviceState::default(),
+            &server.options(),
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(ClientError::Closed { code: 4001, .. })),
+            "{key:?}: {:?}",
+            refused.err()
+        );
+    }
+}
+
+/// Finding 13: `/metrics` can be kept private with a token; `/healthz` stays open.
+#[tokio::test]
+async fn metrics_can_be_kept_private() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = "metrics-token-0123456789";
+    let server = Server::start(dir.path(), &[("PIGEON_METRICS_TOKEN", token)]);
+    let client = reqwest::Client::new();
+    let url = format!("{}/metrics", server.http_url);
+    let anonymous = client.get(&url).send().await.expect("metrics");
+    assert_eq!(anonymous.status(), 401);
+    let body: Value = anonymous.json().await.expect("a JSON error");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let wrong = client
+        .get(&url)
+        .bearer_auth("metrics-token-012345678")
+        .send()
+        .await;
+    assert_eq!(wrong.expect("metrics").status(), 401);
+    let allowed = client
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(allowed.status(), 200);
+    assert!(
+        allowed
+            .text()
+            .await
+            .expect("text")
+            .contains("pigeon_connections")
+    );
+    let health = client
+        .get(format!("{}/healthz", server.http_url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+}

@@ -135,7 +135,8 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let router = api::push_routes(push_api.clone()).merge(api::ops_routes(metrics));
+    let router =
+        api::push_routes(push_api.clone()).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(http_listener, router, limits, shutdown.clone(), &tracker);
     let grpc_shutdown = shutdown.clone();
     let grpc = process::grpc_server(limits)

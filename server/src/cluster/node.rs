@@ -218,7 +218,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     listener::serve_http(
         http_listener,
-        api::ops_routes(metrics),
+        api::ops_routes(metrics, &settings.metrics_token),
         limits,
         shutdown.clone(),
         &tracker,

@@ -22,6 +22,7 @@ use pigeon_proto::device::Hello;
 
 use super::transport::DeviceTransport;
 use super::{DeviceContext, Ending};
+use crate::config::AppSettings;
 use crate::log_throttle::Throttle;
 use crate::session::{Admission, Handshake, SessionError};
 
@@ -165,9 +166,12 @@ async fn resolve(
     hello: Hello,
     peer: SocketAddr,
 ) -> Result<Admission, Ending> {
-    let now_secs = crate::message::unix_millis() / 1000;
-    let secret_of = |id: &str| context.app(id).map(|app| app.secret.as_bytes());
-    let claims = credential::verify(&hello.credential, secret_of, now_secs)
+    let policy = credential::Policy {
+        now_secs: crate::message::unix_millis() / 1000,
+        max_lifetime_secs: context.max_credential_lifetime.as_secs(),
+    };
+    let keys_of = |id: &str| context.app(id).map(AppSettings::keys);
+    let claims = credential::verify(&hello.credential, keys_of, policy)
         .map_err(|error| Ending::session(SessionError::Unauthorized(error.to_string())))?;
     let device = match context
         .store

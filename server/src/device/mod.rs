@@ -59,6 +59,8 @@ pub struct DeviceContext {
     pub handshakes: Arc<Handshakes>,
     /// Live connections the process holds at most (`limits.max_connections`).
     pub max_connections: usize,
+    /// The furthest ahead a credential's expiry may be (`limits.max_credential_lifetime`).
+    pub max_credential_lifetime: std::time::Duration,
 }
 
 impl DeviceContext {
@@ -83,10 +85,11 @@ impl DeviceContext {
             presence,
             handshakes: Handshakes::new(limits.max_handshakes),
             max_connections: limits.max_connections,
+            max_credential_lifetime: limits.max_credential_lifetime,
         }
     }
 
-    fn app(&self, id: &str) -> Option<&AppSettings> {
+    pub(crate) fn app(&self, id: &str) -> Option<&AppSettings> {
         self.apps.iter().find(|app| app.id == id)
     }
 }

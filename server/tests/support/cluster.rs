@@ -15,11 +15,11 @@ use super::{WAIT, stdout_lines};
 
 /// The app every test process serves.
 pub fn app() -> AppSettings {
-    AppSettings {
-        id: "demo".into(),
-        api_key: "pk_cluster_test_0123456789".into(),
-        secret: "cluster-test-secret-0123456789abcdef".into(),
-    }
+    AppSettings::new(
+        "demo",
+        "pk_cluster_test_0123456789",
+        "cluster-test-secret-0123456789abcdef",
+    )
 }
 
 /// The secret the test's nodes and gateways share.

@@ -19,7 +19,7 @@ pub mod cluster;
 /// A credential for `uid` of `app`, valid for ten minutes from now.
 pub fn mint(app: &AppSettings, uid: &str) -> String {
     let now = pigeon_server::message::unix_millis() / 1000;
-    pigeon_proto::credential::mint(&app.id, app.secret.as_bytes(), uid, now, 600)
+    pigeon_proto::credential::mint(&app.id, app.signing_key(), uid, now, 600)
 }
 
 /// How long any single wait in a test may take before it fails.
