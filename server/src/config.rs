@@ -152,6 +152,12 @@ pub struct Limits {
     /// Device connections being set up (TLS and WebSocket handshakes, waiting for Hello) at
     /// most; when all are taken, the oldest is closed (1013) to make room for the newest.
     pub max_handshakes: usize,
+    /// Device sockets one client IP address may hold at once; more are closed as they
+    /// arrive. 0 (the default): no limit.
+    pub max_connections_per_ip: u32,
+    /// Device sockets one client IP address may open per second; more are closed as they
+    /// arrive. 0 (the default): no limit.
+    pub connects_per_ip_per_second: u32,
     /// Time a new socket has to finish the WebSocket upgrade and send Hello.
     #[serde(deserialize_with = "duration")]
     pub handshake_timeout: Duration,
@@ -350,6 +356,8 @@ impl Default for Limits {
             max_device_frame_bytes: 4096,
             max_connections: 19_000,
             max_handshakes: 1024,
+            max_connections_per_ip: 0,
+            connects_per_ip_per_second: 0,
             handshake_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),

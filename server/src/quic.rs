@@ -157,9 +157,20 @@ pub async fn serve(
             incoming.refuse();
             continue;
         }
+        let per_ip = match &context.per_ip {
+            Some(limits) => match limits.admit(incoming.remote_address().ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    incoming.refuse();
+                    continue;
+                }
+            },
+            None => None,
+        };
         let ticket = context.handshakes.enter();
         let context = context.clone();
         tracker.spawn(async move {
+            let _per_ip = per_ip;
             let peer = incoming.remote_address();
             let connected = connect(incoming, &context, accepted_at, max_frame, ticket);
             if let Err(error) = connected.await {

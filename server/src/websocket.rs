@@ -33,7 +33,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::config::Limits;
-use crate::device::{self, DeviceContext, DeviceTransport, HandshakeTicket, TransportError};
+use crate::device::{
+    self, DeviceContext, DeviceTransport, HandshakeTicket, PerIpSlot, TransportError,
+};
 
 mod handshake;
 #[cfg(target_os = "linux")]
@@ -258,6 +260,14 @@ pub async fn serve(
             }
         };
         let accepted_at = Instant::now();
+        let per_ip = match &context.per_ip {
+            Some(limits) => match limits.admit(peer.ip()) {
+                Some(slot) => Some(slot),
+                // Over its address's limit: closed at once, before any work.
+                None => continue,
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
         let entry = if context.connections.reserved() >= context.max_connections {
             // Full: at most MAX_REFUSALS devices are told so at once (each takes a round
@@ -275,6 +285,7 @@ pub async fn serve(
         };
         let accepted = Box::new(Accepted {
             context: context.clone(),
+            _per_ip: per_ip,
             at: accepted_at,
             peer,
             max_frame,
@@ -302,6 +313,9 @@ enum Entry {
 /// A connection the listener accepted, and what its task needs to serve it.
 struct Accepted {
     context: Arc<DeviceContext>,
+    /// The socket's place within its address's limits, if they are on; held as long as the
+    /// connection.
+    _per_ip: Option<PerIpSlot>,
     at: Instant,
     peer: SocketAddr,
     max_frame: usize,
@@ -517,6 +531,7 @@ mod tests {
             handshakes: device::Handshakes::new(16),
             max_connections: 16,
             max_credential_lifetime: Duration::from_secs(3600),
+            per_ip: None,
         })
     }
 
@@ -533,6 +548,7 @@ mod tests {
         let (stream, peer) = listener.accept().await.unwrap();
         let accepted = Box::new(Accepted {
             context,
+            _per_ip: None,
             at: Instant::now(),
             peer,
             max_frame: 4096,

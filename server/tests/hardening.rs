@@ -619,3 +619,65 @@ async fn metrics_can_be_kept_private() {
         .expect("healthz");
     assert_eq!(health.status(), 200);
 }
+
+/// Per-address limits on the device port (off by default): one address holds at most
+/// `max_connections_per_ip` sockets and opens at most `connects_per_ip_per_second`; other
+/// addresses are not affected.
+#[tokio::test]
+async fn one_address_cannot_take_the_device_port() {
+    async fn connect_from(source: [u8; 4], port: &str) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from((source, 0)))
+            .expect("bind a loopback source address");
+        socket
+            .connect(port.parse().expect("address"))
+            .await
+            .expect("connect")
+    }
+    async fn closed_at_once(stream: &mut TcpStream) -> bool {
+        read_until_closed(stream, Duration::from_millis(300))
+            .await
+            .1
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[("PIGEON_LIMITS__MAX_CONNECTIONS_PER_IP", "5")],
+    );
+    let port = address(&server.ws_url);
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect_from([127, 0, 0, 2], &port).await);
+    }
+    let mut sixth = connect_from([127, 0, 0, 2], &port).await;
+    assert!(closed_at_once(&mut sixth).await, "a sixth socket was kept");
+    for stream in &mut held {
+        assert!(
+            !closed_at_once(stream).await,
+            "a socket within the limit was closed"
+        );
+    }
+    // Another address is not affected.
+    let mut other = connect_from([127, 0, 0, 3], &port).await;
+    assert!(!closed_at_once(&mut other).await);
+    drop(server);
+
+    // 20 connects at once from one address: at most 8 a second are taken (so at most 16
+    // over the one or two seconds the burst may straddle).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[("PIGEON_LIMITS__CONNECTS_PER_IP_PER_SECOND", "8")],
+    );
+    let port = address(&server.ws_url);
+    let mut burst = Vec::new();
+    for _ in 0..20 {
+        burst.push(connect_from([127, 0, 0, 4], &port).await);
+    }
+    let closed = futures_util::future::join_all(burst.iter_mut().map(closed_at_once)).await;
+    let refused = closed.iter().filter(|closed| **closed).count();
+    assert!(refused >= 4, "only {refused} of 20 connects were refused");
+    assert!(refused <= 12, "{refused} of 20 connects were refused");
+}

@@ -23,10 +23,12 @@ use crate::session::{Session, SessionConfig, SessionError};
 use crate::store::{Store, StoreError};
 
 pub mod admission;
+pub mod per_ip;
 pub mod session_loop;
 pub mod transport;
 
 pub use admission::{HandshakeTicket, Handshakes};
+pub use per_ip::{PerIpLimits, PerIpSlot};
 pub(crate) use session_loop::{Live, drive};
 pub use transport::{DeviceTransport, TransportError};
 
@@ -61,6 +63,8 @@ pub struct DeviceContext {
     pub max_connections: usize,
     /// The furthest ahead a credential's expiry may be (`limits.max_credential_lifetime`).
     pub max_credential_lifetime: std::time::Duration,
+    /// Limits per client address, when configured.
+    pub per_ip: Option<Arc<PerIpLimits>>,
 }
 
 impl DeviceContext {
@@ -86,6 +90,7 @@ impl DeviceContext {
             handshakes: Handshakes::new(limits.max_handshakes),
             max_connections: limits.max_connections,
             max_credential_lifetime: limits.max_credential_lifetime,
+            per_ip: PerIpLimits::new(limits),
         }
     }
 
