@@ -287,6 +287,32 @@ async fn grpc_ports_close_connections_that_never_speak() {
     // Real calls still go through.
     let pushed = gateway.push_to(&["nobody"], json!({"n": 1})).await;
     assert_eq!(pushed["targets"]["unknown"], 1, "{pushed}");
+
+    // Finding 9: a priority outside the enum is INVALID_ARGUMENT naming the field.
+    use pigeon_proto::push::PushRequest;
+    use pigeon_proto::push::push_client::PushClient;
+    let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .expect("gRPC connect");
+    let mut request = tonic::Request::new(PushRequest {
+        uids: vec!["nobody".into()],
+        payload_json: "{}".into(),
+        priority: 99,
+        ..PushRequest::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", support::cluster::app().api_key)
+            .parse()
+            .expect("metadata"),
+    );
+    let status = client.push(request).await.expect_err("priority 99");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("priority:"),
+        "{}",
+        status.message()
+    );
 }
 
 /// Finding 4: a node's internal API takes calls only with the cluster's secret, and cluster
