@@ -83,28 +83,32 @@ pub fn bind(
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Binds the HTTP API's listener (`listen.http`), bounded by the HTTP limits.
+/// Binds the HTTP API's listener (`listen.http`), bounded by `limits.max_http_connections`.
 pub fn bind_http(settings: &Settings) -> Result<(BoundedListener, SocketAddr), StartError> {
-    let limits = &settings.limits;
-    let (listener, addr) = bind(settings.listen.http, settings)?;
-    let bounded = BoundedListener::new(
-        listener,
-        limits.max_http_connections,
-        limits.connection_idle_timeout,
-    );
-    Ok((bounded, addr))
+    bind_bounded(
+        settings.listen.http,
+        settings.limits.max_http_connections,
+        settings,
+    )
 }
 
-/// Binds the gRPC listener (`listen.grpc`), bounded by the gRPC limits.
+/// Binds the gRPC listener (`listen.grpc`), bounded by `limits.max_grpc_connections`.
 pub fn bind_grpc(settings: &Settings) -> Result<(BoundedListener, SocketAddr), StartError> {
-    let limits = &settings.limits;
-    let (listener, addr) = bind(settings.listen.grpc, settings)?;
-    let bounded = BoundedListener::new(
-        listener,
-        limits.max_grpc_connections,
-        limits.connection_idle_timeout,
-    );
-    Ok((bounded, addr))
+    bind_bounded(
+        settings.listen.grpc,
+        settings.limits.max_grpc_connections,
+        settings,
+    )
+}
+
+fn bind_bounded(
+    addr: SocketAddr,
+    max_connections: usize,
+    settings: &Settings,
+) -> Result<(BoundedListener, SocketAddr), StartError> {
+    let (listener, bound) = bind(addr, settings)?;
+    let idle = settings.limits.connection_idle_timeout;
+    Ok((BoundedListener::new(listener, max_connections, idle), bound))
 }
 
 /// A gRPC server for `limits`: it pings a connection that has been quiet for a third of the

@@ -40,18 +40,12 @@ async fn a_push_reaches_devices_of_one_uid_on_different_nodes() {
     let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
         .await
         .expect("gRPC connect");
-    let mut request = tonic::Request::new(PushRequest {
+    let request = support::cluster::with_api_key(PushRequest {
         uids: vec!["alice".into()],
         payload_json: r#"{"n":2}"#.into(),
         ttl_seconds: Some(60),
         ..PushRequest::default()
     });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", support::cluster::app().api_key)
-            .parse()
-            .expect("metadata"),
-    );
     let response = client.push(request).await.expect("gRPC push").into_inner();
     assert_eq!(response.targets.expect("counts").delivered, 2);
     for device in [&mut phone, &mut laptop] {
@@ -69,17 +63,11 @@ async fn a_push_reaches_devices_of_one_uid_on_different_nodes() {
         .await
         .expect_err("no key");
     assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
-    let mut bad = tonic::Request::new(PushRequest {
+    let bad = support::cluster::with_api_key(PushRequest {
         uids: vec!["alice".into()],
         payload_json: "not json".into(),
         ..PushRequest::default()
     });
-    bad.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", support::cluster::app().api_key)
-            .parse()
-            .expect("metadata"),
-    );
     let invalid = client.push(bad).await.expect_err("bad payload");
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
     assert!(invalid.message().contains("payload_json"), "{invalid:?}");

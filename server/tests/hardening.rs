@@ -294,18 +294,12 @@ async fn grpc_ports_close_connections_that_never_speak() {
     let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
         .await
         .expect("gRPC connect");
-    let mut request = tonic::Request::new(PushRequest {
+    let request = support::cluster::with_api_key(PushRequest {
         uids: vec!["nobody".into()],
         payload_json: "{}".into(),
         priority: 99,
         ..PushRequest::default()
     });
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", support::cluster::app().api_key)
-            .parse()
-            .expect("metadata"),
-    );
     let status = client.push(request).await.expect_err("priority 99");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(

@@ -58,6 +58,23 @@ impl Membership {
         self.connection.clone()
     }
 
+    /// Runs one of the route scripts on the device's record.
+    async fn route_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        token: &str,
+        node: &str,
+        connection: u64,
+    ) -> Result<T, StoreError> {
+        script
+            .key(self.keys.device(token))
+            .arg(node)
+            .arg(connection)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)
+    }
+
     /// Routes the device to `node`'s connection `connection`; returns where it was routed
     /// before (None: nowhere, or the device is unknown).
     pub async fn route_online(
@@ -67,13 +84,8 @@ impl Membership {
         connection: u64,
     ) -> Result<Option<Route>, StoreError> {
         let previous: Option<(String, String)> = self
-            .online
-            .key(self.keys.device(token))
-            .arg(node)
-            .arg(connection)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
+            .route_script(&self.online, token, node, connection)
+            .await?;
         Ok(previous.and_then(|(node, conn)| {
             (!node.is_empty()).then(|| Route {
                 node,
@@ -90,13 +102,8 @@ impl Membership {
         connection: u64,
     ) -> Result<(), StoreError> {
         let _removed: i64 = self
-            .offline
-            .key(self.keys.device(token))
-            .arg(node)
-            .arg(connection)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(backend)?;
+            .route_script(&self.offline, token, node, connection)
+            .await?;
         Ok(())
     }
 

@@ -399,6 +399,16 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A gRPC request carrying the test app's API key.
+pub fn with_api_key<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {}", app().api_key);
+    request
+        .metadata_mut()
+        .insert("authorization", value.parse().expect("ASCII metadata"));
+    request
+}
+
 /// A fresh credential for `uid`.
 pub fn credential(uid: &str) -> String {
     super::mint(&app(), uid)
