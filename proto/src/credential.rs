@@ -9,10 +9,11 @@
 //!
 //! # Key rotation
 //! An app has a current signing key and, during a rotation, a previous one ([`AppKeys`]);
-//! each may carry a key id (`kid`). A credential whose header names a `kid` is checked with
-//! that key only; one without is checked with the current key, then the previous one. So
-//! the previous key keeps working while backends move to the new one, and is removed once
-//! the credentials it signed have expired.
+//! each may carry a key id (`kid`). When the app's keys have ids, a credential whose header
+//! names a `kid` is checked with that key only; any other credential is checked with the
+//! current key, then the previous one (so a `kid` that some JWT library adds on its own does
+//! no harm to an app that does not use them). The previous key keeps working while backends
+//! move to the new one, and is removed once the credentials it signed have expired.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -177,7 +178,9 @@ pub fn verify<'a>(
     }
     let claims_value: Claims = decode_part(claims)?;
     let keys = keys_of(&claims_value.app).ok_or(CredentialError::UnknownApp)?;
-    let candidates: Vec<Key<'_>> = match header.kid.as_deref() {
+    let keys_have_ids =
+        keys.current.kid.is_some() || keys.previous.is_some_and(|key| key.kid.is_some());
+    let candidates: Vec<Key<'_>> = match header.kid.as_deref().filter(|_| keys_have_ids) {
         Some(kid) => {
             let named = std::iter::once(keys.current)
                 .chain(keys.previous)
@@ -419,6 +422,16 @@ mod tests {
             verify(&old, rotated, at(1_000)),
             Err(CredentialError::UnknownKey)
         );
+    }
+
+    #[test]
+    fn a_kid_is_ignored_by_an_app_whose_keys_have_none() {
+        let named = Key {
+            secret: SECRET,
+            kid: Some("anything"),
+        };
+        let credential = mint("demo", named, "alice", 1_000, 60);
+        assert!(verify(&credential, demo, at(1_000)).is_ok());
     }
 
     #[test]

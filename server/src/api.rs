@@ -426,27 +426,70 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
 
 /// Checks that the payload is I-JSON (RFC 7493), which every device's JSON parser reads
 /// alike: no lone surrogate in a string (`"\ud800"`), no number past the range of a double
-/// (`1e999999`). It is still relayed byte for byte.
+/// (`1e999999`), no member name twice in one object. It is still relayed byte for byte.
 fn check_json_text(payload: &str) -> Result<(), ApiError> {
-    match serde_json::from_str::<serde_json::Value>(payload) {
-        Ok(value) if finite_numbers(&value) => Ok(()),
-        Ok(_) => Err(ApiError::invalid(
-            "payload",
-            "a number is out of the range of a double (RFC 7493)",
-        )),
-        Err(error) => Err(ApiError::invalid(
-            "payload",
-            format!("not I-JSON (RFC 7493): {error}"),
-        )),
+    let mut deserializer = serde_json::Deserializer::from_str(payload);
+    serde::Deserialize::deserialize(&mut deserializer)
+        .and_then(|IJson| deserializer.end())
+        .map_err(|error| ApiError::invalid("payload", format!("not I-JSON (RFC 7493): {error}")))
+}
+
+/// A JSON value that is I-JSON, checked as it is read, without building it.
+struct IJson;
+
+impl<'de> Deserialize<'de> for IJson {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(IJsonVisitor)
     }
 }
 
-fn finite_numbers(value: &serde_json::Value) -> bool {
-    match value {
-        serde_json::Value::Number(number) => number.as_f64().is_some_and(f64::is_finite),
-        serde_json::Value::Array(items) => items.iter().all(finite_numbers),
-        serde_json::Value::Object(fields) => fields.values().all(finite_numbers),
-        _ => true,
+struct IJsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for IJsonVisitor {
+    type Value = IJson;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("an I-JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<IJson, E> {
+        Ok(IJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<IJson, E> {
+        Ok(IJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<IJson, E> {
+        Ok(IJson)
+    }
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<IJson, E> {
+        if value.is_finite() {
+            Ok(IJson)
+        } else {
+            Err(E::custom("a number is out of the range of a double"))
+        }
+    }
+    // Strings reach here decoded, so an unpaired surrogate escape has already failed.
+    fn visit_str<E>(self, _: &str) -> Result<IJson, E> {
+        Ok(IJson)
+    }
+    fn visit_unit<E>(self) -> Result<IJson, E> {
+        Ok(IJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<IJson, A::Error> {
+        while items.next_element::<IJson>()?.is_some() {}
+        Ok(IJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut members: A) -> Result<IJson, A::Error> {
+        let mut names = std::collections::HashSet::new();
+        while let Some(name) = members.next_key::<String>()? {
+            if !names.insert(name) {
+                return Err(serde::de::Error::custom(
+                    "a member name appears twice in an object",
+                ));
+            }
+            members.next_value::<IJson>()?;
+        }
+        Ok(IJson)
     }
 }
 

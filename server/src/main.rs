@@ -127,6 +127,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             };
             let ttl = ttl.unwrap_or(settings.limits.credential_ttl);
+            let longest = settings.limits.max_credential_lifetime;
+            if ttl > longest {
+                eprintln!(
+                    "pigeon: --ttl {}s is longer than limits.max_credential_lifetime ({}s): nodes would refuse the credential",
+                    ttl.as_secs(),
+                    longest.as_secs()
+                );
+                return ExitCode::from(2);
+            }
             let now = message::unix_millis() / 1000;
             let credential = pigeon_proto::credential::mint(
                 &app_settings.id,

@@ -78,11 +78,15 @@ impl Metrics {
                  pigeon_handshakes {}\n\
                  # HELP pigeon_handshakes_evicted_total Handshakes closed to make room for newer ones (limits.max_handshakes).\n\
                  # TYPE pigeon_handshakes_evicted_total counter\n\
-                 pigeon_handshakes_evicted_total {}",
+                 pigeon_handshakes_evicted_total {}\n\
+                 # HELP pigeon_handshakes_refused_total New device sockets closed because every handshake place was taken by a younger handshake.\n\
+                 # TYPE pigeon_handshakes_refused_total counter\n\
+                 pigeon_handshakes_refused_total {}",
                 table.connection_count(),
                 table.parked_count(),
                 handshakes.in_progress(),
                 handshakes.evicted(),
+                handshakes.refused(),
             );
         }
         let _ = writeln!(
@@ -127,7 +131,7 @@ mod tests {
             connections.register(&Arc::from(token));
         }
         let handshakes = Handshakes::new(4);
-        let _pending = handshakes.enter();
+        let _pending = handshakes.enter(std::time::Instant::now());
         let metrics = Metrics::with_devices(connections, handshakes);
         metrics.push_accepted(2, 1, 0, 0);
         metrics.push_duplicate();

@@ -74,15 +74,15 @@ pub enum PushOutcome {
     },
 }
 
-/// A recorded target whose device was connected when the message was recorded.
+/// A target the store recorded the message for (or gave a seq, for a TTL-0 message).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LiveTarget {
+pub struct RecordedTarget {
     /// The device token.
     pub token: String,
     /// The device's seq for the message.
     pub seq: u64,
-    /// Where the device is connected.
-    pub route: Route,
+    /// Where the device was connected when the message was recorded, if it was.
+    pub route: Option<Route>,
 }
 
 /// How recorded messages reach live connections: the one part of the pipeline that
@@ -90,17 +90,20 @@ pub struct LiveTarget {
 /// (the nodes, over gRPC).
 #[async_trait::async_trait]
 pub trait Fanout: Send + Sync + 'static {
-    /// Hands `message` to the connections of `targets`; returns how many were handed to a
-    /// live connection. It cannot fail: a target not reached reads the message from the
-    /// store at its next heartbeat, push or reconnect (a TTL-0 message is then lost, as
-    /// "now or never" says).
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<LiveTarget>) -> u32;
+    /// Hands `message` to the live connections of `targets`; returns how many were handed
+    /// to one. It cannot fail: a target not reached reads the message from the store at its
+    /// next heartbeat, push or reconnect (a TTL-0 message is then lost, as "now or never"
+    /// says).
+    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32;
 }
 
-/// The process's own connections (standalone mode).
+/// The process's own connections (standalone mode). Every recorded target is offered to the
+/// table, routed when recorded or not: a device whose connection registered while the
+/// message was being committed may have read the store just before the commit, and only
+/// this hand-off reaches it before its next heartbeat.
 #[async_trait::async_trait]
 impl Fanout for ConnectionTable {
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<LiveTarget>) -> u32 {
+    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
         let mut live = 0;
         for target in targets {
             let delivery = Delivery {
@@ -180,28 +183,23 @@ impl Pipeline {
             }
             AcceptOutcome::Accepted { message, targets } => (message, targets),
         };
-        let mut live_targets = Vec::new();
+        let mut seqs = Vec::new();
         for (token, recorded) in recorded {
             match recorded {
                 Recorded::Unknown => counts.unknown += 1,
                 Recorded::Dropped => counts.dropped += 1,
-                Recorded::Seq { route: None, .. } if storable => counts.stored += 1,
-                Recorded::Seq { route: None, .. } => counts.dropped += 1,
-                Recorded::Seq {
-                    seq,
-                    route: Some(route),
-                } => live_targets.push(LiveTarget { token, seq, route }),
+                Recorded::Seq { seq, route } => seqs.push(RecordedTarget { token, seq, route }),
             }
         }
-        let routed = live_targets.len() as u32;
-        let live = self.fanout.deliver(&message, live_targets).await;
+        let recorded = seqs.len() as u32;
+        let live = self.fanout.deliver(&message, seqs).await;
         counts.delivered += live;
-        // A routed target not reached live reads the message from the store; a TTL-0 one
-        // has lost it.
+        // A target not reached live reads the message from the store; a TTL-0 one has
+        // lost it.
         if storable {
-            counts.stored += routed.saturating_sub(live);
+            counts.stored += recorded.saturating_sub(live);
         } else {
-            counts.dropped += routed.saturating_sub(live);
+            counts.dropped += recorded.saturating_sub(live);
         }
         Ok(PushOutcome::Accepted {
             message_id: message.id.clone(),
@@ -262,4 +260,128 @@ async fn resolve(
         }
     }
     Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::connections::Connection;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{AdmittedDevice, DeviceCounters, OfflineStore, Replay};
+
+    /// The embedded store, with a device's connection registering while a push to it is
+    /// being recorded: after the store looked for its route, before the pipeline delivers.
+    struct ConnectsDuringRecord {
+        inner: EmbeddedStore,
+        table: Arc<ConnectionTable>,
+        connects: Mutex<Option<Arc<str>>>,
+        connected: Mutex<Option<Arc<Connection>>>,
+    }
+
+    #[async_trait]
+    impl Registry for ConnectsDuringRecord {
+        async fn admit_device(
+            &self,
+            app: &str,
+            uid: &str,
+            token: &str,
+        ) -> Result<AdmittedDevice, StoreError> {
+            self.inner.admit_device(app, uid, token).await
+        }
+        async fn tokens_for_uids(
+            &self,
+            app: &str,
+            uids: &[String],
+        ) -> Result<Vec<Vec<String>>, StoreError> {
+            self.inner.tokens_for_uids(app, uids).await
+        }
+        async fn known_tokens(
+            &self,
+            app: &str,
+            tokens: &[String],
+        ) -> Result<Vec<bool>, StoreError> {
+            self.inner.known_tokens(app, tokens).await
+        }
+    }
+
+    #[async_trait]
+    impl OfflineStore for ConnectsDuringRecord {
+        async fn record(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
+            let outcome = self.inner.record(accept).await;
+            let connecting = self.connects.lock().ok().and_then(|mut token| token.take());
+            if let Some(token) = connecting
+                && let Ok(mut connected) = self.connected.lock()
+            {
+                *connected = Some(self.table.register(&token));
+            }
+            outcome
+        }
+        async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError> {
+            self.inner.ack(token, seq).await
+        }
+        async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
+            self.inner.replay(token, after, limit).await
+        }
+        async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError> {
+            self.inner.counters(token).await
+        }
+    }
+
+    /// Standalone: a device that connects while a push to it is committed gets it live (its
+    /// first store read may have come just before the commit).
+    #[tokio::test]
+    async fn a_device_connecting_during_the_record_gets_the_push_live() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let table = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
+        let inner = EmbeddedStore::open(dir.path(), 16, 10, table.clone()).expect("open");
+        let token: Arc<str> = inner
+            .admit_device("demo", "alice", "")
+            .await
+            .expect("admit")
+            .token
+            .into();
+        let store = ConnectsDuringRecord {
+            inner,
+            table: table.clone(),
+            connects: Mutex::new(Some(token.clone())),
+            connected: Mutex::new(None),
+        };
+        let store = Arc::new(store);
+        let pipeline = Pipeline::new(
+            store.clone(),
+            table.clone(),
+            Arc::new(Metrics::default()),
+            Duration::from_secs(60),
+        );
+        let outcome = pipeline
+            .push(PushRequest {
+                app: "demo".into(),
+                uids: vec!["alice".into()],
+                tokens: Vec::new(),
+                payload: Bytes::from_static(b"{}"),
+                ttl: Duration::from_secs(60),
+                priority: Priority::Normal,
+                collapse_key: String::new(),
+                idempotency_key: None,
+            })
+            .await
+            .expect("push");
+        let PushOutcome::Accepted { targets, .. } = outcome else {
+            panic!("expected accepted, got {outcome:?}");
+        };
+        assert_eq!((targets.delivered, targets.stored), (1, 0));
+        let connection = store
+            .connected
+            .lock()
+            .ok()
+            .and_then(|mut connected| connected.take())
+            .expect("the device connected during the record");
+        let seqs: Vec<u64> = connection.take().deliveries.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, [1]);
+    }
 }

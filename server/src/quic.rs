@@ -157,9 +157,22 @@ pub async fn serve(
             incoming.refuse();
             continue;
         }
+        // A client's first packet may come from a spoofed address. Before that address is
+        // charged against per-address limits, or takes a handshake place when places are
+        // scarce, the client proves it by answering a Retry (one more round trip).
+        let places_scarce = context.handshakes.in_progress() * 2 >= context.handshakes.capacity();
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && (context.per_ip.is_some() || places_scarce)
+        {
+            if let Err(error) = incoming.retry() {
+                tracing::debug!(%error, "QUIC retry not sent");
+            }
+            continue;
+        }
         let per_ip = match &context.per_ip {
             Some(limits) => match limits.admit(incoming.remote_address().ip()) {
-                Some(slot) => Some(slot),
+                Some(slot) => slot,
                 None => {
                     incoming.refuse();
                     continue;
@@ -167,7 +180,10 @@ pub async fn serve(
             },
             None => None,
         };
-        let ticket = context.handshakes.enter();
+        let Some(ticket) = context.handshakes.enter(accepted_at) else {
+            incoming.refuse();
+            continue;
+        };
         let context = context.clone();
         tracker.spawn(async move {
             let _per_ip = per_ip;

@@ -262,7 +262,7 @@ pub async fn serve(
         let accepted_at = Instant::now();
         let per_ip = match &context.per_ip {
             Some(limits) => match limits.admit(peer.ip()) {
-                Some(slot) => Some(slot),
+                Some(slot) => slot,
                 // Over its address's limit: closed at once, before any work.
                 None => continue,
             },
@@ -281,7 +281,12 @@ pub async fn serve(
                 Err(_closed) => break,
             }
         } else {
-            Entry::Handshake(context.handshakes.enter())
+            match context.handshakes.enter(accepted_at) {
+                Some(ticket) => Entry::Handshake(ticket),
+                // Every place is taken by a handshake too young to evict: a rush of devices;
+                // this one comes back after its backoff.
+                None => continue,
+            }
         };
         let accepted = Box::new(Accepted {
             context: context.clone(),
@@ -536,7 +541,12 @@ mod tests {
     }
 
     fn handshake(context: &DeviceContext) -> Entry {
-        Entry::Handshake(context.handshakes.enter())
+        Entry::Handshake(
+            context
+                .handshakes
+                .enter(Instant::now())
+                .expect("a free place"),
+        )
     }
 
     /// A plain connection accepted from a client socket, and the client's end.

@@ -426,8 +426,9 @@ async fn a_device_token_is_bound_to_its_uid() {
 }
 
 /// Finding 3: sockets that never send Hello (or never even upgrade) cannot keep devices
-/// out. They do not count against `max_connections`, the oldest are evicted when the
-/// handshake places run out, and `/metrics` shows them.
+/// out. They do not count against `max_connections`; when they fill the handshake places,
+/// the oldest is evicted once it has been at it for a second (a rush of newer sockets is
+/// refused instead), and `/metrics` shows them.
 #[tokio::test]
 async fn silent_sockets_do_not_keep_devices_out() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -440,21 +441,28 @@ async fn silent_sockets_do_not_keep_devices_out() {
         ],
     );
     let device_port = address(&server.ws_url);
-    // 164 sockets that say nothing, then 20 that upgrade and never say Hello.
+    // 50 sockets that say nothing take every place.
     let mut silent = Vec::new();
-    for _ in 0..164 {
+    for _ in 0..50 {
         silent.push(TcpStream::connect(&device_port).await.expect("connect"));
     }
+    support::await_metric(&server, "pigeon_handshakes", 50).await;
+    // A rush of newcomers while the places are young: refused, not evicting.
+    let mut rush = Vec::new();
+    for _ in 0..30 {
+        rush.push(TcpStream::connect(&device_port).await.expect("connect"));
+    }
+    for stream in &mut rush {
+        assert!(read_until_closed(stream, Duration::from_secs(2)).await.1);
+    }
+    assert!(support::metric(&server, "pigeon_handshakes_refused_total").await >= Some(30));
+    // A second later the silent sockets are old: newcomers evict them. 20 upgrade and then
+    // say nothing either; a real device gets in at once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let mut upgraded = Vec::new();
     for _ in 0..20 {
         upgraded.push(support::raw_websocket(&server).await);
     }
-    support::await_metric(&server, "pigeon_handshakes", 50).await;
-    let evicted = support::metric(&server, "pigeon_handshakes_evicted_total")
-        .await
-        .expect("evictions counted");
-    assert!(evicted >= 164 + 20 - 50, "{evicted} evicted");
-    // A device gets in at once, well within the handshake window.
     let started = Instant::now();
     let device = connect(&server, "real", &DeviceState::default()).await;
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -462,15 +470,28 @@ async fn silent_sockets_do_not_keep_devices_out() {
         support::metric(&server, "pigeon_connections").await,
         Some(1)
     );
-    // The evicted silent sockets were closed.
     let mut closed = 0;
     for stream in &mut silent {
         closed += usize::from(read_until_closed(stream, Duration::from_millis(50)).await.1);
     }
+    assert!(closed >= 21, "only {closed} silent sockets were evicted");
+    // Once the upgraded ones are old too, newcomers evict them with 1013.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut newcomers = Vec::new();
+    for _ in 0..50 {
+        newcomers.push(TcpStream::connect(&device_port).await.expect("connect"));
+    }
+    let codes = futures_util::future::join_all(
+        upgraded
+            .iter_mut()
+            .map(|stream| support::close_code_after(stream, None)),
+    )
+    .await;
     assert!(
-        closed >= 164 - 50,
-        "only {closed} of the silent sockets were closed"
+        codes.iter().any(|code| *code == Some(1013)),
+        "no upgraded socket heard 1013: {codes:?}"
     );
+    assert!(support::metric(&server, "pigeon_handshakes_evicted_total").await >= Some(21));
     drop(device);
 }
 

@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::membership::Membership;
 use crate::config::ClusterSettings;
 use crate::message::Message;
-use crate::push::{Fanout, LiveTarget};
+use crate::push::{Fanout, RecordedTarget};
 use crate::store::{Route, StoreError};
 
 /// A circuit breaker: after `failures` consecutive failed calls it opens and calls are
@@ -272,22 +272,23 @@ impl Peers {
     }
 }
 
-/// A gateway's fan-out: the routed targets grouped by node, each node sent Deliver calls of
+/// A gateway's fan-out: the routed targets grouped by node (a target with no route is not
+/// connected anywhere, and reads the message from the store), each node sent Deliver calls of
 /// at most `cluster.deliver_batch` targets, all nodes in parallel (at most
 /// [`DELIVER_CALLS_IN_FLIGHT`] calls in flight), each call under the deliver deadline and the
 /// node's circuit breaker.
 #[async_trait::async_trait]
 impl Fanout for Peers {
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<LiveTarget>) -> u32 {
+    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
         let mut by_node: HashMap<String, Vec<DeliverTarget>> = HashMap::new();
         for target in targets {
-            by_node
-                .entry(target.route.node)
-                .or_default()
-                .push(DeliverTarget {
-                    token: target.token,
-                    seq: target.seq,
-                });
+            let Some(route) = target.route else {
+                continue;
+            };
+            by_node.entry(route.node).or_default().push(DeliverTarget {
+                token: target.token,
+                seq: target.seq,
+            });
         }
         let stored = &message.to_stored();
         let batch = self.settings.deliver_batch;

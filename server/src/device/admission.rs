@@ -4,9 +4,11 @@
 //! Connections being set up are bounded apart from the live ones ([`Handshakes`]): a socket
 //! counts against `limits.max_connections` only once it has sent a Hello, so sockets that
 //! never do cannot keep devices out. They take places among `limits.max_handshakes`
-//! instead, and when those are all taken, the oldest is closed to make room for the new
-//! one: a device completes its handshake in a round trip or two, while a socket that sits
-//! silent is always the oldest.
+//! instead. When those are all taken, the oldest is closed to make room for the new one if
+//! it has been at it for [`EVICTABLE_AFTER`] (a device completes its handshake in a round
+//! trip or two, while a socket that sits silent grows old); otherwise the new socket is
+//! closed, so a genuine rush of devices finishes the handshakes it started instead of
+//! evicting them for newcomers.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,14 +28,25 @@ use crate::config::AppSettings;
 use crate::log_throttle::Throttle;
 use crate::session::{Admission, Handshake, SessionError};
 
+/// How long a handshake must have been under way before a newer one may evict it.
+pub const EVICTABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The connections of a process that are being set up (transport handshake, WebSocket
-/// upgrade, Hello), at most a fixed number; past it the oldest is evicted.
+/// upgrade, Hello), at most a fixed number; past it the oldest is evicted, or the newest
+/// refused.
 #[derive(Debug)]
 pub struct Handshakes {
-    pending: Mutex<VecDeque<(u64, CancellationToken)>>,
+    pending: Mutex<Pending>,
     capacity: usize,
-    next_id: AtomicU64,
     evicted: AtomicU64,
+    refused: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Handshakes under way, oldest first: id, start, eviction signal.
+    queue: VecDeque<(u64, Instant, CancellationToken)>,
+    next_id: u64,
 }
 
 /// A connection's place among the [`Handshakes`], given up when dropped.
@@ -48,47 +61,65 @@ impl Handshakes {
     /// At most `capacity` handshakes at once.
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            pending: Mutex::new(VecDeque::new()),
+            pending: Mutex::new(Pending::default()),
             capacity: capacity.max(1),
-            next_id: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, CancellationToken)>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A place for a new connection's handshake; when all are taken, the oldest handshake
-    /// is told to give up its own.
-    pub fn enter(self: &Arc<Self>) -> HandshakeTicket {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let evicted = CancellationToken::new();
+    /// A place for a new connection's handshake at `now`. When all are taken, the oldest
+    /// handshake gives up its own if it is at least [`EVICTABLE_AFTER`] old; otherwise there
+    /// is none (the new socket is to be closed).
+    pub fn enter(self: &Arc<Self>, now: Instant) -> Option<HandshakeTicket> {
         let mut pending = self.pending();
-        while pending.len() >= self.capacity {
-            if let Some((_, oldest)) = pending.pop_front() {
+        if pending.queue.len() >= self.capacity {
+            let oldest_started = pending.queue.front().map(|(_, started, _)| *started);
+            if oldest_started.is_some_and(|started| now < started + EVICTABLE_AFTER) {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            if let Some((_, _, oldest)) = pending.queue.pop_front() {
                 oldest.cancel();
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
         }
-        pending.push_back((id, evicted.clone()));
-        HandshakeTicket {
+        // The id is taken under the lock, so the queue stays in id order.
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let evicted = CancellationToken::new();
+        pending.queue.push_back((id, now, evicted.clone()));
+        Some(HandshakeTicket {
             id,
             evicted,
             handshakes: self.clone(),
-        }
+        })
+    }
+
+    /// Handshakes there are places for.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Handshakes under way.
     pub fn in_progress(&self) -> usize {
-        self.pending().len()
+        self.pending().queue.len()
     }
 
     /// Handshakes evicted to make room for newer ones, since the start.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// New sockets closed because every place was taken by a handshake too young to evict.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -103,8 +134,11 @@ impl Drop for HandshakeTicket {
     fn drop(&mut self) {
         let mut pending = self.handshakes.pending();
         // Ids enter in increasing order, so the queue is sorted by id.
-        if let Ok(index) = pending.binary_search_by_key(&self.id, |(id, _)| *id) {
-            pending.remove(index);
+        if let Ok(index) = pending
+            .queue
+            .binary_search_by_key(&self.id, |(id, _, _)| *id)
+        {
+            pending.queue.remove(index);
         }
     }
 }
@@ -203,4 +237,45 @@ async fn resolve(
         highest_seq: device.highest_seq,
         client_last_seq: hello.last_seq,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_handshake_is_evicted_only_once_it_is_old_enough() {
+        let handshakes = Handshakes::new(2);
+        let start = Instant::now();
+        let first = handshakes.enter(start).expect("a place");
+        let _second = handshakes.enter(start).expect("a place");
+        // Full, and the oldest is young: the newcomer is refused.
+        assert!(handshakes.enter(start + EVICTABLE_AFTER / 2).is_none());
+        assert_eq!((handshakes.refused(), handshakes.evicted()), (1, 0));
+        // Once the oldest has waited long enough, a newcomer takes its place.
+        let _third = handshakes
+            .enter(start + EVICTABLE_AFTER)
+            .expect("the oldest evicted");
+        assert!(first.evicted.is_cancelled());
+        assert_eq!(handshakes.evicted(), 1);
+        assert_eq!(handshakes.in_progress(), 2);
+        drop(first);
+        assert_eq!(handshakes.in_progress(), 2);
+    }
+
+    #[test]
+    fn places_entered_and_left_from_many_threads_are_all_given_back() {
+        let handshakes = Handshakes::new(10_000);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..2_000 {
+                        let ticket = handshakes.enter(Instant::now());
+                        drop(ticket);
+                    }
+                });
+            }
+        });
+        assert_eq!(handshakes.in_progress(), 0);
+    }
 }

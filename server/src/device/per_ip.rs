@@ -14,7 +14,8 @@ use dashmap::DashMap;
 use crate::config::Limits;
 
 /// Past this many tracked addresses, those with no socket and no recent connect are
-/// forgotten.
+/// forgotten (at most once a second); while the map stays that full, new addresses are let
+/// in untracked, so the map and the work per accept stay bounded.
 const TRACKED_ADDRESSES: usize = 65_536;
 
 /// The per-address limits of one process's device listeners.
@@ -24,6 +25,8 @@ pub struct PerIpLimits {
     connects_per_second: u32,
     addresses: DashMap<IpAddr, Usage>,
     started: Instant,
+    /// The second (since `started`) of the last sweep of the map, plus one.
+    swept: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -53,16 +56,24 @@ impl PerIpLimits {
                 connects_per_second: limits.connects_per_ip_per_second,
                 addresses: DashMap::new(),
                 started: Instant::now(),
+                swept: std::sync::atomic::AtomicU64::new(0),
             })
         })
     }
 
     /// A place for a new socket from `address`, unless the address is over a limit.
-    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<PerIpSlot> {
+    /// `Some(None)`: let in, but untracked (the map is full).
+    pub fn admit(self: &Arc<Self>, address: IpAddr) -> Option<Option<PerIpSlot>> {
+        use std::sync::atomic::Ordering;
         let second = self.started.elapsed().as_secs();
-        if self.addresses.len() >= TRACKED_ADDRESSES {
-            self.addresses
-                .retain(|_, usage| usage.connections > 0 || usage.second == second);
+        if self.addresses.len() >= TRACKED_ADDRESSES && !self.addresses.contains_key(&address) {
+            if self.swept.swap(second + 1, Ordering::AcqRel) != second + 1 {
+                self.addresses
+                    .retain(|_, usage| usage.connections > 0 || usage.second == second);
+            }
+            if self.addresses.len() >= TRACKED_ADDRESSES {
+                return Some(None);
+            }
         }
         let mut usage = self.addresses.entry(address).or_default();
         if usage.second != second {
@@ -76,10 +87,10 @@ impl PerIpLimits {
         }
         usage.connections += 1;
         usage.connects += 1;
-        Some(PerIpSlot {
+        Some(Some(PerIpSlot {
             limits: self.clone(),
             address,
-        })
+        }))
     }
 }
 
