@@ -488,7 +488,7 @@ async fn silent_sockets_do_not_keep_devices_out() {
     )
     .await;
     assert!(
-        codes.iter().any(|code| *code == Some(1013)),
+        codes.contains(&Some(1013)),
         "no upgraded socket heard 1013: {codes:?}"
     );
     assert!(support::metric(&server, "pigeon_handshakes_evicted_total").await >= Some(21));

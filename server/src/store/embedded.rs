@@ -142,7 +142,9 @@ impl EmbeddedStore {
         // the queue, which ends the writer thread and releases the database file.
         let sweeper = store.writes.downgrade();
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+            // The first sweep one interval after opening: replay skips expired rows meanwhile.
+            let first = tokio::time::Instant::now() + SWEEP_INTERVAL;
+            let mut interval = tokio::time::interval_at(first, SWEEP_INTERVAL);
             loop {
                 interval.tick().await;
                 let Some(writes) = sweeper.upgrade() else {
