@@ -264,71 +264,28 @@ async fn resolve(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
     use tokio_util::sync::CancellationToken;
 
     use super::*;
     use crate::connections::Connection;
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::{AdmittedDevice, DeviceCounters, OfflineStore, Replay};
 
-    /// The embedded store, with a device's connection registering while a push to it is
-    /// being recorded: after the store looked for its route, before the pipeline delivers.
-    struct ConnectsDuringRecord {
-        inner: EmbeddedStore,
+    /// The connection table as the fan-out, with a device's connection registering after
+    /// the store recorded a push to it (and found no route) but before the hand-off.
+    struct ConnectsAfterRecord {
         table: Arc<ConnectionTable>,
-        connects: Mutex<Option<Arc<str>>>,
-        connected: Mutex<Option<Arc<Connection>>>,
+        token: Arc<str>,
+        connected: std::sync::Mutex<Option<Arc<Connection>>>,
     }
 
-    #[async_trait]
-    impl Registry for ConnectsDuringRecord {
-        async fn admit_device(
-            &self,
-            app: &str,
-            uid: &str,
-            token: &str,
-        ) -> Result<AdmittedDevice, StoreError> {
-            self.inner.admit_device(app, uid, token).await
-        }
-        async fn tokens_for_uids(
-            &self,
-            app: &str,
-            uids: &[String],
-        ) -> Result<Vec<Vec<String>>, StoreError> {
-            self.inner.tokens_for_uids(app, uids).await
-        }
-        async fn known_tokens(
-            &self,
-            app: &str,
-            tokens: &[String],
-        ) -> Result<Vec<bool>, StoreError> {
-            self.inner.known_tokens(app, tokens).await
-        }
-    }
-
-    #[async_trait]
-    impl OfflineStore for ConnectsDuringRecord {
-        async fn record(&self, accept: Accept) -> Result<AcceptOutcome, StoreError> {
-            let outcome = self.inner.record(accept).await;
-            let connecting = self.connects.lock().ok().and_then(|mut token| token.take());
-            if let Some(token) = connecting
-                && let Ok(mut connected) = self.connected.lock()
-            {
-                *connected = Some(self.table.register(&token));
+    #[async_trait::async_trait]
+    impl Fanout for ConnectsAfterRecord {
+        async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
+            let connection = self.table.register(&self.token);
+            if let Ok(mut connected) = self.connected.lock() {
+                *connected = Some(connection);
             }
-            outcome
-        }
-        async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError> {
-            self.inner.ack(token, seq).await
-        }
-        async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
-            self.inner.replay(token, after, limit).await
-        }
-        async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError> {
-            self.inner.counters(token).await
+            Fanout::deliver(self.table.as_ref(), message, targets).await
         }
     }
 
@@ -338,23 +295,21 @@ mod tests {
     async fn a_device_connecting_during_the_record_gets_the_push_live() {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
-        let inner = EmbeddedStore::open(dir.path(), 16, 10, table.clone()).expect("open");
-        let token: Arc<str> = inner
+        let store = EmbeddedStore::open(dir.path(), 16, 10, table.clone()).expect("open");
+        let token: Arc<str> = store
             .admit_device("demo", "alice", "")
             .await
             .expect("admit")
             .token
             .into();
-        let store = ConnectsDuringRecord {
-            inner,
-            table: table.clone(),
-            connects: Mutex::new(Some(token.clone())),
-            connected: Mutex::new(None),
-        };
-        let store = Arc::new(store);
+        let fanout = Arc::new(ConnectsAfterRecord {
+            table,
+            token,
+            connected: std::sync::Mutex::new(None),
+        });
         let pipeline = Pipeline::new(
-            store.clone(),
-            table.clone(),
+            Arc::new(store),
+            fanout.clone(),
             Arc::new(Metrics::default()),
             Duration::from_secs(60),
         );
@@ -375,12 +330,12 @@ mod tests {
             panic!("expected accepted, got {outcome:?}");
         };
         assert_eq!((targets.delivered, targets.stored), (1, 0));
-        let connection = store
+        let connection = fanout
             .connected
             .lock()
             .ok()
             .and_then(|mut connected| connected.take())
-            .expect("the device connected during the record");
+            .expect("the device connected");
         let seqs: Vec<u64> = connection.take().deliveries.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [1]);
     }

@@ -87,6 +87,100 @@ pub trait Registry: Send + Sync + 'static {
 
     /// For each token, whether it is a device of `app`.
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>, StoreError>;
+
+    /// What the registry knows of the device `token` of `app`, if it is one.
+    async fn device(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError>;
+
+    /// Replaces the tags of the device `token` of `app` (at most `max_tags`, checked by
+    /// the caller); false when it is no device of the app.
+    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool, StoreError>;
+
+    /// Adds the devices `add` to `tag` and takes `remove` out of it. A device that already
+    /// has `max_tags` other tags is not added.
+    async fn change_tag(
+        &self,
+        app: &str,
+        tag: &str,
+        change: TagChange,
+        max_tags: usize,
+    ) -> Result<TagChanged, StoreError>;
+
+    /// Up to `limit` devices of `tag`, in token order, after `after` (empty: from the
+    /// first).
+    async fn tag_devices(
+        &self,
+        app: &str,
+        tag: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Takes `tag` off every device that has it; how many did. Works through the tag's
+    /// devices in bounded pages.
+    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, StoreError>;
+
+    /// Sets (or, with `None`, clears) the alias of the device `token` of `app`. An alias
+    /// names at most `max_devices` devices.
+    async fn set_alias(
+        &self,
+        app: &str,
+        token: &str,
+        alias: Option<&str>,
+        max_devices: usize,
+    ) -> Result<AliasSet, StoreError>;
+
+    /// The devices each of `aliases` names in `app`, in the order given.
+    async fn tokens_for_aliases(
+        &self,
+        app: &str,
+        aliases: &[String],
+    ) -> Result<Vec<Vec<String>>, StoreError>;
+}
+
+/// A device as the registry knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The uid it acts for.
+    pub uid: String,
+    /// Its alias; empty for none.
+    pub alias: String,
+    /// Its tags, sorted.
+    pub tags: Vec<String>,
+    /// Where it is connected, as far as the registry knows.
+    pub route: Option<Route>,
+}
+
+/// Devices to add to a tag and to take out of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagChange {
+    /// Tokens to add.
+    pub add: Vec<String>,
+    /// Tokens to take out.
+    pub remove: Vec<String>,
+}
+
+/// What [`Registry::change_tag`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TagChanged {
+    /// Devices that got the tag (having it already counts).
+    pub added: u32,
+    /// Devices that lost it (not having it counts).
+    pub removed: u32,
+    /// Tokens that are no device of the app.
+    pub unknown: u32,
+    /// Devices not added because they have as many tags as they may.
+    pub over_limit: u32,
+}
+
+/// What [`Registry::set_alias`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AliasSet {
+    /// Done.
+    Set,
+    /// The token is no device of the app.
+    UnknownDevice,
+    /// The alias already names as many devices as it may.
+    AliasFull,
 }
 
 /// Where a device is connected: a node's id (empty in standalone mode, whose one process

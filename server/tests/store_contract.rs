@@ -20,7 +20,9 @@ use pigeon_server::connections::ConnectionTable;
 use pigeon_server::message::{Message, new_message_id, unix_millis};
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
-use pigeon_server::store::{Accept, AcceptOutcome, DeviceCounters, Recorded, Route, Store, Target};
+use pigeon_server::store::{
+    Accept, AcceptOutcome, AliasSet, DeviceCounters, Recorded, Route, Store, TagChange, Target,
+};
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
 
@@ -599,6 +601,215 @@ async fn unknown_and_foreign_tokens_are_unknown(backend: &Backend) {
     );
 }
 
+async fn tags_are_set_changed_paged_and_deleted(backend: &Backend) {
+    let store = &backend.store;
+    let mut tokens = Vec::new();
+    for uid in ["a", "b", "c"] {
+        tokens.push(backend.device(uid).await);
+    }
+    let tags = |names: &[&str]| {
+        names
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (a, b, c) = (&tokens[0], &tokens[1], &tokens[2]);
+    assert!(
+        store
+            .set_tags("demo", a, &tags(&["sports", "news", "news"]))
+            .await
+            .expect("set")
+    );
+    let info = store
+        .device("demo", a)
+        .await
+        .expect("device")
+        .expect("a device");
+    assert_eq!(info.tags, ["news", "sports"]);
+    assert_eq!(info.uid, "a");
+    assert!(info.route.is_none());
+    assert!(
+        !store
+            .set_tags("demo", "never-issued", &tags(&["x"]))
+            .await
+            .expect("set")
+    );
+    assert!(
+        !store
+            .set_tags("other", a, &tags(&["x"]))
+            .await
+            .expect("set")
+    );
+    assert!(store.device("other", a).await.expect("device").is_none());
+
+    let change = TagChange {
+        add: vec![b.clone(), c.clone(), "never-issued".into(), a.clone()],
+        remove: Vec::new(),
+    };
+    let changed = store
+        .change_tag("demo", "news", change, 10)
+        .await
+        .expect("change");
+    assert_eq!((changed.added, changed.unknown), (3, 1));
+    // Pages in token order, each after the last token of the one before.
+    let mut all = vec![a.clone(), b.clone(), c.clone()];
+    all.sort();
+    let first = store
+        .tag_devices("demo", "news", "", 2)
+        .await
+        .expect("page");
+    assert_eq!(first, all[..2]);
+    let second = store
+        .tag_devices("demo", "news", &first[1], 2)
+        .await
+        .expect("page");
+    assert_eq!(second, all[2..]);
+    assert!(
+        store
+            .tag_devices("demo", "news", &second[0], 2)
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    // Tags are the app's own.
+    assert!(
+        store
+            .tag_devices("other", "news", "", 10)
+            .await
+            .expect("page")
+            .is_empty()
+    );
+
+    let change = TagChange {
+        add: Vec::new(),
+        remove: vec![b.clone()],
+    };
+    let changed = store
+        .change_tag("demo", "news", change, 10)
+        .await
+        .expect("change");
+    assert_eq!(changed.removed, 1);
+    let info = store.device("demo", b).await.expect("device").expect("b");
+    assert!(info.tags.is_empty());
+    // A device at its tag limit is not added.
+    let change = TagChange {
+        add: vec![a.clone()],
+        remove: Vec::new(),
+    };
+    let changed = store
+        .change_tag("demo", "music", change, 2)
+        .await
+        .expect("change");
+    assert_eq!((changed.added, changed.over_limit), (0, 1));
+    // Replacing a device's tags takes it out of the tags it no longer has.
+    assert!(
+        store
+            .set_tags("demo", a, &tags(&["music"]))
+            .await
+            .expect("set")
+    );
+    let news = store
+        .tag_devices("demo", "news", "", 10)
+        .await
+        .expect("page");
+    assert_eq!(news, vec![c.clone()]);
+    // Deleting a tag takes it off every device.
+    assert_eq!(store.delete_tag("demo", "news").await.expect("delete"), 1);
+    assert!(
+        store
+            .tag_devices("demo", "news", "", 10)
+            .await
+            .expect("page")
+            .is_empty()
+    );
+    let info = store.device("demo", c).await.expect("device").expect("c");
+    assert!(info.tags.is_empty());
+    assert_eq!(store.delete_tag("demo", "news").await.expect("delete"), 0);
+}
+
+async fn an_alias_names_a_few_devices(backend: &Backend) {
+    let store = &backend.store;
+    let mut tokens = Vec::new();
+    for uid in ["a", "b", "c"] {
+        tokens.push(backend.device(uid).await);
+    }
+    let (a, b, c) = (&tokens[0], &tokens[1], &tokens[2]);
+    let alias = Some("phone-of-ann");
+    assert_eq!(
+        store.set_alias("demo", a, alias, 2).await.expect("set"),
+        AliasSet::Set
+    );
+    assert_eq!(
+        store.set_alias("demo", b, alias, 2).await.expect("set"),
+        AliasSet::Set
+    );
+    assert_eq!(
+        store.set_alias("demo", c, alias, 2).await.expect("set"),
+        AliasSet::AliasFull
+    );
+    // Setting the alias a device has already is no change, full or not.
+    assert_eq!(
+        store.set_alias("demo", a, alias, 2).await.expect("set"),
+        AliasSet::Set
+    );
+    assert_eq!(
+        store
+            .set_alias("demo", "never-issued", alias, 2)
+            .await
+            .expect("set"),
+        AliasSet::UnknownDevice
+    );
+    assert_eq!(
+        store.set_alias("other", a, alias, 2).await.expect("set"),
+        AliasSet::UnknownDevice
+    );
+    let names = |aliases: &[&str]| {
+        aliases
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect::<Vec<_>>()
+    };
+    let mut named = store
+        .tokens_for_aliases("demo", &names(&["phone-of-ann", "nobody"]))
+        .await
+        .expect("aliases");
+    named[0].sort();
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(named, vec![both, vec![]]);
+    // Cleared, and moved to another alias.
+    assert_eq!(
+        store.set_alias("demo", a, None, 2).await.expect("clear"),
+        AliasSet::Set
+    );
+    assert_eq!(
+        store
+            .set_alias("demo", b, Some("tablet"), 2)
+            .await
+            .expect("move"),
+        AliasSet::Set
+    );
+    let named = store
+        .tokens_for_aliases("demo", &names(&["phone-of-ann", "tablet"]))
+        .await
+        .expect("aliases");
+    assert_eq!(named, vec![vec![], vec![b.clone()]]);
+    let info = store.device("demo", b).await.expect("device").expect("b");
+    assert_eq!(info.alias, "tablet");
+    let info = store.device("demo", a).await.expect("device").expect("a");
+    assert_eq!(info.alias, "");
+    // Aliases are the app's own.
+    let other = store
+        .tokens_for_aliases("other", &names(&["tablet"]))
+        .await
+        .expect("aliases");
+    assert_eq!(other, vec![Vec::<String>::new()]);
+    // A connected device's route shows.
+    let route = backend.connect(b).await;
+    let info = store.device("demo", b).await.expect("device").expect("b");
+    assert_eq!(info.route, Some(route));
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -607,7 +818,7 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 11] = cases![
+const CASES: [(&str, Case); 13] = cases![
     devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,
     acks_are_cumulative_and_never_above_the_highest_seq,
@@ -619,6 +830,8 @@ const CASES: [(&str, Case); 11] = cases![
     an_idempotency_key_records_once_within_its_window,
     a_retry_after_an_interrupted_record_reaches_each_device_once,
     unknown_and_foreign_tokens_are_unknown,
+    tags_are_set_changed_paged_and_deleted,
+    an_alias_names_a_few_devices,
 ];
 
 /// Runs every case on a fresh store from `backend`, naming the case and the store first.

@@ -29,6 +29,11 @@
 //! | `collapse` | `token \0 collapse key` | seq |
 //! | `idempotency` | `app \0 key` | `IdempotencyRecord` |
 //! | `idempotency_expiry` | (expires at ms, `app \0 key`) | () |
+//! | `tag_devices` | `app \0 tag \0 token` | () |
+//! | `alias_devices` | `app \0 alias \0 token` | () |
+//!
+//! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
+//! as these index rows.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,8 +46,8 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Accept, AcceptOutcome, AdmittedDevice, DeviceCounters, OfflineStore, Recorded, Registry,
-    Replay, Routes, StoreError,
+    Accept, AcceptOutcome, AdmittedDevice, AliasSet, DeviceCounters, DeviceInfo, OfflineStore,
+    Recorded, Registry, Replay, Routes, StoreError, TagChange, TagChanged,
 };
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 
@@ -54,6 +59,11 @@ const COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("collapse");
 const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency");
 const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("idempotency_expiry");
+const TAG_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("tag_devices");
+const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
+
+/// Tag rows one transaction of a tag's deletion removes at most.
+const DELETE_PAGE: usize = 1000;
 
 /// Operations applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -67,6 +77,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<Job>,
+    routes: Arc<dyn Routes>,
 }
 
 struct Job {
@@ -88,12 +99,38 @@ enum Op {
     Sweep {
         now_ms: u64,
     },
+    SetTags {
+        app: String,
+        token: String,
+        tags: Vec<String>,
+    },
+    ChangeTag {
+        app: String,
+        tag: String,
+        change: TagChange,
+        max_tags: usize,
+    },
+    /// Takes the tag off at most [`DELETE_PAGE`] of its devices.
+    DeleteTagPage {
+        app: String,
+        tag: String,
+    },
+    SetAlias {
+        app: String,
+        token: String,
+        alias: Option<String>,
+        max_devices: usize,
+    },
 }
 
 enum Reply {
     Admitted(AdmittedDevice),
     Accepted(AcceptOutcome),
     Done,
+    Found(bool),
+    TagChanged(TagChanged),
+    Count(u64),
+    Alias(AliasSet),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -125,19 +162,21 @@ impl EmbeddedStore {
             txn.open_table(COLLAPSE).map_err(backend)?;
             txn.open_table(IDEMPOTENCY).map_err(backend)?;
             txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?;
+            txn.open_table(TAG_DEVICES).map_err(backend)?;
+            txn.open_table(ALIAS_DEVICES).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
         let writer = Writer {
             db: db.clone(),
             max_stored_per_device,
-            routes,
+            routes: routes.clone(),
         };
         std::thread::Builder::new()
             .name("pigeon-store-writer".into())
             .spawn(move || writer.run(jobs))
             .map_err(backend)?;
-        let store = Self { db, writes };
+        let store = Self { db, writes, routes };
         // The sweeper holds only a weak sender, so dropping the last store handle closes
         // the queue, which ends the writer thread and releases the database file.
         let sweeper = store.writes.downgrade();
@@ -179,6 +218,38 @@ impl EmbeddedStore {
             let txn = db.begin_read().map_err(backend)?;
             let queue = txn.open_table(QUEUE).map_err(backend)?;
             queue.len().map_err(backend)
+        })
+        .await
+    }
+
+    /// For each of `names`, the tokens of the index rows `app \0 name \0 token` of `table`.
+    async fn tokens_by_prefix(
+        &self,
+        table: TableDefinition<'static, &'static str, ()>,
+        app: &str,
+        names: &[String],
+    ) -> Result<Vec<Vec<String>>> {
+        let prefixes: Vec<String> = names
+            .iter()
+            .map(|name| format!("{app}\0{name}\0"))
+            .collect();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let index = txn.open_table(table).map_err(backend)?;
+            prefixes
+                .iter()
+                .map(|prefix| {
+                    let mut tokens = Vec::new();
+                    for entry in index.range(prefix.as_str()..).map_err(backend)? {
+                        let (key, _) = entry.map_err(backend)?;
+                        match key.value().strip_prefix(prefix.as_str()) {
+                            Some(token) => tokens.push(token.to_owned()),
+                            None => break,
+                        }
+                    }
+                    Ok(tokens)
+                })
+                .collect()
         })
         .await
     }
@@ -226,26 +297,7 @@ impl Registry for EmbeddedStore {
     }
 
     async fn tokens_for_uids(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>> {
-        let prefixes: Vec<String> = uids.iter().map(|uid| format!("{app}\0{uid}\0")).collect();
-        self.read(move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let bindings = txn.open_table(BINDINGS).map_err(backend)?;
-            prefixes
-                .iter()
-                .map(|prefix| {
-                    let mut tokens = Vec::new();
-                    for entry in bindings.range(prefix.as_str()..).map_err(backend)? {
-                        let (key, _) = entry.map_err(backend)?;
-                        match key.value().strip_prefix(prefix.as_str()) {
-                            Some(token) => tokens.push(token.to_owned()),
-                            None => break,
-                        }
-                    }
-                    Ok(tokens)
-                })
-                .collect()
-        })
-        .await
+        self.tokens_by_prefix(BINDINGS, app, uids).await
     }
 
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>> {
@@ -266,6 +318,124 @@ impl Registry for EmbeddedStore {
                 .collect()
         })
         .await
+    }
+
+    async fn device(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>> {
+        let (app, token) = (app.to_owned(), token.to_owned());
+        let routes = self.routes.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            let Some(value) = devices.get(token.as_str()).map_err(backend)? else {
+                return Ok(None);
+            };
+            let record = decode_device(value.value())?;
+            Ok((record.app == app).then(|| DeviceInfo {
+                uid: record.uid,
+                alias: record.alias,
+                tags: record.tags,
+                route: routes.route(&token),
+            }))
+        })
+        .await
+    }
+
+    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool> {
+        let op = Op::SetTags {
+            app: app.to_owned(),
+            token: token.to_owned(),
+            tags: tags.to_vec(),
+        };
+        match self.write(op, true).await? {
+            Reply::Found(found) => Ok(found),
+            _ => Err(backend("unexpected reply to set_tags")),
+        }
+    }
+
+    async fn change_tag(
+        &self,
+        app: &str,
+        tag: &str,
+        change: TagChange,
+        max_tags: usize,
+    ) -> Result<TagChanged> {
+        let op = Op::ChangeTag {
+            app: app.to_owned(),
+            tag: tag.to_owned(),
+            change,
+            max_tags,
+        };
+        match self.write(op, true).await? {
+            Reply::TagChanged(changed) => Ok(changed),
+            _ => Err(backend("unexpected reply to change_tag")),
+        }
+    }
+
+    async fn tag_devices(
+        &self,
+        app: &str,
+        tag: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let prefix = format!("{app}\0{tag}\0");
+        let start = format!("{prefix}{after}");
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(TAG_DEVICES).map_err(backend)?;
+            let range = (
+                std::ops::Bound::Excluded(start.as_str()),
+                std::ops::Bound::Unbounded,
+            );
+            let mut tokens = Vec::new();
+            for entry in table.range::<&str>(range).map_err(backend)? {
+                let (key, _) = entry.map_err(backend)?;
+                match key.value().strip_prefix(prefix.as_str()) {
+                    Some(token) if tokens.len() < limit => tokens.push(token.to_owned()),
+                    _ => break,
+                }
+            }
+            Ok(tokens)
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64> {
+        let mut removed = 0;
+        loop {
+            let op = Op::DeleteTagPage {
+                app: app.to_owned(),
+                tag: tag.to_owned(),
+            };
+            match self.write(op, true).await? {
+                Reply::Count(0) => return Ok(removed),
+                Reply::Count(count) => removed += count,
+                _ => return Err(backend("unexpected reply to delete_tag")),
+            }
+        }
+    }
+
+    async fn set_alias(
+        &self,
+        app: &str,
+        token: &str,
+        alias: Option<&str>,
+        max_devices: usize,
+    ) -> Result<AliasSet> {
+        let op = Op::SetAlias {
+            app: app.to_owned(),
+            token: token.to_owned(),
+            alias: alias.map(str::to_owned),
+            max_devices,
+        };
+        match self.write(op, true).await? {
+            Reply::Alias(outcome) => Ok(outcome),
+            _ => Err(backend("unexpected reply to set_alias")),
+        }
+    }
+
+    async fn tokens_for_aliases(&self, app: &str, aliases: &[String]) -> Result<Vec<Vec<String>>> {
+        self.tokens_by_prefix(ALIAS_DEVICES, app, aliases).await
     }
 }
 
@@ -405,6 +575,26 @@ impl Writer {
                 .map(Reply::Accepted),
             Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
             Op::Sweep { now_ms } => tables.sweep(now_ms).map(|()| Reply::Done),
+            Op::SetTags { app, token, tags } => {
+                tables.set_tags(&app, &token, tags).map(Reply::Found)
+            }
+            Op::ChangeTag {
+                app,
+                tag,
+                change,
+                max_tags,
+            } => tables
+                .change_tag(&app, &tag, change, max_tags)
+                .map(Reply::TagChanged),
+            Op::DeleteTagPage { app, tag } => tables.delete_tag_page(&app, &tag).map(Reply::Count),
+            Op::SetAlias {
+                app,
+                token,
+                alias,
+                max_devices,
+            } => tables
+                .set_alias(&app, &token, alias.as_deref(), max_devices)
+                .map(Reply::Alias),
         }
     }
 }
@@ -426,6 +616,8 @@ struct Tables<'txn> {
     collapse: redb::Table<'txn, &'static str, u64>,
     idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
     idempotency_expiry: redb::Table<'txn, (u64, &'static str), ()>,
+    tag_devices: redb::Table<'txn, &'static str, ()>,
+    alias_devices: redb::Table<'txn, &'static str, ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -438,6 +630,8 @@ impl<'txn> Tables<'txn> {
             collapse: txn.open_table(COLLAPSE).map_err(backend)?,
             idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?,
+            tag_devices: txn.open_table(TAG_DEVICES).map_err(backend)?,
+            alias_devices: txn.open_table(ALIAS_DEVICES).map_err(backend)?,
         })
     }
 
@@ -454,6 +648,140 @@ impl<'txn> Tables<'txn> {
             .insert(token, record.encode_to_vec().as_slice())
             .map_err(backend)?;
         Ok(())
+    }
+
+    /// The record of `token` if it is a device of `app`.
+    fn device_of(&self, app: &str, token: &str) -> Result<Option<DeviceRecord>> {
+        Ok(self.device(token)?.filter(|record| record.app == app))
+    }
+
+    fn set_tags(&mut self, app: &str, token: &str, mut tags: Vec<String>) -> Result<bool> {
+        let Some(mut record) = self.device_of(app, token)? else {
+            return Ok(false);
+        };
+        tags.sort();
+        tags.dedup();
+        for old in record.tags.iter().filter(|old| !tags.contains(old)) {
+            let key = format!("{app}\0{old}\0{token}");
+            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+        }
+        for new in tags.iter().filter(|new| !record.tags.contains(new)) {
+            let key = format!("{app}\0{new}\0{token}");
+            self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+        }
+        record.tags = tags;
+        self.put_device(token, &record)?;
+        Ok(true)
+    }
+
+    fn change_tag(
+        &mut self,
+        app: &str,
+        tag: &str,
+        change: TagChange,
+        max_tags: usize,
+    ) -> Result<TagChanged> {
+        let mut changed = TagChanged::default();
+        for token in &change.add {
+            let Some(mut record) = self.device_of(app, token)? else {
+                changed.unknown += 1;
+                continue;
+            };
+            if let Err(index) = record.tags.binary_search_by(|have| have.as_str().cmp(tag)) {
+                if record.tags.len() >= max_tags {
+                    changed.over_limit += 1;
+                    continue;
+                }
+                record.tags.insert(index, tag.to_owned());
+                let key = format!("{app}\0{tag}\0{token}");
+                self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+                self.put_device(token, &record)?;
+            }
+            changed.added += 1;
+        }
+        for token in &change.remove {
+            let Some(mut record) = self.device_of(app, token)? else {
+                changed.unknown += 1;
+                continue;
+            };
+            if let Ok(index) = record.tags.binary_search_by(|have| have.as_str().cmp(tag)) {
+                record.tags.remove(index);
+                let key = format!("{app}\0{tag}\0{token}");
+                self.tag_devices.remove(key.as_str()).map_err(backend)?;
+                self.put_device(token, &record)?;
+            }
+            changed.removed += 1;
+        }
+        Ok(changed)
+    }
+
+    fn delete_tag_page(&mut self, app: &str, tag: &str) -> Result<u64> {
+        let prefix = format!("{app}\0{tag}\0");
+        let tokens: Vec<String> = self
+            .tag_devices
+            .range(prefix.as_str()..)
+            .map_err(backend)?
+            .take(DELETE_PAGE)
+            .map_while(|entry| {
+                let key = entry.ok()?;
+                key.0
+                    .value()
+                    .strip_prefix(prefix.as_str())
+                    .map(str::to_owned)
+            })
+            .collect();
+        for token in &tokens {
+            let key = format!("{prefix}{token}");
+            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+            if let Some(mut record) = self.device_of(app, token)? {
+                record.tags.retain(|have| have != tag);
+                self.put_device(token, &record)?;
+            }
+        }
+        Ok(tokens.len() as u64)
+    }
+
+    fn set_alias(
+        &mut self,
+        app: &str,
+        token: &str,
+        alias: Option<&str>,
+        max_devices: usize,
+    ) -> Result<AliasSet> {
+        let Some(mut record) = self.device_of(app, token)? else {
+            return Ok(AliasSet::UnknownDevice);
+        };
+        let alias = alias.unwrap_or_default();
+        if record.alias == alias {
+            return Ok(AliasSet::Set);
+        }
+        if !alias.is_empty() {
+            let prefix = format!("{app}\0{alias}\0");
+            let named = self
+                .alias_devices
+                .range(prefix.as_str()..)
+                .map_err(backend)?
+                .take(max_devices)
+                .map_while(|entry| {
+                    let key = entry.ok()?;
+                    key.0.value().starts_with(prefix.as_str()).then_some(())
+                })
+                .count();
+            if named >= max_devices {
+                return Ok(AliasSet::AliasFull);
+            }
+            let key = format!("{prefix}{token}");
+            self.alias_devices
+                .insert(key.as_str(), ())
+                .map_err(backend)?;
+        }
+        if !record.alias.is_empty() {
+            let key = format!("{app}\0{}\0{token}", record.alias);
+            self.alias_devices.remove(key.as_str()).map_err(backend)?;
+        }
+        record.alias = alias.to_owned();
+        self.put_device(token, &record)?;
+        Ok(AliasSet::Set)
     }
 
     fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {

@@ -3,11 +3,13 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters |
+//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters, tags (space-separated, sorted), alias |
 //! | `p:q:{token}` | sorted set | pending messages: score = seq, member = `StoredMessage` |
 //! | `p:c:{token}` | hash | collapse key -> seq of its pending message |
 //! | `p:m:{token}` | hash | message id -> seq, for pushes with an idempotency key |
 //! | `p:u:{app:uid}` | set | the uid's device tokens |
+//! | `p:t:{app:tag}` | sorted set | the tag's device tokens (all scored 0, so they page in token order) |
+//! | `p:a:{app:alias}` | set | the alias's device tokens |
 //! | `p:i:{app:key}` | string | an idempotency key: `p:<message id>` while the push is being recorded, `d:<message id>` once it is |
 //! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
 //!
@@ -34,8 +36,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use crate::config::ClusterSettings;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::store::{
-    Accept, AcceptOutcome, AdmittedDevice, DeviceCounters, OfflineStore, Recorded, Registry,
-    Replay, Route, StoreError,
+    Accept, AcceptOutcome, AdmittedDevice, AliasSet, DeviceCounters, DeviceInfo, OfflineStore,
+    Recorded, Registry, Replay, Route, StoreError, TagChange, TagChanged,
 };
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
@@ -143,6 +145,12 @@ impl Keys {
     fn uid(&self, app: &str, uid: &str) -> String {
         format!("{}:u:{{{app}:{uid}}}", self.prefix)
     }
+    fn tag(&self, app: &str, tag: &str) -> String {
+        format!("{}:t:{{{app}:{tag}}}", self.prefix)
+    }
+    fn alias(&self, app: &str, alias: &str) -> String {
+        format!("{}:a:{{{app}:{alias}}}", self.prefix)
+    }
     fn idempotency(&self, app: &str, key: &str) -> String {
         format!("{}:i:{{{app}:{key}}}", self.prefix)
     }
@@ -231,11 +239,49 @@ end
 return 1
 ";
 
+/// Replaces a device's tags. Returns its old tags, or nil when it is no device of the app.
+const SET_TAGS: &str = r"
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return false end
+local old = redis.call('HGET', KEYS[1], 'tags') or ''
+redis.call('HSET', KEYS[1], 'tags', ARGV[2])
+return old
+";
+
+/// Adds (ARGV[3] = '1') or takes off one tag of a device, keeping the list sorted. Returns
+/// -1 when it is no device of the app, 2 when the device has ARGV[4] tags already, 1
+/// otherwise.
+const CHANGE_TAG: &str = r"
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return -1 end
+local tags = {}
+for tag in string.gmatch(redis.call('HGET', KEYS[1], 'tags') or '', '%S+') do
+  if tag ~= ARGV[2] then table.insert(tags, tag) end
+end
+if ARGV[3] == '1' then
+  if #tags >= tonumber(ARGV[4]) then return 2 end
+  table.insert(tags, ARGV[2])
+  table.sort(tags)
+end
+redis.call('HSET', KEYS[1], 'tags', table.concat(tags, ' '))
+return 1
+";
+
+/// Sets (ARGV[2] non-empty) or clears a device's alias. Returns the old alias, or nil when
+/// it is no device of the app.
+const SET_ALIAS: &str = r"
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return false end
+local old = redis.call('HGET', KEYS[1], 'alias') or ''
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'alias') else redis.call('HSET', KEYS[1], 'alias', ARGV[2]) end
+return old
+";
+
 struct Scripts {
     accept: Script,
     resume: Script,
     create: Script,
     ack: Script,
+    set_tags: Script,
+    change_tag: Script,
+    set_alias: Script,
 }
 
 /// The Redis registry and offline store.
@@ -258,6 +304,9 @@ impl RedisStore {
                 resume: Script::new(RESUME),
                 create: Script::new(CREATE),
                 ack: Script::new(ACK),
+                set_tags: Script::new(SET_TAGS),
+                change_tag: Script::new(CHANGE_TAG),
+                set_alias: Script::new(SET_ALIAS),
             },
         }
     }
@@ -467,9 +516,303 @@ impl Registry for RedisStore {
         )
         .await
     }
+
+    async fn device(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError> {
+        if !plausible_token(token) {
+            return Ok(None);
+        }
+        let fields: (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(self.keys.device(token))
+            .arg(&["app", "uid", "tags", "alias", "node", "conn"])
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        let (owner, uid, tags, alias, node, conn) = fields;
+        if owner.as_deref() != Some(app) {
+            return Ok(None);
+        }
+        Ok(Some(DeviceInfo {
+            uid: uid.unwrap_or_default(),
+            alias: alias.unwrap_or_default(),
+            tags: split_tags(tags.as_deref().unwrap_or_default()),
+            route: node.filter(|node| !node.is_empty()).map(|node| Route {
+                node,
+                connection: conn.and_then(|conn| conn.parse().ok()).unwrap_or(0),
+            }),
+        }))
+    }
+
+    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool, StoreError> {
+        if !plausible_token(token) {
+            return Ok(false);
+        }
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        // The device's own list first: it is what delivery reads; the tags' indexes follow
+        // (another slot each), and every tag the device has is added again, which repairs
+        // an index an interrupted change left behind.
+        let old: Option<String> = self
+            .scripts
+            .set_tags
+            .key(self.keys.device(token))
+            .arg(app)
+            .arg(tags.join(" "))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        let Some(old) = old else {
+            return Ok(false);
+        };
+        let removed = split_tags(&old)
+            .into_iter()
+            .filter(|old| !tags.contains(old))
+            .map(|old| ("ZREM", self.keys.tag(app, &old)));
+        let added = tags.iter().map(|tag| ("ZADD", self.keys.tag(app, tag)));
+        bounded(
+            removed
+                .chain(added)
+                .map(|(command, key)| self.index_command(command, key, token))
+                .collect(),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn change_tag(
+        &self,
+        app: &str,
+        tag: &str,
+        change: TagChange,
+        max_tags: usize,
+    ) -> Result<TagChanged, StoreError> {
+        let key = self.keys.tag(app, tag);
+        let targets = change
+            .add
+            .iter()
+            .map(|token| (token, true))
+            .chain(change.remove.iter().map(|token| (token, false)));
+        let outcomes = bounded(
+            targets
+                .map(|(token, add)| {
+                    let key = key.clone();
+                    async move {
+                        if !plausible_token(token) {
+                            return Ok((add, -1));
+                        }
+                        let outcome: i64 = self
+                            .scripts
+                            .change_tag
+                            .key(self.keys.device(token))
+                            .arg(app)
+                            .arg(tag)
+                            .arg(if add { "1" } else { "0" })
+                            .arg(max_tags)
+                            .invoke_async(&mut self.connection())
+                            .await
+                            .map_err(backend)?;
+                        if outcome == 1 {
+                            let command = if add { "ZADD" } else { "ZREM" };
+                            self.index_command(command, key, token).await?;
+                        }
+                        Ok((add, outcome))
+                    }
+                })
+                .collect(),
+        )
+        .await?;
+        let mut changed = TagChanged::default();
+        for outcome in outcomes {
+            match outcome {
+                (_, -1) => changed.unknown += 1,
+                (true, 2) => changed.over_limit += 1,
+                (true, _) => changed.added += 1,
+                (false, _) => changed.removed += 1,
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn tag_devices(
+        &self,
+        app: &str,
+        tag: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let start = if after.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("({after}")
+        };
+        redis::cmd("ZRANGE")
+            .arg(self.keys.tag(app, tag))
+            .arg(start)
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)
+    }
+
+    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        loop {
+            let page = self.tag_devices(app, tag, "", DELETE_PAGE).await?;
+            if page.is_empty() {
+                return Ok(removed);
+            }
+            removed += page.len() as u64;
+            self.change_tag(
+                app,
+                tag,
+                TagChange {
+                    add: Vec::new(),
+                    remove: page.clone(),
+                },
+                0,
+            )
+            .await?;
+            // A token that is no device any more stays in the index: take it out directly.
+            let _: i64 = redis::cmd("ZREM")
+                .arg(self.keys.tag(app, tag))
+                .arg(&page)
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+        }
+    }
+
+    async fn set_alias(
+        &self,
+        app: &str,
+        token: &str,
+        alias: Option<&str>,
+        max_devices: usize,
+    ) -> Result<AliasSet, StoreError> {
+        if !plausible_token(token) {
+            return Ok(AliasSet::UnknownDevice);
+        }
+        let alias = alias.unwrap_or_default();
+        if !alias.is_empty() {
+            let owner: Option<String> = redis::cmd("HGET")
+                .arg(self.keys.device(token))
+                .arg("app")
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            if owner.as_deref() != Some(app) {
+                return Ok(AliasSet::UnknownDevice);
+            }
+            let (named, member): (usize, bool) = redis::pipe()
+                .scard(self.keys.alias(app, alias))
+                .sismember(self.keys.alias(app, alias), token)
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+            if named >= max_devices && !member {
+                return Ok(AliasSet::AliasFull);
+            }
+        }
+        let old: Option<String> = self
+            .scripts
+            .set_alias
+            .key(self.keys.device(token))
+            .arg(app)
+            .arg(alias)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        let Some(old) = old else {
+            return Ok(AliasSet::UnknownDevice);
+        };
+        if !old.is_empty() && old != alias {
+            self.index_command("SREM", self.keys.alias(app, &old), token)
+                .await?;
+        }
+        if !alias.is_empty() {
+            self.index_command("SADD", self.keys.alias(app, alias), token)
+                .await?;
+        }
+        Ok(AliasSet::Set)
+    }
+
+    async fn tokens_for_aliases(
+        &self,
+        app: &str,
+        aliases: &[String],
+    ) -> Result<Vec<Vec<String>>, StoreError> {
+        bounded(
+            aliases
+                .iter()
+                .map(|alias| async move {
+                    let named: Vec<String> = redis::cmd("SMEMBERS")
+                        .arg(self.keys.alias(app, alias))
+                        .query_async(&mut self.connection())
+                        .await
+                        .map_err(backend)?;
+                    // The set is an index, written after the device's own field: a device
+                    // that left the alias in an interrupted change is not named by it.
+                    let mut tokens = Vec::with_capacity(named.len());
+                    for token in named {
+                        let own: Option<String> = redis::cmd("HGET")
+                            .arg(self.keys.device(&token))
+                            .arg("alias")
+                            .query_async(&mut self.connection())
+                            .await
+                            .map_err(backend)?;
+                        if own.as_deref() == Some(alias.as_str()) {
+                            tokens.push(token);
+                        }
+                    }
+                    Ok(tokens)
+                })
+                .collect(),
+        )
+        .await
+    }
+}
+
+/// Tag rows one page of a tag's deletion takes off at most.
+const DELETE_PAGE: usize = 1000;
+
+/// The tags of a device record's `tags` field.
+fn split_tags(tags: &str) -> Vec<String> {
+    tags.split_whitespace().map(str::to_owned).collect()
 }
 
 impl RedisStore {
+    /// Adds `token` to (`ZADD`, `SADD`) or takes it out of (`ZREM`, `SREM`) the index at
+    /// `key`.
+    async fn index_command(
+        &self,
+        command: &str,
+        key: String,
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(key);
+        if command == "ZADD" {
+            cmd.arg(0);
+        }
+        let _: i64 = cmd
+            .arg(token)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     async fn bind(&self, app: &str, uid: &str, token: &str) -> Result<(), StoreError> {
         let _: i64 = redis::cmd("SADD")
             .arg(self.keys.uid(app, uid))
