@@ -652,7 +652,7 @@ async fn tags_are_set_changed_paged_and_deleted(backend: &Backend) {
         .expect("change");
     assert_eq!((changed.added, changed.unknown), (3, 1));
     // Pages in token order, each after the last token of the one before.
-    let mut all = vec![a.clone(), b.clone(), c.clone()];
+    let mut all = [a.clone(), b.clone(), c.clone()];
     all.sort();
     let first = store
         .tag_devices("demo", "news", "", 2)
