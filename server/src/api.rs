@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use pigeon_proto::device::Priority;
@@ -30,24 +31,66 @@ use serde_json::value::RawValue;
 use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 
 use crate::config::{AppSettings, Limits, Secret};
+use crate::devices::{self, Devices};
 use crate::metrics::Metrics;
 use crate::push::{Pipeline, PushOutcome, PushRequest};
 use crate::store::StoreError;
+use crate::store::TagChange;
 
-/// What the push handlers (HTTP and gRPC) share.
+/// What the app-facing handlers (HTTP and gRPC) share.
 pub struct PushApi {
     /// The apps, by API key.
     pub apps: Vec<AppSettings>,
     /// Request limits.
     pub limits: Limits,
-    /// Where accepted requests go.
+    /// Where accepted pushes go.
     pub pipeline: Arc<Pipeline>,
+    /// The device API (tags, aliases).
+    pub devices: Arc<Devices>,
 }
 
-/// `POST /v1/push`.
+impl PushApi {
+    /// The app-facing API of a process whose pushes and device lookups go to `store`, and
+    /// whose live connections `fanout` reaches.
+    pub fn new(
+        apps: Vec<AppSettings>,
+        limits: &Limits,
+        store: Arc<dyn crate::store::Store>,
+        fanout: Arc<dyn crate::push::Fanout>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let pipeline = Pipeline::new(
+            store.clone(),
+            fanout.clone(),
+            metrics,
+            limits.idempotency_window,
+        );
+        Self {
+            apps,
+            limits: limits.clone(),
+            pipeline: Arc::new(pipeline),
+            devices: Arc::new(Devices::new(store, fanout, limits.clone())),
+        }
+    }
+}
+
+/// `POST /v1/push`, and the device API: `GET /v1/devices/{token}`,
+/// `PUT /v1/devices/{token}/tags`, `PUT` and `DELETE /v1/devices/{token}/alias`,
+/// `POST` and `GET /v1/tags/{tag}/devices`, `DELETE /v1/tags/{tag}`.
 pub fn push_routes(api: Arc<PushApi>) -> Router {
     Router::new()
         .route("/v1/push", post(push))
+        .route("/v1/devices/{token}", get(get_device))
+        .route("/v1/devices/{token}/tags", put(put_tags))
+        .route(
+            "/v1/devices/{token}/alias",
+            put(put_alias).delete(delete_alias),
+        )
+        .route(
+            "/v1/tags/{tag}/devices",
+            post(change_tag).get(list_tag_devices),
+        )
+        .route("/v1/tags/{tag}", delete(delete_tag))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(api)
 }
@@ -104,6 +147,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// The token in the path is no device of the app.
+    #[error("no device {0} in this app")]
+    NoSuchDevice(String),
     /// The route exists, but not for this method.
     #[error("method not allowed here")]
     MethodNotAllowed,
@@ -125,7 +171,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchDevice(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -139,14 +185,15 @@ impl ApiError {
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
             ApiError::Unavailable => "unavailable",
-            ApiError::NotFound => "not_found",
+            ApiError::NotFound | ApiError::NoSuchDevice(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BadBody(_) => "bad_body",
             ApiError::BodyTimeout => "request_timeout",
         }
     }
 
-    fn invalid(field: &str, message: impl Into<String>) -> Self {
+    /// A field at fault, and what is wrong with it.
+    pub(crate) fn invalid(field: &str, message: impl Into<String>) -> Self {
         ApiError::InvalidField {
             field: field.to_owned(),
             message: message.into(),
@@ -171,6 +218,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound | ApiError::MethodNotAllowed => {
                 Status::unimplemented(error.to_string())
             }
+            ApiError::NoSuchDevice(_) => Status::not_found(error.to_string()),
         }
     }
 }
@@ -242,6 +290,8 @@ struct AudienceBody {
     uids: Vec<String>,
     #[serde(default)]
     tokens: Vec<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
 }
 
 /// A `T` that must be written as a JSON object.
@@ -301,6 +351,178 @@ async fn push(State(api): State<Arc<PushApi>>, request: Request) -> Response {
     }
 }
 
+/// The one path parameter of a route, or an error naming it.
+fn path_param(path: Result<Path<String>, PathRejection>, name: &str) -> Result<String, ApiError> {
+    path.map(|Path(value)| value)
+        .map_err(|rejection| ApiError::invalid(name, rejection.body_text()))
+}
+
+/// A 200 with `body` as JSON.
+fn ok(body: serde_json::Value) -> Response {
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// Runs a device-API handler, turning its error into the JSON answer.
+fn answer(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn get_device(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let token = path_param(token, "token")?;
+            let device = api.devices.get(&app.id, &token).await?;
+            Ok(ok(json!(device)))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsBody {
+    tags: Vec<String>,
+}
+
+async fn put_tags(
+    State(api): State<Arc<PushApi>>,
+    token: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, request.headers())?;
+            let token = path_param(token, "token")?;
+            let body: TagsBody = parse_json(&read_body(request, &api.limits).await?)?;
+            let tags = api.devices.set_tags(&app.id, &token, body.tags).await?;
+            Ok(ok(json!({"token": token, "tags": tags})))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AliasBody {
+    alias: String,
+}
+
+async fn put_alias(
+    State(api): State<Arc<PushApi>>,
+    token: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, request.headers())?;
+            let token = path_param(token, "token")?;
+            let body: AliasBody = parse_json(&read_body(request, &api.limits).await?)?;
+            api.devices
+                .set_alias(&app.id, &token, Some(&body.alias))
+                .await?;
+            Ok(ok(json!({"token": token, "alias": body.alias})))
+        }
+        .await,
+    )
+}
+
+async fn delete_alias(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let token = path_param(token, "token")?;
+            api.devices.set_alias(&app.id, &token, None).await?;
+            Ok(ok(json!({"token": token, "alias": null})))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagChangeBody {
+    #[serde(default)]
+    add: Vec<String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn change_tag(
+    State(api): State<Arc<PushApi>>,
+    tag: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, request.headers())?;
+            let tag = path_param(tag, "tag")?;
+            let body: TagChangeBody = parse_json(&read_body(request, &api.limits).await?)?;
+            let change = TagChange {
+                add: body.add,
+                remove: body.remove,
+            };
+            let changed = api.devices.change_tag(&app.id, &tag, change).await?;
+            Ok(ok(json!(changed)))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    #[serde(default)]
+    cursor: String,
+    limit: Option<usize>,
+}
+
+async fn list_tag_devices(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    tag: Result<Path<String>, PathRejection>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let tag = path_param(tag, "tag")?;
+            let Query(query) =
+                query.map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?;
+            let page = api
+                .devices
+                .tag_devices(&app.id, &tag, &query.cursor, query.limit)
+                .await?;
+            Ok(ok(json!(page)))
+        }
+        .await,
+    )
+}
+
+async fn delete_tag(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    tag: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let tag = path_param(tag, "tag")?;
+            let removed = api.devices.delete_tag(&app.id, &tag).await?;
+            Ok(ok(json!({"tag": tag, "removed": removed})))
+        }
+        .await,
+    )
+}
+
 async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiError> {
     let app = authenticate(&api.apps, request.headers())?;
     let limits = &api.limits;
@@ -318,10 +540,12 @@ async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiErr
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
-/// The body of a push request, within its size limit and `limits.http_body_timeout`.
+/// The body of a request, within its size limit and `limits.http_body_timeout`.
 async fn read_body(request: Request, limits: &Limits) -> Result<Bytes, ApiError> {
-    // Room for the payload plus a full audience of maximal ids, and the JSON around them.
-    let limit = limits.max_payload_bytes + limits.max_audience * (MAX_ID_LEN + 8) + 4096;
+    // Room for the payload plus a full audience (or a tag change) of maximal ids, and the
+    // JSON around them.
+    let ids = limits.max_audience.max(limits.max_tag_batch);
+    let limit = limits.max_payload_bytes + ids * (MAX_ID_LEN + 8) + 4096;
     let too_large = || ApiError::TooLarge(format!("request body is over {limit} bytes"));
     // A declared length over the limit is refused before the body is read, so a client that
     // asked `Expect: 100-continue` is not invited to send it.
@@ -384,9 +608,32 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Parses and validates a push body.
 fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, ApiError> {
+    let parsed: PushBody = parse_json(body)?;
+    validate_push(
+        app,
+        PushFields {
+            uids: parsed.audience.0.uids,
+            tokens: parsed.audience.0.tokens,
+            aliases: parsed.audience.0.aliases,
+            payload: parsed.payload.get(),
+            ttl_seconds: parsed.ttl,
+            priority: match parsed.priority {
+                Some(PriorityBody::High) => Priority::High,
+                Some(PriorityBody::Low) => Priority::Low,
+                Some(PriorityBody::Normal) | None => Priority::Normal,
+            },
+            collapse_key: parsed.collapse_key,
+            idempotency_key: parsed.idempotency_key,
+        },
+        limits,
+    )
+}
+
+/// A request body that must be one JSON object of the shape `T`; errors name the field.
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let Object(parsed): Object<PushBody> = serde_path_to_error::deserialize(&mut deserializer)
-        .map_err(|error| {
+    let Object(parsed): Object<T> =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
             let path = error.path().to_string();
             let inner = error.into_inner();
             let field = if path == "." {
@@ -405,23 +652,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
     deserializer
         .end()
         .map_err(|error| ApiError::invalid("body", error.to_string()))?;
-    validate_push(
-        app,
-        PushFields {
-            uids: parsed.audience.0.uids,
-            tokens: parsed.audience.0.tokens,
-            payload: parsed.payload.get(),
-            ttl_seconds: parsed.ttl,
-            priority: match parsed.priority {
-                Some(PriorityBody::High) => Priority::High,
-                Some(PriorityBody::Low) => Priority::Low,
-                Some(PriorityBody::Normal) | None => Priority::Normal,
-            },
-            collapse_key: parsed.collapse_key,
-            idempotency_key: parsed.idempotency_key,
-        },
-        limits,
-    )
+    Ok(parsed)
 }
 
 /// Checks that the payload is I-JSON (RFC 7493), which every device's JSON parser reads
@@ -500,6 +731,8 @@ pub struct PushFields<'a> {
     pub uids: Vec<String>,
     /// Target tokens.
     pub tokens: Vec<String>,
+    /// Target aliases.
+    pub aliases: Vec<String>,
     /// The payload's JSON text, already known to be JSON.
     pub payload: &'a str,
     /// TTL in seconds, if given.
@@ -530,19 +763,25 @@ pub fn validate_push(
     let audience = AudienceBody {
         uids: fields.uids,
         tokens: fields.tokens,
+        aliases: fields.aliases,
     };
-    if audience.uids.is_empty() && audience.tokens.is_empty() {
+    let named = audience.uids.len() + audience.tokens.len() + audience.aliases.len();
+    if named == 0 {
         return Err(ApiError::invalid(
             "audience",
-            "name at least one of audience.uids or audience.tokens",
+            "name at least one of audience.uids, audience.tokens or audience.aliases",
         ));
     }
-    if audience.uids.len() + audience.tokens.len() > limits.max_audience {
+    if named > limits.max_audience {
         return Err(ApiError::invalid(
             "audience",
-            format!("at most {} uids and tokens per push", limits.max_audience),
+            format!(
+                "at most {} uids, tokens and aliases per push",
+                limits.max_audience
+            ),
         ));
     }
+    devices::check_names("audience.aliases", &audience.aliases)?;
     if let Some(index) = audience.uids.iter().position(|uid| !valid_uid(uid)) {
         return Err(ApiError::invalid(
             &format!("audience.uids[{index}]"),
@@ -592,6 +831,7 @@ pub fn validate_push(
         app: app.to_owned(),
         uids: audience.uids,
         tokens: audience.tokens,
+        aliases: audience.aliases,
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         ttl,
         priority: fields.priority,

@@ -144,6 +144,12 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Largest number of uids plus tokens in one push request.
     pub max_audience: usize,
+    /// Tags one device has at most.
+    pub max_tags_per_device: usize,
+    /// Devices one request adds to or takes out of a tag at most.
+    pub max_tag_batch: usize,
+    /// Devices one alias names at most.
+    pub max_devices_per_alias: usize,
     /// Largest frame a device may send; larger ones close the connection (1009).
     pub max_device_frame_bytes: usize,
     /// Device connections one node holds at most, counted from their Hello; more are
@@ -353,6 +359,9 @@ impl Default for Limits {
         Self {
             max_payload_bytes: 4096,
             max_audience: 1000,
+            max_tags_per_device: 100,
+            max_tag_batch: 1000,
+            max_devices_per_alias: 10,
             max_device_frame_bytes: 4096,
             max_connections: 19_000,
             max_handshakes: 1024,
@@ -462,6 +471,15 @@ impl Settings {
         }
         if limits.max_audience == 0 {
             return bad("limits.max_audience", "must be at least 1");
+        }
+        for (key, value) in [
+            ("limits.max_tags_per_device", limits.max_tags_per_device),
+            ("limits.max_tag_batch", limits.max_tag_batch),
+            ("limits.max_devices_per_alias", limits.max_devices_per_alias),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
         }
         if limits.max_device_frame_bytes < 512 {
             return bad("limits.max_device_frame_bytes", "must be at least 512");

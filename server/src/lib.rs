@@ -15,7 +15,10 @@
 //! Pushes:
 //! - [`push`]: the push pipeline (resolve, record, deliver, count) and its one seam, the
 //!   [`push::Fanout`]: the process's own connection table, or the nodes over gRPC.
-//! - [`api`]: the HTTP API (push routes, health and metrics routes), request validation.
+//! - [`api`]: the HTTP API (push and device routes, health and metrics routes), request
+//!   validation.
+//! - [`devices`]: the device API (tags, aliases, a device's registry entry), for HTTP and
+//!   gRPC alike.
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
 //!
 //! State:
@@ -41,6 +44,7 @@ pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod device;
+pub mod devices;
 pub mod listener;
 pub mod log_throttle;
 pub mod message;

@@ -32,6 +32,8 @@ pub struct PushRequest {
     pub uids: Vec<String>,
     /// Target device tokens.
     pub tokens: Vec<String>,
+    /// Target aliases.
+    pub aliases: Vec<String>,
     /// The payload's JSON text.
     pub payload: Bytes,
     /// Time to live; zero means "devices online now only".
@@ -95,6 +97,10 @@ pub trait Fanout: Send + Sync + 'static {
     /// next heartbeat, push or reconnect (a TTL-0 message is then lost, as "now or never"
     /// says).
     async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32;
+
+    /// Whether a route the store holds leads to a live connection (a route may outlive
+    /// its node by a lease).
+    async fn is_live(&self, route: &Route) -> bool;
 }
 
 /// The process's own connections (standalone mode). Every recorded target is offered to the
@@ -115,6 +121,11 @@ impl Fanout for ConnectionTable {
             }
         }
         live
+    }
+
+    /// The embedded store reports a route only for a connection in this table.
+    async fn is_live(&self, _route: &Route) -> bool {
+        true
     }
 }
 
@@ -230,7 +241,9 @@ fn new_message(
     (message, idempotency)
 }
 
-/// The distinct known tokens of the audience; counts the unknown uids and tokens.
+/// The distinct known tokens of the audience (its uids', aliases' and tokens' devices: a
+/// device named more than once gets one copy); counts the unknown uids, aliases and
+/// tokens.
 async fn resolve(
     registry: &dyn Registry,
     request: &PushRequest,
@@ -246,6 +259,19 @@ async fn resolve(
             counts.unknown += 1;
         }
         for token in bound {
+            if seen.insert(token.clone()) {
+                tokens.push(token);
+            }
+        }
+    }
+    let per_alias = registry
+        .tokens_for_aliases(&request.app, &request.aliases)
+        .await?;
+    for named in per_alias {
+        if named.is_empty() {
+            counts.unknown += 1;
+        }
+        for token in named {
             if seen.insert(token.clone()) {
                 tokens.push(token);
             }
@@ -287,6 +313,10 @@ mod tests {
             }
             Fanout::deliver(self.table.as_ref(), message, targets).await
         }
+
+        async fn is_live(&self, _route: &Route) -> bool {
+            true
+        }
     }
 
     /// Standalone: a device that connects while a push to it is committed gets it live (its
@@ -318,6 +348,7 @@ mod tests {
                 app: "demo".into(),
                 uids: vec!["alice".into()],
                 tokens: Vec::new(),
+                aliases: Vec::new(),
                 payload: Bytes::from_static(b"{}"),
                 ttl: Duration::from_secs(60),
                 priority: Priority::Normal,

@@ -17,7 +17,6 @@ use crate::device::DeviceContext;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::process::{self, DeviceAddresses, DeviceListeners, Running, StartError};
-use crate::push::Pipeline;
 use crate::store::embedded::EmbeddedStore;
 
 /// A running standalone server.
@@ -117,17 +116,13 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     let handshakes = context.handshakes.clone();
     devices.start(Arc::new(context), &settings, &tracker);
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
-    let pipeline = Pipeline::new(
+    let push_api = Arc::new(PushApi::new(
+        apps.clone(),
+        limits,
         store,
         connections.clone(),
         metrics.clone(),
-        limits.idempotency_window,
-    );
-    let push_api = Arc::new(PushApi {
-        apps: apps.clone(),
-        limits: limits.clone(),
-        pipeline: Arc::new(pipeline),
-    });
+    ));
     let router =
         api::push_routes(push_api).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(

@@ -160,7 +160,7 @@ pub struct TagChange {
 }
 
 /// What [`Registry::change_tag`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TagChanged {
     /// Devices that got the tag (having it already counts).
     pub added: u32,

@@ -33,11 +33,26 @@ use crate::config::Settings;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
-use crate::push::{Pipeline, PushOutcome};
+use crate::push::PushOutcome;
+use crate::store::TagChange;
 
 /// The push API over gRPC, sharing the HTTP API's apps, limits and pipeline.
 struct PushGrpc {
     api: Arc<PushApi>,
+}
+
+impl PushGrpc {
+    /// The app whose API key the call carries, and the call's message.
+    fn authorized<T>(&self, request: Request<T>) -> Result<(String, T), Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        let app = app_for_authorization(&self.api.apps, authorization)?
+            .id
+            .clone();
+        Ok((app, request.into_inner()))
+    }
 }
 
 #[tonic::async_trait]
@@ -47,12 +62,7 @@ impl push_server::Push for PushGrpc {
         request: Request<push_proto::PushRequest>,
     ) -> Result<Response<push_proto::PushResponse>, Status> {
         let api = &self.api;
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok());
-        let app = app_for_authorization(&api.apps, authorization)?.id.clone();
-        let body = request.into_inner();
+        let (app, body) = self.authorized(request)?;
         let payload: &RawValue =
             serde_json::from_str(&body.payload_json).map_err(|error| ApiError::InvalidField {
                 field: "payload_json".into(),
@@ -70,6 +80,7 @@ impl push_server::Push for PushGrpc {
             PushFields {
                 uids: body.uids,
                 tokens: body.tokens,
+                aliases: body.aliases,
                 payload: payload.get(),
                 ttl_seconds: body.ttl_seconds,
                 priority,
@@ -100,6 +111,97 @@ impl push_server::Push for PushGrpc {
         };
         Ok(Response::new(response))
     }
+
+    async fn get_device(
+        &self,
+        request: Request<push_proto::GetDeviceRequest>,
+    ) -> Result<Response<push_proto::Device>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let device = self.api.devices.get(&app, &body.token).await?;
+        Ok(Response::new(push_proto::Device {
+            token: device.token,
+            uid: device.uid,
+            alias: device.alias.unwrap_or_default(),
+            tags: device.tags,
+            online: device.online,
+        }))
+    }
+
+    async fn set_device_tags(
+        &self,
+        request: Request<push_proto::SetDeviceTagsRequest>,
+    ) -> Result<Response<push_proto::SetDeviceTagsResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let tags = self
+            .api
+            .devices
+            .set_tags(&app, &body.token, body.tags)
+            .await?;
+        Ok(Response::new(push_proto::SetDeviceTagsResponse {
+            token: body.token,
+            tags,
+        }))
+    }
+
+    async fn set_device_alias(
+        &self,
+        request: Request<push_proto::SetDeviceAliasRequest>,
+    ) -> Result<Response<push_proto::SetDeviceAliasResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let alias = (!body.alias.is_empty()).then_some(body.alias.as_str());
+        self.api.devices.set_alias(&app, &body.token, alias).await?;
+        Ok(Response::new(push_proto::SetDeviceAliasResponse {
+            token: body.token,
+            alias: body.alias,
+        }))
+    }
+
+    async fn change_tag_devices(
+        &self,
+        request: Request<push_proto::ChangeTagDevicesRequest>,
+    ) -> Result<Response<push_proto::ChangeTagDevicesResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let change = TagChange {
+            add: body.add,
+            remove: body.remove,
+        };
+        let changed = self.api.devices.change_tag(&app, &body.tag, change).await?;
+        Ok(Response::new(push_proto::ChangeTagDevicesResponse {
+            added: changed.added,
+            removed: changed.removed,
+            unknown: changed.unknown,
+            over_limit: changed.over_limit,
+        }))
+    }
+
+    async fn list_tag_devices(
+        &self,
+        request: Request<push_proto::ListTagDevicesRequest>,
+    ) -> Result<Response<push_proto::ListTagDevicesResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let limit = body.limit.map(|limit| limit as usize);
+        let page = self
+            .api
+            .devices
+            .tag_devices(&app, &body.tag, &body.cursor, limit)
+            .await?;
+        Ok(Response::new(push_proto::ListTagDevicesResponse {
+            devices: page.devices,
+            next_cursor: page.next_cursor.unwrap_or_default(),
+        }))
+    }
+
+    async fn delete_tag(
+        &self,
+        request: Request<push_proto::DeleteTagRequest>,
+    ) -> Result<Response<push_proto::DeleteTagResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let removed = self.api.devices.delete_tag(&app, &body.tag).await?;
+        Ok(Response::new(push_proto::DeleteTagResponse {
+            tag: body.tag,
+            removed,
+        }))
+    }
 }
 
 /// A running gateway.
@@ -122,17 +224,13 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let (grpc_listener, grpc_addr) = process::bind_grpc(&settings)?;
     let peers = Peers::new(membership, settings.cluster.clone());
     let metrics = Arc::new(Metrics::default());
-    let pipeline = Pipeline::new(
+    let push_api = Arc::new(PushApi::new(
+        apps,
+        limits,
         store,
         Arc::new(peers),
         metrics.clone(),
-        limits.idempotency_window,
-    );
-    let push_api = Arc::new(PushApi {
-        apps,
-        limits: limits.clone(),
-        pipeline: Arc::new(pipeline),
-    });
+    ));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let router =

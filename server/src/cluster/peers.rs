@@ -328,6 +328,11 @@ impl Fanout for Peers {
             .fold(0u32, |live, delivered| async move { live + delivered })
             .await
     }
+
+    /// A route is live while its node holds its lease.
+    async fn is_live(&self, route: &Route) -> bool {
+        matches!(self.address(&route.node).await, Ok(Some(_)))
+    }
 }
 
 /// Deliver calls one push keeps in flight, at most. A broadcast to a million devices is

@@ -1,0 +1,268 @@
+//! The device API: a device's tags and alias, a tag's devices, what the registry knows of a
+//! device. The HTTP API (`api`) and, on a gateway, the gRPC push service call these; they
+//! only translate requests and answers.
+//!
+//! # Names
+//! A tag or an alias is 1 to 64 bytes of ASCII letters, digits and `_ - . : @`, and belongs
+//! to its app. A device has at most `limits.max_tags_per_device` tags and one alias; an
+//! alias names at most `limits.max_devices_per_alias` devices (a user's phone and tablet,
+//! say); a tag has any number of devices, changed at most `limits.max_tag_batch` at a time.
+
+use std::sync::Arc;
+
+use crate::api::ApiError;
+use crate::config::Limits;
+use crate::push::Fanout;
+use crate::store::{AliasSet, Store, TagChange, TagChanged};
+
+/// Longest tag or alias, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Devices one page of a tag lists at most, and by default.
+pub const MAX_PAGE: usize = 1000;
+/// Devices one page of a tag lists when the request names no limit.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Whether `name` is a valid tag or alias.
+pub fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"_-.:@".contains(&byte))
+}
+
+/// Checks one name; the error names `field`.
+pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} ASCII letters, digits or _ - . : @"),
+        ))
+    }
+}
+
+/// Checks a list of names; an error names the field and the index.
+pub fn check_names(field: &str, names: &[String]) -> Result<(), ApiError> {
+    match names.iter().position(|name| !valid_name(name)) {
+        Some(index) => check_name(&format!("{field}[{index}]"), &names[index]),
+        None => Ok(()),
+    }
+}
+
+/// A device as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceView {
+    /// Its token.
+    pub token: String,
+    /// The uid it acts for.
+    pub uid: String,
+    /// Its alias, if it has one.
+    pub alias: Option<String>,
+    /// Its tags, sorted.
+    pub tags: Vec<String>,
+    /// Whether it is connected now.
+    pub online: bool,
+}
+
+/// A page of a tag's devices.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TagPage {
+    /// Device tokens, in token order.
+    pub devices: Vec<String>,
+    /// Where the next page starts, when there may be one.
+    pub next_cursor: Option<String>,
+}
+
+/// The device API of one process.
+pub struct Devices {
+    store: Arc<dyn Store>,
+    fanout: Arc<dyn Fanout>,
+    limits: Limits,
+}
+
+impl Devices {
+    /// The device API over `store`; `fanout` says whether a route is live.
+    pub fn new(store: Arc<dyn Store>, fanout: Arc<dyn Fanout>, limits: Limits) -> Self {
+        Self {
+            store,
+            fanout,
+            limits,
+        }
+    }
+
+    /// The device `token` of `app`.
+    pub async fn get(&self, app: &str, token: &str) -> Result<DeviceView, ApiError> {
+        let info = self
+            .store
+            .device(app, token)
+            .await?
+            .ok_or_else(|| unknown_device(token))?;
+        let online = match &info.route {
+            Some(route) => self.fanout.is_live(route).await,
+            None => false,
+        };
+        Ok(DeviceView {
+            token: token.to_owned(),
+            uid: info.uid,
+            alias: (!info.alias.is_empty()).then_some(info.alias),
+            tags: info.tags,
+            online,
+        })
+    }
+
+    /// Replaces the tags of the device `token` of `app`; its tags as stored.
+    pub async fn set_tags(
+        &self,
+        app: &str,
+        token: &str,
+        mut tags: Vec<String>,
+    ) -> Result<Vec<String>, ApiError> {
+        check_names("tags", &tags)?;
+        tags.sort();
+        tags.dedup();
+        let most = self.limits.max_tags_per_device;
+        if tags.len() > most {
+            return Err(ApiError::invalid(
+                "tags",
+                format!("a device has at most {most} tags"),
+            ));
+        }
+        if !self.store.set_tags(app, token, &tags).await? {
+            return Err(unknown_device(token));
+        }
+        Ok(tags)
+    }
+
+    /// Sets (or, with `None`, clears) the alias of the device `token` of `app`.
+    pub async fn set_alias(
+        &self,
+        app: &str,
+        token: &str,
+        alias: Option<&str>,
+    ) -> Result<(), ApiError> {
+        if let Some(alias) = alias {
+            check_name("alias", alias)?;
+        }
+        let most = self.limits.max_devices_per_alias;
+        match self.store.set_alias(app, token, alias, most).await? {
+            AliasSet::Set => Ok(()),
+            AliasSet::UnknownDevice => Err(unknown_device(token)),
+            AliasSet::AliasFull => Err(ApiError::invalid(
+                "alias",
+                format!("names {most} devices already, as many as an alias may"),
+            )),
+        }
+    }
+
+    /// Adds devices to `tag` and takes others out of it.
+    pub async fn change_tag(
+        &self,
+        app: &str,
+        tag: &str,
+        change: TagChange,
+    ) -> Result<TagChanged, ApiError> {
+        check_name("tag", tag)?;
+        if change.add.is_empty() && change.remove.is_empty() {
+            return Err(ApiError::invalid(
+                "add",
+                "name at least one device in add or remove",
+            ));
+        }
+        let most = self.limits.max_tag_batch;
+        for (field, tokens) in [("add", &change.add), ("remove", &change.remove)] {
+            if tokens.len() > most {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("at most {most} devices per request"),
+                ));
+            }
+            if let Some(index) = tokens.iter().position(|token| !valid_token(token)) {
+                return Err(ApiError::invalid(
+                    &format!("{field}[{index}]"),
+                    "must be 1 to 256 bytes",
+                ));
+            }
+        }
+        let most_tags = self.limits.max_tags_per_device;
+        Ok(self.store.change_tag(app, tag, change, most_tags).await?)
+    }
+
+    /// A page of `tag`'s devices after `cursor` (empty: the first page).
+    pub async fn tag_devices(
+        &self,
+        app: &str,
+        tag: &str,
+        cursor: &str,
+        limit: Option<usize>,
+    ) -> Result<TagPage, ApiError> {
+        check_name("tag", tag)?;
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::invalid(
+                "limit",
+                format!("must be 1 to {MAX_PAGE}"),
+            ));
+        }
+        if !cursor.is_empty() && !valid_token(cursor) {
+            return Err(ApiError::invalid("cursor", "not a cursor this API gave"));
+        }
+        let devices = self.store.tag_devices(app, tag, cursor, limit).await?;
+        let next_cursor = (devices.len() == limit)
+            .then(|| devices.last().cloned())
+            .flatten();
+        Ok(TagPage {
+            devices,
+            next_cursor,
+        })
+    }
+
+    /// Takes `tag` off all its devices; how many had it.
+    pub async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, ApiError> {
+        check_name("tag", tag)?;
+        Ok(self.store.delete_tag(app, tag).await?)
+    }
+}
+
+/// Whether `token` could name a device (the stores tell whether it does).
+fn valid_token(token: &str) -> bool {
+    (1..=256).contains(&token.len())
+}
+
+fn unknown_device(token: &str) -> ApiError {
+    let shown: String = token.chars().take(64).collect();
+    ApiError::NoSuchDevice(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_one_rule() {
+        for name in [
+            "news",
+            "city:paris",
+            "v1.2",
+            "a_b-c@d",
+            &"t".repeat(MAX_NAME_LEN),
+        ] {
+            assert!(valid_name(name), "{name}");
+        }
+        for name in [
+            "",
+            "with space",
+            "brace{",
+            "é",
+            "tab\t",
+            &"t".repeat(MAX_NAME_LEN + 1),
+        ] {
+            assert!(!valid_name(name), "{name:?}");
+        }
+        let names = vec!["ok".to_owned(), "not ok".to_owned()];
+        match check_names("tags", &names) {
+            Err(ApiError::InvalidField { field, .. }) => assert_eq!(field, "tags[1]"),
+            other => panic!("expected tags[1], got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The device API, as an app backend uses it: over HTTP against `pigeon standalone`, and
+//! over gRPC against a cluster-mode gateway (its own `redis-server`, a node, a gateway).
+
+mod support;
+
+use pigeon_client::DeviceState;
+use serde_json::{Value, json};
+use support::{Server, connect, next_push, payload};
+
+/// Calls the HTTP API with the demo app's key: the status and the JSON answer.
+async fn call(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", server.http_url))
+        .bearer_auth(&server.api_key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn tags_and_aliases_over_http() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("PIGEON_LIMITS__MAX_TAGS_PER_DEVICE", "3"),
+            ("PIGEON_LIMITS__MAX_DEVICES_PER_ALIAS", "2"),
+            ("PIGEON_LIMITS__MAX_TAG_BATCH", "5"),
+        ],
+    );
+    let mut tokens = Vec::new();
+    for uid in ["ann", "bob", "cy"] {
+        let device = connect(&server, uid, &DeviceState::default()).await;
+        tokens.push(device.welcome().device_token.clone());
+        device.close().await;
+    }
+    let (ann, bob, cy) = (&tokens[0], &tokens[1], &tokens[2]);
+
+    // A device, as the registry knows it.
+    let (status, device) = call(&server, "GET", &format!("/v1/devices/{ann}"), None).await;
+    assert_eq!(status, 200, "{device}");
+    assert_eq!(
+        device,
+        json!({"token": ann, "uid": "ann", "alias": null, "tags": [], "online": false})
+    );
+    let (status, answer) = call(&server, "GET", "/v1/devices/never-issued", None).await;
+    assert_eq!(
+        (status, &answer["error"]["code"]),
+        (404, &json!("not_found"))
+    );
+
+    // Tags of one device: sorted, each once, checked.
+    let path = format!("/v1/devices/{ann}/tags");
+    let (status, answer) = call(
+        &server,
+        "PUT",
+        &path,
+        Some(json!({"tags": ["sports", "news", "news"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["tags"], json!(["news", "sports"]));
+    let (status, answer) = call(
+        &server,
+        "PUT",
+        &path,
+        Some(json!({"tags": ["ok", "not ok"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["error"]["field"]),
+        (400, &json!("tags[1]"))
+    );
+    let (status, answer) = call(
+        &server,
+        "PUT",
+        &path,
+        Some(json!({"tags": ["a", "b", "c", "d"]})),
+    )
+    .await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("tags")));
+    let (status, _) = call(
+        &server,
+        "PUT",
+        "/v1/devices/never-issued/tags",
+        Some(json!({"tags": []})),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // A tag's devices, changed in batches and paged.
+    let (status, answer) = call(
+        &server,
+        "POST",
+        "/v1/tags/news/devices",
+        Some(json!({"add": [bob, cy, "never-issued"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"added": 2, "removed": 0, "unknown": 1, "over_limit": 0})
+    );
+    let mut all = [ann.clone(), bob.clone(), cy.clone()];
+    all.sort();
+    let (status, first) = call(&server, "GET", "/v1/tags/news/devices?limit=2", None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["devices"], json!(all[..2]));
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (_, second) = call(
+        &server,
+        "GET",
+        &format!("/v1/tags/news/devices?limit=2&cursor={cursor}"),
+        None,
+    )
+    .await;
+    assert_eq!(second["devices"], json!(all[2..]));
+    assert_eq!(second["next_cursor"], Value::Null);
+    let (status, answer) = call(&server, "GET", "/v1/tags/news/devices?limit=0", None).await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("limit")));
+    let (status, answer) = call(&server, "GET", "/v1/tags/news%20flash/devices", None).await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("tag")));
+    let too_many: Vec<String> = (0..6).map(|n| format!("t{n}")).collect();
+    let (status, answer) = call(
+        &server,
+        "POST",
+        "/v1/tags/news/devices",
+        Some(json!({"add": too_many})),
+    )
+    .await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("add")));
+    let (status, answer) = call(&server, "POST", "/v1/tags/news/devices", Some(json!({}))).await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = call(
+        &server,
+        "POST",
+        "/v1/tags/news/devices",
+        Some(json!({"remove": [bob]})),
+    )
+    .await;
+    assert_eq!((status, &answer["removed"]), (200, &json!(1)));
+    let (status, answer) = call(&server, "DELETE", "/v1/tags/news", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"tag": "news", "removed": 2}));
+    let (_, device) = call(&server, "GET", &format!("/v1/devices/{ann}"), None).await;
+    assert_eq!(device["tags"], json!(["sports"]));
+
+    // Aliases: a few devices each; a push to an alias reaches them.
+    for token in [ann, bob] {
+        let (status, answer) = call(
+            &server,
+            "PUT",
+            &format!("/v1/devices/{token}/alias"),
+            Some(json!({"alias": "family-ipad"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = call(
+        &server,
+        "PUT",
+        &format!("/v1/devices/{cy}/alias"),
+        Some(json!({"alias": "family-ipad"})),
+    )
+    .await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("alias")));
+    let (status, answer) = call(
+        &server,
+        "PUT",
+        &format!("/v1/devices/{cy}/alias"),
+        Some(json!({"alias": "bad alias"})),
+    )
+    .await;
+    assert_eq!((status, &answer["error"]["field"]), (400, &json!("alias")));
+    let ann_state = DeviceState {
+        device_token: ann.clone(),
+        last_seq: 0,
+    };
+    let mut device = connect(&server, "ann", &ann_state).await;
+    let (_, online) = call(&server, "GET", &format!("/v1/devices/{ann}"), None).await;
+    assert_eq!(online["online"], true);
+    assert_eq!(online["alias"], "family-ipad");
+    let (status, answer) = call(
+        &server,
+        "POST",
+        "/v1/push",
+        Some(json!({"audience": {"aliases": ["family-ipad", "nobody"], "uids": ["ann"]}, "payload": {"n": 1}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    // ann's device is named twice (by uid and by alias): one copy.
+    assert_eq!(
+        answer["targets"],
+        json!({"delivered": 1, "stored": 1, "unknown": 1, "dropped": 0})
+    );
+    assert_eq!(payload(&next_push(&mut device).await), json!({"n": 1}));
+    let (status, _) = call(&server, "DELETE", &format!("/v1/devices/{ann}/alias"), None).await;
+    assert_eq!(status, 200);
+    let (_, answer) = call(
+        &server,
+        "POST",
+        "/v1/push",
+        Some(json!({"audience": {"aliases": ["family-ipad"]}, "payload": {"n": 2}})),
+    )
+    .await;
+    assert_eq!(
+        answer["targets"]["stored"], 1,
+        "only bob's device: {answer}"
+    );
+    let (status, answer) = call(
+        &server,
+        "POST",
+        "/v1/push",
+        Some(json!({"audience": {"aliases": ["no spaces"]}, "payload": 1})),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["error"]["field"]),
+        (400, &json!("audience.aliases[0]"))
+    );
+    let (status, _) = reqwest::Client::new()
+        .get(format!("{}/v1/devices/{ann}", server.http_url))
+        .send()
+        .await
+        .map(|response| (response.status().as_u16(), ()))
+        .expect("request");
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn the_device_api_over_grpc() {
+    use pigeon_proto::push::push_client::PushClient;
+    use pigeon_proto::push::{
+        ChangeTagDevicesRequest, DeleteTagRequest, GetDeviceRequest, ListTagDevicesRequest,
+        PushRequest, SetDeviceAliasRequest, SetDeviceTagsRequest,
+    };
+    use support::cluster::{Deployment, GatewayProcess, NodeProcess, Redis, with_api_key};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut device = support::cluster::connect(&node, "dee", &DeviceState::default()).await;
+    let token = device.welcome().device_token.clone();
+    let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .expect("connect");
+
+    let tags = client
+        .set_device_tags(with_api_key(SetDeviceTagsRequest {
+            token: token.clone(),
+            tags: vec!["vip".into(), "beta".into()],
+        }))
+        .await
+        .expect("set tags")
+        .into_inner();
+    assert_eq!(tags.tags, ["beta", "vip"]);
+    client
+        .set_device_alias(with_api_key(SetDeviceAliasRequest {
+            token: token.clone(),
+            alias: "dee-phone".into(),
+        }))
+        .await
+        .expect("set alias");
+    let info = client
+        .get_device(with_api_key(GetDeviceRequest {
+            token: token.clone(),
+        }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        (info.uid.as_str(), info.alias.as_str(), info.online),
+        ("dee", "dee-phone", true)
+    );
+    assert_eq!(info.tags, ["beta", "vip"]);
+    let missing = client
+        .get_device(with_api_key(GetDeviceRequest {
+            token: "never-issued".into(),
+        }))
+        .await
+        .expect_err("no such device");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    let pushed = client
+        .push(with_api_key(PushRequest {
+            aliases: vec!["dee-phone".into()],
+            payload_json: r#"{"via":"alias"}"#.into(),
+            ..PushRequest::default()
+        }))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!(pushed.targets.expect("counts").delivered, 1);
+    assert_eq!(
+        payload(&next_push(&mut device).await),
+        json!({"via": "alias"})
+    );
+
+    let changed = client
+        .change_tag_devices(with_api_key(ChangeTagDevicesRequest {
+            tag: "beta".into(),
+            add: vec!["never-issued".into()],
+            remove: vec![token.clone()],
+        }))
+        .await
+        .expect("change")
+        .into_inner();
+    assert_eq!((changed.removed, changed.unknown), (1, 1));
+    let page = client
+        .list_tag_devices(with_api_key(ListTagDevicesRequest {
+            tag: "vip".into(),
+            cursor: String::new(),
+            limit: Some(10),
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(page.devices, std::slice::from_ref(&token));
+    assert!(page.next_cursor.is_empty());
+    let deleted = client
+        .delete_tag(with_api_key(DeleteTagRequest { tag: "vip".into() }))
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(deleted.removed, 1);
+    let bad = client
+        .set_device_tags(with_api_key(SetDeviceTagsRequest {
+            token,
+            tags: vec!["not ok".into()],
+        }))
+        .await
+        .expect_err("a bad tag");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().starts_with("tags[0]"), "{}", bad.message());
+}
