@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use pigeon_proto::CloseCode;
 use pigeon_proto::device::{
-    Ack, ClientFrame, Hello, Pong, Push, Welcome, client_frame, server_frame,
+    Ack, ClientFrame, Hello, Pong, Push, StreamPosition, Welcome, client_frame, server_frame,
 };
 use serde::{Deserialize, Serialize};
 
@@ -90,8 +90,67 @@ impl ClientError {
 pub struct DeviceState {
     /// The token the node issued; empty before the first connection.
     pub device_token: String,
-    /// The highest seq processed.
+    /// The highest seq of a direct push processed.
     pub last_seq: u64,
+    /// The epoch of the app's stream `all` (pushes to every device), as Welcome gave it;
+    /// empty before the first connection.
+    #[serde(default)]
+    pub all_epoch: String,
+    /// The highest offset of the stream `all` processed, in that epoch.
+    #[serde(default)]
+    pub all_offset: u64,
+}
+
+/// The name of the stream every device of an app reads.
+pub const ALL: &str = "all";
+
+impl DeviceState {
+    /// Whether `push` was processed already (it came again after a reconnect).
+    pub fn has_processed(&self, push: &Push) -> bool {
+        if push.stream.is_empty() {
+            push.seq <= self.last_seq
+        } else {
+            push.offset <= self.all_offset
+        }
+    }
+
+    /// Records `push` as processed.
+    pub fn processed(&mut self, push: &Push) {
+        if push.stream.is_empty() {
+            self.last_seq = self.last_seq.max(push.seq);
+        } else {
+            self.all_offset = self.all_offset.max(push.offset);
+        }
+    }
+
+    /// Takes what a Welcome says: a new token means no history; a stream's epoch and
+    /// position are the node's.
+    pub fn welcomed(&mut self, welcome: &Welcome) {
+        if !welcome.resumed {
+            self.last_seq = 0;
+        }
+        self.device_token = welcome.device_token.clone();
+        if let Some(all) = welcome.streams.iter().find(|stream| stream.stream == ALL) {
+            if all.epoch != self.all_epoch || !welcome.resumed {
+                self.all_offset = all.offset;
+            } else {
+                self.all_offset = self.all_offset.max(all.offset);
+            }
+            self.all_epoch = all.epoch.clone();
+        }
+    }
+
+    /// The stream positions a Hello carries.
+    fn positions(&self) -> Vec<StreamPosition> {
+        if self.all_epoch.is_empty() {
+            return Vec::new();
+        }
+        vec![StreamPosition {
+            stream: ALL.to_owned(),
+            epoch: self.all_epoch.clone(),
+            offset: self.all_offset,
+        }]
+    }
 }
 
 impl DeviceState {
@@ -154,6 +213,7 @@ impl Connection {
                     device_token: state.device_token.clone(),
                     last_seq: state.last_seq,
                     client: concat!("pigeon-client/", env!("CARGO_PKG_VERSION")).into(),
+                    streams: state.positions(),
                 }))
                 .await?;
             match connection.recv().await? {
@@ -207,9 +267,32 @@ impl Connection {
         }
     }
 
-    /// Acknowledges every push up to `seq`.
+    /// Acknowledges every direct push up to `seq`.
     pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
-        self.send(client_frame::Kind::Ack(Ack { seq })).await
+        self.send(client_frame::Kind::Ack(Ack {
+            seq,
+            ..Ack::default()
+        }))
+        .await
+    }
+
+    /// Acknowledges every push of `stream` up to `offset`.
+    pub async fn ack_stream(&mut self, stream: &str, offset: u64) -> Result<(), ClientError> {
+        self.send(client_frame::Kind::Ack(Ack {
+            seq: 0,
+            stream: stream.to_owned(),
+            offset,
+        }))
+        .await
+    }
+
+    /// Acknowledges `push` and everything before it in its lane (direct, or its stream).
+    pub async fn ack_push(&mut self, push: &Push) -> Result<(), ClientError> {
+        if push.stream.is_empty() {
+            self.ack(push.seq).await
+        } else {
+            self.ack_stream(&push.stream, push.offset).await
+        }
     }
 
     /// Sends one frame.
@@ -334,11 +417,7 @@ impl Device {
                     match connecting.await {
                         Ok(connection) => {
                             let welcome = connection.welcome();
-                            if !welcome.resumed {
-                                // A new token: the node has no history for us.
-                                self.state.last_seq = 0;
-                            }
-                            self.state.device_token = welcome.device_token.clone();
+                            self.state.welcomed(welcome);
                             tracing::info!(
                                 token = %welcome.device_token,
                                 resumed = welcome.resumed,
@@ -355,8 +434,8 @@ impl Device {
                 }
             };
             match connection.next_push().await {
-                Ok(push) if push.seq <= self.state.last_seq => {
-                    let _ = connection.ack(self.state.last_seq).await;
+                Ok(push) if self.state.has_processed(&push) => {
+                    let _ = connection.ack_push(&push).await;
                 }
                 Ok(push) => return Ok(push),
                 Err(error) => {
@@ -367,11 +446,12 @@ impl Device {
         }
     }
 
-    /// Marks every push up to `seq` processed: updates the state and acknowledges.
-    pub async fn ack(&mut self, seq: u64) {
-        self.state.last_seq = self.state.last_seq.max(seq);
+    /// Marks `push`, and everything before it in its lane, processed: updates the state
+    /// and acknowledges.
+    pub async fn processed(&mut self, push: &Push) {
+        self.state.processed(push);
         if let Some(connection) = &mut self.connection
-            && connection.ack(seq).await.is_err()
+            && connection.ack_push(push).await.is_err()
         {
             // The next `next` reconnects; the node replays anything unacknowledged.
             self.connection = None;
@@ -432,6 +512,7 @@ mod tests {
         let state = DeviceState {
             device_token: "t".into(),
             last_seq: 9,
+            ..DeviceState::default()
         };
         state.save(&path).expect("save");
         assert_eq!(DeviceState::load(&path).ok(), Some(state));

@@ -605,7 +605,13 @@ mod tests {
                 }
             };
             assert!(pong, "the ping was answered before the ack");
-            assert_eq!(ack.kind, Some(client_frame::Kind::Ack(Ack { seq: 1 })));
+            assert_eq!(
+                ack.kind,
+                Some(client_frame::Kind::Ack(Ack {
+                    seq: 1,
+                    ..Ack::default()
+                }))
+            );
             ws.close(Some(CloseFrame {
                 code: 4003.into(),
                 reason: "replaced".into(),

@@ -316,8 +316,10 @@ fn print_line<T: Serialize>(kind: &str, value: &T) {
 
 /// What a connected device does next.
 enum Step {
-    /// Acknowledge up to this seq.
+    /// Acknowledge direct pushes up to this seq.
     Ack(u64),
+    /// Acknowledge the stream `all` up to this offset.
+    AckStream(u64),
     /// The connection was lost: reconnect.
     Lost,
     /// Told to disconnect.
@@ -378,9 +380,7 @@ async fn simulate(
             }
         };
         backoff.reset();
-        if state.device_token != connection.welcome().device_token {
-            state.device_token = connection.welcome().device_token.clone();
-        }
+        state.welcomed(connection.welcome());
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);
         let told_to_leave = loop {
@@ -388,9 +388,13 @@ async fn simulate(
             // read is not kept in the task while the ack is written.
             let step = tokio::select! {
                 push = connection.next_push() => match push {
-                    Ok(push) => {
+                    Ok(push) if push.stream.is_empty() => {
                         stats.record(push.seq, &mut state.last_seq, &push.payload);
                         Step::Ack(push.seq)
+                    }
+                    Ok(push) => {
+                        stats.record(push.offset, &mut state.all_offset, &push.payload);
+                        Step::AckStream(push.offset)
                     }
                     Err(error) => {
                         tracing::debug!(device = index, %error, "connection lost");
@@ -408,6 +412,14 @@ async fn simulate(
             match step {
                 Step::Ack(seq) => {
                     if Box::pin(connection.ack(seq)).await.is_err() {
+                        break false;
+                    }
+                }
+                Step::AckStream(offset) => {
+                    if Box::pin(connection.ack_stream(crate::ALL, offset))
+                        .await
+                        .is_err()
+                    {
                         break false;
                     }
                 }

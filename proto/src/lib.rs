@@ -213,7 +213,11 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let frame = ClientFrame {
-            kind: Some(client_frame::Kind::Ack(device::Ack { seq: 42 })),
+            kind: Some(client_frame::Kind::Ack(device::Ack {
+                seq: 42,
+                stream: "all".into(),
+                offset: 7,
+            })),
         };
         let bytes = frame.encode_to_vec();
         assert_eq!(ClientFrame::decode(bytes.as_slice()).ok(), Some(frame));
@@ -225,6 +229,7 @@ mod tests {
             .map(|seq| ClientFrame {
                 kind: Some(client_frame::Kind::Ack(device::Ack {
                     seq: seq * 1_000_003,
+                    ..device::Ack::default()
                 })),
             })
             .collect();

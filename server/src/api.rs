@@ -292,6 +292,8 @@ struct AudienceBody {
     tokens: Vec<String>,
     #[serde(default)]
     aliases: Vec<String>,
+    #[serde(default)]
+    all: bool,
 }
 
 /// A `T` that must be written as a JSON object.
@@ -615,6 +617,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             uids: parsed.audience.0.uids,
             tokens: parsed.audience.0.tokens,
             aliases: parsed.audience.0.aliases,
+            all: parsed.audience.0.all,
             payload: parsed.payload.get(),
             ttl_seconds: parsed.ttl,
             priority: match parsed.priority {
@@ -733,6 +736,8 @@ pub struct PushFields<'a> {
     pub tokens: Vec<String>,
     /// Target aliases.
     pub aliases: Vec<String>,
+    /// Every device of the app.
+    pub all: bool,
     /// The payload's JSON text, already known to be JSON.
     pub payload: &'a str,
     /// TTL in seconds, if given.
@@ -764,12 +769,19 @@ pub fn validate_push(
         uids: fields.uids,
         tokens: fields.tokens,
         aliases: fields.aliases,
+        all: fields.all,
     };
     let named = audience.uids.len() + audience.tokens.len() + audience.aliases.len();
-    if named == 0 {
+    if audience.all && named > 0 {
+        return Err(ApiError::invalid(
+            "audience.all",
+            "every device of the app is everyone: name no uids, tokens or aliases beside it",
+        ));
+    }
+    if named == 0 && !audience.all {
         return Err(ApiError::invalid(
             "audience",
-            "name at least one of audience.uids, audience.tokens or audience.aliases",
+            "name at least one of audience.uids, audience.tokens or audience.aliases, or set audience.all",
         ));
     }
     if named > limits.max_audience {
@@ -832,6 +844,7 @@ pub fn validate_push(
         uids: audience.uids,
         tokens: audience.tokens,
         aliases: audience.aliases,
+        all: audience.all,
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         ttl,
         priority: fields.priority,

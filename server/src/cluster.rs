@@ -43,11 +43,7 @@ async fn open_redis(settings: &Settings) -> Result<(Arc<dyn Store>, Arc<Membersh
             urls: cluster.redis.join(","),
             source,
         })?;
-    let store = RedisStore::new(
-        connection.clone(),
-        &cluster.key_prefix,
-        settings.limits.max_stored_per_device,
-    );
+    let store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
     let membership = Membership::new(connection, &cluster.key_prefix);
     Ok((Arc::new(store), Arc::new(membership)))
 }

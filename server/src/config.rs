@@ -186,6 +186,10 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Messages kept for one offline device; past it the oldest is dropped (and counted).
     pub max_stored_per_device: u32,
+    /// Messages kept in one shared stream of an app (pushes to every device, one copy
+    /// each); past it the oldest is dropped, and devices that had not read it are told
+    /// they may have missed some.
+    pub max_stored_per_stream: u32,
     /// TTL of a push that names none.
     #[serde(deserialize_with = "duration")]
     pub default_ttl: Duration,
@@ -374,6 +378,7 @@ impl Default for Limits {
             ack_window: 32,
             outbound_queue: 64,
             max_stored_per_device: 1000,
+            max_stored_per_stream: 10_000,
             default_ttl: Duration::from_secs(7 * 24 * 3600),
             max_ttl: Duration::from_secs(28 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
@@ -501,6 +506,9 @@ impl Settings {
         }
         if limits.max_stored_per_device == 0 {
             return bad("limits.max_stored_per_device", "must be at least 1");
+        }
+        if limits.max_stored_per_stream == 0 {
+            return bad("limits.max_stored_per_stream", "must be at least 1");
         }
         if limits.heartbeat_interval.is_zero() {
             return bad("limits.heartbeat_interval", "must be longer than 0");

@@ -19,7 +19,7 @@ use futures_util::task::AtomicWaker;
 use pigeon_proto::CloseCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Delivery;
+use crate::message::{Delivery, SharedDelivery};
 use crate::store::{Route, Routes};
 
 /// The live device connections of one process, by device token.
@@ -33,12 +33,18 @@ pub struct ConnectionTable {
     /// Places taken within the process's connection limit: one per device that has said
     /// Hello, until its connection ends (see [`ConnectionTable::reserve`]).
     reserved: AtomicUsize,
+    /// The apps of the connections, each name held once.
+    apps: Mutex<Vec<Arc<str>>>,
+    /// The highest offset of each app's stream `all` this process has handed out.
+    heads: DashMap<Arc<str>, u64>,
 }
 
 /// One live device connection, as the rest of the process sees it.
 #[derive(Debug)]
 pub struct Connection {
     id: u64,
+    /// The app of the device.
+    app: Arc<str>,
     outbound: Mutex<Outbound>,
     /// Set when there is something to take; the connection's task clears it.
     pending: AtomicBool,
@@ -50,17 +56,24 @@ pub struct Connection {
 #[derive(Debug, Default)]
 struct Outbound {
     queue: VecDeque<Delivery>,
+    shared: VecDeque<SharedDelivery>,
     fell_behind: bool,
+    shared_fell_behind: bool,
     close: Option<CloseCode>,
 }
 
 /// What a connection's task takes from its [`Connection`] when woken.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    /// Live pushes, in the order they were delivered.
+    /// Live direct pushes, in the order they were delivered.
     pub deliveries: VecDeque<Delivery>,
-    /// Whether pushes were dropped because the queue was full (they are in the store).
+    /// Live pushes of the app's stream `all`, in the order they were delivered.
+    pub shared: VecDeque<SharedDelivery>,
+    /// Whether direct pushes were dropped because the queue was full (they are in the
+    /// store).
     pub fell_behind: bool,
+    /// The same, for the stream `all`.
+    pub shared_fell_behind: bool,
     /// A request to close the connection, with the code to close with.
     pub close: Option<CloseCode>,
 }
@@ -69,6 +82,11 @@ impl Connection {
     /// This connection's id, unique within the table.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The app of the device.
+    pub fn app(&self) -> &Arc<str> {
+        &self.app
     }
 
     /// Ready once there is something to take (since the last time it was ready). Only the
@@ -108,9 +126,11 @@ impl Connection {
     pub fn take(&self) -> Inbox {
         let mut outbound = lock(&self.outbound);
         Inbox {
-            // Taking the queue leaves an unallocated one behind.
+            // Taking the queues leaves unallocated ones behind.
             deliveries: std::mem::take(&mut outbound.queue),
+            shared: std::mem::take(&mut outbound.shared),
             fell_behind: std::mem::take(&mut outbound.fell_behind),
+            shared_fell_behind: std::mem::take(&mut outbound.shared_fell_behind),
             close: outbound.close.take(),
         }
     }
@@ -131,6 +151,22 @@ impl Connection {
                 true
             } else {
                 outbound.fell_behind = true;
+                false
+            }
+        };
+        self.wake();
+        queued
+    }
+
+    /// Queues a live push of a shared stream, as [`Connection::offer`] does a direct one.
+    fn offer_shared(&self, delivery: SharedDelivery, limit: usize) -> bool {
+        let queued = {
+            let mut outbound = lock(&self.outbound);
+            if outbound.shared.len() < limit {
+                outbound.shared.push_back(delivery);
+                true
+            } else {
+                outbound.shared_fell_behind = true;
                 false
             }
         };
@@ -169,6 +205,8 @@ impl ConnectionTable {
             shutdown,
             parked: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
+            apps: Mutex::new(Vec::new()),
+            heads: DashMap::new(),
         }
     }
 
@@ -179,9 +217,10 @@ impl ConnectionTable {
 
     /// Registers a new connection for `token`. An older connection of the same token is
     /// asked to close with [`CloseCode::Replaced`].
-    pub fn register(&self, token: &Arc<str>) -> Arc<Connection> {
+    pub fn register(&self, token: &Arc<str>, app: &str) -> Arc<Connection> {
         let connection = Arc::new(Connection {
             id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
+            app: self.app_name(app),
             outbound: Mutex::new(Outbound::default()),
             pending: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -194,6 +233,45 @@ impl ConnectionTable {
             connection.close(CloseCode::GoingAway);
         }
         connection
+    }
+
+    /// The one copy of the app name `app`.
+    fn app_name(&self, app: &str) -> Arc<str> {
+        let mut apps = self
+            .apps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(name) = apps.iter().find(|name| ***name == *app) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(app);
+        apps.push(name.clone());
+        name
+    }
+
+    /// Hands a live push of `app`'s stream `all` to every connection of that app here;
+    /// returns how many took it live.
+    pub fn deliver_shared(&self, app: &str, delivery: &SharedDelivery) -> u32 {
+        let app = self.app_name(app);
+        self.heads
+            .entry(app.clone())
+            .and_modify(|head| *head = (*head).max(delivery.offset))
+            .or_insert(delivery.offset);
+        let mut live = 0;
+        for entry in self.connections.iter() {
+            // Compared by address: every connection's app name is the table's one copy.
+            if Arc::ptr_eq(&entry.app, &app)
+                && entry.offer_shared(delivery.clone(), self.queue_limit)
+            {
+                live += 1;
+            }
+        }
+        live
+    }
+
+    /// The highest offset of `app`'s stream `all` this process has handed out (0: none).
+    pub fn stream_head(&self, app: &str) -> u64 {
+        self.heads.get(app).map_or(0, |head| *head)
     }
 
     /// Shuts the table down: cancels the shutdown token (listeners stop accepting) and asks
@@ -325,7 +403,7 @@ mod tests {
     #[test]
     fn a_full_queue_tells_the_connection_to_catch_up() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let connection = table.register(&Arc::from("t"));
+        let connection = table.register(&Arc::from("t"), "demo");
         assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);
         assert_eq!(table.deliver("t", delivery(2)), Delivered::Live);
         assert_eq!(table.deliver("t", delivery(3)), Delivered::Lagging);
@@ -342,8 +420,8 @@ mod tests {
     #[test]
     fn a_new_connection_replaces_the_old_one() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let old = table.register(&Arc::from("t"));
-        let new = table.register(&Arc::from("t"));
+        let old = table.register(&Arc::from("t"), "demo");
+        let new = table.register(&Arc::from("t"), "demo");
         assert_eq!(old.take().close, Some(CloseCode::Replaced));
         // The old connection's cleanup must not remove the new one.
         table.unregister("t", old.id());
@@ -355,18 +433,18 @@ mod tests {
     #[test]
     fn shutting_down_closes_connections_open_and_to_come() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let open = table.register(&Arc::from("open"));
+        let open = table.register(&Arc::from("open"), "demo");
         table.shut_down();
         assert!(table.shutdown().is_cancelled());
         assert_eq!(open.take().close, Some(CloseCode::GoingAway));
-        let late = table.register(&Arc::from("late"));
+        let late = table.register(&Arc::from("late"), "demo");
         assert_eq!(late.take().close, Some(CloseCode::GoingAway));
     }
 
     #[test]
     fn a_wake_before_the_wait_is_not_lost() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let connection = table.register(&Arc::from("t"));
+        let connection = table.register(&Arc::from("t"), "demo");
         let mut context = Context::from_waker(std::task::Waker::noop());
         assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
         assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);

@@ -1,5 +1,7 @@
 //! A push as it travels inside Pigeon: one [`Message`], shared by every device it goes to,
-//! and one [`Delivery`] per device, which adds that device's seq.
+//! and one [`Delivery`] per device, which adds that device's seq; or, for a push to a
+//! shared stream (every device of the app), one [`SharedDelivery`] with the stream's
+//! offset.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -75,13 +77,40 @@ pub struct Delivery {
 impl Delivery {
     /// The frame that carries it to the device.
     pub fn to_frame(&self) -> Push {
+        self.message.to_frame(self.seq, "", 0)
+    }
+}
+
+/// A message of a shared stream, on its way to the devices that read the stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedDelivery {
+    /// The stream's name.
+    pub stream: &'static str,
+    /// The message's offset in the stream.
+    pub offset: u64,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+impl SharedDelivery {
+    /// The frame that carries it to a device.
+    pub fn to_frame(&self) -> Push {
+        self.message.to_frame(0, self.stream, self.offset)
+    }
+}
+
+impl Message {
+    /// The frame of this message at `seq` (a direct push) or at `offset` of `stream`.
+    fn to_frame(&self, seq: u64, stream: &str, offset: u64) -> Push {
         Push {
-            seq: self.seq,
-            message_id: self.message.id.clone(),
-            payload: self.message.payload.clone(),
-            priority: self.message.priority as i32,
-            accepted_at_ms: self.message.accepted_at_ms,
-            collapse_key: self.message.collapse_key.clone(),
+            seq,
+            message_id: self.id.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority as i32,
+            accepted_at_ms: self.accepted_at_ms,
+            collapse_key: self.collapse_key.clone(),
+            stream: stream.to_owned(),
+            offset,
         }
     }
 }

@@ -128,7 +128,7 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
         ));
         for token in ["a", "b"] {
-            connections.register(&Arc::from(token));
+            connections.register(&Arc::from(token), "demo");
         }
         let handshakes = Handshakes::new(4);
         let _pending = handshakes.enter(std::time::Instant::now());

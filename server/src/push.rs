@@ -1,12 +1,17 @@
 //! The push pipeline, the one path every push takes, in standalone mode and on a gateway:
 //!
-//! 1. **resolve** the audience (uids and tokens) to known device tokens of the app;
+//! 1. **resolve** the audience (uids, tokens, aliases) to known device tokens of the app;
 //! 2. **record** the message for every target in the offline store, atomically with its
 //!    idempotency key per device. From here on the message survives a crash. The store
 //!    answers with each target's seq and, for a device connected at that moment, its route;
-//! 3. **deliver** it to the routed targets' live connections, through a [`Fanout`]: the
-//!    process's own connection table (standalone), or the nodes over gRPC (a gateway);
+//! 3. **deliver** it to the targets' live connections, through a [`Fanout`]: the process's
+//!    own connection table (standalone), or the nodes over gRPC (a gateway);
 //! 4. **count** what became of each target, for the answer and for `/metrics`.
+//!
+//! A push to every device of the app (`all`) resolves nothing: it is **appended** once to
+//! the app's shared stream, then **delivered** with one hand-off per process holding
+//! devices (each finds its own connections of the app), and **counted** as the live
+//! hand-offs; every other device reads it from the stream when it connects.
 //!
 //! The HTTP and gRPC APIs only translate requests and errors.
 
@@ -19,9 +24,11 @@ use pigeon_proto::device::Priority;
 use serde::Serialize;
 
 use crate::connections::{ConnectionTable, Delivered};
-use crate::message::{Delivery, Message, new_message_id, unix_millis};
+use crate::message::{Delivery, Message, SharedDelivery, new_message_id, unix_millis};
 use crate::metrics::Metrics;
-use crate::store::{Accept, AcceptOutcome, Recorded, Registry, Route, Store, StoreError, Target};
+use crate::store::{
+    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Route, Store, StoreError, Target,
+};
 
 /// A push request that passed validation.
 #[derive(Clone, Debug)]
@@ -34,6 +41,8 @@ pub struct PushRequest {
     pub tokens: Vec<String>,
     /// Target aliases.
     pub aliases: Vec<String>,
+    /// Every device of the app (then no other audience is named).
+    pub all: bool,
     /// The payload's JSON text.
     pub payload: Bytes,
     /// Time to live; zero means "devices online now only".
@@ -101,6 +110,11 @@ pub trait Fanout: Send + Sync + 'static {
     /// Whether a route the store holds leads to a live connection (a route may outlive
     /// its node by a lease).
     async fn is_live(&self, route: &Route) -> bool;
+
+    /// Hands a message of `app`'s shared stream to every live connection of the app;
+    /// returns how many took it. It cannot fail: a device not reached reads it from the
+    /// stream.
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32;
 }
 
 /// The process's own connections (standalone mode). Every recorded target is offered to the
@@ -126,6 +140,10 @@ impl Fanout for ConnectionTable {
     /// The embedded store reports a route only for a connection in this table.
     async fn is_live(&self, _route: &Route) -> bool {
         true
+    }
+
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+        ConnectionTable::deliver_shared(self, app, &delivery)
     }
 }
 
@@ -169,7 +187,44 @@ impl Pipeline {
         outcome
     }
 
-    async fn run(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
+    async fn run(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
+        if request.all {
+            return self.run_shared(request).await;
+        }
+        self.run_direct(request).await
+    }
+
+    /// A push to every device of the app: one entry of its stream `all`, one hand-off per
+    /// process.
+    async fn run_shared(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
+        let (message, idempotency) =
+            new_message(&mut request, unix_millis(), self.idempotency_window);
+        let appended = self
+            .store
+            .append(&request.app, ALL, message, idempotency)
+            .await?;
+        let (message, offset) = match appended {
+            AppendOutcome::Duplicate { message_id } => {
+                return Ok(PushOutcome::Duplicate { message_id });
+            }
+            AppendOutcome::Appended { message, offset } => (message, offset),
+        };
+        let delivery = SharedDelivery {
+            stream: ALL,
+            offset,
+            message: message.clone(),
+        };
+        let live = self.fanout.deliver_shared(&request.app, delivery).await;
+        Ok(PushOutcome::Accepted {
+            message_id: message.id.clone(),
+            targets: TargetCounts {
+                delivered: live,
+                ..TargetCounts::default()
+            },
+        })
+    }
+
+    async fn run_direct(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
         let now_ms = unix_millis();
         let mut counts = TargetCounts::default();
         let tokens = resolve(self.store.as_ref(), &request, &mut counts).await?;
@@ -307,7 +362,7 @@ mod tests {
     #[async_trait::async_trait]
     impl Fanout for ConnectsAfterRecord {
         async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
-            let connection = self.table.register(&self.token);
+            let connection = self.table.register(&self.token, "demo");
             if let Ok(mut connected) = self.connected.lock() {
                 *connected = Some(connection);
             }
@@ -317,6 +372,10 @@ mod tests {
         async fn is_live(&self, _route: &Route) -> bool {
             true
         }
+
+        async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+            self.table.deliver_shared(app, &delivery)
+        }
     }
 
     /// Standalone: a device that connects while a push to it is committed gets it live (its
@@ -325,7 +384,9 @@ mod tests {
     async fn a_device_connecting_during_the_record_gets_the_push_live() {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
-        let store = EmbeddedStore::open(dir.path(), 16, 10, table.clone()).expect("open");
+        let store =
+            EmbeddedStore::open(dir.path(), &crate::config::Limits::default(), table.clone())
+                .expect("open");
         let token: Arc<str> = store
             .admit_device("demo", "alice", "")
             .await
@@ -349,6 +410,7 @@ mod tests {
                 uids: vec!["alice".into()],
                 tokens: Vec::new(),
                 aliases: Vec::new(),
+                all: false,
                 payload: Bytes::from_static(b"{}"),
                 ttl: Duration::from_secs(60),
                 priority: Priority::Normal,

@@ -13,6 +13,12 @@
 //! - [`Session::handle_timeout`] and [`Session::deadline`]: heartbeats and the idle deadline.
 //!
 //! # Delivery
+//! A device reads two lanes, each with the same mechanics: its own queue of direct pushes
+//! (ordered by seq) and its app's shared stream `all` (pushes to every device, ordered by
+//! offset). The description below is of the direct lane; the stream lane is the same with
+//! offsets for seqs ([`Session::handle_shared_push`], [`Session::refill_stream`],
+//! [`Session::handle_stream_refill`]).
+//!
 //! The store is the source of truth; live pushes are a fast path. The session keeps the
 //! highest seq sent (`last_sent`), the highest acknowledged (`last_acked`) and the seqs in
 //! flight between them (at most `ack_window`). While it is *caught up* with the store, a live
@@ -30,10 +36,13 @@ use std::time::{Duration, Instant};
 
 use pigeon_proto::CloseCode;
 use pigeon_proto::device::{
-    ClientFrame, Hello, Ping, Pong, ServerFrame, Welcome, client_frame, server_frame,
+    Ack, ClientFrame, Hello, Ping, Pong, ServerFrame, Welcome, client_frame, server_frame,
 };
 
-use crate::message::Delivery;
+use pigeon_proto::device::{StreamPosition, StreamState};
+
+use crate::message::{Delivery, Message, SharedDelivery};
+use crate::store::{ALL, StreamPlace};
 
 /// The knobs of a session, shared by all sessions of a node.
 #[derive(Clone, Debug)]
@@ -122,12 +131,37 @@ pub struct Admission {
     pub device_token: String,
     /// Whether the presented token was known.
     pub resumed: bool,
+    /// The device's app.
+    pub app: String,
     /// The highest seq the store holds as acknowledged.
     pub acked_seq: u64,
     /// The highest seq the store has assigned to this device.
     pub highest_seq: u64,
     /// The highest seq the device says it has processed.
     pub client_last_seq: u64,
+    /// The device's place in the stream `all`, as the store has it.
+    pub all: StreamPlace,
+    /// Where the device says it is in the stream `all`: the epoch and the highest offset
+    /// processed, if its Hello said.
+    pub client_all: Option<(u64, u64)>,
+}
+
+/// A stream epoch as devices see it: 16 hex digits.
+pub fn epoch_text(epoch: u64) -> String {
+    format!("{epoch:016x}")
+}
+
+/// A stream epoch from the text a device sent; 0 (no epoch) when it is not one.
+pub fn parse_epoch(text: &str) -> u64 {
+    u64::from_str_radix(text, 16).unwrap_or(0)
+}
+
+/// Where a device says it is in the stream `all`, from its Hello's positions.
+pub fn client_all(positions: &[StreamPosition]) -> Option<(u64, u64)> {
+    positions
+        .iter()
+        .find(|position| position.stream == ALL)
+        .map(|position| (parse_epoch(&position.epoch), position.offset))
 }
 
 /// A range of the store to read: rows with seq above `after`, at most `limit` of them.
@@ -140,7 +174,7 @@ pub struct Refill {
 }
 
 /// What to do with a live push.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum PushDecision {
     /// Send this frame.
     Send(ServerFrame),
@@ -152,7 +186,7 @@ pub enum PushDecision {
 }
 
 /// What a frame from the device asks of the node.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum FrameOutcome {
     /// Nothing.
     Nothing,
@@ -160,31 +194,152 @@ pub enum FrameOutcome {
     Send(ServerFrame),
     /// The device has processed everything up to this seq: persist the ack.
     Acked(u64),
+    /// The device has processed the stream `all` up to this offset, in this epoch: persist
+    /// it.
+    AckedStream {
+        /// The stream's epoch.
+        epoch: u64,
+        /// The offset.
+        offset: u64,
+    },
+}
+
+/// Acknowledgements the Hello carried beyond what the store knew, to persist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HelloAcks {
+    /// Direct pushes up to this seq.
+    pub seq: Option<u64>,
+    /// The stream `all` up to this offset.
+    pub all: Option<u64>,
+}
+
+/// One lane of pushes: sent and acknowledged positions (seqs, or a stream's offsets), what
+/// is in flight between them, and whether the store has been read up to what was sent.
+#[derive(Debug)]
+struct Lane {
+    last_sent: u64,
+    last_acked: u64,
+    /// Positions sent and not yet acknowledged, ascending; at most `ack_window` long. Freed
+    /// when empty, so an idle lane holds no buffer.
+    in_flight: VecDeque<u64>,
+    /// Whether everything the store holds above `last_sent` has been read.
+    caught_up: bool,
+}
+
+impl Lane {
+    fn new(processed: u64) -> Self {
+        Self {
+            last_sent: processed,
+            last_acked: processed,
+            in_flight: VecDeque::new(),
+            caught_up: false,
+        }
+    }
+
+    fn window_full(&self, window: u32) -> bool {
+        self.in_flight.len() >= window as usize
+    }
+
+    /// A cumulative ack up to `position`: whether it acknowledged anything new.
+    fn ack(&mut self, position: u64) -> Result<bool, SessionError> {
+        if position > self.last_sent {
+            return Err(SessionError::Protocol("an ack for a push never sent"));
+        }
+        if position <= self.last_acked {
+            return Ok(false);
+        }
+        self.last_acked = position;
+        while self.in_flight.front().is_some_and(|&sent| sent <= position) {
+            self.in_flight.pop_front();
+        }
+        if self.in_flight.is_empty() {
+            self.in_flight = VecDeque::new();
+        }
+        Ok(true)
+    }
+
+    /// Whether a live push at `position` is sent now; `None`: it is a duplicate.
+    fn offer(&mut self, position: u64, window: u32) -> Option<bool> {
+        if position <= self.last_sent {
+            return None;
+        }
+        if !self.caught_up {
+            return Some(false);
+        }
+        // Positions are assigned one by one, so a live push that is not the next one
+        // overtook one still on its way (or one that only the store has): read from the
+        // store, which keeps the order.
+        if position != self.last_sent + 1 || self.window_full(window) {
+            self.caught_up = false;
+            return Some(false);
+        }
+        self.sent(position);
+        Some(true)
+    }
+
+    fn sent(&mut self, position: u64) {
+        self.last_sent = position;
+        self.in_flight.push_back(position);
+    }
+
+    fn refill(&self, window: u32) -> Option<Refill> {
+        if self.caught_up || self.window_full(window) {
+            return None;
+        }
+        Some(Refill {
+            after: self.last_sent,
+            limit: window - self.in_flight.len() as u32,
+        })
+    }
+
+    /// The positions of `rows` (ascending) to send now, and whether the store is caught up
+    /// with after them.
+    fn refilled<'a>(
+        &mut self,
+        rows: impl Iterator<Item = u64> + 'a,
+        more: bool,
+        window: u32,
+    ) -> Vec<u64> {
+        let mut sent = Vec::new();
+        let mut left_out = false;
+        for position in rows {
+            if position <= self.last_sent {
+                continue;
+            }
+            if self.window_full(window) {
+                left_out = true;
+                break;
+            }
+            self.sent(position);
+            sent.push(position);
+        }
+        self.caught_up = !more && !left_out;
+        sent
+    }
 }
 
 /// An authenticated device session.
 #[derive(Debug)]
 pub struct Session {
     config: Arc<SessionConfig>,
-    last_sent: u64,
-    last_acked: u64,
-    /// Seqs sent and not yet acknowledged, ascending; at most `ack_window` long. Freed when
-    /// empty, so an idle session holds no buffer.
-    in_flight: VecDeque<u64>,
-    /// Whether everything the store holds above `last_sent` has been read.
-    caught_up: bool,
+    /// Direct pushes, by seq.
+    direct: Lane,
+    /// The app's stream `all`, by offset.
+    all: Lane,
+    /// The epoch of the stream `all` the offsets are in.
+    all_epoch: u64,
     last_heard: Instant,
     last_ping: Option<Instant>,
 }
 
 impl Session {
     /// Starts a session for an admitted device at `now`. Returns it, the Welcome to send,
-    /// and an ack to persist when the Hello acknowledged more than the store knew.
+    /// and the acks to persist when the Hello acknowledged more than the store knew.
     pub fn start(
         now: Instant,
         admission: &Admission,
         config: Arc<SessionConfig>,
-    ) -> (Self, ServerFrame, Option<u64>) {
+    ) -> (Self, ServerFrame, HelloAcks) {
         // A device that lost its state presents a low last_seq: the store's ack wins. A
         // device that presents a seq the store never assigned is not believed past it.
         let client_last_seq = if admission.resumed {
@@ -193,7 +348,11 @@ impl Session {
             0
         };
         let processed = client_last_seq.max(admission.acked_seq);
-        let ack_to_persist = (processed > admission.acked_seq).then_some(processed);
+        let (all, all_processed) = stream_state(admission);
+        let acks = HelloAcks {
+            seq: (processed > admission.acked_seq).then_some(processed),
+            all: (all_processed > admission.all.acked).then_some(all_processed),
+        };
         let welcome = ServerFrame {
             kind: Some(server_frame::Kind::Welcome(Welcome {
                 device_token: admission.device_token.clone(),
@@ -201,18 +360,18 @@ impl Session {
                 heartbeat_ms: config.heartbeat_interval.as_millis() as u64,
                 idle_timeout_ms: config.idle_timeout.as_millis() as u64,
                 acked_seq: processed,
+                streams: vec![all],
             })),
         };
         let session = Self {
             config,
-            last_sent: processed,
-            last_acked: processed,
-            in_flight: VecDeque::new(),
-            caught_up: false,
+            direct: Lane::new(processed),
+            all: Lane::new(all_processed),
+            all_epoch: admission.all.epoch,
             last_heard: now,
             last_ping: None,
         };
-        (session, welcome, ack_to_persist)
+        (session, welcome, acks)
     }
 
     /// A frame from the device.
@@ -223,7 +382,7 @@ impl Session {
     ) -> Result<FrameOutcome, SessionError> {
         self.last_heard = now;
         match frame.kind {
-            Some(client_frame::Kind::Ack(ack)) => self.handle_ack(ack.seq),
+            Some(client_frame::Kind::Ack(ack)) => self.handle_ack(ack),
             Some(client_frame::Kind::Ping(Ping { nonce })) => Ok(FrameOutcome::Send(ServerFrame {
                 kind: Some(server_frame::Kind::Pong(Pong { nonce })),
             })),
@@ -233,88 +392,101 @@ impl Session {
         }
     }
 
-    fn handle_ack(&mut self, seq: u64) -> Result<FrameOutcome, SessionError> {
-        if seq > self.last_sent {
-            return Err(SessionError::Protocol("an ack for a seq never sent"));
+    fn handle_ack(&mut self, ack: Ack) -> Result<FrameOutcome, SessionError> {
+        if ack.stream.is_empty() {
+            return Ok(match self.direct.ack(ack.seq)? {
+                true => FrameOutcome::Acked(ack.seq),
+                false => FrameOutcome::Nothing,
+            });
         }
-        if seq <= self.last_acked {
-            return Ok(FrameOutcome::Nothing);
+        if ack.stream != ALL {
+            return Err(SessionError::Protocol("an ack for an unknown stream"));
         }
-        self.last_acked = seq;
-        while self.in_flight.front().is_some_and(|&sent| sent <= seq) {
-            self.in_flight.pop_front();
-        }
-        if self.in_flight.is_empty() {
-            self.in_flight = VecDeque::new();
-        }
-        Ok(FrameOutcome::Acked(seq))
-    }
-
-    /// A live push for this device.
-    pub fn handle_push(&mut self, delivery: &Delivery) -> PushDecision {
-        if delivery.seq <= self.last_sent {
-            return PushDecision::Duplicate;
-        }
-        if !self.caught_up {
-            return PushDecision::Deferred;
-        }
-        // Seqs are assigned one by one, so a live push that is not the next seq overtook
-        // one still on its way (or one that only the store has): read from the store, which
-        // keeps the order.
-        if delivery.seq != self.last_sent + 1 || self.window_full() {
-            self.caught_up = false;
-            return PushDecision::Deferred;
-        }
-        PushDecision::Send(self.send(delivery))
-    }
-
-    /// The node had to drop a live push for this connection (its queue was full); what was
-    /// dropped is in the store, so read from there.
-    pub fn fall_behind(&mut self) {
-        self.caught_up = false;
-    }
-
-    /// What to read from the store now, if anything: only while behind and with room in the
-    /// window.
-    pub fn refill(&self) -> Option<Refill> {
-        if self.caught_up || self.window_full() {
-            return None;
-        }
-        Some(Refill {
-            after: self.last_sent,
-            limit: self.config.ack_window - self.in_flight.len() as u32,
+        Ok(match self.all.ack(ack.offset)? {
+            true => FrameOutcome::AckedStream {
+                epoch: self.all_epoch,
+                offset: ack.offset,
+            },
+            false => FrameOutcome::Nothing,
         })
+    }
+
+    /// A live direct push for this device.
+    pub fn handle_push(&mut self, delivery: &Delivery) -> PushDecision {
+        match self.direct.offer(delivery.seq, self.config.ack_window) {
+            None => PushDecision::Duplicate,
+            Some(false) => PushDecision::Deferred,
+            Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
+        }
+    }
+
+    /// A live push of the stream `all`.
+    pub fn handle_shared_push(&mut self, delivery: &SharedDelivery) -> PushDecision {
+        match self.all.offer(delivery.offset, self.config.ack_window) {
+            None => PushDecision::Duplicate,
+            Some(false) => PushDecision::Deferred,
+            Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
+        }
+    }
+
+    /// The node had to drop a live direct push for this connection (its queue was full);
+    /// what was dropped is in the store, so read from there.
+    pub fn fall_behind(&mut self) {
+        self.direct.caught_up = false;
+    }
+
+    /// The same, for the stream `all`.
+    pub fn fall_behind_stream(&mut self) {
+        self.all.caught_up = false;
+    }
+
+    /// What to read from the device's queue now, if anything: only while behind and with
+    /// room in the window.
+    pub fn refill(&self) -> Option<Refill> {
+        self.direct.refill(self.config.ack_window)
+    }
+
+    /// What to read from the stream `all` now, if anything.
+    pub fn refill_stream(&self) -> Option<Refill> {
+        self.all.refill(self.config.ack_window)
     }
 
     /// The answer to [`Session::refill`]: the rows read (ascending seq, at most the limit
     /// asked for), and whether the store holds more after them. Returns the frames to send.
     pub fn handle_refill(&mut self, rows: &[Delivery], more: bool) -> Vec<ServerFrame> {
-        let mut frames = Vec::with_capacity(rows.len());
-        let mut left_out = false;
-        for delivery in rows {
-            if delivery.seq <= self.last_sent {
-                continue;
-            }
-            if self.window_full() {
-                left_out = true;
-                break;
-            }
-            frames.push(self.send(delivery));
-        }
-        self.caught_up = !more && !left_out;
-        frames
+        let window = self.config.ack_window;
+        let sent = self
+            .direct
+            .refilled(rows.iter().map(|delivery| delivery.seq), more, window);
+        rows.iter()
+            .filter(|delivery| sent.contains(&delivery.seq))
+            .map(|delivery| push_frame(delivery.to_frame()))
+            .collect()
     }
 
-    fn send(&mut self, delivery: &Delivery) -> ServerFrame {
-        self.last_sent = delivery.seq;
-        self.in_flight.push_back(delivery.seq);
-        ServerFrame {
-            kind: Some(server_frame::Kind::Push(delivery.to_frame())),
-        }
-    }
-
-    fn window_full(&self) -> bool {
-        self.in_flight.len() >= self.config.ack_window as usize
+    /// The answer to [`Session::refill_stream`]: entries of the stream `all` (ascending
+    /// offset), and whether it holds more after them. Returns the frames to send.
+    pub fn handle_stream_refill(
+        &mut self,
+        entries: &[(u64, Arc<Message>)],
+        more: bool,
+    ) -> Vec<ServerFrame> {
+        let window = self.config.ack_window;
+        let sent = self
+            .all
+            .refilled(entries.iter().map(|(offset, _)| *offset), more, window);
+        entries
+            .iter()
+            .filter(|(offset, _)| sent.contains(offset))
+            .map(|(offset, message)| {
+                let delivery = SharedDelivery {
+                    stream: ALL,
+                    offset: *offset,
+                    message: message.clone(),
+                };
+                push_frame(delivery.to_frame())
+            })
+            .collect()
     }
 
     /// When [`Session::handle_timeout`] must next be called.
@@ -344,7 +516,7 @@ impl Session {
         };
         if now >= quiet_since + self.config.heartbeat_interval {
             self.last_ping = Some(now);
-            self.caught_up = false;
+            self.direct.caught_up = false;
             return Ok(Some(ServerFrame {
                 kind: Some(server_frame::Kind::Ping(Ping { nonce: 0 })),
             }));
@@ -354,13 +526,60 @@ impl Session {
 
     /// The highest seq sent.
     pub fn last_sent(&self) -> u64 {
-        self.last_sent
+        self.direct.last_sent
     }
 
     /// The highest seq acknowledged.
     pub fn last_acked(&self) -> u64 {
-        self.last_acked
+        self.direct.last_acked
     }
+
+    /// The highest offset of the stream `all` sent.
+    pub fn stream_sent(&self) -> u64 {
+        self.all.last_sent
+    }
+
+    /// The epoch of the stream `all` this session's offsets are in.
+    pub fn stream_epoch(&self) -> u64 {
+        self.all_epoch
+    }
+}
+
+fn push_frame(push: pigeon_proto::device::Push) -> ServerFrame {
+    ServerFrame {
+        kind: Some(server_frame::Kind::Push(push)),
+    }
+}
+
+/// Where the device starts in the stream `all`, as Welcome tells it, and the offset it has
+/// processed.
+///
+/// The device's own word counts when it names the stream's current epoch, up to the head
+/// (it cannot have processed more); the store's place otherwise. `recovered` is false when
+/// the node cannot prove the device got everything since its last place: it names another
+/// epoch, it lost its token (a new one was issued although it had a place), the store's
+/// place was in an older epoch, or entries it had not read were trimmed.
+fn stream_state(admission: &Admission) -> (StreamState, u64) {
+    let place = &admission.all;
+    let mut processed = place.acked;
+    let mut recovered = !place.epoch_changed;
+    match admission.client_all {
+        Some((epoch, offset)) if epoch == place.epoch && admission.resumed => {
+            processed = processed.max(offset.min(place.head));
+        }
+        Some((epoch, _)) if epoch != 0 => recovered = false,
+        _ => {}
+    }
+    if processed < place.trimmed {
+        recovered = false;
+    }
+    let state = StreamState {
+        stream: ALL.to_owned(),
+        epoch: epoch_text(place.epoch),
+        offset: processed,
+        recovered,
+    };
+    (state, processed)
 }
 
 #[cfg(test)]

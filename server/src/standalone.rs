@@ -90,16 +90,13 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         limits.outbound_queue,
         CancellationToken::new(),
     ));
-    let store = EmbeddedStore::open(
-        &settings.data_dir,
-        limits.store_queue,
-        limits.max_stored_per_device,
-        connections.clone(),
-    )
-    .map_err(|source| StartError::Store {
-        dir: settings.data_dir.display().to_string(),
-        source,
-    })?;
+    let store =
+        EmbeddedStore::open(&settings.data_dir, limits, connections.clone()).map_err(|source| {
+            StartError::Store {
+                dir: settings.data_dir.display().to_string(),
+                source,
+            }
+        })?;
     let store = Arc::new(store);
     let devices = DeviceListeners::bind(&settings).await?;
     let (http_listener, http_addr) = process::bind_http(&settings)?;

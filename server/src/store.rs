@@ -63,6 +63,27 @@ pub struct AdmittedDevice {
     pub acked_seq: u64,
     /// The highest seq assigned.
     pub highest_seq: u64,
+    /// Its place in the app's shared stream [`ALL`].
+    pub all: StreamPlace,
+}
+
+/// The name of the shared stream every device of an app reads: pushes to the whole app.
+pub const ALL: &str = "all";
+
+/// A device's place in a shared stream, and the stream's state, as the store has them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamPlace {
+    /// The stream's epoch: chosen at random (never 0) when the stream is created.
+    pub epoch: u64,
+    /// The highest offset the device has acknowledged in this epoch.
+    pub acked: u64,
+    /// The highest offset the stream has assigned.
+    pub head: u64,
+    /// Entries up to this offset were dropped by the stream's cap before they expired.
+    pub trimmed: u64,
+    /// The device's acknowledged place was in another epoch (the stream's history was lost):
+    /// `acked` starts again at 0.
+    pub epoch_changed: bool,
 }
 
 /// Which devices exist and whom they belong to.
@@ -278,7 +299,33 @@ pub struct DeviceCounters {
     pub collapsed: u64,
 }
 
-/// Per-device message queues and idempotency keys.
+/// What appending a message to a shared stream did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Appended (or, for a retry of an interrupted append, found appended).
+    Appended {
+        /// The message as appended: a retry carries the first attempt's id.
+        message: Arc<Message>,
+        /// Its offset in the stream.
+        offset: u64,
+    },
+    /// The idempotency key was used before, for a message that was appended.
+    Duplicate {
+        /// The first message's id.
+        message_id: String,
+    },
+}
+
+/// Entries read from a shared stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamRead {
+    /// Entries in ascending offset, none expired: (offset, message).
+    pub entries: Vec<(u64, Arc<Message>)>,
+    /// Whether the stream holds more after them.
+    pub more: bool,
+}
+
+/// Per-device message queues, the apps' shared streams, and idempotency keys.
 #[async_trait]
 pub trait OfflineStore: Send + Sync + 'static {
     /// Records a push (see the module docs for the rules). Once this returns `Accepted`,
@@ -294,6 +341,41 @@ pub trait OfflineStore: Send + Sync + 'static {
 
     /// The device's counters, if it exists.
     async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError>;
+
+    /// Appends a message to the shared stream `stream` of `app`: stored once, whatever the
+    /// number of devices that read it. It takes the stream's next offset (a TTL-0 message
+    /// takes one too, but is not stored); a message with a
+    /// collapse key replaces the stream's earlier entry with that key; past
+    /// `max_stored_per_stream` entries the oldest is dropped (and the stream's `trimmed`
+    /// mark moves past it). With an idempotency key, appended once per key within its
+    /// window, as [`OfflineStore::record`] does.
+    async fn append(
+        &self,
+        app: &str,
+        stream: &str,
+        message: Arc<Message>,
+        idempotency: Option<(String, u64)>,
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// Up to `limit` unexpired entries of `app`'s `stream` after `after`.
+    async fn read_stream(
+        &self,
+        app: &str,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<StreamRead, StoreError>;
+
+    /// The device has processed its app's `stream` up to `offset` in `epoch`. An ack of
+    /// another epoch (the stream was recreated meanwhile) or below the acknowledged place
+    /// changes nothing.
+    async fn ack_stream(
+        &self,
+        token: &str,
+        stream: &str,
+        epoch: u64,
+        offset: u64,
+    ) -> Result<(), StoreError>;
 }
 
 /// The registry and the offline store of one deployment, which both stores are.

@@ -521,7 +521,9 @@ mod tests {
             16,
             tokio_util::sync::CancellationToken::new(),
         ));
-        let store = EmbeddedStore::open(dir, 16, 100, connections.clone()).unwrap();
+        let store =
+            EmbeddedStore::open(dir, &crate::config::Limits::default(), connections.clone())
+                .unwrap();
         Arc::new(DeviceContext {
             connections,
             store: Arc::new(store),
@@ -640,6 +642,7 @@ mod tests {
                 device_token: String::new(),
                 last_seq: 0,
                 client: "wire-test".into(),
+                streams: Vec::new(),
             })),
         };
         upgrade(&mut client, &client_bytes(&hello)).await;
@@ -650,7 +653,7 @@ mod tests {
 
         // An Ack of seq 0 in two fragments, a Ping between them: the Pong comes back.
         let ack = pigeon_proto::device::ClientFrame {
-            kind: Some(client_frame::Kind::Ack(Ack { seq: 0 })),
+            kind: Some(client_frame::Kind::Ack(Ack::default())),
         }
         .encode_to_vec();
         let (head, tail) = ack.split_at(1);

@@ -182,6 +182,7 @@ async fn tags_and_aliases_over_http() {
     let ann_state = DeviceState {
         device_token: ann.clone(),
         last_seq: 0,
+        ..DeviceState::default()
     };
     let mut device = connect(&server, "ann", &ann_state).await;
     let (_, online) = call(&server, "GET", &format!("/v1/devices/{ann}"), None).await;

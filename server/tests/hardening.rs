@@ -396,6 +396,7 @@ async fn a_device_token_is_bound_to_its_uid() {
     let bob_state = DeviceState {
         device_token: bob.welcome().device_token.clone(),
         last_seq: 0,
+        ..DeviceState::default()
     };
     bob.close().await;
     for n in 1..=3 {

@@ -64,6 +64,7 @@ fn state_of(connection: &Connection, last_seq: u64) -> DeviceState {
     DeviceState {
         device_token: connection.welcome().device_token.clone(),
         last_seq,
+        ..DeviceState::default()
     }
 }
 
@@ -260,7 +261,7 @@ async fn a_replaced_sdk_device_stops_instead_of_fighting_back(transport: Transpo
     {
         let receiving = async {
             let push = device.next().await.expect("first push");
-            device.ack(push.seq).await;
+            device.processed(&push).await;
         };
         tokio::pin!(receiving);
         loop {
@@ -314,6 +315,7 @@ fn state_of_token(state: &DeviceState, last_seq: u64) -> DeviceState {
     DeviceState {
         device_token: state.device_token.clone(),
         last_seq,
+        ..DeviceState::default()
     }
 }
 

@@ -15,19 +15,29 @@ use std::time::Duration;
 use bytes::Bytes;
 use pigeon_proto::device::Priority;
 use pigeon_server::cluster::membership::Membership;
-use pigeon_server::config::ClusterSettings;
+use pigeon_server::config::{ClusterSettings, Limits};
 use pigeon_server::connections::ConnectionTable;
 use pigeon_server::message::{Message, new_message_id, unix_millis};
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
-    Accept, AcceptOutcome, AliasSet, DeviceCounters, Recorded, Route, Store, TagChange, Target,
+    ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, DeviceCounters, Recorded, Route, Store,
+    TagChange, Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
 
-/// Messages kept per device by every store under test.
+/// Messages kept per device, and per shared stream, by every store under test.
 const CAP: u32 = 5;
+
+fn limits() -> Limits {
+    Limits {
+        store_queue: 1024,
+        max_stored_per_device: CAP,
+        max_stored_per_stream: CAP,
+        ..Limits::default()
+    }
+}
 
 /// A store under test, and how to make one of its devices connected.
 struct Backend {
@@ -50,7 +60,7 @@ impl Backend {
     async fn embedded() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let table = Arc::new(ConnectionTable::new(16, CancellationToken::new()));
-        let store = EmbeddedStore::open(dir.path(), 1024, CAP, table.clone()).expect("open");
+        let store = EmbeddedStore::open(dir.path(), &limits(), table.clone()).expect("open");
         Self {
             store: Arc::new(store),
             connect: Connect::Table(table),
@@ -67,7 +77,7 @@ impl Backend {
         };
         let connection = RedisConnection::open(&settings).await.expect("connect");
         Self {
-            store: Arc::new(RedisStore::new(connection.clone(), &prefix, CAP)),
+            store: Arc::new(RedisStore::new(connection.clone(), &prefix, &limits())),
             connect: Connect::Membership(Membership::new(connection, &prefix)),
             atomic_records: false,
             _dir: None,
@@ -79,7 +89,7 @@ impl Backend {
     async fn connect(&self, token: &str) -> Route {
         match &self.connect {
             Connect::Table(table) => {
-                let connection = table.register(&Arc::from(token));
+                let connection = table.register(&Arc::from(token), "demo");
                 Route {
                     node: String::new(),
                     connection: connection.id(),
@@ -810,6 +820,168 @@ async fn an_alias_names_a_few_devices(backend: &Backend) {
     assert_eq!(info.route, Some(route));
 }
 
+async fn a_shared_stream_is_stored_once_and_read_in_order(backend: &Backend) {
+    let store = &backend.store;
+    // A device created before the stream exists starts at its head (0); one created after
+    // three appends starts after them.
+    let early = store
+        .admit_device("demo", "early", "")
+        .await
+        .expect("admit");
+    assert_eq!((early.all.acked, early.all.head), (0, 0));
+    let epoch = early.all.epoch;
+    assert_ne!(epoch, 0);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let outcome = store
+            .append("demo", ALL, message(&format!("b{n}"), 60_000, ""), None)
+            .await
+            .expect("append");
+        let AppendOutcome::Appended { message, offset } = outcome else {
+            panic!("expected appended, got {outcome:?}");
+        };
+        assert_eq!(offset, n);
+        ids.push(message.id.clone());
+    }
+    let late = store.admit_device("demo", "late", "").await.expect("admit");
+    assert_eq!(
+        (late.all.epoch, late.all.acked, late.all.head),
+        (epoch, 3, 3)
+    );
+    // Read in offset order, in pages.
+    let page = store.read_stream("demo", ALL, 0, 2).await.expect("read");
+    let offsets: Vec<u64> = page.entries.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, [1, 2]);
+    assert!(page.more);
+    let rest = store.read_stream("demo", ALL, 2, 2).await.expect("read");
+    assert_eq!(rest.entries.len(), 1);
+    assert_eq!(rest.entries[0].1.id, ids[2]);
+    assert!(!rest.more);
+    // Streams are the app's own.
+    assert!(
+        store
+            .read_stream("other", ALL, 0, 10)
+            .await
+            .expect("read")
+            .entries
+            .is_empty()
+    );
+    // A device's acknowledged place is kept, in its epoch, never backwards.
+    store
+        .ack_stream(&early.token, ALL, epoch, 2)
+        .await
+        .expect("ack");
+    store
+        .ack_stream(&early.token, ALL, epoch, 1)
+        .await
+        .expect("ack");
+    store
+        .ack_stream(&early.token, ALL, epoch ^ 1, 3)
+        .await
+        .expect("another epoch's ack");
+    let again = store
+        .admit_device("demo", "early", &early.token)
+        .await
+        .expect("admit");
+    assert!(again.resumed);
+    assert_eq!(
+        (again.all.epoch, again.all.acked, again.all.head),
+        (epoch, 2, 3)
+    );
+    assert!(!again.all.epoch_changed);
+}
+
+async fn shared_entries_expire_collapse_and_are_capped(backend: &Backend) {
+    let store = &backend.store;
+    let device = store.admit_device("demo", "d", "").await.expect("admit");
+    let short = message("short", 1, "");
+    let expires = short.expires_at_ms;
+    store
+        .append("demo", ALL, short, None)
+        .await
+        .expect("append");
+    store
+        .append("demo", ALL, message("score 1-0", 60_000, "score"), None)
+        .await
+        .expect("append");
+    store
+        .append("demo", ALL, message("score 2-0", 60_000, "score"), None)
+        .await
+        .expect("append");
+    // A TTL-0 message takes an offset, and is never stored.
+    let now = store
+        .append("demo", ALL, message("now or never", 0, ""), None)
+        .await
+        .expect("append");
+    assert!(matches!(now, AppendOutcome::Appended { offset: 4, .. }));
+    while unix_millis() <= expires {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let read = store.read_stream("demo", ALL, 0, 10).await.expect("read");
+    let kept: Vec<(u64, String)> = read
+        .entries
+        .iter()
+        .map(|(offset, message)| {
+            (
+                *offset,
+                String::from_utf8_lossy(&message.payload).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(kept, vec![(3, "score 2-0".into())]);
+    // Past the cap the oldest go, and the stream says up to where.
+    for n in 5..=5 + u64::from(CAP) {
+        store
+            .append("demo", ALL, message(&format!("m{n}"), 60_000, ""), None)
+            .await
+            .expect("append");
+    }
+    let read = store.read_stream("demo", ALL, 0, 100).await.expect("read");
+    assert_eq!(read.entries.len(), CAP as usize);
+    let first = read.entries[0].0;
+    let admitted = store
+        .admit_device("demo", "d", &device.token)
+        .await
+        .expect("admit");
+    assert_eq!(admitted.all.head, 5 + u64::from(CAP));
+    assert!(
+        admitted.all.trimmed >= 3 && admitted.all.trimmed < first,
+        "{admitted:?}"
+    );
+}
+
+async fn a_shared_push_with_an_idempotency_key_is_appended_once(backend: &Backend) {
+    let store = &backend.store;
+    let far = unix_millis() + 60_000;
+    let first = message("first", 60_000, "");
+    let first_id = first.id.clone();
+    let appended = store
+        .append("demo", ALL, first, Some(("sale-1".into(), far)))
+        .await
+        .expect("append");
+    assert!(matches!(
+        appended,
+        AppendOutcome::Appended { offset: 1, .. }
+    ));
+    let again = store
+        .append(
+            "demo",
+            ALL,
+            message("again", 60_000, ""),
+            Some(("sale-1".into(), far)),
+        )
+        .await
+        .expect("append");
+    assert_eq!(
+        again,
+        AppendOutcome::Duplicate {
+            message_id: first_id
+        }
+    );
+    let read = store.read_stream("demo", ALL, 0, 10).await.expect("read");
+    assert_eq!(read.entries.len(), 1);
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -818,7 +990,7 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 13] = cases![
+const CASES: [(&str, Case); 16] = cases![
     devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,
     acks_are_cumulative_and_never_above_the_highest_seq,
@@ -832,6 +1004,9 @@ const CASES: [(&str, Case); 13] = cases![
     unknown_and_foreign_tokens_are_unknown,
     tags_are_set_changed_paged_and_deleted,
     an_alias_names_a_few_devices,
+    a_shared_stream_is_stored_once_and_read_in_order,
+    shared_entries_expire_collapse_and_are_capped,
+    a_shared_push_with_an_idempotency_key_is_appended_once,
 ];
 
 /// Runs every case on a fresh store from `backend`, naming the case and the store first.

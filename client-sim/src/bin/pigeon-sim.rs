@@ -1,9 +1,11 @@
 //! `pigeon-sim`: acts as a Pigeon device from the command line.
 //!
 //! `pigeon-sim connect --url ws://127.0.0.1:7700/ --credential <jwt> --state alice.state`
-//! prints every push as one JSON line on stdout (`{"seq":N,"message_id":"...","payload":...}`)
-//! and acknowledges it. The state file keeps the device token and the last processed seq,
-//! so a killed and restarted simulator resumes the same device and gets what it missed.
+//! prints every push as one JSON line on stdout (`{"seq":N,"message_id":"...","payload":...}`;
+//! a push to every device of the app comes from the shared stream `all` and says so:
+//! `{"seq":0,"stream":"all","offset":N,...}`) and acknowledges it. The state file keeps the
+//! device token, the last processed seq and the place in the stream `all`, so a killed and
+//! restarted simulator resumes the same device and gets what it missed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,6 +71,12 @@ enum Command {
 #[derive(serde::Serialize)]
 struct Line<'a> {
     seq: u64,
+    /// The shared stream a push came from (`all`: every device of the app), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a str>,
+    /// Its offset in that stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
     message_id: &'a str,
     payload: &'a RawValue,
 }
@@ -204,6 +212,8 @@ async fn connect(
         };
         let line = serde_json::to_string(&Line {
             seq: push.seq,
+            stream: (!push.stream.is_empty()).then_some(push.stream.as_str()),
+            offset: (!push.stream.is_empty()).then_some(push.offset),
             message_id: &push.message_id,
             payload,
         })?;
@@ -216,10 +226,10 @@ async fn connect(
         // replay (and the duplicate is dropped by seq), never a loss.
         if let Some(path) = &state_path {
             let mut processed = device.state().clone();
-            processed.last_seq = push.seq;
+            processed.processed(&push);
             processed.save(path)?;
         }
-        device.ack(push.seq).await;
+        device.processed(&push).await;
         received += 1;
     }
     Ok(())

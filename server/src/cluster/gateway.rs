@@ -81,6 +81,7 @@ impl push_server::Push for PushGrpc {
                 uids: body.uids,
                 tokens: body.tokens,
                 aliases: body.aliases,
+                all: body.all,
                 payload: payload.get(),
                 ttl_seconds: body.ttl_seconds,
                 priority,

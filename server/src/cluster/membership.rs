@@ -3,7 +3,9 @@
 //!
 //! - A node takes `p:n:<node id>` = its gRPC address with a TTL of `cluster.lease`, renews
 //!   it every third of the lease, and deletes it when it drains. A node whose lease is gone
-//!   is dead: its routes count as offline.
+//!   is dead: its routes count as offline. The node ids are listed in `p:nodes` too (a
+//!   gateway sends each push to every device of an app to each of them); ids whose lease
+//!   is gone are taken off the list when a gateway finds them so.
 //! - A device's route is `node` and `conn` in its record `p:d:{token}`, written when it
 //!   connects (the previous route comes back, so an older connection elsewhere can be closed)
 //!   and removed when that connection ends, unless a newer one replaced it. The offline
@@ -107,8 +109,8 @@ impl Membership {
         Ok(())
     }
 
-    /// Renews (or takes) `node_id`'s lease, advertising `address`. Returns false when the
-    /// lease had lapsed (or Redis lost it).
+    /// Renews (or takes) `node_id`'s lease, advertising `address`, and lists the node among
+    /// the cluster's nodes. Returns false when the lease had lapsed (or Redis lost it).
     pub async fn renew_lease(
         &self,
         node_id: &str,
@@ -124,7 +126,33 @@ impl Membership {
             .query_async(&mut self.connection())
             .await
             .map_err(backend)?;
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.keys.nodes())
+            .arg(node_id)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
         Ok(previous.is_some())
+    }
+
+    /// The ids of the nodes listed in the cluster (some may have lost their lease since).
+    pub async fn nodes(&self) -> Result<Vec<String>, StoreError> {
+        redis::cmd("SMEMBERS")
+            .arg(self.keys.nodes())
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)
+    }
+
+    /// Takes a node whose lease is gone off the list.
+    pub async fn forget_node(&self, node_id: &str) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("SREM")
+            .arg(self.keys.nodes())
+            .arg(node_id)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 
     /// Gives up `node_id`'s lease (a draining node).

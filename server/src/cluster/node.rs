@@ -16,7 +16,8 @@ use std::time::Duration;
 use pigeon_proto::CloseCode;
 use pigeon_proto::cluster::node_server::{self, NodeServer};
 use pigeon_proto::cluster::{
-    DeliverRequest, DeliverResponse, DeliverStatus, TakeoverRequest, TakeoverResponse,
+    DeliverRequest, DeliverResponse, DeliverSharedRequest, DeliverSharedResponse, DeliverStatus,
+    TakeoverRequest, TakeoverResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,10 +32,10 @@ use crate::connections::{ConnectionTable, Delivered};
 use crate::device::{DeviceContext, Presence};
 use crate::listener;
 use crate::log_throttle::Throttle;
-use crate::message::{Delivery, Message};
+use crate::message::{Delivery, Message, SharedDelivery};
 use crate::metrics::Metrics;
 use crate::process::{self, DeviceAddresses, DeviceListeners, Running, StartError};
-use crate::store::StoreError;
+use crate::store::{ALL, StoreError};
 
 /// Targets one Deliver call may carry; a gateway's batches are far smaller.
 const MAX_DELIVER_TARGETS: usize = 10_000;
@@ -143,6 +144,29 @@ impl node_server::Node for InternalApi {
             })
             .collect();
         Ok(Response::new(DeliverResponse { statuses }))
+    }
+
+    async fn deliver_shared(
+        &self,
+        request: Request<DeliverSharedRequest>,
+    ) -> Result<Response<DeliverSharedResponse>, Status> {
+        let request = request.into_inner();
+        if request.stream != ALL {
+            return Err(Status::invalid_argument(format!(
+                "stream: no stream {:?} (only {ALL:?})",
+                request.stream
+            )));
+        }
+        let stored = request
+            .message
+            .ok_or_else(|| Status::invalid_argument("message is required"))?;
+        let delivery = SharedDelivery {
+            stream: ALL,
+            offset: request.offset,
+            message: Arc::new(Message::from_stored(stored)),
+        };
+        let live = self.connections.deliver_shared(&request.app, &delivery);
+        Ok(Response::new(DeliverSharedResponse { live }))
     }
 
     async fn takeover(

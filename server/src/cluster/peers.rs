@@ -10,13 +10,14 @@ use dashmap::DashMap;
 use futures_util::StreamExt as _;
 use pigeon_proto::cluster::node_client::NodeClient;
 use pigeon_proto::cluster::{
-    DeliverRequest, DeliverResponse, DeliverStatus, DeliverTarget, TakeoverRequest,
+    DeliverRequest, DeliverResponse, DeliverSharedRequest, DeliverStatus, DeliverTarget,
+    TakeoverRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
 use super::membership::Membership;
 use crate::config::ClusterSettings;
-use crate::message::Message;
+use crate::message::{Message, SharedDelivery};
 use crate::push::{Fanout, RecordedTarget};
 use crate::store::{Route, StoreError};
 
@@ -227,16 +228,17 @@ impl Peers {
         request
     }
 
-    /// Calls Deliver on `node`, within the deliver deadline and through its breaker.
-    pub async fn deliver(
-        &self,
-        node: &str,
-        request: DeliverRequest,
-    ) -> Result<DeliverResponse, PeerError> {
-        let (mut client, breaker) = self.callable(node).await?;
+    /// Calls `rpc` on `node` with `message`, within the deliver deadline and through the
+    /// node's breaker.
+    async fn call<T, R, F, Fut>(&self, node: &str, message: T, rpc: F) -> Result<R, PeerError>
+    where
+        F: FnOnce(NodeClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let (client, breaker) = self.callable(node).await?;
         let deadline = self.settings.deliver_timeout;
-        let request = self.request(request, deadline);
-        let result = tokio::time::timeout(deadline, client.deliver(request)).await;
+        let request = self.request(message, deadline);
+        let result = tokio::time::timeout(deadline, rpc(client, request)).await;
         let outcome = match result {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(status.to_string()),
@@ -249,26 +251,43 @@ impl Peers {
         })
     }
 
+    /// Calls Deliver on `node`.
+    pub async fn deliver(
+        &self,
+        node: &str,
+        request: DeliverRequest,
+    ) -> Result<DeliverResponse, PeerError> {
+        self.call(node, request, |mut client, request| async move {
+            client.deliver(request).await
+        })
+        .await
+    }
+
     /// Tells the node of `route` to close that connection of `token`.
     pub async fn takeover(&self, token: &str, route: &Route) -> Result<bool, PeerError> {
-        let (mut client, breaker) = self.callable(&route.node).await?;
-        let deadline = self.settings.deliver_timeout;
         let takeover = TakeoverRequest {
             token: token.to_owned(),
             connection_id: route.connection,
         };
-        let request = self.request(takeover, deadline);
-        let result = tokio::time::timeout(deadline, client.takeover(request)).await;
-        let outcome = match result {
-            Ok(Ok(response)) => Ok(response.into_inner().closed),
-            Ok(Err(status)) => Err(status.to_string()),
-            Err(_elapsed) => Err(format!("no answer within {deadline:?}")),
-        };
-        breaker.report(outcome.is_ok(), Instant::now());
-        outcome.map_err(|message| PeerError::Call {
-            node: route.node.clone(),
-            message,
-        })
+        let response = self
+            .call(&route.node, takeover, |mut client, request| async move {
+                client.takeover(request).await
+            })
+            .await?;
+        Ok(response.closed)
+    }
+
+    /// The nodes holding a lease now.
+    async fn live_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let mut live = Vec::new();
+        for node in self.membership.nodes().await? {
+            match self.address(&node).await? {
+                Some(_) => live.push(node),
+                // Its lease is gone: it drained, or died and will not renew.
+                None => self.membership.forget_node(&node).await?,
+            }
+        }
+        Ok(live)
     }
 }
 
@@ -332,6 +351,46 @@ impl Fanout for Peers {
     /// A route is live while its node holds its lease.
     async fn is_live(&self, route: &Route) -> bool {
         matches!(self.address(&route.node).await, Ok(Some(_)))
+    }
+
+    /// One DeliverShared call to every live node, at most [`DELIVER_CALLS_IN_FLIGHT`] at
+    /// once; each node hands the message to its own connections of the app.
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+        let nodes = match self.live_nodes().await {
+            Ok(nodes) => nodes,
+            Err(error) => {
+                tracing::warn!(%error, "listing the nodes failed; devices read the stream when they connect");
+                return 0;
+            }
+        };
+        let message = delivery.message.to_stored();
+        let calls = nodes.into_iter().map(|node| {
+            let request = DeliverSharedRequest {
+                app: app.to_owned(),
+                stream: delivery.stream.to_owned(),
+                offset: delivery.offset,
+                message: Some(message.clone()),
+            };
+            async move {
+                let response = self
+                    .call(&node, request, |mut client, request| async move {
+                        client.deliver_shared(request).await
+                    })
+                    .await;
+                match response {
+                    Ok(response) => response.live,
+                    Err(error) => {
+                        tracing::warn!(%error, "shared deliver failed; its devices read the stream");
+                        0
+                    }
+                }
+            }
+        });
+        let calls: Vec<_> = calls.collect();
+        futures_util::stream::iter(calls)
+            .buffer_unordered(DELIVER_CALLS_IN_FLIGHT)
+            .fold(0u32, |live, delivered| async move { live + delivered })
+            .await
     }
 }
 

@@ -236,6 +236,9 @@ async fn resolve(
         acked_seq: device.acked_seq,
         highest_seq: device.highest_seq,
         client_last_seq: hello.last_seq,
+        app: claims.app,
+        all: device.all,
+        client_all: crate::session::client_all(&hello.streams),
     })
 }
 

@@ -183,9 +183,14 @@ pub(crate) async fn open<T: DeviceTransport>(
             return None;
         }
     };
-    let (session, welcome, ack) =
+    let (session, welcome, acks) =
         Session::start(Instant::now(), &admission, context.session.clone());
-    let live = Live::new(session, admission.device_token.into(), &context.connections);
+    let live = Live::new(
+        session,
+        admission.device_token.into(),
+        &admission.app,
+        &context.connections,
+    );
     let span = live.span(&peer);
     async {
         // The route must be in the registry before the session reads the store: a push
@@ -195,7 +200,7 @@ pub(crate) async fn open<T: DeviceTransport>(
             None => Ok(()),
         };
         let welcomed = match routed {
-            Ok(()) => session_loop::welcome(transport, context, live.token(), welcome, ack)
+            Ok(()) => session_loop::welcome(transport, context, &live, welcome, acks)
                 .await
                 .map_err(Ending::transport),
             Err(error) => {

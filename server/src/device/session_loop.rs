@@ -14,7 +14,8 @@ use super::transport::{DeviceTransport, TransportError};
 use super::{DeviceContext, Ending};
 use crate::connections::{Connection, ConnectionTable};
 use crate::log_throttle::Throttle;
-use crate::session::{FrameOutcome, PushDecision, Session};
+use crate::session::{FrameOutcome, HelloAcks, PushDecision, Session};
+use crate::store::ALL;
 
 /// An admitted device's session, apart from its transport: what the session loop keeps
 /// between events, and all of the session a parked connection keeps
@@ -30,10 +31,15 @@ pub(crate) struct Live {
 
 impl Live {
     /// A session under way, registered in the connection table.
-    pub(crate) fn new(session: Session, token: Arc<str>, connections: &ConnectionTable) -> Self {
+    pub(crate) fn new(
+        session: Session,
+        token: Arc<str>,
+        app: &str,
+        connections: &ConnectionTable,
+    ) -> Self {
         Self {
             session,
-            connection: connections.register(&token),
+            connection: connections.register(&token, app),
             token,
             store_retry: None,
         }
@@ -92,12 +98,15 @@ pub(crate) async fn drive<T: DeviceTransport>(
     loop {
         let Live {
             session,
+            connection,
             token,
             store_retry,
-            ..
         } = &mut *live;
-        if store_retry.is_none() && session.refill().is_some() {
-            match Box::pin(catch_up(transport, context, token, session)).await {
+        if store_retry.is_none()
+            && (session.refill().is_some() || session.refill_stream().is_some())
+        {
+            let app = connection.app();
+            match Box::pin(catch_up(transport, context, token, app, session)).await {
                 Ok(true) => {}
                 Ok(false) => *store_retry = Some(Instant::now() + STORE_RETRY),
                 Err(error) => return Err(Ending::transport(error)),
@@ -143,26 +152,43 @@ pub(crate) async fn drive<T: DeviceTransport>(
                     *store_retry = None;
                 }
                 Box::pin(on_timer(transport, context, session, now)).await?;
+                // A push of the stream `all` whose live hand-off was lost while the device
+                // stayed connected: the node has handed out a later offset than this
+                // session has sent. (The direct lane reads the store at every heartbeat;
+                // the stream needs to only when this shows it behind.)
+                if context.connections.stream_head(connection.app()) > session.stream_sent() {
+                    session.fall_behind_stream();
+                }
             }
         }
         idle_since = Instant::now();
     }
 }
 
-/// Sends the Welcome, and persists the ack the Hello carried, if it acknowledged more than
-/// the store knew.
+/// Sends the Welcome, and persists the acks the Hello carried, where it acknowledged more
+/// than the store knew.
 pub(crate) async fn welcome<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
-    token: &str,
+    live: &Live,
     welcome: ServerFrame,
-    ack: Option<u64>,
+    acks: HelloAcks,
 ) -> Result<(), TransportError> {
     send(transport, [welcome], context.session.idle_timeout).await?;
-    if let Some(seq) = ack
-        && let Err(error) = context.store.ack(token, seq).await
+    if let Some(seq) = acks.seq
+        && let Err(error) = context.store.ack(&live.token, seq).await
     {
         ack_failed(&error);
+    }
+    if let Some(offset) = acks.all {
+        let epoch = live.session.stream_epoch();
+        if let Err(error) = context
+            .store
+            .ack_stream(&live.token, ALL, epoch, offset)
+            .await
+        {
+            ack_failed(&error);
+        }
     }
     Ok(())
 }
@@ -176,12 +202,14 @@ fn ack_failed(error: &crate::store::StoreError) {
     }
 }
 
-/// Reads from the store while the session is behind and has room in its window, and sends
-/// what it reads. Returns false when a store read failed (to be retried later).
+/// Reads from the store while the session is behind and has room in its window, its own
+/// queue first, then the stream `all` of `app`, and sends what it reads. Returns false when
+/// a store read failed (to be retried later).
 async fn catch_up<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
     token: &str,
+    app: &str,
     session: &mut Session,
 ) -> Result<bool, TransportError> {
     while let Some(request) = session.refill() {
@@ -192,10 +220,7 @@ async fn catch_up<T: DeviceTransport>(
         {
             Ok(replay) => replay,
             Err(error) => {
-                static THROTTLE: Throttle = Throttle::new();
-                if let Some(suppressed) = THROTTLE.allow() {
-                    tracing::warn!(%error, suppressed, "reading the offline store failed; retrying");
-                }
+                store_read_failed(&error);
                 return Ok(false);
             }
         };
@@ -205,7 +230,33 @@ async fn catch_up<T: DeviceTransport>(
         }
         send(transport, frames, context.session.idle_timeout).await?;
     }
+    while let Some(request) = session.refill_stream() {
+        let read = match context
+            .store
+            .read_stream(app, ALL, request.after, request.limit)
+            .await
+        {
+            Ok(read) => read,
+            Err(error) => {
+                store_read_failed(&error);
+                return Ok(false);
+            }
+        };
+        let frames = session.handle_stream_refill(&read.entries, read.more);
+        if frames.is_empty() {
+            break;
+        }
+        send(transport, frames, context.session.idle_timeout).await?;
+    }
     Ok(true)
+}
+
+/// Logs a failed store read (throttled, as a store outage fails every device's at once).
+fn store_read_failed(error: &crate::store::StoreError) {
+    static THROTTLE: Throttle = Throttle::new();
+    if let Some(suppressed) = THROTTLE.allow() {
+        tracing::warn!(%error, suppressed, "reading the offline store failed; retrying");
+    }
 }
 
 async fn on_frame<T: DeviceTransport>(
@@ -227,6 +278,12 @@ async fn on_frame<T: DeviceTransport>(
             .map_err(Ending::transport),
         Ok(FrameOutcome::Acked(seq)) => {
             if let Err(error) = context.store.ack(token, seq).await {
+                ack_failed(&error);
+            }
+            Ok(())
+        }
+        Ok(FrameOutcome::AckedStream { epoch, offset }) => {
+            if let Err(error) = context.store.ack_stream(token, ALL, epoch, offset).await {
                 ack_failed(&error);
             }
             Ok(())
@@ -253,10 +310,22 @@ async fn on_woken<T: DeviceTransport>(
     if inbox.fell_behind {
         session.fall_behind();
     }
-    let frames: Vec<ServerFrame> = inbox
+    if inbox.shared_fell_behind {
+        session.fall_behind_stream();
+    }
+    let direct = inbox
         .deliveries
         .iter()
-        .filter_map(|delivery| match session.handle_push(delivery) {
+        .map(|delivery| session.handle_push(delivery));
+    let decisions: Vec<PushDecision> = direct.collect();
+    let shared = inbox
+        .shared
+        .iter()
+        .map(|delivery| session.handle_shared_push(delivery));
+    let frames: Vec<ServerFrame> = decisions
+        .into_iter()
+        .chain(shared.collect::<Vec<_>>())
+        .filter_map(|decision| match decision {
             PushDecision::Send(frame) => Some(frame),
             PushDecision::Duplicate | PushDecision::Deferred => None,
         })

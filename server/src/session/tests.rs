@@ -18,9 +18,15 @@ fn admission(acked: u64, highest: u64, client_last: u64) -> Admission {
     Admission {
         device_token: "tok".into(),
         resumed: true,
+        app: "demo".into(),
         acked_seq: acked,
         highest_seq: highest,
         client_last_seq: client_last,
+        all: StreamPlace {
+            epoch: 7,
+            ..StreamPlace::default()
+        },
+        client_all: None,
     }
 }
 
@@ -40,7 +46,10 @@ fn delivery(seq: u64) -> Delivery {
 
 fn ack(seq: u64) -> ClientFrame {
     ClientFrame {
-        kind: Some(client_frame::Kind::Ack(Ack { seq })),
+        kind: Some(client_frame::Kind::Ack(Ack {
+            seq,
+            ..Ack::default()
+        })),
     }
 }
 
@@ -97,7 +106,7 @@ fn welcome_and_replay_start_after_what_the_device_processed() {
     let now = Instant::now();
     // The store knows ack 2 of 9 assigned; the device says it processed 5.
     let (session, welcome, persist) = Session::start(now, &admission(2, 9, 5), config());
-    assert_eq!(persist, Some(5));
+    assert_eq!(persist.seq, Some(5));
     match welcome.kind {
         Some(server_frame::Kind::Welcome(welcome)) => {
             assert_eq!(welcome.acked_seq, 5);
@@ -114,12 +123,12 @@ fn a_device_cannot_claim_seqs_never_assigned_nor_keep_them_across_a_new_token() 
     let now = Instant::now();
     let (session, _, persist) = Session::start(now, &admission(2, 4, 100), config());
     assert_eq!(session.last_acked(), 4);
-    assert_eq!(persist, Some(4));
+    assert_eq!(persist.seq, Some(4));
     let mut fresh = admission(0, 0, 100);
     fresh.resumed = false;
     let (session, _, persist) = Session::start(now, &fresh, config());
     assert_eq!(session.last_acked(), 0);
-    assert_eq!(persist, None);
+    assert_eq!(persist.seq, None);
 }
 
 #[test]
@@ -230,7 +239,7 @@ fn acks_are_cumulative_and_checked() {
     assert_eq!(session.handle_frame(now, ack(1)), Ok(FrameOutcome::Nothing));
     assert_eq!(
         session.handle_frame(now, ack(7)),
-        Err(SessionError::Protocol("an ack for a seq never sent"))
+        Err(SessionError::Protocol("an ack for a push never sent"))
     );
 }
 
@@ -323,4 +332,144 @@ fn a_heartbeat_reads_the_store_again_for_pushes_lost_on_the_way() {
     let frames = session.handle_refill(&[delivery(1)], false);
     assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), vec![1]);
     assert_eq!(session.refill(), None, "caught up again");
+}
+
+fn shared(offset: u64) -> SharedDelivery {
+    SharedDelivery {
+        stream: ALL,
+        offset,
+        message: delivery(offset).message,
+    }
+}
+
+fn pushed_offset(frame: &ServerFrame) -> (u64, String, u64) {
+    match &frame.kind {
+        Some(server_frame::Kind::Push(push)) => (push.seq, push.stream.clone(), push.offset),
+        other => panic!("expected a push, got {other:?}"),
+    }
+}
+
+fn stream_ack(offset: u64) -> ClientFrame {
+    ClientFrame {
+        kind: Some(client_frame::Kind::Ack(Ack {
+            seq: 0,
+            stream: ALL.into(),
+            offset,
+        })),
+    }
+}
+
+fn welcome_stream(welcome: &ServerFrame) -> pigeon_proto::device::StreamState {
+    match &welcome.kind {
+        Some(server_frame::Kind::Welcome(welcome)) => welcome.streams[0].clone(),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+/// An admission whose store place in `all` is `acked` of `head`, trimmed up to `trimmed`.
+fn placed(acked: u64, head: u64, trimmed: u64, client: Option<(u64, u64)>) -> Admission {
+    let mut admission = admission(0, 0, 0);
+    admission.all = StreamPlace {
+        epoch: 7,
+        acked,
+        head,
+        trimmed,
+        epoch_changed: false,
+    };
+    admission.client_all = client;
+    admission
+}
+
+#[test]
+fn welcome_says_where_the_device_stands_in_the_stream_and_whether_it_is_whole() {
+    let now = Instant::now();
+    // The device processed 6 of the current epoch, the store knew 4: it starts after 6.
+    let (session, welcome, acks) = Session::start(now, &placed(4, 9, 0, Some((7, 6))), config());
+    let state = welcome_stream(&welcome);
+    assert_eq!(
+        (state.stream.as_str(), state.offset, state.recovered),
+        ("all", 6, true)
+    );
+    assert_eq!(state.epoch, epoch_text(7));
+    assert_eq!(acks.all, Some(6));
+    assert_eq!(session.refill_stream(), Some(Refill { after: 6, limit: 3 }));
+    // It cannot claim offsets the stream never had.
+    let (_, welcome, _) = Session::start(now, &placed(4, 9, 0, Some((7, 50))), config());
+    assert_eq!(welcome_stream(&welcome).offset, 9);
+    // Another epoch: the store's place, and not recovered.
+    let (_, welcome, acks) = Session::start(now, &placed(4, 9, 0, Some((8, 6))), config());
+    let state = welcome_stream(&welcome);
+    assert_eq!((state.offset, state.recovered), (4, false));
+    assert_eq!(acks.all, None);
+    // Entries it had not read were trimmed by the stream's cap: not recovered.
+    let (_, welcome, _) = Session::start(now, &placed(4, 9, 5, Some((7, 4))), config());
+    assert!(!welcome_stream(&welcome).recovered);
+    // A fresh install presents nothing: nothing to recover.
+    let (_, welcome, _) = Session::start(now, &placed(9, 9, 5, None), config());
+    assert!(welcome_stream(&welcome).recovered);
+    // A device that lost its token but had a place cannot be proven whole.
+    let mut lost = placed(9, 9, 0, Some((7, 3)));
+    lost.resumed = false;
+    let (_, welcome, _) = Session::start(now, &lost, config());
+    let state = welcome_stream(&welcome);
+    assert_eq!((state.offset, state.recovered), (9, false));
+}
+
+#[test]
+fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
+    let now = Instant::now();
+    let (mut session, _, _) = Session::start(now, &placed(2, 2, 0, None), config());
+    // Caught up with the store first (nothing after 2).
+    let request = session.refill_stream().expect("a first read of the stream");
+    assert_eq!(request.after, 2);
+    assert!(session.handle_stream_refill(&[], false).is_empty());
+    let PushDecision::Send(frame) = session.handle_shared_push(&shared(3)) else {
+        panic!("the next offset goes out live");
+    };
+    assert_eq!(pushed_offset(&frame), (0, "all".into(), 3));
+    assert_eq!(
+        session.handle_shared_push(&shared(3)),
+        PushDecision::Duplicate
+    );
+    // Offset 5 overtook 4: the store is read from 3 on.
+    assert_eq!(
+        session.handle_shared_push(&shared(5)),
+        PushDecision::Deferred
+    );
+    assert_eq!(session.refill_stream(), Some(Refill { after: 3, limit: 2 }));
+    let entries: Vec<(u64, Arc<Message>)> = [4, 5]
+        .into_iter()
+        .map(|offset| (offset, delivery(offset).message))
+        .collect();
+    let frames = session.handle_stream_refill(&entries, false);
+    let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
+    assert_eq!(offsets, [4, 5]);
+    // The direct lane is a lane of its own.
+    assert_eq!(session.last_sent(), 0);
+    assert_eq!(
+        session.handle_frame(now, stream_ack(5)),
+        Ok(FrameOutcome::AckedStream {
+            epoch: 7,
+            offset: 5
+        })
+    );
+    assert_eq!(
+        session.handle_frame(now, stream_ack(4)),
+        Ok(FrameOutcome::Nothing)
+    );
+    assert_eq!(
+        session.handle_frame(now, stream_ack(9)),
+        Err(SessionError::Protocol("an ack for a push never sent"))
+    );
+    let unknown = ClientFrame {
+        kind: Some(client_frame::Kind::Ack(Ack {
+            seq: 0,
+            stream: "news".into(),
+            offset: 1,
+        })),
+    };
+    assert_eq!(
+        session.handle_frame(now, unknown),
+        Err(SessionError::Protocol("an ack for an unknown stream"))
+    );
 }

@@ -29,6 +29,10 @@
 //! | `collapse` | `token \0 collapse key` | seq |
 //! | `idempotency` | `app \0 key` | `IdempotencyRecord` |
 //! | `idempotency_expiry` | (expires at ms, `app \0 key`) | () |
+//! | `stream_entries` | (`app \0 stream`, offset) | `StoredMessage` |
+//! | `stream_meta` | `app \0 stream` | `StreamMeta` (epoch, head, trimmed) |
+//! | `stream_expiry` | (expires at ms, `app \0 stream`, offset) | () |
+//! | `stream_collapse` | `app \0 stream \0 collapse key` | offset |
 //! | `tag_devices` | `app \0 tag \0 token` | () |
 //! | `alias_devices` | `app \0 alias \0 token` | () |
 //!
@@ -41,14 +45,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
-use pigeon_proto::store::{DeviceRecord, IdempotencyRecord, StoredMessage};
+use pigeon_proto::store::{DeviceRecord, IdempotencyRecord, StoredMessage, StreamMeta};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Accept, AcceptOutcome, AdmittedDevice, AliasSet, DeviceCounters, DeviceInfo, OfflineStore,
-    Recorded, Registry, Replay, Routes, StoreError, TagChange, TagChanged,
+    ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
+    DeviceInfo, OfflineStore, Recorded, Registry, Replay, Routes, StoreError, StreamPlace,
+    StreamRead, TagChange, TagChanged,
 };
+use crate::config::Limits;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
@@ -60,6 +66,10 @@ const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempote
 const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 const TAG_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("tag_devices");
+const STREAM_ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("stream_entries");
+const STREAM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
+const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("stream_expiry");
+const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
 
 /// Tag rows one transaction of a tag's deletion removes at most.
@@ -121,6 +131,17 @@ enum Op {
         alias: Option<String>,
         max_devices: usize,
     },
+    Append {
+        app: String,
+        stream: String,
+        message: Arc<Message>,
+        idempotency: Option<(String, u64)>,
+    },
+    AckStream {
+        token: String,
+        epoch: u64,
+        offset: u64,
+    },
 }
 
 enum Reply {
@@ -131,6 +152,7 @@ enum Reply {
     TagChanged(TagChanged),
     Count(u64),
     Alias(AliasSet),
+    Appended(AppendOutcome),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -141,14 +163,10 @@ fn backend(error: impl std::fmt::Display) -> StoreError {
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`, starts its writer thread, and a task that
-    /// sweeps expired rows. `queue` bounds the writes waiting for the writer; `routes` says
-    /// which devices are connected (for TTL-0 pushes).
-    pub fn open(
-        dir: &Path,
-        queue: usize,
-        max_stored_per_device: u32,
-        routes: Arc<dyn Routes>,
-    ) -> Result<Self> {
+    /// sweeps expired rows. `limits.store_queue` bounds the writes waiting for the writer;
+    /// `routes` says which devices are connected (for TTL-0 pushes).
+    pub fn open(dir: &Path, limits: &Limits, routes: Arc<dyn Routes>) -> Result<Self> {
+        let queue = limits.store_queue;
         std::fs::create_dir_all(dir).map_err(backend)?;
         let db = Database::create(dir.join("pigeon.redb")).map_err(backend)?;
         let db = Arc::new(db);
@@ -164,12 +182,17 @@ impl EmbeddedStore {
             txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?;
             txn.open_table(TAG_DEVICES).map_err(backend)?;
             txn.open_table(ALIAS_DEVICES).map_err(backend)?;
+            txn.open_table(STREAM_ENTRIES).map_err(backend)?;
+            txn.open_table(STREAM_META).map_err(backend)?;
+            txn.open_table(STREAM_EXPIRY).map_err(backend)?;
+            txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
         let writer = Writer {
             db: db.clone(),
-            max_stored_per_device,
+            max_stored_per_device: limits.max_stored_per_device,
+            max_stored_per_stream: limits.max_stored_per_stream,
             routes: routes.clone(),
         };
         std::thread::Builder::new()
@@ -505,6 +528,89 @@ impl OfflineStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn append(
+        &self,
+        app: &str,
+        stream: &str,
+        message: Arc<Message>,
+        idempotency: Option<(String, u64)>,
+    ) -> Result<AppendOutcome> {
+        let op = Op::Append {
+            app: app.to_owned(),
+            stream: stream.to_owned(),
+            message,
+            idempotency,
+        };
+        match self.write(op, false).await? {
+            Reply::Appended(outcome) => Ok(outcome),
+            _ => Err(backend("unexpected reply to append")),
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        app: &str,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<StreamRead> {
+        let key = format!("{app}\0{stream}");
+        let now_ms = unix_millis();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let entries = txn.open_table(STREAM_ENTRIES).map_err(backend)?;
+            let start = after.saturating_add(1);
+            let mut read = StreamRead::default();
+            for entry in entries
+                .range((key.as_str(), start)..=(key.as_str(), u64::MAX))
+                .map_err(backend)?
+            {
+                let (k, value) = entry.map_err(backend)?;
+                if read.entries.len() >= limit as usize {
+                    read.more = true;
+                    break;
+                }
+                let message = Message::from_stored(decode_stored(value.value())?);
+                if message.is_expired(now_ms) {
+                    continue;
+                }
+                read.entries.push((k.value().1, Arc::new(message)));
+            }
+            Ok(read)
+        })
+        .await
+    }
+
+    async fn ack_stream(&self, token: &str, stream: &str, epoch: u64, offset: u64) -> Result<()> {
+        if stream != ALL {
+            return Ok(());
+        }
+        let op = Op::AckStream {
+            token: token.to_owned(),
+            epoch,
+            offset,
+        };
+        self.write(op, true).await.map(|_| ())
+    }
+}
+
+/// A new stream epoch: 64 random bits, never 0 (0 is no epoch).
+fn new_epoch() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
+/// A device's place in a stream, from the stream's meta and the device's record of its
+/// place (`epoch`, `acked`).
+fn place(meta: &StreamMeta, epoch: u64, acked: u64) -> StreamPlace {
+    let same_epoch = meta.epoch == epoch;
+    StreamPlace {
+        epoch: meta.epoch,
+        acked: if same_epoch { acked.min(meta.head) } else { 0 },
+        head: meta.head,
+        trimmed: meta.trimmed,
+        epoch_changed: !same_epoch,
+    }
 }
 
 fn decode_device(bytes: &[u8]) -> Result<DeviceRecord> {
@@ -519,6 +625,7 @@ fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
 struct Writer {
     db: Arc<Database>,
     max_stored_per_device: u32,
+    max_stored_per_stream: u32,
     routes: Arc<dyn Routes>,
 }
 
@@ -595,6 +702,27 @@ impl Writer {
             } => tables
                 .set_alias(&app, &token, alias.as_deref(), max_devices)
                 .map(Reply::Alias),
+            Op::Append {
+                app,
+                stream,
+                message,
+                idempotency,
+            } => tables
+                .append(
+                    &app,
+                    &stream,
+                    message,
+                    idempotency,
+                    self.max_stored_per_stream,
+                )
+                .map(Reply::Appended),
+            Op::AckStream {
+                token,
+                epoch,
+                offset,
+            } => tables
+                .ack_stream(&token, epoch, offset)
+                .map(|()| Reply::Done),
         }
     }
 }
@@ -618,6 +746,10 @@ struct Tables<'txn> {
     idempotency_expiry: redb::Table<'txn, (u64, &'static str), ()>,
     tag_devices: redb::Table<'txn, &'static str, ()>,
     alias_devices: redb::Table<'txn, &'static str, ()>,
+    stream_entries: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    stream_meta: redb::Table<'txn, &'static str, &'static [u8]>,
+    stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
+    stream_collapse: redb::Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -632,6 +764,10 @@ impl<'txn> Tables<'txn> {
             idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?,
             tag_devices: txn.open_table(TAG_DEVICES).map_err(backend)?,
             alias_devices: txn.open_table(ALIAS_DEVICES).map_err(backend)?,
+            stream_entries: txn.open_table(STREAM_ENTRIES).map_err(backend)?,
+            stream_meta: txn.open_table(STREAM_META).map_err(backend)?,
+            stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
+            stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
         })
     }
 
@@ -787,23 +923,43 @@ impl<'txn> Tables<'txn> {
     fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
         // A token resumes only the device of its own app and uid: its queue is never handed
         // to anyone else.
+        let meta = self.stream_meta(app, ALL)?;
         if !token.is_empty()
-            && let Some(record) = self.device(token)?
+            && let Some(mut record) = self.device(token)?
             && record.app == app
             && record.uid == uid
         {
+            if record.all_epoch != meta.epoch {
+                // The stream was recreated (its history lost): the device starts over in
+                // the new epoch, and its acks count there.
+                let old = (record.all_epoch, record.all_acked);
+                record.all_epoch = meta.epoch;
+                record.all_acked = 0;
+                self.put_device(token, &record)?;
+                return Ok(AdmittedDevice {
+                    token: token.to_owned(),
+                    resumed: true,
+                    acked_seq: record.acked_seq,
+                    highest_seq: record.highest_seq,
+                    all: place(&meta, old.0, old.1),
+                });
+            }
             return Ok(AdmittedDevice {
                 token: token.to_owned(),
                 resumed: true,
                 acked_seq: record.acked_seq,
                 highest_seq: record.highest_seq,
+                all: place(&meta, record.all_epoch, record.all_acked),
             });
         }
         let token = new_device_token();
+        // A new device reads the stream from its head on: not what came before it.
         let record = DeviceRecord {
             app: app.to_owned(),
             uid: uid.to_owned(),
             created_at_ms: unix_millis(),
+            all_epoch: meta.epoch,
+            all_acked: meta.head,
             ..DeviceRecord::default()
         };
         self.put_device(&token, &record)?;
@@ -816,7 +972,173 @@ impl<'txn> Tables<'txn> {
             resumed: false,
             acked_seq: 0,
             highest_seq: 0,
+            all: place(&meta, meta.epoch, meta.head),
         })
+    }
+
+    /// The meta of `app`'s `stream`, created (with a new epoch) if the stream has none.
+    fn stream_meta(&mut self, app: &str, stream: &str) -> Result<StreamMeta> {
+        let key = format!("{app}\0{stream}");
+        if let Some(value) = self.stream_meta.get(key.as_str()).map_err(backend)? {
+            return StreamMeta::decode(value.value()).map_err(backend);
+        }
+        let meta = StreamMeta {
+            epoch: new_epoch(),
+            ..StreamMeta::default()
+        };
+        self.put_stream_meta(&key, &meta)?;
+        Ok(meta)
+    }
+
+    fn put_stream_meta(&mut self, key: &str, meta: &StreamMeta) -> Result<()> {
+        self.stream_meta
+            .insert(key, meta.encode_to_vec().as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Claims an idempotency key of `app` for `message_id` until `until`, unless a claim
+    /// of it is still in its window: then that claim's message id.
+    fn claim_idempotency(
+        &mut self,
+        app: &str,
+        key: &str,
+        until: u64,
+        message_id: &str,
+    ) -> Result<Option<String>> {
+        let id_key = format!("{app}\0{key}");
+        let existing = self
+            .idempotency
+            .get(id_key.as_str())
+            .map_err(backend)?
+            .map(|value| IdempotencyRecord::decode(value.value()).map_err(backend))
+            .transpose()?;
+        if let Some(existing) = existing {
+            if existing.expires_at_ms > unix_millis() {
+                return Ok(Some(existing.message_id));
+            }
+            self.idempotency_expiry
+                .remove((existing.expires_at_ms, id_key.as_str()))
+                .map_err(backend)?;
+        }
+        let record = IdempotencyRecord {
+            message_id: message_id.to_owned(),
+            expires_at_ms: until,
+        };
+        self.idempotency
+            .insert(id_key.as_str(), record.encode_to_vec().as_slice())
+            .map_err(backend)?;
+        self.idempotency_expiry
+            .insert((until, id_key.as_str()), ())
+            .map_err(backend)?;
+        Ok(None)
+    }
+
+    fn append(
+        &mut self,
+        app: &str,
+        stream: &str,
+        message: Arc<Message>,
+        idempotency: Option<(String, u64)>,
+        cap: u32,
+    ) -> Result<AppendOutcome> {
+        if let Some((key, until)) = &idempotency
+            && let Some(message_id) = self.claim_idempotency(app, key, *until, &message.id)?
+        {
+            return Ok(AppendOutcome::Duplicate { message_id });
+        }
+        let key = format!("{app}\0{stream}");
+        let mut meta = self.stream_meta(app, stream)?;
+        meta.head += 1;
+        let offset = meta.head;
+        if !message.collapse_key.is_empty() {
+            let collapse = format!("{key}\0{}", message.collapse_key);
+            let older = self
+                .stream_collapse
+                .get(collapse.as_str())
+                .map_err(backend)?;
+            if let Some(older) = older.map(|value| value.value()) {
+                self.remove_entry(&key, older)?;
+            }
+            self.stream_collapse
+                .insert(collapse.as_str(), offset)
+                .map_err(backend)?;
+        }
+        // A TTL-0 message takes its offset (devices see no gap in the stream) and is handed
+        // to the devices online now, but is never stored.
+        if !message.is_storable() {
+            self.put_stream_meta(&key, &meta)?;
+            return Ok(AppendOutcome::Appended { message, offset });
+        }
+        self.stream_entries
+            .insert(
+                (key.as_str(), offset),
+                message.to_stored().encode_to_vec().as_slice(),
+            )
+            .map_err(backend)?;
+        self.stream_expiry
+            .insert((message.expires_at_ms, key.as_str(), offset), ())
+            .map_err(backend)?;
+        // Past the cap the oldest entries go, before they expire: devices that had not read
+        // them are told they may have missed some (see `StreamPlace::trimmed`).
+        let entries = self
+            .stream_entries
+            .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+            .map_err(backend)?
+            .count();
+        let over = entries.saturating_sub(cap as usize);
+        if over > 0 {
+            let oldest: Vec<u64> = self
+                .stream_entries
+                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+                .map_err(backend)?
+                .take(over)
+                .map(|entry| entry.map(|(k, _)| k.value().1).map_err(backend))
+                .collect::<Result<_>>()?;
+            for dropped in oldest {
+                self.remove_entry(&key, dropped)?;
+                meta.trimmed = meta.trimmed.max(dropped);
+            }
+        }
+        self.put_stream_meta(&key, &meta)?;
+        Ok(AppendOutcome::Appended { message, offset })
+    }
+
+    /// Removes one entry of a stream with its index rows; false when it was not there.
+    fn remove_entry(&mut self, key: &str, offset: u64) -> Result<bool> {
+        let Some(value) = self.stream_entries.remove((key, offset)).map_err(backend)? else {
+            return Ok(false);
+        };
+        let stored = decode_stored(value.value())?;
+        drop(value);
+        self.stream_expiry
+            .remove((stored.expires_at_ms, key, offset))
+            .map_err(backend)?;
+        if !stored.collapse_key.is_empty() {
+            let collapse = format!("{key}\0{}", stored.collapse_key);
+            let points_here = self
+                .stream_collapse
+                .get(collapse.as_str())
+                .map_err(backend)?
+                .is_some_and(|value| value.value() == offset);
+            if points_here {
+                self.stream_collapse
+                    .remove(collapse.as_str())
+                    .map_err(backend)?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn ack_stream(&mut self, token: &str, epoch: u64, offset: u64) -> Result<()> {
+        let Some(mut record) = self.device(token)? else {
+            return Ok(());
+        };
+        if record.all_epoch == epoch && offset > record.all_acked {
+            record.all_acked = offset;
+            self.put_device(token, &record)?;
+        }
+        Ok(())
     }
 
     fn accept(
@@ -825,35 +1147,11 @@ impl<'txn> Tables<'txn> {
         cap: u32,
         routes: &dyn Routes,
     ) -> Result<AcceptOutcome> {
-        let now_ms = unix_millis();
-        if let Some((key, expires_at_ms)) = &accept.idempotency {
-            let id_key = format!("{}\0{key}", accept.app);
-            let existing = self
-                .idempotency
-                .get(id_key.as_str())
-                .map_err(backend)?
-                .map(|value| IdempotencyRecord::decode(value.value()).map_err(backend))
-                .transpose()?;
-            if let Some(existing) = existing {
-                if existing.expires_at_ms > now_ms {
-                    return Ok(AcceptOutcome::Duplicate {
-                        message_id: existing.message_id,
-                    });
-                }
-                self.idempotency_expiry
-                    .remove((existing.expires_at_ms, id_key.as_str()))
-                    .map_err(backend)?;
-            }
-            let record = IdempotencyRecord {
-                message_id: accept.message.id.clone(),
-                expires_at_ms: *expires_at_ms,
-            };
-            self.idempotency
-                .insert(id_key.as_str(), record.encode_to_vec().as_slice())
-                .map_err(backend)?;
-            self.idempotency_expiry
-                .insert((*expires_at_ms, id_key.as_str()), ())
-                .map_err(backend)?;
+        if let Some((key, until)) = &accept.idempotency
+            && let Some(message_id) =
+                self.claim_idempotency(&accept.app, key, *until, &accept.message.id)?
+        {
+            return Ok(AcceptOutcome::Duplicate { message_id });
         }
         let stored = accept.message.to_stored().encode_to_vec();
         let mut targets = Vec::with_capacity(accept.targets.len());
@@ -1000,6 +1298,23 @@ impl<'txn> Tables<'txn> {
                 record.pending = record.pending.saturating_sub(1);
                 self.put_device(&token, &record)?;
             }
+        }
+        let expired_entries: Vec<(String, u64)> = self
+            .stream_expiry
+            .range((0, "", 0)..(now_ms, "", 0))
+            .map_err(backend)?
+            .take(SWEEP_LIMIT)
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (_, stream, offset) = key.value();
+                        (stream.to_owned(), offset)
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (stream, offset) in expired_entries {
+            self.remove_entry(&stream, offset)?;
         }
         let expired_keys: Vec<(u64, String)> = self
             .idempotency_expiry

@@ -10,8 +10,13 @@
 //! | `p:u:{app:uid}` | set | the uid's device tokens |
 //! | `p:t:{app:tag}` | sorted set | the tag's device tokens (all scored 0, so they page in token order) |
 //! | `p:a:{app:alias}` | set | the alias's device tokens |
+//! | `p:s:{app:stream}` | sorted set | a shared stream's entries: score = offset, member = `StoredMessage` |
+//! | `p:sm:{app:stream}` | hash | the stream's epoch, head (highest offset) and trimmed mark; never expires |
+//! | `p:sc:{app:stream}` | hash | collapse key -> offset of the stream's entry carrying it |
+//! | `p:sx:{app:stream}` | hash | message id -> offset, for appends with an idempotency key |
 //! | `p:i:{app:key}` | string | an idempotency key: `p:<message id>` while the push is being recorded, `d:<message id>` once it is |
 //! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
+//! | `p:nodes` | set | the ids of the nodes (some may have lost their lease since) |
 //!
 //! Everything about one token shares the hash tag `{token}`, so each per-device operation is
 //! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
@@ -33,11 +38,12 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
-use crate::config::ClusterSettings;
+use crate::config::{ClusterSettings, Limits};
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::store::{
-    Accept, AcceptOutcome, AdmittedDevice, AliasSet, DeviceCounters, DeviceInfo, OfflineStore,
-    Recorded, Registry, Replay, Route, StoreError, TagChange, TagChanged,
+    ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
+    DeviceInfo, OfflineStore, Recorded, Registry, Replay, Route, StoreError, StreamPlace,
+    StreamRead, TagChange, TagChanged,
 };
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
@@ -145,6 +151,18 @@ impl Keys {
     fn uid(&self, app: &str, uid: &str) -> String {
         format!("{}:u:{{{app}:{uid}}}", self.prefix)
     }
+    fn stream_entries(&self, app: &str, stream: &str) -> String {
+        format!("{}:s:{{{app}:{stream}}}", self.prefix)
+    }
+    fn stream_meta(&self, app: &str, stream: &str) -> String {
+        format!("{}:sm:{{{app}:{stream}}}", self.prefix)
+    }
+    fn stream_collapse(&self, app: &str, stream: &str) -> String {
+        format!("{}:sc:{{{app}:{stream}}}", self.prefix)
+    }
+    fn stream_ids(&self, app: &str, stream: &str) -> String {
+        format!("{}:sx:{{{app}:{stream}}}", self.prefix)
+    }
     fn tag(&self, app: &str, tag: &str) -> String {
         format!("{}:t:{{{app}:{tag}}}", self.prefix)
     }
@@ -153,6 +171,9 @@ impl Keys {
     }
     fn idempotency(&self, app: &str, key: &str) -> String {
         format!("{}:i:{{{app}:{key}}}", self.prefix)
+    }
+    pub(crate) fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
     }
     pub(crate) fn node(&self, node_id: &str) -> String {
         format!("{}:n:{node_id}", self.prefix)
@@ -216,14 +237,82 @@ return {seq, node, conn}
 const RESUME: &str = r"
 local owner = redis.call('HMGET', KEYS[1], 'app', 'uid')
 if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return false end
-local counters = redis.call('HMGET', KEYS[1], 'seq', 'acked')
-return {counters[1] or '0', counters[2] or '0'}
+local counters = redis.call('HMGET', KEYS[1], 'seq', 'acked', 'all_epoch', 'all_acked')
+return {counters[1] or '0', counters[2] or '0', counters[3] or '0', counters[4] or '0'}
 ";
 
-/// Creates a new device record; 0 when the token is taken.
+/// Creates a new device record, placed at the head of the app's stream `all` (ARGV[4], the
+/// epoch, and ARGV[5], the head); 0 when the token is taken.
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'app', ARGV[1], 'uid', ARGV[2], 'seq', 0, 'acked', 0, 'created', ARGV[3])
+redis.call('HSET', KEYS[1], 'app', ARGV[1], 'uid', ARGV[2], 'seq', 0, 'acked', 0, 'created', ARGV[3],
+  'all_epoch', ARGV[4], 'all_acked', ARGV[5])
+return 1
+";
+
+/// A stream's meta, created with the epoch ARGV[1] if the stream has none: `{epoch, head,
+/// trimmed}`.
+const STREAM_META: &str = r"
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'head', 0, 'trimmed', 0)
+end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'trimmed')
+return {meta[1], meta[2] or '0', meta[3] or '0'}
+";
+
+/// Appends one entry to a stream (keys: meta, entries, collapse, ids). Returns `{offset,
+/// epoch}`; a message id already appended (an idempotent retry) returns its first offset.
+const APPEND: &str = r"
+local meta, entries, collapse, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local body, expires, collapse_key, message_id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local idempotency_ms, cap, new_epoch = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+if redis.call('HSETNX', meta, 'epoch', new_epoch) == 1 then
+  redis.call('HSET', meta, 'head', 0, 'trimmed', 0)
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+if idempotency_ms > 0 then
+  local seen = redis.call('HGET', ids, message_id)
+  if seen then return {tonumber(seen), epoch} end
+end
+local offset = redis.call('HINCRBY', meta, 'head', 1)
+if ARGV[8] ~= '1' then return {offset, epoch} end
+if collapse_key ~= '' then
+  local older = redis.call('HGET', collapse, collapse_key)
+  if older then redis.call('ZREMRANGEBYSCORE', entries, older, older) end
+  redis.call('HSET', collapse, collapse_key, offset)
+end
+redis.call('ZADD', entries, offset, body)
+local over = redis.call('ZCARD', entries) - cap
+if over > 0 then
+  local dropped = redis.call('ZPOPMIN', entries, over)
+  local last = tonumber(dropped[#dropped])
+  if last > tonumber(redis.call('HGET', meta, 'trimmed') or '0') then
+    redis.call('HSET', meta, 'trimmed', last)
+  end
+end
+for _, key in ipairs({entries, collapse}) do
+  local at = redis.call('PEXPIRETIME', key)
+  if at == -1 or (at >= 0 and at < expires) then redis.call('PEXPIREAT', key, expires) end
+end
+if idempotency_ms > 0 then
+  redis.call('HSET', ids, message_id, offset)
+  redis.call('PEXPIRE', ids, idempotency_ms)
+end
+return {offset, epoch}
+";
+
+/// Records a device's place in its app's stream `all`: ARGV[2] in the epoch ARGV[1], when
+/// that is the device's epoch and ahead of its place. With ARGV[3] = '1', sets the place
+/// whatever it was (a device moved to a new epoch of the stream).
+const ACK_STREAM: &str = r"
+if not redis.call('HGET', KEYS[1], 'app') then return 0 end
+local place = redis.call('HMGET', KEYS[1], 'all_epoch', 'all_acked')
+local offset = tonumber(ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'all_epoch', ARGV[1], 'all_acked', offset)
+elseif place[1] == ARGV[1] and offset > tonumber(place[2] or '0') then
+  redis.call('HSET', KEYS[1], 'all_acked', offset)
+end
 return 1
 ";
 
@@ -282,6 +371,9 @@ struct Scripts {
     set_tags: Script,
     change_tag: Script,
     set_alias: Script,
+    stream_meta: Script,
+    append: Script,
+    ack_stream: Script,
 }
 
 /// The Redis registry and offline store.
@@ -289,16 +381,19 @@ pub struct RedisStore {
     connection: RedisConnection,
     keys: Keys,
     cap: u32,
+    stream_cap: u32,
     scripts: Scripts,
 }
 
 impl RedisStore {
-    /// A store over `connection`, keeping at most `cap` messages per device.
-    pub fn new(connection: RedisConnection, key_prefix: &str, cap: u32) -> Self {
+    /// A store over `connection`, keeping at most `limits.max_stored_per_device` messages per
+    /// device and `limits.max_stored_per_stream` per shared stream.
+    pub fn new(connection: RedisConnection, key_prefix: &str, limits: &Limits) -> Self {
         Self {
             connection,
             keys: Keys::new(key_prefix),
-            cap,
+            cap: limits.max_stored_per_device,
+            stream_cap: limits.max_stored_per_stream,
             scripts: Scripts {
                 accept: Script::new(ACCEPT),
                 resume: Script::new(RESUME),
@@ -307,6 +402,9 @@ impl RedisStore {
                 set_tags: Script::new(SET_TAGS),
                 change_tag: Script::new(CHANGE_TAG),
                 set_alias: Script::new(SET_ALIAS),
+                stream_meta: Script::new(STREAM_META),
+                append: Script::new(APPEND),
+                ack_stream: Script::new(ACK_STREAM),
             },
         }
     }
@@ -327,31 +425,16 @@ impl RedisStore {
         let mut idempotency_ms = 0u64;
         let mut claim = None;
         if let Some((key, until_ms)) = &accept.idempotency {
-            let window = until_ms.saturating_sub(unix_millis()).max(1);
-            idempotency_ms = window;
+            idempotency_ms = until_ms.saturating_sub(unix_millis()).max(1);
             let redis_key = self.keys.idempotency(&accept.app, key);
-            let previous: Option<String> = redis::cmd("SET")
-                .arg(&redis_key)
-                .arg(format!("p:{}", message.id))
-                .arg("NX")
-                .arg("PX")
-                .arg(window)
-                .arg("GET")
-                .query_async(&mut self.connection())
-                .await
-                .map_err(backend)?;
-            match previous.as_deref().and_then(|value| value.split_once(':')) {
-                None => {}
-                Some(("d", first)) => {
-                    return Ok(AcceptOutcome::Duplicate {
-                        message_id: first.to_owned(),
-                    });
-                }
-                Some((_, first)) => {
+            match self.claim(&redis_key, &message.id, idempotency_ms).await? {
+                Claim::Done(first) => return Ok(AcceptOutcome::Duplicate { message_id: first }),
+                Claim::Pending(first) => {
                     let mut again = (*message).clone();
-                    again.id = first.to_owned();
+                    again.id = first;
                     message = Arc::new(again);
                 }
+                Claim::New => {}
             }
             claim = Some(redis_key);
         }
@@ -402,14 +485,7 @@ impl RedisStore {
             .zip(recorded)
             .collect();
         if let Some(redis_key) = claim {
-            let () = redis::cmd("SET")
-                .arg(&redis_key)
-                .arg(format!("d:{}", message.id))
-                .arg("XX")
-                .arg("KEEPTTL")
-                .query_async(&mut self.connection())
-                .await
-                .map_err(backend)?;
+            self.finish_claim(&redis_key, &message.id).await?;
         }
         Ok(AcceptOutcome::Accepted { message, targets })
     }
@@ -423,8 +499,9 @@ impl Registry for RedisStore {
         uid: &str,
         token: &str,
     ) -> Result<AdmittedDevice, StoreError> {
+        let meta = self.meta(app, ALL).await?;
         if plausible_token(token) {
-            let resumed: Option<(u64, u64)> = self
+            let resumed: Option<(u64, u64, u64, u64)> = self
                 .scripts
                 .resume
                 .key(self.keys.device(token))
@@ -433,14 +510,29 @@ impl Registry for RedisStore {
                 .invoke_async(&mut self.connection())
                 .await
                 .map_err(backend)?;
-            if let Some((highest_seq, acked_seq)) = resumed {
+            if let Some((highest_seq, acked_seq, epoch, acked)) = resumed {
                 // Always bind: this repairs a binding lost half-way before.
                 self.bind(app, uid, token).await?;
+                if epoch != meta.epoch {
+                    // The stream was recreated (its history lost): the device starts over
+                    // in the new epoch, and its acks count there.
+                    let _: i64 = self
+                        .scripts
+                        .ack_stream
+                        .key(self.keys.device(token))
+                        .arg(meta.epoch)
+                        .arg(0)
+                        .arg("1")
+                        .invoke_async(&mut self.connection())
+                        .await
+                        .map_err(backend)?;
+                }
                 return Ok(AdmittedDevice {
                     token: token.to_owned(),
                     resumed: true,
                     acked_seq,
                     highest_seq,
+                    all: meta.place(epoch, acked),
                 });
             }
         }
@@ -453,6 +545,8 @@ impl Registry for RedisStore {
                 .arg(app)
                 .arg(uid)
                 .arg(unix_millis())
+                .arg(meta.epoch)
+                .arg(meta.head)
                 .invoke_async(&mut self.connection())
                 .await
                 .map_err(backend)?;
@@ -463,6 +557,7 @@ impl Registry for RedisStore {
                     resumed: false,
                     acked_seq: 0,
                     highest_seq: 0,
+                    all: meta.place(meta.epoch, meta.head),
                 });
             }
         }
@@ -783,6 +878,33 @@ impl Registry for RedisStore {
     }
 }
 
+/// A stream's meta, as read from Redis.
+struct Meta {
+    epoch: u64,
+    head: u64,
+    trimmed: u64,
+}
+
+impl Meta {
+    /// A device's place, from its record of it (`epoch`, `acked`).
+    fn place(&self, epoch: u64, acked: u64) -> StreamPlace {
+        let same_epoch = self.epoch == epoch;
+        StreamPlace {
+            epoch: self.epoch,
+            acked: if same_epoch { acked.min(self.head) } else { 0 },
+            head: self.head,
+            trimmed: self.trimmed,
+            epoch_changed: !same_epoch,
+        }
+    }
+}
+
+/// A new stream epoch: 63 random bits (Lua reads numbers as doubles, so it is kept in a
+/// string), never 0.
+fn new_epoch() -> u64 {
+    (rand::random::<u64>() >> 1).max(1)
+}
+
 /// Tag rows one page of a tag's deletion takes off at most.
 const DELETE_PAGE: usize = 1000;
 
@@ -792,6 +914,23 @@ fn split_tags(tags: &str) -> Vec<String> {
 }
 
 impl RedisStore {
+    /// The meta of `app`'s `stream`, created with a new epoch if it has none.
+    async fn meta(&self, app: &str, stream: &str) -> Result<Meta, StoreError> {
+        let (epoch, head, trimmed): (u64, u64, u64) = self
+            .scripts
+            .stream_meta
+            .key(self.keys.stream_meta(app, stream))
+            .arg(new_epoch())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(Meta {
+            epoch,
+            head,
+            trimmed,
+        })
+    }
+
     /// Adds `token` to (`ZADD`, `SADD`) or takes it out of (`ZREM`, `SREM`) the index at
     /// `key`.
     async fn index_command(
@@ -844,15 +983,146 @@ impl OfflineStore for RedisStore {
     }
 
     async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
-        let queue = self.keys.queue(token);
+        self.read_range(&self.keys.queue(token), after, limit).await
+    }
+
+    async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError> {
+        if !plausible_token(token) {
+            return Ok(None);
+        }
+        let (exists, dropped, collapsed, pending): (bool, Option<u64>, Option<u64>, u64) =
+            redis::pipe()
+                .exists(self.keys.device(token))
+                .hget(self.keys.device(token), "dropped")
+                .hget(self.keys.device(token), "collapsed")
+                .zcard(self.keys.queue(token))
+                .query_async(&mut self.connection())
+                .await
+                .map_err(backend)?;
+        Ok(exists.then(|| DeviceCounters {
+            pending,
+            dropped: dropped.unwrap_or(0),
+            collapsed: collapsed.unwrap_or(0),
+        }))
+    }
+
+    async fn append(
+        &self,
+        app: &str,
+        stream: &str,
+        message: Arc<Message>,
+        idempotency: Option<(String, u64)>,
+    ) -> Result<AppendOutcome, StoreError> {
+        // As `record`: the key claimed first (`p:<id>`), then the append, then marked done
+        // (`d:<id>`); a retry that finds the claim pending appends under the first id, and
+        // the stream's record of message ids makes that a no-op if the first got through.
+        let mut message = message;
+        let mut idempotency_ms = 0u64;
+        let mut claim = None;
+        if let Some((key, until_ms)) = &idempotency {
+            idempotency_ms = until_ms.saturating_sub(unix_millis()).max(1);
+            let redis_key = self.keys.idempotency(app, key);
+            match self.claim(&redis_key, &message.id, idempotency_ms).await? {
+                Claim::Done(first) => return Ok(AppendOutcome::Duplicate { message_id: first }),
+                Claim::Pending(first) => {
+                    let mut again = (*message).clone();
+                    again.id = first;
+                    message = Arc::new(again);
+                }
+                Claim::New => {}
+            }
+            claim = Some(redis_key);
+        }
+        let (offset, _epoch): (u64, u64) = self
+            .scripts
+            .append
+            .key(self.keys.stream_meta(app, stream))
+            .key(self.keys.stream_entries(app, stream))
+            .key(self.keys.stream_collapse(app, stream))
+            .key(self.keys.stream_ids(app, stream))
+            .arg(message.to_stored().encode_to_vec())
+            .arg(message.expires_at_ms)
+            .arg(&message.collapse_key)
+            .arg(&message.id)
+            .arg(idempotency_ms)
+            .arg(self.stream_cap)
+            .arg(new_epoch())
+            .arg(if message.is_storable() { "1" } else { "0" })
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        if let Some(redis_key) = claim {
+            self.finish_claim(&redis_key, &message.id).await?;
+        }
+        Ok(AppendOutcome::Appended { message, offset })
+    }
+
+    async fn read_stream(
+        &self,
+        app: &str,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<StreamRead, StoreError> {
+        let replay = self
+            .read_range(&self.keys.stream_entries(app, stream), after, limit)
+            .await?;
+        Ok(StreamRead {
+            entries: replay
+                .deliveries
+                .into_iter()
+                .map(|delivery| (delivery.seq, delivery.message))
+                .collect(),
+            more: replay.more,
+        })
+    }
+
+    async fn ack_stream(
+        &self,
+        token: &str,
+        stream: &str,
+        epoch: u64,
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        if stream != ALL || !plausible_token(token) {
+            return Ok(());
+        }
+        let _: i64 = self
+            .scripts
+            .ack_stream
+            .key(self.keys.device(token))
+            .arg(epoch)
+            .arg(offset)
+            .arg("0")
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// What claiming an idempotency key found.
+enum Claim {
+    /// The key is new: claimed for this message.
+    New,
+    /// An earlier push with the key is under way, or died midway: its message id.
+    Pending(String),
+    /// An earlier push with the key was recorded: its message id.
+    Done(String),
+}
+
+impl RedisStore {
+    /// Up to `limit` unexpired members of the sorted set `key` (a device's queue, a
+    /// stream's entries) scored above `after`, as deliveries with their score for a seq.
+    /// Expired members are skipped and removed on the way; each page reads past them.
+    async fn read_range(&self, key: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
         let now_ms = unix_millis();
         let mut replay = Replay::default();
         let mut cursor = after;
-        // Expired messages are skipped and removed on the way; each page reads past them.
         loop {
             let wanted = u64::from(limit) - replay.deliveries.len() as u64;
             let rows: Vec<(Vec<u8>, u64)> = redis::cmd("ZRANGEBYSCORE")
-                .arg(&queue)
+                .arg(key)
                 .arg(format!("({cursor}"))
                 .arg("+inf")
                 .arg("WITHSCORES")
@@ -888,7 +1158,7 @@ impl OfflineStore for RedisStore {
             }
             if !expired.is_empty() {
                 let _: i64 = redis::cmd("ZREM")
-                    .arg(&queue)
+                    .arg(key)
                     .arg(expired)
                     .query_async(&mut self.connection())
                     .await
@@ -900,24 +1170,43 @@ impl OfflineStore for RedisStore {
         }
     }
 
-    async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>, StoreError> {
-        if !plausible_token(token) {
-            return Ok(None);
-        }
-        let (exists, dropped, collapsed, pending): (bool, Option<u64>, Option<u64>, u64) =
-            redis::pipe()
-                .exists(self.keys.device(token))
-                .hget(self.keys.device(token), "dropped")
-                .hget(self.keys.device(token), "collapsed")
-                .zcard(self.keys.queue(token))
-                .query_async(&mut self.connection())
-                .await
-                .map_err(backend)?;
-        Ok(exists.then(|| DeviceCounters {
-            pending,
-            dropped: dropped.unwrap_or(0),
-            collapsed: collapsed.unwrap_or(0),
-        }))
+    /// Claims the idempotency key `redis_key` for `message_id` for `window_ms`.
+    async fn claim(
+        &self,
+        redis_key: &str,
+        message_id: &str,
+        window_ms: u64,
+    ) -> Result<Claim, StoreError> {
+        let previous: Option<String> = redis::cmd("SET")
+            .arg(redis_key)
+            .arg(format!("p:{message_id}"))
+            .arg("NX")
+            .arg("PX")
+            .arg(window_ms)
+            .arg("GET")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(
+            match previous.as_deref().and_then(|value| value.split_once(':')) {
+                None => Claim::New,
+                Some(("d", first)) => Claim::Done(first.to_owned()),
+                Some((_, first)) => Claim::Pending(first.to_owned()),
+            },
+        )
+    }
+
+    /// Marks a claimed idempotency key done: its push is fully recorded.
+    async fn finish_claim(&self, redis_key: &str, message_id: &str) -> Result<(), StoreError> {
+        let () = redis::cmd("SET")
+            .arg(redis_key)
+            .arg(format!("d:{message_id}"))
+            .arg("XX")
+            .arg("KEEPTTL")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
     }
 }
 

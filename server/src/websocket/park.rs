@@ -380,10 +380,11 @@ mod tests {
     /// What a parked connection keeps in its box in the lot: the socket, the session, its
     /// table entry and token, the accept record's box and the timer's key (the framing
     /// only when it holds something). Beside it: the accept record, the table entry, the
-    /// waker and the timer's place in the set; BENCHMARKS.md has the measured RSS.
+    /// waker and the timer's place in the set; BENCHMARKS.md has the measured RSS. (The
+    /// session's second lane, the app's stream `all`, took it from 184 to 248 bytes.)
     #[test]
     fn a_parked_connection_stays_small() {
         let size = size_of::<Parked>();
-        assert!(size <= 192, "a parked connection is {size} bytes");
+        assert!(size <= 256, "a parked connection is {size} bytes");
     }
 }

@@ -435,5 +435,6 @@ pub fn state_of(connection: &Connection, last_seq: u64) -> DeviceState {
     DeviceState {
         device_token: connection.welcome().device_token.clone(),
         last_seq,
+        ..DeviceState::default()
     }
 }

@@ -3,6 +3,7 @@
 //! in `tests/store_contract.rs`.
 
 use super::*;
+use crate::config::Limits;
 use crate::connections::ConnectionTable;
 use crate::message::{new_message_id, unix_millis};
 use crate::store::Target;
@@ -12,7 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 fn open(dir: &Path) -> Result<EmbeddedStore> {
     let table = Arc::new(ConnectionTable::new(16, CancellationToken::new()));
-    EmbeddedStore::open(dir, 16, 10, table)
+    let limits = Limits {
+        store_queue: 16,
+        max_stored_per_device: 10,
+        ..Limits::default()
+    };
+    EmbeddedStore::open(dir, &limits, table)
 }
 
 async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u64 {
