@@ -269,9 +269,20 @@ impl ConnectionTable {
         live
     }
 
-    /// The highest offset of `app`'s stream `all` this process has handed out (0: none).
+    /// The highest offset of `app`'s stream `all` this process has handed out, or heard of
+    /// (0: none).
     pub fn stream_head(&self, app: &str) -> u64 {
         self.heads.get(app).map_or(0, |head| *head)
+    }
+
+    /// Notes that `app`'s stream `all` has reached `head` (read from the store): sessions
+    /// behind it read the stream at their next heartbeat.
+    pub fn note_stream_head(&self, app: &str, head: u64) {
+        let app = self.app_name(app);
+        self.heads
+            .entry(app)
+            .and_modify(|known| *known = (*known).max(head))
+            .or_insert(head);
     }
 
     /// Shuts the table down: cancels the shutdown token (listeners stop accepting) and asks

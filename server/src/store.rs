@@ -357,6 +357,9 @@ pub trait OfflineStore: Send + Sync + 'static {
         idempotency: Option<(String, u64)>,
     ) -> Result<AppendOutcome, StoreError>;
 
+    /// The highest offset `app`'s `stream` has assigned (0: none yet).
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64, StoreError>;
+
     /// Up to `limit` unexpired entries of `app`'s `stream` after `after`.
     async fn read_stream(
         &self,

@@ -158,3 +158,34 @@ async fn a_push_to_all_in_cluster_mode_reaches_the_devices_of_every_node() {
     assert_eq!(offsets, [1, 2]);
     assert_eq!(next_push(&mut first).await.offset, 2);
 }
+
+/// A node that missed a push's DeliverShared call (it was frozen when the gateway called)
+/// still gets the message to its connected devices: it reads the stream's head from the
+/// store every heartbeat, and a session behind it reads the stream.
+#[tokio::test]
+async fn a_missed_shared_delivery_reaches_connected_devices_by_their_next_heartbeat() {
+    use support::cluster::{Deployment, GatewayProcess, NodeProcess, Redis};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let heartbeat = [
+        ("PIGEON_LIMITS__HEARTBEAT_INTERVAL", "1s"),
+        ("PIGEON_LIMITS__IDLE_TIMEOUT", "10s"),
+    ];
+    let node = NodeProcess::start(&deployment, &heartbeat);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut device = support::cluster::connect(&node, "dana", &DeviceState::default()).await;
+    node.signal("STOP");
+    let (status, answer) = gateway.push(all(json!({"n": 1}))).await;
+    node.signal("CONT");
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["delivered"], 0,
+        "the node was frozen: {answer}"
+    );
+    let push = tokio::time::timeout(std::time::Duration::from_secs(8), next_push(&mut device))
+        .await
+        .expect("the message by the next heartbeats");
+    assert_eq!(shape(&push), ("all".into(), 1, 0, json!({"n": 1})));
+}

@@ -237,6 +237,14 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     ));
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
+    let app_ids: Vec<String> = context.apps.iter().map(|app| app.id.clone()).collect();
+    tokio::spawn(watch_stream_heads(
+        context.store.clone(),
+        connections.clone(),
+        app_ids,
+        limits.heartbeat_interval,
+        shutdown.clone(),
+    ));
     devices.start(Arc::new(context), &settings, &tracker);
 
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
@@ -292,6 +300,37 @@ fn caller_check(
             _ => Err(Status::unauthenticated(
                 "the internal API needs the cluster's secret",
             )),
+        }
+    }
+}
+
+/// Reads the head of each app's stream `all` every `interval`, so a message whose
+/// DeliverShared call this node missed (a timeout, a restart) is read from the stream by its
+/// connected devices at their next heartbeat, not only when they reconnect.
+async fn watch_stream_heads(
+    store: Arc<dyn crate::store::Store>,
+    connections: Arc<ConnectionTable>,
+    apps: Vec<String>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        for app in &apps {
+            match store.stream_head(app, ALL).await {
+                Ok(head) => connections.note_stream_head(app, head),
+                Err(error) => {
+                    static THROTTLE: Throttle = Throttle::new();
+                    if let Some(suppressed) = THROTTLE.allow() {
+                        tracing::warn!(%error, suppressed, "reading a stream's head failed");
+                    }
+                }
+            }
         }
     }
 }

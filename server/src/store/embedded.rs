@@ -548,6 +548,20 @@ impl OfflineStore for EmbeddedStore {
         }
     }
 
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64> {
+        let key = format!("{app}\0{stream}");
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let metas = txn.open_table(STREAM_META).map_err(backend)?;
+            let head = match metas.get(key.as_str()).map_err(backend)? {
+                Some(value) => StreamMeta::decode(value.value()).map_err(backend)?.head,
+                None => 0,
+            };
+            Ok(head)
+        })
+        .await
+    }
+
     async fn read_stream(
         &self,
         app: &str,

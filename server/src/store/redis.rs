@@ -1057,6 +1057,16 @@ impl OfflineStore for RedisStore {
         Ok(AppendOutcome::Appended { message, offset })
     }
 
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64, StoreError> {
+        let head: Option<u64> = redis::cmd("HGET")
+            .arg(self.keys.stream_meta(app, stream))
+            .arg("head")
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(head.unwrap_or(0))
+    }
+
     async fn read_stream(
         &self,
         app: &str,

@@ -307,6 +307,13 @@ impl NodeProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) without waiting.
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status();
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn terminate(&self) {
         let _ = Command::new("kill")
