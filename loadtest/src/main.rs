@@ -10,9 +10,9 @@
 //!   kernel's socket memory, the simulator's bytes per device.
 //! - `unicast`: pushes to random uids at a target rate (HTTP or gRPC): achieved rate,
 //!   latency percentiles from send to device receipt, errors by kind.
-//! - `broadcast`: one message to every connected device, in one push request whose audience
-//!   is every uid (`--audience` splits it): time to first and last delivery, deliveries per
-//!   second.
+//! - `broadcast`: one message to every connected device, pushed to the app's audience `all`
+//!   (stored once), or with `--uids` to every device's uid (`--audience` uids per request):
+//!   time to first and last delivery, deliveries per second.
 //! - `reconnect-storm`: N devices with K stored messages each reconnect at once: time until
 //!   all are back and everything is replayed.
 
@@ -71,13 +71,17 @@ enum Scenario {
         #[arg(long, value_enum, default_value_t = Api::Http)]
         api: Api,
     },
-    /// One push to every connected device.
+    /// One push to every connected device: to the app's audience `all` (stored once), or,
+    /// with `--uids`, to every device's uid (a copy per device).
     Broadcast {
         #[command(flatten)]
         common: Common,
-        /// Uids per push request. Default: every device in one request when the harness
-        /// starts the deployment (its gateway's `limits.max_audience` raised to match);
-        /// 1,000 (the API's default limit) against a running deployment.
+        /// Push to the devices' uids instead of `all`.
+        #[arg(long)]
+        uids: bool,
+        /// With `--uids`: uids per push request. Default: every device in one request when
+        /// the harness starts the deployment (its gateway's `limits.max_audience` raised to
+        /// match); 1,000 (the API's default limit) against a running deployment.
         #[arg(long)]
         audience: Option<usize>,
     },
@@ -197,9 +201,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     // A broadcast is one request to every device, so the gateway the harness starts must
     // take an audience that large.
     let max_audience = match &cli.scenario {
-        Scenario::Broadcast { audience, .. } => {
-            Some(audience.unwrap_or(common.devices).max(AUDIENCE))
-        }
+        Scenario::Broadcast {
+            audience,
+            uids: true,
+            ..
+        } => Some(audience.unwrap_or(common.devices).max(AUDIENCE)),
         _ => None,
     };
     let mut run = prepare(name, command, common, max_audience).await?;
@@ -220,13 +226,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             )
             .await
         }
-        Scenario::Broadcast { common, audience } => {
-            let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
-                common.devices
-            } else {
-                AUDIENCE
+        Scenario::Broadcast {
+            common,
+            uids,
+            audience,
+        } => {
+            let audience = uids.then(|| {
+                let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
+                    common.devices
+                } else {
+                    AUDIENCE
+                });
+                audience.max(1)
             });
-            broadcast(&mut run, common, audience.max(1)).await
+            broadcast(&mut run, common, audience).await
         }
         Scenario::ReconnectStorm { common, messages } => {
             reconnect_storm(&mut run, common, *messages).await
@@ -518,6 +531,29 @@ async fn push_to_all(
     accepted
 }
 
+/// One push to the audience `all`: every device of the app. Counts `devices` deliveries
+/// when accepted (the answer counts only the live hand-offs, and every connected device is
+/// to get it).
+async fn push_everyone(
+    deployment: &Deployment,
+    errors: &mut BTreeMap<String, u64>,
+    devices: u64,
+) -> u64 {
+    let body = json!({"audience": {"all": true}, "payload": {"broadcast": 1}, "ttl": 3600});
+    let request = reqwest::Client::new()
+        .post(format!("{}/v1/push", deployment.http_url))
+        .bearer_auth(&deployment.app.api_key)
+        .json(&body)
+        .send();
+    match classify(request.await).await {
+        Ok(_) => devices,
+        Err(kind) => {
+            *errors.entry(kind).or_default() += 1;
+            0
+        }
+    }
+}
+
 /// A push's accepted deliveries as the API counted them, or its error kind.
 async fn classify(response: reqwest::Result<reqwest::Response>) -> Result<u64, String> {
     let response = response.map_err(|error| {
@@ -707,20 +743,31 @@ async fn expect_deliveries(run: &mut Run, expected: u64, timeout: Duration) -> a
     Ok(())
 }
 
-async fn broadcast(run: &mut Run, common: &Common, audience: usize) -> anyhow::Result<()> {
+/// One push to every device: to the audience `all`, or (with `audience`, uids per request)
+/// to every device's uid.
+async fn broadcast(
+    run: &mut Run,
+    common: &Common,
+    audience: Option<usize>,
+) -> anyhow::Result<()> {
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
     let mut errors = BTreeMap::new();
     let sent_us = unix_micros();
     let begin = Instant::now();
-    let accepted = push_to_all(
-        &run.deployment,
-        &uids,
-        audience,
-        json!({"broadcast": 1}),
-        &mut errors,
-    )
-    .await;
+    let accepted = match audience {
+        Some(audience) => {
+            push_to_all(
+                &run.deployment,
+                &uids,
+                audience,
+                json!({"broadcast": 1}),
+                &mut errors,
+            )
+            .await
+        }
+        None => push_everyone(&run.deployment, &mut errors, common.devices as u64).await,
+    };
     let api_time = begin.elapsed().as_secs_f64();
     run.result.errors = errors;
     if accepted < common.devices as u64 {
@@ -749,8 +796,14 @@ async fn broadcast(run: &mut Run, common: &Common, audience: usize) -> anyhow::R
         .unwrap_or(sent_us);
     let to_last = last.saturating_sub(sent_us) as f64 / 1e6;
     run.result.figure(
-        "requests (uids per request)",
-        format!("{} ({audience})", uids.len().div_ceil(audience)),
+        "audience",
+        match audience {
+            Some(audience) => format!(
+                "uids: {} requests of {audience}",
+                uids.len().div_ceil(audience)
+            ),
+            None => "all (one request, stored once)".to_owned(),
+        },
     );
     run.result
         .figure("API answered all (s)", round(api_time, 3));
