@@ -745,11 +745,7 @@ async fn expect_deliveries(run: &mut Run, expected: u64, timeout: Duration) -> a
 
 /// One push to every device: to the audience `all`, or (with `audience`, uids per request)
 /// to every device's uid.
-async fn broadcast(
-    run: &mut Run,
-    common: &Common,
-    audience: Option<usize>,
-) -> anyhow::Result<()> {
+async fn broadcast(run: &mut Run, common: &Common, audience: Option<usize>) -> anyhow::Result<()> {
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
     let mut errors = BTreeMap::new();
