@@ -96,6 +96,9 @@ pub enum CloseCode {
     Replaced = 4003,
     /// The device sent nothing (not even a Pong) before the idle deadline.
     IdleTimeout = 4004,
+    /// The app's shared stream was recreated (its history was lost, e.g. Redis lost its
+    /// data): reconnect, and the Welcome tells what the node can prove (`recovered`).
+    StreamReset = 4005,
     /// The device stopped reading: a write to it did not complete within the idle timeout.
     /// Whatever it missed is kept and replayed when it reconnects.
     SlowConsumer = 4008,
@@ -120,6 +123,7 @@ impl CloseCode {
             HandshakeTimeout,
             Replaced,
             IdleTimeout,
+            StreamReset,
             SlowConsumer,
         ]
         .into_iter()

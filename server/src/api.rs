@@ -32,6 +32,7 @@ use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 
 use crate::config::{AppSettings, Limits, Secret};
 use crate::devices::{self, Devices};
+use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::push::{Pipeline, PushOutcome, PushRequest};
 use crate::store::StoreError;
@@ -294,7 +295,16 @@ struct AudienceBody {
     aliases: Vec<String>,
     #[serde(default)]
     all: bool,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    tags_and: Vec<String>,
+    #[serde(default)]
+    tags_not: Vec<String>,
 }
+
+/// Tags one push may name in each of `tags`, `tags_and` and `tags_not`, at most.
+pub const MAX_TAGS_PER_KIND: usize = 20;
 
 /// A `T` that must be written as a JSON object.
 struct Object<T>(T);
@@ -618,6 +628,11 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             tokens: parsed.audience.0.tokens,
             aliases: parsed.audience.0.aliases,
             all: parsed.audience.0.all,
+            tags: TagFilter {
+                any: parsed.audience.0.tags,
+                all: parsed.audience.0.tags_and,
+                none: parsed.audience.0.tags_not,
+            },
             payload: parsed.payload.get(),
             ttl_seconds: parsed.ttl,
             priority: match parsed.priority {
@@ -738,6 +753,8 @@ pub struct PushFields<'a> {
     pub aliases: Vec<String>,
     /// Every device of the app.
     pub all: bool,
+    /// Devices by their tags (`tags`, `tags_and`, `tags_not`); empty lists name none.
+    pub tags: TagFilter,
     /// The payload's JSON text, already known to be JSON.
     pub payload: &'a str,
     /// TTL in seconds, if given.
@@ -770,19 +787,43 @@ pub fn validate_push(
         tokens: fields.tokens,
         aliases: fields.aliases,
         all: fields.all,
+        tags: Vec::new(),
+        tags_and: Vec::new(),
+        tags_not: Vec::new(),
     };
+    let tags = fields.tags;
     let named = audience.uids.len() + audience.tokens.len() + audience.aliases.len();
-    if audience.all && named > 0 {
+    let by_tags = !(tags.any.is_empty() && tags.all.is_empty() && tags.none.is_empty());
+    if audience.all && (named > 0 || by_tags) {
         return Err(ApiError::invalid(
             "audience.all",
-            "every device of the app is everyone: name no uids, tokens or aliases beside it",
+            "every device of the app is everyone: name no uids, tokens, aliases or tags beside it",
         ));
     }
-    if named == 0 && !audience.all {
+    if by_tags && named > 0 {
         return Err(ApiError::invalid(
             "audience",
-            "name at least one of audience.uids, audience.tokens or audience.aliases, or set audience.all",
+            "tags (tags, tags_and, tags_not) cannot be combined with uids, tokens or aliases: push to each separately",
         ));
+    }
+    if named == 0 && !audience.all && !by_tags {
+        return Err(ApiError::invalid(
+            "audience",
+            "name at least one of audience.uids, audience.tokens, audience.aliases, audience.tags, audience.tags_and or audience.tags_not, or set audience.all",
+        ));
+    }
+    for (field, list) in [
+        ("audience.tags", &tags.any),
+        ("audience.tags_and", &tags.all),
+        ("audience.tags_not", &tags.none),
+    ] {
+        if list.len() > MAX_TAGS_PER_KIND {
+            return Err(ApiError::invalid(
+                field,
+                format!("at most {MAX_TAGS_PER_KIND} tags"),
+            ));
+        }
+        devices::check_names(field, list)?;
     }
     if named > limits.max_audience {
         return Err(ApiError::invalid(
@@ -845,6 +886,7 @@ pub fn validate_push(
         tokens: audience.tokens,
         aliases: audience.aliases,
         all: audience.all,
+        tags: by_tags.then_some(tags),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
         ttl,
         priority: fields.priority,

@@ -7,20 +7,30 @@
 //! when a connection's queue is full the push is not queued but the connection is told it
 //! fell behind, and it reads what it missed from the offline store (every push is stored
 //! before it is delivered). An idle connection's queue holds no allocation.
+//!
+//! Each app's shared stream (pushes to `all` and to tags) is handed out in offset order,
+//! to the connections each entry is for ([`stream`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use pigeon_proto::CloseCode;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Delivery, SharedDelivery};
-use crate::store::{Route, Routes};
+use crate::message::{Delivery, Message, SharedDelivery, TagFilter};
+use crate::store::{DeviceTags, Route, Routes, StreamHead};
+
+mod stream;
+
+pub use stream::AppStream;
+use stream::{Accepted, StreamState};
 
 /// The live device connections of one process, by device token.
 pub struct ConnectionTable {
@@ -33,10 +43,12 @@ pub struct ConnectionTable {
     /// Places taken within the process's connection limit: one per device that has said
     /// Hello, until its connection ends (see [`ConnectionTable::reserve`]).
     reserved: AtomicUsize,
-    /// The apps of the connections, each name held once.
-    apps: Mutex<Vec<Arc<str>>>,
-    /// The highest offset of each app's stream `all` this process has handed out.
-    heads: DashMap<Arc<str>, u64>,
+    /// The apps of the connections and their streams, each held once.
+    apps: Mutex<HashMap<Arc<str>, Arc<AppStream>>>,
+    /// Woken when a gap opens in an app's stream (see `crate::stream_keeper`).
+    gap_opened: Notify,
+    /// Tag changes heard of (see [`ConnectionTable::retags`]).
+    retags: AtomicU64,
 }
 
 /// One live device connection, as the rest of the process sees it.
@@ -44,7 +56,7 @@ pub struct ConnectionTable {
 pub struct Connection {
     id: u64,
     /// The app of the device.
-    app: Arc<str>,
+    app: Arc<AppStream>,
     outbound: Mutex<Outbound>,
     /// Set when there is something to take; the connection's task clears it.
     pending: AtomicBool,
@@ -60,6 +72,11 @@ struct Outbound {
     fell_behind: bool,
     shared_fell_behind: bool,
     close: Option<CloseCode>,
+    /// The device's tags and when it got each (the offset of the app's stream), sorted by
+    /// name; names are the app's one copy.
+    tags: TagList,
+    /// The version of those tags (a change with a lower one is older).
+    tags_version: u64,
 }
 
 /// What a connection's task takes from its [`Connection`] when woken.
@@ -86,7 +103,15 @@ impl Connection {
 
     /// The app of the device.
     pub fn app(&self) -> &Arc<str> {
-        &self.app
+        self.app.name()
+    }
+
+    /// Whether the message at `offset` of the app's stream is for this device.
+    pub fn is_for(&self, message: &Message, offset: u64) -> bool {
+        match message.filter.as_deref() {
+            None => true,
+            Some(filter) => lock(&self.outbound).is_for(filter, offset),
+        }
     }
 
     /// Ready once there is something to take (since the last time it was ready). Only the
@@ -158,11 +183,18 @@ impl Connection {
         queued
     }
 
-    /// Queues a live push of a shared stream, as [`Connection::offer`] does a direct one.
-    fn offer_shared(&self, delivery: SharedDelivery, limit: usize) -> bool {
+    /// Queues a live push of a shared stream, as [`Connection::offer`] does a direct one,
+    /// if it is for this device; false when it was not queued.
+    fn offer_shared(&self, delivery: &SharedDelivery, limit: usize) -> bool {
         let queued = {
             let mut outbound = lock(&self.outbound);
+            if let Some(filter) = delivery.message.filter.as_deref()
+                && !outbound.is_for(filter, delivery.offset)
+            {
+                return false;
+            }
             if outbound.shared.len() < limit {
+                let delivery = delivery.clone();
                 outbound.shared.push_back(delivery);
                 true
             } else {
@@ -172,6 +204,17 @@ impl Connection {
         };
         self.wake();
         queued
+    }
+}
+
+impl Outbound {
+    fn is_for(&self, filter: &TagFilter, offset: u64) -> bool {
+        filter.matches(offset, |name| {
+            self.tags
+                .binary_search_by(|(have, _)| (**have).cmp(name))
+                .ok()
+                .map(|index| self.tags[index].1)
+        })
     }
 }
 
@@ -205,8 +248,9 @@ impl ConnectionTable {
             shutdown,
             parked: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
-            apps: Mutex::new(Vec::new()),
-            heads: DashMap::new(),
+            apps: Mutex::new(HashMap::new()),
+            gap_opened: Notify::new(),
+            retags: AtomicU64::new(0),
         }
     }
 
@@ -215,74 +259,243 @@ impl ConnectionTable {
         &self.shutdown
     }
 
-    /// Registers a new connection for `token`. An older connection of the same token is
-    /// asked to close with [`CloseCode::Replaced`].
-    pub fn register(&self, token: &Arc<str>, app: &str) -> Arc<Connection> {
+    /// Registers a new connection for `token` of `app`, with the device's tags and where
+    /// the app's stream stood when the device was admitted. An older connection of the same
+    /// token is asked to close with [`CloseCode::Replaced`]. Returns the connection and its
+    /// floor: the offset of the app's stream up to which this table had handed out entries
+    /// (the session reads those from the store; later ones come from here, in order).
+    pub fn register(
+        &self,
+        token: &Arc<str>,
+        app: &str,
+        head: StreamHead,
+        tags: &DeviceTags,
+    ) -> (Arc<Connection>, u64) {
+        let stream = self.app_stream(app);
+        let mut state = stream.lock();
+        if head.epoch != state.epoch && head.epoch != 0 && !state.is_retired(head.epoch) {
+            // The first connection of the app here, or the store's stream was recreated
+            // since the connections here were admitted: they are in an epoch that is gone.
+            let recreated = state.epoch != 0;
+            state.restart(head.epoch, head.head);
+            if recreated {
+                self.close_app(&stream, CloseCode::StreamReset);
+            }
+        }
+        let tags = interned(&mut state, tags);
         let connection = Arc::new(Connection {
             id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
-            app: self.app_name(app),
-            outbound: Mutex::new(Outbound::default()),
+            app: stream.clone(),
+            outbound: Mutex::new(Outbound {
+                tags: tags.0,
+                tags_version: tags.1,
+                ..Outbound::default()
+            }),
             pending: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
+        state.index(&connection, &lock(&connection.outbound).tags);
+        state.members += 1;
         if let Some(older) = self.connections.insert(token.clone(), connection.clone()) {
             older.close(CloseCode::Replaced);
+            if Arc::ptr_eq(&older.app, &stream) {
+                self.forget(&older, &mut state);
+            }
         }
+        let floor = state.through;
+        drop(state);
         // Registered after `shut_down` went through the table: close it here instead.
         if self.shutdown.is_cancelled() {
             connection.close(CloseCode::GoingAway);
         }
-        connection
+        (connection, floor)
     }
 
-    /// The one copy of the app name `app`.
-    fn app_name(&self, app: &str) -> Arc<str> {
+    /// The app `app` and its stream, created on first use.
+    fn app_stream(&self, app: &str) -> Arc<AppStream> {
         let mut apps = self
             .apps
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(name) = apps.iter().find(|name| ***name == *app) {
-            return name.clone();
+        if let Some(stream) = apps.get(app) {
+            return stream.clone();
         }
         let name: Arc<str> = Arc::from(app);
-        apps.push(name.clone());
-        name
+        let stream = Arc::new(AppStream::new(name.clone()));
+        apps.insert(name, stream.clone());
+        stream
     }
 
-    /// Hands a live push of `app`'s stream `all` to every connection of that app here;
-    /// returns how many took it live.
-    pub fn deliver_shared(&self, app: &str, delivery: &SharedDelivery) -> u32 {
-        let app = self.app_name(app);
-        self.heads
-            .entry(app.clone())
-            .and_modify(|head| *head = (*head).max(delivery.offset))
-            .or_insert(delivery.offset);
-        let mut live = 0;
+    /// The apps this table knows.
+    pub fn apps(&self) -> Vec<Arc<AppStream>> {
+        self.apps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Takes a connection that is leaving out of its app's books (under the app's lock).
+    fn forget(&self, connection: &Connection, state: &mut StreamState) {
+        let tags = std::mem::take(&mut lock(&connection.outbound).tags);
+        state.unindex(connection.id, &tags);
+        state.members = state.members.saturating_sub(1);
+    }
+
+    /// Asks every connection of `stream`'s app to close with `code` (its lock held).
+    fn close_app(&self, stream: &Arc<AppStream>, code: CloseCode) {
         for entry in self.connections.iter() {
-            // Compared by address: every connection's app name is the table's one copy.
-            if Arc::ptr_eq(&entry.app, &app)
-                && entry.offer_shared(delivery.clone(), self.queue_limit)
-            {
-                live += 1;
+            if Arc::ptr_eq(&entry.app, stream) {
+                entry.close(code);
+            }
+        }
+    }
+
+    /// Hands an entry of `app`'s shared stream to every connection of the app here that it
+    /// is for, in offset order (an entry that overtook an earlier one waits for it); returns
+    /// how many took it live now.
+    pub fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+        let stream = self.app_stream(app);
+        let mut state = stream.lock();
+        match state.accept(delivery.clone()) {
+            Accepted::HandOut(entries) => entries
+                .iter()
+                .map(|entry| self.hand_out(&stream, &state, entry))
+                .fold(0, u32::saturating_add),
+            Accepted::Nothing { gap } => {
+                if gap {
+                    self.gap_opened.notify_one();
+                }
+                0
+            }
+            Accepted::NewEpoch => {
+                // The stream was recreated (its history lost): every device here must
+                // reconnect to learn it.
+                state.restart(delivery.epoch, delivery.offset.saturating_sub(1));
+                self.close_app(&stream, CloseCode::StreamReset);
+                0
+            }
+        }
+    }
+
+    /// Entries of `stream` read from the store to close a gap, complete up to `complete`
+    /// (see `stream::StreamState::fill`).
+    pub fn fill_stream(
+        &self,
+        stream: &Arc<AppStream>,
+        epoch: u64,
+        entries: Vec<SharedDelivery>,
+        complete: u64,
+    ) {
+        let mut state = stream.lock();
+        for entry in state.fill(epoch, entries, complete) {
+            self.hand_out(stream, &state, &entry);
+        }
+    }
+
+    /// The store says `stream` is at `head`: when that is another epoch than the one here
+    /// (the stream was recreated, or is gone), every connection of the app is asked to
+    /// reconnect. Returns where the stream stands here: its epoch and the offset handed out
+    /// to, when there is something to read from the store.
+    pub fn check_stream(&self, stream: &Arc<AppStream>, head: StreamHead) -> Option<(u64, u64)> {
+        let mut state = stream.lock();
+        if state.members == 0 {
+            return None;
+        }
+        if head.epoch != state.epoch {
+            if head.epoch != 0 && state.is_retired(head.epoch) {
+                return None;
+            }
+            state.restart(head.epoch, head.head);
+            self.close_app(stream, CloseCode::StreamReset);
+            return None;
+        }
+        (state.through < head.head).then_some((state.epoch, state.through))
+    }
+
+    /// Whether `stream` has had a gap open since before `before`.
+    pub fn has_gap(&self, stream: &AppStream, before: Instant) -> bool {
+        stream.lock().gap_open_since(before)
+    }
+
+    /// Completes when a gap opens in some app's stream.
+    pub async fn gap_opened(&self) {
+        self.gap_opened.notified().await;
+    }
+
+    /// Hands one entry to the connections of the app it is for (the app's lock held).
+    fn hand_out(
+        &self,
+        stream: &Arc<AppStream>,
+        state: &StreamState,
+        entry: &SharedDelivery,
+    ) -> u32 {
+        let mut live = 0u32;
+        let candidates = entry
+            .message
+            .filter
+            .as_deref()
+            .and_then(|filter| state.candidates(filter));
+        match candidates {
+            Some(candidates) => {
+                for connection in candidates {
+                    if connection.offer_shared(entry, self.queue_limit) {
+                        live += 1;
+                    }
+                }
+            }
+            None => {
+                for connection in self.connections.iter() {
+                    // Compared by address: every connection of an app shares its one copy.
+                    if Arc::ptr_eq(&connection.app, stream)
+                        && connection.offer_shared(entry, self.queue_limit)
+                    {
+                        live += 1;
+                    }
+                }
             }
         }
         live
     }
 
-    /// The highest offset of `app`'s stream `all` this process has handed out, or heard of
-    /// (0: none).
-    pub fn stream_head(&self, app: &str) -> u64 {
-        self.heads.get(app).map_or(0, |head| *head)
+    /// The device `token` of `app` has these tags now: its connection here, if any, is
+    /// indexed by them from now on (unless it knows a newer list).
+    pub fn retag(&self, app: &str, token: &str, tags: &DeviceTags) {
+        self.retags.fetch_add(1, Ordering::AcqRel);
+        let Some(connection) = self.connections.get(token).map(|entry| entry.clone()) else {
+            return;
+        };
+        if &**connection.app() != app {
+            return;
+        }
+        let stream = connection.app.clone();
+        let mut state = stream.lock();
+        // Still the token's connection (not replaced while the lock was taken)?
+        let current = self
+            .connections
+            .get(token)
+            .is_some_and(|entry| Arc::ptr_eq(&entry, &connection));
+        if !current {
+            return;
+        }
+        let (new, version) = interned(&mut state, tags);
+        let old = {
+            let mut outbound = lock(&connection.outbound);
+            if version <= outbound.tags_version {
+                return;
+            }
+            outbound.tags_version = version;
+            std::mem::replace(&mut outbound.tags, new)
+        };
+        state.unindex(connection.id, &old);
+        state.index(&connection, &lock(&connection.outbound).tags);
     }
 
-    /// Notes that `app`'s stream `all` has reached `head` (read from the store): sessions
-    /// behind it read the stream at their next heartbeat.
-    pub fn note_stream_head(&self, app: &str, head: u64) {
-        let app = self.app_name(app);
-        self.heads
-            .entry(app)
-            .and_modify(|known| *known = (*known).max(head))
-            .or_insert(head);
+    /// A count of the tag changes this table has been told of: a device admitted before a
+    /// change and registered after it reads its tags again (the change may have missed it).
+    pub fn retags(&self) -> u64 {
+        self.retags.load(Ordering::Acquire)
     }
 
     /// Shuts the table down: cancels the shutdown token (listeners stop accepting) and asks
@@ -296,8 +509,23 @@ impl ConnectionTable {
 
     /// Removes the connection `id` of `token`, unless a newer one has replaced it.
     pub fn unregister(&self, token: &str, id: u64) {
-        self.connections
-            .remove_if(token, |_, connection| connection.id == id);
+        let Some(connection) = self
+            .connections
+            .get(token)
+            .filter(|entry| entry.id == id)
+            .map(|entry| entry.clone())
+        else {
+            return;
+        };
+        let stream = connection.app.clone();
+        let mut state = stream.lock();
+        if self
+            .connections
+            .remove_if(token, |_, connection| connection.id == id)
+            .is_some()
+        {
+            self.forget(&connection, &mut state);
+        }
     }
 
     /// Asks the connection `id` of `token` to close with `code`; false when that connection
@@ -379,6 +607,20 @@ impl ConnectionTable {
     }
 }
 
+/// A device's tags as a connection keeps them: each name (the app's one copy) with when the
+/// device got it, sorted by name.
+type TagList = Box<[(Arc<str>, u64)]>;
+
+/// A device's tags as a connection keeps them: names interned in the app's state.
+fn interned(state: &mut StreamState, tags: &DeviceTags) -> (TagList, u64) {
+    let list = tags
+        .tags
+        .iter()
+        .map(|tag| (state.tag_name(&tag.name), tag.since))
+        .collect();
+    (list, tags.version)
+}
+
 /// In standalone mode the connection table is where the store learns which devices are
 /// connected (for TTL-0 pushes): every route is a connection of this process.
 impl Routes for ConnectionTable {
@@ -407,14 +649,128 @@ mod tests {
                 accepted_at_ms: 0,
                 expires_at_ms: 1,
                 collapse_key: String::new(),
+                filter: None,
             }),
         }
+    }
+
+    /// Registers `token` of the app "demo", whose stream is at offset `head`, with `tags`
+    /// (each got at offset 0).
+    fn join(table: &ConnectionTable, token: &str, head: u64, tags: &[&str]) -> Arc<Connection> {
+        let tags = DeviceTags {
+            tags: tags
+                .iter()
+                .map(|name| crate::store::DeviceTag {
+                    name: (*name).to_owned(),
+                    since: 0,
+                })
+                .collect(),
+            version: 1,
+        };
+        let head = StreamHead { epoch: 7, head };
+        table.register(&Arc::from(token), "demo", head, &tags).0
+    }
+
+    fn shared(offset: u64, filter: Option<TagFilter>) -> SharedDelivery {
+        SharedDelivery {
+            stream: "all",
+            epoch: 7,
+            offset,
+            message: Arc::new(Message {
+                id: format!("m{offset}"),
+                payload: Bytes::new(),
+                priority: Priority::Normal,
+                accepted_at_ms: 0,
+                expires_at_ms: 1,
+                collapse_key: String::new(),
+                filter: filter.map(Box::new),
+            }),
+        }
+    }
+
+    fn offsets(connection: &Connection) -> Vec<u64> {
+        connection.take().shared.iter().map(|d| d.offset).collect()
+    }
+
+    #[test]
+    fn stream_entries_reach_the_connections_they_are_for_in_order() {
+        let table = ConnectionTable::new(8, CancellationToken::new());
+        let sports = join(&table, "a", 0, &["sports"]);
+        let both = join(&table, "b", 0, &["news", "sports"]);
+        let none = join(&table, "c", 0, &[]);
+        let any = |tags: &[&str]| TagFilter {
+            any: tags.iter().map(|t| (*t).to_owned()).collect(),
+            ..TagFilter::default()
+        };
+        assert_eq!(table.deliver_shared("demo", shared(1, None)), 3);
+        assert_eq!(
+            table.deliver_shared("demo", shared(2, Some(any(&["news"])))),
+            1
+        );
+        // 4 overtook 3: nobody gets it until 3 comes.
+        let not_sports = TagFilter {
+            none: vec!["sports".into()],
+            ..TagFilter::default()
+        };
+        assert_eq!(table.deliver_shared("demo", shared(4, Some(not_sports))), 0);
+        // 3 reaches a and b, and releases 4, which reaches c.
+        assert_eq!(
+            table.deliver_shared("demo", shared(3, Some(any(&["news", "sports"])))),
+            3
+        );
+        assert_eq!(offsets(&sports), [1, 3]);
+        assert_eq!(offsets(&both), [1, 2, 3]);
+        assert_eq!(offsets(&none), [1, 4]);
+        // A newcomer's floor is where the stream was handed out to.
+        let (_, floor) = table.register(
+            &Arc::from("d"),
+            "demo",
+            StreamHead { epoch: 7, head: 2 },
+            &DeviceTags::default(),
+        );
+        assert_eq!(floor, 4);
+    }
+
+    #[test]
+    fn a_retag_moves_a_connection_in_the_index_unless_it_is_older() {
+        let table = ConnectionTable::new(8, CancellationToken::new());
+        let device = join(&table, "a", 0, &["old"]);
+        let tags = |name: &str, version| DeviceTags {
+            tags: vec![crate::store::DeviceTag {
+                name: name.to_owned(),
+                since: 0,
+            }],
+            version,
+        };
+        table.retag("demo", "a", &tags("new", 2));
+        // An older list arriving late changes nothing.
+        table.retag("demo", "a", &tags("old", 1));
+        let to = |tag: &str| TagFilter {
+            any: vec![tag.to_owned()],
+            ..TagFilter::default()
+        };
+        assert_eq!(table.deliver_shared("demo", shared(1, Some(to("old")))), 0);
+        assert_eq!(table.deliver_shared("demo", shared(2, Some(to("new")))), 1);
+        assert_eq!(offsets(&device), [2]);
+        // Gone: out of the index.
+        table.unregister("a", device.id());
+        assert_eq!(table.deliver_shared("demo", shared(3, Some(to("new")))), 0);
+    }
+
+    #[test]
+    fn a_recreated_stream_closes_the_apps_connections() {
+        let table = ConnectionTable::new(8, CancellationToken::new());
+        let device = join(&table, "a", 5, &[]);
+        let mut reset = shared(1, None);
+        reset.epoch = 9;
+        assert_eq!(table.deliver_shared("demo", reset), 0);
+        assert_eq!(device.take().close, Some(CloseCode::StreamReset));
     }
 
     #[test]
     fn a_full_queue_tells_the_connection_to_catch_up() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let connection = table.register(&Arc::from("t"), "demo");
+        let connection = join(&table, "t", 0, &[]);
         assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);
         assert_eq!(table.deliver("t", delivery(2)), Delivered::Live);
         assert_eq!(table.deliver("t", delivery(3)), Delivered::Lagging);
@@ -431,8 +787,8 @@ mod tests {
     #[test]
     fn a_new_connection_replaces_the_old_one() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let old = table.register(&Arc::from("t"), "demo");
-        let new = table.register(&Arc::from("t"), "demo");
+        let old = join(&table, "t", 0, &[]);
+        let new = join(&table, "t", 0, &[]);
         assert_eq!(old.take().close, Some(CloseCode::Replaced));
         // The old connection's cleanup must not remove the new one.
         table.unregister("t", old.id());
@@ -444,18 +800,18 @@ mod tests {
     #[test]
     fn shutting_down_closes_connections_open_and_to_come() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let open = table.register(&Arc::from("open"), "demo");
+        let open = join(&table, "open", 0, &[]);
         table.shut_down();
         assert!(table.shutdown().is_cancelled());
         assert_eq!(open.take().close, Some(CloseCode::GoingAway));
-        let late = table.register(&Arc::from("late"), "demo");
+        let late = join(&table, "late", 0, &[]);
         assert_eq!(late.take().close, Some(CloseCode::GoingAway));
     }
 
     #[test]
     fn a_wake_before_the_wait_is_not_lost() {
         let table = ConnectionTable::new(2, CancellationToken::new());
-        let connection = table.register(&Arc::from("t"), "demo");
+        let connection = join(&table, "t", 0, &[]);
         let mut context = Context::from_waker(std::task::Waker::noop());
         assert_eq!(connection.poll_woken(&mut context), Poll::Pending);
         assert_eq!(table.deliver("t", delivery(1)), Delivered::Live);

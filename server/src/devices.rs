@@ -13,7 +13,7 @@ use std::sync::Arc;
 use crate::api::ApiError;
 use crate::config::Limits;
 use crate::push::Fanout;
-use crate::store::{AliasSet, Store, TagChange, TagChanged};
+use crate::store::{AliasSet, Store, StoreError, TagChange, TagChanged};
 
 /// Longest tag or alias, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -21,6 +21,8 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_PAGE: usize = 1000;
 /// Devices one page of a tag lists when the request names no limit.
 pub const DEFAULT_PAGE: usize = 100;
+/// Devices a tag's deletion takes out of it at a time.
+const DELETE_PAGE: usize = 1000;
 
 /// Whether `name` is a valid tag or alias.
 pub fn valid_name(name: &str) -> bool {
@@ -106,7 +108,7 @@ impl Devices {
             token: token.to_owned(),
             uid: info.uid,
             alias: (!info.alias.is_empty()).then_some(info.alias),
-            tags: info.tags,
+            tags: info.tags.names(),
             online,
         })
     }
@@ -128,9 +130,10 @@ impl Devices {
                 format!("a device has at most {most} tags"),
             ));
         }
-        if !self.store.set_tags(app, token, &tags).await? {
+        let Some(retagged) = self.store.set_tags(app, token, &tags).await? else {
             return Err(unknown_device(token));
-        }
+        };
+        self.fanout.retag(app, vec![retagged]).await;
         Ok(tags)
     }
 
@@ -185,7 +188,9 @@ impl Devices {
             }
         }
         let most_tags = self.limits.max_tags_per_device;
-        Ok(self.store.change_tag(app, tag, change, most_tags).await?)
+        let (changed, retagged) = self.store.change_tag(app, tag, change, most_tags).await?;
+        self.fanout.retag(app, retagged).await;
+        Ok(changed)
     }
 
     /// A page of `tag`'s devices after `cursor` (empty: the first page).
@@ -217,10 +222,30 @@ impl Devices {
         })
     }
 
-    /// Takes `tag` off all its devices; how many had it.
+    /// Takes `tag` off all its devices, a page at a time; how many had it.
     pub async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, ApiError> {
         check_name("tag", tag)?;
-        Ok(self.store.delete_tag(app, tag).await?)
+        let mut removed = 0;
+        let mut previous_first = None;
+        loop {
+            let page = self.store.tag_devices(app, tag, "", DELETE_PAGE).await?;
+            if page.is_empty() {
+                return Ok(removed);
+            }
+            // Each page leaves the tag, so the next one starts further on; one that does
+            // not would repeat forever.
+            if previous_first.as_ref() == page.first() {
+                return Err(StoreError::Backend("a tag's page did not leave it".to_owned()).into());
+            }
+            previous_first = page.first().cloned();
+            removed += page.len() as u64;
+            let change = TagChange {
+                add: Vec::new(),
+                remove: page,
+            };
+            let (_, retagged) = self.store.change_tag(app, tag, change, 0).await?;
+            self.fanout.retag(app, retagged).await;
+        }
     }
 }
 

@@ -10,7 +10,10 @@
 //!   of idle plain connections.
 //! - [`quic`]: the QUIC transport and its listener.
 //! - [`tls`]: certificates for wss and QUIC, and development certificates.
-//! - [`connections`]: a process's table of live connections, and delivery into them.
+//! - [`connections`]: a process's table of live connections, and delivery into them (each
+//!   app's shared stream in offset order, through a tag index).
+//! - [`stream_keeper`]: closes gaps in an app's shared stream from the store, and notices a
+//!   stream that was recreated.
 //!
 //! Pushes:
 //! - [`push`]: the push pipeline (resolve, record, deliver, count) and its one seam, the
@@ -55,5 +58,6 @@ pub mod quic;
 pub mod session;
 pub mod standalone;
 pub mod store;
+pub mod stream_keeper;
 pub mod tls;
 pub mod websocket;

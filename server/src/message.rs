@@ -26,6 +26,50 @@ pub struct Message {
     pub expires_at_ms: u64,
     /// Collapse key; empty for none.
     pub collapse_key: String,
+    /// For a message of a shared stream: the devices it is for, by their tags (`None`:
+    /// every device of the app).
+    pub filter: Option<Box<TagFilter>>,
+}
+
+/// Which devices of an app a shared-stream message is for, by their tags: a device must
+/// have one of `any` (when it is not empty), all of `all`, and none of `none`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagFilter {
+    /// One of these (any, when empty).
+    pub any: Vec<String>,
+    /// All of these.
+    pub all: Vec<String>,
+    /// None of these.
+    pub none: Vec<String>,
+}
+
+impl TagFilter {
+    /// Whether the message at `offset` of the stream is for a device whose tags `since`
+    /// describes: the offset at which it got a tag (the stream's head then), `None` for a
+    /// tag it does not have. A tag got at or after the message's offset does not count: a
+    /// device that joins a tag does not get what was pushed to it before.
+    pub fn matches(&self, offset: u64, since: impl Fn(&str) -> Option<u64>) -> bool {
+        let has = |tag: &String| since(tag).is_some_and(|since| since < offset);
+        (self.any.is_empty() || self.any.iter().any(has))
+            && self.all.iter().all(has)
+            && !self.none.iter().any(has)
+    }
+
+    fn to_stored(&self) -> pigeon_proto::store::TagFilter {
+        pigeon_proto::store::TagFilter {
+            any: self.any.clone(),
+            all: self.all.clone(),
+            none: self.none.clone(),
+        }
+    }
+
+    fn from_stored(stored: pigeon_proto::store::TagFilter) -> Self {
+        Self {
+            any: stored.any,
+            all: stored.all,
+            none: stored.none,
+        }
+    }
 }
 
 impl Message {
@@ -49,6 +93,7 @@ impl Message {
             accepted_at_ms: self.accepted_at_ms,
             expires_at_ms: self.expires_at_ms,
             collapse_key: self.collapse_key.clone(),
+            filter: self.filter.as_deref().map(TagFilter::to_stored),
         }
     }
 
@@ -61,6 +106,9 @@ impl Message {
             accepted_at_ms: stored.accepted_at_ms,
             expires_at_ms: stored.expires_at_ms,
             collapse_key: stored.collapse_key,
+            filter: stored
+                .filter
+                .map(|filter| Box::new(TagFilter::from_stored(filter))),
         }
     }
 }
@@ -86,6 +134,8 @@ impl Delivery {
 pub struct SharedDelivery {
     /// The stream's name.
     pub stream: &'static str,
+    /// The stream's epoch the offset is in.
+    pub epoch: u64,
     /// The message's offset in the stream.
     pub offset: u64,
     /// The message.
@@ -163,10 +213,40 @@ mod tests {
             accepted_at_ms: 5,
             expires_at_ms: 10,
             collapse_key: "score".into(),
+            filter: Some(Box::new(TagFilter {
+                any: vec!["a".into()],
+                all: Vec::new(),
+                none: vec!["b".into()],
+            })),
         };
         assert_eq!(Message::from_stored(message.to_stored()), message);
         assert!(message.is_storable());
         assert!(message.is_expired(10));
         assert!(!message.is_expired(9));
+    }
+
+    #[test]
+    fn a_filter_counts_tags_got_before_the_offset() {
+        let filter = TagFilter {
+            any: vec!["sports".into(), "news".into()],
+            all: vec!["beta".into()],
+            none: vec!["muted".into()],
+        };
+        let tags = |list: &'static [(&'static str, u64)]| {
+            move |tag: &str| list.iter().find(|(name, _)| *name == tag).map(|(_, s)| *s)
+        };
+        assert!(filter.matches(10, tags(&[("news", 3), ("beta", 0)])));
+        // Joined beta at the message's offset: too late for it.
+        assert!(!filter.matches(10, tags(&[("news", 3), ("beta", 10)])));
+        assert!(!filter.matches(10, tags(&[("beta", 0)])));
+        assert!(!filter.matches(10, tags(&[("news", 3), ("beta", 0), ("muted", 1)])));
+        // Muted only after the message: it was for the device.
+        assert!(filter.matches(10, tags(&[("news", 3), ("beta", 0), ("muted", 12)])));
+        let none_only = TagFilter {
+            none: vec!["muted".into()],
+            ..TagFilter::default()
+        };
+        assert!(none_only.matches(1, tags(&[])));
+        assert!(!none_only.matches(5, tags(&[("muted", 0)])));
     }
 }

@@ -128,7 +128,12 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
         ));
         for token in ["a", "b"] {
-            connections.register(&Arc::from(token), "demo");
+            connections.register(
+                &Arc::from(token),
+                "demo",
+                crate::store::StreamHead::default(),
+                &crate::store::DeviceTags::default(),
+            );
         }
         let handshakes = Handshakes::new(4);
         let _pending = handshakes.enter(std::time::Instant::now());

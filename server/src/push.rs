@@ -8,10 +8,12 @@
 //!    own connection table (standalone), or the nodes over gRPC (a gateway);
 //! 4. **count** what became of each target, for the answer and for `/metrics`.
 //!
-//! A push to every device of the app (`all`) resolves nothing: it is **appended** once to
-//! the app's shared stream, then **delivered** with one hand-off per process holding
-//! devices (each finds its own connections of the app), and **counted** as the live
-//! hand-offs; every other device reads it from the stream when it connects.
+//! A push to every device of the app (`all`) or to tags resolves nothing: it is **appended**
+//! once to the app's shared stream (with a tag filter, for tags), then **delivered** with
+//! one hand-off per process holding devices (each finds its own connections the entry is
+//! for, through its tag index), and **counted** as the live hand-offs; every other device
+//! reads it from the stream when it connects. The store work of such a push does not grow
+//! with its audience.
 //!
 //! The HTTP and gRPC APIs only translate requests and errors.
 
@@ -24,10 +26,11 @@ use pigeon_proto::device::Priority;
 use serde::Serialize;
 
 use crate::connections::{ConnectionTable, Delivered};
-use crate::message::{Delivery, Message, SharedDelivery, new_message_id, unix_millis};
+use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
 use crate::metrics::Metrics;
 use crate::store::{
-    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Route, Store, StoreError, Target,
+    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, Store,
+    StoreError, Target,
 };
 
 /// A push request that passed validation.
@@ -43,6 +46,8 @@ pub struct PushRequest {
     pub aliases: Vec<String>,
     /// Every device of the app (then no other audience is named).
     pub all: bool,
+    /// Devices with tags (then no direct audience, nor `all`, is named).
+    pub tags: Option<TagFilter>,
     /// The payload's JSON text.
     pub payload: Bytes,
     /// Time to live; zero means "devices online now only".
@@ -111,10 +116,16 @@ pub trait Fanout: Send + Sync + 'static {
     /// its node by a lease).
     async fn is_live(&self, route: &Route) -> bool;
 
-    /// Hands a message of `app`'s shared stream to every live connection of the app;
-    /// returns how many took it. It cannot fail: a device not reached reads it from the
-    /// stream.
+    /// Hands a message of `app`'s shared stream to every live connection of the app it is
+    /// for; returns how many took it. It cannot fail: a device not reached reads it from
+    /// the stream.
     async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32;
+
+    /// Tells the processes holding the connections of `devices` (devices of `app`) their
+    /// new tags, so pushes to tags accepted from now on reach them. It cannot fail: a
+    /// process that cannot be told is unreachable, and its devices reconnect elsewhere,
+    /// where they are admitted with their tags.
+    async fn retag(&self, app: &str, devices: Vec<Retagged>);
 }
 
 /// The process's own connections (standalone mode). Every recorded target is offered to the
@@ -143,7 +154,13 @@ impl Fanout for ConnectionTable {
     }
 
     async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
-        ConnectionTable::deliver_shared(self, app, &delivery)
+        ConnectionTable::deliver_shared(self, app, delivery)
+    }
+
+    async fn retag(&self, app: &str, devices: Vec<Retagged>) {
+        for device in devices {
+            ConnectionTable::retag(self, app, &device.token, &device.tags);
+        }
     }
 }
 
@@ -188,14 +205,14 @@ impl Pipeline {
     }
 
     async fn run(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
-        if request.all {
+        if request.all || request.tags.is_some() {
             return self.run_shared(request).await;
         }
         self.run_direct(request).await
     }
 
-    /// A push to every device of the app: one entry of its stream `all`, one hand-off per
-    /// process.
+    /// A push to every device of the app, or to tags: one entry of its stream `all`, one
+    /// hand-off per process.
     async fn run_shared(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
         let (message, idempotency) =
             new_message(&mut request, unix_millis(), self.idempotency_window);
@@ -203,14 +220,19 @@ impl Pipeline {
             .store
             .append(&request.app, ALL, message, idempotency)
             .await?;
-        let (message, offset) = match appended {
+        let (message, offset, epoch) = match appended {
             AppendOutcome::Duplicate { message_id } => {
                 return Ok(PushOutcome::Duplicate { message_id });
             }
-            AppendOutcome::Appended { message, offset } => (message, offset),
+            AppendOutcome::Appended {
+                message,
+                offset,
+                epoch,
+            } => (message, offset, epoch),
         };
         let delivery = SharedDelivery {
             stream: ALL,
+            epoch,
             offset,
             message: message.clone(),
         };
@@ -288,6 +310,7 @@ fn new_message(
         accepted_at_ms: now_ms,
         expires_at_ms: now_ms.saturating_add(request.ttl.as_millis() as u64),
         collapse_key: std::mem::take(&mut request.collapse_key),
+        filter: request.tags.take().map(Box::new),
     });
     let idempotency = request.idempotency_key.take().map(|key| {
         let until = now_ms.saturating_add(idempotency_window.as_millis() as u64);
@@ -362,7 +385,12 @@ mod tests {
     #[async_trait::async_trait]
     impl Fanout for ConnectsAfterRecord {
         async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
-            let connection = self.table.register(&self.token, "demo");
+            let (connection, _) = self.table.register(
+                &self.token,
+                "demo",
+                crate::store::StreamHead::default(),
+                &crate::store::DeviceTags::default(),
+            );
             if let Ok(mut connected) = self.connected.lock() {
                 *connected = Some(connection);
             }
@@ -374,8 +402,10 @@ mod tests {
         }
 
         async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
-            self.table.deliver_shared(app, &delivery)
+            self.table.deliver_shared(app, delivery)
         }
+
+        async fn retag(&self, _app: &str, _devices: Vec<Retagged>) {}
     }
 
     /// Standalone: a device that connects while a push to it is committed gets it live (its
@@ -411,6 +441,7 @@ mod tests {
                 tokens: Vec::new(),
                 aliases: Vec::new(),
                 all: false,
+                tags: None,
                 payload: Bytes::from_static(b"{}"),
                 ttl: Duration::from_secs(60),
                 priority: Priority::Normal,

@@ -14,10 +14,15 @@
 //!
 //! # Delivery
 //! A device reads two lanes, each with the same mechanics: its own queue of direct pushes
-//! (ordered by seq) and its app's shared stream `all` (pushes to every device, ordered by
-//! offset). The description below is of the direct lane; the stream lane is the same with
-//! offsets for seqs ([`Session::handle_shared_push`], [`Session::refill_stream`],
-//! [`Session::handle_stream_refill`]).
+//! (ordered by seq) and its app's shared stream `all` (pushes to every device or to tags,
+//! ordered by offset). The description below is of the direct lane; the stream lane is the
+//! same with offsets for seqs ([`Session::handle_shared_push`], [`Session::refill_stream`],
+//! [`Session::handle_stream_refill`]), with two differences. An entry of the stream that is
+//! not for the device (a push to tags it lacks) is passed over: it counts as sent and
+//! acknowledged, and is never sent. And offsets the device is sent need not follow each
+//! other: the connection table hands the stream out in offset order, so above the offset it
+//! had handed out when the connection registered (the lane's *floor*), a live entry after
+//! the last one sent means that the ones between were not for the device.
 //!
 //! The store is the source of truth; live pushes are a fast path. The session keeps the
 //! highest seq sent (`last_sent`), the highest acknowledged (`last_acked`) and the seqs in
@@ -42,7 +47,7 @@ use pigeon_proto::device::{
 use pigeon_proto::device::{StreamPosition, StreamState};
 
 use crate::message::{Delivery, Message, SharedDelivery};
-use crate::store::{ALL, StreamPlace};
+use crate::store::{ALL, DeviceTags, StreamPlace};
 
 /// The knobs of a session, shared by all sessions of a node.
 #[derive(Clone, Debug)]
@@ -144,6 +149,8 @@ pub struct Admission {
     /// Where the device says it is in the stream `all`: the epoch and the highest offset
     /// processed, if its Hello said.
     pub client_all: Option<(u64, u64)>,
+    /// The device's tags.
+    pub tags: DeviceTags,
 }
 
 /// A stream epoch as devices see it: 16 hex digits.
@@ -240,36 +247,52 @@ impl Lane {
         self.in_flight.len() >= window as usize
     }
 
-    /// A cumulative ack up to `position`: whether it acknowledged anything new.
-    fn ack(&mut self, position: u64) -> Result<bool, SessionError> {
+    /// A cumulative ack up to `position`: the position now acknowledged, when that moved
+    /// (past `position` too when nothing is in flight after it: what lies between was passed
+    /// over).
+    fn ack(&mut self, position: u64) -> Result<Option<u64>, SessionError> {
         if position > self.last_sent {
             return Err(SessionError::Protocol("an ack for a push never sent"));
         }
         if position <= self.last_acked {
-            return Ok(false);
+            return Ok(None);
         }
-        self.last_acked = position;
         while self.in_flight.front().is_some_and(|&sent| sent <= position) {
             self.in_flight.pop_front();
         }
+        self.last_acked = position;
         if self.in_flight.is_empty() {
             self.in_flight = VecDeque::new();
+            self.last_acked = self.last_sent;
         }
-        Ok(true)
+        Ok(Some(self.last_acked))
     }
 
-    /// Whether a live push at `position` is sent now; `None`: it is a duplicate.
-    fn offer(&mut self, position: u64, window: u32) -> Option<bool> {
+    /// Positions passed over (not for the device) with nothing in flight: they count as
+    /// acknowledged. Returns the new acknowledged position, when it moved.
+    fn passed_over(&mut self) -> Option<u64> {
+        if !self.in_flight.is_empty() || self.last_sent <= self.last_acked {
+            return None;
+        }
+        self.last_acked = self.last_sent;
+        Some(self.last_acked)
+    }
+
+    /// Whether a live push at `position` is sent now; `None`: it is a duplicate. Above
+    /// `floor`, live pushes come in order with none missing (see the module docs); below
+    /// it, a live push must follow the last one sent.
+    fn offer(&mut self, position: u64, window: u32, floor: u64) -> Option<bool> {
         if position <= self.last_sent {
             return None;
         }
         if !self.caught_up {
             return Some(false);
         }
-        // Positions are assigned one by one, so a live push that is not the next one
-        // overtook one still on its way (or one that only the store has): read from the
-        // store, which keeps the order.
-        if position != self.last_sent + 1 || self.window_full(window) {
+        // Positions are assigned one by one, so below the floor a live push that is not the
+        // next one overtook one still on its way (or one that only the store has): read
+        // from the store, which keeps the order.
+        let in_order = position == self.last_sent + 1 || self.last_sent >= floor;
+        if !in_order || self.window_full(window) {
             self.caught_up = false;
             return Some(false);
         }
@@ -292,18 +315,23 @@ impl Lane {
         })
     }
 
-    /// The positions of `rows` (ascending) to send now, and whether the store is caught up
-    /// with after them.
+    /// The positions of `rows` (ascending, each with whether it is for the device) to send
+    /// now; notes whether the store is caught up with after them. A row not for the device
+    /// is passed over.
     fn refilled<'a>(
         &mut self,
-        rows: impl Iterator<Item = u64> + 'a,
+        rows: impl Iterator<Item = (u64, bool)> + 'a,
         more: bool,
         window: u32,
     ) -> Vec<u64> {
         let mut sent = Vec::new();
         let mut left_out = false;
-        for position in rows {
+        for (position, for_device) in rows {
             if position <= self.last_sent {
+                continue;
+            }
+            if !for_device {
+                self.last_sent = position;
                 continue;
             }
             if self.window_full(window) {
@@ -328,6 +356,8 @@ pub struct Session {
     all: Lane,
     /// The epoch of the stream `all` the offsets are in.
     all_epoch: u64,
+    /// The floor of the stream `all` (see [`Session::set_stream_floor`]).
+    all_floor: u64,
     last_heard: Instant,
     last_ping: Option<Instant>,
 }
@@ -368,6 +398,7 @@ impl Session {
             direct: Lane::new(processed),
             all: Lane::new(all_processed),
             all_epoch: admission.all.epoch,
+            all_floor: u64::MAX,
             last_heard: now,
             last_ping: None,
         };
@@ -395,25 +426,42 @@ impl Session {
     fn handle_ack(&mut self, ack: Ack) -> Result<FrameOutcome, SessionError> {
         if ack.stream.is_empty() {
             return Ok(match self.direct.ack(ack.seq)? {
-                true => FrameOutcome::Acked(ack.seq),
-                false => FrameOutcome::Nothing,
+                Some(seq) => FrameOutcome::Acked(seq),
+                None => FrameOutcome::Nothing,
             });
         }
         if ack.stream != ALL {
             return Err(SessionError::Protocol("an ack for an unknown stream"));
         }
         Ok(match self.all.ack(ack.offset)? {
-            true => FrameOutcome::AckedStream {
+            Some(offset) => FrameOutcome::AckedStream {
                 epoch: self.all_epoch,
-                offset: ack.offset,
+                offset,
             },
-            false => FrameOutcome::Nothing,
+            None => FrameOutcome::Nothing,
         })
+    }
+
+    /// Entries of the stream `all` passed over (not for the device) with nothing in flight
+    /// count as acknowledged: the offset to persist, when there is one, so a reconnect does
+    /// not read them again. Asked at each heartbeat.
+    pub fn stream_passed_over(&mut self) -> Option<(u64, u64)> {
+        let offset = self.all.passed_over()?;
+        Some((self.all_epoch, offset))
+    }
+
+    /// The offset of the stream `all` up to which the connection table had handed entries
+    /// out when this session's connection registered (see the module docs).
+    pub fn set_stream_floor(&mut self, floor: u64) {
+        self.all_floor = floor;
     }
 
     /// A live direct push for this device.
     pub fn handle_push(&mut self, delivery: &Delivery) -> PushDecision {
-        match self.direct.offer(delivery.seq, self.config.ack_window) {
+        match self
+            .direct
+            .offer(delivery.seq, self.config.ack_window, u64::MAX)
+        {
             None => PushDecision::Duplicate,
             Some(false) => PushDecision::Deferred,
             Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
@@ -422,7 +470,10 @@ impl Session {
 
     /// A live push of the stream `all`.
     pub fn handle_shared_push(&mut self, delivery: &SharedDelivery) -> PushDecision {
-        match self.all.offer(delivery.offset, self.config.ack_window) {
+        match self
+            .all
+            .offer(delivery.offset, self.config.ack_window, self.all_floor)
+        {
             None => PushDecision::Duplicate,
             Some(false) => PushDecision::Deferred,
             Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
@@ -455,9 +506,11 @@ impl Session {
     /// asked for), and whether the store holds more after them. Returns the frames to send.
     pub fn handle_refill(&mut self, rows: &[Delivery], more: bool) -> Vec<ServerFrame> {
         let window = self.config.ack_window;
-        let sent = self
-            .direct
-            .refilled(rows.iter().map(|delivery| delivery.seq), more, window);
+        let sent = self.direct.refilled(
+            rows.iter().map(|delivery| (delivery.seq, true)),
+            more,
+            window,
+        );
         rows.iter()
             .filter(|delivery| sent.contains(&delivery.seq))
             .map(|delivery| push_frame(delivery.to_frame()))
@@ -465,22 +518,26 @@ impl Session {
     }
 
     /// The answer to [`Session::refill_stream`]: entries of the stream `all` (ascending
-    /// offset), and whether it holds more after them. Returns the frames to send.
+    /// offset), and whether it holds more after them; `is_for` tells whether an entry is
+    /// for the device. Returns the frames to send.
     pub fn handle_stream_refill(
         &mut self,
         entries: &[(u64, Arc<Message>)],
         more: bool,
+        is_for: impl Fn(u64, &Message) -> bool,
     ) -> Vec<ServerFrame> {
         let window = self.config.ack_window;
-        let sent = self
-            .all
-            .refilled(entries.iter().map(|(offset, _)| *offset), more, window);
+        let rows = entries
+            .iter()
+            .map(|(offset, message)| (*offset, is_for(*offset, message)));
+        let sent = self.all.refilled(rows, more, window);
         entries
             .iter()
             .filter(|(offset, _)| sent.contains(offset))
             .map(|(offset, message)| {
                 let delivery = SharedDelivery {
                     stream: ALL,
+                    epoch: self.all_epoch,
                     offset: *offset,
                     message: message.clone(),
                 };

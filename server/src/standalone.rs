@@ -112,6 +112,12 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
     devices.start(Arc::new(context), &settings, &tracker);
+    tokio::spawn(crate::stream_keeper::run(
+        connections.clone(),
+        store.clone(),
+        limits.heartbeat_interval,
+        connections.shutdown().clone(),
+    ));
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     let push_api = Arc::new(PushApi::new(
         apps.clone(),

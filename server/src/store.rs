@@ -65,6 +65,63 @@ pub struct AdmittedDevice {
     pub highest_seq: u64,
     /// Its place in the app's shared stream [`ALL`].
     pub all: StreamPlace,
+    /// Its tags.
+    pub tags: DeviceTags,
+}
+
+/// One tag of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceTag {
+    /// The tag.
+    pub name: String,
+    /// The head of the app's stream [`ALL`] when the device got the tag: entries up to it
+    /// were accepted before, and are not for the device through this tag.
+    pub since: u64,
+}
+
+/// A device's tags, sorted by name, and a count of their changes (a list with a higher
+/// version is newer).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceTags {
+    /// The tags, sorted by name.
+    pub tags: Vec<DeviceTag>,
+    /// How many times the list changed.
+    pub version: u64,
+}
+
+impl DeviceTags {
+    /// When the device got `name`, if it has it.
+    pub fn since(&self, name: &str) -> Option<u64> {
+        self.tags
+            .binary_search_by(|tag| tag.name.as_str().cmp(name))
+            .ok()
+            .map(|index| self.tags[index].since)
+    }
+
+    /// The tag names.
+    pub fn names(&self) -> Vec<String> {
+        self.tags.iter().map(|tag| tag.name.clone()).collect()
+    }
+}
+
+/// A device whose tags a change touched, as the node holding its connection must learn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retagged {
+    /// The device token.
+    pub token: String,
+    /// Its tags after the change.
+    pub tags: DeviceTags,
+    /// Where it is connected, as far as the registry knows.
+    pub route: Option<Route>,
+}
+
+/// Where an app's shared stream stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamHead {
+    /// The stream's epoch (0: the stream does not exist yet).
+    pub epoch: u64,
+    /// The highest offset assigned.
+    pub head: u64,
 }
 
 /// The name of the shared stream every device of an app reads: pushes to the whole app.
@@ -113,18 +170,26 @@ pub trait Registry: Send + Sync + 'static {
     async fn device(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError>;
 
     /// Replaces the tags of the device `token` of `app` (at most `max_tags`, checked by
-    /// the caller); false when it is no device of the app.
-    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool, StoreError>;
+    /// the caller); `None` when it is no device of the app. A tag the device had keeps its
+    /// `since`; a new one gets the head of the app's stream [`ALL`].
+    async fn set_tags(
+        &self,
+        app: &str,
+        token: &str,
+        tags: &[String],
+    ) -> Result<Option<Retagged>, StoreError>;
 
     /// Adds the devices `add` to `tag` and takes `remove` out of it. A device that already
-    /// has `max_tags` other tags is not added.
+    /// has `max_tags` other tags is not added. Returns the counts, and the devices whose
+    /// tags changed. A token of `remove` that is no device any more leaves the tag's index
+    /// too (so paging through a tag and removing each page empties it).
     async fn change_tag(
         &self,
         app: &str,
         tag: &str,
         change: TagChange,
         max_tags: usize,
-    ) -> Result<TagChanged, StoreError>;
+    ) -> Result<(TagChanged, Vec<Retagged>), StoreError>;
 
     /// Up to `limit` devices of `tag`, in token order, after `after` (empty: from the
     /// first).
@@ -135,10 +200,6 @@ pub trait Registry: Send + Sync + 'static {
         after: &str,
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
-
-    /// Takes `tag` off every device that has it; how many did. Works through the tag's
-    /// devices in bounded pages.
-    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, StoreError>;
 
     /// Sets (or, with `None`, clears) the alias of the device `token` of `app`. An alias
     /// names at most `max_devices` devices.
@@ -165,8 +226,8 @@ pub struct DeviceInfo {
     pub uid: String,
     /// Its alias; empty for none.
     pub alias: String,
-    /// Its tags, sorted.
-    pub tags: Vec<String>,
+    /// Its tags.
+    pub tags: DeviceTags,
     /// Where it is connected, as far as the registry knows.
     pub route: Option<Route>,
 }
@@ -308,6 +369,8 @@ pub enum AppendOutcome {
         message: Arc<Message>,
         /// Its offset in the stream.
         offset: u64,
+        /// The stream's epoch.
+        epoch: u64,
     },
     /// The idempotency key was used before, for a message that was appended.
     Duplicate {
@@ -357,8 +420,8 @@ pub trait OfflineStore: Send + Sync + 'static {
         idempotency: Option<(String, u64)>,
     ) -> Result<AppendOutcome, StoreError>;
 
-    /// The highest offset `app`'s `stream` has assigned (0: none yet).
-    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64, StoreError>;
+    /// Where `app`'s `stream` stands: its epoch and the highest offset assigned.
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<StreamHead, StoreError>;
 
     /// Up to `limit` unexpired entries of `app`'s `stream` after `after`.
     async fn read_stream(

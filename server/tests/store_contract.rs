@@ -17,12 +17,12 @@ use pigeon_proto::device::Priority;
 use pigeon_server::cluster::membership::Membership;
 use pigeon_server::config::{ClusterSettings, Limits};
 use pigeon_server::connections::ConnectionTable;
-use pigeon_server::message::{Message, new_message_id, unix_millis};
+use pigeon_server::message::{Message, TagFilter, new_message_id, unix_millis};
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
-    ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, DeviceCounters, Recorded, Route, Store,
-    TagChange, Target,
+    ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, DeviceCounters, DeviceTags, Recorded,
+    Route, Store, StreamHead, TagChange, Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
@@ -89,7 +89,12 @@ impl Backend {
     async fn connect(&self, token: &str) -> Route {
         match &self.connect {
             Connect::Table(table) => {
-                let connection = table.register(&Arc::from(token), "demo");
+                let (connection, _) = table.register(
+                    &Arc::from(token),
+                    "demo",
+                    StreamHead::default(),
+                    &DeviceTags::default(),
+                );
                 Route {
                     node: String::new(),
                     connection: connection.id(),
@@ -172,6 +177,7 @@ fn message(body: &str, ttl_ms: u64, collapse_key: &str) -> Arc<Message> {
         accepted_at_ms: now,
         expires_at_ms: now + ttl_ms,
         collapse_key: collapse_key.into(),
+        filter: None,
     })
 }
 
@@ -623,44 +629,96 @@ async fn tags_are_set_changed_paged_and_deleted(backend: &Backend) {
             .map(|name| (*name).to_owned())
             .collect::<Vec<_>>()
     };
+    let names = |tags: &DeviceTags| tags.names();
     let (a, b, c) = (&tokens[0], &tokens[1], &tokens[2]);
-    assert!(
-        store
-            .set_tags("demo", a, &tags(&["sports", "news", "news"]))
-            .await
-            .expect("set")
-    );
+    // A tag is got at the head of the app's stream: entries up to it are not for it.
+    let head = |n: u64| async move {
+        for _ in 0..n {
+            store
+                .append("demo", ALL, message("x", 60_000, ""), None)
+                .await
+                .expect("append");
+        }
+    };
+    head(1).await;
+    let set = store
+        .set_tags("demo", a, &tags(&["sports", "news", "news"]))
+        .await
+        .expect("set")
+        .expect("a device");
+    assert_eq!(set.token, *a);
+    assert_eq!(names(&set.tags), ["news", "sports"]);
+    assert_eq!(set.tags.since("news"), Some(1));
+    assert_eq!(set.tags.since("music"), None);
+    let first_version = set.tags.version;
     let info = store
         .device("demo", a)
         .await
         .expect("device")
         .expect("a device");
-    assert_eq!(info.tags, ["news", "sports"]);
+    assert_eq!(info.tags, set.tags);
     assert_eq!(info.uid, "a");
     assert!(info.route.is_none());
+    // A tag kept keeps its since; a new one gets today's head; the version counts up.
+    head(1).await;
+    let set = store
+        .set_tags("demo", a, &tags(&["sports", "music"]))
+        .await
+        .expect("set")
+        .expect("a device");
+    assert_eq!(
+        (set.tags.since("sports"), set.tags.since("music")),
+        (Some(1), Some(2))
+    );
+    assert!(set.tags.version > first_version);
+    // So does admission.
+    let admitted = store.admit_device("demo", "a", a).await.expect("admit");
+    assert_eq!(admitted.tags, set.tags);
+    store
+        .set_tags("demo", a, &tags(&["sports", "news"]))
+        .await
+        .expect("set");
     assert!(
-        !store
+        store
             .set_tags("demo", "never-issued", &tags(&["x"]))
             .await
             .expect("set")
+            .is_none()
     );
     assert!(
-        !store
+        store
             .set_tags("other", a, &tags(&["x"]))
             .await
             .expect("set")
+            .is_none()
     );
     assert!(store.device("other", a).await.expect("device").is_none());
 
+    // Devices added to a tag are told with their route, when connected.
+    let route = backend.connect(c).await;
     let change = TagChange {
         add: vec![b.clone(), c.clone(), "never-issued".into(), a.clone()],
         remove: Vec::new(),
     };
-    let changed = store
+    let (changed, retagged) = store
         .change_tag("demo", "news", change, 10)
         .await
         .expect("change");
     assert_eq!((changed.added, changed.unknown), (3, 1));
+    // a had the tag already: not changed.
+    let mut touched: Vec<(&str, Option<Route>)> = retagged
+        .iter()
+        .map(|device| (device.token.as_str(), device.route.clone()))
+        .collect();
+    touched.sort_by_key(|(token, _)| *token);
+    let mut expected = vec![(b.as_str(), None), (c.as_str(), Some(route))];
+    expected.sort_by_key(|(token, _)| *token);
+    assert_eq!(touched, expected);
+    assert!(
+        retagged
+            .iter()
+            .all(|device| device.tags.since("news") == Some(2))
+    );
     // Pages in token order, each after the last token of the one before.
     let mut all = [a.clone(), b.clone(), c.clone()];
     all.sort();
@@ -694,37 +752,50 @@ async fn tags_are_set_changed_paged_and_deleted(backend: &Backend) {
         add: Vec::new(),
         remove: vec![b.clone()],
     };
-    let changed = store
+    let (changed, retagged) = store
         .change_tag("demo", "news", change, 10)
         .await
         .expect("change");
     assert_eq!(changed.removed, 1);
+    assert_eq!(retagged.len(), 1);
+    assert!(retagged[0].tags.tags.is_empty());
     let info = store.device("demo", b).await.expect("device").expect("b");
-    assert!(info.tags.is_empty());
+    assert!(info.tags.tags.is_empty());
     // A device at its tag limit is not added.
     let change = TagChange {
         add: vec![a.clone()],
         remove: Vec::new(),
     };
-    let changed = store
+    let (changed, retagged) = store
         .change_tag("demo", "music", change, 2)
         .await
         .expect("change");
     assert_eq!((changed.added, changed.over_limit), (0, 1));
+    assert!(retagged.is_empty());
     // Replacing a device's tags takes it out of the tags it no longer has.
-    assert!(
-        store
-            .set_tags("demo", a, &tags(&["music"]))
-            .await
-            .expect("set")
-    );
+    store
+        .set_tags("demo", a, &tags(&["music"]))
+        .await
+        .expect("set")
+        .expect("a device");
     let news = store
         .tag_devices("demo", "news", "", 10)
         .await
         .expect("page");
     assert_eq!(news, vec![c.clone()]);
-    // Deleting a tag takes it off every device.
-    assert_eq!(store.delete_tag("demo", "news").await.expect("delete"), 1);
+    // Removing a tag's pages, one after the other, empties it.
+    let page = store
+        .tag_devices("demo", "news", "", 10)
+        .await
+        .expect("page");
+    let change = TagChange {
+        add: Vec::new(),
+        remove: page,
+    };
+    store
+        .change_tag("demo", "news", change, 0)
+        .await
+        .expect("change");
     assert!(
         store
             .tag_devices("demo", "news", "", 10)
@@ -733,8 +804,34 @@ async fn tags_are_set_changed_paged_and_deleted(backend: &Backend) {
             .is_empty()
     );
     let info = store.device("demo", c).await.expect("device").expect("c");
-    assert!(info.tags.is_empty());
-    assert_eq!(store.delete_tag("demo", "news").await.expect("delete"), 0);
+    assert!(info.tags.tags.is_empty());
+}
+
+async fn a_tag_push_is_one_entry_with_its_filter(backend: &Backend) {
+    let store = &backend.store;
+    let mut filtered = (*message("to sports", 60_000, "")).clone();
+    filtered.filter = Some(Box::new(TagFilter {
+        any: vec!["sports".into()],
+        all: vec!["beta".into()],
+        none: vec!["muted".into()],
+    }));
+    let outcome = store
+        .append("demo", ALL, Arc::new(filtered.clone()), None)
+        .await
+        .expect("append");
+    let AppendOutcome::Appended { offset, epoch, .. } = outcome else {
+        panic!("expected appended, got {outcome:?}");
+    };
+    assert_eq!(offset, 1);
+    let head = store.stream_head("demo", ALL).await.expect("head");
+    assert_eq!(head, StreamHead { epoch, head: 1 });
+    let read = store.read_stream("demo", ALL, 0, 10).await.expect("read");
+    assert_eq!(read.entries.len(), 1);
+    assert_eq!(*read.entries[0].1, filtered);
+    assert_eq!(
+        store.stream_head("other", ALL).await.expect("head"),
+        StreamHead::default()
+    );
 }
 
 async fn an_alias_names_a_few_devices(backend: &Backend) {
@@ -837,7 +934,10 @@ async fn a_shared_stream_is_stored_once_and_read_in_order(backend: &Backend) {
             .append("demo", ALL, message(&format!("b{n}"), 60_000, ""), None)
             .await
             .expect("append");
-        let AppendOutcome::Appended { message, offset } = outcome else {
+        let AppendOutcome::Appended {
+            message, offset, ..
+        } = outcome
+        else {
             panic!("expected appended, got {outcome:?}");
         };
         assert_eq!(offset, n);
@@ -990,7 +1090,7 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 16] = cases![
+const CASES: [(&str, Case); 17] = cases![
     devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,
     acks_are_cumulative_and_never_above_the_highest_seq,
@@ -1007,6 +1107,7 @@ const CASES: [(&str, Case); 16] = cases![
     a_shared_stream_is_stored_once_and_read_in_order,
     shared_entries_expire_collapse_and_are_capped,
     a_shared_push_with_an_idempotency_key_is_appended_once,
+    a_tag_push_is_one_entry_with_its_filter,
 ];
 
 /// Runs every case on a fresh store from `backend`, naming the case and the store first.

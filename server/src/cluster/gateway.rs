@@ -31,6 +31,7 @@ use super::{declared_apps, open_redis};
 use crate::api::{self, ApiError, PushApi, PushFields, app_for_authorization, validate_push};
 use crate::config::Settings;
 use crate::listener;
+use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
 use crate::push::PushOutcome;
@@ -82,6 +83,11 @@ impl push_server::Push for PushGrpc {
                 tokens: body.tokens,
                 aliases: body.aliases,
                 all: body.all,
+                tags: TagFilter {
+                    any: body.tags,
+                    all: body.tags_and,
+                    none: body.tags_not,
+                },
                 payload: payload.get(),
                 ttl_seconds: body.ttl_seconds,
                 priority,

@@ -6,8 +6,9 @@
 //!   lease; a node that stops renewing is dead, and routes to it count as offline;
 //! - device routes: `token -> (node, connection)` written when a device connects, before
 //!   its session reads the store, and removed when it disconnects;
-//! - the internal gRPC API: `Deliver` (live pushes from gateways) and `Takeover` (close a
-//!   device's connection here because it connected to another node).
+//! - the internal gRPC API: `Deliver` (live pushes from gateways), `DeliverShared` (an
+//!   entry of an app's shared stream), `Retag` (devices here whose tags changed) and
+//!   `Takeover` (close a device's connection here because it connected to another node).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use pigeon_proto::CloseCode;
 use pigeon_proto::cluster::node_server::{self, NodeServer};
 use pigeon_proto::cluster::{
     DeliverRequest, DeliverResponse, DeliverSharedRequest, DeliverSharedResponse, DeliverStatus,
-    TakeoverRequest, TakeoverResponse,
+    RetagRequest, RetagResponse, TakeoverRequest, TakeoverResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,7 +36,7 @@ use crate::log_throttle::Throttle;
 use crate::message::{Delivery, Message, SharedDelivery};
 use crate::metrics::Metrics;
 use crate::process::{self, DeviceAddresses, DeviceListeners, Running, StartError};
-use crate::store::{ALL, StoreError};
+use crate::store::{ALL, DeviceTag, DeviceTags, StoreError};
 
 /// Targets one Deliver call may carry; a gateway's batches are far smaller.
 const MAX_DELIVER_TARGETS: usize = 10_000;
@@ -162,11 +163,34 @@ impl node_server::Node for InternalApi {
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
         let delivery = SharedDelivery {
             stream: ALL,
+            epoch: request.epoch,
             offset: request.offset,
             message: Arc::new(Message::from_stored(stored)),
         };
-        let live = self.connections.deliver_shared(&request.app, &delivery);
+        let live = self.connections.deliver_shared(&request.app, delivery);
         Ok(Response::new(DeliverSharedResponse { live }))
+    }
+
+    async fn retag(
+        &self,
+        request: Request<RetagRequest>,
+    ) -> Result<Response<RetagResponse>, Status> {
+        let request = request.into_inner();
+        for device in request.devices {
+            let tags = DeviceTags {
+                tags: device
+                    .tags
+                    .into_iter()
+                    .map(|tag| DeviceTag {
+                        name: tag.name,
+                        since: tag.since,
+                    })
+                    .collect(),
+                version: device.version,
+            };
+            self.connections.retag(&request.app, &device.token, &tags);
+        }
+        Ok(Response::new(RetagResponse {}))
     }
 
     async fn takeover(
@@ -237,11 +261,9 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     ));
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
-    let app_ids: Vec<String> = context.apps.iter().map(|app| app.id.clone()).collect();
-    tokio::spawn(watch_stream_heads(
-        context.store.clone(),
+    tokio::spawn(crate::stream_keeper::run(
         connections.clone(),
-        app_ids,
+        context.store.clone(),
         limits.heartbeat_interval,
         shutdown.clone(),
     ));
@@ -300,37 +322,6 @@ fn caller_check(
             _ => Err(Status::unauthenticated(
                 "the internal API needs the cluster's secret",
             )),
-        }
-    }
-}
-
-/// Reads the head of each app's stream `all` every `interval`, so a message whose
-/// DeliverShared call this node missed (a timeout, a restart) is read from the stream by its
-/// connected devices at their next heartbeat, not only when they reconnect.
-async fn watch_stream_heads(
-    store: Arc<dyn crate::store::Store>,
-    connections: Arc<ConnectionTable>,
-    apps: Vec<String>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            () = shutdown.cancelled() => return,
-        }
-        for app in &apps {
-            match store.stream_head(app, ALL).await {
-                Ok(head) => connections.note_stream_head(app, head),
-                Err(error) => {
-                    static THROTTLE: Throttle = Throttle::new();
-                    if let Some(suppressed) = THROTTLE.allow() {
-                        tracing::warn!(%error, suppressed, "reading a stream's head failed");
-                    }
-                }
-            }
         }
     }
 }

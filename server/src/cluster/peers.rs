@@ -11,15 +11,16 @@ use futures_util::StreamExt as _;
 use pigeon_proto::cluster::node_client::NodeClient;
 use pigeon_proto::cluster::{
     DeliverRequest, DeliverResponse, DeliverSharedRequest, DeliverStatus, DeliverTarget,
-    TakeoverRequest,
+    DeviceTags as WireTags, RetagRequest, TakeoverRequest,
 };
+use pigeon_proto::store::DeviceTag as WireTag;
 use tonic::transport::{Channel, Endpoint};
 
 use super::membership::Membership;
 use crate::config::ClusterSettings;
 use crate::message::{Message, SharedDelivery};
 use crate::push::{Fanout, RecordedTarget};
-use crate::store::{Route, StoreError};
+use crate::store::{Retagged, Route, StoreError};
 
 /// A circuit breaker: after `failures` consecutive failed calls it opens and calls are
 /// skipped; after `cooldown` one trial call goes through (half-open); its success closes the
@@ -370,6 +371,7 @@ impl Fanout for Peers {
                 stream: delivery.stream.to_owned(),
                 offset: delivery.offset,
                 message: Some(message.clone()),
+                epoch: delivery.epoch,
             };
             async move {
                 let response = self
@@ -391,6 +393,49 @@ impl Fanout for Peers {
             .buffer_unordered(DELIVER_CALLS_IN_FLIGHT)
             .fold(0u32, |live, delivered| async move { live + delivered })
             .await
+    }
+
+    /// One Retag call to each node holding some of the devices.
+    async fn retag(&self, app: &str, devices: Vec<Retagged>) {
+        let mut by_node: HashMap<String, Vec<WireTags>> = HashMap::new();
+        for device in devices {
+            let Some(route) = device.route else { continue };
+            let tags = device
+                .tags
+                .tags
+                .into_iter()
+                .map(|tag| WireTag {
+                    name: tag.name,
+                    since: tag.since,
+                })
+                .collect();
+            by_node.entry(route.node).or_default().push(WireTags {
+                token: device.token,
+                tags,
+                version: device.tags.version,
+            });
+        }
+        let calls = by_node.into_iter().map(|(node, devices)| {
+            let request = RetagRequest {
+                app: app.to_owned(),
+                devices,
+            };
+            async move {
+                let response = self
+                    .call(&node, request, |mut client, request| async move {
+                        client.retag(request).await
+                    })
+                    .await;
+                if let Err(error) = response {
+                    tracing::warn!(%error, node = %node, "telling a node of tag changes failed");
+                }
+            }
+        });
+        let calls: Vec<_> = calls.collect();
+        futures_util::stream::iter(calls)
+            .buffer_unordered(DELIVER_CALLS_IN_FLIGHT)
+            .collect::<Vec<()>>()
+            .await;
     }
 }
 

@@ -239,6 +239,7 @@ async fn resolve(
         app: claims.app,
         all: device.all,
         client_all: crate::session::client_all(&hello.streams),
+        tags: device.tags,
     })
 }
 

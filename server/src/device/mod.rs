@@ -162,6 +162,20 @@ pub async fn run<T: DeviceTransport>(
     .await
 }
 
+/// Reads the device's tags from the registry into its connection's entry.
+async fn reread_tags(context: &DeviceContext, app: &str, token: &str) {
+    match context.store.device(app, token).await {
+        Ok(Some(device)) => context.connections.retag(app, token, &device.tags),
+        Ok(None) => {}
+        Err(error) => {
+            static THROTTLE: Throttle = Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                tracing::warn!(%error, suppressed, "reading a device's tags failed");
+            }
+        }
+    }
+}
+
 /// The handshake, admission and Welcome: a device whose session is under way, or `None`
 /// when the connection ended (and the device was told why).
 ///
@@ -175,6 +189,7 @@ pub(crate) async fn open<T: DeviceTransport>(
     peer: SocketAddr,
     ticket: HandshakeTicket,
 ) -> Option<Live> {
+    let retags = context.connections.retags();
     let admitted = admission::admit(transport, context, accepted, peer, ticket);
     let admission = match Box::pin(admitted).await {
         Ok(admission) => admission,
@@ -185,12 +200,22 @@ pub(crate) async fn open<T: DeviceTransport>(
     };
     let (session, welcome, acks) =
         Session::start(Instant::now(), &admission, context.session.clone());
+    let head = crate::store::StreamHead {
+        epoch: admission.all.epoch,
+        head: admission.all.head,
+    };
     let live = Live::new(
         session,
         admission.device_token.into(),
         &admission.app,
+        (head, &admission.tags),
         &context.connections,
     );
+    if context.connections.retags() != retags {
+        // A change of tags came while the device was being admitted: it may have found
+        // no connection here yet, so read the device's tags again.
+        Box::pin(reread_tags(context, &admission.app, live.token())).await;
+    }
     let span = live.span(&peer);
     async {
         // The route must be in the registry before the session reads the store: a push

@@ -15,7 +15,7 @@ use super::{DeviceContext, Ending};
 use crate::connections::{Connection, ConnectionTable};
 use crate::log_throttle::Throttle;
 use crate::session::{FrameOutcome, HelloAcks, PushDecision, Session};
-use crate::store::ALL;
+use crate::store::{ALL, DeviceTags, StreamHead};
 
 /// An admitted device's session, apart from its transport: what the session loop keeps
 /// between events, and all of the session a parked connection keeps
@@ -30,16 +30,20 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    /// A session under way, registered in the connection table.
+    /// A session under way, registered in the connection table with the device's tags and
+    /// where the app's stream stood when it was admitted.
     pub(crate) fn new(
-        session: Session,
+        mut session: Session,
         token: Arc<str>,
         app: &str,
+        (head, tags): (StreamHead, &DeviceTags),
         connections: &ConnectionTable,
     ) -> Self {
+        let (connection, floor) = connections.register(&token, app, head, tags);
+        session.set_stream_floor(floor);
         Self {
             session,
-            connection: connections.register(&token, app),
+            connection,
             token,
             store_retry: None,
         }
@@ -105,8 +109,7 @@ pub(crate) async fn drive<T: DeviceTransport>(
         if store_retry.is_none()
             && (session.refill().is_some() || session.refill_stream().is_some())
         {
-            let app = connection.app();
-            match Box::pin(catch_up(transport, context, token, app, session)).await {
+            match Box::pin(catch_up(transport, context, token, connection, session)).await {
                 Ok(true) => {}
                 Ok(false) => *store_retry = Some(Instant::now() + STORE_RETRY),
                 Err(error) => return Err(Ending::transport(error)),
@@ -151,14 +154,7 @@ pub(crate) async fn drive<T: DeviceTransport>(
                 if store_retry.is_some_and(|retry| retry <= now) {
                     *store_retry = None;
                 }
-                Box::pin(on_timer(transport, context, session, now)).await?;
-                // A push of the stream `all` whose live hand-off was lost while the device
-                // stayed connected: the node has handed out a later offset than this
-                // session has sent. (The direct lane reads the store at every heartbeat;
-                // the stream needs to only when this shows it behind.)
-                if context.connections.stream_head(connection.app()) > session.stream_sent() {
-                    session.fall_behind_stream();
-                }
+                Box::pin(on_timer(transport, context, token, session, now)).await?;
             }
         }
         idle_since = Instant::now();
@@ -203,15 +199,17 @@ fn ack_failed(error: &crate::store::StoreError) {
 }
 
 /// Reads from the store while the session is behind and has room in its window, its own
-/// queue first, then the stream `all` of `app`, and sends what it reads. Returns false when
-/// a store read failed (to be retried later).
+/// queue first, then its app's stream `all` (passing over the entries that are not for the
+/// device), and sends what it reads. Returns false when a store read failed (to be retried
+/// later).
 async fn catch_up<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
     token: &str,
-    app: &str,
+    connection: &Connection,
     session: &mut Session,
 ) -> Result<bool, TransportError> {
+    let app = connection.app();
     while let Some(request) = session.refill() {
         let replay = match context
             .store
@@ -242,7 +240,12 @@ async fn catch_up<T: DeviceTransport>(
                 return Ok(false);
             }
         };
-        let frames = session.handle_stream_refill(&read.entries, read.more);
+        let is_for = |offset, message: &_| connection.is_for(message, offset);
+        let frames = session.handle_stream_refill(&read.entries, read.more, is_for);
+        if frames.is_empty() && session.refill_stream().is_some() {
+            // A page of entries none of which was for the device: read on.
+            continue;
+        }
         if frames.is_empty() {
             break;
         }
@@ -338,9 +341,15 @@ async fn on_woken<T: DeviceTransport>(
 async fn on_timer<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
+    token: &str,
     session: &mut Session,
     now: Instant,
 ) -> Result<(), Ending> {
+    if let Some((epoch, offset)) = session.stream_passed_over()
+        && let Err(error) = context.store.ack_stream(token, ALL, epoch, offset).await
+    {
+        ack_failed(&error);
+    }
     match session.handle_timeout(now) {
         Ok(Some(ping)) => send(transport, [ping], context.session.idle_timeout)
             .await

@@ -27,6 +27,7 @@ fn admission(acked: u64, highest: u64, client_last: u64) -> Admission {
             ..StreamPlace::default()
         },
         client_all: None,
+        tags: crate::store::DeviceTags::default(),
     }
 }
 
@@ -40,6 +41,7 @@ fn delivery(seq: u64) -> Delivery {
             accepted_at_ms: 1,
             expires_at_ms: 1_000_000,
             collapse_key: String::new(),
+            filter: None,
         }),
     }
 }
@@ -337,6 +339,7 @@ fn a_heartbeat_reads_the_store_again_for_pushes_lost_on_the_way() {
 fn shared(offset: u64) -> SharedDelivery {
     SharedDelivery {
         stream: ALL,
+        epoch: 7,
         offset,
         message: delivery(offset).message,
     }
@@ -422,7 +425,11 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     // Caught up with the store first (nothing after 2).
     let request = session.refill_stream().expect("a first read of the stream");
     assert_eq!(request.after, 2);
-    assert!(session.handle_stream_refill(&[], false).is_empty());
+    assert!(
+        session
+            .handle_stream_refill(&[], false, everyone)
+            .is_empty()
+    );
     let PushDecision::Send(frame) = session.handle_shared_push(&shared(3)) else {
         panic!("the next offset goes out live");
     };
@@ -441,7 +448,7 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
         .into_iter()
         .map(|offset| (offset, delivery(offset).message))
         .collect();
-    let frames = session.handle_stream_refill(&entries, false);
+    let frames = session.handle_stream_refill(&entries, false, everyone);
     let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
     assert_eq!(offsets, [4, 5]);
     // The direct lane is a lane of its own.
@@ -471,5 +478,79 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     assert_eq!(
         session.handle_frame(now, unknown),
         Err(SessionError::Protocol("an ack for an unknown stream"))
+    );
+}
+
+fn everyone(_offset: u64, _message: &Message) -> bool {
+    true
+}
+
+#[test]
+fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
+    let now = Instant::now();
+    let (mut session, _, _) = Session::start(now, &placed(2, 2, 0, None), config());
+    // The connection table had handed the stream out to 4 when the connection registered.
+    session.set_stream_floor(4);
+    // The store holds 3 (for the device), 4 and 5 (not for it).
+    let entries: Vec<(u64, Arc<Message>)> = [3, 4, 5]
+        .into_iter()
+        .map(|offset| (offset, delivery(offset).message))
+        .collect();
+    let only_3 = |offset: u64, _: &Message| offset == 3;
+    let frames = session.handle_stream_refill(&entries, false, only_3);
+    let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
+    assert_eq!(offsets, [3]);
+    assert_eq!(session.stream_sent(), 5);
+    // Acknowledging 3 acknowledges the two passed over after it.
+    assert_eq!(
+        session.handle_frame(now, stream_ack(3)),
+        Ok(FrameOutcome::AckedStream {
+            epoch: 7,
+            offset: 5
+        })
+    );
+    // Above the floor, live entries need not follow each other: 6 and 7 were not for it.
+    let PushDecision::Send(frame) = session.handle_shared_push(&shared(8)) else {
+        panic!("an entry above the floor goes out live");
+    };
+    assert_eq!(pushed_offset(&frame).2, 8);
+    assert_eq!(session.stream_passed_over(), None, "8 is in flight");
+    assert_eq!(
+        session.handle_frame(now, stream_ack(8)),
+        Ok(FrameOutcome::AckedStream {
+            epoch: 7,
+            offset: 8
+        })
+    );
+    // A page of entries none of which is for the device moves its place on, persisted at
+    // the next heartbeat.
+    let later: Vec<(u64, Arc<Message>)> = [9, 10]
+        .into_iter()
+        .map(|offset| (offset, delivery(offset).message))
+        .collect();
+    session.fall_behind_stream();
+    assert!(
+        session
+            .handle_stream_refill(&later, false, |_, _| false)
+            .is_empty()
+    );
+    assert_eq!(session.stream_passed_over(), Some((7, 10)));
+    assert_eq!(session.stream_passed_over(), None);
+}
+
+#[test]
+fn below_the_floor_a_live_entry_must_follow_the_last_one_sent() {
+    let now = Instant::now();
+    let (mut session, _, _) = Session::start(now, &placed(2, 2, 0, None), config());
+    session.set_stream_floor(10);
+    assert!(
+        session
+            .handle_stream_refill(&[], false, everyone)
+            .is_empty()
+    );
+    assert_eq!(
+        session.handle_shared_push(&shared(4)),
+        PushDecision::Deferred,
+        "3 may be on its way: read the store"
     );
 }

@@ -45,14 +45,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
-use pigeon_proto::store::{DeviceRecord, IdempotencyRecord, StoredMessage, StreamMeta};
+use pigeon_proto::store::{
+    DeviceRecord, DeviceTag as StoredTag, IdempotencyRecord, StoredMessage, StreamMeta,
+};
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
-    DeviceInfo, OfflineStore, Recorded, Registry, Replay, Routes, StoreError, StreamPlace,
-    StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Routes,
+    StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
@@ -71,9 +73,6 @@ const STREAM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_m
 const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("stream_expiry");
 const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
-
-/// Tag rows one transaction of a tag's deletion removes at most.
-const DELETE_PAGE: usize = 1000;
 
 /// Operations applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -120,11 +119,6 @@ enum Op {
         change: TagChange,
         max_tags: usize,
     },
-    /// Takes the tag off at most [`DELETE_PAGE`] of its devices.
-    DeleteTagPage {
-        app: String,
-        tag: String,
-    },
     SetAlias {
         app: String,
         token: String,
@@ -148,9 +142,8 @@ enum Reply {
     Admitted(AdmittedDevice),
     Accepted(AcceptOutcome),
     Done,
-    Found(bool),
-    TagChanged(TagChanged),
-    Count(u64),
+    Retagged(Option<Retagged>),
+    TagChanged(TagChanged, Vec<Retagged>),
     Alias(AliasSet),
     Appended(AppendOutcome),
 }
@@ -277,6 +270,12 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Adds the device's route (from the connection table) to a change of its tags.
+    fn routed(&self, mut retagged: Retagged) -> Retagged {
+        retagged.route = self.routes.route(&retagged.token);
+        retagged
+    }
+
     async fn write(&self, op: Op, wait_for_room: bool) -> Result<Reply> {
         let (reply, answer) = oneshot::channel();
         let job = Job { op, reply };
@@ -354,23 +353,23 @@ impl Registry for EmbeddedStore {
             };
             let record = decode_device(value.value())?;
             Ok((record.app == app).then(|| DeviceInfo {
+                tags: device_tags(&record),
                 uid: record.uid,
                 alias: record.alias,
-                tags: record.tags,
                 route: routes.route(&token),
             }))
         })
         .await
     }
 
-    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool> {
+    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<Option<Retagged>> {
         let op = Op::SetTags {
             app: app.to_owned(),
             token: token.to_owned(),
             tags: tags.to_vec(),
         };
         match self.write(op, true).await? {
-            Reply::Found(found) => Ok(found),
+            Reply::Retagged(retagged) => Ok(retagged.map(|retagged| self.routed(retagged))),
             _ => Err(backend("unexpected reply to set_tags")),
         }
     }
@@ -381,7 +380,7 @@ impl Registry for EmbeddedStore {
         tag: &str,
         change: TagChange,
         max_tags: usize,
-    ) -> Result<TagChanged> {
+    ) -> Result<(TagChanged, Vec<Retagged>)> {
         let op = Op::ChangeTag {
             app: app.to_owned(),
             tag: tag.to_owned(),
@@ -389,7 +388,13 @@ impl Registry for EmbeddedStore {
             max_tags,
         };
         match self.write(op, true).await? {
-            Reply::TagChanged(changed) => Ok(changed),
+            Reply::TagChanged(changed, retagged) => Ok((
+                changed,
+                retagged
+                    .into_iter()
+                    .map(|retagged| self.routed(retagged))
+                    .collect(),
+            )),
             _ => Err(backend("unexpected reply to change_tag")),
         }
     }
@@ -421,21 +426,6 @@ impl Registry for EmbeddedStore {
             Ok(tokens)
         })
         .await
-    }
-
-    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64> {
-        let mut removed = 0;
-        loop {
-            let op = Op::DeleteTagPage {
-                app: app.to_owned(),
-                tag: tag.to_owned(),
-            };
-            match self.write(op, true).await? {
-                Reply::Count(0) => return Ok(removed),
-                Reply::Count(count) => removed += count,
-                _ => return Err(backend("unexpected reply to delete_tag")),
-            }
-        }
     }
 
     async fn set_alias(
@@ -548,14 +538,20 @@ impl OfflineStore for EmbeddedStore {
         }
     }
 
-    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64> {
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<StreamHead> {
         let key = format!("{app}\0{stream}");
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let metas = txn.open_table(STREAM_META).map_err(backend)?;
             let head = match metas.get(key.as_str()).map_err(backend)? {
-                Some(value) => StreamMeta::decode(value.value()).map_err(backend)?.head,
-                None => 0,
+                Some(value) => {
+                    let meta = StreamMeta::decode(value.value()).map_err(backend)?;
+                    StreamHead {
+                        epoch: meta.epoch,
+                        head: meta.head,
+                    }
+                }
+                None => StreamHead::default(),
             };
             Ok(head)
         })
@@ -624,6 +620,30 @@ fn place(meta: &StreamMeta, epoch: u64, acked: u64) -> StreamPlace {
         head: meta.head,
         trimmed: meta.trimmed,
         epoch_changed: !same_epoch,
+    }
+}
+
+/// A device's tags as its record has them.
+fn device_tags(record: &DeviceRecord) -> DeviceTags {
+    DeviceTags {
+        tags: record
+            .tags
+            .iter()
+            .map(|tag| DeviceTag {
+                name: tag.name.clone(),
+                since: tag.since,
+            })
+            .collect(),
+        version: record.tags_version,
+    }
+}
+
+/// The device `token`'s tags after a change (its route is added outside the transaction).
+fn retagged(token: &str, record: &DeviceRecord) -> Retagged {
+    Retagged {
+        token: token.to_owned(),
+        tags: device_tags(record),
+        route: None,
     }
 }
 
@@ -697,7 +717,7 @@ impl Writer {
             Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
             Op::Sweep { now_ms } => tables.sweep(now_ms).map(|()| Reply::Done),
             Op::SetTags { app, token, tags } => {
-                tables.set_tags(&app, &token, tags).map(Reply::Found)
+                tables.set_tags(&app, &token, tags).map(Reply::Retagged)
             }
             Op::ChangeTag {
                 app,
@@ -706,8 +726,7 @@ impl Writer {
                 max_tags,
             } => tables
                 .change_tag(&app, &tag, change, max_tags)
-                .map(Reply::TagChanged),
-            Op::DeleteTagPage { app, tag } => tables.delete_tag_page(&app, &tag).map(Reply::Count),
+                .map(|(changed, retagged)| Reply::TagChanged(changed, retagged)),
             Op::SetAlias {
                 app,
                 token,
@@ -805,23 +824,38 @@ impl<'txn> Tables<'txn> {
         Ok(self.device(token)?.filter(|record| record.app == app))
     }
 
-    fn set_tags(&mut self, app: &str, token: &str, mut tags: Vec<String>) -> Result<bool> {
+    fn set_tags(
+        &mut self,
+        app: &str,
+        token: &str,
+        mut names: Vec<String>,
+    ) -> Result<Option<Retagged>> {
         let Some(mut record) = self.device_of(app, token)? else {
-            return Ok(false);
+            return Ok(None);
         };
-        tags.sort();
-        tags.dedup();
-        for old in record.tags.iter().filter(|old| !tags.contains(old)) {
-            let key = format!("{app}\0{old}\0{token}");
+        names.sort();
+        names.dedup();
+        let head = self.stream_meta(app, ALL)?.head;
+        for old in record.tags.iter().filter(|old| !names.contains(&old.name)) {
+            let key = format!("{app}\0{}\0{token}", old.name);
             self.tag_devices.remove(key.as_str()).map_err(backend)?;
         }
-        for new in tags.iter().filter(|new| !record.tags.contains(new)) {
-            let key = format!("{app}\0{new}\0{token}");
-            self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+        let mut tags = Vec::with_capacity(names.len());
+        for name in names {
+            let since = match record.tags.iter().find(|old| old.name == name) {
+                Some(old) => old.since,
+                None => {
+                    let key = format!("{app}\0{name}\0{token}");
+                    self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+                    head
+                }
+            };
+            tags.push(StoredTag { name, since });
         }
         record.tags = tags;
+        record.tags_version += 1;
         self.put_device(token, &record)?;
-        Ok(true)
+        Ok(Some(retagged(token, &record)))
     }
 
     fn change_tag(
@@ -830,65 +864,55 @@ impl<'txn> Tables<'txn> {
         tag: &str,
         change: TagChange,
         max_tags: usize,
-    ) -> Result<TagChanged> {
+    ) -> Result<(TagChanged, Vec<Retagged>)> {
         let mut changed = TagChanged::default();
+        let mut touched = Vec::new();
+        let head = self.stream_meta(app, ALL)?.head;
         for token in &change.add {
             let Some(mut record) = self.device_of(app, token)? else {
                 changed.unknown += 1;
                 continue;
             };
-            if let Err(index) = record.tags.binary_search_by(|have| have.as_str().cmp(tag)) {
+            if let Err(index) = record
+                .tags
+                .binary_search_by(|have| have.name.as_str().cmp(tag))
+            {
                 if record.tags.len() >= max_tags {
                     changed.over_limit += 1;
                     continue;
                 }
-                record.tags.insert(index, tag.to_owned());
+                let new = StoredTag {
+                    name: tag.to_owned(),
+                    since: head,
+                };
+                record.tags.insert(index, new);
+                record.tags_version += 1;
                 let key = format!("{app}\0{tag}\0{token}");
                 self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
                 self.put_device(token, &record)?;
+                touched.push(retagged(token, &record));
             }
             changed.added += 1;
         }
         for token in &change.remove {
+            let key = format!("{app}\0{tag}\0{token}");
+            self.tag_devices.remove(key.as_str()).map_err(backend)?;
             let Some(mut record) = self.device_of(app, token)? else {
                 changed.unknown += 1;
                 continue;
             };
-            if let Ok(index) = record.tags.binary_search_by(|have| have.as_str().cmp(tag)) {
+            if let Ok(index) = record
+                .tags
+                .binary_search_by(|have| have.name.as_str().cmp(tag))
+            {
                 record.tags.remove(index);
-                let key = format!("{app}\0{tag}\0{token}");
-                self.tag_devices.remove(key.as_str()).map_err(backend)?;
+                record.tags_version += 1;
                 self.put_device(token, &record)?;
+                touched.push(retagged(token, &record));
             }
             changed.removed += 1;
         }
-        Ok(changed)
-    }
-
-    fn delete_tag_page(&mut self, app: &str, tag: &str) -> Result<u64> {
-        let prefix = format!("{app}\0{tag}\0");
-        let tokens: Vec<String> = self
-            .tag_devices
-            .range(prefix.as_str()..)
-            .map_err(backend)?
-            .take(DELETE_PAGE)
-            .map_while(|entry| {
-                let key = entry.ok()?;
-                key.0
-                    .value()
-                    .strip_prefix(prefix.as_str())
-                    .map(str::to_owned)
-            })
-            .collect();
-        for token in &tokens {
-            let key = format!("{prefix}{token}");
-            self.tag_devices.remove(key.as_str()).map_err(backend)?;
-            if let Some(mut record) = self.device_of(app, token)? {
-                record.tags.retain(|have| have != tag);
-                self.put_device(token, &record)?;
-            }
-        }
-        Ok(tokens.len() as u64)
+        Ok((changed, touched))
     }
 
     fn set_alias(
@@ -956,6 +980,7 @@ impl<'txn> Tables<'txn> {
                     acked_seq: record.acked_seq,
                     highest_seq: record.highest_seq,
                     all: place(&meta, old.0, old.1),
+                    tags: device_tags(&record),
                 });
             }
             return Ok(AdmittedDevice {
@@ -964,6 +989,7 @@ impl<'txn> Tables<'txn> {
                 acked_seq: record.acked_seq,
                 highest_seq: record.highest_seq,
                 all: place(&meta, record.all_epoch, record.all_acked),
+                tags: device_tags(&record),
             });
         }
         let token = new_device_token();
@@ -987,6 +1013,7 @@ impl<'txn> Tables<'txn> {
             acked_seq: 0,
             highest_seq: 0,
             all: place(&meta, meta.epoch, meta.head),
+            tags: DeviceTags::default(),
         })
     }
 
@@ -1082,7 +1109,11 @@ impl<'txn> Tables<'txn> {
         // to the devices online now, but is never stored.
         if !message.is_storable() {
             self.put_stream_meta(&key, &meta)?;
-            return Ok(AppendOutcome::Appended { message, offset });
+            return Ok(AppendOutcome::Appended {
+                message,
+                offset,
+                epoch: meta.epoch,
+            });
         }
         self.stream_entries
             .insert(
@@ -1115,7 +1146,11 @@ impl<'txn> Tables<'txn> {
             }
         }
         self.put_stream_meta(&key, &meta)?;
-        Ok(AppendOutcome::Appended { message, offset })
+        Ok(AppendOutcome::Appended {
+            message,
+            offset,
+            epoch: meta.epoch,
+        })
     }
 
     /// Removes one entry of a stream with its index rows; false when it was not there.

@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters, tags (space-separated, sorted), alias |
+//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters, tags (space-separated `name=since`), tagv (changes of the tags), alias |
 //! | `p:q:{token}` | sorted set | pending messages: score = seq, member = `StoredMessage` |
 //! | `p:c:{token}` | hash | collapse key -> seq of its pending message |
 //! | `p:m:{token}` | hash | message id -> seq, for pushes with an idempotency key |
@@ -42,8 +42,8 @@ use crate::config::{ClusterSettings, Limits};
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::store::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
-    DeviceInfo, OfflineStore, Recorded, Registry, Replay, Route, StoreError, StreamPlace,
-    StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Route,
+    StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
@@ -237,8 +237,8 @@ return {seq, node, conn}
 const RESUME: &str = r"
 local owner = redis.call('HMGET', KEYS[1], 'app', 'uid')
 if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return false end
-local counters = redis.call('HMGET', KEYS[1], 'seq', 'acked', 'all_epoch', 'all_acked')
-return {counters[1] or '0', counters[2] or '0', counters[3] or '0', counters[4] or '0'}
+local f = redis.call('HMGET', KEYS[1], 'seq', 'acked', 'all_epoch', 'all_acked', 'tags', 'tagv')
+return {f[1] or '0', f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0'}
 ";
 
 /// Creates a new device record, placed at the head of the app's stream `all` (ARGV[4], the
@@ -328,30 +328,47 @@ end
 return 1
 ";
 
-/// Replaces a device's tags. Returns its old tags, or nil when it is no device of the app.
+/// Replaces a device's tags with the names ARGV[2] (space-separated); a tag it had keeps
+/// its `since`, a new one gets ARGV[3] (the head of the app's stream `all`). Returns
+/// `{old tags, new tags, version, node, conn}`, or nil when it is no device of the app.
 const SET_TAGS: &str = r"
 if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return false end
 local old = redis.call('HGET', KEYS[1], 'tags') or ''
-redis.call('HSET', KEYS[1], 'tags', ARGV[2])
-return old
+local since = {}
+for name, at in string.gmatch(old, '([^%s=]+)=(%d+)') do since[name] = at end
+local tags = {}
+for name in string.gmatch(ARGV[2], '%S+') do
+  table.insert(tags, name .. '=' .. (since[name] or ARGV[3]))
+end
+local new = table.concat(tags, ' ')
+redis.call('HSET', KEYS[1], 'tags', new)
+local version = redis.call('HINCRBY', KEYS[1], 'tagv', 1)
+local route = redis.call('HMGET', KEYS[1], 'node', 'conn')
+return {old, new, version, route[1] or '', route[2] or '0'}
 ";
 
-/// Adds (ARGV[3] = '1') or takes off one tag of a device, keeping the list sorted. Returns
-/// -1 when it is no device of the app, 2 when the device has ARGV[4] tags already, 1
-/// otherwise.
+/// Adds (ARGV[3] = '1', since ARGV[5]) or takes off the tag ARGV[2] of a device. Returns
+/// `{-1}` when it is no device of the app, `{2}` when the device has ARGV[4] tags already,
+/// `{1}` when it had (or lacked) the tag already, and `{3, tags, version, node, conn}` when
+/// its tags changed.
 const CHANGE_TAG: &str = r"
-if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return -1 end
-local tags = {}
-for tag in string.gmatch(redis.call('HGET', KEYS[1], 'tags') or '', '%S+') do
-  if tag ~= ARGV[2] then table.insert(tags, tag) end
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return {-1} end
+local tags, found = {}, false
+for entry in string.gmatch(redis.call('HGET', KEYS[1], 'tags') or '', '%S+') do
+  if string.match(entry, '^[^=]+') == ARGV[2] then found = true else table.insert(tags, entry) end
 end
 if ARGV[3] == '1' then
-  if #tags >= tonumber(ARGV[4]) then return 2 end
-  table.insert(tags, ARGV[2])
-  table.sort(tags)
+  if found then return {1} end
+  if #tags >= tonumber(ARGV[4]) then return {2} end
+  table.insert(tags, ARGV[2] .. '=' .. ARGV[5])
+elseif not found then
+  return {1}
 end
-redis.call('HSET', KEYS[1], 'tags', table.concat(tags, ' '))
-return 1
+local new = table.concat(tags, ' ')
+redis.call('HSET', KEYS[1], 'tags', new)
+local version = redis.call('HINCRBY', KEYS[1], 'tagv', 1)
+local route = redis.call('HMGET', KEYS[1], 'node', 'conn')
+return {3, new, version, route[1] or '', route[2] or '0'}
 ";
 
 /// Sets (ARGV[2] non-empty) or clears a device's alias. Returns the old alias, or nil when
@@ -469,10 +486,7 @@ impl RedisStore {
                     seq if seq < 0 => Recorded::Dropped,
                     seq => Recorded::Seq {
                         seq: seq as u64,
-                        route: (!node.is_empty()).then(|| Route {
-                            node,
-                            connection: conn.parse().unwrap_or(0),
-                        }),
+                        route: route(node, &conn),
                     },
                 })
             }
@@ -501,7 +515,7 @@ impl Registry for RedisStore {
     ) -> Result<AdmittedDevice, StoreError> {
         let meta = self.meta(app, ALL).await?;
         if plausible_token(token) {
-            let resumed: Option<(u64, u64, u64, u64)> = self
+            let resumed: Option<(u64, u64, u64, u64, String, u64)> = self
                 .scripts
                 .resume
                 .key(self.keys.device(token))
@@ -510,7 +524,7 @@ impl Registry for RedisStore {
                 .invoke_async(&mut self.connection())
                 .await
                 .map_err(backend)?;
-            if let Some((highest_seq, acked_seq, epoch, acked)) = resumed {
+            if let Some((highest_seq, acked_seq, epoch, acked, tags, version)) = resumed {
                 // Always bind: this repairs a binding lost half-way before.
                 self.bind(app, uid, token).await?;
                 if epoch != meta.epoch {
@@ -533,6 +547,7 @@ impl Registry for RedisStore {
                     acked_seq,
                     highest_seq,
                     all: meta.place(epoch, acked),
+                    tags: parse_tags(&tags, version),
                 });
             }
         }
@@ -558,6 +573,7 @@ impl Registry for RedisStore {
                     acked_seq: 0,
                     highest_seq: 0,
                     all: meta.place(meta.epoch, meta.head),
+                    tags: DeviceTags::default(),
                 });
             }
         }
@@ -623,53 +639,59 @@ impl Registry for RedisStore {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<u64>,
         ) = redis::cmd("HMGET")
             .arg(self.keys.device(token))
-            .arg(&["app", "uid", "tags", "alias", "node", "conn"])
+            .arg(&["app", "uid", "tags", "alias", "node", "conn", "tagv"])
             .query_async(&mut self.connection())
             .await
             .map_err(backend)?;
-        let (owner, uid, tags, alias, node, conn) = fields;
+        let (owner, uid, tags, alias, node, conn, version) = fields;
         if owner.as_deref() != Some(app) {
             return Ok(None);
         }
         Ok(Some(DeviceInfo {
             uid: uid.unwrap_or_default(),
             alias: alias.unwrap_or_default(),
-            tags: split_tags(tags.as_deref().unwrap_or_default()),
-            route: node.filter(|node| !node.is_empty()).map(|node| Route {
-                node,
-                connection: conn.and_then(|conn| conn.parse().ok()).unwrap_or(0),
-            }),
+            tags: parse_tags(tags.as_deref().unwrap_or_default(), version.unwrap_or(0)),
+            route: node.and_then(|node| route(node, conn.as_deref().unwrap_or("0"))),
         }))
     }
 
-    async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<bool, StoreError> {
+    async fn set_tags(
+        &self,
+        app: &str,
+        token: &str,
+        tags: &[String],
+    ) -> Result<Option<Retagged>, StoreError> {
         if !plausible_token(token) {
-            return Ok(false);
+            return Ok(None);
         }
         let mut tags = tags.to_vec();
         tags.sort();
         tags.dedup();
+        let head = self.stream_head(app, ALL).await?.head;
         // The device's own list first: it is what delivery reads; the tags' indexes follow
         // (another slot each), and every tag the device has is added again, which repairs
         // an index an interrupted change left behind.
-        let old: Option<String> = self
+        let changed: Option<(String, String, u64, String, String)> = self
             .scripts
             .set_tags
             .key(self.keys.device(token))
             .arg(app)
             .arg(tags.join(" "))
+            .arg(head)
             .invoke_async(&mut self.connection())
             .await
             .map_err(backend)?;
-        let Some(old) = old else {
-            return Ok(false);
+        let Some((old, new, version, node, conn)) = changed else {
+            return Ok(None);
         };
-        let removed = split_tags(&old)
+        let removed = parse_tags(&old, 0)
+            .tags
             .into_iter()
-            .filter(|old| !tags.contains(old))
-            .map(|old| ("ZREM", self.keys.tag(app, &old)));
+            .filter(|old| !tags.contains(&old.name))
+            .map(|old| ("ZREM", self.keys.tag(app, &old.name)));
         let added = tags.iter().map(|tag| ("ZADD", self.keys.tag(app, tag)));
         bounded(
             removed
@@ -678,7 +700,11 @@ impl Registry for RedisStore {
                 .collect(),
         )
         .await?;
-        Ok(true)
+        Ok(Some(Retagged {
+            token: token.to_owned(),
+            tags: parse_tags(&new, version),
+            route: route(node, &conn),
+        }))
     }
 
     async fn change_tag(
@@ -687,8 +713,9 @@ impl Registry for RedisStore {
         tag: &str,
         change: TagChange,
         max_tags: usize,
-    ) -> Result<TagChanged, StoreError> {
+    ) -> Result<(TagChanged, Vec<Retagged>), StoreError> {
         let key = self.keys.tag(app, tag);
+        let head = self.stream_head(app, ALL).await?.head;
         let targets = change
             .add
             .iter()
@@ -699,40 +726,65 @@ impl Registry for RedisStore {
                 .map(|(token, add)| {
                     let key = key.clone();
                     async move {
-                        if !plausible_token(token) {
-                            return Ok((add, -1));
-                        }
-                        let outcome: i64 = self
-                            .scripts
-                            .change_tag
-                            .key(self.keys.device(token))
-                            .arg(app)
-                            .arg(tag)
-                            .arg(if add { "1" } else { "0" })
-                            .arg(max_tags)
-                            .invoke_async(&mut self.connection())
-                            .await
-                            .map_err(backend)?;
-                        if outcome == 1 {
+                        let outcome: Vec<Value> = if plausible_token(token) {
+                            self.scripts
+                                .change_tag
+                                .key(self.keys.device(token))
+                                .arg(app)
+                                .arg(tag)
+                                .arg(if add { "1" } else { "0" })
+                                .arg(max_tags)
+                                .arg(head)
+                                .invoke_async(&mut self.connection())
+                                .await
+                                .map_err(backend)?
+                        } else {
+                            vec![Value::Int(-1)]
+                        };
+                        let code = match outcome.first() {
+                            Some(Value::Int(code)) => *code,
+                            _ => {
+                                return Err(StoreError::Backend(
+                                    "unexpected reply to a tag change".to_owned(),
+                                ));
+                            }
+                        };
+                        // A device that is no device any more leaves the index too: paging
+                        // through a tag and removing each page empties it.
+                        if code == 1 || code == 3 || (code == -1 && !add) {
                             let command = if add { "ZADD" } else { "ZREM" };
                             self.index_command(command, key, token).await?;
                         }
-                        Ok((add, outcome))
+                        let retagged = if code == 3 {
+                            let (_, new, version, node, conn): (i64, String, u64, String, String) =
+                                redis::FromRedisValue::from_redis_value(Value::Array(outcome))
+                                    .map_err(|error| StoreError::Backend(error.to_string()))?;
+                            Some(Retagged {
+                                token: token.clone(),
+                                tags: parse_tags(&new, version),
+                                route: route(node, &conn),
+                            })
+                        } else {
+                            None
+                        };
+                        Ok((add, code, retagged))
                     }
                 })
                 .collect(),
         )
         .await?;
         let mut changed = TagChanged::default();
-        for outcome in outcomes {
-            match outcome {
+        let mut touched = Vec::new();
+        for (add, code, retagged) in outcomes {
+            match (add, code) {
                 (_, -1) => changed.unknown += 1,
                 (true, 2) => changed.over_limit += 1,
                 (true, _) => changed.added += 1,
                 (false, _) => changed.removed += 1,
             }
+            touched.extend(retagged);
         }
-        Ok(changed)
+        Ok((changed, touched))
     }
 
     async fn tag_devices(
@@ -758,34 +810,6 @@ impl Registry for RedisStore {
             .query_async(&mut self.connection())
             .await
             .map_err(backend)
-    }
-
-    async fn delete_tag(&self, app: &str, tag: &str) -> Result<u64, StoreError> {
-        let mut removed = 0;
-        loop {
-            let page = self.tag_devices(app, tag, "", DELETE_PAGE).await?;
-            if page.is_empty() {
-                return Ok(removed);
-            }
-            removed += page.len() as u64;
-            self.change_tag(
-                app,
-                tag,
-                TagChange {
-                    add: Vec::new(),
-                    remove: page.clone(),
-                },
-                0,
-            )
-            .await?;
-            // A token that is no device any more stays in the index: take it out directly.
-            let _: i64 = redis::cmd("ZREM")
-                .arg(self.keys.tag(app, tag))
-                .arg(&page)
-                .query_async(&mut self.connection())
-                .await
-                .map_err(backend)?;
-        }
     }
 
     async fn set_alias(
@@ -905,12 +929,29 @@ fn new_epoch() -> u64 {
     (rand::random::<u64>() >> 1).max(1)
 }
 
-/// Tag rows one page of a tag's deletion takes off at most.
-const DELETE_PAGE: usize = 1000;
+/// A device's tags from its record's `tags` field (`name=since`, space-separated) and its
+/// `tagv`.
+fn parse_tags(field: &str, version: u64) -> DeviceTags {
+    let mut tags: Vec<DeviceTag> = field
+        .split_whitespace()
+        .filter_map(|entry| {
+            let (name, since) = entry.split_once('=')?;
+            Some(DeviceTag {
+                name: name.to_owned(),
+                since: since.parse().ok()?,
+            })
+        })
+        .collect();
+    tags.sort_by(|a, b| a.name.cmp(&b.name));
+    DeviceTags { tags, version }
+}
 
-/// The tags of a device record's `tags` field.
-fn split_tags(tags: &str) -> Vec<String> {
-    tags.split_whitespace().map(str::to_owned).collect()
+/// A device's route from its record's `node` and `conn` fields.
+fn route(node: String, conn: &str) -> Option<Route> {
+    (!node.is_empty()).then(|| Route {
+        node,
+        connection: conn.parse().unwrap_or(0),
+    })
 }
 
 impl RedisStore {
@@ -1033,7 +1074,7 @@ impl OfflineStore for RedisStore {
             }
             claim = Some(redis_key);
         }
-        let (offset, _epoch): (u64, u64) = self
+        let (offset, epoch): (u64, u64) = self
             .scripts
             .append
             .key(self.keys.stream_meta(app, stream))
@@ -1054,17 +1095,25 @@ impl OfflineStore for RedisStore {
         if let Some(redis_key) = claim {
             self.finish_claim(&redis_key, &message.id).await?;
         }
-        Ok(AppendOutcome::Appended { message, offset })
+        Ok(AppendOutcome::Appended {
+            message,
+            offset,
+            epoch,
+        })
     }
 
-    async fn stream_head(&self, app: &str, stream: &str) -> Result<u64, StoreError> {
-        let head: Option<u64> = redis::cmd("HGET")
+    async fn stream_head(&self, app: &str, stream: &str) -> Result<StreamHead, StoreError> {
+        let (epoch, head): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
             .arg(self.keys.stream_meta(app, stream))
+            .arg("epoch")
             .arg("head")
             .query_async(&mut self.connection())
             .await
             .map_err(backend)?;
-        Ok(head.unwrap_or(0))
+        Ok(StreamHead {
+            epoch: epoch.unwrap_or(0),
+            head: head.unwrap_or(0),
+        })
     }
 
     async fn read_stream(

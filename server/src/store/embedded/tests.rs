@@ -30,6 +30,7 @@ async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u6
         accepted_at_ms: now,
         expires_at_ms: now + ttl_ms,
         collapse_key: String::new(),
+        filter: None,
     });
     let outcome = store
         .record(Accept {
