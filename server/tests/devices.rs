@@ -9,16 +9,7 @@ use support::{Server, connect, next_push, payload};
 
 /// Calls the HTTP API with the demo app's key: the status and the JSON answer.
 async fn call(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{}{path}", server.http_url))
-        .bearer_auth(&server.api_key);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    server.call(method, path, body).await
 }
 
 #[tokio::test]

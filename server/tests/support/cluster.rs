@@ -365,6 +365,11 @@ impl GatewayProcess {
         }
     }
 
+    /// Calls the HTTP API with the test app's key: the status and the JSON answer.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        super::call(&self.http_url, &app().api_key, method, path, body).await
+    }
+
     /// POSTs a push body; the status and the JSON answer.
     pub async fn push(&self, body: Value) -> (u16, Value) {
         let request = reqwest::Client::new()

@@ -22,6 +22,30 @@ pub fn mint(app: &AppSettings, uid: &str) -> String {
     pigeon_proto::credential::mint(&app.id, app.signing_key(), uid, now, 600)
 }
 
+/// Calls an HTTP API at `base_url` with `api_key`: the status and the JSON answer (null when
+/// there is none).
+pub async fn call(
+    base_url: &str,
+    api_key: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{base_url}{path}"))
+        .bearer_auth(api_key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = tokio::time::timeout(WAIT, request.send())
+        .await
+        .expect("request timed out")
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -160,6 +184,11 @@ impl Server {
     /// A fresh credential for `uid`.
     pub fn credential(&self, uid: &str) -> String {
         mint(&self.app(), uid)
+    }
+
+    /// Calls the HTTP API with the demo app's key: the status and the JSON answer.
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        call(&self.http_url, &self.api_key, method, path, body).await
     }
 
     /// POSTs a push with the demo app's key.
