@@ -297,6 +297,49 @@ async fn the_device_api_over_grpc() {
         json!({"via": "alias"})
     );
 
+    // Pushes to tags: stored once in the app's stream, for the devices with them.
+    let pushed = client
+        .push(with_api_key(PushRequest {
+            tags: vec!["vip".into()],
+            tags_not: vec!["muted".into()],
+            payload_json: r#"{"via":"tags"}"#.into(),
+            ..PushRequest::default()
+        }))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!(pushed.targets.expect("counts").delivered, 1);
+    let push = next_push(&mut device).await;
+    assert_eq!(
+        (push.stream.as_str(), payload(&push)),
+        ("all", json!({"via": "tags"}))
+    );
+    let pushed = client
+        .push(with_api_key(PushRequest {
+            tags_and: vec!["vip".into(), "gold".into()],
+            payload_json: r#"{"via":"tags_and"}"#.into(),
+            ..PushRequest::default()
+        }))
+        .await
+        .expect("push")
+        .into_inner();
+    assert_eq!(pushed.targets.expect("counts").delivered, 0);
+    let mixed = client
+        .push(with_api_key(PushRequest {
+            tags: vec!["vip".into()],
+            uids: vec!["dee".into()],
+            payload_json: "1".into(),
+            ..PushRequest::default()
+        }))
+        .await
+        .expect_err("tags with uids");
+    assert_eq!(mixed.code(), tonic::Code::InvalidArgument);
+    assert!(
+        mixed.message().starts_with("audience"),
+        "{}",
+        mixed.message()
+    );
+
     let changed = client
         .change_tag_devices(with_api_key(ChangeTagDevicesRequest {
             tag: "beta".into(),
