@@ -50,6 +50,9 @@ pub struct Plan {
     pub heartbeat: Option<u64>,
     /// The gateway's `limits.max_audience` (uids and tokens per push), when not its default.
     pub max_audience: Option<usize>,
+    /// Start one `pigeon standalone` (embedded store, no Redis) instead of nodes, a gateway
+    /// and Redis.
+    pub standalone: bool,
 }
 
 /// How the simulated devices reach the nodes.
@@ -124,7 +127,7 @@ async fn addresses(child: &mut Child, labels: &[&str]) -> anyhow::Result<Vec<Str
 }
 
 impl Deployment {
-    /// Starts Redis, `plan.nodes` nodes and a gateway.
+    /// Starts Redis, `plan.nodes` nodes and a gateway, or one standalone process.
     pub async fn start(plan: &Plan) -> anyhow::Result<Self> {
         let pigeon = plan.bin_dir.join("pigeon");
         anyhow::ensure!(
@@ -132,6 +135,9 @@ impl Deployment {
             "{} not found: build it (cargo build --release --bins) or pass --bin-dir",
             pigeon.display()
         );
+        if plan.standalone {
+            return Self::start_standalone(plan, &pigeon).await;
+        }
         let app = random_app();
         // The nodes' internal API takes calls from the run's own gateway only.
         let cluster_secret = random_hex(32);
@@ -233,6 +239,53 @@ impl Deployment {
             redis_pid,
             ca: (plan.transport != Transport::Ws).then(|| certs.join("ca.pem")),
             children,
+        })
+    }
+
+    /// Starts one `pigeon standalone` with its data in the run's directory. Plain
+    /// WebSocket only.
+    async fn start_standalone(plan: &Plan, pigeon: &Path) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            plan.transport == Transport::Ws,
+            "--standalone runs with --transport ws"
+        );
+        let app = random_app();
+        let mut command = Command::new(pigeon);
+        command
+            .arg("standalone")
+            .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
+            .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
+            .env("PIGEON_DATA_DIR", plan.work_dir.join("data"))
+            .env("PIGEON_APPS__0__ID", &app.id)
+            .env("PIGEON_APPS__0__API_KEY", &app.api_key)
+            .env("PIGEON_APPS__0__SECRET", &app.secret)
+            .env("PIGEON_LIMITS__MAX_CONNECTIONS", "19500")
+            .env("PIGEON_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(max) = plan.max_audience {
+            command.env("PIGEON_LIMITS__MAX_AUDIENCE", max.to_string());
+        }
+        if let Some(seconds) = plan.heartbeat {
+            command
+                .env("PIGEON_LIMITS__HEARTBEAT_INTERVAL", format!("{seconds}s"))
+                .env(
+                    "PIGEON_LIMITS__IDLE_TIMEOUT",
+                    format!("{}s", seconds * 5 / 2),
+                );
+        }
+        let mut child = command.spawn().context("starting pigeon standalone")?;
+        let found = addresses(&mut child, &["device websocket: ", "push api: "]).await?;
+        Ok(Self {
+            ws_urls: vec![found[0].clone()],
+            http_url: found[1].trim_end_matches("/v1/push").to_owned(),
+            grpc_addr: None,
+            app,
+            node_pids: child.id().into_iter().collect(),
+            redis_pid: None,
+            ca: None,
+            children: vec![child],
         })
     }
 

@@ -12,12 +12,16 @@
 //!   latency percentiles from send to device receipt, errors by kind.
 //! - `broadcast`: one message to every connected device, pushed to the app's audience `all`
 //!   (stored once), or with `--uids` to every device's uid (`--audience` uids per request):
-//!   time to first and last delivery, deliveries per second.
+//!   time to first and last delivery, deliveries per second; `--rounds` repeats it, and
+//!   `--floor` measures the loopback floor before each round (one thread writing the same
+//!   number of 64-byte messages to as many sockets) and reports Pigeon's rate as a share of
+//!   it.
 //! - `reconnect-storm`: N devices with K stored messages each reconnect at once: time until
 //!   all are back and everything is replayed.
 
 mod deploy;
 mod fleet;
+mod floor;
 mod report;
 
 use std::collections::BTreeMap;
@@ -84,6 +88,21 @@ enum Scenario {
         /// match); 1,000 (the API's default limit) against a running deployment.
         #[arg(long)]
         audience: Option<usize>,
+        /// Broadcasts, one after the other (each waits for the one before to arrive).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Before each round, measure the loopback floor: one thread writing a 64-byte
+        /// message to each of as many sockets (read by another process).
+        #[arg(long)]
+        floor: bool,
+    },
+    /// The floor's readers (run by `broadcast --floor`).
+    #[command(hide = true)]
+    FloorReaders {
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        sockets: usize,
     },
     /// N devices with K stored messages each reconnect at once.
     ReconnectStorm {
@@ -136,6 +155,10 @@ struct Common {
     /// pings a second, more than this machine's two cores keep up with beside the rest.
     #[arg(long, value_name = "SECS")]
     heartbeat: Option<u64>,
+    /// Start one `pigeon standalone` (its embedded store, no Redis) instead of nodes, a
+    /// gateway and Redis.
+    #[arg(long)]
+    standalone: bool,
     /// The CA to trust for a running deployment's wss:// or quic:// URLs.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -168,6 +191,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Scenario::FloorReaders { addr, sockets } = &cli.scenario {
+        return match runtime.block_on(floor::readers(addr, *sockets)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("pigeon-load floor-readers: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -196,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Scenario::Unicast { common, .. } => ("unicast", common),
         Scenario::Broadcast { common, .. } => ("broadcast", common),
         Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
+        Scenario::FloorReaders { .. } => anyhow::bail!("floor-readers is not a scenario"),
     };
     anyhow::ensure!(common.devices > 0, "--devices must be at least 1");
     // A broadcast is one request to every device, so the gateway the harness starts must
@@ -230,6 +263,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             common,
             uids,
             audience,
+            rounds,
+            floor,
         } => {
             let audience = uids.then(|| {
                 let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
@@ -239,11 +274,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 });
                 audience.max(1)
             });
-            broadcast(&mut run, common, audience).await
+            broadcast(&mut run, common, audience, (*rounds).max(1), *floor).await
         }
         Scenario::ReconnectStorm { common, messages } => {
             reconnect_storm(&mut run, common, *messages).await
         }
+        Scenario::FloorReaders { .. } => Ok(()),
     };
     if let Err(error) = outcome {
         run.result.problem(format!("the run failed: {error:#}"));
@@ -279,6 +315,7 @@ async fn prepare(
             transport: common.transport,
             heartbeat: common.heartbeat,
             max_audience,
+            standalone: common.standalone,
         })
         .await?
     } else {
@@ -536,10 +573,11 @@ async fn push_to_all(
 /// to get it).
 async fn push_everyone(
     deployment: &Deployment,
+    payload: serde_json::Value,
     errors: &mut BTreeMap<String, u64>,
     devices: u64,
 ) -> u64 {
-    let body = json!({"audience": {"all": true}, "payload": {"broadcast": 1}, "ttl": 3600});
+    let body = json!({"audience": {"all": true}, "payload": payload, "ttl": 3600});
     let request = reqwest::Client::new()
         .post(format!("{}/v1/push", deployment.http_url))
         .bearer_auth(&deployment.app.api_key)
@@ -743,54 +781,93 @@ async fn expect_deliveries(run: &mut Run, expected: u64, timeout: Duration) -> a
     Ok(())
 }
 
-/// One push to every device: to the audience `all`, or (with `audience`, uids per request)
-/// to every device's uid.
-async fn broadcast(run: &mut Run, common: &Common, audience: Option<usize>) -> anyhow::Result<()> {
+/// The payload of a broadcast: 64 bytes of JSON, the size the floor writes.
+fn broadcast_payload(round: usize) -> serde_json::Value {
+    let mut payload = json!({"broadcast": round, "pad": ""});
+    let len = payload.to_string().len();
+    payload["pad"] = json!("x".repeat(floor::MESSAGE.len().saturating_sub(len)));
+    payload
+}
+
+/// `rounds` pushes to every device, one after the other: to the audience `all`, or (with
+/// `audience`, uids per request) to every device's uid; with `floor`, the loopback floor
+/// measured before each.
+async fn broadcast(
+    run: &mut Run,
+    common: &Common,
+    audience: Option<usize>,
+    rounds: usize,
+    floor: bool,
+) -> anyhow::Result<()> {
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
     let mut errors = BTreeMap::new();
-    let sent_us = unix_micros();
-    let begin = Instant::now();
-    let accepted = match audience {
-        Some(audience) => {
-            push_to_all(
-                &run.deployment,
-                &uids,
-                audience,
-                json!({"broadcast": 1}),
-                &mut errors,
-            )
-            .await
+    let mut accepted = 0;
+    let (mut rates, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut to_first, mut to_last, mut api_times) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        if floor {
+            let rate = floor::measure(common.devices).await?;
+            eprintln!("round {round}: loopback floor {rate:.0} deliveries/s");
+            floors.push(rate);
         }
-        None => push_everyone(&run.deployment, &mut errors, common.devices as u64).await,
-    };
-    let api_time = begin.elapsed().as_secs_f64();
-    run.result.errors = errors;
-    if accepted < common.devices as u64 {
-        run.result.problem(format!(
-            "the API accepted only {accepted} of {} deliveries (see the errors)",
-            common.devices
-        ));
+        let before = run.fleet.reports().await?;
+        let first_before: u64 = before.iter().map(|r| r.received).sum();
+        let sent_us = unix_micros();
+        let begin = Instant::now();
+        let payload = broadcast_payload(round);
+        let round_accepted = match audience {
+            Some(audience) => {
+                push_to_all(&run.deployment, &uids, audience, payload, &mut errors).await
+            }
+            None => {
+                push_everyone(&run.deployment, payload, &mut errors, common.devices as u64).await
+            }
+        };
+        api_times.push(begin.elapsed().as_secs_f64());
+        accepted += round_accepted;
+        if round_accepted < common.devices as u64 {
+            run.result.problem(format!(
+                "round {round}: the API accepted only {round_accepted} of {} deliveries (see the errors)",
+                common.devices
+            ));
+        }
+        // What was accepted must arrive, all of it: a minute, a second per 10,000 devices,
+        // and one heartbeat interval (a device whose live delivery was lost reads the store
+        // at its next heartbeat).
+        let heartbeat = common.heartbeat.unwrap_or(30);
+        let patience = Duration::from_secs(60 + common.devices as u64 / 10_000 + heartbeat);
+        expect_deliveries(run, accepted, patience).await?;
+        let reports = run.fleet.reports().await?;
+        let last = reports
+            .iter()
+            .map(|r| r.last_received_us)
+            .max()
+            .unwrap_or(sent_us);
+        let seconds = last.saturating_sub(sent_us) as f64 / 1e6;
+        let rate = round_accepted as f64 / seconds.max(1e-6);
+        eprintln!(
+            "round {round}: {round_accepted} deliveries, last after {:.1} ms: {rate:.0} deliveries/s",
+            seconds * 1000.0
+        );
+        if round == 1 {
+            let first = reports
+                .iter()
+                .map(|r| r.first_received_us)
+                .filter(|&t| t > 0)
+                .min()
+                .unwrap_or(sent_us);
+            if first_before == 0 {
+                to_first.push(first.saturating_sub(sent_us) as f64 / 1000.0);
+            }
+        }
+        to_last.push(seconds * 1000.0);
+        if let Some(floor) = floors.last() {
+            ratios.push(rate / floor);
+        }
+        rates.push(rate);
     }
-    // What was accepted must arrive, all of it: a minute, a second per 10,000 devices, and
-    // one heartbeat interval (a device whose live delivery was lost reads the store at its
-    // next heartbeat).
-    let heartbeat = common.heartbeat.unwrap_or(30);
-    let patience = Duration::from_secs(60 + common.devices as u64 / 10_000 + heartbeat);
-    expect_deliveries(run, accepted, patience).await?;
-    let reports = run.fleet.reports().await?;
-    let first = reports
-        .iter()
-        .map(|r| r.first_received_us)
-        .filter(|&t| t > 0)
-        .min()
-        .unwrap_or(sent_us);
-    let last = reports
-        .iter()
-        .map(|r| r.last_received_us)
-        .max()
-        .unwrap_or(sent_us);
-    let to_last = last.saturating_sub(sent_us) as f64 / 1e6;
+    run.result.errors = errors;
     run.result.figure(
         "audience",
         match audience {
@@ -801,19 +878,57 @@ async fn broadcast(run: &mut Run, common: &Common, audience: Option<usize>) -> a
             None => "all (one request, stored once)".to_owned(),
         },
     );
+    run.result.figure("payload (bytes)", floor::MESSAGE.len());
+    run.result.figure("rounds", rounds);
     run.result
-        .figure("API answered all (s)", round(api_time, 3));
+        .figure("API answered (s, median)", round(median(&api_times), 3));
+    if let Some(first) = to_first.first() {
+        run.result
+            .figure("time to first delivery (ms)", round(*first, 1));
+    }
     run.result.figure(
-        "time to first delivery (ms)",
-        round(first.saturating_sub(sent_us) as f64 / 1000.0, 1),
+        "time to last delivery (ms, median)",
+        round(median(&to_last), 1),
     );
     run.result
-        .figure("time to last delivery (ms)", round(to_last * 1000.0, 1));
-    run.result.figure(
-        "deliveries per second",
-        round(accepted as f64 / to_last.max(1e-6), 0),
-    );
+        .figure("deliveries per second (median)", round(median(&rates), 0));
+    if rounds > 1 {
+        run.result
+            .figure("deliveries per second (each round)", listed(&rates));
+    }
+    if floor {
+        run.result.figure(
+            "loopback floor, deliveries per second (median)",
+            round(median(&floors), 0),
+        );
+        run.result
+            .figure("loopback floor (each round)", listed(&floors));
+        run.result.figure(
+            "share of the floor (median of the rounds)",
+            round(median(&ratios), 3),
+        );
+    }
     Ok(())
+}
+
+/// The median of `values` (0 for none).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Whole numbers, comma-separated.
+fn listed(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|value| format!("{value:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> anyhow::Result<()> {

@@ -82,7 +82,27 @@ fn unicast_over_http_and_grpc_reports_latency_percentiles() {
 fn broadcast_reaches_every_device() {
     let result = run(&["broadcast"]);
     assert_eq!(result["figures"]["pushes received"], 30);
-    assert!(result["figures"]["time to last delivery (ms)"].is_number());
+    assert!(result["figures"]["time to last delivery (ms, median)"].is_number());
+}
+
+#[test]
+fn a_standalone_broadcast_against_the_loopback_floor() {
+    let result = run(&["broadcast", "--standalone", "--floor", "--rounds", "2"]);
+    let figures = &result["figures"];
+    assert_eq!(figures["pushes received"], 60);
+    assert_eq!(figures["node processes"], 1);
+    assert!(
+        figures["loopback floor, deliveries per second (median)"]
+            .as_f64()
+            .expect("floor")
+            > 0.0
+    );
+    assert!(
+        figures["share of the floor (median of the rounds)"]
+            .as_f64()
+            .expect("share")
+            > 0.0
+    );
 }
 
 #[test]

@@ -201,14 +201,6 @@ pub enum FrameOutcome {
     Send(ServerFrame),
     /// The device has processed everything up to this seq: persist the ack.
     Acked(u64),
-    /// The device has processed the stream `all` up to this offset, in this epoch: persist
-    /// it.
-    AckedStream {
-        /// The stream's epoch.
-        epoch: u64,
-        /// The offset.
-        offset: u64,
-    },
 }
 
 /// Acknowledgements the Hello carried beyond what the store knew, to persist.
@@ -231,6 +223,9 @@ struct Lane {
     in_flight: VecDeque<u64>,
     /// Whether everything the store holds above `last_sent` has been read.
     caught_up: bool,
+    /// Whether `last_acked` moved since it was last persisted (the stream lane persists
+    /// its place lazily).
+    unpersisted: bool,
 }
 
 impl Lane {
@@ -240,6 +235,7 @@ impl Lane {
             last_acked: processed,
             in_flight: VecDeque::new(),
             caught_up: false,
+            unpersisted: false,
         }
     }
 
@@ -265,17 +261,17 @@ impl Lane {
             self.in_flight = VecDeque::new();
             self.last_acked = self.last_sent;
         }
+        self.unpersisted = true;
         Ok(Some(self.last_acked))
     }
 
     /// Positions passed over (not for the device) with nothing in flight: they count as
     /// acknowledged. Returns the new acknowledged position, when it moved.
-    fn passed_over(&mut self) -> Option<u64> {
-        if !self.in_flight.is_empty() || self.last_sent <= self.last_acked {
-            return None;
+    fn passed_over(&mut self) {
+        if self.in_flight.is_empty() && self.last_sent > self.last_acked {
+            self.last_acked = self.last_sent;
+            self.unpersisted = true;
         }
-        self.last_acked = self.last_sent;
-        Some(self.last_acked)
     }
 
     /// Whether a live push at `position` is sent now; `None`: it is a duplicate. Above
@@ -433,21 +429,25 @@ impl Session {
         if ack.stream != ALL {
             return Err(SessionError::Protocol("an ack for an unknown stream"));
         }
-        Ok(match self.all.ack(ack.offset)? {
-            Some(offset) => FrameOutcome::AckedStream {
-                epoch: self.all_epoch,
-                offset,
-            },
-            None => FrameOutcome::Nothing,
-        })
+        // Persisted lazily (see `stream_to_persist`).
+        self.all.ack(ack.offset)?;
+        Ok(FrameOutcome::Nothing)
     }
 
-    /// Entries of the stream `all` passed over (not for the device) with nothing in flight
-    /// count as acknowledged: the offset to persist, when there is one, so a reconnect does
-    /// not read them again. Asked at each heartbeat.
-    pub fn stream_passed_over(&mut self) -> Option<(u64, u64)> {
-        let offset = self.all.passed_over()?;
-        Some((self.all_epoch, offset))
+    /// The place in the stream `all` to persist, when it moved since it was last persisted:
+    /// the epoch and the offset acknowledged, including entries passed over (not for the
+    /// device) with nothing in flight.
+    ///
+    /// A stream's place is persisted at each heartbeat and when the connection ends, not at
+    /// each ack: a broadcast to a million devices would otherwise cost a million store
+    /// writes. A place lost in a crash costs nothing either: the device says where it is
+    /// in its next Hello, and one that lost its own state too gets a few messages again.
+    pub fn stream_to_persist(&mut self) -> Option<(u64, u64)> {
+        self.all.passed_over();
+        if !std::mem::take(&mut self.all.unpersisted) {
+            return None;
+        }
+        Some((self.all_epoch, self.all.last_acked))
     }
 
     /// The offset of the stream `all` up to which the connection table had handed entries

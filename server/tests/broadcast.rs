@@ -189,3 +189,28 @@ async fn a_missed_shared_delivery_reaches_connected_devices_by_their_next_heartb
         .expect("the message by the next heartbeats");
     assert_eq!(shape(&push), ("all".into(), 1, 0, json!({"n": 1})));
 }
+
+/// A device's place in the stream is persisted when its connection ends (and at each
+/// heartbeat), not at each ack: a device that comes back without its own record of it
+/// starts after what it acknowledged.
+#[tokio::test]
+async fn the_stream_place_is_kept_when_the_connection_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut device = connect(&server, "ann", &DeviceState::default()).await;
+    let state = kept(&device);
+    for n in 1..=2 {
+        server.push(all(json!({"n": n}))).await;
+        let push = next_push(&mut device).await;
+        device.ack_push(&push).await.expect("ack");
+    }
+    device.close().await;
+    // It kept its token and the epoch, but not the offset.
+    let forgetful = DeviceState {
+        all_offset: 0,
+        ..state
+    };
+    let mut back = connect(&server, "ann", &forgetful).await;
+    assert_eq!(back.welcome().streams[0].offset, 2);
+    assert_no_push(&mut back, std::time::Duration::from_millis(300)).await;
+}

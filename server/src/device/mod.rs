@@ -256,10 +256,11 @@ pub(crate) async fn open<T: DeviceTransport>(
 pub(crate) async fn end<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
-    live: Live,
+    mut live: Live,
     ending: Ending,
     peer: SocketAddr,
 ) {
+    live.persist_stream_place(context).await;
     forget(context, &live).await;
     finish(transport, ending, peer).await;
 }

@@ -59,6 +59,11 @@ impl Live {
         &self.token
     }
 
+    /// Persists the session's place in the stream `all`, if it moved.
+    pub(crate) async fn persist_stream_place(&mut self, context: &DeviceContext) {
+        persist_stream_place(context, &self.token, &mut self.session).await;
+    }
+
     /// When the session next has something to do on its own: a heartbeat, the idle
     /// deadline, or a store read to retry.
     pub(crate) fn wake_at(&self) -> Instant {
@@ -189,6 +194,20 @@ pub(crate) async fn welcome<T: DeviceTransport>(
     Ok(())
 }
 
+/// Persists the session's place in the stream `all`, if it moved (see
+/// [`Session::stream_to_persist`]).
+pub(crate) async fn persist_stream_place(
+    context: &DeviceContext,
+    token: &str,
+    session: &mut Session,
+) {
+    if let Some((epoch, offset)) = session.stream_to_persist()
+        && let Err(error) = context.store.ack_stream(token, ALL, epoch, offset).await
+    {
+        ack_failed(&error);
+    }
+}
+
 /// Logs a failed ack write (throttled: a store outage fails every device's acks at once).
 /// The device gets those messages again after a reconnect: at least once.
 fn ack_failed(error: &crate::store::StoreError) {
@@ -285,12 +304,6 @@ async fn on_frame<T: DeviceTransport>(
             }
             Ok(())
         }
-        Ok(FrameOutcome::AckedStream { epoch, offset }) => {
-            if let Err(error) = context.store.ack_stream(token, ALL, epoch, offset).await {
-                ack_failed(&error);
-            }
-            Ok(())
-        }
         Err(error) => Err(Ending::session(error)),
     }
 }
@@ -345,11 +358,7 @@ async fn on_timer<T: DeviceTransport>(
     session: &mut Session,
     now: Instant,
 ) -> Result<(), Ending> {
-    if let Some((epoch, offset)) = session.stream_passed_over()
-        && let Err(error) = context.store.ack_stream(token, ALL, epoch, offset).await
-    {
-        ack_failed(&error);
-    }
+    persist_stream_place(context, token, session).await;
     match session.handle_timeout(now) {
         Ok(Some(ping)) => send(transport, [ping], context.session.idle_timeout)
             .await

@@ -453,13 +453,13 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     assert_eq!(offsets, [4, 5]);
     // The direct lane is a lane of its own.
     assert_eq!(session.last_sent(), 0);
+    // A stream's acks are persisted lazily: at the next heartbeat or the end.
     assert_eq!(
         session.handle_frame(now, stream_ack(5)),
-        Ok(FrameOutcome::AckedStream {
-            epoch: 7,
-            offset: 5
-        })
+        Ok(FrameOutcome::Nothing)
     );
+    assert_eq!(session.stream_to_persist(), Some((7, 5)));
+    assert_eq!(session.stream_to_persist(), None, "persisted already");
     assert_eq!(
         session.handle_frame(now, stream_ack(4)),
         Ok(FrameOutcome::Nothing)
@@ -504,24 +504,20 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
     // Acknowledging 3 acknowledges the two passed over after it.
     assert_eq!(
         session.handle_frame(now, stream_ack(3)),
-        Ok(FrameOutcome::AckedStream {
-            epoch: 7,
-            offset: 5
-        })
+        Ok(FrameOutcome::Nothing)
     );
+    assert_eq!(session.stream_to_persist(), Some((7, 5)));
     // Above the floor, live entries need not follow each other: 6 and 7 were not for it.
     let PushDecision::Send(frame) = session.handle_shared_push(&shared(8)) else {
         panic!("an entry above the floor goes out live");
     };
     assert_eq!(pushed_offset(&frame).2, 8);
-    assert_eq!(session.stream_passed_over(), None, "8 is in flight");
+    assert_eq!(session.stream_to_persist(), None, "8 is in flight");
     assert_eq!(
         session.handle_frame(now, stream_ack(8)),
-        Ok(FrameOutcome::AckedStream {
-            epoch: 7,
-            offset: 8
-        })
+        Ok(FrameOutcome::Nothing)
     );
+    assert_eq!(session.stream_to_persist(), Some((7, 8)));
     // A page of entries none of which is for the device moves its place on, persisted at
     // the next heartbeat.
     let later: Vec<(u64, Arc<Message>)> = [9, 10]
@@ -534,8 +530,8 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
             .handle_stream_refill(&later, false, |_, _| false)
             .is_empty()
     );
-    assert_eq!(session.stream_passed_over(), Some((7, 10)));
-    assert_eq!(session.stream_passed_over(), None);
+    assert_eq!(session.stream_to_persist(), Some((7, 10)));
+    assert_eq!(session.stream_to_persist(), None);
 }
 
 #[test]
