@@ -498,6 +498,32 @@ impl Framer {
         read_some(io, &mut self.input).await
     }
 
+    /// Reads what a non-blocking `io` has now into the input: the bytes read, 0 when the
+    /// peer closed, `WouldBlock` when nothing was there.
+    pub fn read_now<S: std::io::Read>(&mut self, io: &mut S) -> std::io::Result<usize> {
+        let mut chunk = [0u8; READ_CHUNK];
+        let read = io.read(&mut chunk)?;
+        self.input.extend_from_slice(&chunk[..read]);
+        Ok(read)
+    }
+
+    /// Writes what a non-blocking `io` takes now of what is queued; the rest stays queued.
+    pub fn write_now<S: std::io::Write>(&mut self, io: &mut S) -> std::io::Result<()> {
+        while !self.output.is_empty() {
+            match io.write(&self.output) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    self.output.drain(..written);
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        self.output = Vec::new();
+        Ok(())
+    }
+
     /// Writes what is queued and flushes. Cancel-safe: bytes leave the queue only once
     /// written.
     pub async fn write_out<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> std::io::Result<()> {

@@ -142,6 +142,12 @@ impl Connection {
         self.pending.load(Ordering::Acquire)
     }
 
+    /// Takes the note that something waits (for an owner that is about to take it without
+    /// waiting on [`Connection::poll_woken`]); whether there was one.
+    pub fn clear_pending(&self) -> bool {
+        self.pending.swap(false, Ordering::AcqRel)
+    }
+
     fn wake(&self) {
         self.pending.store(true, Ordering::Release);
         self.waker.wake();

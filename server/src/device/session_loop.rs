@@ -59,6 +59,43 @@ impl Live {
         &self.token
     }
 
+    /// For a connection without a task (parked): what the connection table has for it, as
+    /// the frames to send now; `Err` when the node asked it to close.
+    pub(crate) fn take_inbox(&mut self) -> Result<Vec<ServerFrame>, Ending> {
+        take_inbox(&mut self.session, &self.connection)
+    }
+
+    /// For a connection without a task: a frame from the device, handled as the session
+    /// loop would. An ack's store write runs in the background (acks are cumulative, so
+    /// their order does not matter); a frame to send back is returned.
+    pub(crate) fn handle_frame_now(
+        &mut self,
+        context: &Arc<DeviceContext>,
+        frame: ClientFrame,
+    ) -> Result<Option<ServerFrame>, Ending> {
+        match self.session.handle_frame(Instant::now(), frame) {
+            Ok(FrameOutcome::Nothing) => Ok(None),
+            Ok(FrameOutcome::Send(frame)) => Ok(Some(frame)),
+            Ok(FrameOutcome::Acked(seq)) => {
+                let (context, token) = (context.clone(), self.token.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = context.store.ack(&token, seq).await {
+                        ack_failed(&error);
+                    }
+                });
+                Ok(None)
+            }
+            Err(error) => Err(Ending::session(error)),
+        }
+    }
+
+    /// Whether the session must read the store before it can do anything else (which a
+    /// connection without a task cannot).
+    pub(crate) fn needs_store(&self) -> bool {
+        self.store_retry.is_none()
+            && (self.session.refill().is_some() || self.session.refill_stream().is_some())
+    }
+
     /// Persists the session's place in the stream `all`, if it moved.
     pub(crate) async fn persist_stream_place(&mut self, context: &DeviceContext) {
         persist_stream_place(context, &self.token, &mut self.session).await;
@@ -314,11 +351,21 @@ async fn on_woken<T: DeviceTransport>(
     session: &mut Session,
     connection: &Connection,
 ) -> Result<(), Ending> {
+    let frames = take_inbox(session, connection)?;
+    send(transport, frames, context.session.idle_timeout)
+        .await
+        .map_err(Ending::transport)
+}
+
+/// Takes what the connection table has for the connection and returns the frames the
+/// session sends now; `Err` when the node asked the connection to close.
+fn take_inbox(session: &mut Session, connection: &Connection) -> Result<Vec<ServerFrame>, Ending> {
     let inbox = connection.take();
     if let Some(code) = inbox.close {
         let reason = match code {
             CloseCode::Replaced => "replaced by a newer connection of this device",
             CloseCode::GoingAway => "node shutting down; reconnect",
+            CloseCode::StreamReset => "the app's stream was created again; reconnect",
             _ => "closed by the node",
         };
         return Err(Ending::close(code, reason));
@@ -338,17 +385,14 @@ async fn on_woken<T: DeviceTransport>(
         .shared
         .iter()
         .map(|delivery| session.handle_shared_push(delivery));
-    let frames: Vec<ServerFrame> = decisions
+    Ok(decisions
         .into_iter()
         .chain(shared.collect::<Vec<_>>())
         .filter_map(|decision| match decision {
             PushDecision::Send(frame) => Some(frame),
             PushDecision::Duplicate | PushDecision::Deferred => None,
         })
-        .collect();
-    send(transport, frames, context.session.idle_timeout)
-        .await
-        .map_err(Ending::transport)
+        .collect())
 }
 
 async fn on_timer<T: DeviceTransport>(

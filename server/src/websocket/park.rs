@@ -12,6 +12,12 @@
 //! - its session's next deadline (heartbeat, idle timeout): the lot keeps a timer per
 //!   parked connection, in one ordered set, and one task waits for the earliest.
 //!
+//! The commonest of these need no task: a push the session sends at once is written to the
+//! socket right where it was delivered (a broadcast writes to every parked socket from the
+//! thread that hands it out, as a lean writer would), and the device's ack, read when the
+//! socket turns readable, is taken by the session in the lot. Only what needs the store, a
+//! write that would block, or an ending brings the connection back into a task.
+//!
 //! One task per node watches the epoll instance (itself registered with tokio) and the
 //! timers. A parked connection holds a token of the node's task tracker, so a drain waits
 //! for it like for any connection's task.
@@ -25,7 +31,8 @@ use std::task::{Wake, Waker};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use pigeon_proto::websocket::{Framer, Sender};
+use pigeon_proto::Message as _;
+use pigeon_proto::websocket::{Framer, Inbound, Sender};
 use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -35,7 +42,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::{Accepted, WebSocketTransport};
 use crate::connections::ConnectionTable;
-use crate::device::{self, Live};
+use crate::device::{self, Ending, Live};
 
 /// Readiness events taken from the epoll instance per call.
 const EVENTS_PER_WAIT: usize = 256;
@@ -109,8 +116,104 @@ struct Unpark {
 impl Wake for Unpark {
     fn wake(self: Arc<Self>) {
         if let Some(lot) = self.lot.upgrade() {
-            lot.unpark(self.key);
+            lot.woken(self.key);
         }
+    }
+}
+
+/// What a parked connection's wake-up or readiness came to, served in the lot.
+enum InPlace {
+    /// Done: it stays parked.
+    Stay,
+    /// It needs its task (the store, a write that would block, the device hanging up).
+    Task,
+    /// It ends.
+    End(Ending),
+}
+
+/// The events a parked socket is watched for; one-shot, re-armed after each in-place read.
+fn interest() -> EpollFlags {
+    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
+}
+
+impl Parked {
+    /// The framer, made anew if the connection held none.
+    fn framer(&mut self) -> &mut Framer {
+        let max_frame = self.accepted.max_frame;
+        self.framer
+            .get_or_insert_with(|| Box::new(Framer::new(Sender::Client, max_frame, Vec::new())))
+    }
+
+    /// Writes what the framer holds without blocking; whether it all went (anything left,
+    /// or a failure, is for the task).
+    fn write_now(&mut self) -> bool {
+        let Some(framer) = self.framer.as_mut() else {
+            return true;
+        };
+        let written = framer.write_now(&mut self.stream).is_ok() && !framer.has_output();
+        if written && framer.is_pristine() {
+            self.framer = None;
+        }
+        written
+    }
+
+    /// The connection table has something for it: pushes the session sends at once are
+    /// written here.
+    fn deliver(&mut self) -> InPlace {
+        let frames = match self.live.take_inbox() {
+            Ok(frames) => frames,
+            Err(ending) => return InPlace::End(ending),
+        };
+        if !frames.is_empty() {
+            let framer = self.framer();
+            for frame in &frames {
+                framer.queue_message(frame.encoded_len(), |out| frame.encode_raw(out));
+            }
+        }
+        if !self.write_now() || self.live.needs_store() {
+            return InPlace::Task;
+        }
+        InPlace::Stay
+    }
+
+    /// The socket is readable: acks and pings are taken here; anything else (the device
+    /// hanging up, a frame that needs the store) is for the task, with what was read.
+    fn read(&mut self) -> InPlace {
+        self.framer();
+        let Some(framer) = self.framer.as_mut() else {
+            return InPlace::Task;
+        };
+        match framer.read_now(&mut self.stream) {
+            Ok(0) => return InPlace::Task,
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return InPlace::Task,
+        }
+        loop {
+            let parsed = self.framer().parse(super::decode);
+            let frame = match parsed {
+                Ok(Some(Inbound::Message(Ok(frame)))) => frame,
+                Ok(Some(Inbound::Message(Err(error)))) => {
+                    return InPlace::End(Ending::transport(error));
+                }
+                Ok(Some(Inbound::Handled)) => continue,
+                // The task answers a Close (queued) and sees the device go; a frame that
+                // cannot be parsed stays in the input for the task to refuse.
+                Ok(Some(Inbound::Closed { .. })) | Err(_) => return InPlace::Task,
+                Ok(None) => break,
+            };
+            match self.live.handle_frame_now(&self.accepted.context, frame) {
+                Ok(Some(answer)) => self
+                    .framer()
+                    .queue_message(answer.encoded_len(), |out| answer.encode_raw(out)),
+                Ok(None) => {}
+                Err(ending) => return InPlace::End(ending),
+            }
+        }
+        if !self.write_now() || self.live.needs_store() {
+            return InPlace::Task;
+        }
+        InPlace::Stay
     }
 }
 
@@ -190,10 +293,7 @@ impl Lot {
             (state.parked.insert(None), state.generation)
         };
         let key = key(slot, generation);
-        connection.hand_wake_to(&Waker::from(Arc::new(Unpark {
-            lot: Arc::downgrade(self),
-            key,
-        })));
+        connection.hand_wake_to(&self.waker(key));
         let parked = Box::new(Parked {
             framer: (!framer.is_pristine()).then(|| Box::new(framer)),
             live,
@@ -203,20 +303,19 @@ impl Lot {
             _task: self.tracker.token(),
             stream,
         });
-        let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT;
         let mut state = self.state();
         if let Err(error) = self
             .epoll
             .get_ref()
             .0
-            .add(&parked.stream, EpollEvent::new(interest, key))
+            .add(&parked.stream, EpollEvent::new(interest(), key))
         {
             // Nothing would tell the lot the device spoke: the connection stays in its task,
             // and does not try to park again.
             let _ = state.parked.try_remove(slot);
             drop(state);
             tracing::debug!(%error, "a connection could not be parked");
-            self.resume(parked, false);
+            self.resume(parked, false, None);
             return;
         }
         if let Some(reserved) = state.parked.get_mut(slot) {
@@ -237,8 +336,97 @@ impl Lot {
         }
     }
 
+    /// The connection table woke the parked connection `key`: served here if it can be.
+    fn woken(self: &Arc<Self>, key: u64) {
+        let outcome = self.in_place(key, |parked| {
+            let connection = parked.live.connection().clone();
+            loop {
+                connection.clear_pending();
+                let outcome = parked.deliver();
+                if !matches!(outcome, InPlace::Stay) {
+                    return outcome;
+                }
+                // The wake took the waker: hand it over again, then look again for what came
+                // in between (its wake found no waker).
+                connection.hand_wake_to(&self.waker(key));
+                if !connection.has_pending() {
+                    return InPlace::Stay;
+                }
+            }
+        });
+        self.settle(key, outcome);
+    }
+
+    /// The waker that brings the parked connection `key` back.
+    fn waker(self: &Arc<Self>, key: u64) -> Waker {
+        Waker::from(Arc::new(Unpark {
+            lot: Arc::downgrade(self),
+            key,
+        }))
+    }
+
+    /// The parked connection `key`'s socket is readable: served here if it can be.
+    fn readable(self: &Arc<Self>, key: u64) {
+        let outcome = self.in_place(key, |parked| {
+            let outcome = parked.read();
+            if matches!(outcome, InPlace::Stay) {
+                let rearmed = self
+                    .epoll
+                    .get_ref()
+                    .0
+                    .modify(&parked.stream, &mut EpollEvent::new(interest(), key));
+                if rearmed.is_err() {
+                    return InPlace::Task;
+                }
+            }
+            outcome
+        });
+        self.settle(key, outcome);
+    }
+
+    /// Runs `serve` on the parked connection `key` (if it is still here), and moves its
+    /// timer when its deadline moved.
+    fn in_place(&self, key: u64, serve: impl FnOnce(&mut Parked) -> InPlace) -> Option<InPlace> {
+        let (slot, generation) = split(key);
+        let mut state = self.state();
+        let State { parked, timers, .. } = &mut *state;
+        let parked = parked.get_mut(slot)?.as_mut()?;
+        if parked.generation != generation {
+            return None;
+        }
+        let outcome = serve(parked);
+        let wake_at = parked.live.wake_at();
+        let mut earliest = false;
+        if matches!(outcome, InPlace::Stay) && wake_at != parked.wake_at {
+            timers.remove(&(parked.wake_at, key));
+            earliest = timers.first().is_none_or(|&(at, _)| wake_at < at);
+            timers.insert((wake_at, key));
+            parked.wake_at = wake_at;
+        }
+        drop(state);
+        if earliest {
+            self.timer_added.notify_one();
+        }
+        Some(outcome)
+    }
+
+    /// What serving a connection in place came to.
+    fn settle(self: &Arc<Self>, key: u64, outcome: Option<InPlace>) {
+        match outcome {
+            None | Some(InPlace::Stay) => {}
+            Some(InPlace::Task) => self.unpark(key),
+            Some(InPlace::End(ending)) => self.unpark_to(key, Some(ending)),
+        }
+    }
+
     /// Brings the parked connection `key` back into a task; nothing if it already left.
     fn unpark(self: &Arc<Self>, key: u64) {
+        self.unpark_to(key, None);
+    }
+
+    /// Brings the parked connection `key` back into a task, to end it with `ending` if
+    /// given; nothing if it already left.
+    fn unpark_to(self: &Arc<Self>, key: u64, ending: Option<Ending>) {
         let (slot, generation) = split(key);
         let parked = {
             let mut state = self.state();
@@ -260,11 +448,12 @@ impl Lot {
         // Before the socket is registered with tokio again. It is in the set unless it was
         // never added (a failed park), and a failed delete leaves at worst a stale key.
         let _ = self.epoll.get_ref().0.delete(&parked.stream);
-        self.resume(parked, true);
+        self.resume(parked, true, ending);
     }
 
-    /// Runs the connection in a new task; it may park again if `may_park`.
-    fn resume(self: &Arc<Self>, parked: Box<Parked>, may_park: bool) {
+    /// Runs the connection in a new task; it may park again if `may_park`; it ends with
+    /// `ending` if given.
+    fn resume(self: &Arc<Self>, parked: Box<Parked>, may_park: bool, ending: Option<Ending>) {
         let lot = self.clone();
         self.tracker.spawn_on(
             async move {
@@ -281,7 +470,13 @@ impl Lot {
                             || Framer::new(Sender::Client, accepted.max_frame, Vec::new()),
                             |framer| *framer,
                         );
-                        let transport = WebSocketTransport { io, framer };
+                        let mut transport = WebSocketTransport { io, framer };
+                        if let Some(ending) = ending {
+                            let peer = accepted.peer;
+                            device::end(&mut transport, &accepted.context, live, ending, peer)
+                                .await;
+                            return;
+                        }
                         let park_after = lot.park_after().filter(|_| may_park);
                         let served =
                             super::serve_parkable(transport, live, accepted, lot, park_after);
@@ -331,7 +526,7 @@ impl Lot {
                         match taken {
                             Ok(Ok(taken)) => {
                                 for event in &events[..taken] {
-                                    self.unpark(event.data());
+                                    self.readable(event.data());
                                 }
                             }
                             Ok(Err(error)) => {
