@@ -40,6 +40,8 @@ pub struct ConnectionTable {
     shutdown: CancellationToken,
     /// Connections waiting without a task (see `websocket::park`).
     parked: AtomicUsize,
+    /// Wake-ups of parked connections (a push, a frame) served without a task.
+    served_parked: AtomicU64,
     /// Places taken within the process's connection limit: one per device that has said
     /// Hello, until its connection ends (see [`ConnectionTable::reserve`]).
     reserved: AtomicUsize,
@@ -253,6 +255,7 @@ impl ConnectionTable {
             queue_limit,
             shutdown,
             parked: AtomicUsize::new(0),
+            served_parked: AtomicU64::new(0),
             reserved: AtomicUsize::new(0),
             apps: Mutex::new(HashMap::new()),
             gap_opened: Notify::new(),
@@ -601,6 +604,16 @@ impl ConnectionTable {
     /// Live connections waiting without a task.
     pub fn parked_count(&self) -> usize {
         self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Wake-ups of parked connections served without a task, so far.
+    pub fn served_parked(&self) -> u64 {
+        self.served_parked.load(Ordering::Relaxed)
+    }
+
+    /// Counts a wake-up of a parked connection served without a task.
+    pub(crate) fn count_served_parked(&self) {
+        self.served_parked.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection that left its task (`true`) or got one back (`false`).

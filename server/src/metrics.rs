@@ -73,6 +73,9 @@ impl Metrics {
                  # HELP pigeon_parked_connections Live connections idle in the parking lot, without a task.\n\
                  # TYPE pigeon_parked_connections gauge\n\
                  pigeon_parked_connections {}\n\
+                 # HELP pigeon_parked_served_total Pushes and frames of parked connections served in the parking lot, without a task.\n\
+                 # TYPE pigeon_parked_served_total counter\n\
+                 pigeon_parked_served_total {}\n\
                  # HELP pigeon_handshakes Device connections being set up (not past their Hello yet).\n\
                  # TYPE pigeon_handshakes gauge\n\
                  pigeon_handshakes {}\n\
@@ -84,6 +87,7 @@ impl Metrics {
                  pigeon_handshakes_refused_total {}",
                 table.connection_count(),
                 table.parked_count(),
+                table.served_parked(),
                 handshakes.in_progress(),
                 handshakes.evicted(),
                 handshakes.refused(),

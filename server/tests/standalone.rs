@@ -618,10 +618,20 @@ async fn idle_connections_wait_parked_and_pushes_bring_them_back() {
         let push = next_push(&mut devices[1]).await;
         assert_eq!(push.seq, round);
         assert_eq!(payload(&push), json!({ "round": round }));
-        // Its ack brings it back once more; then it waits parked again.
+        devices[1].ack_push(&push).await.expect("ack");
         await_metric(&server, "pigeon_parked_connections", 3).await;
     }
     assert_no_push(&mut devices[0], Duration::from_millis(200)).await;
     assert_no_push(&mut devices[2], Duration::from_millis(200)).await;
     assert_eq!(metric(&server, "pigeon_connections").await, Some(3));
+    // The pushes were written, and the acks taken, by the lot: no task was needed.
+    await_metric(&server, "pigeon_parked_served_total", 6).await;
+    // The acks reached the store: after a reconnect nothing comes again.
+    let state = pigeon_client::DeviceState {
+        device_token: devices[1].welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    let mut again = connect(&server, "pat", &state).await;
+    assert_eq!(again.welcome().acked_seq, 3);
+    assert_no_push(&mut again, Duration::from_millis(200)).await;
 }

@@ -413,7 +413,8 @@ impl Lot {
     /// What serving a connection in place came to.
     fn settle(self: &Arc<Self>, key: u64, outcome: Option<InPlace>) {
         match outcome {
-            None | Some(InPlace::Stay) => {}
+            None => {}
+            Some(InPlace::Stay) => self.connections.count_served_parked(),
             Some(InPlace::Task) => self.unpark(key),
             Some(InPlace::End(ending)) => self.unpark_to(key, Some(ending)),
         }
