@@ -27,6 +27,8 @@ pub struct Deployment {
     pub node_pids: Vec<u32>,
     /// Pid of the Redis, when the harness started it.
     pub redis_pid: Option<u32>,
+    /// Port of the Redis, when the harness started it.
+    pub redis_port: Option<u16>,
     /// The CA devices must trust (wss and QUIC).
     pub ca: Option<PathBuf>,
     children: Vec<Child>,
@@ -237,6 +239,7 @@ impl Deployment {
             app,
             node_pids,
             redis_pid,
+            redis_port: Some(port),
             ca: (plan.transport != Transport::Ws).then(|| certs.join("ca.pem")),
             children,
         })
@@ -284,6 +287,7 @@ impl Deployment {
             app,
             node_pids: child.id().into_iter().collect(),
             redis_pid: None,
+            redis_port: None,
             ca: None,
             children: vec![child],
         })
@@ -304,6 +308,7 @@ impl Deployment {
             app,
             node_pids: Vec::new(),
             redis_pid: None,
+            redis_port: None,
             ca,
             children: Vec::new(),
         }
@@ -344,6 +349,28 @@ async fn wait_for_redis(port: u16) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Calls so far of each command of the Redis on `port` (`INFO commandstats`), the `info`
+/// command itself left out.
+pub async fn redis_commands(port: u16) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "commandstats"])
+        .output()
+        .await
+        .context("running redis-cli")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .split(',')
+                .find_map(|field| field.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info")
+        .collect())
 }
 
 /// The kernel's TCP socket memory, bytes (`/proc/net/sockstat`, `TCP: ... mem <pages>`).

@@ -813,6 +813,10 @@ async fn broadcast(
         }
         let before = run.fleet.reports().await?;
         let first_before: u64 = before.iter().map(|r| r.received).sum();
+        let commands_before = match run.deployment.redis_port {
+            Some(port) if round == 1 => Some(deploy::redis_commands(port).await?),
+            _ => None,
+        };
         let sent_us = unix_micros();
         let begin = Instant::now();
         let payload = broadcast_payload(round);
@@ -846,6 +850,31 @@ async fn broadcast(
             .unwrap_or(sent_us);
         let seconds = last.saturating_sub(sent_us) as f64 / 1e6;
         let rate = round_accepted as f64 / seconds.max(1e-6);
+        if let (Some(before), Some(port)) = (commands_before, run.deployment.redis_port) {
+            // Everything Redis did from the request to the last delivery, whoever asked.
+            let after = deploy::redis_commands(port).await?;
+            let mut spent: Vec<(String, u64)> = after
+                .into_iter()
+                .map(|(name, calls)| {
+                    let earlier = before.get(&name).copied().unwrap_or(0);
+                    (name, calls.saturating_sub(earlier))
+                })
+                .filter(|(_, calls)| *calls > 0)
+                .collect();
+            spent.sort_by(|a, b| b.1.cmp(&a.1));
+            let total: u64 = spent.iter().map(|(_, calls)| calls).sum();
+            let listed = spent
+                .iter()
+                .map(|(name, calls)| format!("{name} {calls}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            eprintln!(
+                "round 1: Redis commands from the request to the last delivery: {total} ({listed})"
+            );
+            run.result
+                .figure("Redis commands, first push to last delivery", total);
+            run.result.figure("Redis commands, by command", listed);
+        }
         eprintln!(
             "round {round}: {round_accepted} deliveries, last after {:.1} ms: {rate:.0} deliveries/s",
             seconds * 1000.0
