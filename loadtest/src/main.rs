@@ -861,7 +861,7 @@ async fn broadcast(
                 })
                 .filter(|(_, calls)| *calls > 0)
                 .collect();
-            spent.sort_by(|a, b| b.1.cmp(&a.1));
+            spent.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
             let total: u64 = spent.iter().map(|(_, calls)| calls).sum();
             let listed = spent
                 .iter()
