@@ -111,6 +111,10 @@ enum Scenario {
         /// Stored messages per device.
         #[arg(long, default_value_t = 5)]
         messages: usize,
+        /// Push the messages to the audience `all` (stored once each, in the app's stream)
+        /// instead of to every device's uid (a copy per device).
+        #[arg(long)]
+        shared: bool,
     },
 }
 
@@ -276,9 +280,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             });
             broadcast(&mut run, common, audience, (*rounds).max(1), *floor).await
         }
-        Scenario::ReconnectStorm { common, messages } => {
-            reconnect_storm(&mut run, common, *messages).await
-        }
+        Scenario::ReconnectStorm {
+            common,
+            messages,
+            shared,
+        } => reconnect_storm(&mut run, common, *messages, *shared).await,
         Scenario::FloorReaders { .. } => Ok(()),
     };
     if let Err(error) = outcome {
@@ -960,7 +966,12 @@ fn listed(values: &[f64]) -> String {
         .join(", ")
 }
 
-async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> anyhow::Result<()> {
+async fn reconnect_storm(
+    run: &mut Run,
+    common: &Common,
+    messages: usize,
+    shared: bool,
+) -> anyhow::Result<()> {
     connect_all(run, common).await?;
     run.fleet.disconnect().await?;
     let fleet = &run.fleet;
@@ -972,14 +983,12 @@ async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> any
     let mut errors = BTreeMap::new();
     let mut accepted = 0;
     for k in 0..messages {
-        accepted += push_to_all(
-            &run.deployment,
-            &uids,
-            AUDIENCE,
-            json!({"stored": k}),
-            &mut errors,
-        )
-        .await;
+        let payload = json!({"stored": k});
+        accepted += if shared {
+            push_everyone(&run.deployment, payload, &mut errors, common.devices as u64).await
+        } else {
+            push_to_all(&run.deployment, &uids, AUDIENCE, payload, &mut errors).await
+        };
     }
     run.result.errors = errors;
     let expected = (common.devices * messages) as u64;
@@ -1009,6 +1018,14 @@ async fn reconnect_storm(run: &mut Run, common: &Common, messages: usize) -> any
         .max()
         .unwrap_or(sent_us);
     run.result.figure("stored messages per device", messages);
+    run.result.figure(
+        "stored as",
+        if shared {
+            "the app's stream (audience all): once each"
+        } else {
+            "a copy per device (uids)"
+        },
+    );
     run.result
         .figure("all reconnected after (s)", round(reconnected, 2));
     run.result.figure(

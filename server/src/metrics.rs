@@ -82,15 +82,15 @@ impl Metrics {
                  # HELP pigeon_handshakes_evicted_total Handshakes closed to make room for newer ones (limits.max_handshakes).\n\
                  # TYPE pigeon_handshakes_evicted_total counter\n\
                  pigeon_handshakes_evicted_total {}\n\
-                 # HELP pigeon_handshakes_refused_total New device sockets closed because every handshake place was taken by a younger handshake.\n\
-                 # TYPE pigeon_handshakes_refused_total counter\n\
-                 pigeon_handshakes_refused_total {}",
+                 # HELP pigeon_handshakes_waited_total New device sockets that waited in the listen backlog because every handshake place was taken by a younger handshake.\n\
+                 # TYPE pigeon_handshakes_waited_total counter\n\
+                 pigeon_handshakes_waited_total {}",
                 table.connection_count(),
                 table.parked_count(),
                 table.served_parked(),
                 handshakes.in_progress(),
                 handshakes.evicted(),
-                handshakes.refused(),
+                handshakes.waited(),
             );
         }
         let _ = writeln!(

@@ -180,9 +180,11 @@ pub async fn serve(
             },
             None => None,
         };
-        let Some(ticket) = context.handshakes.enter(accepted_at) else {
-            incoming.refuse();
-            continue;
+        // A rush of devices: wait for a place (new connection attempts wait in the
+        // endpoint meanwhile).
+        let ticket = tokio::select! {
+            ticket = context.handshakes.enter_waiting() => ticket,
+            () = shutdown.cancelled() => break,
         };
         let context = context.clone();
         tracker.spawn(async move {

@@ -281,12 +281,13 @@ pub async fn serve(
                 Err(_closed) => break,
             }
         } else {
-            match context.handshakes.enter(accepted_at) {
-                Some(ticket) => Entry::Handshake(ticket),
-                // Every place is taken by a handshake too young to evict: a rush of devices;
-                // this one comes back after its backoff.
-                None => continue,
-            }
+            // Every place taken by a handshake too young to evict: a rush of devices. This
+            // socket waits for a place, and new ones in the listen backlog.
+            let ticket = tokio::select! {
+                ticket = context.handshakes.enter_waiting() => ticket,
+                () = shutdown.cancelled() => break,
+            };
+            Entry::Handshake(ticket)
         };
         let accepted = Box::new(Accepted {
             context: context.clone(),

@@ -6,9 +6,10 @@
 //! never do cannot keep devices out. They take places among `limits.max_handshakes`
 //! instead. When those are all taken, the oldest is closed to make room for the new one if
 //! it has been at it for [`EVICTABLE_AFTER`] (a device completes its handshake in a round
-//! trip or two, while a socket that sits silent grows old); otherwise the new socket is
-//! closed, so a genuine rush of devices finishes the handshakes it started instead of
-//! evicting them for newcomers.
+//! trip or two, while a socket that sits silent grows old); otherwise the listener waits
+//! (new sockets wait in the listen backlog) until a place is given back or the oldest turns
+//! evictable, so a genuine rush of devices finishes the handshakes it started instead of
+//! evicting them for newcomers, and nobody is turned away for arriving in a rush.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -39,7 +40,9 @@ pub struct Handshakes {
     pending: Mutex<Pending>,
     capacity: usize,
     evicted: AtomicU64,
-    refused: AtomicU64,
+    waited: AtomicU64,
+    /// Notified when a place is given back.
+    freed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -64,7 +67,8 @@ impl Handshakes {
             pending: Mutex::new(Pending::default()),
             capacity: capacity.max(1),
             evicted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
+            freed: tokio::sync::Notify::new(),
         })
     }
 
@@ -74,16 +78,39 @@ impl Handshakes {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A place for a new connection's handshake, waiting while every place is taken by a
+    /// handshake too young to evict (see the module docs).
+    pub async fn enter_waiting(self: &Arc<Self>) -> HandshakeTicket {
+        let mut waited = false;
+        loop {
+            // Registered before looking, so a place given back in between is not missed.
+            let freed = self.freed.notified();
+            let evictable_at = match self.enter(Instant::now()) {
+                Ok(ticket) => return ticket,
+                Err(evictable_at) => evictable_at,
+            };
+            if !waited {
+                waited = true;
+                self.waited.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::select! {
+                () = freed => {}
+                () = tokio::time::sleep_until(evictable_at.into()) => {}
+            }
+        }
+    }
+
     /// A place for a new connection's handshake at `now`. When all are taken, the oldest
     /// handshake gives up its own if it is at least [`EVICTABLE_AFTER`] old; otherwise there
-    /// is none (the new socket is to be closed).
-    pub fn enter(self: &Arc<Self>, now: Instant) -> Option<HandshakeTicket> {
+    /// is none yet: `Err` with when the oldest turns evictable.
+    pub fn enter(self: &Arc<Self>, now: Instant) -> Result<HandshakeTicket, Instant> {
         let mut pending = self.pending();
         if pending.queue.len() >= self.capacity {
             let oldest_started = pending.queue.front().map(|(_, started, _)| *started);
-            if oldest_started.is_some_and(|started| now < started + EVICTABLE_AFTER) {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                return None;
+            if let Some(started) = oldest_started
+                && now < started + EVICTABLE_AFTER
+            {
+                return Err(started + EVICTABLE_AFTER);
             }
             if let Some((_, _, oldest)) = pending.queue.pop_front() {
                 oldest.cancel();
@@ -95,7 +122,7 @@ impl Handshakes {
         pending.next_id += 1;
         let evicted = CancellationToken::new();
         pending.queue.push_back((id, now, evicted.clone()));
-        Some(HandshakeTicket {
+        Ok(HandshakeTicket {
             id,
             evicted,
             handshakes: self.clone(),
@@ -117,9 +144,10 @@ impl Handshakes {
         self.evicted.load(Ordering::Relaxed)
     }
 
-    /// New sockets closed because every place was taken by a handshake too young to evict.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+    /// New sockets that waited (in the listen backlog) because every place was taken by a
+    /// handshake too young to evict.
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
     }
 }
 
@@ -140,6 +168,8 @@ impl Drop for HandshakeTicket {
         {
             pending.queue.remove(index);
         }
+        drop(pending);
+        self.handshakes.freed.notify_one();
     }
 }
 
@@ -253,9 +283,12 @@ mod tests {
         let start = Instant::now();
         let first = handshakes.enter(start).expect("a place");
         let _second = handshakes.enter(start).expect("a place");
-        // Full, and the oldest is young: the newcomer is refused.
-        assert!(handshakes.enter(start + EVICTABLE_AFTER / 2).is_none());
-        assert_eq!((handshakes.refused(), handshakes.evicted()), (1, 0));
+        // Full, and the oldest is young: no place yet, until the oldest turns evictable.
+        assert_eq!(
+            handshakes.enter(start + EVICTABLE_AFTER / 2).err(),
+            Some(start + EVICTABLE_AFTER)
+        );
+        assert_eq!(handshakes.evicted(), 0);
         // Once the oldest has waited long enough, a newcomer takes its place.
         let _third = handshakes
             .enter(start + EVICTABLE_AFTER)
@@ -267,6 +300,26 @@ mod tests {
         assert_eq!(handshakes.in_progress(), 2);
     }
 
+    #[tokio::test]
+    async fn a_newcomer_waits_for_a_place_given_back() {
+        let handshakes = Handshakes::new(1);
+        let first = handshakes.enter(Instant::now()).expect("a place");
+        let waiting = tokio::spawn({
+            let handshakes = handshakes.clone();
+            async move { handshakes.enter_waiting().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "no place yet");
+        drop(first);
+        let second = tokio::time::timeout(std::time::Duration::from_millis(500), waiting)
+            .await
+            .expect("a place once the first gave it back")
+            .expect("task");
+        assert_eq!((handshakes.waited(), handshakes.evicted()), (1, 0));
+        drop(second);
+        assert_eq!(handshakes.in_progress(), 0);
+    }
+
     #[test]
     fn places_entered_and_left_from_many_threads_are_all_given_back() {
         let handshakes = Handshakes::new(10_000);
@@ -275,7 +328,7 @@ mod tests {
                 scope.spawn(|| {
                     for _ in 0..2_000 {
                         let ticket = handshakes.enter(Instant::now());
-                        drop(ticket);
+                        drop(ticket.ok());
                     }
                 });
             }
