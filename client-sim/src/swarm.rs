@@ -8,6 +8,8 @@
 //!   once afterwards, as a reconnect storm);
 //! - `disconnect`: close every connection and stay offline;
 //! - `report`: print a [`Report`] line;
+//! - `tokens`: print the device tokens kept with `--keep-tokens-every` (a `tokens` line
+//!   with a `tokens` array), for the harness to tag those devices;
 //! - `quit`: exit.
 //!
 //! Every 200 ms it prints a [`Progress`] line. Both are JSON objects on stdout with a
@@ -234,12 +236,16 @@ pub struct SwarmSettings {
     pub connect_rate: u32,
     /// TLS options shared by every device.
     pub options: ConnectOptions,
+    /// Keep the token of every this-many-th device (0: none), for the `tokens` command.
+    pub keep_tokens_every: u32,
 }
 
 /// What every device of a swarm shares.
 struct Shared {
     settings: SwarmSettings,
     stats: Stats,
+    /// The tokens kept (see [`SwarmSettings::keep_tokens_every`]).
+    tokens: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -264,6 +270,7 @@ pub async fn run(devices: Vec<SwarmDevice>, settings: SwarmSettings) -> anyhow::
     let shared = Arc::new(Shared {
         settings,
         stats: Stats::default(),
+        tokens: Mutex::new(Vec::new()),
     });
     let (phase_tx, phase_rx) = watch::channel(Phase::Waiting);
     for (index, device) in devices.into_iter().enumerate() {
@@ -299,6 +306,14 @@ pub async fn run(devices: Vec<SwarmDevice>, settings: SwarmSettings) -> anyhow::
                 let _ = phase_tx.send(Phase::Offline);
             }
             "report" => print_line("report", &stats.report(count)),
+            "tokens" => {
+                let tokens = shared
+                    .tokens
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                print_line("tokens", &serde_json::json!({ "tokens": tokens }));
+            }
             "quit" => break,
             "" => {}
             other => eprintln!("pigeon-sim swarm: unknown command {other:?}"),
@@ -380,6 +395,14 @@ async fn simulate(
             }
         };
         backoff.reset();
+        let every = shared.settings.keep_tokens_every;
+        if every > 0 && index.is_multiple_of(every) && state.device_token.is_empty() {
+            shared
+                .tokens
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .push(connection.welcome().device_token.clone());
+        }
         state.welcomed(connection.welcome());
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.fetch_add(1, Ordering::Relaxed);

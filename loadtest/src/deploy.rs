@@ -29,6 +29,8 @@ pub struct Deployment {
     pub redis_pid: Option<u32>,
     /// Port of the Redis, when the harness started it.
     pub redis_port: Option<u16>,
+    /// Pid of the process serving the push API, when the harness started it.
+    pub api_pid: Option<u32>,
     /// The CA devices must trust (wss and QUIC).
     pub ca: Option<PathBuf>,
     children: Vec<Child>,
@@ -231,6 +233,7 @@ impl Deployment {
         command.env_remove("PIGEON_LISTEN__QUIC");
         let mut gateway = command.spawn().context("starting pigeon gateway")?;
         let found = addresses(&mut gateway, &["push api: ", "push grpc: "]).await?;
+        let api_pid = gateway.id();
         children.push(gateway);
         Ok(Self {
             ws_urls,
@@ -240,6 +243,7 @@ impl Deployment {
             node_pids,
             redis_pid,
             redis_port: Some(port),
+            api_pid,
             ca: (plan.transport != Transport::Ws).then(|| certs.join("ca.pem")),
             children,
         })
@@ -288,6 +292,7 @@ impl Deployment {
             node_pids: child.id().into_iter().collect(),
             redis_pid: None,
             redis_port: None,
+            api_pid: child.id(),
             ca: None,
             children: vec![child],
         })
@@ -309,6 +314,7 @@ impl Deployment {
             node_pids: Vec::new(),
             redis_pid: None,
             redis_port: None,
+            api_pid: None,
             ca,
             children: Vec::new(),
         }

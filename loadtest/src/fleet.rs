@@ -22,6 +22,7 @@ struct Swarm {
     stdin: ChildStdin,
     progress: Arc<Mutex<Progress>>,
     reports: mpsc::Receiver<Report>,
+    tokens: mpsc::Receiver<Vec<String>>,
 }
 
 /// Reads the simulators' latest progress lines.
@@ -66,6 +67,7 @@ impl Fleet {
         devices: usize,
         simulators: usize,
         connect_rate: u32,
+        keep_tokens_every: u32,
     ) -> anyhow::Result<Self> {
         let (app, urls, ca) = (
             &deployment.app,
@@ -115,6 +117,7 @@ impl Fleet {
                 .arg("--devices")
                 .arg(&file)
                 .args(["--connect-rate", &connect_rate.to_string()])
+                .args(["--keep-tokens-every", &keep_tokens_every.to_string()])
                 .env("PIGEON_LOG", "warn")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -134,11 +137,12 @@ impl Fleet {
             let stdout = child.stdout.take().context("no stdout")?;
             let progress = Arc::new(Mutex::new(Progress::default()));
             let (report_tx, reports) = mpsc::channel(4);
+            let (tokens_tx, tokens) = mpsc::channel(1);
             let shared = progress.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stdout).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(&line) else {
                         continue;
                     };
                     match value["type"].as_str() {
@@ -154,6 +158,13 @@ impl Fleet {
                                 break;
                             }
                         }
+                        Some("tokens") => {
+                            if let Ok(list) = serde_json::from_value(value["tokens"].take())
+                                && tokens_tx.send(list).await.is_err()
+                            {
+                                break;
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -163,6 +174,7 @@ impl Fleet {
                 stdin,
                 progress,
                 reports,
+                tokens,
             });
         }
         Ok(Self { swarms })
@@ -217,6 +229,20 @@ impl Fleet {
             reports.push(report);
         }
         Ok(reports)
+    }
+
+    /// The device tokens the simulators kept (`keep_tokens_every`).
+    pub async fn tokens(&mut self) -> anyhow::Result<Vec<String>> {
+        self.command("tokens").await?;
+        let mut tokens = Vec::new();
+        for swarm in &mut self.swarms {
+            let kept = tokio::time::timeout(Duration::from_secs(30), swarm.tokens.recv())
+                .await
+                .context("a simulator did not list its tokens in time")?
+                .context("a simulator exited")?;
+            tokens.extend(kept);
+        }
+        Ok(tokens)
     }
 
     /// Pids of the simulators.

@@ -95,6 +95,10 @@ enum Scenario {
         /// message to each of as many sockets (read by another process).
         #[arg(long)]
         floor: bool,
+        /// Push to a tag that every this-many-th device has (given through the device API
+        /// once connected) instead of to `all`.
+        #[arg(long, value_name = "K")]
+        tag_every: Option<u32>,
     },
     /// The floor's readers (run by `broadcast --floor`).
     #[command(hide = true)]
@@ -245,7 +249,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => Some(audience.unwrap_or(common.devices).max(AUDIENCE)),
         _ => None,
     };
-    let mut run = prepare(name, command, common, max_audience).await?;
+    let keep_tokens_every = match &cli.scenario {
+        Scenario::Broadcast {
+            tag_every: Some(every),
+            ..
+        } => (*every).max(1),
+        _ => 0,
+    };
+    let mut run = prepare(name, command, common, max_audience, keep_tokens_every).await?;
     let outcome = match &cli.scenario {
         Scenario::Idle(common) => idle(&mut run, common).await,
         Scenario::Unicast {
@@ -269,6 +280,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             audience,
             rounds,
             floor,
+            tag_every,
         } => {
             let audience = uids.then(|| {
                 let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
@@ -278,7 +290,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 });
                 audience.max(1)
             });
-            broadcast(&mut run, common, audience, (*rounds).max(1), *floor).await
+            let plan = BroadcastPlan {
+                audience,
+                rounds: (*rounds).max(1),
+                floor: *floor,
+                tagged: tag_every.is_some(),
+            };
+            broadcast(&mut run, common, plan).await
         }
         Scenario::ReconnectStorm {
             common,
@@ -298,6 +316,7 @@ async fn prepare(
     command: String,
     common: &Common,
     max_audience: Option<usize>,
+    keep_tokens_every: u32,
 ) -> anyhow::Result<Run> {
     let out = common.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -349,6 +368,7 @@ async fn prepare(
         common.devices,
         per_process(common.sims),
         common.connect_rate,
+        keep_tokens_every,
     )
     .await?;
     let started = Instant::now();
@@ -583,7 +603,20 @@ async fn push_everyone(
     errors: &mut BTreeMap<String, u64>,
     devices: u64,
 ) -> u64 {
-    let body = json!({"audience": {"all": true}, "payload": payload, "ttl": 3600});
+    let audience = json!({"all": true});
+    push_shared(deployment, audience, payload, errors, devices).await
+}
+
+/// One push to an audience stored once (`all`, tags). Counts `devices` deliveries when
+/// accepted.
+async fn push_shared(
+    deployment: &Deployment,
+    audience: serde_json::Value,
+    payload: serde_json::Value,
+    errors: &mut BTreeMap<String, u64>,
+    devices: u64,
+) -> u64 {
+    let body = json!({"audience": audience, "payload": payload, "ttl": 3600});
     let request = reqwest::Client::new()
         .post(format!("{}/v1/push", deployment.http_url))
         .bearer_auth(&deployment.app.api_key)
@@ -795,19 +828,80 @@ fn broadcast_payload(round: usize) -> serde_json::Value {
     payload
 }
 
-/// `rounds` pushes to every device, one after the other: to the audience `all`, or (with
+/// What a broadcast run pushes.
+struct BroadcastPlan {
+    /// Uids per request when pushing to every device's uid; `None`: a push stored once.
+    audience: Option<usize>,
+    /// Pushes, one after the other.
+    rounds: usize,
+    /// Measure the loopback floor before each.
+    floor: bool,
+    /// Push to the tag the kept devices are given, instead of to `all`.
+    tagged: bool,
+}
+
+/// The tag a broadcast to a tag pushes to.
+const TAG: &str = "load";
+
+/// Gives the tag [`TAG`] to `tokens` through the device API, 1,000 at a time.
+async fn tag_devices(deployment: &Deployment, tokens: &[String]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let requests = tokens.chunks(1000).map(|batch| {
+        let request = client
+            .post(format!("{}/v1/tags/{TAG}/devices", deployment.http_url))
+            .bearer_auth(&deployment.app.api_key)
+            .json(&json!({ "add": batch }))
+            .send();
+        async move {
+            let response = request.await?;
+            anyhow::ensure!(
+                response.status() == 200,
+                "tagging answered {}",
+                response.status()
+            );
+            let answer: serde_json::Value = response.json().await?;
+            anyhow::ensure!(
+                answer["added"].as_u64() == Some(batch.len() as u64),
+                "tagging added {} of {}",
+                answer["added"],
+                batch.len()
+            );
+            Ok(())
+        }
+    });
+    let outcomes: Vec<anyhow::Result<()>> = futures_util::stream::iter(requests)
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    outcomes.into_iter().collect()
+}
+
+/// `rounds` pushes, one after the other: to the audience `all`, to a tag, or (with
 /// `audience`, uids per request) to every device's uid; with `floor`, the loopback floor
 /// measured before each.
-async fn broadcast(
-    run: &mut Run,
-    common: &Common,
-    audience: Option<usize>,
-    rounds: usize,
-    floor: bool,
-) -> anyhow::Result<()> {
+async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyhow::Result<()> {
+    let BroadcastPlan {
+        audience,
+        rounds,
+        floor,
+        tagged,
+    } = plan;
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
     let mut errors = BTreeMap::new();
+    let api_pids: Vec<u32> = run.deployment.api_pid.into_iter().collect();
+    let api_rss = || deploy::rss_total(&api_pids);
+    let mut expected = common.devices as u64;
+    if tagged {
+        let tokens = run.fleet.tokens().await?;
+        let begin = Instant::now();
+        tag_devices(&run.deployment, &tokens).await?;
+        run.result
+            .figure("tagging took (s)", round(begin.elapsed().as_secs_f64(), 2));
+        run.result.figure("tag members", tokens.len());
+        expected = tokens.len() as u64;
+    }
+    let rss_before = api_rss();
     let mut accepted = 0;
     let (mut rates, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut to_first, mut to_last, mut api_times) = (Vec::new(), Vec::new(), Vec::new());
@@ -830,16 +924,17 @@ async fn broadcast(
             Some(audience) => {
                 push_to_all(&run.deployment, &uids, audience, payload, &mut errors).await
             }
-            None => {
-                push_everyone(&run.deployment, payload, &mut errors, common.devices as u64).await
+            None if tagged => {
+                let audience = json!({ "tags": [TAG] });
+                push_shared(&run.deployment, audience, payload, &mut errors, expected).await
             }
+            None => push_everyone(&run.deployment, payload, &mut errors, expected).await,
         };
         api_times.push(begin.elapsed().as_secs_f64());
         accepted += round_accepted;
-        if round_accepted < common.devices as u64 {
+        if round_accepted < expected {
             run.result.problem(format!(
-                "round {round}: the API accepted only {round_accepted} of {} deliveries (see the errors)",
-                common.devices
+                "round {round}: the API accepted only {round_accepted} of {expected} deliveries (see the errors)"
             ));
         }
         // What was accepted must arrive, all of it: a minute, a second per 10,000 devices,
@@ -910,9 +1005,21 @@ async fn broadcast(
                 "uids: {} requests of {audience}",
                 uids.len().div_ceil(audience)
             ),
+            None if tagged => format!("the tag {TAG} (one request, stored once)"),
             None => "all (one request, stored once)".to_owned(),
         },
     );
+    if run.deployment.api_pid.is_some() {
+        let mib = |bytes: u64| round(bytes as f64 / 1_048_576.0, 1);
+        run.result.figure(
+            "push API process RSS before the pushes (MiB)",
+            mib(rss_before),
+        );
+        run.result.figure(
+            "push API process RSS after the pushes (MiB)",
+            mib(api_rss()),
+        );
+    }
     run.result.figure("payload (bytes)", floor::MESSAGE.len());
     run.result.figure("rounds", rounds);
     run.result

@@ -86,6 +86,20 @@ fn broadcast_reaches_every_device() {
 }
 
 #[test]
+fn a_broadcast_to_a_tag_reaches_its_members_only() {
+    let result = run(&["broadcast", "--tag-every", "3", "--rounds", "2"]);
+    let figures = &result["figures"];
+    assert_eq!(figures["tag members"], 10);
+    assert_eq!(figures["pushes received"], 20);
+    assert!(
+        figures["Redis commands, first push to last delivery"]
+            .as_u64()
+            .expect("commands")
+            > 0
+    );
+}
+
+#[test]
 fn a_standalone_broadcast_against_the_loopback_floor() {
     let result = run(&["broadcast", "--standalone", "--floor", "--rounds", "2"]);
     let figures = &result["figures"];

@@ -65,6 +65,9 @@ enum Command {
         /// PEM file of the CA to trust for wss:// and quic://.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Keep the token of every this-many-th device, for the `tokens` command.
+        #[arg(long, default_value_t = 0)]
+        keep_tokens_every: u32,
     },
 }
 
@@ -125,7 +128,20 @@ async fn run(cli: Cli) -> ExitCode {
             binds,
             connect_rate,
             ca,
-        } => return swarm(devices, urls, binds, connect_rate, ca).await,
+            keep_tokens_every,
+        } => {
+            let settings = swarm::SwarmSettings {
+                urls,
+                binds,
+                connect_rate,
+                options: ConnectOptions {
+                    ca_file: ca,
+                    ..ConnectOptions::default()
+                },
+                keep_tokens_every,
+            };
+            return swarm(devices, settings).await;
+        }
     };
     let options = ConnectOptions {
         ca_file: ca,
@@ -141,13 +157,7 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-async fn swarm(
-    devices: PathBuf,
-    urls: Vec<String>,
-    binds: Vec<std::net::IpAddr>,
-    connect_rate: u32,
-    ca: Option<PathBuf>,
-) -> ExitCode {
+async fn swarm(devices: PathBuf, settings: swarm::SwarmSettings) -> ExitCode {
     let text = match std::fs::read_to_string(&devices) {
         Ok(text) => text,
         Err(error) => {
@@ -163,15 +173,6 @@ async fn swarm(
         }
     };
     drop(text);
-    let settings = swarm::SwarmSettings {
-        urls,
-        binds,
-        connect_rate,
-        options: ConnectOptions {
-            ca_file: ca,
-            ..ConnectOptions::default()
-        },
-    };
     match swarm::run(devices, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
