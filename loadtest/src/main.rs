@@ -622,13 +622,35 @@ async fn push_shared(
         .bearer_auth(&deployment.app.api_key)
         .json(&body)
         .send();
-    match classify(request.await).await {
-        Ok(_) => devices,
+    match classify_shared(request.await).await {
+        Ok(()) => devices,
         Err(kind) => {
             *errors.entry(kind).or_default() += 1;
             0
         }
     }
+}
+
+/// Whether a push stored once was accepted (202, not a duplicate), or its error kind. Its
+/// answer counts only the devices a node handed it to before the gateway's deadline.
+async fn classify_shared(response: reqwest::Result<reqwest::Response>) -> Result<(), String> {
+    let response = response.map_err(|error| {
+        if error.is_timeout() {
+            "timeout".to_owned()
+        } else {
+            "transport".to_owned()
+        }
+    })?;
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if status != 202 {
+        let code = body["error"]["code"].as_str().unwrap_or("?").to_owned();
+        return Err(format!("http {status} {code}"));
+    }
+    if body["duplicate"] == true {
+        return Err("duplicate".into());
+    }
+    Ok(())
 }
 
 /// A push's accepted deliveries as the API counted them, or its error kind.

@@ -256,7 +256,8 @@ async fn shared_tag_messages_expire_collapse_and_bad_audiences_are_named() {
 
 /// Cluster mode, on a single Redis and on a three-master Redis Cluster: devices on two
 /// nodes; tags set through the gateway reach the node holding each device; a tag push is
-/// one call per node; a device whose node dies gets what it missed from its next node.
+/// one call per node; a device whose node dies gets what it missed from its next node; and
+/// every other audience kind (all, tags_and, an alias, a uid) on the same deployments.
 #[tokio::test]
 async fn pushes_to_tags_in_cluster_mode() {
     use support::cluster::{Deployment, GatewayProcess, NodeProcess, Redis, RedisCluster};
@@ -309,6 +310,55 @@ async fn pushes_to_tags_in_cluster_mode() {
             take(&mut bob, 2).await,
             [shared(1, json!({"n": 1})), shared(3, json!({"n": 3}))]
         );
+        assert_no_push(&mut bob, QUIET).await;
+
+        // Every other kind on the same deployment: all, tags_and, an alias, a uid.
+        let (_, answer) = gateway
+            .push(to(json!({"all": true}), json!({"n": 4})))
+            .await;
+        assert_eq!(answer["targets"]["delivered"], 2, "{answer}");
+        assert_eq!(take(&mut ann, 1).await, [shared(4, json!({"n": 4}))]);
+        assert_eq!(take(&mut bob, 1).await, [shared(4, json!({"n": 4}))]);
+        let bob_token = bob.welcome().device_token.clone();
+        let (status, _) = gateway
+            .call(
+                "PUT",
+                &format!("/v1/devices/{bob_token}/tags"),
+                Some(json!({"tags": ["vip", "gold"]})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let (_, answer) = gateway
+            .push(to(json!({"tags_and": ["vip", "gold"]}), json!({"n": 5})))
+            .await;
+        assert_eq!(answer["targets"]["delivered"], 1, "bob: {answer}");
+        assert_eq!(take(&mut bob, 1).await, [shared(5, json!({"n": 5}))]);
+        let (status, _) = gateway
+            .call(
+                "PUT",
+                &format!("/v1/devices/{bob_token}/alias"),
+                Some(json!({"alias": "bobs-phone"})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        gateway
+            .push(to(
+                json!({"aliases": ["bobs-phone"]}),
+                json!({"direct": "alias"}),
+            ))
+            .await;
+        assert_eq!(
+            take(&mut bob, 1).await,
+            [(String::new(), 0, 1, json!({"direct": "alias"}))]
+        );
+        gateway
+            .push(to(json!({"uids": ["ann"]}), json!({"direct": "uid"})))
+            .await;
+        assert_eq!(
+            take(&mut ann, 1).await,
+            [(String::new(), 0, 1, json!({"direct": "uid"}))]
+        );
+        assert_no_push(&mut ann, QUIET).await;
         assert_no_push(&mut bob, QUIET).await;
     }
 }

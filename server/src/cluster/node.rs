@@ -167,7 +167,13 @@ impl node_server::Node for InternalApi {
             offset: request.offset,
             message: Arc::new(Message::from_stored(stored)),
         };
-        let live = self.connections.deliver_shared(&request.app, delivery);
+        // The hand-out writes to every parked connection of the app it is for: off the
+        // runtime's workers, which keep serving the node's connections meanwhile.
+        let connections = self.connections.clone();
+        let app = request.app;
+        let live = tokio::task::spawn_blocking(move || connections.deliver_shared(&app, delivery))
+            .await
+            .map_err(|_| Status::internal("the hand-out failed"))?;
         Ok(Response::new(DeliverSharedResponse { live }))
     }
 

@@ -236,8 +236,23 @@ impl Peers {
         F: FnOnce(NodeClient<Channel>, tonic::Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
     {
+        self.call_within(node, message, self.settings.deliver_timeout, rpc)
+            .await
+    }
+
+    /// [`Peers::call`] with its own deadline.
+    async fn call_within<T, R, F, Fut>(
+        &self,
+        node: &str,
+        message: T,
+        deadline: Duration,
+        rpc: F,
+    ) -> Result<R, PeerError>
+    where
+        F: FnOnce(NodeClient<Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
         let (client, breaker) = self.callable(node).await?;
-        let deadline = self.settings.deliver_timeout;
         let request = self.request(message, deadline);
         let result = tokio::time::timeout(deadline, rpc(client, request)).await;
         let outcome = match result {
@@ -374,8 +389,11 @@ impl Fanout for Peers {
                 epoch: delivery.epoch,
             };
             async move {
+                // A node hands the entry to all of its connections of the app before it
+                // answers: a few hundred milliseconds for a hundred thousand of them.
+                let deadline = self.settings.deliver_timeout * SHARED_DEADLINE_FACTOR;
                 let response = self
-                    .call(&node, request, |mut client, request| async move {
+                    .call_within(&node, request, deadline, |mut client, request| async move {
                         client.deliver_shared(request).await
                     })
                     .await;
@@ -438,6 +456,9 @@ impl Fanout for Peers {
             .await;
     }
 }
+
+/// A DeliverShared call's deadline, in deliver deadlines (`cluster.deliver_timeout`).
+const SHARED_DEADLINE_FACTOR: u32 = 5;
 
 /// Deliver calls one push keeps in flight, at most. A broadcast to a million devices is
 /// 2,000 batches: sent all at once, the nodes (busy writing those very pushes and taking
