@@ -369,8 +369,10 @@ impl Fanout for Peers {
         matches!(self.address(&route.node).await, Ok(Some(_)))
     }
 
-    /// One DeliverShared call to every live node, at most [`DELIVER_CALLS_IN_FLIGHT`] at
-    /// once; each node hands the message to its own connections of the app.
+    /// One DeliverShared call to every live node, all at once (one call per node is
+    /// bounded by the number of nodes; holding some back made their devices wait for the
+    /// slowest of the others); each node hands the message to its own connections of the
+    /// app.
     async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
         let nodes = match self.live_nodes().await {
             Ok(nodes) => nodes,
@@ -406,11 +408,10 @@ impl Fanout for Peers {
                 }
             }
         });
-        let calls: Vec<_> = calls.collect();
-        futures_util::stream::iter(calls)
-            .buffer_unordered(DELIVER_CALLS_IN_FLIGHT)
-            .fold(0u32, |live, delivered| async move { live + delivered })
+        futures_util::future::join_all(calls)
             .await
+            .into_iter()
+            .fold(0u32, u32::saturating_add)
     }
 
     /// One Retag call to each node holding some of the devices.
