@@ -69,25 +69,39 @@ pub struct Connection {
 
 #[derive(Debug, Default)]
 struct Outbound {
-    queue: VecDeque<Delivery>,
-    shared: VecDeque<SharedDelivery>,
+    /// Live pushes, direct and of the app's stream, in the order they were delivered.
+    queue: VecDeque<Outgoing>,
     fell_behind: bool,
     shared_fell_behind: bool,
     close: Option<CloseCode>,
-    /// The device's tags and when it got each (the offset of the app's stream), sorted by
+    /// The device's tags, if it ever had any (boxed: most connections have none).
+    tags: Option<Box<ConnectionTags>>,
+}
+
+/// A device's tags as its connection keeps them.
+#[derive(Debug, Default)]
+struct ConnectionTags {
+    /// Each tag and when the device got it (the offset of the app's stream), sorted by
     /// name; names are the app's one copy.
-    tags: TagList,
-    /// The version of those tags (a change with a lower one is older).
-    tags_version: u64,
+    list: TagList,
+    /// The version of the list (a change with a lower one is older).
+    version: u64,
+}
+
+/// A live push waiting for its connection's task.
+#[derive(Clone, Debug)]
+pub enum Outgoing {
+    /// A direct push, with the device's seq.
+    Direct(Delivery),
+    /// An entry of the app's stream.
+    Shared(SharedDelivery),
 }
 
 /// What a connection's task takes from its [`Connection`] when woken.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    /// Live direct pushes, in the order they were delivered.
-    pub deliveries: VecDeque<Delivery>,
-    /// Live pushes of the app's stream `all`, in the order they were delivered.
-    pub shared: VecDeque<SharedDelivery>,
+    /// Live pushes, direct and of the app's stream `all`, in the order they were delivered.
+    pub pushes: VecDeque<Outgoing>,
     /// Whether direct pushes were dropped because the queue was full (they are in the
     /// store).
     pub fell_behind: bool,
@@ -159,9 +173,8 @@ impl Connection {
     pub fn take(&self) -> Inbox {
         let mut outbound = lock(&self.outbound);
         Inbox {
-            // Taking the queues leaves unallocated ones behind.
-            deliveries: std::mem::take(&mut outbound.queue),
-            shared: std::mem::take(&mut outbound.shared),
+            // Taking the queue leaves an unallocated one behind.
+            pushes: std::mem::take(&mut outbound.queue),
             fell_behind: std::mem::take(&mut outbound.fell_behind),
             shared_fell_behind: std::mem::take(&mut outbound.shared_fell_behind),
             close: outbound.close.take(),
@@ -180,7 +193,7 @@ impl Connection {
         let queued = {
             let mut outbound = lock(&self.outbound);
             if outbound.queue.len() < limit {
-                outbound.queue.push_back(delivery);
+                outbound.queue.push_back(Outgoing::Direct(delivery));
                 true
             } else {
                 outbound.fell_behind = true;
@@ -201,9 +214,8 @@ impl Connection {
             {
                 return false;
             }
-            if outbound.shared.len() < limit {
-                let delivery = delivery.clone();
-                outbound.shared.push_back(delivery);
+            if outbound.queue.len() < limit {
+                outbound.queue.push_back(Outgoing::Shared(delivery.clone()));
                 true
             } else {
                 outbound.shared_fell_behind = true;
@@ -217,11 +229,37 @@ impl Connection {
 
 impl Outbound {
     fn is_for(&self, filter: &TagFilter, offset: u64) -> bool {
+        let list = self.tag_list();
         filter.matches(offset, |name| {
-            self.tags
-                .binary_search_by(|(have, _)| (**have).cmp(name))
+            list.binary_search_by(|(have, _)| (**have).cmp(name))
                 .ok()
-                .map(|index| self.tags[index].1)
+                .map(|index| list[index].1)
+        })
+    }
+
+    fn tag_list(&self) -> &[(Arc<str>, u64)] {
+        self.tags.as_deref().map_or(&[], |tags| &tags.list)
+    }
+
+    fn tags_version(&self) -> u64 {
+        self.tags.as_deref().map_or(0, |tags| tags.version)
+    }
+}
+
+impl Inbox {
+    /// The direct pushes, in order.
+    pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
+        self.pushes.iter().filter_map(|push| match push {
+            Outgoing::Direct(delivery) => Some(delivery),
+            Outgoing::Shared(_) => None,
+        })
+    }
+
+    /// The pushes of the app's stream, in order.
+    pub fn shared(&self) -> impl Iterator<Item = &SharedDelivery> {
+        self.pushes.iter().filter_map(|push| match push {
+            Outgoing::Shared(delivery) => Some(delivery),
+            Outgoing::Direct(_) => None,
         })
     }
 }
@@ -296,14 +334,13 @@ impl ConnectionTable {
             id: self.next_connection_id.fetch_add(1, Ordering::Relaxed),
             app: stream.clone(),
             outbound: Mutex::new(Outbound {
-                tags: tags.0,
-                tags_version: tags.1,
+                tags: tags.map(Box::new),
                 ..Outbound::default()
             }),
             pending: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
-        state.index(&connection, &lock(&connection.outbound).tags);
+        state.index(&connection, lock(&connection.outbound).tag_list());
         state.members += 1;
         if let Some(older) = self.connections.insert(token.clone(), connection.clone()) {
             older.close(CloseCode::Replaced);
@@ -347,8 +384,10 @@ impl ConnectionTable {
 
     /// Takes a connection that is leaving out of its app's books (under the app's lock).
     fn forget(&self, connection: &Connection, state: &mut StreamState) {
-        let tags = std::mem::take(&mut lock(&connection.outbound).tags);
-        state.unindex(connection.id, &tags);
+        let tags = lock(&connection.outbound).tags.take();
+        if let Some(tags) = tags {
+            state.unindex(connection.id, &tags.list);
+        }
         state.members = state.members.saturating_sub(1);
     }
 
@@ -488,17 +527,18 @@ impl ConnectionTable {
         if !current {
             return;
         }
-        let (new, version) = interned(&mut state, tags);
+        let new = interned(&mut state, tags).unwrap_or_default();
         let old = {
             let mut outbound = lock(&connection.outbound);
-            if version <= outbound.tags_version {
+            if new.version <= outbound.tags_version() {
                 return;
             }
-            outbound.tags_version = version;
-            std::mem::replace(&mut outbound.tags, new)
+            outbound.tags.replace(Box::new(new))
         };
-        state.unindex(connection.id, &old);
-        state.index(&connection, &lock(&connection.outbound).tags);
+        if let Some(old) = old {
+            state.unindex(connection.id, &old.list);
+        }
+        state.index(&connection, lock(&connection.outbound).tag_list());
     }
 
     /// A count of the tag changes this table has been told of: a device admitted before a
@@ -630,14 +670,21 @@ impl ConnectionTable {
 /// device got it, sorted by name.
 type TagList = Box<[(Arc<str>, u64)]>;
 
-/// A device's tags as a connection keeps them: names interned in the app's state.
-fn interned(state: &mut StreamState, tags: &DeviceTags) -> (TagList, u64) {
+/// A device's tags as a connection keeps them, names interned in the app's state; `None`
+/// for a device that never had any.
+fn interned(state: &mut StreamState, tags: &DeviceTags) -> Option<ConnectionTags> {
+    if tags.tags.is_empty() && tags.version == 0 {
+        return None;
+    }
     let list = tags
         .tags
         .iter()
         .map(|tag| (state.tag_name(&tag.name), tag.since))
         .collect();
-    (list, tags.version)
+    Some(ConnectionTags {
+        list,
+        version: tags.version,
+    })
 }
 
 /// In standalone mode the connection table is where the store learns which devices are
@@ -708,7 +755,7 @@ mod tests {
     }
 
     fn offsets(connection: &Connection) -> Vec<u64> {
-        connection.take().shared.iter().map(|d| d.offset).collect()
+        connection.take().shared().map(|d| d.offset).collect()
     }
 
     #[test]
@@ -796,7 +843,7 @@ mod tests {
         assert_eq!(table.deliver("other", delivery(1)), Delivered::Offline);
         let inbox = connection.take();
         assert_eq!(
-            inbox.deliveries.iter().map(|d| d.seq).collect::<Vec<_>>(),
+            inbox.deliveries().map(|d| d.seq).collect::<Vec<_>>(),
             [1, 2]
         );
         assert!(inbox.fell_behind);

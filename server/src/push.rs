@@ -460,7 +460,7 @@ mod tests {
             .ok()
             .and_then(|mut connected| connected.take())
             .expect("the device connected");
-        let seqs: Vec<u64> = connection.take().deliveries.iter().map(|d| d.seq).collect();
+        let seqs: Vec<u64> = connection.take().deliveries().map(|d| d.seq).collect();
         assert_eq!(seqs, [1]);
     }
 }

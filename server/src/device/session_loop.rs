@@ -12,7 +12,7 @@ use pigeon_proto::device::{ClientFrame, ServerFrame};
 
 use super::transport::{DeviceTransport, TransportError};
 use super::{DeviceContext, Ending};
-use crate::connections::{Connection, ConnectionTable};
+use crate::connections::{Connection, ConnectionTable, Outgoing};
 use crate::log_throttle::Throttle;
 use crate::session::{FrameOutcome, HelloAcks, PushDecision, Session};
 use crate::store::{ALL, DeviceTags, StreamHead};
@@ -376,21 +376,18 @@ fn take_inbox(session: &mut Session, connection: &Connection) -> Result<Vec<Serv
     if inbox.shared_fell_behind {
         session.fall_behind_stream();
     }
-    let direct = inbox
-        .deliveries
+    Ok(inbox
+        .pushes
         .iter()
-        .map(|delivery| session.handle_push(delivery));
-    let decisions: Vec<PushDecision> = direct.collect();
-    let shared = inbox
-        .shared
-        .iter()
-        .map(|delivery| session.handle_shared_push(delivery));
-    Ok(decisions
-        .into_iter()
-        .chain(shared.collect::<Vec<_>>())
-        .filter_map(|decision| match decision {
-            PushDecision::Send(frame) => Some(frame),
-            PushDecision::Duplicate | PushDecision::Deferred => None,
+        .filter_map(|push| {
+            let decision = match push {
+                Outgoing::Direct(delivery) => session.handle_push(delivery),
+                Outgoing::Shared(delivery) => session.handle_shared_push(delivery),
+            };
+            match decision {
+                PushDecision::Send(frame) => Some(frame),
+                PushDecision::Duplicate | PushDecision::Deferred => None,
+            }
         })
         .collect())
 }

@@ -577,10 +577,11 @@ mod tests {
     /// table entry and token, the accept record's box and the timer's key (the framing
     /// only when it holds something). Beside it: the accept record, the table entry, the
     /// waker and the timer's place in the set; BENCHMARKS.md has the measured RSS. (The
-    /// session's second lane, the app's stream `all`, took it from 184 to 248 bytes.)
+    /// session's second lane, the app's stream `all`, took it from 184 to 248 bytes; lanes
+    /// that hold their positions in flight only while there are some, 208.)
     #[test]
     fn a_parked_connection_stays_small() {
         let size = size_of::<Parked>();
-        assert!(size <= 256, "a parked connection is {size} bytes");
+        assert!(size <= 208, "a parked connection is {size} bytes");
     }
 }
