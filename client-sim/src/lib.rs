@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 mod link;
 pub mod swarm;
 
-pub use link::ConnectOptions;
+pub use link::{ConnectOptions, defer_port_choice};
 use link::{Incoming, Link};
 
 /// Time allowed to connect and receive Welcome.

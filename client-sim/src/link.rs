@@ -286,7 +286,7 @@ impl Link {
 /// most ~28,000 connections, and at hundreds of thousands of bound sockets the kernel's
 /// search for a free port takes most of the machine's CPU. Best effort: where the option
 /// is missing, bind() reserves the port as before.
-fn defer_port_choice(socket: &tokio::net::TcpSocket) {
+pub fn defer_port_choice(socket: &tokio::net::TcpSocket) {
     #[cfg(target_os = "linux")]
     {
         use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};

@@ -100,13 +100,36 @@ enum Scenario {
         #[arg(long, value_name = "K")]
         tag_every: Option<u32>,
     },
-    /// The floor's readers (run by `broadcast --floor`).
+    /// The loopback floor alone, for any number of sockets: one writer thread per
+    /// `--per-process` sockets, each in its own process, all starting at once.
+    Floor {
+        /// Sockets, each written one 64-byte message.
+        #[arg(long)]
+        sockets: usize,
+        /// Sockets per writer process (and per readers' process).
+        #[arg(long, default_value_t = PER_PROCESS)]
+        per_process: usize,
+        /// Measurements, one after the other.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// One writer of `floor`.
+    #[command(hide = true)]
+    FloorWriter {
+        #[arg(long)]
+        sockets: usize,
+        #[arg(long)]
+        index: usize,
+    },
+    /// The floor's readers (run by `broadcast --floor` and `floor`).
     #[command(hide = true)]
     FloorReaders {
         #[arg(long)]
-        addr: String,
+        addr: std::net::SocketAddr,
         #[arg(long)]
         sockets: usize,
+        #[arg(long)]
+        index: usize,
     },
     /// N devices with K stored messages each reconnect at once.
     ReconnectStorm {
@@ -199,11 +222,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Scenario::FloorReaders { addr, sockets } = &cli.scenario {
-        return match runtime.block_on(floor::readers(addr, *sockets)) {
+    let helper = match &cli.scenario {
+        Scenario::FloorReaders {
+            addr,
+            sockets,
+            index,
+        } => Some((
+            "floor-readers",
+            runtime.block_on(floor::readers(*addr, *sockets, *index)),
+        )),
+        Scenario::FloorWriter { sockets, index } => Some((
+            "floor-writer",
+            runtime.block_on(floor::writer(*sockets, *index)),
+        )),
+        Scenario::Floor {
+            sockets,
+            per_process,
+            rounds,
+        } => Some((
+            "floor",
+            runtime.block_on(floor_alone(*sockets, *per_process, *rounds)),
+        )),
+        _ => None,
+    };
+    if let Some((name, outcome)) = helper {
+        return match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("pigeon-load floor-readers: {error:#}");
+                eprintln!("pigeon-load {name}: {error:#}");
                 ExitCode::FAILURE
             }
         };
@@ -216,6 +262,27 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `pigeon-load floor`: the loopback floor for `sockets` sockets, `rounds` times.
+async fn floor_alone(sockets: usize, per_process: usize, rounds: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(sockets > 0, "--sockets must be at least 1");
+    let mut rates = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        let (rate, writers) = floor::measure_spread(sockets, per_process).await?;
+        println!(
+            "round {round}: {sockets} sockets, {writers} writer processes: {rate:.0} deliveries/s, \
+             {:.2} s for all",
+            sockets as f64 / rate
+        );
+        rates.push(rate);
+    }
+    let median = median(&rates);
+    println!(
+        "loopback floor, median of {rounds}: {median:.0} deliveries/s, {:.2} s for {sockets} sockets",
+        sockets as f64 / median
+    );
+    Ok(())
 }
 
 /// The running parts of a scenario.
@@ -236,7 +303,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Scenario::Unicast { common, .. } => ("unicast", common),
         Scenario::Broadcast { common, .. } => ("broadcast", common),
         Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
-        Scenario::FloorReaders { .. } => anyhow::bail!("floor-readers is not a scenario"),
+        Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
+            anyhow::bail!("not a deployment's scenario")
+        }
     };
     anyhow::ensure!(common.devices > 0, "--devices must be at least 1");
     // A broadcast is one request to every device, so the gateway the harness starts must
@@ -303,7 +372,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             messages,
             shared,
         } => reconnect_storm(&mut run, common, *messages, *shared).await,
-        Scenario::FloorReaders { .. } => Ok(()),
+        Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
+            Ok(())
+        }
     };
     if let Err(error) = outcome {
         run.result.problem(format!("the run failed: {error:#}"));

@@ -119,6 +119,31 @@ fn a_standalone_broadcast_against_the_loopback_floor() {
     );
 }
 
+/// The floor alone, spread over writer processes: every socket is read, in every round.
+#[test]
+fn the_floor_spreads_over_writer_processes() {
+    let output = Command::new(env!("CARGO_BIN_EXE_pigeon-load"))
+        .args(["floor", "--sockets", "301", "--per-process", "100"])
+        .args(["--rounds", "2"])
+        .output()
+        .expect("run pigeon-load floor");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rounds: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with("round"))
+        .collect();
+    assert_eq!(rounds.len(), 2, "{stdout}");
+    for round in rounds {
+        assert!(round.contains("301 sockets, 4 writer processes"), "{round}");
+    }
+    assert!(stdout.contains("loopback floor, median of 2"), "{stdout}");
+}
+
 #[test]
 fn a_reconnect_storm_replays_every_stored_message() {
     let result = run(&["reconnect-storm", "--messages", "3"]);
