@@ -34,7 +34,8 @@ use crate::config::{AppSettings, Limits, Secret};
 use crate::devices::{self, Devices};
 use crate::message::TagFilter;
 use crate::metrics::Metrics;
-use crate::push::{Pipeline, PushOutcome, PushRequest};
+use crate::push::{Class, Pipeline, PushError, PushOutcome, PushRequest};
+use crate::rate_limit::{Limited, RateLimiter};
 use crate::store::StoreError;
 use crate::store::TagChange;
 
@@ -59,11 +60,14 @@ impl PushApi {
         store: Arc<dyn crate::store::Store>,
         fanout: Arc<dyn crate::push::Fanout>,
         metrics: Arc<Metrics>,
+        buckets: Arc<dyn crate::rate_limit::Buckets>,
     ) -> Self {
+        let limiter = Arc::new(RateLimiter::new(&apps, buckets));
         let pipeline = Pipeline::new(
             store.clone(),
             fanout.clone(),
             metrics,
+            limiter,
             limits.idempotency_window,
         );
         Self {
@@ -161,6 +165,9 @@ pub enum ApiError {
     /// The request body did not arrive within `limits.http_body_timeout`.
     #[error("the request body did not arrive in time")]
     BodyTimeout,
+    /// A rate limit of the app is full; nothing was accepted.
+    #[error("over the app's rate limit {}; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
+    RateLimited(Limited),
 }
 
 impl ApiError {
@@ -170,7 +177,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::InvalidField { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound | ApiError::NoSuchDevice(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -185,6 +192,7 @@ impl ApiError {
             ApiError::InvalidField { .. } => "invalid_request",
             ApiError::TooLarge(_) => "too_large",
             ApiError::Overloaded => "overloaded",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable => "unavailable",
             ApiError::NotFound | ApiError::NoSuchDevice(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
@@ -220,6 +228,27 @@ impl From<ApiError> for tonic::Status {
                 Status::unimplemented(error.to_string())
             }
             ApiError::NoSuchDevice(_) => Status::not_found(error.to_string()),
+            ApiError::RateLimited(limited) => {
+                let mut status = Status::resource_exhausted(error.to_string());
+                if let Ok(value) = retry_after_seconds(limited.retry_after).to_string().parse() {
+                    status.metadata_mut().insert("retry-after", value);
+                }
+                status
+            }
+        }
+    }
+}
+
+/// Whole seconds to wait, rounded up, as `Retry-After` counts them.
+fn retry_after_seconds(wait: Duration) -> u64 {
+    wait.as_micros().div_ceil(1_000_000).max(1) as u64
+}
+
+impl From<PushError> for ApiError {
+    fn from(error: PushError) -> Self {
+        match error {
+            PushError::Store(error) => error.into(),
+            PushError::Limited(limited) => ApiError::RateLimited(limited),
         }
     }
 }
@@ -242,12 +271,22 @@ impl IntoResponse for ApiError {
         if let ApiError::InvalidField { field, .. } = &self {
             body["field"] = json!(field);
         }
+        if let ApiError::RateLimited(limited) = &self {
+            body["limit"] = json!(limited.limit);
+            body["retry_after_ms"] = json!(limited.retry_after.as_millis() as u64);
+        }
         let mut response = (self.status(), axum::Json(json!({ "error": body }))).into_response();
         match self {
             ApiError::Overloaded | ApiError::Unavailable => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RateLimited(limited) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_seconds(limited.retry_after)),
+                );
             }
             ApiError::Unauthorized => {
                 response
@@ -282,6 +321,17 @@ struct PushBody {
     collapse_key: Option<String>,
     #[serde(default)]
     idempotency_key: Option<String>,
+    #[serde(default)]
+    class: Option<ClassBody>,
+}
+
+/// A push's `class`.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ClassBody {
+    Realtime,
+    Notification,
+    Marketing,
 }
 
 #[derive(Deserialize)]
@@ -642,6 +692,11 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             },
             collapse_key: parsed.collapse_key,
             idempotency_key: parsed.idempotency_key,
+            class: match parsed.class {
+                Some(ClassBody::Realtime) => Class::Realtime,
+                Some(ClassBody::Marketing) => Class::Marketing,
+                Some(ClassBody::Notification) | None => Class::Notification,
+            },
         },
         limits,
     )
@@ -765,6 +820,8 @@ pub struct PushFields<'a> {
     pub collapse_key: Option<String>,
     /// Idempotency key, if given.
     pub idempotency_key: Option<String>,
+    /// Traffic class.
+    pub class: Class,
 }
 
 /// Checks a push's fields against the limits; errors name the field (in the JSON API's
@@ -852,15 +909,25 @@ pub fn validate_push(
         ));
     }
     check_json_text(payload)?;
+    let max_ttl = match fields.class {
+        Class::Realtime => Duration::ZERO,
+        Class::Notification => limits.max_ttl,
+        Class::Marketing => limits.max_marketing_ttl.min(limits.max_ttl),
+    };
     let ttl = match fields.ttl_seconds {
-        None => limits.default_ttl,
+        None => limits.default_ttl.min(max_ttl),
         Some(seconds) => {
             let ttl = Duration::from_secs(seconds);
-            if ttl > limits.max_ttl {
-                return Err(ApiError::invalid(
-                    "ttl",
-                    format!("at most {} seconds", limits.max_ttl.as_secs()),
-                ));
+            if ttl > max_ttl {
+                let message = match fields.class {
+                    Class::Realtime => "a realtime push is never stored: 0 or none".to_owned(),
+                    class => format!(
+                        "at most {} seconds for class {}",
+                        max_ttl.as_secs(),
+                        class.name()
+                    ),
+                };
+                return Err(ApiError::invalid("ttl", message));
             }
             ttl
         }
@@ -882,6 +949,7 @@ pub fn validate_push(
     }
     Ok(PushRequest {
         app: app.to_owned(),
+        class: fields.class,
         uids: audience.uids,
         tokens: audience.tokens,
         aliases: audience.aliases,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::config::{AppSettings, Settings};
 use crate::process::StartError;
+use crate::rate_limit::{Buckets, RedisBuckets};
 use crate::store::Store;
 use crate::store::redis::{RedisConnection, RedisStore};
 use membership::Membership;
@@ -34,8 +35,11 @@ fn declared_apps(settings: &Settings) -> Result<Vec<AppSettings>, StartError> {
     Ok(settings.apps.clone())
 }
 
-/// Connects to Redis: the registry and store, and cluster membership, over one connection.
-async fn open_redis(settings: &Settings) -> Result<(Arc<dyn Store>, Arc<Membership>), StartError> {
+/// Connects to Redis: the registry and store, cluster membership and the rate limits' buckets,
+/// over one connection.
+async fn open_redis(
+    settings: &Settings,
+) -> Result<(Arc<dyn Store>, Arc<Membership>, Arc<dyn Buckets>), StartError> {
     let cluster = &settings.cluster;
     let connection = RedisConnection::open(cluster)
         .await
@@ -44,6 +48,7 @@ async fn open_redis(settings: &Settings) -> Result<(Arc<dyn Store>, Arc<Membersh
             source,
         })?;
     let store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
+    let buckets = RedisBuckets::new(connection.clone(), &cluster.key_prefix);
     let membership = Membership::new(connection, &cluster.key_prefix);
-    Ok((Arc::new(store), Arc::new(membership)))
+    Ok((Arc::new(store), Arc::new(membership), Arc::new(buckets)))
 }

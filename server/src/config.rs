@@ -196,6 +196,10 @@ pub struct Limits {
     /// Largest TTL a push may ask for.
     #[serde(deserialize_with = "duration")]
     pub max_ttl: Duration,
+    /// Largest TTL of a `marketing` push (its default too, when shorter than
+    /// `default_ttl`): marketing expires.
+    #[serde(deserialize_with = "duration")]
+    pub max_marketing_ttl: Duration,
     /// How long an idempotency key is remembered.
     #[serde(deserialize_with = "duration")]
     pub idempotency_window: Duration,
@@ -254,6 +258,49 @@ pub struct AppSettings {
     /// The key id of `previous_secret`.
     #[serde(default)]
     pub previous_kid: Option<String>,
+    /// How fast the app may push (none by default).
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+}
+
+/// An app's rate limits: for all its pushes together (`total`) and per traffic class. A
+/// push must find room in every limit that applies to it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Every push of the app, whatever its class.
+    #[serde(default)]
+    pub total: Option<Rate>,
+    /// Pushes of class `realtime`.
+    #[serde(default)]
+    pub realtime: Option<Rate>,
+    /// Pushes of class `notification`.
+    #[serde(default)]
+    pub notification: Option<Rate>,
+    /// Pushes of class `marketing`.
+    #[serde(default)]
+    pub marketing: Option<Rate>,
+}
+
+/// One rate limit: requests and targets per second, each with a burst of `burst` seconds'
+/// worth. Unset rates are not limited.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Push requests per second.
+    #[serde(default)]
+    pub pushes_per_second: Option<f64>,
+    /// Targets per second: the uids, tokens and aliases a push names, or the devices a push
+    /// to `all` or to tags was handed to (counted once it was).
+    #[serde(default)]
+    pub targets_per_second: Option<f64>,
+    /// How many seconds' worth of each rate may be used at once, after a quiet spell.
+    #[serde(default = "one_second")]
+    pub burst_seconds: f64,
+}
+
+fn one_second() -> f64 {
+    1.0
 }
 
 impl AppSettings {
@@ -271,6 +318,7 @@ impl AppSettings {
             kid: None,
             previous_secret: None,
             previous_kid: None,
+            rate_limits: RateLimits::default(),
         }
     }
 
@@ -381,6 +429,7 @@ impl Default for Limits {
             max_stored_per_stream: 10_000,
             default_ttl: Duration::from_secs(7 * 24 * 3600),
             max_ttl: Duration::from_secs(28 * 24 * 3600),
+            max_marketing_ttl: Duration::from_secs(3 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
             credential_ttl: Duration::from_secs(3600),
             max_credential_lifetime: Duration::from_secs(7 * 24 * 3600),
@@ -635,6 +684,29 @@ impl Settings {
             }
             if app.secret.len() < 32 {
                 return bad(&key("secret"), "must be at least 32 characters");
+            }
+            let limits = &app.rate_limits;
+            for (class, rate) in [
+                ("total", &limits.total),
+                ("realtime", &limits.realtime),
+                ("notification", &limits.notification),
+                ("marketing", &limits.marketing),
+            ] {
+                let Some(rate) = rate else { continue };
+                let field = |name: &str| key(&format!("rate_limits.{class}.{name}"));
+                for (name, value) in [
+                    ("pushes_per_second", rate.pushes_per_second),
+                    ("targets_per_second", rate.targets_per_second),
+                ] {
+                    if value.is_some_and(|value| !(value.is_finite() && value > 0.0)) {
+                        return bad(&field(name), "must be a number above 0");
+                    }
+                }
+                if !(rate.burst_seconds.is_finite()
+                    && (0.001..=3600.0).contains(&rate.burst_seconds))
+                {
+                    return bad(&field("burst_seconds"), "must be from 0.001 to 3600");
+                }
             }
             if app
                 .previous_secret
@@ -904,6 +976,68 @@ mod tests {
         ])
         .expect_err("shared id");
         assert!(error.to_string().contains("apps[1].id"), "{error}");
+    }
+
+    #[test]
+    fn rate_limits_are_read_and_checked() {
+        let app = [
+            ("PIGEON_APPS__0__ID", "one"),
+            ("PIGEON_APPS__0__API_KEY", "key-one-0123456789"),
+            (
+                "PIGEON_APPS__0__SECRET",
+                "s-0123456789-0123456789-0123456789",
+            ),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = app.to_vec();
+            vars.extend_from_slice(extra);
+            Settings::load(None, env(&vars))
+        };
+        let settings = with(&[
+            (
+                "PIGEON_APPS__0__RATE_LIMITS__MARKETING__PUSHES_PER_SECOND",
+                "2.5",
+            ),
+            (
+                "PIGEON_APPS__0__RATE_LIMITS__TOTAL__TARGETS_PER_SECOND",
+                "1000",
+            ),
+        ])
+        .expect("limits");
+        let limits = &settings.apps[0].rate_limits;
+        assert_eq!(
+            limits.marketing,
+            Some(Rate {
+                pushes_per_second: Some(2.5),
+                targets_per_second: None,
+                burst_seconds: 1.0,
+            })
+        );
+        assert_eq!(
+            limits.total.and_then(|rate| rate.targets_per_second),
+            Some(1000.0)
+        );
+        assert_eq!(limits.notification, None);
+        for (key, value, named) in [
+            (
+                "PIGEON_APPS__0__RATE_LIMITS__MARKETING__PUSHES_PER_SECOND",
+                "0",
+                "apps[0].rate_limits.marketing.pushes_per_second",
+            ),
+            (
+                "PIGEON_APPS__0__RATE_LIMITS__TOTAL__BURST_SECONDS",
+                "0",
+                "apps[0].rate_limits.total.burst_seconds",
+            ),
+            (
+                "PIGEON_APPS__0__RATE_LIMITS__BULK__PUSHES_PER_SECOND",
+                "1",
+                "bulk",
+            ),
+        ] {
+            let error = with(&[(key, value)]).expect_err(key);
+            assert!(error.to_string().contains(named), "{key}: {error}");
+        }
     }
 
     #[test]

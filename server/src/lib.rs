@@ -23,6 +23,7 @@
 //! - [`devices`]: the device API (tags, aliases, a device's registry entry), for HTTP and
 //!   gRPC alike.
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
+//! - [`rate_limit`]: per-app and per-class rate limits (GCRA), in the process or in Redis.
 //!
 //! State:
 //! - [`store`]: the [`store::Registry`] and [`store::OfflineStore`] traits and the rules both
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod process;
 pub mod push;
 pub mod quic;
+pub mod rate_limit;
 pub mod session;
 pub mod standalone;
 pub mod store;

@@ -1,13 +1,29 @@
 //! Counters and gauges, exposed in the Prometheus text format at `GET /metrics`.
 //!
-//! Plain atomics: a handful of numbers do not need a metrics framework.
+//! Plain atomics, and a small map for the counters per app and class (whose apps are the
+//! configured ones): a handful of numbers do not need a metrics framework.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::connections::ConnectionTable;
 use crate::device::Handshakes;
+use crate::push::Class;
+
+/// What became of one app's pushes of one class.
+#[derive(Clone, Copy, Debug, Default)]
+struct AppCounts {
+    accepted: u64,
+    duplicate: u64,
+    failed: u64,
+    limited: u64,
+    delivered: u64,
+    stored: u64,
+    unknown: u64,
+    dropped: u64,
+}
 
 /// The process's metrics.
 #[derive(Default)]
@@ -22,6 +38,7 @@ pub struct Metrics {
     targets_stored: AtomicU64,
     targets_unknown: AtomicU64,
     targets_dropped: AtomicU64,
+    per_app: Mutex<BTreeMap<(String, Class), AppCounts>>,
 }
 
 impl Metrics {
@@ -34,28 +51,48 @@ impl Metrics {
         }
     }
 
-    /// Counts an accepted push and how many of its targets were delivered live, stored,
-    /// unknown and dropped.
-    pub fn push_accepted(&self, delivered: u32, stored: u32, unknown: u32, dropped: u32) {
-        self.pushes_accepted.fetch_add(1, Ordering::Relaxed);
-        for (counter, value) in [
-            (&self.targets_delivered, delivered),
-            (&self.targets_stored, stored),
-            (&self.targets_unknown, unknown),
-            (&self.targets_dropped, dropped),
-        ] {
-            counter.fetch_add(u64::from(value), Ordering::Relaxed);
+    fn count(&self, app: &str, class: Class, add: impl FnOnce(&mut AppCounts)) {
+        if let Ok(mut per_app) = self.per_app.lock() {
+            add(per_app.entry((app.to_owned(), class)).or_default());
         }
     }
 
+    /// Counts an accepted push of `app` and `class`, and how many of its targets were
+    /// delivered live, stored, unknown and dropped.
+    pub fn push_accepted(&self, app: &str, class: Class, targets: &crate::push::TargetCounts) {
+        self.pushes_accepted.fetch_add(1, Ordering::Relaxed);
+        for (counter, value) in [
+            (&self.targets_delivered, targets.delivered),
+            (&self.targets_stored, targets.stored),
+            (&self.targets_unknown, targets.unknown),
+            (&self.targets_dropped, targets.dropped),
+        ] {
+            counter.fetch_add(u64::from(value), Ordering::Relaxed);
+        }
+        self.count(app, class, |counts| {
+            counts.accepted += 1;
+            counts.delivered += u64::from(targets.delivered);
+            counts.stored += u64::from(targets.stored);
+            counts.unknown += u64::from(targets.unknown);
+            counts.dropped += u64::from(targets.dropped);
+        });
+    }
+
     /// Counts a push answered as a duplicate of an earlier idempotency key.
-    pub fn push_duplicate(&self) {
+    pub fn push_duplicate(&self, app: &str, class: Class) {
         self.pushes_duplicate.fetch_add(1, Ordering::Relaxed);
+        self.count(app, class, |counts| counts.duplicate += 1);
     }
 
     /// Counts a push that could not be accepted (store overloaded or failed).
-    pub fn push_failed(&self) {
+    pub fn push_failed(&self, app: &str, class: Class) {
         self.pushes_failed.fetch_add(1, Ordering::Relaxed);
+        self.count(app, class, |counts| counts.failed += 1);
+    }
+
+    /// Counts a push refused by a rate limit.
+    pub fn push_limited(&self, app: &str, class: Class) {
+        self.count(app, class, |counts| counts.limited += 1);
     }
 
     /// The metrics in the Prometheus text format; in a process that holds devices, with
@@ -117,6 +154,44 @@ impl Metrics {
             load(&self.targets_unknown),
             load(&self.targets_dropped),
         );
+        if let Ok(per_app) = self.per_app.lock() {
+            out.push_str(
+                "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\
+                 # TYPE pigeon_app_pushes_total counter\n",
+            );
+            for ((app, class), counts) in per_app.iter() {
+                for (result, value) in [
+                    ("accepted", counts.accepted),
+                    ("duplicate", counts.duplicate),
+                    ("failed", counts.failed),
+                    ("limited", counts.limited),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "pigeon_app_pushes_total{{app=\"{app}\",class=\"{}\",result=\"{result}\"}} {value}",
+                        class.name()
+                    );
+                }
+            }
+            out.push_str(
+                "# HELP pigeon_app_push_targets_total Targets of accepted pushes per app and class, by state.\n\
+                 # TYPE pigeon_app_push_targets_total counter\n",
+            );
+            for ((app, class), counts) in per_app.iter() {
+                for (state, value) in [
+                    ("delivered", counts.delivered),
+                    ("stored", counts.stored),
+                    ("unknown", counts.unknown),
+                    ("dropped", counts.dropped),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "pigeon_app_push_targets_total{{app=\"{app}\",class=\"{}\",state=\"{state}\"}} {value}",
+                        class.name()
+                    );
+                }
+            }
+        }
         out
     }
 }
@@ -142,8 +217,14 @@ mod tests {
         let handshakes = Handshakes::new(4);
         let _pending = handshakes.enter(std::time::Instant::now());
         let metrics = Metrics::with_devices(connections, handshakes);
-        metrics.push_accepted(2, 1, 0, 0);
-        metrics.push_duplicate();
+        let targets = crate::push::TargetCounts {
+            delivered: 2,
+            stored: 1,
+            ..Default::default()
+        };
+        metrics.push_accepted("demo", Class::Marketing, &targets);
+        metrics.push_duplicate("demo", Class::Notification);
+        metrics.push_limited("demo", Class::Marketing);
         let text = metrics.render();
         // A process without devices (a gateway) has no connection gauges.
         assert!(!Metrics::default().render().contains("pigeon_connections"));
@@ -166,5 +247,13 @@ mod tests {
             text.contains("pigeon_push_targets_total{state=\"stored\"} 1\n"),
             "{text}"
         );
+        for line in [
+            "pigeon_app_pushes_total{app=\"demo\",class=\"marketing\",result=\"accepted\"} 1\n",
+            "pigeon_app_pushes_total{app=\"demo\",class=\"marketing\",result=\"limited\"} 1\n",
+            "pigeon_app_pushes_total{app=\"demo\",class=\"notification\",result=\"duplicate\"} 1\n",
+            "pigeon_app_push_targets_total{app=\"demo\",class=\"marketing\",state=\"delivered\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -15,6 +15,9 @@
 //! reads it from the stream when it connects. The store work of such a push does not grow
 //! with its audience.
 //!
+//! Before all this, a push is charged in its app's rate limits ([`crate::rate_limit`]);
+//! one over a limit is refused whole, with when to try again.
+//!
 //! The HTTP and gRPC APIs only translate requests and errors.
 
 use std::collections::HashSet;
@@ -28,16 +31,61 @@ use serde::Serialize;
 use crate::connections::{ConnectionTable, Delivered};
 use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
 use crate::metrics::Metrics;
+use crate::rate_limit::{Limited, RateLimiter};
 use crate::store::{
     ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, Store,
     StoreError, Target,
 };
+
+/// A push's traffic class: what it is for, and so how it is stored and limited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// To devices online now only, never stored (a TTL of 0).
+    Realtime,
+    /// The default: stored for offline devices until its TTL, under the delivery contract.
+    #[default]
+    Notification,
+    /// Stored like a notification, with a TTL of at most `limits.max_marketing_ttl`.
+    Marketing,
+}
+
+impl Class {
+    /// Every class.
+    pub const ALL: [Class; 3] = [Class::Realtime, Class::Notification, Class::Marketing];
+
+    /// Its name in the API, the config and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Realtime => "realtime",
+            Class::Notification => "notification",
+            Class::Marketing => "marketing",
+        }
+    }
+
+    /// The class of a name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|class| class.name() == name)
+    }
+}
+
+/// Why a push was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// The store could not take it; nothing was accepted.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A rate limit of its app is full; nothing was accepted.
+    #[error("over the rate limit {}", .0.limit)]
+    Limited(Limited),
+}
 
 /// A push request that passed validation.
 #[derive(Clone, Debug)]
 pub struct PushRequest {
     /// The app pushing.
     pub app: String,
+    /// Its traffic class.
+    pub class: Class,
     /// Target uids.
     pub uids: Vec<String>,
     /// Target device tokens.
@@ -169,6 +217,7 @@ pub struct Pipeline {
     store: Arc<dyn Store>,
     fanout: Arc<dyn Fanout>,
     metrics: Arc<Metrics>,
+    limiter: Arc<RateLimiter>,
     idempotency_window: Duration,
 }
 
@@ -178,37 +227,44 @@ impl Pipeline {
         store: Arc<dyn Store>,
         fanout: Arc<dyn Fanout>,
         metrics: Arc<Metrics>,
+        limiter: Arc<RateLimiter>,
         idempotency_window: Duration,
     ) -> Self {
         Self {
             store,
             fanout,
             metrics,
+            limiter,
             idempotency_window,
         }
     }
 
     /// Pushes one message, and counts the outcome.
-    pub async fn push(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
-        let outcome = self.run(request).await;
+    pub async fn push(&self, request: PushRequest) -> Result<PushOutcome, PushError> {
+        let (app, class) = (request.app.clone(), request.class);
+        let shared = request.all || request.tags.is_some();
+        let named = request.uids.len() + request.tokens.len() + request.aliases.len();
+        if let Err(limited) = self.limiter.admit(&app, class, named as u64).await {
+            self.metrics.push_limited(&app, class);
+            return Err(PushError::Limited(limited));
+        }
+        let outcome = if shared {
+            self.run_shared(request).await
+        } else {
+            self.run_direct(request).await
+        };
         match &outcome {
-            Ok(PushOutcome::Accepted { targets, .. }) => self.metrics.push_accepted(
-                targets.delivered,
-                targets.stored,
-                targets.unknown,
-                targets.dropped,
-            ),
-            Ok(PushOutcome::Duplicate { .. }) => self.metrics.push_duplicate(),
-            Err(_) => self.metrics.push_failed(),
+            Ok(PushOutcome::Accepted { targets, .. }) => {
+                self.metrics.push_accepted(&app, class, targets);
+                if shared {
+                    let reached = u64::from(targets.delivered);
+                    self.limiter.charge_targets(&app, class, reached).await;
+                }
+            }
+            Ok(PushOutcome::Duplicate { .. }) => self.metrics.push_duplicate(&app, class),
+            Err(_) => self.metrics.push_failed(&app, class),
         }
-        outcome
-    }
-
-    async fn run(&self, request: PushRequest) -> Result<PushOutcome, StoreError> {
-        if request.all || request.tags.is_some() {
-            return self.run_shared(request).await;
-        }
-        self.run_direct(request).await
+        Ok(outcome?)
     }
 
     /// A push to every device of the app, or to tags: one entry of its stream `all`, one
@@ -432,11 +488,13 @@ mod tests {
             Arc::new(store),
             fanout.clone(),
             Arc::new(Metrics::default()),
+            Arc::new(RateLimiter::unlimited()),
             Duration::from_secs(60),
         );
         let outcome = pipeline
             .push(PushRequest {
                 app: "demo".into(),
+                class: Class::Notification,
                 uids: vec!["alice".into()],
                 tokens: Vec::new(),
                 aliases: Vec::new(),

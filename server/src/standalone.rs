@@ -125,6 +125,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         store,
         connections.clone(),
         metrics.clone(),
+        Arc::new(crate::rate_limit::LocalBuckets::default()),
     ));
     let router =
         api::push_routes(push_api).merge(api::ops_routes(metrics, &settings.metrics_token));

@@ -14,7 +14,8 @@ use pigeon_server::connections::ConnectionTable;
 use pigeon_server::devices::{Devices, MAX_PAGE};
 use pigeon_server::message::TagFilter;
 use pigeon_server::metrics::Metrics;
-use pigeon_server::push::{Pipeline, PushOutcome, PushRequest};
+use pigeon_server::push::{Class, Pipeline, PushOutcome, PushRequest};
+use pigeon_server::rate_limit::RateLimiter;
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::{ALL, DeviceTags, OfflineStore, Registry, StreamHead, TagChange};
 use tokio_util::sync::CancellationToken;
@@ -101,11 +102,13 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
         store.clone(),
         table.clone(),
         Arc::new(Metrics::default()),
+        Arc::new(RateLimiter::unlimited()),
         Duration::from_secs(60),
     );
     let outcome = pipeline
         .push(PushRequest {
             app: "demo".into(),
+            class: Class::Notification,
             uids: Vec::new(),
             tokens: Vec::new(),
             aliases: Vec::new(),

@@ -34,7 +34,7 @@ use crate::listener;
 use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
-use crate::push::PushOutcome;
+use crate::push::{Class, PushOutcome};
 use crate::store::TagChange;
 
 /// The push API over gRPC, sharing the HTTP API's apps, limits and pipeline.
@@ -76,6 +76,23 @@ impl push_server::Push for PushGrpc {
                 body.priority
             ),
         })?;
+        let class = match push_proto::Class::try_from(body.class) {
+            Ok(push_proto::Class::Realtime) => Class::Realtime,
+            Ok(push_proto::Class::Marketing) => Class::Marketing,
+            Ok(push_proto::Class::Notification | push_proto::Class::Unspecified) => {
+                Class::Notification
+            }
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "class",
+                    format!(
+                        "{} is no class: CLASS_REALTIME (1), CLASS_NOTIFICATION (2) or CLASS_MARKETING (3)",
+                        body.class
+                    ),
+                )
+                .into());
+            }
+        };
         let push = validate_push(
             &app,
             PushFields {
@@ -93,6 +110,7 @@ impl push_server::Push for PushGrpc {
                 priority,
                 collapse_key: (!body.collapse_key.is_empty()).then_some(body.collapse_key),
                 idempotency_key: (!body.idempotency_key.is_empty()).then_some(body.idempotency_key),
+                class,
             },
             &api.limits,
         )?;
@@ -226,7 +244,7 @@ pub struct Gateway {
 pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let apps = declared_apps(&settings)?;
     let limits = &settings.limits;
-    let (store, membership) = open_redis(&settings).await?;
+    let (store, membership, buckets) = open_redis(&settings).await?;
     let (http_listener, http_addr) = process::bind_http(&settings)?;
     let (grpc_listener, grpc_addr) = process::bind_grpc(&settings)?;
     let peers = Peers::new(membership, settings.cluster.clone());
@@ -237,6 +255,7 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
         store,
         Arc::new(peers),
         metrics.clone(),
+        buckets,
     ));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -217,7 +217,7 @@ impl node_server::Node for InternalApi {
 pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let apps = declared_apps(&settings)?;
     let limits = &settings.limits;
-    let (store, membership) = open_redis(&settings).await?;
+    let (store, membership, _) = open_redis(&settings).await?;
     let node_id = if settings.cluster.node_id.is_empty() {
         format!("node-{:016x}", rand::random::<u64>())
     } else {

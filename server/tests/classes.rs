@@ -1,0 +1,243 @@
+//! Traffic classes and rate limits: a `realtime` push is never stored, a `marketing` push
+//! expires within its cap, and an app's rate limits answer 429 with `Retry-After` (gRPC
+//! RESOURCE_EXHAUSTED with `retry-after`), per class and in total, counting targets too,
+//! shared by every gateway of a cluster.
+
+mod support;
+
+use std::time::Duration;
+
+use pigeon_client::DeviceState;
+use pigeon_proto::push::push_client::PushClient;
+use serde_json::{Value, json};
+use support::cluster::{Deployment, GatewayProcess, Redis, with_api_key};
+use support::{Server, assert_no_push, connect, metric, next_push, payload};
+
+/// A standalone server whose demo app has the rate limits `limits` (`PIGEON_APPS__0__`
+/// settings without the prefix, e.g. `RATE_LIMITS__MARKETING__PUSHES_PER_SECOND`).
+fn limited_server(dir: &std::path::Path, limits: &[(&str, &str)]) -> Server {
+    let app = pigeon_server::standalone::demo_app(dir).expect("demo app");
+    let mut env: Vec<(String, String)> = vec![
+        ("PIGEON_APPS__0__ID".into(), app.id.clone()),
+        ("PIGEON_APPS__0__API_KEY".into(), app.api_key.clone()),
+        ("PIGEON_APPS__0__SECRET".into(), app.secret.clone()),
+    ];
+    for (key, value) in limits {
+        env.push((format!("PIGEON_APPS__0__{key}"), (*value).to_owned()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Server::start(dir, &env)
+}
+
+#[tokio::test]
+async fn realtime_is_never_stored_and_marketing_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let bob = connect(&server, "bob", &DeviceState::default()).await;
+    let bob_state = DeviceState {
+        device_token: bob.welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    drop(bob);
+    // Let the server see bob leave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, answer) = server
+        .push(
+            json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": 1}, "class": "realtime"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    assert_eq!(answer["targets"]["dropped"], 1, "{answer}");
+    assert_eq!(answer["targets"]["stored"], 0, "{answer}");
+    let push = next_push(&mut ann).await;
+    assert_eq!(payload(&push), json!({"n": 1}));
+    ann.ack_push(&push).await.expect("ack");
+    // Bob was offline: he never gets it.
+    let mut bob = connect(&server, "bob", &bob_state).await;
+    assert_no_push(&mut bob, Duration::from_millis(500)).await;
+
+    // A marketing push is stored for bob, within its TTL cap.
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["bob"]}, "payload": {"n": 2}, "class": "marketing", "ttl": 60}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(payload(&next_push(&mut bob).await), json!({"n": 2}));
+
+    for (body, field) in [
+        (
+            json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": "realtime", "ttl": 60}),
+            "ttl",
+        ),
+        (
+            json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": "marketing", "ttl": 30 * 24 * 3600}),
+            "ttl",
+        ),
+        (
+            json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": "bulk"}),
+            "class",
+        ),
+        (
+            json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": 3}),
+            "class",
+        ),
+    ] {
+        let (status, answer) = server.push(body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["field"], field, "{body}: {answer}");
+    }
+    // A realtime push may say its TTL of 0.
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": "realtime", "ttl": 0}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = limited_server(
+        dir.path(),
+        &[
+            ("RATE_LIMITS__MARKETING__PUSHES_PER_SECOND", "2"),
+            ("RATE_LIMITS__MARKETING__TARGETS_PER_SECOND", "4"),
+            ("RATE_LIMITS__MARKETING__BURST_SECONDS", "1"),
+            ("RATE_LIMITS__TOTAL__PUSHES_PER_SECOND", "1000"),
+        ],
+    );
+    let mut devices = Vec::new();
+    for uid in ["d1", "d2", "d3", "d4", "d5"] {
+        devices.push(connect(&server, uid, &DeviceState::default()).await);
+    }
+    let marketing =
+        |n: u32| json!({"audience": {"uids": ["d1"]}, "payload": {"n": n}, "class": "marketing"});
+    for n in 0..2 {
+        let (status, answer) = server.push(marketing(n)).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/push", server.http_url))
+        .bearer_auth(&server.api_key)
+        .json(&marketing(2))
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert_eq!(retry_after, 1);
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["error"]["code"], "rate_limited", "{answer}");
+    assert_eq!(answer["error"]["limit"], "marketing.pushes_per_second");
+    let wait = answer["error"]["retry_after_ms"].as_u64().expect("ms");
+    assert!((1..=1000).contains(&wait), "{answer}");
+    // Other classes have room: only the total limits them.
+    for n in 0..20 {
+        let (status, answer) = server
+            .push(json!({"audience": {"uids": ["d1"]}, "payload": {"n": n}}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    // After the wait, marketing has room again.
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    let (status, answer) = server.push(marketing(3)).await;
+    assert_eq!(status, 202, "{answer}");
+
+    // Targets count: a push to all reaching five devices runs the four-a-second target
+    // limit into debt, and the next marketing push waits it off.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"all": 1}, "class": "marketing"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 5, "{answer}");
+    let (status, answer) = server.push(marketing(4)).await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["limit"], "marketing.targets_per_second");
+    assert!(
+        answer["error"]["retry_after_ms"].as_u64().expect("ms") > 300,
+        "five targets at four a second leave about half a second of debt: {answer}"
+    );
+    // Nothing accepted was lost: every device got the push to all.
+    for device in &mut devices {
+        loop {
+            let push = next_push(device).await;
+            device.ack_push(&push).await.expect("ack");
+            if payload(&push) == json!({"all": 1}) {
+                break;
+            }
+        }
+    }
+    let limited = metric(
+        &server,
+        "pigeon_app_pushes_total{app=\"demo\",class=\"marketing\",result=\"limited\"}",
+    )
+    .await;
+    assert_eq!(limited, Some(2));
+}
+
+/// Two gateways share each limit through Redis; the gRPC API answers RESOURCE_EXHAUSTED
+/// with `retry-after`.
+#[tokio::test]
+async fn gateways_share_the_rate_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let limits = [
+        (
+            "PIGEON_APPS__0__RATE_LIMITS__TOTAL__PUSHES_PER_SECOND",
+            "0.5",
+        ),
+        ("PIGEON_APPS__0__RATE_LIMITS__TOTAL__BURST_SECONDS", "4"),
+    ];
+    let first = GatewayProcess::start(&deployment, &limits);
+    let second = GatewayProcess::start(&deployment, &limits);
+    let push = json!({"audience": {"uids": ["u1"]}, "payload": {}});
+    // A burst of 4 s at one push per 2 s: two pushes, whichever gateway takes them.
+    let (status, answer) = first.push(push.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = second.push(push.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = first.push(push.clone()).await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(answer["error"]["limit"], "total.pushes_per_second");
+    let (status, answer) = second.push(push.clone()).await;
+    assert_eq!(status, 429, "{answer}");
+
+    let mut client = PushClient::connect(format!("http://{}", second.grpc_addr))
+        .await
+        .expect("grpc");
+    let status = client
+        .push(with_api_key(pigeon_proto::push::PushRequest {
+            uids: vec!["u1".into()],
+            payload_json: "{}".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let retry_after: u64 = status
+        .metadata()
+        .get("retry-after")
+        .expect("retry-after")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=2).contains(&retry_after), "{status:?}");
+    let status = client
+        .push(with_api_key(pigeon_proto::push::PushRequest {
+            uids: vec!["u1".into()],
+            payload_json: "{}".into(),
+            class: 9,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("no such class");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("class:"), "{status:?}");
+}
