@@ -36,8 +36,7 @@ use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::push::{Class, Pipeline, PushError, PushOutcome, PushRequest};
 use crate::rate_limit::{Limited, RateLimiter};
-use crate::store::StoreError;
-use crate::store::TagChange;
+use crate::store::{Cancel, StoreError, TagChange};
 
 /// What the app-facing handlers (HTTP and gRPC) share.
 pub struct PushApi {
@@ -79,7 +78,8 @@ impl PushApi {
     }
 }
 
-/// `POST /v1/push`, and the device API: `GET /v1/devices/{token}`,
+/// `POST /v1/push`, `DELETE /v1/messages/{id}` (cancel a scheduled push), and the device
+/// API: `GET /v1/devices/{token}`,
 /// `PUT /v1/devices/{token}/tags`, `PUT` and `DELETE /v1/devices/{token}/alias`,
 /// `POST` and `GET /v1/tags/{tag}/devices`, `DELETE /v1/tags/{tag}`.
 pub fn push_routes(api: Arc<PushApi>) -> Router {
@@ -96,6 +96,7 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
             post(change_tag).get(list_tag_devices),
         )
         .route("/v1/tags/{tag}", delete(delete_tag))
+        .route("/v1/messages/{id}", delete(cancel_message))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(api)
 }
@@ -165,6 +166,12 @@ pub enum ApiError {
     /// The request body did not arrive within `limits.http_body_timeout`.
     #[error("the request body did not arrive in time")]
     BodyTimeout,
+    /// The scheduled message has been sent (or is being sent): too late to cancel.
+    #[error("message {0} has been sent; it can no longer be cancelled")]
+    AlreadySent(String),
+    /// No scheduled message of the app has that id.
+    #[error("no scheduled message {0} in this app")]
+    NoSuchMessage(String),
     /// A rate limit of the app is full; nothing was accepted.
     #[error("over the app's rate limit {}; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
     RateLimited(Limited),
@@ -179,7 +186,10 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotFound | ApiError::NoSuchDevice(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::AlreadySent(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -194,7 +204,10 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable => "unavailable",
-            ApiError::NotFound | ApiError::NoSuchDevice(_) => "not_found",
+            ApiError::NotFound | ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
+                "not_found"
+            }
+            ApiError::AlreadySent(_) => "already_sent",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BadBody(_) => "bad_body",
             ApiError::BodyTimeout => "request_timeout",
@@ -227,7 +240,10 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound | ApiError::MethodNotAllowed => {
                 Status::unimplemented(error.to_string())
             }
-            ApiError::NoSuchDevice(_) => Status::not_found(error.to_string()),
+            ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
+                Status::not_found(error.to_string())
+            }
+            ApiError::AlreadySent(_) => Status::failed_precondition(error.to_string()),
             ApiError::RateLimited(limited) => {
                 let mut status = Status::resource_exhausted(error.to_string());
                 if let Ok(value) = retry_after_seconds(limited.retry_after).to_string().parse() {
@@ -323,6 +339,8 @@ struct PushBody {
     idempotency_key: Option<String>,
     #[serde(default)]
     class: Option<ClassBody>,
+    #[serde(default)]
+    send_at: Option<String>,
 }
 
 /// A push's `class`.
@@ -598,8 +616,60 @@ async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiErr
         PushOutcome::Duplicate { message_id } => {
             json!({"message_id": message_id, "duplicate": true})
         }
+        PushOutcome::Scheduled {
+            message_id,
+            send_at_ms,
+        } => json!({"message_id": message_id, "scheduled": true, "send_at": rfc3339(send_at_ms)}),
     };
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+/// `DELETE /v1/messages/{id}`: cancels a scheduled push that has not been sent.
+async fn cancel_message(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let id = path_param(id, "id")?;
+            cancel(&api.pipeline, &app.id, &id).await?;
+            Ok(ok(json!({"message_id": id, "cancelled": true})))
+        }
+        .await,
+    )
+}
+
+/// Cancels `app`'s scheduled push `id` (HTTP and gRPC alike).
+pub async fn cancel(pipeline: &Pipeline, app: &str, id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > MAX_KEY_LEN {
+        return Err(ApiError::NoSuchMessage(id.to_owned()));
+    }
+    match pipeline.cancel(app, id).await? {
+        Cancel::Cancelled => Ok(()),
+        Cancel::Fired => Err(ApiError::AlreadySent(id.to_owned())),
+        Cancel::Unknown => Err(ApiError::NoSuchMessage(id.to_owned())),
+    }
+}
+
+/// Unix milliseconds as RFC 3339, in UTC.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let nanos = i128::from(unix_ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 time as unix milliseconds.
+fn parse_rfc3339(text: &str) -> Option<u64> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// The body of a request, within its size limit and `limits.http_body_timeout`.
@@ -697,6 +767,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
                 Some(ClassBody::Marketing) => Class::Marketing,
                 Some(ClassBody::Notification) | None => Class::Notification,
             },
+            send_at: parsed.send_at,
         },
         limits,
     )
@@ -822,6 +893,8 @@ pub struct PushFields<'a> {
     pub idempotency_key: Option<String>,
     /// Traffic class.
     pub class: Class,
+    /// When to send it (RFC 3339), if later.
+    pub send_at: Option<String>,
 }
 
 /// Checks a push's fields against the limits; errors name the field (in the JSON API's
@@ -947,9 +1020,37 @@ pub fn validate_push(
             format!("must be 1 to {MAX_KEY_LEN} bytes"),
         ));
     }
+    let send_at_ms = match &fields.send_at {
+        None => None,
+        Some(text) => {
+            let at = parse_rfc3339(text).ok_or_else(|| {
+                ApiError::invalid(
+                    "send_at",
+                    "must be an RFC 3339 time, e.g. 2026-12-24T18:00:00Z",
+                )
+            })?;
+            let now = crate::message::unix_millis();
+            if at <= now {
+                return Err(ApiError::invalid("send_at", "is in the past"));
+            }
+            let horizon = limits.max_send_ahead.as_millis() as u64;
+            if at - now > horizon {
+                return Err(ApiError::invalid(
+                    "send_at",
+                    format!(
+                        "at most {} seconds ahead (limits.max_send_ahead)",
+                        limits.max_send_ahead.as_secs()
+                    ),
+                ));
+            }
+            Some(at)
+        }
+    };
     Ok(PushRequest {
         app: app.to_owned(),
         class: fields.class,
+        send_at_ms,
+        message_id: None,
         uids: audience.uids,
         tokens: audience.tokens,
         aliases: audience.aliases,

@@ -200,6 +200,13 @@ pub struct Limits {
     /// `default_ttl`): marketing expires.
     #[serde(deserialize_with = "duration")]
     pub max_marketing_ttl: Duration,
+    /// How far ahead a push may be scheduled (`send_at`).
+    #[serde(deserialize_with = "duration")]
+    pub max_send_ahead: Duration,
+    /// How long what became of a message is kept: that a scheduled push was sent (a
+    /// cancel then answers 409, not 404).
+    #[serde(deserialize_with = "duration")]
+    pub message_retention: Duration,
     /// How long an idempotency key is remembered.
     #[serde(deserialize_with = "duration")]
     pub idempotency_window: Duration,
@@ -430,6 +437,8 @@ impl Default for Limits {
             default_ttl: Duration::from_secs(7 * 24 * 3600),
             max_ttl: Duration::from_secs(28 * 24 * 3600),
             max_marketing_ttl: Duration::from_secs(3 * 24 * 3600),
+            max_send_ahead: Duration::from_secs(30 * 24 * 3600),
+            message_retention: Duration::from_secs(7 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
             credential_ttl: Duration::from_secs(3600),
             max_credential_lifetime: Duration::from_secs(7 * 24 * 3600),

@@ -24,6 +24,7 @@
 //!   gRPC alike.
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
 //! - [`rate_limit`]: per-app and per-class rate limits (GCRA), in the process or in Redis.
+//! - [`scheduler`]: sends scheduled pushes when they are due, once each.
 //!
 //! State:
 //! - [`store`]: the [`store::Registry`] and [`store::OfflineStore`] traits and the rules both
@@ -57,6 +58,7 @@ pub mod process;
 pub mod push;
 pub mod quic;
 pub mod rate_limit;
+pub mod scheduler;
 pub mod session;
 pub mod standalone;
 pub mod store;

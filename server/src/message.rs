@@ -55,7 +55,7 @@ impl TagFilter {
             && !self.none.iter().any(has)
     }
 
-    fn to_stored(&self) -> pigeon_proto::store::TagFilter {
+    pub(crate) fn to_stored(&self) -> pigeon_proto::store::TagFilter {
         pigeon_proto::store::TagFilter {
             any: self.any.clone(),
             all: self.all.clone(),
@@ -63,7 +63,7 @@ impl TagFilter {
         }
     }
 
-    fn from_stored(stored: pigeon_proto::store::TagFilter) -> Self {
+    pub(crate) fn from_stored(stored: pigeon_proto::store::TagFilter) -> Self {
         Self {
             any: stored.any,
             all: stored.all,

@@ -16,6 +16,7 @@ use crate::push::Class;
 #[derive(Clone, Copy, Debug, Default)]
 struct AppCounts {
     accepted: u64,
+    scheduled: u64,
     duplicate: u64,
     failed: u64,
     limited: u64,
@@ -90,6 +91,11 @@ impl Metrics {
         self.count(app, class, |counts| counts.failed += 1);
     }
 
+    /// Counts a push kept to be sent later.
+    pub fn push_scheduled(&self, app: &str, class: Class) {
+        self.count(app, class, |counts| counts.scheduled += 1);
+    }
+
     /// Counts a push refused by a rate limit.
     pub fn push_limited(&self, app: &str, class: Class) {
         self.count(app, class, |counts| counts.limited += 1);
@@ -162,6 +168,7 @@ impl Metrics {
             for ((app, class), counts) in per_app.iter() {
                 for (result, value) in [
                     ("accepted", counts.accepted),
+                    ("scheduled", counts.scheduled),
                     ("duplicate", counts.duplicate),
                     ("failed", counts.failed),
                     ("limited", counts.limited),

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use pigeon_proto::Message as _;
 use pigeon_proto::device::Priority;
+use pigeon_proto::store::ScheduledPush;
 use serde::Serialize;
 
 use crate::connections::{ConnectionTable, Delivered};
@@ -106,6 +108,64 @@ pub struct PushRequest {
     pub collapse_key: String,
     /// Idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// When to send it (unix ms); `None`: now.
+    pub send_at_ms: Option<u64>,
+    /// The id it was given when it was scheduled (a scheduled push firing); `None`: a new
+    /// one.
+    pub message_id: Option<String>,
+}
+
+impl PushRequest {
+    /// The stored form of a push scheduled as `message_id`.
+    fn to_scheduled(&self, message_id: &str, send_at_ms: u64) -> ScheduledPush {
+        ScheduledPush {
+            app: self.app.clone(),
+            message_id: message_id.to_owned(),
+            send_at_ms,
+            class: self.class as u32,
+            uids: self.uids.clone(),
+            tokens: self.tokens.clone(),
+            aliases: self.aliases.clone(),
+            all: self.all,
+            tags: self.tags.as_ref().map(TagFilter::to_stored),
+            payload: self.payload.clone(),
+            ttl_ms: self.ttl.as_millis() as u64,
+            priority: self.priority as i32,
+            collapse_key: self.collapse_key.clone(),
+            idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+        }
+    }
+
+    /// A scheduled push, to fire now: its id is kept, and it carries an idempotency key
+    /// (its own, or its id) so that firing it twice after a crash sends it once.
+    fn from_scheduled(stored: ScheduledPush) -> Self {
+        let class = match stored.class {
+            0 => Class::Realtime,
+            2 => Class::Marketing,
+            _ => Class::Notification,
+        };
+        let idempotency_key = if stored.idempotency_key.is_empty() {
+            format!("scheduled:{}", stored.message_id)
+        } else {
+            stored.idempotency_key
+        };
+        Self {
+            priority: Priority::try_from(stored.priority).unwrap_or(Priority::Normal),
+            app: stored.app,
+            class,
+            uids: stored.uids,
+            tokens: stored.tokens,
+            aliases: stored.aliases,
+            all: stored.all,
+            tags: stored.tags.map(TagFilter::from_stored),
+            payload: stored.payload,
+            ttl: Duration::from_millis(stored.ttl_ms),
+            collapse_key: stored.collapse_key,
+            idempotency_key: Some(idempotency_key),
+            send_at_ms: None,
+            message_id: Some(stored.message_id),
+        }
+    }
 }
 
 /// How many targets ended in each state.
@@ -135,6 +195,13 @@ pub enum PushOutcome {
     Duplicate {
         /// The first message's id.
         message_id: String,
+    },
+    /// Kept, to be sent at `send_at_ms`.
+    Scheduled {
+        /// The id it will have.
+        message_id: String,
+        /// When it is sent (unix ms).
+        send_at_ms: u64,
     },
 }
 
@@ -248,6 +315,65 @@ impl Pipeline {
             self.metrics.push_limited(&app, class);
             return Err(PushError::Limited(limited));
         }
+        if let Some(send_at_ms) = request.send_at_ms {
+            return self.schedule(request, send_at_ms).await;
+        }
+        self.run(request, shared).await
+    }
+
+    /// Keeps a push to send at `send_at_ms`; [`Pipeline::fire`] sends it then.
+    async fn schedule(
+        &self,
+        request: PushRequest,
+        send_at_ms: u64,
+    ) -> Result<PushOutcome, PushError> {
+        let message_id = new_message_id(unix_millis());
+        let job = request.to_scheduled(&message_id, send_at_ms);
+        let (app, class) = (request.app, request.class);
+        let stored = self
+            .store
+            .schedule(&app, &message_id, send_at_ms, job.encode_to_vec())
+            .await;
+        match stored {
+            Ok(()) => {
+                self.metrics.push_scheduled(&app, class);
+                Ok(PushOutcome::Scheduled {
+                    message_id,
+                    send_at_ms,
+                })
+            }
+            Err(error) => {
+                self.metrics.push_failed(&app, class);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Cancels `app`'s scheduled push `id`, if it has not been sent.
+    pub async fn cancel(&self, app: &str, id: &str) -> Result<crate::store::Cancel, StoreError> {
+        self.store.cancel(app, id).await
+    }
+
+    /// Sends a scheduled push that is due (its rate limits were charged when it was
+    /// scheduled). A push that cannot be decoded is logged and dropped (`Ok`).
+    pub async fn fire(&self, job: &[u8]) -> Result<PushOutcome, PushError> {
+        let stored = match ScheduledPush::decode(job) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(%error, "a scheduled push cannot be read; dropped");
+                return Ok(PushOutcome::Duplicate {
+                    message_id: String::new(),
+                });
+            }
+        };
+        let request = PushRequest::from_scheduled(stored);
+        let shared = request.all || request.tags.is_some();
+        self.run(request, shared).await
+    }
+
+    /// Sends a push now, and counts the outcome.
+    async fn run(&self, request: PushRequest, shared: bool) -> Result<PushOutcome, PushError> {
+        let (app, class) = (request.app.clone(), request.class);
         let outcome = if shared {
             self.run_shared(request).await
         } else {
@@ -262,6 +388,7 @@ impl Pipeline {
                 }
             }
             Ok(PushOutcome::Duplicate { .. }) => self.metrics.push_duplicate(&app, class),
+            Ok(PushOutcome::Scheduled { .. }) => {}
             Err(_) => self.metrics.push_failed(&app, class),
         }
         Ok(outcome?)
@@ -360,7 +487,10 @@ fn new_message(
     idempotency_window: Duration,
 ) -> (Arc<Message>, Option<(String, u64)>) {
     let message = Arc::new(Message {
-        id: new_message_id(now_ms),
+        id: request
+            .message_id
+            .take()
+            .unwrap_or_else(|| new_message_id(now_ms)),
         payload: std::mem::take(&mut request.payload),
         priority: request.priority,
         accepted_at_ms: now_ms,
@@ -505,6 +635,8 @@ mod tests {
                 priority: Priority::Normal,
                 collapse_key: String::new(),
                 idempotency_key: None,
+                send_at_ms: None,
+                message_id: None,
             })
             .await
             .expect("push");

@@ -119,6 +119,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         connections.shutdown().clone(),
     ));
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
+    let store_for_schedules = store.clone();
     let push_api = Arc::new(PushApi::new(
         apps.clone(),
         limits,
@@ -126,6 +127,12 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         connections.clone(),
         metrics.clone(),
         Arc::new(crate::rate_limit::LocalBuckets::default()),
+    ));
+    tokio::spawn(crate::scheduler::run(
+        store_for_schedules,
+        push_api.pipeline.clone(),
+        limits.message_retention,
+        connections.shutdown().clone(),
     ));
     let router =
         api::push_routes(push_api).merge(api::ops_routes(metrics, &settings.metrics_token));

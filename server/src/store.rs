@@ -30,6 +30,7 @@
 //!   uid (or app), it is not resumed; a new token is issued.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -444,7 +445,61 @@ pub trait OfflineStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 }
 
-/// The registry and the offline store of one deployment, which both stores are.
-pub trait Store: Registry + OfflineStore {}
+/// A scheduled push that is due, claimed by one process to fire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueJob {
+    /// Its app.
+    pub app: String,
+    /// Its message id.
+    pub id: String,
+    /// The push, encoded (`ScheduledPush`).
+    pub job: Vec<u8>,
+}
 
-impl<T: Registry + OfflineStore> Store for T {}
+/// What a cancel found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// The push was waiting; it never fires.
+    Cancelled,
+    /// Too late: it fired, or is firing.
+    Fired,
+    /// No scheduled push of the app has that id (or it fired longer ago than remembered).
+    Unknown,
+}
+
+/// Scheduled pushes: kept until due, then claimed by one process at a time to fire.
+#[async_trait]
+pub trait Schedules: Send + Sync + 'static {
+    /// Keeps `job` to fire at `at_ms` as `app`'s message `id`. Durable once this returns.
+    async fn schedule(
+        &self,
+        app: &str,
+        id: &str,
+        at_ms: u64,
+        job: Vec<u8>,
+    ) -> Result<(), StoreError>;
+
+    /// Takes `app`'s scheduled push `id` back, if it has not fired.
+    async fn cancel(&self, app: &str, id: &str) -> Result<Cancel, StoreError>;
+
+    /// Claims up to `limit` pushes due at `now_ms`: each is due again `lease` later (for
+    /// another process, or this one) unless [`Schedules::fired`] says it fired before. A
+    /// push may so fire twice after a crash; it carries its message id as its idempotency
+    /// key, which makes the second a duplicate.
+    async fn claim_due(
+        &self,
+        now_ms: u64,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<DueJob>, StoreError>;
+
+    /// `app`'s push `id` fired: forget it, and remember until `keep_until_ms` that it did
+    /// (a cancel then answers [`Cancel::Fired`]).
+    async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<(), StoreError>;
+}
+
+/// The registry, the offline store and the schedules of one deployment, which both stores
+/// are.
+pub trait Store: Registry + OfflineStore + Schedules {}
+
+impl<T: Registry + OfflineStore + Schedules> Store for T {}

@@ -122,6 +122,8 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
             priority: Priority::Normal,
             collapse_key: String::new(),
             idempotency_key: None,
+            send_at_ms: None,
+            message_id: None,
         })
         .await
         .expect("push");

@@ -21,8 +21,8 @@ use pigeon_server::message::{Message, TagFilter, new_message_id, unix_millis};
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
-    ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, DeviceCounters, DeviceTags, Recorded,
-    Route, Store, StreamHead, TagChange, Target,
+    ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, Cancel, DeviceCounters, DeviceTags,
+    Recorded, Route, Store, StreamHead, TagChange, Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
@@ -1082,6 +1082,75 @@ async fn a_shared_push_with_an_idempotency_key_is_appended_once(backend: &Backen
     assert_eq!(read.entries.len(), 1);
 }
 
+/// Scheduled pushes: claimed once due, by one claimer at a time until the lease lapses;
+/// cancellable while waiting, not once claimed or fired.
+async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: &Backend) {
+    let store = &backend.store;
+    let now = unix_millis();
+    let lease = Duration::from_secs(30);
+    store
+        .schedule("demo", "m1", now + 1000, b"one".to_vec())
+        .await
+        .expect("schedule");
+    store
+        .schedule("demo", "m2", now + 1000, b"two".to_vec())
+        .await
+        .expect("schedule");
+    store
+        .schedule("other", "m3", now + 5000, b"three".to_vec())
+        .await
+        .expect("schedule");
+    assert_eq!(store.claim_due(now, lease, 10).await.expect("claim"), []);
+    let due = store.claim_due(now + 1000, lease, 1).await.expect("claim");
+    assert_eq!(due.len(), 1, "one at most: {due:?}");
+    let first = due[0].clone();
+    assert_eq!(first.app, "demo");
+    let rest = store.claim_due(now + 1000, lease, 10).await.expect("claim");
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    let second = rest[0].clone();
+    let mut jobs = [first.job.clone(), second.job.clone()];
+    jobs.sort();
+    assert_eq!(jobs, [b"one".to_vec(), b"two".to_vec()]);
+    // Claimed: nobody else gets them within the lease, and they cannot be cancelled.
+    assert_eq!(
+        store.claim_due(now + 2000, lease, 10).await.expect("claim"),
+        []
+    );
+    assert_eq!(
+        store.cancel("demo", &first.id).await.expect("cancel"),
+        Cancel::Fired
+    );
+    store
+        .fired("demo", &first.id, now + 60_000)
+        .await
+        .expect("fired");
+    assert_eq!(
+        store.cancel("demo", &first.id).await.expect("cancel"),
+        Cancel::Fired
+    );
+    // Waiting: cancelled, and never claimed; another app's id is unknown here.
+    assert_eq!(
+        store.cancel("demo", "m3").await.expect("cancel"),
+        Cancel::Unknown
+    );
+    assert_eq!(
+        store.cancel("other", "m3").await.expect("cancel"),
+        Cancel::Cancelled
+    );
+    assert_eq!(
+        store.cancel("other", "m3").await.expect("cancel"),
+        Cancel::Unknown
+    );
+    // The second was never marked fired: due again once its claim lapses; the first and
+    // the cancelled one are not.
+    let again = store
+        .claim_due(now + 1000 + 31_000, lease, 10)
+        .await
+        .expect("claim");
+    let ids: Vec<&str> = again.iter().map(|job| job.id.as_str()).collect();
+    assert_eq!(ids, [second.id.as_str()], "{again:?}");
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -1090,7 +1159,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 17] = cases![
+const CASES: [(&str, Case); 18] = cases![
+    scheduled_pushes_are_claimed_once_and_cancelled_while_waiting,
     devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,
     acks_are_cumulative_and_never_above_the_highest_seq,

@@ -111,6 +111,7 @@ impl push_server::Push for PushGrpc {
                 collapse_key: (!body.collapse_key.is_empty()).then_some(body.collapse_key),
                 idempotency_key: (!body.idempotency_key.is_empty()).then_some(body.idempotency_key),
                 class,
+                send_at: (!body.send_at.is_empty()).then_some(body.send_at),
             },
             &api.limits,
         )?;
@@ -127,11 +128,21 @@ impl push_server::Push for PushGrpc {
                     unknown: targets.unknown,
                     dropped: targets.dropped,
                 }),
+                ..Default::default()
             },
             PushOutcome::Duplicate { message_id } => push_proto::PushResponse {
                 message_id,
                 duplicate: true,
-                targets: None,
+                ..Default::default()
+            },
+            PushOutcome::Scheduled {
+                message_id,
+                send_at_ms,
+            } => push_proto::PushResponse {
+                message_id,
+                scheduled: true,
+                send_at: api::rfc3339(send_at_ms),
+                ..Default::default()
             },
         };
         Ok(Response::new(response))
@@ -227,6 +238,17 @@ impl push_server::Push for PushGrpc {
             removed,
         }))
     }
+
+    async fn cancel_message(
+        &self,
+        request: Request<push_proto::CancelMessageRequest>,
+    ) -> Result<Response<push_proto::CancelMessageResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        api::cancel(&self.api.pipeline, &app, &body.message_id).await?;
+        Ok(Response::new(push_proto::CancelMessageResponse {
+            message_id: body.message_id,
+        }))
+    }
 }
 
 /// A running gateway.
@@ -252,13 +274,19 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let push_api = Arc::new(PushApi::new(
         apps,
         limits,
-        store,
+        store.clone(),
         Arc::new(peers),
         metrics.clone(),
         buckets,
     ));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(crate::scheduler::run(
+        store,
+        push_api.pipeline.clone(),
+        limits.message_retention,
+        shutdown.clone(),
+    ));
     let router =
         api::push_routes(push_api.clone()).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(http_listener, router, limits, shutdown.clone(), &tracker);

@@ -35,6 +35,9 @@
 //! | `stream_collapse` | `app \0 stream \0 collapse key` | offset |
 //! | `tag_devices` | `app \0 tag \0 token` | () |
 //! | `alias_devices` | `app \0 alias \0 token` | () |
+//! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
+//! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
+//! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
 //! as these index rows.
@@ -52,9 +55,9 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Routes,
-    StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
+    ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
+    DeviceInfo, DeviceTag, DeviceTags, DueJob, OfflineStore, Recorded, Registry, Replay, Retagged,
+    Routes, Schedules, StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
@@ -73,6 +76,12 @@ const STREAM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_m
 const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("stream_expiry");
 const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
+const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
+const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
+const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
+/// The states of `schedule_ids` below a remembered-until time.
+const WAITING: u64 = 0;
+const CLAIMED: u64 = 1;
 
 /// Operations applied in one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -136,6 +145,23 @@ enum Op {
         epoch: u64,
         offset: u64,
     },
+    Schedule {
+        key: String,
+        at_ms: u64,
+        job: Vec<u8>,
+    },
+    Cancel {
+        key: String,
+    },
+    ClaimDue {
+        now_ms: u64,
+        lease_ms: u64,
+        limit: usize,
+    },
+    Fired {
+        key: String,
+        keep_until_ms: u64,
+    },
 }
 
 enum Reply {
@@ -146,6 +172,8 @@ enum Reply {
     TagChanged(TagChanged, Vec<Retagged>),
     Alias(AliasSet),
     Appended(AppendOutcome),
+    Cancel(Cancel),
+    Due(Vec<DueJob>),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -179,6 +207,9 @@ impl EmbeddedStore {
             txn.open_table(STREAM_META).map_err(backend)?;
             txn.open_table(STREAM_EXPIRY).map_err(backend)?;
             txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
+            txn.open_table(SCHEDULE).map_err(backend)?;
+            txn.open_table(SCHEDULE_IDS).map_err(backend)?;
+            txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
@@ -756,6 +787,18 @@ impl Writer {
             } => tables
                 .ack_stream(&token, epoch, offset)
                 .map(|()| Reply::Done),
+            Op::Schedule { key, at_ms, job } => {
+                tables.schedule(&key, at_ms, &job).map(|()| Reply::Done)
+            }
+            Op::Cancel { key } => tables.cancel(&key).map(Reply::Cancel),
+            Op::ClaimDue {
+                now_ms,
+                lease_ms,
+                limit,
+            } => tables.claim_due(now_ms, lease_ms, limit).map(Reply::Due),
+            Op::Fired { key, keep_until_ms } => {
+                tables.fired(&key, keep_until_ms).map(|()| Reply::Done)
+            }
         }
     }
 }
@@ -783,6 +826,9 @@ struct Tables<'txn> {
     stream_meta: redb::Table<'txn, &'static str, &'static [u8]>,
     stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
     stream_collapse: redb::Table<'txn, &'static str, u64>,
+    schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
+    schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
+    schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -801,7 +847,90 @@ impl<'txn> Tables<'txn> {
             stream_meta: txn.open_table(STREAM_META).map_err(backend)?,
             stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
             stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
+            schedule: txn.open_table(SCHEDULE).map_err(backend)?,
+            schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
+            schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
         })
+    }
+
+    fn schedule(&mut self, key: &str, at_ms: u64, job: &[u8]) -> Result<()> {
+        self.schedule.insert((at_ms, key), job).map_err(backend)?;
+        self.schedule_ids
+            .insert(key, (at_ms, WAITING))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn cancel(&mut self, key: &str) -> Result<Cancel> {
+        let Some((due, state)) = self
+            .schedule_ids
+            .get(key)
+            .map_err(backend)?
+            .map(|v| v.value())
+        else {
+            return Ok(Cancel::Unknown);
+        };
+        if state != WAITING {
+            return Ok(Cancel::Fired);
+        }
+        self.schedule.remove((due, key)).map_err(backend)?;
+        self.schedule_ids.remove(key).map_err(backend)?;
+        Ok(Cancel::Cancelled)
+    }
+
+    /// Due pushes, each moved `lease_ms` on and marked claimed.
+    fn claim_due(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<DueJob>> {
+        let due: Vec<(u64, String, Vec<u8>)> = self
+            .schedule
+            .range((0, "")..=(now_ms, "\u{10ffff}"))
+            .map_err(backend)?
+            .take(limit)
+            .map(|entry| {
+                entry
+                    .map(|(key, job)| {
+                        let (at, key) = key.value();
+                        (at, key.to_owned(), job.value().to_vec())
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        let again = now_ms.saturating_add(lease_ms);
+        let mut jobs = Vec::with_capacity(due.len());
+        for (at, key, job) in due {
+            self.schedule.remove((at, key.as_str())).map_err(backend)?;
+            self.schedule
+                .insert((again, key.as_str()), job.as_slice())
+                .map_err(backend)?;
+            self.schedule_ids
+                .insert(key.as_str(), (again, CLAIMED))
+                .map_err(backend)?;
+            let (app, id) = key.split_once('\0').unwrap_or((key.as_str(), ""));
+            jobs.push(DueJob {
+                app: app.to_owned(),
+                id: id.to_owned(),
+                job,
+            });
+        }
+        Ok(jobs)
+    }
+
+    fn fired(&mut self, key: &str, keep_until_ms: u64) -> Result<()> {
+        if let Some((due, _)) = self
+            .schedule_ids
+            .get(key)
+            .map_err(backend)?
+            .map(|v| v.value())
+        {
+            self.schedule.remove((due, key)).map_err(backend)?;
+        }
+        let keep_until_ms = keep_until_ms.max(CLAIMED + 1);
+        self.schedule_ids
+            .insert(key, (0, keep_until_ms))
+            .map_err(backend)?;
+        self.schedule_fired
+            .insert((keep_until_ms, key), ())
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn device(&self, token: &str) -> Result<Option<DeviceRecord>> {
@@ -1385,7 +1514,84 @@ impl<'txn> Tables<'txn> {
                 .map_err(backend)?;
             self.idempotency.remove(key.as_str()).map_err(backend)?;
         }
+        let forgotten: Vec<(u64, String)> = self
+            .schedule_fired
+            .range((0, "")..(now_ms, ""))
+            .map_err(backend)?
+            .take(SWEEP_LIMIT)
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (at, key) = key.value();
+                        (at, key.to_owned())
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (at, key) in forgotten {
+            self.schedule_fired
+                .remove((at, key.as_str()))
+                .map_err(backend)?;
+            self.schedule_ids.remove(key.as_str()).map_err(backend)?;
+        }
         Ok(())
+    }
+}
+
+/// The key of `app`'s scheduled push `id` in the schedule tables.
+fn schedule_key(app: &str, id: &str) -> String {
+    format!("{app}\0{id}")
+}
+
+#[async_trait]
+impl Schedules for EmbeddedStore {
+    async fn schedule(&self, app: &str, id: &str, at_ms: u64, job: Vec<u8>) -> Result<()> {
+        let op = Op::Schedule {
+            key: schedule_key(app, id),
+            at_ms,
+            job,
+        };
+        self.write(op, false).await.map(|_| ())
+    }
+
+    async fn cancel(&self, app: &str, id: &str) -> Result<Cancel> {
+        let key = schedule_key(app, id);
+        match self.write(Op::Cancel { key }, true).await? {
+            Reply::Cancel(cancel) => Ok(cancel),
+            _ => Err(backend("unexpected reply to a cancel")),
+        }
+    }
+
+    async fn claim_due(&self, now_ms: u64, lease: Duration, limit: usize) -> Result<Vec<DueJob>> {
+        // Asked every 100 ms: a read finds nothing due without a write (and its fsync).
+        let any_due = self
+            .read(move |db| {
+                let txn = db.begin_read().map_err(backend)?;
+                let schedule = txn.open_table(SCHEDULE).map_err(backend)?;
+                let first = schedule.first().map_err(backend)?;
+                Ok(first.is_some_and(|(key, _)| key.value().0 <= now_ms))
+            })
+            .await?;
+        if !any_due {
+            return Ok(Vec::new());
+        }
+        let op = Op::ClaimDue {
+            now_ms,
+            lease_ms: lease.as_millis() as u64,
+            limit,
+        };
+        match self.write(op, true).await? {
+            Reply::Due(jobs) => Ok(jobs),
+            _ => Err(backend("unexpected reply to a claim")),
+        }
+    }
+
+    async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<()> {
+        let op = Op::Fired {
+            key: schedule_key(app, id),
+            keep_until_ms,
+        };
+        self.write(op, true).await.map(|_| ())
     }
 }
 

@@ -17,6 +17,7 @@
 //! | `p:i:{app:key}` | string | an idempotency key: `p:<message id>` while the push is being recorded, `d:<message id>` once it is |
 //! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
 //! | `p:nodes` | set | the ids of the nodes (some may have lost their lease since) |
+//! | `p:sq:{sched}` and others | | scheduled pushes: see [`schedules`] |
 //!
 //! Everything about one token shares the hash tag `{token}`, so each per-device operation is
 //! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
@@ -45,6 +46,8 @@ use crate::store::{
     DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Route,
     StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
+
+mod schedules;
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
 /// command issued while Redis is unreachable fails within the configured timeout.
@@ -135,6 +138,10 @@ impl Keys {
         Self {
             prefix: prefix.to_owned(),
         }
+    }
+    /// The prefix of every key.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
     }
     pub(crate) fn device(&self, token: &str) -> String {
         format!("{}:d:{{{token}}}", self.prefix)
