@@ -62,13 +62,7 @@ impl PushApi {
         buckets: Arc<dyn crate::rate_limit::Buckets>,
     ) -> Self {
         let limiter = Arc::new(RateLimiter::new(&apps, buckets));
-        let pipeline = Pipeline::new(
-            store.clone(),
-            fanout.clone(),
-            metrics,
-            limiter,
-            limits.idempotency_window,
-        );
+        let pipeline = Pipeline::new(store.clone(), fanout.clone(), metrics, limiter, limits);
         Self {
             apps,
             limits: limits.clone(),
@@ -265,6 +259,7 @@ impl From<PushError> for ApiError {
         match error {
             PushError::Store(error) => error.into(),
             PushError::Limited(limited) => ApiError::RateLimited(limited),
+            PushError::Shed => ApiError::Overloaded,
         }
     }
 }

@@ -217,6 +217,15 @@ pub struct Limits {
     /// lived credential is refused (4001).
     #[serde(deserialize_with = "duration")]
     pub max_credential_lifetime: Duration,
+    /// Pushes in the pipeline (resolving, recording, fanning out) at once; others wait in
+    /// queues by lane and app (docs/api.md).
+    pub push_concurrency: usize,
+    /// Pushes waiting per app and lane (a quarter of it for the marketing and low lane);
+    /// past it the API answers 429.
+    pub push_queue: usize,
+    /// Longest a push waits for the pipeline; past it the API answers 429.
+    #[serde(deserialize_with = "duration")]
+    pub push_queue_timeout: Duration,
     /// Write requests waiting for the store's writer; past it the API answers 503.
     pub store_queue: usize,
     /// Time a draining process waits for its connections to close before it exits.
@@ -440,6 +449,9 @@ impl Default for Limits {
             max_send_ahead: Duration::from_secs(30 * 24 * 3600),
             message_retention: Duration::from_secs(7 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
+            push_concurrency: 256,
+            push_queue: 4096,
+            push_queue_timeout: Duration::from_secs(5),
             credential_ttl: Duration::from_secs(3600),
             max_credential_lifetime: Duration::from_secs(7 * 24 * 3600),
             store_queue: 16_384,
@@ -561,6 +573,12 @@ impl Settings {
         }
         if limits.store_queue == 0 {
             return bad("limits.store_queue", "must be at least 1");
+        }
+        if limits.push_concurrency == 0 || limits.push_queue == 0 {
+            return bad(
+                "limits.push_concurrency",
+                "limits.push_concurrency and limits.push_queue must be at least 1",
+            );
         }
         if limits.max_stored_per_device == 0 {
             return bad("limits.max_stored_per_device", "must be at least 1");

@@ -23,6 +23,7 @@
 //! - [`devices`]: the device API (tags, aliases, a device's registry entry), for HTTP and
 //!   gRPC alike.
 //! - [`message`]: a push inside Pigeon (message, per-device delivery, ids).
+//! - [`intake`]: where pushes wait for the pipeline, by lane (5:2:1) and in turn per app.
 //! - [`rate_limit`]: per-app and per-class rate limits (GCRA), in the process or in Redis.
 //! - [`scheduler`]: sends scheduled pushes when they are due, once each.
 //!
@@ -50,6 +51,7 @@ pub mod config;
 pub mod connections;
 pub mod device;
 pub mod devices;
+pub mod intake;
 pub mod listener;
 pub mod log_throttle;
 pub mod message;

@@ -20,6 +20,7 @@ struct AppCounts {
     duplicate: u64,
     failed: u64,
     limited: u64,
+    shed: u64,
     delivered: u64,
     stored: u64,
     unknown: u64,
@@ -40,6 +41,7 @@ pub struct Metrics {
     targets_unknown: AtomicU64,
     targets_dropped: AtomicU64,
     per_app: Mutex<BTreeMap<(String, Class), AppCounts>>,
+    intake: std::sync::OnceLock<Arc<crate::intake::Intake>>,
 }
 
 impl Metrics {
@@ -94,6 +96,16 @@ impl Metrics {
     /// Counts a push kept to be sent later.
     pub fn push_scheduled(&self, app: &str, class: Class) {
         self.count(app, class, |counts| counts.scheduled += 1);
+    }
+
+    /// Shows how many pushes wait in `intake`.
+    pub fn watch_intake(&self, intake: Arc<crate::intake::Intake>) {
+        let _ = self.intake.set(intake);
+    }
+
+    /// Counts a push refused because its queue was full or it waited too long.
+    pub fn push_shed(&self, app: &str, class: Class) {
+        self.count(app, class, |counts| counts.shed += 1);
     }
 
     /// Counts a push refused by a rate limit.
@@ -160,6 +172,15 @@ impl Metrics {
             load(&self.targets_unknown),
             load(&self.targets_dropped),
         );
+        if let Some(intake) = self.intake.get() {
+            let _ = writeln!(
+                out,
+                "# HELP pigeon_push_queue Pushes waiting for a place in the pipeline.\n\
+                 # TYPE pigeon_push_queue gauge\n\
+                 pigeon_push_queue {}",
+                intake.waiting()
+            );
+        }
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\
@@ -172,6 +193,7 @@ impl Metrics {
                     ("duplicate", counts.duplicate),
                     ("failed", counts.failed),
                     ("limited", counts.limited),
+                    ("shed", counts.shed),
                 ] {
                     let _ = writeln!(
                         out,

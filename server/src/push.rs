@@ -16,7 +16,9 @@
 //! with its audience.
 //!
 //! Before all this, a push is charged in its app's rate limits ([`crate::rate_limit`]);
-//! one over a limit is refused whole, with when to try again.
+//! one over a limit is refused whole, with when to try again. Then it waits for a place in
+//! the pipeline ([`crate::intake`]): by lane (priority and class) and in turn with other
+//! apps.
 //!
 //! The HTTP and gRPC APIs only translate requests and errors.
 
@@ -30,7 +32,9 @@ use pigeon_proto::device::Priority;
 use pigeon_proto::store::ScheduledPush;
 use serde::Serialize;
 
+use crate::config::Limits;
 use crate::connections::{ConnectionTable, Delivered};
+use crate::intake::{self, Intake};
 use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
 use crate::metrics::Metrics;
 use crate::rate_limit::{Limited, RateLimiter};
@@ -79,6 +83,10 @@ pub enum PushError {
     /// A rate limit of its app is full; nothing was accepted.
     #[error("over the rate limit {}", .0.limit)]
     Limited(Limited),
+    /// Its queue in front of the pipeline is full, or it waited too long; nothing was
+    /// accepted.
+    #[error("too many pushes waiting")]
+    Shed,
 }
 
 /// A push request that passed validation.
@@ -285,24 +293,32 @@ pub struct Pipeline {
     fanout: Arc<dyn Fanout>,
     metrics: Arc<Metrics>,
     limiter: Arc<RateLimiter>,
+    intake: Arc<Intake>,
     idempotency_window: Duration,
 }
 
 impl Pipeline {
-    /// A pipeline over these parts.
+    /// A pipeline over these parts, within `limits`.
     pub fn new(
         store: Arc<dyn Store>,
         fanout: Arc<dyn Fanout>,
         metrics: Arc<Metrics>,
         limiter: Arc<RateLimiter>,
-        idempotency_window: Duration,
+        limits: &Limits,
     ) -> Self {
+        let intake = Intake::new(
+            limits.push_concurrency,
+            limits.push_queue,
+            limits.push_queue_timeout,
+        );
+        metrics.watch_intake(intake.clone());
         Self {
             store,
             fanout,
             metrics,
             limiter,
-            idempotency_window,
+            intake,
+            idempotency_window: limits.idempotency_window,
         }
     }
 
@@ -315,6 +331,11 @@ impl Pipeline {
             self.metrics.push_limited(&app, class);
             return Err(PushError::Limited(limited));
         }
+        let lane = intake::lane(class, request.priority);
+        let Ok(_permit) = self.intake.enter(&app, lane, true).await else {
+            self.metrics.push_shed(&app, class);
+            return Err(PushError::Shed);
+        };
         if let Some(send_at_ms) = request.send_at_ms {
             return self.schedule(request, send_at_ms).await;
         }
@@ -368,6 +389,13 @@ impl Pipeline {
         };
         let request = PushRequest::from_scheduled(stored);
         let shared = request.all || request.tags.is_some();
+        let lane = intake::lane(request.class, request.priority);
+        // Accepted already: it waits its turn, however long.
+        let _permit = self
+            .intake
+            .enter(&request.app, lane, false)
+            .await
+            .map_err(|_| PushError::Store(StoreError::Closed))?;
         self.run(request, shared).await
     }
 
@@ -619,7 +647,7 @@ mod tests {
             fanout.clone(),
             Arc::new(Metrics::default()),
             Arc::new(RateLimiter::unlimited()),
-            Duration::from_secs(60),
+            &crate::config::Limits::default(),
         );
         let outcome = pipeline
             .push(PushRequest {

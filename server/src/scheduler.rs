@@ -59,7 +59,7 @@ pub async fn run(
 
 async fn fire(store: &Arc<dyn Store>, pipeline: &Pipeline, job: DueJob, retention: Duration) {
     match pipeline.fire(&job.job).await {
-        Ok(_) | Err(PushError::Limited(_)) => {}
+        Ok(_) | Err(PushError::Limited(_) | PushError::Shed) => {}
         Err(PushError::Store(error)) => {
             // Left claimed: it is due again when the claim lapses.
             static THROTTLE: Throttle = Throttle::new();

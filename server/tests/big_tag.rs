@@ -103,7 +103,7 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
         table.clone(),
         Arc::new(Metrics::default()),
         Arc::new(RateLimiter::unlimited()),
-        Duration::from_secs(60),
+        &Limits::default(),
     );
     let outcome = pipeline
         .push(PushRequest {

@@ -241,3 +241,51 @@ async fn gateways_share_the_rate_limits() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("class:"), "{status:?}");
 }
+
+/// With one push in the pipeline at a time and a backlog of low-priority pushes waiting, a
+/// high-priority push goes ahead of them.
+#[tokio::test]
+async fn a_high_push_goes_ahead_of_a_low_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__PUSH_CONCURRENCY", "1")]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/push", server.http_url);
+    let send = |n: u32, priority: &str| {
+        let body =
+            json!({"audience": {"uids": ["ann"]}, "payload": {"n": n}, "priority": priority});
+        client
+            .post(&url)
+            .bearer_auth(&server.api_key)
+            .json(&body)
+            .send()
+    };
+    let lows: Vec<_> = (0..60).map(|n| tokio::spawn(send(n, "low"))).collect();
+    // Wait until most of them are queued behind the one in the pipeline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&server, "pigeon_push_queue").await.unwrap_or(0) < 50 {
+        assert!(tokio::time::Instant::now() < deadline, "no backlog formed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let high = send(1000, "high").await.expect("high push");
+    assert_eq!(high.status().as_u16(), 202);
+    let mut order = Vec::new();
+    while order.len() < 61 {
+        let push = next_push(&mut ann).await;
+        ann.ack_push(&push).await.expect("ack");
+        order.push(payload(&push)["n"].as_u64().expect("n"));
+    }
+    for low in lows {
+        let response = low.await.expect("join").expect("low push");
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let position = order
+        .iter()
+        .position(|&n| n == 1000)
+        .expect("the high push came");
+    let after = order.len() - 1 - position;
+    assert!(
+        after >= 40,
+        "the high push came after {position} pushes, only {after} low ones after it: {order:?}"
+    );
+}
