@@ -23,6 +23,9 @@ pub struct Deployment {
     pub grpc_addr: Option<String>,
     /// The app pushed to and connected as.
     pub app: AppSettings,
+    /// A second app with no devices, that floods the push API (`isolation`), when the
+    /// harness started the deployment.
+    pub flood_app: Option<AppSettings>,
     /// Pids of the node processes (for their memory), when the harness started them.
     pub node_pids: Vec<u32>,
     /// Pid of the Redis, when the harness started it.
@@ -90,12 +93,25 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// An app for the run, with random keys.
-fn random_app() -> AppSettings {
+fn random_app(id: &str) -> AppSettings {
     let hex = random_hex;
     AppSettings {
-        id: "load".into(),
-        api_key: format!("pk_load_{}", hex(16)),
+        id: id.into(),
+        api_key: format!("pk_{id}_{}", hex(16)),
         secret: hex(32),
+    }
+}
+
+/// Declares `apps` to a process the harness starts.
+/// Also lets the push API hold the connections of a flood (`isolation`) beside the
+/// measured app's.
+fn declare_apps(command: &mut Command, apps: &[&AppSettings]) {
+    command.env("PIGEON_LIMITS__MAX_HTTP_CONNECTIONS", "4096");
+    for (index, app) in apps.iter().enumerate() {
+        command
+            .env(format!("PIGEON_APPS__{index}__ID"), &app.id)
+            .env(format!("PIGEON_APPS__{index}__API_KEY"), &app.api_key)
+            .env(format!("PIGEON_APPS__{index}__SECRET"), &app.secret);
     }
 }
 
@@ -142,7 +158,8 @@ impl Deployment {
         if plan.standalone {
             return Self::start_standalone(plan, &pigeon).await;
         }
-        let app = random_app();
+        let app = random_app("load");
+        let flood_app = random_app("flood");
         // The nodes' internal API takes calls from the run's own gateway only.
         let cluster_secret = random_hex(32);
         let mut children = Vec::new();
@@ -177,13 +194,11 @@ impl Deployment {
         }
 
         let env = |command: &mut Command| {
+            declare_apps(command, &[&app, &flood_app]);
             command
                 .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
                 .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
                 .env("PIGEON_LISTEN__GRPC", "127.0.0.1:0")
-                .env("PIGEON_APPS__0__ID", &app.id)
-                .env("PIGEON_APPS__0__API_KEY", &app.api_key)
-                .env("PIGEON_APPS__0__SECRET", &app.secret)
                 .env("PIGEON_CLUSTER__REDIS", format!("[\"{redis_url}\"]"))
                 .env("PIGEON_CLUSTER__SECRET", &cluster_secret)
                 .env("PIGEON_LIMITS__MAX_CONNECTIONS", "19500")
@@ -240,6 +255,7 @@ impl Deployment {
             http_url: found[0].trim_end_matches("/v1/push").to_owned(),
             grpc_addr: Some(found[1].clone()),
             app,
+            flood_app: Some(flood_app),
             node_pids,
             redis_pid,
             redis_port: Some(port),
@@ -256,16 +272,15 @@ impl Deployment {
             plan.transport == Transport::Ws,
             "--standalone runs with --transport ws"
         );
-        let app = random_app();
+        let app = random_app("load");
+        let flood_app = random_app("flood");
         let mut command = Command::new(pigeon);
+        declare_apps(&mut command, &[&app, &flood_app]);
         command
             .arg("standalone")
             .env("PIGEON_LISTEN__WEBSOCKET", "127.0.0.1:0")
             .env("PIGEON_LISTEN__HTTP", "127.0.0.1:0")
             .env("PIGEON_DATA_DIR", plan.work_dir.join("data"))
-            .env("PIGEON_APPS__0__ID", &app.id)
-            .env("PIGEON_APPS__0__API_KEY", &app.api_key)
-            .env("PIGEON_APPS__0__SECRET", &app.secret)
             .env("PIGEON_LIMITS__MAX_CONNECTIONS", "19500")
             .env("PIGEON_LOG", "warn")
             .stdout(Stdio::piped())
@@ -289,6 +304,7 @@ impl Deployment {
             http_url: found[1].trim_end_matches("/v1/push").to_owned(),
             grpc_addr: None,
             app,
+            flood_app: Some(flood_app),
             node_pids: child.id().into_iter().collect(),
             redis_pid: None,
             redis_port: None,
@@ -311,6 +327,7 @@ impl Deployment {
             http_url,
             grpc_addr,
             app,
+            flood_app: None,
             node_pids: Vec::new(),
             redis_pid: None,
             redis_port: None,

@@ -18,6 +18,9 @@
 //!   it.
 //! - `reconnect-storm`: N devices with K stored messages each reconnect at once: time until
 //!   all are back and everything is replayed.
+//! - `isolation`: the app's notifications alone, then while a second app floods the push
+//!   API at three times what it carries: the app's latency in both phases, the flood's 429s.
+//! - `floor`: the loopback floor alone, for any number of sockets.
 
 mod deploy;
 mod fleet;
@@ -130,6 +133,23 @@ enum Scenario {
         sockets: usize,
         #[arg(long)]
         index: usize,
+    },
+    /// Isolation: the app's notifications at `--rate` alone, then while a second app floods
+    /// the push API with marketing pushes to everyone at `--flood-factor` times what the
+    /// deployment carried of them alone: the app's latency percentiles in both phases, and
+    /// what became of the flood.
+    Isolation {
+        #[command(flatten)]
+        common: Common,
+        /// The measured app's pushes per second (notifications to random uids).
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Seconds of each phase.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// The flood, as a multiple of the flood app's pushes per second alone.
+        #[arg(long, default_value_t = 3.0)]
+        flood_factor: f64,
     },
     /// N devices with K stored messages each reconnect at once.
     ReconnectStorm {
@@ -303,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Scenario::Unicast { common, .. } => ("unicast", common),
         Scenario::Broadcast { common, .. } => ("broadcast", common),
         Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
+        Scenario::Isolation { common, .. } => ("isolation", common),
         Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
             anyhow::bail!("not a deployment's scenario")
         }
@@ -372,6 +393,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             messages,
             shared,
         } => reconnect_storm(&mut run, common, *messages, *shared).await,
+        Scenario::Isolation {
+            common,
+            rate,
+            duration,
+            flood_factor,
+        } => {
+            let plan = IsolationPlan {
+                rate: *rate,
+                duration: Duration::from_secs(*duration),
+                flood_factor: *flood_factor,
+            };
+            isolation(&mut run, common, plan).await
+        }
         Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
             Ok(())
         }
@@ -877,6 +911,220 @@ async fn unicast(
         .collect();
     run.result.latency = Some(Percentiles::of(&mut latencies));
     run.result.set_cdf(&latencies);
+    Ok(())
+}
+
+/// Flood requests in flight at most: more than the push API's queue for the flood's lane
+/// and its places in the pipeline (256 + 1,024 by default), fewer than the connections the
+/// harness lets it hold (4,096).
+const FLOOD_IN_FLIGHT: usize = 2048;
+
+/// What an `isolation` run does.
+struct IsolationPlan {
+    rate: u32,
+    duration: Duration,
+    flood_factor: f64,
+}
+
+/// What came of pushes sent at a pace.
+#[derive(Default)]
+struct Tally {
+    accepted: u64,
+    sent: u64,
+    /// Not sent: as many requests in flight as allowed.
+    skipped: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+/// Sends `rate` requests a second from `request` (open loop, at most `in_flight` at once)
+/// for `duration`; `outcome` judges each answer.
+async fn paced<R, O>(
+    rate: f64,
+    duration: Duration,
+    in_flight: usize,
+    request: impl Fn() -> R,
+    outcome: impl Fn(reqwest::Result<reqwest::Response>) -> O + Clone + Send + Sync + 'static,
+) -> Tally
+where
+    R: std::future::Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static,
+    O: std::future::Future<Output = Result<u64, String>> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let begin = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0u64;
+    while begin.elapsed() < duration {
+        ticks.tick().await;
+        let due = (begin.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            sent += 1;
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if let Ok(mut tally) = tally.lock() {
+                    tally.skipped += 1;
+                }
+                continue;
+            };
+            let (answer, judge, tally) = (request(), outcome.clone(), tally.clone());
+            tasks.spawn(async move {
+                let judged = judge(answer.await).await;
+                if let Ok(mut tally) = tally.lock() {
+                    match judged {
+                        Ok(count) => tally.accepted += count,
+                        Err(kind) => *tally.errors.entry(kind).or_default() += 1,
+                    }
+                }
+                drop(slot);
+            });
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    tally.sent = sent;
+    tally
+}
+
+/// `isolation`: see [`Scenario::Isolation`].
+async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyhow::Result<()> {
+    let flood_app = run
+        .deployment
+        .flood_app
+        .clone()
+        .context("isolation needs a deployment the harness starts (its second app floods)")?;
+    connect_all(run, common).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let push_url = format!("{}/v1/push", run.deployment.http_url);
+    // The flood has its own connections, as another app's backend would.
+    let flood_http = reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let flood = {
+        let (http, url, key) = (flood_http, push_url.clone(), flood_app.api_key.clone());
+        move || {
+            let body = json!({"audience": {"all": true}, "payload": {"promo": "x".repeat(32)},
+                              "class": "marketing", "ttl": 3600});
+            http.post(&url).bearer_auth(&key).json(&body).send()
+        }
+    };
+    let flood_outcome = |response: reqwest::Result<reqwest::Response>| async move {
+        classify_shared(response).await.map(|()| 1)
+    };
+    // What the deployment carries of the flood alone: as many as 256 at a time get through.
+    let measured = Duration::from_secs(5);
+    let alone = paced(1e6, measured, 256, &flood, flood_outcome).await;
+    let capacity = alone.accepted as f64 / measured.as_secs_f64();
+    anyhow::ensure!(capacity > 0.0, "the flood app's pushes were never accepted");
+    let devices = common.devices;
+    let measured_pushes = {
+        let (http, url, key) = (http.clone(), push_url, run.deployment.app.api_key.clone());
+        move || {
+            let uid = fleet::uid(rand::random_range(0..devices));
+            let body = json!({"audience": {"uids": [uid]}, "payload": {"t": unix_micros(), "uid": uid},
+                              "ttl": 3600});
+            http.post(&url).bearer_auth(&key).json(&body).send()
+        }
+    };
+    let measured_outcome =
+        |response: reqwest::Result<reqwest::Response>| async move { classify(response).await };
+    let rate = f64::from(plan.rate);
+    // Phase 1: the app alone.
+    let quiet = paced(rate, plan.duration, 256, &measured_pushes, measured_outcome).await;
+    let before = run.fleet.reports().await?;
+    // Phase 2: the same, under the flood.
+    let offered = capacity * plan.flood_factor;
+    let (loud, flooded) = tokio::join!(
+        paced(rate, plan.duration, 256, &measured_pushes, measured_outcome),
+        paced(
+            offered,
+            plan.duration,
+            FLOOD_IN_FLIGHT,
+            &flood,
+            flood_outcome
+        ),
+    );
+    let accepted = quiet.accepted + loud.accepted;
+    let mut errors = quiet.errors.clone();
+    for (kind, count) in &loud.errors {
+        *errors.entry(format!("flooded: {kind}")).or_default() += count;
+    }
+    run.result.errors = errors;
+    expect_deliveries(run, accepted, Duration::from_secs(60)).await?;
+    let after = run.fleet.reports().await?;
+    let mut alone_latencies: Vec<u32> = before
+        .iter()
+        .flat_map(|report| report.latencies_us.iter().copied())
+        .collect();
+    let mut flooded_latencies: Vec<u32> = before
+        .iter()
+        .zip(&after)
+        .flat_map(|(before, after)| {
+            after.latencies_us[before.latencies_us.len()..]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let alone_p = Percentiles::of(&mut alone_latencies);
+    let flooded_p = Percentiles::of(&mut flooded_latencies);
+    let result = &mut run.result;
+    result.figure("measured app: pushes per second", plan.rate);
+    result.figure("seconds per phase", plan.duration.as_secs());
+    result.figure(
+        "flood app alone: accepted pushes to all per second",
+        round(capacity, 1),
+    );
+    result.figure("flood offered (pushes per second)", round(offered, 1));
+    result.figure(
+        "flood accepted during the flood (per second)",
+        round(flooded.accepted as f64 / plan.duration.as_secs_f64(), 1),
+    );
+    result.figure(
+        "flood refused (HTTP 429)",
+        flooded
+            .errors
+            .iter()
+            .filter(|(kind, _)| kind.starts_with("http 429"))
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+    );
+    result.figure(
+        "flood answers of other kinds",
+        format!("{:?}", flooded.errors),
+    );
+    result.figure(
+        "flood not sent (as many in flight as allowed)",
+        flooded.skipped,
+    );
+    result.figure(
+        "measured pushes accepted alone / flooded",
+        format!("{} / {}", quiet.accepted, loud.accepted),
+    );
+    result.figure(
+        "measured p50 alone / flooded (ms)",
+        format!(
+            "{:.2} / {:.2}",
+            f64::from(alone_p.p50) / 1e3,
+            f64::from(flooded_p.p50) / 1e3
+        ),
+    );
+    result.figure(
+        "measured p99 alone / flooded (ms)",
+        format!(
+            "{:.2} / {:.2}",
+            f64::from(alone_p.p99) / 1e3,
+            f64::from(flooded_p.p99) / 1e3
+        ),
+    );
+    result.figure(
+        "measured p99 flooded / alone",
+        round(f64::from(flooded_p.p99) / f64::from(alone_p.p99.max(1)), 2),
+    );
+    result.latency = Some(flooded_p);
     Ok(())
 }
 

@@ -119,6 +119,37 @@ fn a_standalone_broadcast_against_the_loopback_floor() {
     );
 }
 
+/// A second app floods while the measured one pushes: both phases measured, nothing of
+/// the measured app's lost, and the flood answered.
+#[test]
+fn isolation_measures_the_app_alone_and_under_a_flood() {
+    let result = run(&[
+        "isolation",
+        "--standalone",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+    ]);
+    let figures = &result["figures"];
+    assert_eq!(
+        figures["measured pushes accepted alone / flooded"],
+        "20 / 20"
+    );
+    assert!(
+        figures["flood app alone: accepted pushes to all per second"]
+            .as_f64()
+            .expect("capacity")
+            > 0.0
+    );
+    assert!(
+        figures["measured p99 flooded / alone"]
+            .as_f64()
+            .expect("ratio")
+            > 0.0
+    );
+}
+
 /// The floor alone, spread over writer processes: every socket is read, in every round.
 #[test]
 fn the_floor_spreads_over_writer_processes() {

@@ -220,6 +220,8 @@ pub struct Limits {
     /// Pushes in the pipeline (resolving, recording, fanning out) at once; others wait in
     /// queues by lane and app (docs/api.md).
     pub push_concurrency: usize,
+    /// Of those, pushes of one app at most: a flood of one app leaves places to the others.
+    pub push_concurrency_per_app: usize,
     /// Pushes waiting per app and lane (a quarter of it for the marketing and low lane);
     /// past it the API answers 429.
     pub push_queue: usize,
@@ -449,7 +451,8 @@ impl Default for Limits {
             max_send_ahead: Duration::from_secs(30 * 24 * 3600),
             message_retention: Duration::from_secs(7 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
-            push_concurrency: 256,
+            push_concurrency: 64,
+            push_concurrency_per_app: 16,
             push_queue: 4096,
             push_queue_timeout: Duration::from_secs(5),
             credential_ttl: Duration::from_secs(3600),
@@ -574,7 +577,10 @@ impl Settings {
         if limits.store_queue == 0 {
             return bad("limits.store_queue", "must be at least 1");
         }
-        if limits.push_concurrency == 0 || limits.push_queue == 0 {
+        if limits.push_concurrency == 0
+            || limits.push_concurrency_per_app == 0
+            || limits.push_queue == 0
+        {
             return bad(
                 "limits.push_concurrency",
                 "limits.push_concurrency and limits.push_queue must be at least 1",

@@ -8,7 +8,10 @@
 //! | 1 | `priority: normal` | 2 |
 //! | 2 | `priority: low`, and every `marketing` push | 1 |
 //!
-//! When a push leaves the pipeline, the next one is picked by smooth weighted round robin
+//! One app holds at most `limits.push_concurrency_per_app` of the places, so a flood of
+//! one app leaves places free for the others, and queues only so much work ahead of theirs
+//! in the store (whose writes are first come, first served). When a push leaves the
+//! pipeline, the next one is picked by smooth weighted round robin
 //! over the lanes that have pushes waiting (of eight picks under a full backlog, five go to
 //! lane 0, two to lane 1, one to lane 2), and by round robin over the apps waiting in that
 //! lane: one app's backlog fills its own queues and takes its turn, so another app's pushes
@@ -96,8 +99,29 @@ impl<T> WeightedQueues<T> {
     /// The next item: of the lane whose turn it is by weight, of the app whose turn it is
     /// in that lane.
     pub fn pop(&mut self) -> Option<T> {
+        self.pop_eligible(|_| true)
+    }
+
+    /// Whether an app `eligible` says may go has something waiting.
+    pub fn any_eligible(&self, eligible: impl Fn(&str) -> bool) -> bool {
+        self.lanes
+            .iter()
+            .any(|lane| lane.turns.iter().any(|app| eligible(app)))
+    }
+
+    /// [`WeightedQueues::pop`] among the apps `eligible` says may go (the others keep
+    /// their place in their lanes' turns).
+    pub fn pop_eligible(&mut self, eligible: impl Fn(&str) -> bool) -> Option<T> {
+        self.pop_eligible_with_app(eligible).map(|(item, _)| item)
+    }
+
+    /// [`WeightedQueues::pop_eligible`], and whose item it is.
+    pub fn pop_eligible_with_app(
+        &mut self,
+        eligible: impl Fn(&str) -> bool,
+    ) -> Option<(T, String)> {
         let busy: Vec<usize> = (0..3)
-            .filter(|&i| !self.lanes[i].turns.is_empty())
+            .filter(|&i| self.lanes[i].turns.iter().any(|app| eligible(app)))
             .collect();
         let total: i64 = busy.iter().map(|&i| WEIGHTS[i]).sum();
         let mut best = *busy.first()?;
@@ -109,13 +133,14 @@ impl<T> WeightedQueues<T> {
         }
         self.credit[best] -= total;
         let lane = &mut self.lanes[best];
-        let app = lane.turns.pop_front()?;
+        let turn = lane.turns.iter().position(|app| eligible(app))?;
+        let app = lane.turns.remove(turn)?;
         let queue = lane.waiting.get_mut(&app)?;
-        let item = queue.pop_front();
+        let item = queue.pop_front()?;
         if queue.is_empty() {
             lane.waiting.remove(&app);
         } else {
-            lane.turns.push_back(app);
+            lane.turns.push_back(app.clone());
         }
         // An idle lane keeps no credit: a burst after a quiet spell starts even.
         for (i, credit) in self.credit.iter_mut().enumerate() {
@@ -123,13 +148,14 @@ impl<T> WeightedQueues<T> {
                 *credit = 0;
             }
         }
-        item
+        Some((item, app))
     }
 }
 
 /// The gate in front of the pipeline.
 pub struct Intake {
     concurrency: usize,
+    per_app: usize,
     queue: usize,
     timeout: Duration,
     state: Mutex<State>,
@@ -137,18 +163,32 @@ pub struct Intake {
 
 struct State {
     running: usize,
+    /// Places held per app (apps holding none are not kept).
+    by_app: HashMap<String, usize>,
     queues: WeightedQueues<oneshot::Sender<Permit>>,
+}
+
+impl State {
+    fn held(&self, app: &str) -> usize {
+        self.by_app.get(app).copied().unwrap_or(0)
+    }
+
+    fn take(&mut self, app: &str) {
+        self.running += 1;
+        *self.by_app.entry(app.to_owned()).or_default() += 1;
+    }
 }
 
 /// A place in the pipeline; the next push waiting gets it when this is dropped.
 pub struct Permit {
     intake: Option<Arc<Intake>>,
+    app: String,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(intake) = self.intake.take() {
-            intake.release();
+            intake.release(&self.app);
         }
     }
 }
@@ -158,15 +198,17 @@ impl Drop for Permit {
 pub struct Shed;
 
 impl Intake {
-    /// `concurrency` pushes in the pipeline at once; `queue` waiting per app and lane (a
-    /// quarter of it in lane 2), each for at most `timeout`.
-    pub fn new(concurrency: usize, queue: usize, timeout: Duration) -> Arc<Self> {
+    /// `concurrency` pushes in the pipeline at once, `per_app` of one app; `queue` waiting
+    /// per app and lane (a quarter of it in lane 2), each for at most `timeout`.
+    pub fn new(concurrency: usize, per_app: usize, queue: usize, timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             concurrency: concurrency.max(1),
+            per_app: per_app.max(1),
             queue: queue.max(1),
             timeout,
             state: Mutex::new(State {
                 running: 0,
+                by_app: HashMap::new(),
                 queues: WeightedQueues::default(),
             }),
         })
@@ -196,10 +238,16 @@ impl Intake {
         let (tx, rx) = oneshot::channel();
         {
             let mut state = self.state.lock().map_err(|_| Shed)?;
-            if state.running < self.concurrency && state.queues.is_empty() {
-                state.running += 1;
+            let free = |state: &State, app: &str| state.held(app) < self.per_app;
+            // A free place goes now, unless a push that may take it waits already.
+            if state.running < self.concurrency
+                && free(&state, app)
+                && !state.queues.any_eligible(|waiting| free(&state, waiting))
+            {
+                state.take(app);
                 return Ok(Permit {
                     intake: Some(self.clone()),
+                    app: app.to_owned(),
                 });
             }
             let room = if lane >= 2 {
@@ -223,27 +271,64 @@ impl Intake {
         }
     }
 
-    fn release(self: &Arc<Self>) {
+    fn release(self: &Arc<Self>, app: &str) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        while let Some(waiter) = state.queues.pop() {
+        state.running = state.running.saturating_sub(1);
+        match state.by_app.get_mut(app) {
+            Some(held) if *held > 1 => *held -= 1,
+            _ => {
+                state.by_app.remove(app);
+            }
+        }
+        // The freed place (and any other free one) goes to the next pushes whose apps may
+        // take one.
+        while state.running < self.concurrency {
+            let per_app = self.per_app;
+            let State { queues, by_app, .. } = &mut *state;
+            let eligible = |waiting: &str| by_app.get(waiting).copied().unwrap_or(0) < per_app;
+            let Some((waiter, next)) = queues.pop_eligible_with_app(eligible) else {
+                return;
+            };
             let permit = Permit {
                 intake: Some(self.clone()),
+                app: next.clone(),
             };
             match waiter.send(permit) {
-                Ok(()) => return,
+                Ok(()) => state.take(&next),
                 // Gave up waiting: the place goes to the next one.
                 Err(mut permit) => permit.intake = None,
             }
         }
-        state.running = state.running.saturating_sub(1);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An app at its share of the places waits while another app takes a free one.
+    #[tokio::test]
+    async fn one_app_holds_at_most_its_share() {
+        let intake = Intake::new(4, 2, 16, Duration::from_secs(5));
+        let first = intake.enter("flood", 2, true).await.expect("place");
+        let second = intake.enter("flood", 2, true).await.expect("place");
+        let third = tokio::spawn({
+            let intake = intake.clone();
+            async move { intake.enter("flood", 2, true).await.map(drop) }
+        });
+        while intake.waiting() < 1 {
+            tokio::task::yield_now().await;
+        }
+        // Two places are free, but not for the flood; another app takes one at once.
+        let quiet = intake.enter("quiet", 1, true).await.expect("a free place");
+        assert_eq!(intake.waiting(), 1);
+        drop(first);
+        assert_eq!(third.await.expect("join"), Ok(()));
+        drop((second, quiet));
+        assert_eq!(intake.waiting(), 0);
+    }
 
     /// Under a full backlog in every lane, eight picks give five, two and one.
     #[test]
@@ -297,7 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_sheds_and_a_freed_place_goes_by_weight() {
-        let intake = Intake::new(1, 4, Duration::from_secs(5));
+        let intake = Intake::new(1, 1, 4, Duration::from_secs(5));
         let running = intake.enter("a", 1, true).await.expect("free place");
         // Lane 2 holds a quarter of the queue: one.
         let low = tokio::spawn({
@@ -330,7 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_waits_no_longer_than_the_timeout() {
-        let intake = Intake::new(1, 4, Duration::from_millis(100));
+        let intake = Intake::new(1, 1, 4, Duration::from_millis(100));
         let running = intake.enter("a", 1, true).await.expect("free place");
         let waited = intake.enter("a", 1, true).await;
         assert_eq!(waited.err(), Some(Shed));
