@@ -91,6 +91,10 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
         )
         .route("/v1/tags/{tag}", delete(delete_tag))
         .route("/v1/messages/{id}", delete(cancel_message))
+        .route(
+            "/v1/users/{uid}/preferences",
+            get(get_preferences).put(put_preferences),
+        )
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(api)
 }
@@ -336,6 +340,8 @@ struct PushBody {
     class: Option<ClassBody>,
     #[serde(default)]
     send_at: Option<String>,
+    #[serde(default)]
+    category: Option<String>,
 }
 
 /// A push's `class`.
@@ -619,6 +625,47 @@ async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiErr
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreferencesBody {
+    opt_out: Vec<String>,
+}
+
+/// `GET /v1/users/{uid}/preferences`.
+async fn get_preferences(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    uid: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let uid = path_param(uid, "uid")?;
+            let opt_out = api.devices.opt_out(&app.id, &uid).await?;
+            Ok(ok(json!({"uid": uid, "opt_out": opt_out})))
+        }
+        .await,
+    )
+}
+
+/// `PUT /v1/users/{uid}/preferences`: replaces what the user opted out of.
+async fn put_preferences(
+    State(api): State<Arc<PushApi>>,
+    uid: Result<Path<String>, PathRejection>,
+    request: Request,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, request.headers())?;
+            let uid = path_param(uid, "uid")?;
+            let body: PreferencesBody = parse_json(&read_body(request, &api.limits).await?)?;
+            let opt_out = api.devices.set_opt_out(&app.id, &uid, body.opt_out).await?;
+            Ok(ok(json!({"uid": uid, "opt_out": opt_out})))
+        }
+        .await,
+    )
+}
+
 /// `DELETE /v1/messages/{id}`: cancels a scheduled push that has not been sent.
 async fn cancel_message(
     State(api): State<Arc<PushApi>>,
@@ -763,6 +810,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
                 Some(ClassBody::Notification) | None => Class::Notification,
             },
             send_at: parsed.send_at,
+            category: parsed.category,
         },
         limits,
     )
@@ -890,6 +938,8 @@ pub struct PushFields<'a> {
     pub class: Class,
     /// When to send it (RFC 3339), if later.
     pub send_at: Option<String>,
+    /// Its category, if any.
+    pub category: Option<String>,
 }
 
 /// Checks a push's fields against the limits; errors name the field (in the JSON API's
@@ -1041,9 +1091,13 @@ pub fn validate_push(
             Some(at)
         }
     };
+    if let Some(category) = &fields.category {
+        devices::check_name("category", category)?;
+    }
     Ok(PushRequest {
         app: app.to_owned(),
         class: fields.class,
+        category: fields.category,
         send_at_ms,
         message_id: None,
         uids: audience.uids,

@@ -24,6 +24,24 @@ pub const DEFAULT_PAGE: usize = 100;
 /// Devices a tag's deletion takes out of it at a time.
 const DELETE_PAGE: usize = 1000;
 
+/// Items one user may opt out of at most.
+pub const MAX_OPT_OUT: usize = 32;
+
+/// A uid in a path must follow the credential rule.
+fn check_uid(uid: &str) -> Result<(), ApiError> {
+    if pigeon_proto::credential::valid_uid(uid) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "uid",
+            format!(
+                "must be 1 to {} bytes with no control characters",
+                pigeon_proto::credential::MAX_UID_LEN
+            ),
+        ))
+    }
+}
+
 /// Whether `name` is a valid tag or alias.
 pub fn valid_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())
@@ -91,6 +109,44 @@ impl Devices {
             fanout,
             limits,
         }
+    }
+
+    /// What `uid` opted out of.
+    pub async fn opt_out(&self, app: &str, uid: &str) -> Result<Vec<String>, ApiError> {
+        check_uid(uid)?;
+        let mut opt_outs = self.store.opt_outs(app, &[uid.to_owned()]).await?;
+        Ok(opt_outs.pop().unwrap_or_default())
+    }
+
+    /// Replaces what `uid` opted out of: `marketing`, or `category:<name>`, at most
+    /// [`MAX_OPT_OUT`]; answers the list kept (sorted, each once).
+    pub async fn set_opt_out(
+        &self,
+        app: &str,
+        uid: &str,
+        mut opt_out: Vec<String>,
+    ) -> Result<Vec<String>, ApiError> {
+        check_uid(uid)?;
+        if opt_out.len() > MAX_OPT_OUT {
+            return Err(ApiError::invalid(
+                "opt_out",
+                format!("at most {MAX_OPT_OUT} items"),
+            ));
+        }
+        for (index, item) in opt_out.iter().enumerate() {
+            let valid =
+                item == "marketing" || item.strip_prefix("category:").is_some_and(valid_name);
+            if !valid {
+                return Err(ApiError::invalid(
+                    &format!("opt_out[{index}]"),
+                    "must be \"marketing\" or \"category:<name>\" (a name as for tags)",
+                ));
+            }
+        }
+        opt_out.sort();
+        opt_out.dedup();
+        self.store.set_opt_out(app, uid, &opt_out).await?;
+        Ok(opt_out)
     }
 
     /// The device `token` of `app`.

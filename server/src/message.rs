@@ -183,6 +183,20 @@ pub fn new_message_id(now_ms: u64) -> String {
     )
 }
 
+/// The message id of a push scheduled with an idempotency key: the same for every retry
+/// of the request (FNV-1a, 128 bits, of the app and the key), so a retry finds the push it
+/// scheduled instead of scheduling a second.
+pub fn keyed_message_id(app: &str, key: &str) -> String {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013b;
+    let mut hash = OFFSET;
+    for byte in app.bytes().chain([0]).chain(key.bytes()) {
+        hash ^= u128::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    format!("{hash:032x}")
+}
+
 /// A new device token: 128 random bits, base64url.
 pub fn new_device_token() -> String {
     use base64::Engine;

@@ -25,6 +25,7 @@ struct AppCounts {
     stored: u64,
     unknown: u64,
     dropped: u64,
+    skipped: u64,
 }
 
 /// The process's metrics.
@@ -78,6 +79,7 @@ impl Metrics {
             counts.stored += u64::from(targets.stored);
             counts.unknown += u64::from(targets.unknown);
             counts.dropped += u64::from(targets.dropped);
+            counts.skipped += u64::from(targets.skipped);
         });
     }
 
@@ -212,6 +214,7 @@ impl Metrics {
                     ("stored", counts.stored),
                     ("unknown", counts.unknown),
                     ("dropped", counts.dropped),
+                    ("skipped", counts.skipped),
                 ] {
                     let _ = writeln!(
                         out,

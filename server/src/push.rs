@@ -96,6 +96,8 @@ pub struct PushRequest {
     pub app: String,
     /// Its traffic class.
     pub class: Class,
+    /// Its category, which users may opt out of; `None` for none.
+    pub category: Option<String>,
     /// Target uids.
     pub uids: Vec<String>,
     /// Target device tokens.
@@ -141,6 +143,7 @@ impl PushRequest {
             priority: self.priority as i32,
             collapse_key: self.collapse_key.clone(),
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
+            category: self.category.clone().unwrap_or_default(),
         }
     }
 
@@ -161,6 +164,7 @@ impl PushRequest {
             priority: Priority::try_from(stored.priority).unwrap_or(Priority::Normal),
             app: stored.app,
             class,
+            category: (!stored.category.is_empty()).then_some(stored.category),
             uids: stored.uids,
             tokens: stored.tokens,
             aliases: stored.aliases,
@@ -187,6 +191,9 @@ pub struct TargetCounts {
     pub unknown: u32,
     /// Offline devices of a TTL-0 push: not stored, so not delivered.
     pub dropped: u32,
+    /// Uids (and devices named by token or alias) whose users opted out of the push's
+    /// class or category.
+    pub skipped: u32,
 }
 
 /// The result of a push.
@@ -328,15 +335,17 @@ impl Pipeline {
         let (app, class) = (request.app.clone(), request.class);
         let shared = request.all || request.tags.is_some();
         let named = request.uids.len() + request.tokens.len() + request.aliases.len();
-        if let Err(limited) = self.limiter.admit(&app, class, named as u64).await {
-            self.metrics.push_limited(&app, class);
-            return Err(PushError::Limited(limited));
-        }
+        // A place first, then the charge: a push refused for want of a place costs its app
+        // nothing of its limits.
         let lane = intake::lane(class, request.priority);
         let Ok(_permit) = self.intake.enter(&app, lane, true).await else {
             self.metrics.push_shed(&app, class);
             return Err(PushError::Shed);
         };
+        if let Err(limited) = self.limiter.admit(&app, class, named as u64).await {
+            self.metrics.push_limited(&app, class);
+            return Err(PushError::Limited(limited));
+        }
         if let Some(send_at_ms) = request.send_at_ms {
             return self.schedule(request, send_at_ms).await;
         }
@@ -349,7 +358,11 @@ impl Pipeline {
         request: PushRequest,
         send_at_ms: u64,
     ) -> Result<PushOutcome, PushError> {
-        let message_id = new_message_id(unix_millis());
+        // A retry of a request with an idempotency key finds the push it scheduled.
+        let message_id = match &request.idempotency_key {
+            Some(key) => crate::message::keyed_message_id(&request.app, key),
+            None => new_message_id(unix_millis()),
+        };
         let job = request.to_scheduled(&message_id, send_at_ms);
         let (app, class) = (request.app, request.class);
         let stored = self
@@ -357,12 +370,16 @@ impl Pipeline {
             .schedule(&app, &message_id, send_at_ms, job.encode_to_vec())
             .await;
         match stored {
-            Ok(()) => {
+            Ok(true) => {
                 self.metrics.push_scheduled(&app, class);
                 Ok(PushOutcome::Scheduled {
                     message_id,
                     send_at_ms,
                 })
+            }
+            Ok(false) => {
+                self.metrics.push_duplicate(&app, class);
+                Ok(PushOutcome::Duplicate { message_id })
             }
             Err(error) => {
                 self.metrics.push_failed(&app, class);
@@ -461,7 +478,19 @@ impl Pipeline {
     async fn run_direct(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
         let now_ms = unix_millis();
         let mut counts = TargetCounts::default();
-        let tokens = resolve(self.store.as_ref(), &request, &mut counts).await?;
+        if let Some(opted_out) = OptedOut::of(&request) {
+            opted_out
+                .skip_uids(self.store.as_ref(), &mut request, &mut counts)
+                .await?;
+        }
+        let (mut tokens, named) = resolve(self.store.as_ref(), &request, &mut counts).await?;
+        if let Some(opted_out) = OptedOut::of(&request) {
+            let skipped = opted_out
+                .named_tokens(self.store.as_ref(), &request.app, &named)
+                .await?;
+            counts.skipped += skipped.len() as u32;
+            tokens.retain(|token| !skipped.contains(token));
+        }
         let (message, idempotency) = new_message(&mut request, now_ms, self.idempotency_window);
         let storable = message.is_storable();
         let targets = tokens
@@ -534,16 +563,92 @@ fn new_message(
     (message, idempotency)
 }
 
+/// What a push is that users may opt out of: a marketing push, or one with a category.
+struct OptedOut {
+    marketing: bool,
+    category: Option<String>,
+}
+
+impl OptedOut {
+    fn of(request: &PushRequest) -> Option<Self> {
+        let marketing = request.class == Class::Marketing;
+        let category = request.category.clone();
+        (marketing || category.is_some()).then_some(Self {
+            marketing,
+            category,
+        })
+    }
+
+    /// Whether a user who opted out of `items` skips this push.
+    fn skips(&self, items: &[String]) -> bool {
+        items.iter().any(|item| {
+            (self.marketing && item == "marketing")
+                || self
+                    .category
+                    .as_deref()
+                    .is_some_and(|category| item.strip_prefix("category:") == Some(category))
+        })
+    }
+
+    /// Takes the uids that opted out out of the request, counting them skipped.
+    async fn skip_uids(
+        &self,
+        registry: &dyn Registry,
+        request: &mut PushRequest,
+        counts: &mut TargetCounts,
+    ) -> Result<(), StoreError> {
+        let opt_outs = registry.opt_outs(&request.app, &request.uids).await?;
+        let mut kept = Vec::with_capacity(request.uids.len());
+        for (uid, items) in std::mem::take(&mut request.uids).into_iter().zip(opt_outs) {
+            if self.skips(&items) {
+                counts.skipped += 1;
+            } else {
+                kept.push(uid);
+            }
+        }
+        request.uids = kept;
+        Ok(())
+    }
+
+    /// Of the devices named by token or alias, those whose users opted out.
+    async fn named_tokens(
+        &self,
+        registry: &dyn Registry,
+        app: &str,
+        named: &[String],
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut uids = Vec::with_capacity(named.len());
+        for token in named {
+            uids.push(registry.device(app, token).await?.map(|device| device.uid));
+        }
+        let known: Vec<String> = uids.iter().flatten().cloned().collect();
+        let opt_outs = registry.opt_outs(app, &known).await?;
+        let skipping: HashSet<&String> = known
+            .iter()
+            .zip(&opt_outs)
+            .filter(|(_, items)| self.skips(items))
+            .map(|(uid, _)| uid)
+            .collect();
+        Ok(named
+            .iter()
+            .zip(&uids)
+            .filter(|(_, uid)| uid.as_ref().is_some_and(|uid| skipping.contains(uid)))
+            .map(|(token, _)| token.clone())
+            .collect())
+    }
+}
+
 /// The distinct known tokens of the audience (its uids', aliases' and tokens' devices: a
-/// device named more than once gets one copy); counts the unknown uids, aliases and
-/// tokens.
+/// device named more than once gets one copy), and of those the ones named by alias or
+/// token rather than by uid; counts the unknown uids, aliases and tokens.
 async fn resolve(
     registry: &dyn Registry,
     request: &PushRequest,
     counts: &mut TargetCounts,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
     let mut seen = HashSet::new();
     let mut tokens = Vec::new();
+    let mut named = Vec::new();
     let per_uid = registry
         .tokens_for_uids(&request.app, &request.uids)
         .await?;
@@ -560,12 +665,13 @@ async fn resolve(
     let per_alias = registry
         .tokens_for_aliases(&request.app, &request.aliases)
         .await?;
-    for named in per_alias {
-        if named.is_empty() {
+    for by_alias in per_alias {
+        if by_alias.is_empty() {
             counts.unknown += 1;
         }
-        for token in named {
+        for token in by_alias {
             if seen.insert(token.clone()) {
+                named.push(token.clone());
                 tokens.push(token);
             }
         }
@@ -575,10 +681,11 @@ async fn resolve(
         if !known {
             counts.unknown += 1;
         } else if seen.insert(token.clone()) {
+            named.push(token.clone());
             tokens.push(token.clone());
         }
     }
-    Ok(tokens)
+    Ok((tokens, named))
 }
 
 #[cfg(test)]
@@ -654,6 +761,7 @@ mod tests {
             .push(PushRequest {
                 app: "demo".into(),
                 class: Class::Notification,
+                category: None,
                 uids: vec!["alice".into()],
                 tokens: Vec::new(),
                 aliases: Vec::new(),

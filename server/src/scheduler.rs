@@ -21,10 +21,10 @@ use crate::store::{DueJob, Store};
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often the store is asked for due pushes when there were none.
 pub const POLL: Duration = Duration::from_millis(100);
-/// Pushes claimed at once.
-const BATCH: usize = 1000;
-/// Pushes being sent at once.
-const PARALLEL: usize = 64;
+/// Pushes claimed at once, and sent at once: few enough to be sent well within the
+/// [`LEASE`] (a claim that lapses while its push waits would let another process send it
+/// too).
+const BATCH: usize = 64;
 
 /// Sends due pushes until `shutdown`; `retention` is how long a sent push is remembered.
 pub async fn run(
@@ -46,7 +46,7 @@ pub async fn run(
         };
         let full = due.len() == BATCH;
         futures_util::stream::iter(due)
-            .for_each_concurrent(PARALLEL, |job| fire(&store, &pipeline, job, retention))
+            .for_each_concurrent(BATCH, |job| fire(&store, &pipeline, job, retention))
             .await;
         if !full {
             tokio::select! {

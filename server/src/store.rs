@@ -218,6 +218,14 @@ pub trait Registry: Send + Sync + 'static {
         app: &str,
         aliases: &[String],
     ) -> Result<Vec<Vec<String>>, StoreError>;
+
+    /// Replaces what `uid` of `app` opted out of (`marketing`, `category:<name>`); an empty
+    /// list clears it.
+    async fn set_opt_out(&self, app: &str, uid: &str, opt_out: &[String])
+    -> Result<(), StoreError>;
+
+    /// What each of `uids` of `app` opted out of, in the order given.
+    async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>, StoreError>;
 }
 
 /// A device as the registry knows it.
@@ -471,13 +479,15 @@ pub enum Cancel {
 #[async_trait]
 pub trait Schedules: Send + Sync + 'static {
     /// Keeps `job` to fire at `at_ms` as `app`'s message `id`. Durable once this returns.
+    /// `false` when `app` has (or had, within its retention) a scheduled push `id` already:
+    /// that one stands, and nothing changes.
     async fn schedule(
         &self,
         app: &str,
         id: &str,
         at_ms: u64,
         job: Vec<u8>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
 
     /// Takes `app`'s scheduled push `id` back, if it has not fired.
     async fn cancel(&self, app: &str, id: &str) -> Result<Cancel, StoreError>;

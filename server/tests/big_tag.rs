@@ -109,6 +109,7 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
         .push(PushRequest {
             app: "demo".into(),
             class: Class::Notification,
+            category: None,
             uids: Vec::new(),
             tokens: Vec::new(),
             aliases: Vec::new(),

@@ -289,3 +289,81 @@ async fn a_high_push_goes_ahead_of_a_low_backlog() {
         "the high push came after {position} pushes, only {after} low ones after it: {order:?}"
     );
 }
+
+/// Users who opted out of marketing, or of a category, are skipped and counted; the others
+/// get the push.
+#[tokio::test]
+async fn opted_out_users_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let mut bob = connect(&server, "bob", &DeviceState::default()).await;
+    let mut cy = connect(&server, "cy", &DeviceState::default()).await;
+    for (uid, opt_out) in [
+        ("bob", json!(["marketing"])),
+        ("cy", json!(["category:promo", "category:promo"])),
+    ] {
+        let path = format!("/v1/users/{uid}/preferences");
+        let (status, answer) = server
+            .call("PUT", &path, Some(json!({"opt_out": opt_out})))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (status, answer) = server.call("GET", "/v1/users/cy/preferences", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["opt_out"], json!(["category:promo"]));
+    let (_, answer) = server
+        .call("GET", "/v1/users/nobody/preferences", None)
+        .await;
+    assert_eq!(answer["opt_out"], json!([]));
+
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann", "bob", "cy"]}, "payload": {"n": 1}, "class": "marketing"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 2, "{answer}");
+    assert_eq!(answer["targets"]["skipped"], 1, "{answer}");
+    for device in [&mut ann, &mut cy] {
+        let push = next_push(device).await;
+        assert_eq!(payload(&push), json!({"n": 1}));
+        device.ack_push(&push).await.expect("ack");
+    }
+    assert_no_push(&mut bob, Duration::from_millis(300)).await;
+
+    // By token: cy opted out of the category, bob only of marketing.
+    let tokens: Vec<String> = [&ann, &bob, &cy]
+        .iter()
+        .map(|device| device.welcome().device_token.clone())
+        .collect();
+    let (status, answer) = server
+        .push(json!({"audience": {"tokens": tokens}, "payload": {"n": 2}, "category": "promo"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 2, "{answer}");
+    assert_eq!(answer["targets"]["skipped"], 1, "{answer}");
+    for device in [&mut ann, &mut bob] {
+        assert_eq!(payload(&next_push(device).await), json!({"n": 2}));
+    }
+    assert_no_push(&mut cy, Duration::from_millis(300)).await;
+
+    let skipped = metric(
+        &server,
+        "pigeon_app_push_targets_total{app=\"demo\",class=\"marketing\",state=\"skipped\"}",
+    )
+    .await;
+    assert_eq!(skipped, Some(1));
+    let (status, answer) = server
+        .call(
+            "PUT",
+            "/v1/users/ann/preferences",
+            Some(json!({"opt_out": ["marketing", "sms"]})),
+        )
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["field"], "opt_out[1]");
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann"]}, "payload": {}, "category": "no spaces"}))
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["field"], "category");
+}

@@ -190,7 +190,7 @@ async fn tags_and_aliases_over_http() {
     // ann's device is named twice (by uid and by alias): one copy.
     assert_eq!(
         answer["targets"],
-        json!({"delivered": 1, "stored": 1, "unknown": 1, "dropped": 0})
+        json!({"delivered": 1, "stored": 1, "unknown": 1, "dropped": 0, "skipped": 0})
     );
     assert_eq!(payload(&next_push(&mut device).await), json!({"n": 1}));
     let (status, _) = call(&server, "DELETE", &format!("/v1/devices/{ann}/alias"), None).await;

@@ -44,6 +44,16 @@ async fn scheduled_pushes_arrive_on_time_and_can_be_cancelled() {
     assert_eq!(answer["scheduled"], true, "{answer}");
     assert_eq!(answer["send_at"], at(send_at), "{answer}");
     let sent_id = answer["message_id"].as_str().expect("id").to_owned();
+    // A retried request with an idempotency key finds the push it scheduled.
+    let mut keyed = scheduled("ann", 3, send_at + 100);
+    keyed["idempotency_key"] = json!("promo-1");
+    let (status, first) = server.push(keyed.clone()).await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["scheduled"], true, "{first}");
+    let (status, retried) = server.push(keyed).await;
+    assert_eq!(status, 202, "{retried}");
+    assert_eq!(retried["duplicate"], true, "{retried}");
+    assert_eq!(retried["message_id"], first["message_id"]);
     let (status, answer) = server.push(scheduled("ann", 2, send_at + 200)).await;
     assert_eq!(status, 202, "{answer}");
     let cancelled_id = answer["message_id"].as_str().expect("id").to_owned();
@@ -65,6 +75,10 @@ async fn scheduled_pushes_arrive_on_time_and_can_be_cancelled() {
         "arrived {} ms late",
         arrived - send_at
     );
+    ann.ack_push(&push).await.expect("ack");
+    // The keyed one, once.
+    let push = next_push(&mut ann).await;
+    assert_eq!(payload(&push), json!({"n": 3}));
     ann.ack_push(&push).await.expect("ack");
     // The cancelled one never comes.
     assert_no_push(&mut ann, Duration::from_millis(800)).await;

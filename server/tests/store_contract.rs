@@ -1100,6 +1100,12 @@ async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: 
         .schedule("other", "m3", now + 5000, b"three".to_vec())
         .await
         .expect("schedule");
+    // An id scheduled already stands: a second schedule of it changes nothing.
+    let again = store
+        .schedule("demo", "m1", now + 500, b"other".to_vec())
+        .await
+        .expect("schedule");
+    assert!(!again, "m1 was scheduled twice");
     assert_eq!(store.claim_due(now, lease, 10).await.expect("claim"), []);
     let due = store.claim_due(now + 1000, lease, 1).await.expect("claim");
     assert_eq!(due.len(), 1, "one at most: {due:?}");
@@ -1151,6 +1157,40 @@ async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: 
     assert_eq!(ids, [second.id.as_str()], "{again:?}");
 }
 
+/// What a user opted out of is kept per app and uid, replaced whole, and cleared by an
+/// empty list.
+async fn opt_outs_are_kept_per_app_and_uid(backend: &Backend) {
+    let store = &backend.store;
+    let items = |list: &[&str]| list.iter().map(|item| item.to_string()).collect::<Vec<_>>();
+    store
+        .set_opt_out("demo", "ann", &items(&["category:promo", "marketing"]))
+        .await
+        .expect("set");
+    store
+        .set_opt_out("other", "bob", &items(&["marketing"]))
+        .await
+        .expect("set");
+    let read = store
+        .opt_outs("demo", &items(&["ann", "bob", "cy"]))
+        .await
+        .expect("read");
+    assert_eq!(
+        read,
+        [items(&["category:promo", "marketing"]), vec![], vec![]]
+    );
+    store.set_opt_out("demo", "ann", &[]).await.expect("clear");
+    let read = store
+        .opt_outs("demo", &items(&["ann"]))
+        .await
+        .expect("read");
+    assert_eq!(read, [Vec::<String>::new()]);
+    let read = store
+        .opt_outs("other", &items(&["bob"]))
+        .await
+        .expect("read");
+    assert_eq!(read, [items(&["marketing"])]);
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -1159,7 +1199,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 18] = cases![
+const CASES: [(&str, Case); 19] = cases![
+    opt_outs_are_kept_per_app_and_uid,
     scheduled_pushes_are_claimed_once_and_cancelled_while_waiting,
     devices_are_admitted_and_resumed_by_their_own_uid_only,
     seqs_start_at_one_and_count_up_per_device,

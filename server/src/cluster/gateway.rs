@@ -112,6 +112,7 @@ impl push_server::Push for PushGrpc {
                 idempotency_key: (!body.idempotency_key.is_empty()).then_some(body.idempotency_key),
                 class,
                 send_at: (!body.send_at.is_empty()).then_some(body.send_at),
+                category: (!body.category.is_empty()).then_some(body.category),
             },
             &api.limits,
         )?;
@@ -127,6 +128,7 @@ impl push_server::Push for PushGrpc {
                     stored: targets.stored,
                     unknown: targets.unknown,
                     dropped: targets.dropped,
+                    skipped: targets.skipped,
                 }),
                 ..Default::default()
             },

@@ -35,6 +35,7 @@
 //! | `stream_collapse` | `app \0 stream \0 collapse key` | offset |
 //! | `tag_devices` | `app \0 tag \0 token` | () |
 //! | `alias_devices` | `app \0 alias \0 token` | () |
+//! | `opt_out` | `app \0 uid` | what the uid opted out of, one item a line |
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
 //! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
@@ -76,6 +77,7 @@ const STREAM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_m
 const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("stream_expiry");
 const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
+const OPT_OUT: TableDefinition<&str, &str> = TableDefinition::new("opt_out");
 const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
 const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
@@ -145,6 +147,10 @@ enum Op {
         epoch: u64,
         offset: u64,
     },
+    SetOptOut {
+        key: String,
+        opt_out: String,
+    },
     Schedule {
         key: String,
         at_ms: u64,
@@ -174,6 +180,7 @@ enum Reply {
     Appended(AppendOutcome),
     Cancel(Cancel),
     Due(Vec<DueJob>),
+    Scheduled(bool),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -207,6 +214,7 @@ impl EmbeddedStore {
             txn.open_table(STREAM_META).map_err(backend)?;
             txn.open_table(STREAM_EXPIRY).map_err(backend)?;
             txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
+            txn.open_table(OPT_OUT).map_err(backend)?;
             txn.open_table(SCHEDULE).map_err(backend)?;
             txn.open_table(SCHEDULE_IDS).map_err(backend)?;
             txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
@@ -476,6 +484,32 @@ impl Registry for EmbeddedStore {
             Reply::Alias(outcome) => Ok(outcome),
             _ => Err(backend("unexpected reply to set_alias")),
         }
+    }
+
+    async fn set_opt_out(&self, app: &str, uid: &str, opt_out: &[String]) -> Result<()> {
+        let op = Op::SetOptOut {
+            key: format!("{app}\0{uid}"),
+            opt_out: opt_out.join("\n"),
+        };
+        self.write(op, false).await.map(|_| ())
+    }
+
+    async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>> {
+        let keys: Vec<String> = uids.iter().map(|uid| format!("{app}\0{uid}")).collect();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(OPT_OUT).map_err(backend)?;
+            keys.iter()
+                .map(|key| {
+                    Ok(table
+                        .get(key.as_str())
+                        .map_err(backend)?
+                        .map(|text| text.value().lines().map(str::to_owned).collect())
+                        .unwrap_or_default())
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn tokens_for_aliases(&self, app: &str, aliases: &[String]) -> Result<Vec<Vec<String>>> {
@@ -787,8 +821,11 @@ impl Writer {
             } => tables
                 .ack_stream(&token, epoch, offset)
                 .map(|()| Reply::Done),
+            Op::SetOptOut { key, opt_out } => {
+                tables.set_opt_out(&key, &opt_out).map(|()| Reply::Done)
+            }
             Op::Schedule { key, at_ms, job } => {
-                tables.schedule(&key, at_ms, &job).map(|()| Reply::Done)
+                tables.schedule(&key, at_ms, &job).map(Reply::Scheduled)
             }
             Op::Cancel { key } => tables.cancel(&key).map(Reply::Cancel),
             Op::ClaimDue {
@@ -826,6 +863,7 @@ struct Tables<'txn> {
     stream_meta: redb::Table<'txn, &'static str, &'static [u8]>,
     stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
     stream_collapse: redb::Table<'txn, &'static str, u64>,
+    opt_out: redb::Table<'txn, &'static str, &'static str>,
     schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
@@ -847,18 +885,31 @@ impl<'txn> Tables<'txn> {
             stream_meta: txn.open_table(STREAM_META).map_err(backend)?,
             stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
             stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
+            opt_out: txn.open_table(OPT_OUT).map_err(backend)?,
             schedule: txn.open_table(SCHEDULE).map_err(backend)?,
             schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
             schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
         })
     }
 
-    fn schedule(&mut self, key: &str, at_ms: u64, job: &[u8]) -> Result<()> {
+    fn set_opt_out(&mut self, key: &str, opt_out: &str) -> Result<()> {
+        if opt_out.is_empty() {
+            self.opt_out.remove(key).map_err(backend)?;
+        } else {
+            self.opt_out.insert(key, opt_out).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn schedule(&mut self, key: &str, at_ms: u64, job: &[u8]) -> Result<bool> {
+        if self.schedule_ids.get(key).map_err(backend)?.is_some() {
+            return Ok(false);
+        }
         self.schedule.insert((at_ms, key), job).map_err(backend)?;
         self.schedule_ids
             .insert(key, (at_ms, WAITING))
             .map_err(backend)?;
-        Ok(())
+        Ok(true)
     }
 
     fn cancel(&mut self, key: &str) -> Result<Cancel> {
@@ -1545,13 +1596,16 @@ fn schedule_key(app: &str, id: &str) -> String {
 
 #[async_trait]
 impl Schedules for EmbeddedStore {
-    async fn schedule(&self, app: &str, id: &str, at_ms: u64, job: Vec<u8>) -> Result<()> {
+    async fn schedule(&self, app: &str, id: &str, at_ms: u64, job: Vec<u8>) -> Result<bool> {
         let op = Op::Schedule {
             key: schedule_key(app, id),
             at_ms,
             job,
         };
-        self.write(op, false).await.map(|_| ())
+        match self.write(op, false).await? {
+            Reply::Scheduled(new) => Ok(new),
+            _ => Err(backend("unexpected reply to a schedule")),
+        }
     }
 
     async fn cancel(&self, app: &str, id: &str) -> Result<Cancel> {

@@ -10,6 +10,7 @@
 //! | `p:u:{app:uid}` | set | the uid's device tokens |
 //! | `p:t:{app:tag}` | sorted set | the tag's device tokens (all scored 0, so they page in token order) |
 //! | `p:a:{app:alias}` | set | the alias's device tokens |
+//! | `p:o:{app:uid}` | string | what the uid opted out of, one item a line |
 //! | `p:s:{app:stream}` | sorted set | a shared stream's entries: score = offset, member = `StoredMessage` |
 //! | `p:sm:{app:stream}` | hash | the stream's epoch, head (highest offset) and trimmed mark; never expires |
 //! | `p:sc:{app:stream}` | hash | collapse key -> offset of the stream's entry carrying it |
@@ -173,6 +174,9 @@ impl Keys {
     fn tag(&self, app: &str, tag: &str) -> String {
         format!("{}:t:{{{app}:{tag}}}", self.prefix)
     }
+    fn opt_out(&self, app: &str, uid: &str) -> String {
+        format!("{}:o:{{{app}:{uid}}}", self.prefix)
+    }
     fn alias(&self, app: &str, alias: &str) -> String {
         format!("{}:a:{{{app}:{alias}}}", self.prefix)
     }
@@ -282,6 +286,10 @@ if idempotency_ms > 0 then
   if seen then return {tonumber(seen), epoch} end
 end
 local offset = redis.call('HINCRBY', meta, 'head', 1)
+if idempotency_ms > 0 then
+  redis.call('HSET', ids, message_id, offset)
+  redis.call('PEXPIRE', ids, idempotency_ms)
+end
 if ARGV[8] ~= '1' then return {offset, epoch} end
 if collapse_key ~= '' then
   local older = redis.call('HGET', collapse, collapse_key)
@@ -300,10 +308,6 @@ end
 for _, key in ipairs({entries, collapse}) do
   local at = redis.call('PEXPIRETIME', key)
   if at == -1 or (at >= 0 and at < expires) then redis.call('PEXPIREAT', key, expires) end
-end
-if idempotency_ms > 0 then
-  redis.call('HSET', ids, message_id, offset)
-  redis.call('PEXPIRE', ids, idempotency_ms)
 end
 return {offset, epoch}
 ";
@@ -605,6 +609,51 @@ impl Registry for RedisStore {
                             .query_async::<Vec<String>>(&mut connection)
                             .await
                             .map_err(backend)
+                    }
+                })
+                .collect(),
+        )
+        .await
+    }
+
+    async fn set_opt_out(
+        &self,
+        app: &str,
+        uid: &str,
+        opt_out: &[String],
+    ) -> Result<(), StoreError> {
+        let key = self.keys.opt_out(app, uid);
+        let mut connection = self.connection();
+        let mut command = if opt_out.is_empty() {
+            redis::cmd("DEL")
+        } else {
+            redis::cmd("SET")
+        };
+        command.arg(key);
+        if !opt_out.is_empty() {
+            command.arg(opt_out.join("\n"));
+        }
+        command
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(backend)
+    }
+
+    async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>, StoreError> {
+        bounded(
+            uids.iter()
+                .map(|uid| {
+                    let key = self.keys.opt_out(app, uid);
+                    let mut connection = self.connection();
+                    async move {
+                        let text: Option<String> = redis::cmd("GET")
+                            .arg(key)
+                            .query_async(&mut connection)
+                            .await
+                            .map_err(backend)?;
+                        Ok(text
+                            .map(|text| text.lines().map(str::to_owned).collect())
+                            .unwrap_or_default())
                     }
                 })
                 .collect(),

@@ -21,9 +21,13 @@ use redis::Script;
 use super::{RedisStore, backend};
 use crate::store::{Cancel, DueJob, Schedules, StoreError};
 
+/// 1: scheduled; 0: the id is scheduled, being sent, or was sent (remembered) already.
 static SCHEDULE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
@@ -100,19 +104,21 @@ impl Schedules for RedisStore {
         id: &str,
         at_ms: u64,
         job: Vec<u8>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let [due, bodies, _] = self.schedule_keys();
+        let member = format!("{app}:{id}");
         let mut connection = self.connection.clone();
-        let _: i64 = SCHEDULE
+        let scheduled: i64 = SCHEDULE
             .key(due)
             .key(bodies)
-            .arg(format!("{app}:{id}"))
+            .key(self.fired_key(&member))
+            .arg(member)
             .arg(at_ms)
             .arg(job)
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
-        Ok(())
+        Ok(scheduled == 1)
     }
 
     async fn cancel(&self, app: &str, id: &str) -> Result<Cancel, StoreError> {
