@@ -62,7 +62,8 @@ impl PushApi {
         buckets: Arc<dyn crate::rate_limit::Buckets>,
     ) -> Self {
         let limiter = Arc::new(RateLimiter::new(&apps, buckets));
-        let pipeline = Pipeline::new(store.clone(), fanout.clone(), metrics, limiter, limits);
+        let pipeline = Pipeline::new(store.clone(), fanout.clone(), metrics, limiter, limits)
+            .with_frequency_caps(&apps);
         Self {
             apps,
             limits: limits.clone(),

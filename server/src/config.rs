@@ -279,6 +279,21 @@ pub struct AppSettings {
     /// How fast the app may push (none by default).
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// How many marketing pushes one user gets at most (no cap by default).
+    #[serde(default)]
+    pub frequency_cap: Option<FrequencyCap>,
+}
+
+/// At most `marketing` marketing pushes per user in each `window` (fixed windows, counted
+/// from the Unix epoch): a user over it is skipped, and counted.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    /// Marketing pushes per user per window.
+    pub marketing: u32,
+    /// The window.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
 }
 
 /// An app's rate limits: for all its pushes together (`total`) and per traffic class. A
@@ -337,6 +352,7 @@ impl AppSettings {
             previous_secret: None,
             previous_kid: None,
             rate_limits: RateLimits::default(),
+            frequency_cap: None,
         }
     }
 
@@ -718,6 +734,14 @@ impl Settings {
             if app.secret.len() < 32 {
                 return bad(&key("secret"), "must be at least 32 characters");
             }
+            if let Some(cap) = &app.frequency_cap
+                && (cap.marketing == 0 || cap.window < Duration::from_secs(1))
+            {
+                return bad(
+                    &key("frequency_cap"),
+                    "marketing must be at least 1 and window at least 1s",
+                );
+            }
             let limits = &app.rate_limits;
             for (class, rate) in [
                 ("total", &limits.total),
@@ -1071,6 +1095,27 @@ mod tests {
             let error = with(&[(key, value)]).expect_err(key);
             assert!(error.to_string().contains(named), "{key}: {error}");
         }
+        let capped = with(&[
+            ("PIGEON_APPS__0__FREQUENCY_CAP__MARKETING", "3"),
+            ("PIGEON_APPS__0__FREQUENCY_CAP__WINDOW", "24h"),
+        ])
+        .expect("a cap");
+        assert_eq!(
+            capped.apps[0].frequency_cap,
+            Some(FrequencyCap {
+                marketing: 3,
+                window: Duration::from_secs(24 * 3600),
+            })
+        );
+        let error = with(&[
+            ("PIGEON_APPS__0__FREQUENCY_CAP__MARKETING", "0"),
+            ("PIGEON_APPS__0__FREQUENCY_CAP__WINDOW", "24h"),
+        ])
+        .expect_err("a cap of 0");
+        assert!(
+            error.to_string().contains("apps[0].frequency_cap"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use pigeon_proto::device::Priority;
 use pigeon_proto::store::ScheduledPush;
 use serde::Serialize;
 
-use crate::config::Limits;
+use crate::config::{FrequencyCap, Limits};
 use crate::connections::{ConnectionTable, Delivered};
 use crate::intake::{self, Intake};
 use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
@@ -301,6 +301,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     limiter: Arc<RateLimiter>,
     intake: Arc<Intake>,
+    frequency_caps: std::collections::HashMap<String, FrequencyCap>,
     idempotency_window: Duration,
 }
 
@@ -326,8 +327,18 @@ impl Pipeline {
             metrics,
             limiter,
             intake,
+            frequency_caps: std::collections::HashMap::new(),
             idempotency_window: limits.idempotency_window,
         }
+    }
+
+    /// The pipeline with the frequency caps `apps` set.
+    pub fn with_frequency_caps(mut self, apps: &[crate::config::AppSettings]) -> Self {
+        self.frequency_caps = apps
+            .iter()
+            .filter_map(|app| Some((app.id.clone(), app.frequency_cap?)))
+            .collect();
+        self
     }
 
     /// Pushes one message, and counts the outcome.
@@ -482,6 +493,29 @@ impl Pipeline {
             opted_out
                 .skip_uids(self.store.as_ref(), &mut request, &mut counts)
                 .await?;
+        }
+        if request.class == Class::Marketing
+            && let Some(cap) = self.frequency_caps.get(&request.app)
+        {
+            let window_ms = (cap.window.as_millis() as u64).max(1);
+            let counted = self
+                .store
+                .count_capped(
+                    &request.app,
+                    &request.uids,
+                    now_ms / window_ms,
+                    window_ms,
+                    cap.marketing,
+                )
+                .await?;
+            let uids = std::mem::take(&mut request.uids);
+            for (uid, counted) in uids.into_iter().zip(counted) {
+                if counted {
+                    request.uids.push(uid);
+                } else {
+                    counts.skipped += 1;
+                }
+            }
         }
         let (mut tokens, named) = resolve(self.store.as_ref(), &request, &mut counts).await?;
         if let Some(opted_out) = OptedOut::of(&request) {

@@ -226,6 +226,18 @@ pub trait Registry: Send + Sync + 'static {
 
     /// What each of `uids` of `app` opted out of, in the order given.
     async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>, StoreError>;
+
+    /// Counts one more capped push for each of `uids` of `app` in the window `window`
+    /// (its number) that lasts `window_ms`, unless that uid has had `cap` already: per uid, in
+    /// the order given, whether it was counted (and so may get the push).
+    async fn count_capped(
+        &self,
+        app: &str,
+        uids: &[String],
+        window: u64,
+        window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>, StoreError>;
 }
 
 /// A device as the registry knows it.

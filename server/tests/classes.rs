@@ -367,3 +367,42 @@ async fn opted_out_users_are_skipped_and_counted() {
     assert_eq!(status, 400, "{answer}");
     assert_eq!(answer["error"]["field"], "category");
 }
+
+/// With a frequency cap of two marketing pushes per user per hour, the third skips them
+/// (counted); notifications are not capped.
+#[tokio::test]
+async fn a_frequency_cap_skips_users_over_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = limited_server(
+        dir.path(),
+        &[
+            ("FREQUENCY_CAP__MARKETING", "2"),
+            ("FREQUENCY_CAP__WINDOW", "1h"),
+        ],
+    );
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let marketing = |n: u32| json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": n}, "class": "marketing"});
+    for n in 0..2 {
+        let (status, answer) = server.push(marketing(n)).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["targets"]["skipped"], 0, "{answer}");
+        assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    }
+    let (status, answer) = server.push(marketing(2)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["skipped"], 2, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 0, "{answer}");
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann"]}, "payload": {"n": 3}}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let push = next_push(&mut ann).await;
+        ann.ack_push(&push).await.expect("ack");
+        got.push(payload(&push)["n"].as_u64().expect("n"));
+    }
+    assert_eq!(got, [0, 1, 3]);
+    assert_no_push(&mut ann, Duration::from_millis(300)).await;
+}

@@ -1191,6 +1191,39 @@ async fn opt_outs_are_kept_per_app_and_uid(backend: &Backend) {
     assert_eq!(read, [items(&["marketing"])]);
 }
 
+/// Capped pushes are counted per app, uid and window, up to the cap.
+async fn capped_pushes_are_counted_per_uid_and_window(backend: &Backend) {
+    let store = &backend.store;
+    let uids = |list: &[&str]| list.iter().map(|uid| uid.to_string()).collect::<Vec<_>>();
+    let hour = 3_600_000;
+    let first = store
+        .count_capped("demo", &uids(&["ann", "bob"]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(first, [true, true]);
+    let second = store
+        .count_capped("demo", &uids(&["ann"]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(second, [true]);
+    let third = store
+        .count_capped("demo", &uids(&["ann", "bob"]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(third, [false, true]);
+    // Another window, another app: counted afresh.
+    let next = store
+        .count_capped("demo", &uids(&["ann"]), 8, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(next, [true]);
+    let other = store
+        .count_capped("other", &uids(&["ann"]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(other, [true]);
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -1199,7 +1232,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 19] = cases![
+const CASES: [(&str, Case); 20] = cases![
+    capped_pushes_are_counted_per_uid_and_window,
     opt_outs_are_kept_per_app_and_uid,
     scheduled_pushes_are_claimed_once_and_cancelled_while_waiting,
     devices_are_admitted_and_resumed_by_their_own_uid_only,

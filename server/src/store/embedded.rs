@@ -36,6 +36,7 @@
 //! | `tag_devices` | `app \0 tag \0 token` | () |
 //! | `alias_devices` | `app \0 alias \0 token` | () |
 //! | `opt_out` | `app \0 uid` | what the uid opted out of, one item a line |
+//! | `capped` | (window number, `app \0 uid`) | capped (marketing) pushes the uid got in that window; earlier windows swept |
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
 //! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
@@ -78,6 +79,7 @@ const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::ne
 const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
 const OPT_OUT: TableDefinition<&str, &str> = TableDefinition::new("opt_out");
+const CAPPED: TableDefinition<(u64, &str), u32> = TableDefinition::new("capped");
 const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
 const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
@@ -151,6 +153,11 @@ enum Op {
         key: String,
         opt_out: String,
     },
+    CountCapped {
+        keys: Vec<String>,
+        window: u64,
+        cap: u32,
+    },
     Schedule {
         key: String,
         at_ms: u64,
@@ -181,6 +188,7 @@ enum Reply {
     Cancel(Cancel),
     Due(Vec<DueJob>),
     Scheduled(bool),
+    Counted(Vec<bool>),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -215,6 +223,7 @@ impl EmbeddedStore {
             txn.open_table(STREAM_EXPIRY).map_err(backend)?;
             txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
             txn.open_table(OPT_OUT).map_err(backend)?;
+            txn.open_table(CAPPED).map_err(backend)?;
             txn.open_table(SCHEDULE).map_err(backend)?;
             txn.open_table(SCHEDULE_IDS).map_err(backend)?;
             txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
@@ -492,6 +501,24 @@ impl Registry for EmbeddedStore {
             opt_out: opt_out.join("\n"),
         };
         self.write(op, false).await.map(|_| ())
+    }
+
+    async fn count_capped(
+        &self,
+        app: &str,
+        uids: &[String],
+        window: u64,
+        _window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>> {
+        let keys = uids.iter().map(|uid| format!("{app}\0{uid}")).collect();
+        match self
+            .write(Op::CountCapped { keys, window, cap }, false)
+            .await?
+        {
+            Reply::Counted(counted) => Ok(counted),
+            _ => Err(backend("unexpected reply to a count")),
+        }
     }
 
     async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>> {
@@ -821,6 +848,9 @@ impl Writer {
             } => tables
                 .ack_stream(&token, epoch, offset)
                 .map(|()| Reply::Done),
+            Op::CountCapped { keys, window, cap } => {
+                tables.count_capped(&keys, window, cap).map(Reply::Counted)
+            }
             Op::SetOptOut { key, opt_out } => {
                 tables.set_opt_out(&key, &opt_out).map(|()| Reply::Done)
             }
@@ -864,6 +894,7 @@ struct Tables<'txn> {
     stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
     stream_collapse: redb::Table<'txn, &'static str, u64>,
     opt_out: redb::Table<'txn, &'static str, &'static str>,
+    capped: redb::Table<'txn, (u64, &'static str), u32>,
     schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
@@ -886,10 +917,50 @@ impl<'txn> Tables<'txn> {
             stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
             stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
             opt_out: txn.open_table(OPT_OUT).map_err(backend)?,
+            capped: txn.open_table(CAPPED).map_err(backend)?,
             schedule: txn.open_table(SCHEDULE).map_err(backend)?,
             schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
             schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
         })
+    }
+
+    /// Counts one more capped push per key in `window`, for those under `cap`; forgets a
+    /// few counts of earlier windows on the way.
+    fn count_capped(&mut self, keys: &[String], window: u64, cap: u32) -> Result<Vec<bool>> {
+        let stale: Vec<(u64, String)> = self
+            .capped
+            .range((0, "")..(window, ""))
+            .map_err(backend)?
+            .take(keys.len().max(16))
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (at, key) = key.value();
+                        (at, key.to_owned())
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (at, key) in stale {
+            self.capped.remove((at, key.as_str())).map_err(backend)?;
+        }
+        let mut counted = Vec::with_capacity(keys.len());
+        for key in keys {
+            let n = self
+                .capped
+                .get((window, key.as_str()))
+                .map_err(backend)?
+                .map_or(0, |n| n.value());
+            if n >= cap {
+                counted.push(false);
+            } else {
+                self.capped
+                    .insert((window, key.as_str()), n + 1)
+                    .map_err(backend)?;
+                counted.push(true);
+            }
+        }
+        Ok(counted)
     }
 
     fn set_opt_out(&mut self, key: &str, opt_out: &str) -> Result<()> {

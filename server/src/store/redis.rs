@@ -11,6 +11,7 @@
 //! | `p:t:{app:tag}` | sorted set | the tag's device tokens (all scored 0, so they page in token order) |
 //! | `p:a:{app:alias}` | set | the alias's device tokens |
 //! | `p:o:{app:uid}` | string | what the uid opted out of, one item a line |
+//! | `p:f:{app:uid}:<window>` | string | capped (marketing) pushes the uid got in a window; expires with it |
 //! | `p:s:{app:stream}` | sorted set | a shared stream's entries: score = offset, member = `StoredMessage` |
 //! | `p:sm:{app:stream}` | hash | the stream's epoch, head (highest offset) and trimmed mark; never expires |
 //! | `p:sc:{app:stream}` | hash | collapse key -> offset of the stream's entry carrying it |
@@ -177,6 +178,9 @@ impl Keys {
     fn opt_out(&self, app: &str, uid: &str) -> String {
         format!("{}:o:{{{app}:{uid}}}", self.prefix)
     }
+    fn capped(&self, app: &str, uid: &str, window: u64) -> String {
+        format!("{}:f:{{{app}:{uid}}}:{window}", self.prefix)
+    }
     fn alias(&self, app: &str, alias: &str) -> String {
         format!("{}:a:{{{app}:{alias}}}", self.prefix)
     }
@@ -190,6 +194,20 @@ impl Keys {
         format!("{}:n:{node_id}", self.prefix)
     }
 }
+
+/// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (1: counted);
+/// the count lives as long as its window (ARGV[2] ms).
+static COUNT_CAPPED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+",
+    )
+});
 
 /// Whether `token` could be one this store issued. Anything else is unknown without a
 /// lookup, and never reaches a key name.
@@ -637,6 +655,35 @@ impl Registry for RedisStore {
             .query_async::<()>(&mut connection)
             .await
             .map_err(backend)
+    }
+
+    async fn count_capped(
+        &self,
+        app: &str,
+        uids: &[String],
+        window: u64,
+        window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>, StoreError> {
+        bounded(
+            uids.iter()
+                .map(|uid| {
+                    let key = self.keys.capped(app, uid, window);
+                    let mut connection = self.connection();
+                    async move {
+                        let counted: i64 = COUNT_CAPPED
+                            .key(key)
+                            .arg(cap)
+                            .arg(window_ms)
+                            .invoke_async(&mut connection)
+                            .await
+                            .map_err(backend)?;
+                        Ok(counted == 1)
+                    }
+                })
+                .collect(),
+        )
+        .await
     }
 
     async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>, StoreError> {
