@@ -343,6 +343,8 @@ struct PushBody {
     send_at: Option<String>,
     #[serde(default)]
     category: Option<String>,
+    #[serde(default)]
+    pace: Option<u64>,
 }
 
 /// A push's `class`.
@@ -411,6 +413,8 @@ enum PriorityBody {
 
 const MAX_ID_LEN: usize = 256;
 const MAX_KEY_LEN: usize = 128;
+/// The longest a push's delivery may be spread over (`pace`): a day.
+const MAX_PACE_SECONDS: u64 = 24 * 3600;
 
 async fn render_metrics(State(ops): State<Arc<Ops>>, headers: HeaderMap) -> Response {
     if let Some(expected) = &ops.authorization {
@@ -812,6 +816,7 @@ fn parse_push(app: &str, body: &[u8], limits: &Limits) -> Result<PushRequest, Ap
             },
             send_at: parsed.send_at,
             category: parsed.category,
+            pace_seconds: parsed.pace,
         },
         limits,
     )
@@ -941,6 +946,8 @@ pub struct PushFields<'a> {
     pub send_at: Option<String>,
     /// Its category, if any.
     pub category: Option<String>,
+    /// Seconds to spread its delivery over, if any.
+    pub pace_seconds: Option<u64>,
 }
 
 /// Checks a push's fields against the limits; errors name the field (in the JSON API's
@@ -1095,10 +1102,32 @@ pub fn validate_push(
     if let Some(category) = &fields.category {
         devices::check_name("category", category)?;
     }
+    let pace = match fields.pace_seconds {
+        None | Some(0) => None,
+        Some(seconds) => {
+            if seconds > MAX_PACE_SECONDS {
+                return Err(ApiError::invalid(
+                    "pace",
+                    format!("at most {MAX_PACE_SECONDS} seconds"),
+                ));
+            }
+            if audience.all || by_tags {
+                return Err(ApiError::invalid(
+                    "pace",
+                    "pacing applies to uids, tokens and aliases (not yet to all and tags)",
+                ));
+            }
+            if fields.class == Class::Realtime {
+                return Err(ApiError::invalid("pace", "a realtime push is not paced"));
+            }
+            Some(Duration::from_secs(seconds))
+        }
+    };
     Ok(PushRequest {
         app: app.to_owned(),
         class: fields.class,
         category: fields.category,
+        pace,
         send_at_ms,
         message_id: None,
         uids: audience.uids,

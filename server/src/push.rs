@@ -98,6 +98,8 @@ pub struct PushRequest {
     pub class: Class,
     /// Its category, which users may opt out of; `None` for none.
     pub category: Option<String>,
+    /// Spread its live delivery over this long (direct audiences); `None`: at once.
+    pub pace: Option<Duration>,
     /// Target uids.
     pub uids: Vec<String>,
     /// Target device tokens.
@@ -144,6 +146,7 @@ impl PushRequest {
             collapse_key: self.collapse_key.clone(),
             idempotency_key: self.idempotency_key.clone().unwrap_or_default(),
             category: self.category.clone().unwrap_or_default(),
+            pace_ms: self.pace.map_or(0, |pace| pace.as_millis() as u64),
         }
     }
 
@@ -165,6 +168,7 @@ impl PushRequest {
             app: stored.app,
             class,
             category: (!stored.category.is_empty()).then_some(stored.category),
+            pace: (stored.pace_ms > 0).then(|| Duration::from_millis(stored.pace_ms)),
             uids: stored.uids,
             tokens: stored.tokens,
             aliases: stored.aliases,
@@ -302,8 +306,13 @@ pub struct Pipeline {
     limiter: Arc<RateLimiter>,
     intake: Arc<Intake>,
     frequency_caps: std::collections::HashMap<String, FrequencyCap>,
+    /// Places for paced deliveries under way.
+    paced: Arc<tokio::sync::Semaphore>,
     idempotency_window: Duration,
 }
+
+/// Paced deliveries under way at once at most; past it a paced push is delivered at once.
+const PACED: usize = 64;
 
 impl Pipeline {
     /// A pipeline over these parts, within `limits`.
@@ -328,6 +337,7 @@ impl Pipeline {
             limiter,
             intake,
             frequency_caps: std::collections::HashMap::new(),
+            paced: Arc::new(tokio::sync::Semaphore::new(PACED)),
             idempotency_window: limits.idempotency_window,
         }
     }
@@ -555,6 +565,22 @@ impl Pipeline {
             }
         }
         let recorded = seqs.len() as u32;
+        if let Some(pace) = request.pace
+            && seqs.len() > 1
+        {
+            match self.deliver_paced(&message, seqs, pace) {
+                // Recorded for every target: each is handed its copy within `pace`, or
+                // reads it from the store.
+                Ok(()) => {
+                    counts.stored += recorded;
+                    return Ok(PushOutcome::Accepted {
+                        message_id: message.id.clone(),
+                        targets: counts,
+                    });
+                }
+                Err(targets) => seqs = targets,
+            }
+        }
         let live = self.fanout.deliver(&message, seqs).await;
         counts.delivered += live;
         // A target not reached live reads the message from the store; a TTL-0 one has
@@ -570,6 +596,38 @@ impl Pipeline {
         })
     }
 }
+
+impl Pipeline {
+    /// Hands `message` to `targets` in even steps over `pace`, in the background; gives
+    /// the targets back when as many paced deliveries as allowed are under way.
+    fn deliver_paced(
+        &self,
+        message: &Arc<Message>,
+        targets: Vec<RecordedTarget>,
+        pace: Duration,
+    ) -> Result<(), Vec<RecordedTarget>> {
+        let Ok(place) = self.paced.clone().try_acquire_owned() else {
+            return Err(targets);
+        };
+        let (fanout, message) = (self.fanout.clone(), message.clone());
+        tokio::spawn(async move {
+            let steps = targets
+                .len()
+                .min((pace.as_millis() / PACE_STEP.as_millis()).max(1) as usize);
+            let per_step = targets.len().div_ceil(steps);
+            let start = tokio::time::Instant::now();
+            for (step, chunk) in targets.chunks(per_step).enumerate() {
+                tokio::time::sleep_until(start + pace.mul_f64(step as f64 / steps as f64)).await;
+                fanout.deliver(&message, chunk.to_vec()).await;
+            }
+            drop(place);
+        });
+        Ok(())
+    }
+}
+
+/// The shortest step of a paced delivery.
+const PACE_STEP: Duration = Duration::from_millis(100);
 
 /// The message a request describes, accepted at `now_ms`, and its idempotency key with
 /// the time it stops counting.
@@ -796,6 +854,7 @@ mod tests {
                 app: "demo".into(),
                 class: Class::Notification,
                 category: None,
+                pace: None,
                 uids: vec!["alice".into()],
                 tokens: Vec::new(),
                 aliases: Vec::new(),

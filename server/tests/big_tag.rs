@@ -110,6 +110,7 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
             app: "demo".into(),
             class: Class::Notification,
             category: None,
+            pace: None,
             uids: Vec::new(),
             tokens: Vec::new(),
             aliases: Vec::new(),

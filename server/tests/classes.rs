@@ -406,3 +406,57 @@ async fn a_frequency_cap_skips_users_over_it() {
     assert_eq!(got, [0, 1, 3]);
     assert_no_push(&mut ann, Duration::from_millis(300)).await;
 }
+
+/// A push paced over two seconds reaches its twenty devices spread over that time, every
+/// one of them; pacing is refused where it does not apply.
+#[tokio::test]
+async fn a_paced_push_is_spread_over_its_pace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut devices = Vec::new();
+    let mut uids = Vec::new();
+    for n in 0..20 {
+        let uid = format!("p{n}");
+        devices.push(connect(&server, &uid, &DeviceState::default()).await);
+        uids.push(uid);
+    }
+    let sent = pigeon_server::message::unix_millis();
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": uids}, "payload": {"paced": true}, "pace": 2}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["stored"], 20, "{answer}");
+    let mut arrivals = Vec::new();
+    for device in &mut devices {
+        let push = next_push(device).await;
+        assert_eq!(payload(&push), json!({"paced": true}));
+        device.ack_push(&push).await.expect("ack");
+        arrivals.push(pigeon_server::message::unix_millis() - sent);
+    }
+    arrivals.sort_unstable();
+    let (first, last) = (arrivals[0], arrivals[19]);
+    assert!(first < 500, "the first step goes at once: {arrivals:?}");
+    assert!(
+        last >= 1500,
+        "the last step goes near the end of the pace: {arrivals:?}"
+    );
+    assert!(last < 4000, "within the pace: {arrivals:?}");
+    for (body, field) in [
+        (
+            json!({"audience": {"all": true}, "payload": {}, "pace": 2}),
+            "pace",
+        ),
+        (
+            json!({"audience": {"uids": ["p1"]}, "payload": {}, "pace": 2, "class": "realtime"}),
+            "pace",
+        ),
+        (
+            json!({"audience": {"uids": ["p1"]}, "payload": {}, "pace": 100000}),
+            "pace",
+        ),
+    ] {
+        let (status, answer) = server.push(body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+}

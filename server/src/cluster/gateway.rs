@@ -113,6 +113,7 @@ impl push_server::Push for PushGrpc {
                 class,
                 send_at: (!body.send_at.is_empty()).then_some(body.send_at),
                 category: (!body.category.is_empty()).then_some(body.category),
+                pace_seconds: Some(u64::from(body.pace_seconds)),
             },
             &api.limits,
         )?;
