@@ -927,21 +927,7 @@ impl<'txn> Tables<'txn> {
     /// Counts one more capped push per key in `window`, for those under `cap`; forgets a
     /// few counts of earlier windows on the way.
     fn count_capped(&mut self, keys: &[String], window: u64, cap: u32) -> Result<Vec<bool>> {
-        let stale: Vec<(u64, String)> = self
-            .capped
-            .range((0, "")..(window, ""))
-            .map_err(backend)?
-            .take(keys.len().max(16))
-            .map(|entry| {
-                entry
-                    .map(|(key, _)| {
-                        let (at, key) = key.value();
-                        (at, key.to_owned())
-                    })
-                    .map_err(backend)
-            })
-            .collect::<Result<_>>()?;
-        for (at, key) in stale {
+        for (at, key) in keys_before(&self.capped, window, keys.len().max(16))? {
             self.capped.remove((at, key.as_str())).map_err(backend)?;
         }
         let mut counted = Vec::with_capacity(keys.len());
@@ -1616,41 +1602,13 @@ impl<'txn> Tables<'txn> {
         for (stream, offset) in expired_entries {
             self.remove_entry(&stream, offset)?;
         }
-        let expired_keys: Vec<(u64, String)> = self
-            .idempotency_expiry
-            .range((0, "")..(now_ms, ""))
-            .map_err(backend)?
-            .take(SWEEP_LIMIT)
-            .map(|entry| {
-                entry
-                    .map(|(key, _)| {
-                        let (at, key) = key.value();
-                        (at, key.to_owned())
-                    })
-                    .map_err(backend)
-            })
-            .collect::<Result<_>>()?;
-        for (at, key) in expired_keys {
+        for (at, key) in keys_before(&self.idempotency_expiry, now_ms, SWEEP_LIMIT)? {
             self.idempotency_expiry
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
             self.idempotency.remove(key.as_str()).map_err(backend)?;
         }
-        let forgotten: Vec<(u64, String)> = self
-            .schedule_fired
-            .range((0, "")..(now_ms, ""))
-            .map_err(backend)?
-            .take(SWEEP_LIMIT)
-            .map(|entry| {
-                entry
-                    .map(|(key, _)| {
-                        let (at, key) = key.value();
-                        (at, key.to_owned())
-                    })
-                    .map_err(backend)
-            })
-            .collect::<Result<_>>()?;
-        for (at, key) in forgotten {
+        for (at, key) in keys_before(&self.schedule_fired, now_ms, SWEEP_LIMIT)? {
             self.schedule_fired
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
@@ -1658,6 +1616,28 @@ impl<'txn> Tables<'txn> {
         }
         Ok(())
     }
+}
+
+/// Up to `limit` keys of a table keyed by (number, name) whose number is below `before`, in
+/// order: the rows a sweep removes.
+fn keys_before<V: redb::Value + 'static>(
+    table: &redb::Table<'_, (u64, &'static str), V>,
+    before: u64,
+    limit: usize,
+) -> Result<Vec<(u64, String)>> {
+    table
+        .range((0, "")..(before, ""))
+        .map_err(backend)?
+        .take(limit)
+        .map(|entry| {
+            entry
+                .map(|(key, _)| {
+                    let (at, key) = key.value();
+                    (at, key.to_owned())
+                })
+                .map_err(backend)
+        })
+        .collect()
 }
 
 /// The key of `app`'s scheduled push `id` in the schedule tables.
