@@ -96,6 +96,8 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
             "/v1/users/{uid}/preferences",
             get(get_preferences).put(put_preferences),
         )
+        .route("/v1/users/{uid}/devices", get(user_devices))
+        .route("/v1/presence", get(presence))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(api)
 }
@@ -628,6 +630,48 @@ async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiErr
         } => json!({"message_id": message_id, "scheduled": true, "send_at": rfc3339(send_at_ms)}),
     };
     Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+}
+
+/// `GET /v1/users/{uid}/devices`.
+async fn user_devices(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    uid: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let uid = path_param(uid, "uid")?;
+            let devices = api.devices.of_user(&app.id, &uid).await?;
+            Ok(ok(json!({"uid": uid, "devices": devices})))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceQuery {
+    uids: String,
+}
+
+/// `GET /v1/presence?uids=a,b`.
+async fn presence(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    query: Result<Query<PresenceQuery>, QueryRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let Query(query) =
+                query.map_err(|rejection| ApiError::invalid("uids", rejection.body_text()))?;
+            let uids: Vec<String> = query.uids.split(',').map(str::to_owned).collect();
+            let presence = api.devices.presence(&app.id, &uids).await?;
+            Ok(ok(json!({"presence": presence})))
+        }
+        .await,
+    )
 }
 
 #[derive(Deserialize)]

@@ -24,6 +24,9 @@ pub const DEFAULT_PAGE: usize = 100;
 /// Devices a tag's deletion takes out of it at a time.
 const DELETE_PAGE: usize = 1000;
 
+/// Uids one presence request names at most.
+pub const MAX_PRESENCE_UIDS: usize = 100;
+
 /// Items one user may opt out of at most.
 pub const MAX_OPT_OUT: usize = 32;
 
@@ -147,6 +150,74 @@ impl Devices {
         opt_out.dedup();
         self.store.set_opt_out(app, uid, &opt_out).await?;
         Ok(opt_out)
+    }
+
+    /// The devices of `uid` (at most [`MAX_PAGE`]), in token order.
+    pub async fn of_user(&self, app: &str, uid: &str) -> Result<Vec<DeviceView>, ApiError> {
+        check_uid(uid)?;
+        let mut tokens = self
+            .store
+            .tokens_for_uids(app, &[uid.to_owned()])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        tokens.sort();
+        tokens.truncate(MAX_PAGE);
+        let mut devices = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            match self.get(app, &token).await {
+                Ok(device) => devices.push(device),
+                // Unbound meanwhile.
+                Err(ApiError::NoSuchDevice(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(devices)
+    }
+
+    /// Which devices of each of `uids` are online now, and on which node.
+    pub async fn presence(
+        &self,
+        app: &str,
+        uids: &[String],
+    ) -> Result<Vec<serde_json::Value>, ApiError> {
+        if uids.is_empty() || uids.len() > MAX_PRESENCE_UIDS {
+            return Err(ApiError::invalid(
+                "uids",
+                format!("name 1 to {MAX_PRESENCE_UIDS} uids, comma-separated"),
+            ));
+        }
+        if let Some(index) = uids
+            .iter()
+            .position(|uid| !pigeon_proto::credential::valid_uid(uid))
+        {
+            return Err(ApiError::invalid(
+                &format!("uids[{index}]"),
+                "must be 1 to 256 bytes with no control characters",
+            ));
+        }
+        let per_uid = self.store.tokens_for_uids(app, uids).await?;
+        let mut answer = Vec::with_capacity(uids.len());
+        for (uid, mut tokens) in uids.iter().zip(per_uid) {
+            tokens.sort();
+            tokens.truncate(MAX_PAGE);
+            let mut online = Vec::new();
+            for token in tokens {
+                let Some(route) = self.store.device(app, &token).await?.and_then(|d| d.route)
+                else {
+                    continue;
+                };
+                if self.fanout.is_live(&route).await {
+                    online.push(serde_json::json!({"token": token, "node": route.node}));
+                }
+            }
+            answer.push(serde_json::json!({
+                "uid": uid,
+                "online": !online.is_empty(),
+                "devices": online,
+            }));
+        }
+        Ok(answer)
     }
 
     /// The device `token` of `app`.

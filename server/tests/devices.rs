@@ -226,6 +226,69 @@ async fn tags_and_aliases_over_http() {
     assert_eq!(status, 401);
 }
 
+/// A user's devices, and who is online: a device counts as online while connected, not
+/// after it left.
+#[tokio::test]
+async fn a_users_devices_and_presence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let phone = connect(&server, "ann", &DeviceState::default()).await;
+    let tablet = connect(&server, "ann", &DeviceState::default()).await;
+    let _bob = connect(&server, "bob", &DeviceState::default()).await;
+    let mut tokens = vec![
+        phone.welcome().device_token.clone(),
+        tablet.welcome().device_token.clone(),
+    ];
+    tokens.sort();
+    let (status, answer) = call(&server, "GET", "/v1/users/ann/devices", None).await;
+    assert_eq!(status, 200, "{answer}");
+    let listed: Vec<&str> = answer["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .map(|device| device["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(listed, tokens);
+    assert_eq!(answer["devices"][0]["online"], true);
+
+    let (status, answer) = call(&server, "GET", "/v1/presence?uids=ann,bob,cy", None).await;
+    assert_eq!(status, 200, "{answer}");
+    let presence = answer["presence"].as_array().expect("presence");
+    assert_eq!(presence.len(), 3);
+    assert_eq!(presence[0]["uid"], "ann");
+    assert_eq!(presence[0]["devices"].as_array().expect("devices").len(), 2);
+    assert_eq!(presence[1]["online"], true);
+    assert_eq!(
+        presence[2],
+        json!({"uid": "cy", "online": false, "devices": []})
+    );
+
+    drop(tablet);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, answer) = call(&server, "GET", "/v1/presence?uids=ann", None).await;
+        let online = answer["presence"][0]["devices"]
+            .as_array()
+            .expect("devices")
+            .len();
+        if online == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tablet stayed online: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(phone);
+    let (status, answer) = call(&server, "GET", "/v1/presence", None).await;
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["field"], "uids");
+    let many = vec!["u"; 101].join(",");
+    let (status, answer) = call(&server, "GET", &format!("/v1/presence?uids={many}"), None).await;
+    assert_eq!(status, 400, "{answer}");
+}
+
 #[tokio::test]
 async fn the_device_api_over_grpc() {
     use pigeon_proto::push::push_client::PushClient;
