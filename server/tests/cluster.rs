@@ -405,3 +405,50 @@ async fn a_gateway_killed_mid_fan_out_loses_nothing_it_answered_202_for() {
         assert_eq!(seqs, (1..=highest).collect::<Vec<u64>>(), "{uid}: gap");
     }
 }
+
+/// Presence in cluster mode: a device shows on the node it is connected to, moves with a
+/// takeover, and is not shown online once its node was SIGKILLed and its lease ran out.
+#[tokio::test]
+async fn presence_follows_a_device_across_nodes_and_a_node_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let one = NodeProcess::start(&deployment, &[]);
+    let mut two = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let presence = || async {
+        let (status, answer) = gateway.call("GET", "/v1/presence?uids=bob", None).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["presence"][0].clone()
+    };
+    let wait_for = |want: serde_json::Value| {
+        let presence = &presence;
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let now = presence().await;
+                if now == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "presence is {now}, never {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let old = connect(&one, "bob", &DeviceState::default()).await;
+    let token = old.welcome().device_token.clone();
+    wait_for(json!({"uid": "bob", "online": true, "devices": [{"token": token, "node": one.id}]}))
+        .await;
+    let _new = connect(&two, "bob", &state_of(&old, 0)).await;
+    wait_for(json!({"uid": "bob", "online": true, "devices": [{"token": token, "node": two.id}]}))
+        .await;
+    two.kill();
+    // Its route outlives it in Redis; the lease (2 s here) says it is gone.
+    wait_for(json!({"uid": "bob", "online": false, "devices": []})).await;
+    let (status, answer) = gateway.call("GET", "/v1/users/bob/devices", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["devices"][0]["online"], false, "{answer}");
+}
