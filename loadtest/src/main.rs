@@ -736,30 +736,11 @@ async fn push_shared(
     }
 }
 
-/// Whether a push stored once was accepted (202, not a duplicate), or its error kind. Its
-/// answer counts only the devices a node handed it to before the gateway's deadline.
-async fn classify_shared(response: reqwest::Result<reqwest::Response>) -> Result<(), String> {
-    let response = response.map_err(|error| {
-        if error.is_timeout() {
-            "timeout".to_owned()
-        } else {
-            "transport".to_owned()
-        }
-    })?;
-    let status = response.status().as_u16();
-    let body: serde_json::Value = response.json().await.unwrap_or_default();
-    if status != 202 {
-        let code = body["error"]["code"].as_str().unwrap_or("?").to_owned();
-        return Err(format!("http {status} {code}"));
-    }
-    if body["duplicate"] == true {
-        return Err("duplicate".into());
-    }
-    Ok(())
-}
-
-/// A push's accepted deliveries as the API counted them, or its error kind.
-async fn classify(response: reqwest::Result<reqwest::Response>) -> Result<u64, String> {
+/// The body of a 202, or the error kind: timeout, connect, transport, or `http <status>
+/// <code>`.
+async fn accepted(
+    response: reqwest::Result<reqwest::Response>,
+) -> Result<serde_json::Value, String> {
     let response = response.map_err(|error| {
         if error.is_timeout() {
             "timeout".to_owned()
@@ -775,6 +756,22 @@ async fn classify(response: reqwest::Result<reqwest::Response>) -> Result<u64, S
         let code = body["error"]["code"].as_str().unwrap_or("?").to_owned();
         return Err(format!("http {status} {code}"));
     }
+    Ok(body)
+}
+
+/// Whether a push stored once was accepted (202, not a duplicate), or its error kind. Its
+/// answer counts only the devices a node handed it to before the gateway's deadline.
+async fn classify_shared(response: reqwest::Result<reqwest::Response>) -> Result<(), String> {
+    let body = accepted(response).await?;
+    if body["duplicate"] == true {
+        return Err("duplicate".into());
+    }
+    Ok(())
+}
+
+/// A push's accepted deliveries as the API counted them, or its error kind.
+async fn classify(response: reqwest::Result<reqwest::Response>) -> Result<u64, String> {
+    let body = accepted(response).await?;
     let targets = &body["targets"];
     let count = |key: &str| targets[key].as_u64().unwrap_or(0);
     if count("unknown") > 0 || count("dropped") > 0 {

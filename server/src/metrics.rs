@@ -41,7 +41,8 @@ pub struct Metrics {
     targets_stored: AtomicU64,
     targets_unknown: AtomicU64,
     targets_dropped: AtomicU64,
-    per_app: Mutex<BTreeMap<(String, Class), AppCounts>>,
+    /// Per app, per class (in [`Class::ALL`] order) once it has pushed any.
+    per_app: Mutex<BTreeMap<String, [Option<AppCounts>; 3]>>,
     intake: std::sync::OnceLock<Arc<crate::intake::Intake>>,
 }
 
@@ -56,8 +57,15 @@ impl Metrics {
     }
 
     fn count(&self, app: &str, class: Class, add: impl FnOnce(&mut AppCounts)) {
-        if let Ok(mut per_app) = self.per_app.lock() {
-            add(per_app.entry((app.to_owned(), class)).or_default());
+        let Ok(mut per_app) = self.per_app.lock() else {
+            return;
+        };
+        // The app's entry is found without allocating; only its first push adds one.
+        if !per_app.contains_key(app) {
+            per_app.insert(app.to_owned(), Default::default());
+        }
+        if let Some(classes) = per_app.get_mut(app) {
+            add(classes[class as usize].get_or_insert_with(AppCounts::default));
         }
     }
 
@@ -188,7 +196,7 @@ impl Metrics {
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\
                  # TYPE pigeon_app_pushes_total counter\n",
             );
-            for ((app, class), counts) in per_app.iter() {
+            for (app, class, counts) in seen(&per_app) {
                 for (result, value) in [
                     ("accepted", counts.accepted),
                     ("scheduled", counts.scheduled),
@@ -208,7 +216,7 @@ impl Metrics {
                 "# HELP pigeon_app_push_targets_total Targets of accepted pushes per app and class, by state.\n\
                  # TYPE pigeon_app_push_targets_total counter\n",
             );
-            for ((app, class), counts) in per_app.iter() {
+            for (app, class, counts) in seen(&per_app) {
                 for (state, value) in [
                     ("delivered", counts.delivered),
                     ("stored", counts.stored),
@@ -226,6 +234,18 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Each app and class that has pushed, with its counts.
+fn seen(
+    per_app: &BTreeMap<String, [Option<AppCounts>; 3]>,
+) -> impl Iterator<Item = (&str, Class, &AppCounts)> {
+    per_app.iter().flat_map(|(app, classes)| {
+        Class::ALL
+            .iter()
+            .zip(classes)
+            .filter_map(move |(class, counts)| Some((app.as_str(), *class, counts.as_ref()?)))
+    })
 }
 
 #[cfg(test)]
