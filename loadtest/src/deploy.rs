@@ -34,6 +34,9 @@ pub struct Deployment {
     pub redis_port: Option<u16>,
     /// Pid of the process serving the push API, when the harness started it.
     pub api_pid: Option<u32>,
+    /// Every gateway's push API base URL and pid, when the harness started them (the
+    /// first is `http_url`'s).
+    pub gateways: Vec<(String, u32)>,
     /// The CA devices must trust (wss and QUIC).
     pub ca: Option<PathBuf>,
     children: Vec<Child>,
@@ -60,6 +63,8 @@ pub struct Plan {
     /// Start one `pigeon standalone` (embedded store, no Redis) instead of nodes, a gateway
     /// and Redis.
     pub standalone: bool,
+    /// Gateway processes (at least one).
+    pub gateways: usize,
 }
 
 /// How the simulated devices reach the nodes.
@@ -242,24 +247,31 @@ impl Deployment {
             node_pids.extend(child.id());
             children.push(child);
         }
-        let mut command = Command::new(&pigeon);
-        command.arg("gateway");
-        env(&mut command);
-        command.env_remove("PIGEON_LISTEN__QUIC");
-        let mut gateway = command.spawn().context("starting pigeon gateway")?;
-        let found = addresses(&mut gateway, &["push api: ", "push grpc: "]).await?;
-        let api_pid = gateway.id();
-        children.push(gateway);
+        let mut gateways = Vec::new();
+        let mut grpc_addr = None;
+        for _ in 0..plan.gateways.max(1) {
+            let mut command = Command::new(&pigeon);
+            command.arg("gateway");
+            env(&mut command);
+            command.env_remove("PIGEON_LISTEN__QUIC");
+            let mut gateway = command.spawn().context("starting pigeon gateway")?;
+            let found = addresses(&mut gateway, &["push api: ", "push grpc: "]).await?;
+            let url = found[0].trim_end_matches("/v1/push").to_owned();
+            gateways.push((url, gateway.id().unwrap_or(0)));
+            grpc_addr.get_or_insert_with(|| found[1].clone());
+            children.push(gateway);
+        }
         Ok(Self {
             ws_urls,
-            http_url: found[0].trim_end_matches("/v1/push").to_owned(),
-            grpc_addr: Some(found[1].clone()),
+            http_url: gateways[0].0.clone(),
+            grpc_addr,
             app,
             flood_app: Some(flood_app),
             node_pids,
             redis_pid,
             redis_port: Some(port),
-            api_pid,
+            api_pid: Some(gateways[0].1),
+            gateways,
             ca: (plan.transport != Transport::Ws).then(|| certs.join("ca.pem")),
             children,
         })
@@ -309,6 +321,7 @@ impl Deployment {
             redis_pid: None,
             redis_port: None,
             api_pid: child.id(),
+            gateways: Vec::new(),
             ca: None,
             children: vec![child],
         })
@@ -332,6 +345,7 @@ impl Deployment {
             redis_pid: None,
             redis_port: None,
             api_pid: None,
+            gateways: Vec::new(),
             ca,
             children: Vec::new(),
         }
@@ -346,6 +360,20 @@ impl Deployment {
                 .flatten()
                 .map(|status| format!("a deployment process exited: {status}"))
         })
+    }
+
+    /// SIGKILLs the gateway with pid `pid` (one of [`Self::gateways`]): it is gone from the
+    /// deployment, not a process that exited unexpectedly.
+    pub async fn kill_gateway(&mut self, pid: u32) -> anyhow::Result<()> {
+        let index = self
+            .children
+            .iter()
+            .position(|child| child.id() == Some(pid))
+            .context("no such gateway")?;
+        let mut child = self.children.remove(index);
+        child.kill().await.context("killing a gateway")?;
+        self.gateways.retain(|(_, gateway)| *gateway != pid);
+        Ok(())
     }
 
     /// Stops everything the harness started.

@@ -20,6 +20,9 @@
 //!   all are back and everything is replayed.
 //! - `isolation`: the app's notifications alone, then while a second app floods the push
 //!   API at three times what it carries: the app's latency in both phases, the flood's 429s.
+//! - `schedule-burst`: many pushes scheduled for the same second, through several gateways,
+//!   one of them SIGKILLed at that second: how long after it they arrived, none lost, none
+//!   twice.
 //! - `floor`: the loopback floor alone, for any number of sockets.
 
 mod deploy;
@@ -150,6 +153,30 @@ enum Scenario {
         /// The flood, as a multiple of the flood app's pushes per second alone.
         #[arg(long, default_value_t = 3.0)]
         flood_factor: f64,
+    },
+    /// Scheduled pushes: `--pushes` pushes to the devices' uids (taking turns), all
+    /// scheduled for the same second through every gateway; with `--kill-gateway`, the first
+    /// gateway is SIGKILLed `--kill-after-ms` after that second. How long after it the pushes
+    /// arrived; every one arrives, none twice.
+    ScheduleBurst {
+        #[command(flatten)]
+        common: Common,
+        /// Pushes scheduled for the same second.
+        #[arg(long, default_value_t = 100_000)]
+        pushes: usize,
+        /// Gateways to start (cluster mode), each scheduling a share of the pushes.
+        #[arg(long, default_value_t = 2)]
+        gateways: usize,
+        /// SIGKILL the first gateway just after the pushes are due.
+        #[arg(long)]
+        kill_gateway: bool,
+        /// Milliseconds after the due second to kill the gateway.
+        #[arg(long, default_value_t = 300)]
+        kill_after_ms: u64,
+        /// Seconds from the start of scheduling to the due second (default: 20, and one
+        /// more per 2,000 pushes); the run fails if scheduling takes longer.
+        #[arg(long)]
+        lead: Option<u64>,
     },
     /// N devices with K stored messages each reconnect at once.
     ReconnectStorm {
@@ -324,6 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Scenario::Broadcast { common, .. } => ("broadcast", common),
         Scenario::ReconnectStorm { common, .. } => ("reconnect-storm", common),
         Scenario::Isolation { common, .. } => ("isolation", common),
+        Scenario::ScheduleBurst { common, .. } => ("schedule-burst", common),
         Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
             anyhow::bail!("not a deployment's scenario")
         }
@@ -346,7 +374,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => (*every).max(1),
         _ => 0,
     };
-    let mut run = prepare(name, command, common, max_audience, keep_tokens_every).await?;
+    let gateways = match &cli.scenario {
+        Scenario::ScheduleBurst { gateways, .. } => (*gateways).max(1),
+        _ => 1,
+    };
+    let mut run = prepare(
+        name,
+        command,
+        common,
+        max_audience,
+        keep_tokens_every,
+        gateways,
+    )
+    .await?;
     let outcome = match &cli.scenario {
         Scenario::Idle(common) => idle(&mut run, common).await,
         Scenario::Unicast {
@@ -406,6 +446,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             };
             isolation(&mut run, common, plan).await
         }
+        Scenario::ScheduleBurst {
+            common,
+            pushes,
+            kill_gateway,
+            kill_after_ms,
+            lead,
+            ..
+        } => {
+            let kill = kill_gateway.then(|| Duration::from_millis(*kill_after_ms));
+            let lead = Duration::from_secs(lead.unwrap_or(20 + *pushes as u64 / 2000));
+            schedule_burst(&mut run, common, *pushes, kill, lead).await
+        }
         Scenario::Floor { .. } | Scenario::FloorWriter { .. } | Scenario::FloorReaders { .. } => {
             Ok(())
         }
@@ -422,6 +474,7 @@ async fn prepare(
     common: &Common,
     max_audience: Option<usize>,
     keep_tokens_every: u32,
+    gateways: usize,
 ) -> anyhow::Result<Run> {
     let out = common.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -446,6 +499,7 @@ async fn prepare(
             heartbeat: common.heartbeat,
             max_audience,
             standalone: common.standalone,
+            gateways,
         })
         .await?
     } else {
@@ -1122,6 +1176,134 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         round(f64::from(flooded_p.p99) / f64::from(alone_p.p99.max(1)), 2),
     );
     result.latency = Some(flooded_p);
+    Ok(())
+}
+
+/// `schedule-burst`: see [`Scenario::ScheduleBurst`].
+async fn schedule_burst(
+    run: &mut Run,
+    common: &Common,
+    pushes: usize,
+    kill: Option<Duration>,
+    lead: Duration,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(pushes > 0, "--pushes must be at least 1");
+    connect_all(run, common).await?;
+    let urls: Vec<String> = if run.deployment.gateways.is_empty() {
+        vec![run.deployment.http_url.clone()]
+    } else {
+        let urls = run.deployment.gateways.iter().map(|(url, _)| url.clone());
+        urls.collect()
+    };
+    let victim = match kill {
+        Some(_) if run.deployment.gateways.len() < 2 => {
+            anyhow::bail!("--kill-gateway needs two gateways or more (cluster mode)")
+        }
+        Some(after) => Some((run.deployment.gateways[0].1, after)),
+        None => None,
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Every push is due at the same whole second, `lead` ahead; the devices measure latency
+    // from it.
+    let key = run.deployment.app.api_key.clone();
+    let schedule = |index: usize, due: u64| {
+        let url = format!("{}/v1/push", urls[index % urls.len()]);
+        let send_at = time::OffsetDateTime::from_unix_timestamp(due as i64)
+            .ok()
+            .and_then(|at| {
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        let uid = fleet::uid(index % common.devices);
+        let body = json!({"audience": {"uids": [uid]}, "payload": {"t": due * 1_000_000, "i": index},
+                          "ttl": 3600, "send_at": send_at});
+        let request = http.post(url).bearer_auth(&key).json(&body).send();
+        async move {
+            let body = accepted(request.await).await?;
+            match body["scheduled"] == true {
+                true => Ok(()),
+                false => Err("not scheduled".to_owned()),
+            }
+        }
+    };
+    let errors = Mutex::new(BTreeMap::<String, u64>::new());
+    let send = |range: std::ops::Range<usize>, due: u64| {
+        futures_util::stream::iter(range)
+            .map(move |index| schedule(index, due))
+            .buffer_unordered(256)
+            .for_each(|outcome| {
+                if let Err(kind) = outcome {
+                    *errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(kind)
+                        .or_default() += 1;
+                }
+                async {}
+            })
+    };
+    let due = unix_micros() / 1_000_000 + lead.as_secs();
+    let scheduling = Instant::now();
+    send(0..pushes, due).await;
+    let scheduled_in = scheduling.elapsed();
+    let errors = errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    let refused: u64 = errors.values().sum();
+    run.result.errors = errors;
+    let accepted = pushes as u64 - refused;
+    let due_at = Duration::from_secs(due);
+    let now = Duration::from_micros(unix_micros());
+    anyhow::ensure!(
+        now + Duration::from_secs(1) < due_at,
+        "scheduling took {scheduled_in:.1?}, past the due second: raise --lead"
+    );
+    tokio::time::sleep(due_at - now).await;
+    if let Some((pid, after)) = victim {
+        tokio::time::sleep(after).await;
+        run.deployment.kill_gateway(pid).await?;
+        eprintln!("SIGKILLed gateway {pid} {after:?} after the due second");
+    }
+    // Every push, once: the devices' seqs add up to exactly the accepted pushes, also a
+    // while after the last arrived (a push sent twice would add a seq).
+    expect_deliveries(run, accepted, Duration::from_secs(120)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reports = run.fleet.reports().await?;
+    let seq_sum: u64 = reports.iter().map(|report| report.seq_sum).sum();
+    if seq_sum > accepted {
+        run.result.problem(format!(
+            "TWICE: devices got {seq_sum} deliveries of {accepted} accepted pushes"
+        ));
+    }
+    let mut latencies: Vec<u32> = reports
+        .iter()
+        .flat_map(|report| report.latencies_us.iter().copied())
+        .collect();
+    let within = |limit_us: u32| latencies.iter().filter(|&&l| l <= limit_us).count();
+    let (within_1s, within_2s) = (within(1_000_000), within(2_000_000));
+    let last_us = latencies.iter().copied().max().unwrap_or(0);
+    let percentiles = Percentiles::of(&mut latencies);
+    let result = &mut run.result;
+    result.figure("pushes scheduled for the same second", pushes);
+    result.figure("pushes accepted (202 scheduled)", accepted);
+    result.figure("gateways", urls.len());
+    result.figure("scheduling took (s)", round(scheduled_in.as_secs_f64(), 1));
+    result.figure(
+        "gateway SIGKILLed after the due second (ms)",
+        victim.map_or("none".to_owned(), |(_, after)| {
+            after.as_millis().to_string()
+        }),
+    );
+    result.figure("arrived within 1 s of the due second", within_1s);
+    result.figure("arrived within 2 s of the due second", within_2s);
+    result.figure(
+        "last arrival after the due second (s)",
+        round(f64::from(last_us) / 1e6, 2),
+    );
+    result.figure("deliveries counted by the devices", seq_sum);
+    result.latency = Some(percentiles);
     Ok(())
 }
 

@@ -150,6 +150,29 @@ fn isolation_measures_the_app_alone_and_under_a_flood() {
     );
 }
 
+/// Pushes scheduled for one second through two gateways, one SIGKILLed just after it:
+/// every push arrives, once (the run fails on a loss or a second copy).
+#[test]
+fn a_scheduled_burst_survives_a_gateway_kill() {
+    let result = run(&[
+        "schedule-burst",
+        "--pushes",
+        "300",
+        "--gateways",
+        "2",
+        "--kill-gateway",
+        "--lead",
+        "4",
+    ]);
+    let figures = &result["figures"];
+    assert_eq!(figures["pushes accepted (202 scheduled)"], 300);
+    assert_eq!(figures["deliveries counted by the devices"], 300);
+    assert_eq!(
+        figures["gateway SIGKILLed after the due second (ms)"],
+        "300"
+    );
+}
+
 /// The floor alone, spread over writer processes: every socket is read, in every round.
 #[test]
 fn the_floor_spreads_over_writer_processes() {

@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::log_throttle::Throttle;
@@ -17,24 +18,43 @@ use crate::message::unix_millis;
 use crate::push::{Pipeline, PushError};
 use crate::store::{DueJob, Store};
 
-/// How long a claimed push is left to the process that claimed it.
-pub const LEASE: Duration = Duration::from_secs(30);
+/// How long a claimed push is left to the process that claimed it: how late a push claimed
+/// by a process that dies is sent by another. Sending one takes milliseconds; one that waits
+/// longer for a place in the pipeline is sent again by another process when its claim
+/// lapses, and its idempotency key makes that a duplicate.
+pub const LEASE: Duration = Duration::from_secs(5);
 /// How often the store is asked for due pushes when there were none.
 pub const POLL: Duration = Duration::from_millis(100);
-/// Pushes claimed at once, and sent at once: few enough to be sent well within the
-/// [`LEASE`] (a claim that lapses while its push waits would let another process send it
-/// too).
-const BATCH: usize = 64;
+/// Pushes one process sends at once: claimed only when there is room for them, so a claim
+/// never waits on this process's own backlog. They still wait for places in the pipeline
+/// (`intake`), shared with the push API; a claim that lapses meanwhile lets another process
+/// send the push too, which the idempotency key answers as a duplicate.
+const IN_FLIGHT: usize = 512;
+/// Pushes claimed at once, at most.
+const BATCH: usize = 256;
 
 /// Sends due pushes until `shutdown`; `retention` is how long a sent push is remembered.
+/// Claims the next pushes while the last are still being sent.
 pub async fn run(
     store: Arc<dyn Store>,
     pipeline: Arc<Pipeline>,
     retention: Duration,
     shutdown: CancellationToken,
 ) {
+    let places = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut sending = JoinSet::new();
     while !shutdown.is_cancelled() {
-        let due = match store.claim_due(unix_millis(), LEASE, BATCH).await {
+        while sending.try_join_next().is_some() {}
+        let room = places.available_permits().min(BATCH);
+        if room == 0 {
+            // Every place taken: wait for one.
+            tokio::select! {
+                _ = places.acquire() => {}
+                () = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+        let due = match store.claim_due(unix_millis(), LEASE, room).await {
             Ok(due) => due,
             Err(error) => {
                 static THROTTLE: Throttle = Throttle::new();
@@ -44,10 +64,17 @@ pub async fn run(
                 Vec::new()
             }
         };
-        let full = due.len() == BATCH;
-        futures_util::stream::iter(due)
-            .for_each_concurrent(BATCH, |job| fire(&store, &pipeline, job, retention))
-            .await;
+        let full = due.len() == room;
+        for job in due {
+            let Ok(place) = places.clone().try_acquire_owned() else {
+                break; // not reached: `room` places were free, and only this loop takes them
+            };
+            let (store, pipeline) = (store.clone(), pipeline.clone());
+            sending.spawn(async move {
+                fire(&store, &pipeline, job, retention).await;
+                drop(place);
+            });
+        }
         if !full {
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
@@ -55,6 +82,9 @@ pub async fn run(
             }
         }
     }
+    // What is being sent finishes (each is marked sent); a push claimed and not yet sent
+    // is claimed again once its claim lapses.
+    while sending.join_next().await.is_some() {}
 }
 
 async fn fire(store: &Arc<dyn Store>, pipeline: &Pipeline, job: DueJob, retention: Duration) {
