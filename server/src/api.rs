@@ -32,7 +32,7 @@ use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 
 use crate::config::{AppSettings, Limits, Secret};
 use crate::devices::{self, Devices};
-use crate::message::TagFilter;
+use crate::message::{TagFilter, unix_millis};
 use crate::metrics::Metrics;
 use crate::push::{Class, Pipeline, PushError, PushOutcome, PushRequest};
 use crate::rate_limit::{Limited, RateLimiter};
@@ -73,7 +73,8 @@ impl PushApi {
     }
 }
 
-/// `POST /v1/push`, `DELETE /v1/messages/{id}` (cancel a scheduled push), and the device
+/// `POST /v1/push`, `GET /v1/messages/{id}` (a message's status), `DELETE
+/// /v1/messages/{id}` (cancel a scheduled push), and the device
 /// API: `GET /v1/devices/{token}`,
 /// `PUT /v1/devices/{token}/tags`, `PUT` and `DELETE /v1/devices/{token}/alias`,
 /// `POST` and `GET /v1/tags/{tag}/devices`, `DELETE /v1/tags/{tag}`.
@@ -91,7 +92,7 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
             post(change_tag).get(list_tag_devices),
         )
         .route("/v1/tags/{tag}", delete(delete_tag))
-        .route("/v1/messages/{id}", delete(cancel_message))
+        .route("/v1/messages/{id}", get(get_message).delete(cancel_message))
         .route(
             "/v1/users/{uid}/preferences",
             get(get_preferences).put(put_preferences),
@@ -732,6 +733,89 @@ async fn cancel_message(
     )
 }
 
+/// `GET /v1/messages/{id}`: the message's state, and what became of it.
+async fn get_message(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let id = path_param(id, "id")?;
+            if id.is_empty() || id.len() > MAX_KEY_LEN {
+                return Err(ApiError::NoSuchMessage(id));
+            }
+            let record = api.pipeline.message_status(&app.id, &id).await?;
+            let Some(status) = &record.status else {
+                return Err(ApiError::NoSuchMessage(id));
+            };
+            Ok(ok(status_json(&id, status, &record, unix_millis())))
+        }
+        .await,
+    )
+}
+
+/// A message's status as the API shows it at `now_ms`. For a direct push, `targets` are
+/// the devices it was recorded for; of those, `acked` acknowledged it, and the rest are
+/// `waiting` until it expires, then `expired` (a TTL-0 push is never stored: the targets
+/// it did not reach at once are `dropped`). A push stored once (to `all` or tags) has no
+/// list of targets: its counts are of the devices that got it.
+fn status_json(
+    id: &str,
+    status: &pigeon_proto::store::MessageStatus,
+    record: &crate::store::StatusRecord,
+    now_ms: u64,
+) -> serde_json::Value {
+    use pigeon_proto::store::message_status::State;
+    let state = status.state();
+    let accepted = state == State::Accepted;
+    let ttl_zero = accepted && status.expires_at_ms == status.accepted_at_ms;
+    let expired = accepted && now_ms >= status.expires_at_ms;
+    let state_name = match state {
+        State::Scheduled => "scheduled",
+        State::Cancelled => "cancelled",
+        State::Accepted if expired => "expired",
+        State::Accepted | State::Unspecified => "accepted",
+    };
+    let (delivered, acked) = (record.delivered, record.acked);
+    let open = u64::from(status.targets).saturating_sub(acked);
+    let mut dropped = u64::from(status.dropped);
+    let (waiting, lapsed) = match (status.shared, ttl_zero, expired) {
+        (true, ..) => (json!(null), json!(null)),
+        (false, true, _) => {
+            dropped += u64::from(status.targets).saturating_sub(delivered);
+            (json!(0), json!(0))
+        }
+        (false, false, true) => (json!(0), json!(open)),
+        (false, false, false) => (json!(open), json!(0)),
+    };
+    let mut body = json!({
+        "message_id": id,
+        "state": state_name,
+        "class": status.class,
+        "audience": if status.shared { "shared" } else { "direct" },
+        "counts": {
+            "targets": if status.shared { json!(null) } else { json!(status.targets) },
+            "delivered": delivered,
+            "acked": acked,
+            "waiting": waiting,
+            "expired": lapsed,
+            "dropped": dropped,
+            "skipped": status.skipped,
+            "unknown": status.unknown,
+        },
+    });
+    if accepted {
+        body["accepted_at"] = json!(rfc3339(status.accepted_at_ms));
+        body["expires_at"] = json!(rfc3339(status.expires_at_ms));
+    }
+    if status.send_at_ms > 0 {
+        body["send_at"] = json!(rfc3339(status.send_at_ms));
+    }
+    body
+}
+
 /// Cancels `app`'s scheduled push `id` (HTTP and gRPC alike).
 pub async fn cancel(pipeline: &Pipeline, app: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_KEY_LEN {
@@ -1126,7 +1210,7 @@ pub fn validate_push(
                     "must be an RFC 3339 time, e.g. 2026-12-24T18:00:00Z",
                 )
             })?;
-            let now = crate::message::unix_millis();
+            let now = unix_millis();
             if at <= now {
                 return Err(ApiError::invalid("send_at", "is in the past"));
             }

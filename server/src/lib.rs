@@ -60,6 +60,7 @@ pub mod process;
 pub mod push;
 pub mod quic;
 pub mod rate_limit;
+pub mod receipts;
 pub mod scheduler;
 pub mod session;
 pub mod standalone;

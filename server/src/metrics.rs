@@ -44,6 +44,7 @@ pub struct Metrics {
     /// Per app, per class (in [`Class::ALL`] order) once it has pushed any.
     per_app: Mutex<BTreeMap<String, [Option<AppCounts>; 3]>>,
     intake: std::sync::OnceLock<Arc<crate::intake::Intake>>,
+    receipts: std::sync::OnceLock<Arc<crate::receipts::Receipts>>,
 }
 
 impl Metrics {
@@ -111,6 +112,11 @@ impl Metrics {
     /// Shows how many pushes wait in `intake`.
     pub fn watch_intake(&self, intake: Arc<crate::intake::Intake>) {
         let _ = self.intake.set(intake);
+    }
+
+    /// Shows the receipt counts `receipts` left out.
+    pub fn watch_receipts(&self, receipts: Arc<crate::receipts::Receipts>) {
+        let _ = self.receipts.set(receipts);
     }
 
     /// Counts a push refused because its queue was full or it waited too long.
@@ -189,6 +195,16 @@ impl Metrics {
                  # TYPE pigeon_push_queue gauge\n\
                  pigeon_push_queue {}",
                 intake.waiting()
+            );
+        }
+        if let Some(receipts) = self.receipts.get() {
+            let _ = writeln!(
+                out,
+                "# HELP pigeon_receipts_dropped_total Delivery and ack counts left out because \
+                 too many messages waited for a flush.\n\
+                 # TYPE pigeon_receipts_dropped_total counter\n\
+                 pigeon_receipts_dropped_total {}",
+                receipts.dropped()
             );
         }
         if let Ok(per_app) = self.per_app.lock() {

@@ -29,7 +29,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use pigeon_proto::Message as _;
 use pigeon_proto::device::Priority;
-use pigeon_proto::store::ScheduledPush;
+use pigeon_proto::store::message_status::State;
+use pigeon_proto::store::{MessageStatus, ScheduledPush};
 use serde::Serialize;
 
 use crate::config::{FrequencyCap, Limits};
@@ -309,6 +310,8 @@ pub struct Pipeline {
     /// Places for paced deliveries under way.
     paced: Arc<tokio::sync::Semaphore>,
     idempotency_window: Duration,
+    /// How long a message's status is kept.
+    retention: Duration,
 }
 
 /// Paced deliveries under way at once at most; past it a paced push is delivered at once.
@@ -339,7 +342,31 @@ impl Pipeline {
             frequency_caps: std::collections::HashMap::new(),
             paced: Arc::new(tokio::sync::Semaphore::new(PACED)),
             idempotency_window: limits.idempotency_window,
+            retention: limits.message_retention,
         }
+    }
+
+    /// Keeps `status` as `app`'s message `id`'s for the retention, from when it was
+    /// accepted (or is due). A status that cannot be written is logged: the message itself
+    /// is accepted, only its status is missing.
+    async fn keep_status(&self, app: &str, id: &str, status: MessageStatus) {
+        let from = status.accepted_at_ms.max(status.send_at_ms);
+        let keep_until = from.saturating_add(self.retention.as_millis() as u64);
+        if let Err(error) = self.store.put_status(app, id, status, keep_until).await {
+            static THROTTLE: crate::log_throttle::Throttle = crate::log_throttle::Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                tracing::warn!(%error, suppressed, "keeping a message's status failed");
+            }
+        }
+    }
+
+    /// `app`'s message `id`'s status and counts.
+    pub async fn message_status(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<crate::store::StatusRecord, StoreError> {
+        self.store.message_status(app, id).await
     }
 
     /// The pipeline with the frequency caps `apps` set.
@@ -386,6 +413,27 @@ impl Pipeline {
         };
         let job = request.to_scheduled(&message_id, send_at_ms);
         let (app, class) = (request.app, request.class);
+        // The status first: once scheduled, the push may fire (and its status become
+        // "accepted") at once. A retry of a keyed request leaves the first one's status.
+        let retried = match request.idempotency_key {
+            Some(_) => self
+                .store
+                .message_status(&app, &message_id)
+                .await?
+                .status
+                .is_some(),
+            None => false,
+        };
+        if !retried {
+            let status = MessageStatus {
+                state: State::Scheduled.into(),
+                class: class.name().to_owned(),
+                shared: job.all || job.tags.is_some(),
+                send_at_ms,
+                ..MessageStatus::default()
+            };
+            self.keep_status(&app, &message_id, status).await;
+        }
         let stored = self
             .store
             .schedule(&app, &message_id, send_at_ms, job.encode_to_vec())
@@ -411,7 +459,14 @@ impl Pipeline {
 
     /// Cancels `app`'s scheduled push `id`, if it has not been sent.
     pub async fn cancel(&self, app: &str, id: &str) -> Result<crate::store::Cancel, StoreError> {
-        self.store.cancel(app, id).await
+        let cancel = self.store.cancel(app, id).await?;
+        if cancel == crate::store::Cancel::Cancelled
+            && let Some(mut status) = self.store.message_status(app, id).await?.status
+        {
+            status.state = State::Cancelled.into();
+            self.keep_status(app, id, status).await;
+        }
+        Ok(cancel)
     }
 
     /// Sends a scheduled push that is due (its rate limits were charged when it was
@@ -486,7 +541,18 @@ impl Pipeline {
             offset,
             message: message.clone(),
         };
-        let live = self.fanout.deliver_shared(&request.app, delivery).await;
+        let status = MessageStatus {
+            state: State::Accepted.into(),
+            class: request.class.name().to_owned(),
+            shared: true,
+            accepted_at_ms: message.accepted_at_ms,
+            expires_at_ms: message.expires_at_ms,
+            ..MessageStatus::default()
+        };
+        let (live, ()) = tokio::join!(
+            self.fanout.deliver_shared(&request.app, delivery),
+            self.keep_status(&request.app, &message.id, status),
+        );
         Ok(PushOutcome::Accepted {
             message_id: message.id.clone(),
             targets: TargetCounts {
@@ -545,7 +611,7 @@ impl Pipeline {
             })
             .collect();
         let accept = Accept {
-            app: request.app,
+            app: request.app.clone(),
             message,
             targets,
             idempotency,
@@ -565,6 +631,19 @@ impl Pipeline {
             }
         }
         let recorded = seqs.len() as u32;
+        let status = MessageStatus {
+            state: State::Accepted.into(),
+            class: request.class.name().to_owned(),
+            shared: false,
+            accepted_at_ms: message.accepted_at_ms,
+            expires_at_ms: message.expires_at_ms,
+            targets: recorded,
+            unknown: counts.unknown,
+            dropped: counts.dropped,
+            skipped: counts.skipped,
+            ..MessageStatus::default()
+        };
+        let status = self.keep_status(&request.app, &message.id, status);
         if let Some(pace) = request.pace
             && seqs.len() > 1
         {
@@ -572,6 +651,7 @@ impl Pipeline {
                 // Recorded for every target: each is handed its copy within `pace`, or
                 // reads it from the store.
                 Ok(()) => {
+                    status.await;
                     counts.stored += recorded;
                     return Ok(PushOutcome::Accepted {
                         message_id: message.id.clone(),
@@ -581,7 +661,7 @@ impl Pipeline {
                 Err(targets) => seqs = targets,
             }
         }
-        let live = self.fanout.deliver(&message, seqs).await;
+        let (live, ()) = tokio::join!(self.fanout.deliver(&message, seqs), status);
         counts.delivered += live;
         // A target not reached live reads the message from the store; a TTL-0 one has
         // lost it.

@@ -199,8 +199,14 @@ pub enum FrameOutcome {
     Nothing,
     /// Send this frame (a Pong).
     Send(ServerFrame),
-    /// The device has processed everything up to this seq: persist the ack.
-    Acked(u64),
+    /// The device acknowledged `messages` (those this connection sent it); with `seq`, it
+    /// has processed its direct pushes up to that seq: persist the ack.
+    Acked {
+        /// The seq to persist as acknowledged.
+        seq: Option<u64>,
+        /// The messages acknowledged, to count.
+        messages: Vec<Arc<Message>>,
+    },
 }
 
 /// Acknowledgements the Hello carried beyond what the store knew, to persist.
@@ -212,13 +218,19 @@ pub struct HelloAcks {
     pub all: Option<u64>,
 }
 
-/// Positions in flight, ascending: boxed, and only while there are any, so an idle lane (the
+/// Positions in flight, ascending, with their messages: boxed, and only while there are any, so an idle lane (the
 /// common case, and what a parked connection keeps) holds one pointer instead of a
 /// `VecDeque`'s 32 bytes. (The box is a second allocation, but only while pushes are in
 /// flight; clippy's `box_collection` weighs the other way, for collections that live long.)
 #[derive(Debug, Default)]
 #[allow(clippy::box_collection)]
-struct InFlight(Option<Box<VecDeque<u64>>>);
+struct InFlight(Option<Box<VecDeque<Sent>>>);
+
+/// A position sent, and its message (counted when the device acknowledges it).
+type Sent = (u64, Arc<Message>);
+
+/// The position a lane's ack moved to, and the messages it acknowledged.
+type Acknowledged = (u64, Vec<Arc<Message>>);
 
 impl InFlight {
     fn len(&self) -> usize {
@@ -229,20 +241,24 @@ impl InFlight {
         self.len() == 0
     }
 
-    fn push(&mut self, position: u64) {
-        self.0.get_or_insert_with(Box::default).push_back(position);
+    fn push(&mut self, position: u64, message: Arc<Message>) {
+        self.0
+            .get_or_insert_with(Box::default)
+            .push_back((position, message));
     }
 
-    /// Forgets the positions up to `position`.
-    fn acknowledge(&mut self, position: u64) {
+    /// Forgets the positions up to `position`; their messages.
+    fn acknowledge(&mut self, position: u64) -> Vec<Arc<Message>> {
+        let mut acked = Vec::new();
         if let Some(positions) = &mut self.0 {
-            while positions.front().is_some_and(|&sent| sent <= position) {
-                positions.pop_front();
+            while positions.front().is_some_and(|(sent, _)| *sent <= position) {
+                acked.extend(positions.pop_front().map(|(_, message)| message));
             }
             if positions.is_empty() {
                 self.0 = None;
             }
         }
+        acked
     }
 }
 
@@ -278,21 +294,21 @@ impl Lane {
 
     /// A cumulative ack up to `position`: the position now acknowledged, when that moved
     /// (past `position` too when nothing is in flight after it: what lies between was passed
-    /// over).
-    fn ack(&mut self, position: u64) -> Result<Option<u64>, SessionError> {
+    /// over), and the messages it acknowledged.
+    fn ack(&mut self, position: u64) -> Result<Option<Acknowledged>, SessionError> {
         if position > self.last_sent {
             return Err(SessionError::Protocol("an ack for a push never sent"));
         }
         if position <= self.last_acked {
             return Ok(None);
         }
-        self.in_flight.acknowledge(position);
+        let acked = self.in_flight.acknowledge(position);
         self.last_acked = position;
         if self.in_flight.is_empty() {
             self.last_acked = self.last_sent;
         }
         self.unpersisted = true;
-        Ok(Some(self.last_acked))
+        Ok(Some((self.last_acked, acked)))
     }
 
     /// Positions passed over (not for the device) with nothing in flight: they count as
@@ -307,7 +323,12 @@ impl Lane {
     /// Whether a live push at `position` is sent now; `None`: it is a duplicate. Above
     /// `floor`, live pushes come in order with none missing (see the module docs); below
     /// it, a live push must follow the last one sent.
-    fn offer(&mut self, position: u64, window: u32, floor: u64) -> Option<bool> {
+    fn offer(
+        &mut self,
+        (position, message): (u64, &Arc<Message>),
+        window: u32,
+        floor: u64,
+    ) -> Option<bool> {
         if position <= self.last_sent {
             return None;
         }
@@ -322,13 +343,13 @@ impl Lane {
             self.caught_up = false;
             return Some(false);
         }
-        self.sent(position);
+        self.sent(position, message.clone());
         Some(true)
     }
 
-    fn sent(&mut self, position: u64) {
+    fn sent(&mut self, position: u64, message: Arc<Message>) {
         self.last_sent = position;
-        self.in_flight.push(position);
+        self.in_flight.push(position, message);
     }
 
     fn refill(&self, window: u32) -> Option<Refill> {
@@ -341,18 +362,18 @@ impl Lane {
         })
     }
 
-    /// The positions of `rows` (ascending, each with whether it is for the device) to send
-    /// now; notes whether the store is caught up with after them. A row not for the device
-    /// is passed over.
+    /// The positions of `rows` (ascending, each with its message and whether it is for the
+    /// device) to send now; notes whether the store is caught up with after them. A row not
+    /// for the device is passed over.
     fn refilled<'a>(
         &mut self,
-        rows: impl Iterator<Item = (u64, bool)> + 'a,
+        rows: impl Iterator<Item = (u64, &'a Arc<Message>, bool)>,
         more: bool,
         window: u32,
     ) -> Vec<u64> {
         let mut sent = Vec::new();
         let mut left_out = false;
-        for (position, for_device) in rows {
+        for (position, message, for_device) in rows {
             if position <= self.last_sent {
                 continue;
             }
@@ -364,7 +385,7 @@ impl Lane {
                 left_out = true;
                 break;
             }
-            self.sent(position);
+            self.sent(position, message.clone());
             sent.push(position);
         }
         self.caught_up = !more && !left_out;
@@ -452,7 +473,10 @@ impl Session {
     fn handle_ack(&mut self, ack: Ack) -> Result<FrameOutcome, SessionError> {
         if ack.stream.is_empty() {
             return Ok(match self.direct.ack(ack.seq)? {
-                Some(seq) => FrameOutcome::Acked(seq),
+                Some((seq, messages)) => FrameOutcome::Acked {
+                    seq: Some(seq),
+                    messages,
+                },
                 None => FrameOutcome::Nothing,
             });
         }
@@ -460,8 +484,13 @@ impl Session {
             return Err(SessionError::Protocol("an ack for an unknown stream"));
         }
         // Persisted lazily (see `stream_to_persist`).
-        self.all.ack(ack.offset)?;
-        Ok(FrameOutcome::Nothing)
+        Ok(match self.all.ack(ack.offset)? {
+            Some((_, messages)) if !messages.is_empty() => FrameOutcome::Acked {
+                seq: None,
+                messages,
+            },
+            _ => FrameOutcome::Nothing,
+        })
     }
 
     /// The place in the stream `all` to persist, when it moved since it was last persisted:
@@ -488,10 +517,11 @@ impl Session {
 
     /// A live direct push for this device.
     pub fn handle_push(&mut self, delivery: &Delivery) -> PushDecision {
-        match self
-            .direct
-            .offer(delivery.seq, self.config.ack_window, u64::MAX)
-        {
+        match self.direct.offer(
+            (delivery.seq, &delivery.message),
+            self.config.ack_window,
+            u64::MAX,
+        ) {
             None => PushDecision::Duplicate,
             Some(false) => PushDecision::Deferred,
             Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
@@ -500,10 +530,11 @@ impl Session {
 
     /// A live push of the stream `all`.
     pub fn handle_shared_push(&mut self, delivery: &SharedDelivery) -> PushDecision {
-        match self
-            .all
-            .offer(delivery.offset, self.config.ack_window, self.all_floor)
-        {
+        match self.all.offer(
+            (delivery.offset, &delivery.message),
+            self.config.ack_window,
+            self.all_floor,
+        ) {
             None => PushDecision::Duplicate,
             Some(false) => PushDecision::Deferred,
             Some(true) => PushDecision::Send(push_frame(delivery.to_frame())),
@@ -537,7 +568,8 @@ impl Session {
     pub fn handle_refill(&mut self, rows: &[Delivery], more: bool) -> Vec<ServerFrame> {
         let window = self.config.ack_window;
         let sent = self.direct.refilled(
-            rows.iter().map(|delivery| (delivery.seq, true)),
+            rows.iter()
+                .map(|delivery| (delivery.seq, &delivery.message, true)),
             more,
             window,
         );
@@ -559,7 +591,7 @@ impl Session {
         let window = self.config.ack_window;
         let rows = entries
             .iter()
-            .map(|(offset, message)| (*offset, is_for(*offset, message)));
+            .map(|(offset, message)| (*offset, message, is_for(*offset, message)));
         let sent = self.all.refilled(rows, more, window);
         entries
             .iter()

@@ -111,6 +111,12 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     );
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
+    let receipts = context.receipts.clone();
+    tokio::spawn(receipts.clone().run(
+        store.clone(),
+        limits.message_retention,
+        connections.shutdown().clone(),
+    ));
     devices.start(Arc::new(context), &settings, &tracker);
     tokio::spawn(crate::stream_keeper::run(
         connections.clone(),
@@ -119,6 +125,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         connections.shutdown().clone(),
     ));
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
+    metrics.watch_receipts(receipts);
     let store_for_schedules = store.clone();
     let push_api = Arc::new(PushApi::new(
         apps.clone(),

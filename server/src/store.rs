@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pigeon_proto::store::MessageStatus;
 
 use crate::message::{Delivery, Message};
 
@@ -520,8 +521,57 @@ pub trait Schedules: Send + Sync + 'static {
     async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<(), StoreError>;
 }
 
-/// The registry, the offline store and the schedules of one deployment, which both stores
-/// are.
-pub trait Store: Registry + OfflineStore + Schedules {}
+/// What devices did with one message, counted by a node since its last flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReceiptCount {
+    /// The message's app.
+    pub app: String,
+    /// The message id.
+    pub id: String,
+    /// Handed to a connection.
+    pub delivered: u64,
+    /// Acknowledged by the device.
+    pub acked: u64,
+}
 
-impl<T: Registry + OfflineStore + Schedules> Store for T {}
+/// A message's status as kept, and what devices did with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatusRecord {
+    /// How it was accepted (`None`: only counts arrived, the status itself did not).
+    pub status: Option<MessageStatus>,
+    /// Handed to a connection, summed over the nodes' flushes.
+    pub delivered: u64,
+    /// Acknowledged by devices.
+    pub acked: u64,
+}
+
+/// Messages' statuses, and the counts of what devices did with them, kept for a retention.
+#[async_trait]
+pub trait Statuses: Send + Sync + 'static {
+    /// Keeps `status` as that of `app`'s message `id` until `keep_until_ms` (replacing an
+    /// earlier one; the counts stay).
+    async fn put_status(
+        &self,
+        app: &str,
+        id: &str,
+        status: MessageStatus,
+        keep_until_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Adds `counts`. A message whose status is not kept (yet) gets them kept for it until
+    /// `keep_until_ms` (a status written later finds them).
+    async fn count_receipts(
+        &self,
+        counts: Vec<ReceiptCount>,
+        keep_until_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// `app`'s message `id`'s status and counts, if kept.
+    async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError>;
+}
+
+/// The registry, the offline store, the schedules and the statuses of one deployment,
+/// which both stores are.
+pub trait Store: Registry + OfflineStore + Schedules + Statuses {}
+
+impl<T: Registry + OfflineStore + Schedules + Statuses> Store for T {}

@@ -540,6 +540,7 @@ mod tests {
             max_connections: 16,
             max_credential_lifetime: Duration::from_secs(3600),
             per_ip: None,
+            receipts: Arc::default(),
         })
     }
 

@@ -1224,6 +1224,64 @@ async fn capped_pushes_are_counted_per_uid_and_window(backend: &Backend) {
     assert_eq!(other, [true]);
 }
 
+/// A message's status and counts: counts that arrive first wait for the status, both add
+/// up, a later status replaces the earlier and leaves the counts; per app.
+async fn statuses_keep_their_counts(backend: &Backend) {
+    use pigeon_proto::store::MessageStatus;
+    use pigeon_proto::store::message_status::State;
+    use pigeon_server::store::ReceiptCount;
+    let store = &backend.store;
+    let until = unix_millis() + 60_000;
+    let count = |app: &str, delivered, acked| ReceiptCount {
+        app: app.into(),
+        id: "m1".into(),
+        delivered,
+        acked,
+    };
+    let none = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!((none.status, none.delivered, none.acked), (None, 0, 0));
+    store
+        .count_receipts(vec![count("demo", 2, 1)], until)
+        .await
+        .expect("count");
+    let early = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!(
+        (early.status.is_none(), early.delivered, early.acked),
+        (true, 2, 1)
+    );
+    let status = MessageStatus {
+        state: State::Scheduled.into(),
+        class: "marketing".into(),
+        send_at_ms: 42,
+        ..MessageStatus::default()
+    };
+    store
+        .put_status("demo", "m1", status.clone(), until)
+        .await
+        .expect("put");
+    store
+        .count_receipts(vec![count("demo", 3, 3), count("other", 1, 0)], until)
+        .await
+        .expect("count");
+    let kept = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!(kept.status.as_ref(), Some(&status));
+    assert_eq!((kept.delivered, kept.acked), (5, 4));
+    let accepted = MessageStatus {
+        state: State::Accepted.into(),
+        targets: 7,
+        ..status
+    };
+    store
+        .put_status("demo", "m1", accepted.clone(), until)
+        .await
+        .expect("put");
+    let kept = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!(kept.status, Some(accepted));
+    assert_eq!((kept.delivered, kept.acked), (5, 4));
+    let other = store.message_status("other", "m1").await.expect("status");
+    assert_eq!((other.status, other.delivered, other.acked), (None, 1, 0));
+}
+
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 
 macro_rules! cases {
@@ -1232,7 +1290,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 20] = cases![
+const CASES: [(&str, Case); 21] = cases![
+    statuses_keep_their_counts,
     capped_pushes_are_counted_per_uid_and_window,
     opt_outs_are_kept_per_app_and_uid,
     scheduled_pushes_are_claimed_once_and_cancelled_while_waiting,

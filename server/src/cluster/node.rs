@@ -267,6 +267,12 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     ));
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
+    let receipts = context.receipts.clone();
+    tokio::spawn(receipts.clone().run(
+        context.store.clone(),
+        limits.message_retention,
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::stream_keeper::run(
         connections.clone(),
         context.store.clone(),
@@ -276,6 +282,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     devices.start(Arc::new(context), &settings, &tracker);
 
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
+    metrics.watch_receipts(receipts);
     listener::serve_http(
         http_listener,
         api::ops_routes(metrics, &settings.metrics_token),

@@ -65,6 +65,8 @@ pub struct DeviceContext {
     pub max_credential_lifetime: std::time::Duration,
     /// Limits per client address, when configured.
     pub per_ip: Option<Arc<PerIpLimits>>,
+    /// What the devices did with messages, counted for the store.
+    pub receipts: Arc<crate::receipts::Receipts>,
 }
 
 impl DeviceContext {
@@ -91,6 +93,7 @@ impl DeviceContext {
             max_connections: limits.max_connections,
             max_credential_lifetime: limits.max_credential_lifetime,
             per_ip: PerIpLimits::new(limits),
+            receipts: Arc::default(),
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pigeon_proto::CloseCode;
-use pigeon_proto::device::{ClientFrame, ServerFrame};
+use pigeon_proto::device::{ClientFrame, ServerFrame, server_frame};
 
 use super::transport::{DeviceTransport, TransportError};
 use super::{DeviceContext, Ending};
@@ -61,8 +61,11 @@ impl Live {
 
     /// For a connection without a task (parked): what the connection table has for it, as
     /// the frames to send now; `Err` when the node asked it to close.
-    pub(crate) fn take_inbox(&mut self) -> Result<Vec<ServerFrame>, Ending> {
-        take_inbox(&mut self.session, &self.connection)
+    pub(crate) fn take_inbox(
+        &mut self,
+        context: &DeviceContext,
+    ) -> Result<Vec<ServerFrame>, Ending> {
+        take_inbox(context, &mut self.session, &self.connection)
     }
 
     /// For a connection without a task: a frame from the device, handled as the session
@@ -76,13 +79,16 @@ impl Live {
         match self.session.handle_frame(Instant::now(), frame) {
             Ok(FrameOutcome::Nothing) => Ok(None),
             Ok(FrameOutcome::Send(frame)) => Ok(Some(frame)),
-            Ok(FrameOutcome::Acked(seq)) => {
-                let (context, token) = (context.clone(), self.token.clone());
-                tokio::spawn(async move {
-                    if let Err(error) = context.store.ack(&token, seq).await {
-                        ack_failed(&error);
-                    }
-                });
+            Ok(FrameOutcome::Acked { seq, messages }) => {
+                context.receipts.acked(self.connection.app(), &messages);
+                if let Some(seq) = seq {
+                    let (context, token) = (context.clone(), self.token.clone());
+                    tokio::spawn(async move {
+                        if let Err(error) = context.store.ack(&token, seq).await {
+                            ack_failed(&error);
+                        }
+                    });
+                }
                 Ok(None)
             }
             Err(error) => Err(Ending::session(error)),
@@ -184,7 +190,8 @@ pub(crate) async fn drive<T: DeviceTransport>(
         // Each event is handled in a boxed future, which exists only while it runs.
         match event {
             Event::Frame(frame) => {
-                Box::pin(on_frame(transport, context, token, session, *frame)).await?;
+                let app = connection.app();
+                Box::pin(on_frame(transport, context, (app, token), session, *frame)).await?;
             }
             Event::Woken => Box::pin(on_woken(transport, context, session, connection)).await?,
             Event::Timer => {
@@ -282,6 +289,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
+        count_delivered(context, app, &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     while let Some(request) = session.refill_stream() {
@@ -305,6 +313,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
+        count_delivered(context, app, &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     Ok(true)
@@ -321,7 +330,7 @@ fn store_read_failed(error: &crate::store::StoreError) {
 async fn on_frame<T: DeviceTransport>(
     transport: &mut T,
     context: &DeviceContext,
-    token: &str,
+    (app, token): (&str, &str),
     session: &mut Session,
     frame: Result<Option<ClientFrame>, TransportError>,
 ) -> Result<(), Ending> {
@@ -335,8 +344,11 @@ async fn on_frame<T: DeviceTransport>(
         Ok(FrameOutcome::Send(frame)) => send(transport, [frame], context.session.idle_timeout)
             .await
             .map_err(Ending::transport),
-        Ok(FrameOutcome::Acked(seq)) => {
-            if let Err(error) = context.store.ack(token, seq).await {
+        Ok(FrameOutcome::Acked { seq, messages }) => {
+            context.receipts.acked(app, &messages);
+            if let Some(seq) = seq
+                && let Err(error) = context.store.ack(token, seq).await
+            {
                 ack_failed(&error);
             }
             Ok(())
@@ -351,7 +363,7 @@ async fn on_woken<T: DeviceTransport>(
     session: &mut Session,
     connection: &Connection,
 ) -> Result<(), Ending> {
-    let frames = take_inbox(session, connection)?;
+    let frames = take_inbox(context, session, connection)?;
     send(transport, frames, context.session.idle_timeout)
         .await
         .map_err(Ending::transport)
@@ -359,7 +371,11 @@ async fn on_woken<T: DeviceTransport>(
 
 /// Takes what the connection table has for the connection and returns the frames the
 /// session sends now; `Err` when the node asked the connection to close.
-fn take_inbox(session: &mut Session, connection: &Connection) -> Result<Vec<ServerFrame>, Ending> {
+fn take_inbox(
+    context: &DeviceContext,
+    session: &mut Session,
+    connection: &Connection,
+) -> Result<Vec<ServerFrame>, Ending> {
     let inbox = connection.take();
     if let Some(code) = inbox.close {
         let reason = match code {
@@ -376,7 +392,7 @@ fn take_inbox(session: &mut Session, connection: &Connection) -> Result<Vec<Serv
     if inbox.shared_fell_behind {
         session.fall_behind_stream();
     }
-    Ok(inbox
+    let frames: Vec<ServerFrame> = inbox
         .pushes
         .iter()
         .filter_map(|push| {
@@ -389,7 +405,18 @@ fn take_inbox(session: &mut Session, connection: &Connection) -> Result<Vec<Serv
                 PushDecision::Duplicate | PushDecision::Deferred => None,
             }
         })
-        .collect())
+        .collect();
+    count_delivered(context, connection.app(), &frames);
+    Ok(frames)
+}
+
+/// Counts the pushes among `frames` as handed to a connection.
+fn count_delivered(context: &DeviceContext, app: &str, frames: &[ServerFrame]) {
+    let ids = frames.iter().filter_map(|frame| match &frame.kind {
+        Some(server_frame::Kind::Push(push)) => Some(push.message_id.as_str()),
+        _ => None,
+    });
+    context.receipts.delivered(app, ids);
 }
 
 async fn on_timer<T: DeviceTransport>(

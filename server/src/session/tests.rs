@@ -46,6 +46,21 @@ fn delivery(seq: u64) -> Delivery {
     }
 }
 
+/// What an ack came to: the seq to persist, and the ids of the messages it acknowledged.
+fn acked(outcome: Result<FrameOutcome, SessionError>) -> (Option<u64>, Vec<String>) {
+    match outcome {
+        Ok(FrameOutcome::Acked { seq, messages }) => (
+            seq,
+            messages.iter().map(|message| message.id.clone()).collect(),
+        ),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+fn ids(seqs: &[u64]) -> Vec<String> {
+    seqs.iter().map(|seq| format!("m{seq}")).collect()
+}
+
 fn ack(seq: u64) -> ClientFrame {
     ClientFrame {
         kind: Some(client_frame::Kind::Ack(Ack {
@@ -147,8 +162,8 @@ fn replay_is_in_order_and_bounded_by_the_window() {
     assert_eq!(session.handle_push(&delivery(6)), PushDecision::Deferred);
     // A cumulative ack of 2 frees two slots.
     assert_eq!(
-        session.handle_frame(now, ack(2)),
-        Ok(FrameOutcome::Acked(2))
+        acked(session.handle_frame(now, ack(2))),
+        (Some(2), ids(&[1, 2]))
     );
     assert_eq!(session.refill(), Some(Refill { after: 3, limit: 2 }));
     let frames = session.handle_refill(&[delivery(4), delivery(6)], false);
@@ -188,8 +203,8 @@ fn a_live_push_that_overtook_another_sends_the_session_to_the_store() {
     assert_eq!(frames.iter().map(pushed_seq).collect::<Vec<_>>(), [2, 3]);
     // Caught up again: the next live push flows directly.
     assert_eq!(
-        session.handle_frame(now, ack(3)),
-        Ok(FrameOutcome::Acked(3))
+        acked(session.handle_frame(now, ack(3))),
+        (Some(3), ids(&[1, 2, 3]))
     );
     assert!(matches!(
         session.handle_push(&delivery(4)),
@@ -209,8 +224,8 @@ fn a_full_window_or_a_dropped_live_push_switches_to_the_store() {
     }
     assert_eq!(session.handle_push(&delivery(4)), PushDecision::Deferred);
     assert_eq!(
-        session.handle_frame(now, ack(3)),
-        Ok(FrameOutcome::Acked(3))
+        acked(session.handle_frame(now, ack(3))),
+        (Some(3), ids(&[1, 2, 3]))
     );
     // Seq 5 arrives live, but 4 is only in the store: 5 must wait so order holds.
     assert_eq!(session.handle_push(&delivery(5)), PushDecision::Deferred);
@@ -234,8 +249,8 @@ fn acks_are_cumulative_and_checked() {
         ));
     }
     assert_eq!(
-        session.handle_frame(now, ack(2)),
-        Ok(FrameOutcome::Acked(2))
+        acked(session.handle_frame(now, ack(2))),
+        (Some(2), ids(&[1, 2]))
     );
     // An old ack is harmless; an ack ahead of what was sent is a protocol error.
     assert_eq!(session.handle_frame(now, ack(1)), Ok(FrameOutcome::Nothing));
@@ -453,10 +468,11 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     assert_eq!(offsets, [4, 5]);
     // The direct lane is a lane of its own.
     assert_eq!(session.last_sent(), 0);
-    // A stream's acks are persisted lazily: at the next heartbeat or the end.
+    // A stream's acks are persisted lazily: at the next heartbeat or the end. The
+    // messages they acknowledge are counted at once.
     assert_eq!(
-        session.handle_frame(now, stream_ack(5)),
-        Ok(FrameOutcome::Nothing)
+        acked(session.handle_frame(now, stream_ack(5))),
+        (None, ids(&[3, 4, 5]))
     );
     assert_eq!(session.stream_to_persist(), Some((7, 5)));
     assert_eq!(session.stream_to_persist(), None, "persisted already");
@@ -501,10 +517,10 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
     let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
     assert_eq!(offsets, [3]);
     assert_eq!(session.stream_sent(), 5);
-    // Acknowledging 3 acknowledges the two passed over after it.
+    // Acknowledging 3 acknowledges the two passed over after it (only 3 was sent).
     assert_eq!(
-        session.handle_frame(now, stream_ack(3)),
-        Ok(FrameOutcome::Nothing)
+        acked(session.handle_frame(now, stream_ack(3))),
+        (None, ids(&[3]))
     );
     assert_eq!(session.stream_to_persist(), Some((7, 5)));
     // Above the floor, live entries need not follow each other: 6 and 7 were not for it.
@@ -514,8 +530,8 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
     assert_eq!(pushed_offset(&frame).2, 8);
     assert_eq!(session.stream_to_persist(), None, "8 is in flight");
     assert_eq!(
-        session.handle_frame(now, stream_ack(8)),
-        Ok(FrameOutcome::Nothing)
+        acked(session.handle_frame(now, stream_ack(8))),
+        (None, ids(&[8]))
     );
     assert_eq!(session.stream_to_persist(), Some((7, 8)));
     // A page of entries none of which is for the device moves its place on, persisted at

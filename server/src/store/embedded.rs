@@ -40,6 +40,8 @@
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
 //! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
+//! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms) |
+//! | `status_expiry` | (kept until ms, `app \0 id`) | () (a row whose status is kept longer is left) |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
 //! as these index rows.
@@ -51,15 +53,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
 use pigeon_proto::store::{
-    DeviceRecord, DeviceTag as StoredTag, IdempotencyRecord, StoredMessage, StreamMeta,
+    DeviceRecord, DeviceTag as StoredTag, IdempotencyRecord, MessageStatus, StoredMessage,
+    StreamMeta,
 };
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, DueJob, OfflineStore, Recorded, Registry, Replay, Retagged,
-    Routes, Schedules, StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, DueJob, OfflineStore, ReceiptCount, Recorded, Registry,
+    Replay, Retagged, Routes, Schedules, StatusRecord, Statuses, StoreError, StreamHead,
+    StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
@@ -83,6 +87,8 @@ const CAPPED: TableDefinition<(u64, &str), u32> = TableDefinition::new("capped")
 const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
 const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
+const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64)> = TableDefinition::new("status");
+const STATUS_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("status_expiry");
 /// The states of `schedule_ids` below a remembered-until time.
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
@@ -175,6 +181,15 @@ enum Op {
         key: String,
         keep_until_ms: u64,
     },
+    PutStatus {
+        key: String,
+        status: Vec<u8>,
+        keep_until_ms: u64,
+    },
+    CountReceipts {
+        counts: Vec<ReceiptCount>,
+        keep_until_ms: u64,
+    },
 }
 
 enum Reply {
@@ -227,6 +242,8 @@ impl EmbeddedStore {
             txn.open_table(SCHEDULE).map_err(backend)?;
             txn.open_table(SCHEDULE_IDS).map_err(backend)?;
             txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
+            txn.open_table(STATUS).map_err(backend)?;
+            txn.open_table(STATUS_EXPIRY).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
@@ -866,6 +883,23 @@ impl Writer {
             Op::Fired { key, keep_until_ms } => {
                 tables.fired(&key, keep_until_ms).map(|()| Reply::Done)
             }
+            Op::PutStatus {
+                key,
+                status,
+                keep_until_ms,
+            } => tables
+                .put_status(&key, Some(&status), 0, 0, keep_until_ms)
+                .map(|()| Reply::Done),
+            Op::CountReceipts {
+                counts,
+                keep_until_ms,
+            } => {
+                for count in counts {
+                    let key = status_key(&count.app, &count.id);
+                    tables.put_status(&key, None, count.delivered, count.acked, keep_until_ms)?;
+                }
+                Ok(Reply::Done)
+            }
         }
     }
 }
@@ -898,6 +932,8 @@ struct Tables<'txn> {
     schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
+    status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64)>,
+    status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -921,7 +957,44 @@ impl<'txn> Tables<'txn> {
             schedule: txn.open_table(SCHEDULE).map_err(backend)?,
             schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
             schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
+            status: txn.open_table(STATUS).map_err(backend)?,
+            status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
         })
+    }
+
+    /// Writes a message's status (when given) and adds to its counts; it is kept until
+    /// `keep_until_ms` at least.
+    fn put_status(
+        &mut self,
+        key: &str,
+        status: Option<&[u8]>,
+        delivered: u64,
+        acked: u64,
+        keep_until_ms: u64,
+    ) -> Result<()> {
+        let (old, old_delivered, old_acked, old_until) =
+            match self.status.get(key).map_err(backend)? {
+                Some(row) => {
+                    let (old, delivered, acked, until) = row.value();
+                    (old.to_vec(), delivered, acked, until)
+                }
+                None => (Vec::new(), 0, 0, 0),
+            };
+        let status = status.unwrap_or(&old);
+        let until = old_until.max(keep_until_ms);
+        let row = (
+            status,
+            old_delivered.saturating_add(delivered),
+            old_acked.saturating_add(acked),
+            until,
+        );
+        self.status.insert(key, row).map_err(backend)?;
+        if until != old_until {
+            self.status_expiry
+                .insert((until, key), ())
+                .map_err(backend)?;
+        }
+        Ok(())
     }
 
     /// Counts one more capped push per key in `window`, for those under `cap`; forgets a
@@ -1614,6 +1687,19 @@ impl<'txn> Tables<'txn> {
                 .map_err(backend)?;
             self.schedule_ids.remove(key.as_str()).map_err(backend)?;
         }
+        for (at, key) in keys_before(&self.status_expiry, now_ms, SWEEP_LIMIT)? {
+            self.status_expiry
+                .remove((at, key.as_str()))
+                .map_err(backend)?;
+            let until = self
+                .status
+                .get(key.as_str())
+                .map_err(backend)?
+                .map(|row| row.value().3);
+            if until.is_some_and(|until| until <= at) {
+                self.status.remove(key.as_str()).map_err(backend)?;
+            }
+        }
         Ok(())
     }
 }
@@ -1638,6 +1724,59 @@ fn keys_before<V: redb::Value + 'static>(
                 .map_err(backend)
         })
         .collect()
+}
+
+/// The key of `app`'s message `id` in the status tables.
+fn status_key(app: &str, id: &str) -> String {
+    format!("{app}\0{id}")
+}
+
+#[async_trait]
+impl Statuses for EmbeddedStore {
+    async fn put_status(
+        &self,
+        app: &str,
+        id: &str,
+        status: MessageStatus,
+        keep_until_ms: u64,
+    ) -> Result<()> {
+        let op = Op::PutStatus {
+            key: status_key(app, id),
+            status: status.encode_to_vec(),
+            keep_until_ms,
+        };
+        self.write(op, true).await.map(|_| ())
+    }
+
+    async fn count_receipts(&self, counts: Vec<ReceiptCount>, keep_until_ms: u64) -> Result<()> {
+        let op = Op::CountReceipts {
+            counts,
+            keep_until_ms,
+        };
+        self.write(op, true).await.map(|_| ())
+    }
+
+    async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord> {
+        let key = status_key(app, id);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(STATUS).map_err(backend)?;
+            let Some(row) = table.get(key.as_str()).map_err(backend)? else {
+                return Ok(StatusRecord::default());
+            };
+            let (status, delivered, acked, _) = row.value();
+            let status = match status.is_empty() {
+                true => None,
+                false => Some(MessageStatus::decode(status).map_err(backend)?),
+            };
+            Ok(StatusRecord {
+                status,
+                delivered,
+                acked,
+            })
+        })
+        .await
+    }
 }
 
 /// The key of `app`'s scheduled push `id` in the schedule tables.

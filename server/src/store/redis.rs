@@ -20,6 +20,7 @@
 //! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
 //! | `p:nodes` | set | the ids of the nodes (some may have lost their lease since) |
 //! | `p:sq:{sched}` and others | | scheduled pushes: see [`schedules`] |
+//! | `p:ms:{app:id}` | hash | a message's status and receipt counts: see [`statuses`] |
 //!
 //! Everything about one token shares the hash tag `{token}`, so each per-device operation is
 //! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
@@ -50,6 +51,7 @@ use crate::store::{
 };
 
 mod schedules;
+mod statuses;
 
 /// A connection to a single Redis or to a Redis Cluster. Both reconnect by themselves; a
 /// command issued while Redis is unreachable fails within the configured timeout.

@@ -160,7 +160,7 @@ impl Parked {
     /// The connection table has something for it: pushes the session sends at once are
     /// written here.
     fn deliver(&mut self) -> InPlace {
-        let frames = match self.live.take_inbox() {
+        let frames = match self.live.take_inbox(&self.accepted.context) {
             Ok(frames) => frames,
             Err(ending) => return InPlace::End(ending),
         };

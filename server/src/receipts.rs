@@ -1,0 +1,192 @@
+//! What devices do with messages, counted per message: handed to a connection
+//! (`delivered`) and acknowledged (`acked`). Counted in memory by the process holding the
+//! connections and added to the store about once a second, one store write per message
+//! per flush however many devices it sums: a broadcast to a million devices costs each
+//! node a few writes, not a million.
+//!
+//! Bounded: at most [`MAX_PENDING`] messages wait for a flush; counts for further messages
+//! are left out until the next flush and counted in `pigeon_receipts_dropped_total`. A
+//! process that dies loses the counts of its last second.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::log_throttle::Throttle;
+use crate::message::{Message, unix_millis};
+use crate::store::{ReceiptCount, Store};
+
+/// Messages whose counts wait for a flush, at most.
+pub const MAX_PENDING: usize = 100_000;
+/// How often counts are added to the store.
+pub const FLUSH: Duration = Duration::from_secs(1);
+
+/// The counts of one process's connections since the last flush.
+#[derive(Default)]
+pub struct Receipts {
+    /// App -> message id -> (delivered, acked).
+    pending: Mutex<Pending>,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    apps: HashMap<Arc<str>, HashMap<String, (u64, u64)>>,
+    messages: usize,
+}
+
+impl Receipts {
+    /// Counts `messages` of `app` handed to a connection.
+    pub fn delivered<'a>(&self, app: &str, messages: impl IntoIterator<Item = &'a str>) {
+        self.count(app, messages, (1, 0));
+    }
+
+    /// Counts `messages` of `app` acknowledged by a device.
+    pub fn acked(&self, app: &str, messages: &[Arc<Message>]) {
+        self.count(
+            app,
+            messages.iter().map(|message| message.id.as_str()),
+            (0, 1),
+        );
+    }
+
+    fn count<'a>(&self, app: &str, ids: impl IntoIterator<Item = &'a str>, (d, a): (u64, u64)) {
+        let mut ids = ids.into_iter().peekable();
+        if ids.peek().is_none() {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Pending { apps, messages } = &mut *pending;
+        if !apps.contains_key(app) {
+            apps.insert(Arc::from(app), HashMap::new());
+        }
+        let Some(counts) = apps.get_mut(app) else {
+            return;
+        };
+        for id in ids {
+            let entry = match counts.get_mut(id) {
+                Some(entry) => entry,
+                None if *messages >= MAX_PENDING => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                None => {
+                    *messages += 1;
+                    counts.entry(id.to_owned()).or_default()
+                }
+            };
+            entry.0 += d;
+            entry.1 += a;
+        }
+    }
+
+    /// Counts left out because too many messages waited for a flush.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Takes the counts waiting for a flush.
+    pub fn take(&self) -> Vec<ReceiptCount> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        pending
+            .apps
+            .into_iter()
+            .flat_map(|(app, counts)| {
+                counts
+                    .into_iter()
+                    .map(move |(id, (delivered, acked))| ReceiptCount {
+                        app: app.to_string(),
+                        id,
+                        delivered,
+                        acked,
+                    })
+            })
+            .collect()
+    }
+
+    /// Adds the counts to the store every [`FLUSH`], and once more at `shutdown`; they are
+    /// kept for `retention`. Counts a flush could not write are lost (logged).
+    pub async fn run(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        retention: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(FLUSH);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = ticks.tick() => false,
+                () = shutdown.cancelled() => true,
+            };
+            let counts = self.take();
+            if !counts.is_empty() {
+                let keep_until = unix_millis().saturating_add(retention.as_millis() as u64);
+                if let Err(error) = store.count_receipts(counts, keep_until).await {
+                    static THROTTLE: Throttle = Throttle::new();
+                    if let Some(suppressed) = THROTTLE.allow() {
+                        tracing::warn!(%error, suppressed, "adding receipt counts failed; lost");
+                    }
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: &str) -> Arc<Message> {
+        Arc::new(Message {
+            id: id.into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            priority: Default::default(),
+            accepted_at_ms: 0,
+            expires_at_ms: 0,
+            collapse_key: String::new(),
+            filter: None,
+        })
+    }
+
+    #[test]
+    fn counts_sum_per_message_and_are_taken_once() {
+        let receipts = Receipts::default();
+        receipts.delivered("a", ["m1", "m2", "m1"]);
+        receipts.acked("a", &[message("m1")]);
+        receipts.delivered("b", ["m1"]);
+        let mut taken = receipts.take();
+        taken.sort_by(|x, y| (&x.app, &x.id).cmp(&(&y.app, &y.id)));
+        let summary: Vec<_> = taken
+            .iter()
+            .map(|c| (c.app.as_str(), c.id.as_str(), c.delivered, c.acked))
+            .collect();
+        assert_eq!(
+            summary,
+            [("a", "m1", 2, 1), ("a", "m2", 1, 0), ("b", "m1", 1, 0)]
+        );
+        assert!(receipts.take().is_empty());
+    }
+
+    #[test]
+    fn messages_past_the_bound_are_left_out_and_counted() {
+        let receipts = Receipts::default();
+        let ids: Vec<String> = (0..MAX_PENDING + 5).map(|i| i.to_string()).collect();
+        receipts.delivered("a", ids.iter().map(String::as_str));
+        // A message already waiting is still counted.
+        receipts.delivered("a", ["0"]);
+        assert_eq!(receipts.dropped(), 5);
+        let taken = receipts.take();
+        assert_eq!(taken.len(), MAX_PENDING);
+        assert_eq!(
+            taken.iter().map(|c| c.delivered).sum::<u64>(),
+            MAX_PENDING as u64 + 1
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! A message's status (`GET /v1/messages/{id}`) through its life: recorded for its
+//! targets, handed to connections and acknowledged (counted by the process holding the
+//! connections and flushed to the store about once a second), waiting for an offline
+//! device until it reconnects, expired, dropped (TTL 0), scheduled and cancelled; a push
+//! stored once counts the devices that got it. In standalone (embedded store) and cluster
+//! mode (the node counts, Redis keeps, the gateway answers); another app's id is a 404.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pigeon_client::{Connection, DeviceState};
+use serde_json::{Value, json};
+use support::cluster::{self as cluster, Deployment, GatewayProcess, NodeProcess, Redis};
+use support::{Server, WAIT, connect, next_push};
+
+/// Asks for a status until `done` holds of it; the last one seen.
+async fn status_until<F, Fut>(get: F, done: impl Fn(&Value) -> bool) -> Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    let begin = Instant::now();
+    loop {
+        let (status, body) = get().await;
+        assert_eq!(status, 200, "{body}");
+        if done(&body) {
+            return body;
+        }
+        assert!(begin.elapsed() < WAIT, "status never got there: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Receives one push and acknowledges it; its message id.
+async fn receive(device: &mut Connection) -> String {
+    let push = next_push(device).await;
+    device.ack_push(&push).await.expect("ack");
+    push.message_id
+}
+
+fn counts(body: &Value) -> (u64, u64) {
+    let count = |key: &str| body["counts"][key].as_u64().unwrap_or(u64::MAX);
+    (count("delivered"), count("acked"))
+}
+
+#[tokio::test]
+async fn a_message_status_follows_its_life_in_standalone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    // Bob's device exists, and is offline.
+    let bob = connect(&server, "bob", &DeviceState::default()).await;
+    let bob_state = DeviceState {
+        device_token: bob.welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    drop(bob);
+
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": 1}, "ttl": 300}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, id);
+    let path = format!("/v1/messages/{id}");
+    let get = || server.call("GET", &path, None);
+    let body = status_until(get, |body| counts(body) == (1, 1)).await;
+    assert_eq!(body["message_id"], id.as_str());
+    assert_eq!(body["state"], "accepted");
+    assert_eq!(body["class"], "notification");
+    assert_eq!(body["audience"], "direct");
+    assert_eq!(body["counts"]["targets"], 2, "{body}");
+    assert_eq!(body["counts"]["waiting"], 1, "bob's copy waits: {body}");
+    assert_eq!(body["counts"]["expired"], 0, "{body}");
+    assert!(body["accepted_at"].is_string() && body["expires_at"].is_string());
+
+    // Bob comes back: his stored copy is handed over and acknowledged.
+    let mut bob = connect(&server, "bob", &bob_state).await;
+    assert_eq!(receive(&mut bob).await, id);
+    let body = status_until(get, |body| counts(body) == (2, 2)).await;
+    assert_eq!(body["counts"]["waiting"], 0, "{body}");
+
+    // A copy nobody picks up expires with its TTL.
+    drop(bob);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["bob"]}, "payload": {"n": 2}, "ttl": 1}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let short = format!(
+        "/v1/messages/{}",
+        answer["message_id"].as_str().expect("id")
+    );
+    let (_, body) = server.call("GET", &short, None).await;
+    assert_eq!(body["state"], "accepted", "{body}");
+    assert_eq!(body["counts"]["waiting"], 1, "{body}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, body) = server.call("GET", &short, None).await;
+    assert_eq!(body["state"], "expired", "{body}");
+    assert_eq!(body["counts"]["expired"], 1, "{body}");
+    assert_eq!(body["counts"]["waiting"], 0, "{body}");
+
+    // TTL 0: handed to ann at once; bob, offline, never gets it.
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": 3}, "ttl": 0}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let now_id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, now_id);
+    let now_path = format!("/v1/messages/{now_id}");
+    let body = status_until(
+        || server.call("GET", &now_path, None),
+        |body| counts(body) == (1, 1),
+    )
+    .await;
+    assert_eq!(body["state"], "expired", "{body}");
+    assert_eq!(body["counts"]["dropped"], 1, "bob's copy: {body}");
+    assert_eq!(body["counts"]["waiting"], 0, "{body}");
+
+    // A push stored once: the devices that got it, no list of targets.
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"n": 4}, "ttl": 300}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let all_id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, all_id);
+    let all_path = format!("/v1/messages/{all_id}");
+    let body = status_until(
+        || server.call("GET", &all_path, None),
+        |body| counts(body) == (1, 1),
+    )
+    .await;
+    assert_eq!(body["audience"], "shared", "{body}");
+    assert_eq!(body["counts"]["targets"], Value::Null, "{body}");
+
+    // Scheduled, then cancelled.
+    let send_at = pigeon_server::api::rfc3339(pigeon_server::message::unix_millis() + 3_600_000);
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann"]}, "payload": {"n": 5}, "send_at": send_at}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let later = format!(
+        "/v1/messages/{}",
+        answer["message_id"].as_str().expect("id")
+    );
+    let (status, body) = server.call("GET", &later, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "scheduled", "{body}");
+    assert_eq!(body["send_at"], send_at.as_str(), "{body}");
+    let (status, _) = server.call("DELETE", &later, None).await;
+    assert_eq!(status, 200);
+    let (_, body) = server.call("GET", &later, None).await;
+    assert_eq!(body["state"], "cancelled", "{body}");
+
+    // Ids that are no message of the app.
+    for path in [
+        "/v1/messages/no-such-id",
+        &format!("/v1/messages/{}", "x".repeat(300)),
+    ] {
+        let (status, body) = server.call("GET", path, None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    }
+}
+
+#[tokio::test]
+async fn cluster_mode_counts_on_the_node_and_answers_on_the_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let other = [
+        ("PIGEON_APPS__1__ID", "other"),
+        ("PIGEON_APPS__1__API_KEY", "pk_other_app_0123456789"),
+        (
+            "PIGEON_APPS__1__SECRET",
+            "other-app-secret-0123456789abcdef",
+        ),
+    ];
+    let gateway = GatewayProcess::start(&deployment, &other);
+    let mut ann = cluster::connect(&node, "ann", &DeviceState::default()).await;
+    let bob = cluster::connect(&node, "bob", &DeviceState::default()).await;
+    let bob_state = cluster::state_of(&bob, 0);
+    drop(bob);
+
+    let answer = gateway.push_to(&["ann", "bob"], json!({"n": 1})).await;
+    let id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, id);
+    let path = format!("/v1/messages/{id}");
+    let get = || gateway.call("GET", &path, None);
+    let body = status_until(get, |body| counts(body) == (1, 1)).await;
+    assert_eq!(body["state"], "accepted", "{body}");
+    assert_eq!(body["counts"]["targets"], 2, "{body}");
+    assert_eq!(body["counts"]["waiting"], 1, "{body}");
+
+    let mut bob = cluster::connect(&node, "bob", &bob_state).await;
+    assert_eq!(receive(&mut bob).await, id);
+    let body = status_until(get, |body| counts(body) == (2, 2)).await;
+    assert_eq!(body["counts"]["waiting"], 0, "{body}");
+
+    // A broadcast: each device that got it, counted once per flush by the node.
+    let (status, answer) = gateway
+        .push(json!({"audience": {"all": true}, "payload": {"n": 2}, "ttl": 300}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let all_id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, all_id);
+    assert_eq!(receive(&mut bob).await, all_id);
+    let all_path = format!("/v1/messages/{all_id}");
+    let body = status_until(
+        || gateway.call("GET", &all_path, None),
+        |body| counts(body) == (2, 2),
+    )
+    .await;
+    assert_eq!(body["audience"], "shared", "{body}");
+
+    // Another app does not see this app's messages.
+    let (status, body) = support::call(
+        &gateway.http_url,
+        "pk_other_app_0123456789",
+        "GET",
+        &path,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+}
