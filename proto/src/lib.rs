@@ -102,6 +102,10 @@ pub enum CloseCode {
     /// The device stopped reading: a write to it did not complete within the idle timeout.
     /// Whatever it missed is kept and replayed when it reconnects.
     SlowConsumer = 4008,
+    /// The device was unregistered through the API (`DELETE /v1/devices/{token}`): its
+    /// token, queue and bindings are gone. Connecting again registers a new device, so the
+    /// device must not reconnect by itself.
+    Unregistered = 4009,
 }
 
 impl CloseCode {
@@ -125,6 +129,7 @@ impl CloseCode {
             IdleTimeout,
             StreamReset,
             SlowConsumer,
+            Unregistered,
         ]
         .into_iter()
         .find(|known| known.code() == code)
@@ -132,7 +137,10 @@ impl CloseCode {
 
     /// Whether a device should reconnect (after a backoff) when closed with this code.
     pub fn should_reconnect(self) -> bool {
-        !matches!(self, CloseCode::Unauthorized | CloseCode::Replaced)
+        !matches!(
+            self,
+            CloseCode::Unauthorized | CloseCode::Replaced | CloseCode::Unregistered
+        )
     }
 }
 

@@ -75,13 +75,13 @@ impl PushApi {
 
 /// `POST /v1/push`, `GET /v1/messages/{id}` (a message's status), `DELETE
 /// /v1/messages/{id}` (cancel a scheduled push), and the device
-/// API: `GET /v1/devices/{token}`,
+/// API: `GET` and `DELETE /v1/devices/{token}`,
 /// `PUT /v1/devices/{token}/tags`, `PUT` and `DELETE /v1/devices/{token}/alias`,
 /// `POST` and `GET /v1/tags/{tag}/devices`, `DELETE /v1/tags/{tag}`.
 pub fn push_routes(api: Arc<PushApi>) -> Router {
     Router::new()
         .route("/v1/push", post(push))
-        .route("/v1/devices/{token}", get(get_device))
+        .route("/v1/devices/{token}", get(get_device).delete(delete_device))
         .route("/v1/devices/{token}/tags", put(put_tags))
         .route(
             "/v1/devices/{token}/alias",
@@ -467,6 +467,23 @@ async fn get_device(
             let token = path_param(token, "token")?;
             let device = api.devices.get(&app.id, &token).await?;
             Ok(ok(json!(device)))
+        }
+        .await,
+    )
+}
+
+/// `DELETE /v1/devices/{token}`: unregisters a device.
+async fn delete_device(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    token: Result<Path<String>, PathRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let token = path_param(token, "token")?;
+            api.devices.unregister(&app.id, &token).await?;
+            Ok(ok(json!({"token": token, "unregistered": true})))
         }
         .await,
     )

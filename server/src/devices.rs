@@ -240,6 +240,22 @@ impl Devices {
         })
     }
 
+    /// Unregisters the device `token` of `app`: the store forgets it (its queue, uid
+    /// binding, tags and alias), and its connection, if it has one, closes with 4009.
+    pub async fn unregister(&self, app: &str, token: &str) -> Result<(), ApiError> {
+        let info = self
+            .store
+            .unregister(app, token)
+            .await?
+            .ok_or_else(|| unknown_device(token))?;
+        if let Some(route) = &info.route {
+            self.fanout
+                .close(token, route, pigeon_proto::CloseCode::Unregistered)
+                .await;
+        }
+        Ok(())
+    }
+
     /// Replaces the tags of the device `token` of `app`; its tags as stored.
     pub async fn set_tags(
         &self,

@@ -261,6 +261,10 @@ pub trait Fanout: Send + Sync + 'static {
     /// process that cannot be told is unreachable, and its devices reconnect elsewhere,
     /// where they are admitted with their tags.
     async fn retag(&self, app: &str, devices: Vec<Retagged>);
+
+    /// Closes the connection of `token` at `route` with `code`, if it is still open. It
+    /// cannot fail: a process that cannot be told is gone, and the connection with it.
+    async fn close(&self, token: &str, route: &Route, code: pigeon_proto::CloseCode);
 }
 
 /// The process's own connections (standalone mode). Every recorded target is offered to the
@@ -296,6 +300,10 @@ impl Fanout for ConnectionTable {
         for device in devices {
             ConnectionTable::retag(self, app, &device.token, &device.tags);
         }
+    }
+
+    async fn close(&self, token: &str, route: &Route, code: pigeon_proto::CloseCode) {
+        self.close_connection(token, route.connection, code);
     }
 }
 
@@ -900,6 +908,8 @@ mod tests {
         }
 
         async fn retag(&self, _app: &str, _devices: Vec<Retagged>) {}
+
+        async fn close(&self, _token: &str, _route: &Route, _code: pigeon_proto::CloseCode) {}
     }
 
     /// Standalone: a device that connects while a push to it is committed gets it live (its

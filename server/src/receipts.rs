@@ -1,12 +1,12 @@
 //! What devices do with messages, counted per message: handed to a connection
 //! (`delivered`) and acknowledged (`acked`). Counted in memory by the process holding the
-//! connections and added to the store about once a second, one store write per message
-//! per flush however many devices it sums: a broadcast to a million devices costs each
-//! node a few writes, not a million.
+//! connections and added to the store every [`FLUSH`], the counts of many messages in one
+//! store write (see the stores): a broadcast to a million devices costs each node a few
+//! writes, not a million, and unicast a small share of a write per push.
 //!
 //! Bounded: at most [`MAX_PENDING`] messages wait for a flush; counts for further messages
 //! are left out until the next flush and counted in `pigeon_receipts_dropped_total`. A
-//! process that dies loses the counts of its last second.
+//! process that dies loses the counts of its last quarter second.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use crate::store::{ReceiptCount, Store};
 /// Messages whose counts wait for a flush, at most.
 pub const MAX_PENDING: usize = 100_000;
 /// How often counts are added to the store.
-pub const FLUSH: Duration = Duration::from_secs(1);
+pub const FLUSH: Duration = Duration::from_millis(250);
 
 /// The counts of one process's connections since the last flush.
 #[derive(Default)]

@@ -213,6 +213,11 @@ pub trait Registry: Send + Sync + 'static {
         max_devices: usize,
     ) -> Result<AliasSet, StoreError>;
 
+    /// Unregisters the device `token` of `app`: its record, queue, uid binding, tags and
+    /// alias go, and the token is no device any more. What it was (with its route, to close
+    /// its connection); `None` when it is no device of the app.
+    async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError>;
+
     /// The devices each of `aliases` names in `app`, in the order given.
     async fn tokens_for_aliases(
         &self,

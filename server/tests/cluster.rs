@@ -452,3 +452,33 @@ async fn presence_follows_a_device_across_nodes_and_a_node_kill() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["devices"][0]["online"], false, "{answer}");
 }
+
+/// `DELETE /v1/devices/{token}` through the gateway: the node holding the device's
+/// connection closes it with 4009, the device is gone from Redis (404 after), and its
+/// uid names it no more.
+#[tokio::test]
+async fn unregistering_a_device_closes_its_connection_on_its_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut phone = connect(&node, "dee", &DeviceState::default()).await;
+    let token = phone.welcome().device_token.clone();
+    let path = format!("/v1/devices/{token}");
+    // Routed first: the registry knows which node holds it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while gateway.call("GET", &path, None).await.1["online"] != true {
+        assert!(tokio::time::Instant::now() < deadline, "never online");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, answer) = gateway.call("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{answer}");
+    let error = closed(&mut phone).await;
+    assert_eq!(error.close_code(), Some(4009), "{error}");
+    let (status, answer) = gateway.call("GET", &path, None).await;
+    assert_eq!(status, 404, "{answer}");
+    let answer = gateway.push_to(&["dee"], json!({"n": 1})).await;
+    assert_eq!(answer["targets"]["stored"], 0, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 0, "{answer}");
+}

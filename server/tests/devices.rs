@@ -440,3 +440,80 @@ async fn the_device_api_over_grpc() {
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().starts_with("tags[0]"), "{}", bad.message());
 }
+
+/// `DELETE /v1/devices/{token}`: the device's connection closes with 4009, its token, queue,
+/// uid binding, tags and alias are gone (404 after), pushes to its uid, tag or alias no
+/// longer name it, and connecting again with the old token registers a new device.
+#[tokio::test]
+async fn a_device_is_unregistered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let phone = connect(&server, "ann", &DeviceState::default()).await;
+    let token = phone.welcome().device_token.clone();
+    let device = format!("/v1/devices/{token}");
+    let (status, _) = call(
+        &server,
+        "PUT",
+        &format!("{device}/tags"),
+        Some(json!({"tags": ["vip"]})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        &server,
+        "PUT",
+        &format!("{device}/alias"),
+        Some(json!({"alias": "ann-phone"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // A message waits in its queue: pushed while the phone is away.
+    let old_state = DeviceState {
+        device_token: token.clone(),
+        ..DeviceState::default()
+    };
+    phone.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let answer = server.push_to("ann", json!({"n": 1})).await;
+    assert_eq!(answer["targets"]["stored"], 1, "{answer}");
+    let mut phone = connect(&server, "ann", &old_state).await;
+    assert!(phone.welcome().resumed);
+    assert_eq!(payload(&next_push(&mut phone).await), json!({"n": 1}));
+
+    let (status, answer) = call(&server, "DELETE", &device, None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"token": token, "unregistered": true}));
+    let error = support::closed(&mut phone).await;
+    assert_eq!(error.close_code(), Some(4009), "{error}");
+
+    let (status, answer) = call(&server, "GET", &device, None).await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, answer) = call(&server, "DELETE", &device, None).await;
+    assert_eq!(status, 404, "unregistered twice: {answer}");
+    for audience in [
+        json!({"uids": ["ann"]}),
+        json!({"aliases": ["ann-phone"]}),
+        json!({"tokens": [token]}),
+    ] {
+        let (status, answer) = server
+            .push(json!({"audience": audience, "payload": {"n": 2}, "ttl": 60}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        let targets = &answer["targets"];
+        assert_eq!(
+            targets["stored"].as_u64().unwrap_or(0) + targets["delivered"].as_u64().unwrap_or(0),
+            0,
+            "{audience}: {answer}"
+        );
+    }
+    let (status, answer) = call(&server, "GET", "/v1/tags/vip/devices", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["devices"], json!([]), "{answer}");
+
+    // The old token is no key to anything: connecting with it registers a new device,
+    // whose queue is empty.
+    let mut again = connect(&server, "ann", &old_state).await;
+    assert!(!again.welcome().resumed);
+    assert_ne!(again.welcome().device_token, token);
+    support::assert_no_push(&mut again, std::time::Duration::from_millis(300)).await;
+}

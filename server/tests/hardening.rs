@@ -354,6 +354,7 @@ async fn the_internal_api_needs_the_cluster_secret() {
         let mut takeover = tonic::Request::new(TakeoverRequest {
             token: "any".into(),
             connection_id: 1,
+            close_code: 0,
         });
         if let Some(value) = authorization {
             takeover

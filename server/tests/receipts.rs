@@ -1,6 +1,6 @@
 //! A message's status (`GET /v1/messages/{id}`) through its life: recorded for its
 //! targets, handed to connections and acknowledged (counted by the process holding the
-//! connections and flushed to the store about once a second), waiting for an offline
+//! connections and flushed to the store four times a second), waiting for an offline
 //! device until it reconnects, expired, dropped (TTL 0), scheduled and cancelled; a push
 //! stored once counts the devices that got it. In standalone (embedded store) and cluster
 //! mode (the node counts, Redis keeps, the gateway answers); another app's id is a 404.

@@ -1224,6 +1224,77 @@ async fn capped_pushes_are_counted_per_uid_and_window(backend: &Backend) {
     assert_eq!(other, [true]);
 }
 
+/// An unregistered device is gone with everything that names it; another app cannot
+/// unregister it; its token is then unknown.
+async fn an_unregistered_device_leaves_nothing_behind(backend: &Backend) {
+    let store = &backend.store;
+    let ann = backend.device("ann").await;
+    let other = backend.device("ann").await;
+    store
+        .set_tags("demo", &ann, &["vip".to_owned()])
+        .await
+        .expect("tags");
+    assert_eq!(
+        store
+            .set_alias("demo", &ann, Some("ann-phone"), 5)
+            .await
+            .expect("alias"),
+        AliasSet::Set
+    );
+    let outcome = backend
+        .record(message("waiting", 60_000, "k"), &[&ann], None)
+        .await;
+    assert_eq!(recorded(&outcome), [seq(1)]);
+    assert_eq!(
+        store.unregister("other", &ann).await.expect("unregister"),
+        None
+    );
+    let gone = store
+        .unregister("demo", &ann)
+        .await
+        .expect("unregister")
+        .expect("a device of demo");
+    assert_eq!(gone.uid, "ann");
+    assert_eq!(gone.alias, "ann-phone");
+    assert_eq!(gone.tags.names(), ["vip"]);
+    assert_eq!(store.device("demo", &ann).await.expect("device"), None);
+    assert_eq!(store.unregister("demo", &ann).await.expect("again"), None);
+    let uids = store
+        .tokens_for_uids("demo", &["ann".to_owned()])
+        .await
+        .expect("uids");
+    assert_eq!(uids, [vec![other.clone()]]);
+    let tagged = store.tag_devices("demo", "vip", "", 10).await.expect("tag");
+    assert!(tagged.is_empty(), "{tagged:?}");
+    let aliased = store
+        .tokens_for_aliases("demo", &["ann-phone".to_owned()])
+        .await
+        .expect("alias");
+    assert_eq!(aliased, [Vec::<String>::new()]);
+    assert!(
+        store
+            .replay(&ann, 0, 10)
+            .await
+            .expect("replay")
+            .deliveries
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .known_tokens("demo", std::slice::from_ref(&ann))
+            .await
+            .expect("known"),
+        [false]
+    );
+    // The token resumes nothing: presenting it admits a new device.
+    let again = store
+        .admit_device("demo", "ann", &ann)
+        .await
+        .expect("admit");
+    assert!(!again.resumed);
+    assert_ne!(again.token, ann);
+}
+
 /// A message's status and counts: counts that arrive first wait for the status, both add
 /// up, a later status replaces the earlier and leaves the counts; per app.
 async fn statuses_keep_their_counts(backend: &Backend) {
@@ -1290,7 +1361,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 21] = cases![
+const CASES: [(&str, Case); 22] = cases![
+    an_unregistered_device_leaves_nothing_behind,
     statuses_keep_their_counts,
     capped_pushes_are_counted_per_uid_and_window,
     opt_outs_are_kept_per_app_and_uid,

@@ -82,7 +82,7 @@ impl Presence for ClusterPresence {
             let peers = self.peers.clone();
             let token = token.to_owned();
             tokio::spawn(async move {
-                match peers.takeover(&token, &previous).await {
+                match peers.takeover(&token, &previous, CloseCode::Replaced).await {
                     Ok(closed) => tracing::debug!(node = %previous.node, closed, "takeover"),
                     Err(error) => tracing::debug!(%error, "takeover not delivered"),
                 }
@@ -204,11 +204,13 @@ impl node_server::Node for InternalApi {
         request: Request<TakeoverRequest>,
     ) -> Result<Response<TakeoverResponse>, Status> {
         let request = request.into_inner();
-        let closed = self.connections.close_connection(
-            &request.token,
-            request.connection_id,
-            CloseCode::Replaced,
-        );
+        let code = u16::try_from(request.close_code)
+            .ok()
+            .and_then(CloseCode::from_code)
+            .unwrap_or(CloseCode::Replaced);
+        let closed = self
+            .connections
+            .close_connection(&request.token, request.connection_id, code);
         Ok(Response::new(TakeoverResponse { closed }))
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use futures_util::StreamExt as _;
+use pigeon_proto::CloseCode;
 use pigeon_proto::cluster::node_client::NodeClient;
 use pigeon_proto::cluster::{
     DeliverRequest, DeliverResponse, DeliverSharedRequest, DeliverStatus, DeliverTarget,
@@ -279,11 +280,17 @@ impl Peers {
         .await
     }
 
-    /// Tells the node of `route` to close that connection of `token`.
-    pub async fn takeover(&self, token: &str, route: &Route) -> Result<bool, PeerError> {
+    /// Tells the node of `route` to close that connection of `token` with `code`.
+    pub async fn takeover(
+        &self,
+        token: &str,
+        route: &Route,
+        code: CloseCode,
+    ) -> Result<bool, PeerError> {
         let takeover = TakeoverRequest {
             token: token.to_owned(),
             connection_id: route.connection,
+            close_code: u32::from(code.code()),
         };
         let response = self
             .call(&route.node, takeover, |mut client, request| async move {
@@ -415,6 +422,13 @@ impl Fanout for Peers {
     }
 
     /// One Retag call to each node holding some of the devices.
+    async fn close(&self, token: &str, route: &Route, code: CloseCode) {
+        if let Err(error) = self.takeover(token, route, code).await {
+            // Unreachable: the node is gone or going, and the connection with it.
+            tracing::warn!(%error, node = %route.node, "closing a device's connection failed");
+        }
+    }
+
     async fn retag(&self, app: &str, devices: Vec<Retagged>) {
         let mut by_node: HashMap<String, Vec<WireTags>> = HashMap::new();
         for device in devices {

@@ -181,6 +181,10 @@ enum Op {
         key: String,
         keep_until_ms: u64,
     },
+    Unregister {
+        app: String,
+        token: String,
+    },
     PutStatus {
         key: String,
         status: Vec<u8>,
@@ -204,6 +208,7 @@ enum Reply {
     Due(Vec<DueJob>),
     Scheduled(bool),
     Counted(Vec<bool>),
+    Unregistered(Option<DeviceRecord>),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -425,6 +430,23 @@ impl Registry for EmbeddedStore {
             }))
         })
         .await
+    }
+
+    async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>> {
+        let route = self.routes.route(token);
+        let op = Op::Unregister {
+            app: app.to_owned(),
+            token: token.to_owned(),
+        };
+        match self.write(op, true).await? {
+            Reply::Unregistered(record) => Ok(record.map(|record| DeviceInfo {
+                tags: device_tags(&record),
+                uid: record.uid,
+                alias: record.alias,
+                route,
+            })),
+            _ => Err(backend("unexpected reply to unregister")),
+        }
     }
 
     async fn set_tags(&self, app: &str, token: &str, tags: &[String]) -> Result<Option<Retagged>> {
@@ -883,6 +905,9 @@ impl Writer {
             Op::Fired { key, keep_until_ms } => {
                 tables.fired(&key, keep_until_ms).map(|()| Reply::Done)
             }
+            Op::Unregister { app, token } => {
+                tables.unregister(&app, &token).map(Reply::Unregistered)
+            }
             Op::PutStatus {
                 key,
                 status,
@@ -1132,6 +1157,34 @@ impl<'txn> Tables<'txn> {
     /// The record of `token` if it is a device of `app`.
     fn device_of(&self, app: &str, token: &str) -> Result<Option<DeviceRecord>> {
         Ok(self.device(token)?.filter(|record| record.app == app))
+    }
+
+    /// Removes the device `token` of `app` and everything that names it; what it was.
+    fn unregister(&mut self, app: &str, token: &str) -> Result<Option<DeviceRecord>> {
+        let Some(record) = self.device_of(app, token)? else {
+            return Ok(None);
+        };
+        let seqs: Vec<u64> = self
+            .queue
+            .range((token, 0)..=(token, u64::MAX))
+            .map_err(backend)?
+            .map(|entry| entry.map(|(key, _)| key.value().1).map_err(backend))
+            .collect::<Result<_>>()?;
+        for seq in seqs {
+            self.remove_message(token, seq)?;
+        }
+        for tag in &record.tags {
+            let key = format!("{app}\0{}\0{token}", tag.name);
+            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+        }
+        if !record.alias.is_empty() {
+            let key = format!("{app}\0{}\0{token}", record.alias);
+            self.alias_devices.remove(key.as_str()).map_err(backend)?;
+        }
+        let binding = format!("{app}\0{}\0{token}", record.uid);
+        self.bindings.remove(binding.as_str()).map_err(backend)?;
+        self.devices.remove(token).map_err(backend)?;
+        Ok(Some(record))
     }
 
     fn set_tags(

@@ -199,6 +199,18 @@ impl Keys {
 
 /// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (1: counted);
 /// the count lives as long as its window (ARGV[2] ms).
+/// KEYS: the device's hash, queue, collapse keys and message ids; ARGV: the app. Deletes
+/// them all if the device is the app's: 1, else 0.
+static UNREGISTER: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'app') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return 1
+",
+    )
+});
+
 static COUNT_CAPPED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r"
@@ -969,6 +981,38 @@ impl Registry for RedisStore {
                 .await?;
         }
         Ok(AliasSet::Set)
+    }
+
+    async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError> {
+        let Some(info) = self.device(app, token).await? else {
+            return Ok(None);
+        };
+        // The device's own keys first (one slot, one script): from then on the token is no
+        // device. The indexes that name it (other slots) follow; one an interruption left
+        // behind names a token that resolves to nothing.
+        let deleted: i64 = UNREGISTER
+            .key(self.keys.device(token))
+            .key(self.keys.queue(token))
+            .key(self.keys.collapse(token))
+            .key(self.keys.message_ids(token))
+            .arg(app)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        if deleted == 0 {
+            return Ok(None);
+        }
+        self.index_command("SREM", self.keys.uid(app, &info.uid), token)
+            .await?;
+        for tag in &info.tags.tags {
+            self.index_command("ZREM", self.keys.tag(app, &tag.name), token)
+                .await?;
+        }
+        if !info.alias.is_empty() {
+            self.index_command("SREM", self.keys.alias(app, &info.alias), token)
+                .await?;
+        }
+        Ok(Some(info))
     }
 
     async fn tokens_for_aliases(

@@ -2,11 +2,15 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:ms:{app:id}` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`: delivered and acked counts |
+//! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`: delivered and acked counts |
 //!
-//! The key lives as long as the longest retention it was written with. A node's counts of
-//! one message are one script call per flush, however many devices they sum.
+//! The key lives as long as the longest retention it was written with. An app's statuses
+//! are spread over [`SHARDS`] hash tags by their id, so that a node's flush adds the counts
+//! of all the messages of one shard in one script call: a flush costs at most [`SHARDS`]
+//! calls per app, however many messages and devices it sums, and Redis Cluster still spreads
+//! an app's statuses over several slots.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -18,41 +22,56 @@ use super::{RedisStore, backend, bounded};
 use crate::message::unix_millis;
 use crate::store::{ReceiptCount, StatusRecord, Statuses, StoreError};
 
-/// ARGV: the status (empty: none), delivered, acked, milliseconds to keep the key at least.
+/// Hash tags an app's statuses are spread over.
+const SHARDS: u64 = 32;
+/// Messages whose counts one script call adds, at most.
+const PER_CALL: usize = 256;
+
+/// ARGV: milliseconds to keep each key at least, then the status (empty: none), delivered
+/// and acked of each key in turn.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 's', ARGV[1]) end
-if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[1], 'd', ARGV[2]) end
-if ARGV[3] ~= '0' then redis.call('HINCRBY', KEYS[1], 'a', ARGV[3]) end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local keep = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local status, d, a = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  if status ~= '' then redis.call('HSET', key, 's', status) end
+  if d ~= '0' then redis.call('HINCRBY', key, 'd', d) end
+  if a ~= '0' then redis.call('HINCRBY', key, 'a', a) end
+  if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 return 1
 ",
     )
 });
 
+/// The shard of a message id (FNV-1a).
+fn shard(id: &str) -> u64 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    hash % SHARDS
+}
+
 impl RedisStore {
     fn status_key(&self, app: &str, id: &str) -> String {
-        format!("{}:ms:{{{app}:{id}}}", self.keys.prefix())
+        format!("{}:ms:{{{app}:{}}}:{id}", self.keys.prefix(), shard(id))
     }
 
+    /// Writes statuses and adds counts, for keys of one hash tag.
     async fn put(
         &self,
-        key: String,
-        status: Vec<u8>,
-        (delivered, acked): (u64, u64),
+        rows: &[(String, Vec<u8>, u64, u64)],
         keep_until_ms: u64,
     ) -> Result<(), StoreError> {
         let keep_ms = keep_until_ms.saturating_sub(unix_millis()).max(1);
+        let mut invocation = PUT.prepare_invoke();
+        invocation.arg(keep_ms);
+        for (key, status, delivered, acked) in rows {
+            invocation.key(key).arg(status).arg(delivered).arg(acked);
+        }
         let mut connection = self.connection();
-        let _: i64 = PUT
-            .key(key)
-            .arg(status)
-            .arg(delivered)
-            .arg(acked)
-            .arg(keep_ms)
+        let _: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
@@ -69,9 +88,8 @@ impl Statuses for RedisStore {
         status: MessageStatus,
         keep_until_ms: u64,
     ) -> Result<(), StoreError> {
-        let key = self.status_key(app, id);
-        self.put(key, status.encode_to_vec(), (0, 0), keep_until_ms)
-            .await
+        let row = (self.status_key(app, id), status.encode_to_vec(), 0, 0);
+        self.put(&[row], keep_until_ms).await
     }
 
     async fn count_receipts(
@@ -79,17 +97,24 @@ impl Statuses for RedisStore {
         counts: Vec<ReceiptCount>,
         keep_until_ms: u64,
     ) -> Result<(), StoreError> {
-        let puts = counts
-            .iter()
-            .map(|count| {
-                let key = self.status_key(&count.app, &count.id);
-                self.put(
-                    key,
-                    Vec::new(),
-                    (count.delivered, count.acked),
-                    keep_until_ms,
-                )
-            })
+        // One call per app and shard (and per PER_CALL messages).
+        let mut groups: HashMap<(&str, u64), Vec<(String, Vec<u8>, u64, u64)>> = HashMap::new();
+        for count in &counts {
+            let row = (
+                self.status_key(&count.app, &count.id),
+                Vec::new(),
+                count.delivered,
+                count.acked,
+            );
+            groups
+                .entry((count.app.as_str(), shard(&count.id)))
+                .or_default()
+                .push(row);
+        }
+        let puts = groups
+            .values()
+            .flat_map(|rows| rows.chunks(PER_CALL))
+            .map(|rows| self.put(rows, keep_until_ms))
             .collect();
         bounded(puts).await.map(|_: Vec<()>| ())
     }
