@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use pigeon_proto::CloseCode;
 use pigeon_proto::device::{
-    Ack, ClientFrame, Hello, Pong, Push, StreamPosition, Welcome, client_frame, server_frame,
+    Ack, ClientFrame, Hello, Opened, Pong, Push, StreamPosition, Welcome, client_frame,
+    server_frame,
 };
 use serde::{Deserialize, Serialize};
 
@@ -293,6 +294,15 @@ impl Connection {
         } else {
             self.ack_stream(&push.stream, push.offset).await
         }
+    }
+
+    /// Reports that the user opened the message `message_id` (counted once per device in
+    /// the message's status).
+    pub async fn opened(&mut self, message_id: &str) -> Result<(), ClientError> {
+        self.send(client_frame::Kind::Opened(Opened {
+            message_id: message_id.to_owned(),
+        }))
+        .await
     }
 
     /// Sends one frame.

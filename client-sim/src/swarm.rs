@@ -75,6 +75,9 @@ pub struct Report {
     pub latencies_us: Vec<u32>,
     /// Samples not kept (past the cap).
     pub samples_dropped: u64,
+    /// Pushes reported opened (see [`SwarmSettings::open_every`]).
+    #[serde(default)]
+    pub opened: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +93,9 @@ struct Stats {
     first_received_us: AtomicU64,
     last_received_us: AtomicU64,
     samples_dropped: AtomicU64,
+    opened: AtomicU64,
+    /// Pushes taken from the connections, duplicates included (for `open_every`).
+    pushes: AtomicU64,
     latencies: Mutex<Vec<u32>>,
 }
 
@@ -123,6 +129,7 @@ impl Stats {
             rss_bytes: rss_bytes().unwrap_or(0),
             latencies_us: latencies,
             samples_dropped: self.samples_dropped.load(Ordering::Relaxed),
+            opened: self.opened.load(Ordering::Relaxed),
         }
     }
 
@@ -225,6 +232,13 @@ pub fn read_devices(text: &str) -> Result<Vec<SwarmDevice>, String> {
         .collect()
 }
 
+/// The id of a push to report opened: every [`SwarmSettings::open_every`]-th one received.
+fn to_open(shared: &Shared, stats: &Stats, message_id: String) -> Option<String> {
+    let every = u64::from(shared.settings.open_every);
+    let nth = stats.pushes.fetch_add(1, Ordering::Relaxed) + 1;
+    (every > 0 && nth.is_multiple_of(every)).then_some(message_id)
+}
+
 /// Settings of a swarm.
 #[derive(Clone, Debug)]
 pub struct SwarmSettings {
@@ -238,6 +252,8 @@ pub struct SwarmSettings {
     pub options: ConnectOptions,
     /// Keep the token of every this-many-th device (0: none), for the `tokens` command.
     pub keep_tokens_every: u32,
+    /// Report every this-many-th push received as opened by its user (0: none).
+    pub open_every: u32,
 }
 
 /// What every device of a swarm shares.
@@ -331,10 +347,11 @@ fn print_line<T: Serialize>(kind: &str, value: &T) {
 
 /// What a connected device does next.
 enum Step {
-    /// Acknowledge direct pushes up to this seq.
-    Ack(u64),
-    /// Acknowledge the stream `all` up to this offset.
-    AckStream(u64),
+    /// Acknowledge direct pushes up to this seq, and report the message opened (its id)
+    /// when it is one to open.
+    Ack(u64, Option<String>),
+    /// Acknowledge the stream `all` up to this offset, and maybe report it opened.
+    AckStream(u64, Option<String>),
     /// The connection was lost: reconnect.
     Lost,
     /// Told to disconnect.
@@ -413,11 +430,11 @@ async fn simulate(
                 push = connection.next_push() => match push {
                     Ok(push) if push.stream.is_empty() => {
                         stats.record(push.seq, &mut state.last_seq, &push.payload);
-                        Step::Ack(push.seq)
+                        Step::Ack(push.seq, to_open(&shared, stats, push.message_id))
                     }
                     Ok(push) => {
                         stats.record(push.offset, &mut state.all_offset, &push.payload);
-                        Step::AckStream(push.offset)
+                        Step::AckStream(push.offset, to_open(&shared, stats, push.message_id))
                     }
                     Err(error) => {
                         tracing::debug!(device = index, %error, "connection lost");
@@ -432,13 +449,17 @@ async fn simulate(
                     }
                 }
             };
+            let opened = match &step {
+                Step::Ack(_, opened) | Step::AckStream(_, opened) => opened.clone(),
+                _ => None,
+            };
             match step {
-                Step::Ack(seq) => {
+                Step::Ack(seq, _) => {
                     if Box::pin(connection.ack(seq)).await.is_err() {
                         break false;
                     }
                 }
-                Step::AckStream(offset) => {
+                Step::AckStream(offset, _) => {
                     if Box::pin(connection.ack_stream(crate::ALL, offset))
                         .await
                         .is_err()
@@ -449,6 +470,12 @@ async fn simulate(
                 Step::Lost => break false,
                 Step::Leave => break true,
                 Step::Stay => {}
+            }
+            if let Some(id) = opened {
+                if Box::pin(connection.opened(&id)).await.is_err() {
+                    break false;
+                }
+                stats.opened.fetch_add(1, Ordering::Relaxed);
             }
         };
         stats.connected.fetch_sub(1, Ordering::Relaxed);

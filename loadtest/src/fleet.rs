@@ -56,6 +56,17 @@ pub fn uid(index: usize) -> String {
 /// Source addresses per simulator.
 const SOURCES: usize = 4;
 
+/// How the simulated devices behave.
+#[derive(Clone, Copy, Debug)]
+pub struct Behaviour {
+    /// First-time connects per second, per simulator.
+    pub connect_rate: u32,
+    /// Keep the token of every this-many-th device (0: none).
+    pub keep_tokens_every: u32,
+    /// Report every this-many-th push a simulator receives as opened (0: none).
+    pub open_every: u32,
+}
+
 impl Fleet {
     /// Writes each simulator's devices (uid and a fresh credential for `deployment`'s app)
     /// to `work_dir` and starts the simulators against its nodes; the devices wait for
@@ -66,9 +77,13 @@ impl Fleet {
         deployment: &Deployment,
         devices: usize,
         simulators: usize,
-        connect_rate: u32,
-        keep_tokens_every: u32,
+        behaviour: &Behaviour,
     ) -> anyhow::Result<Self> {
+        let Behaviour {
+            connect_rate,
+            keep_tokens_every,
+            open_every,
+        } = *behaviour;
         let (app, urls, ca) = (
             &deployment.app,
             &deployment.ws_urls,
@@ -118,6 +133,7 @@ impl Fleet {
                 .arg(&file)
                 .args(["--connect-rate", &connect_rate.to_string()])
                 .args(["--keep-tokens-every", &keep_tokens_every.to_string()])
+                .args(["--open-every", &open_every.to_string()])
                 .env("PIGEON_LOG", "warn")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())

@@ -212,6 +212,9 @@ struct Common {
     /// First-time connects per second, per simulator.
     #[arg(long, default_value_t = 5000)]
     connect_rate: u32,
+    /// Have the devices report every this-many-th push they receive as opened (0: none).
+    #[arg(long, default_value_t = 0)]
+    open_every: u32,
     /// Seconds to hold the connections before measuring memory (idle).
     #[arg(long, default_value_t = 5)]
     hold: u64,
@@ -526,8 +529,11 @@ async fn prepare(
         &deployment,
         common.devices,
         per_process(common.sims),
-        common.connect_rate,
-        keep_tokens_every,
+        &fleet::Behaviour {
+            connect_rate: common.connect_rate,
+            keep_tokens_every,
+            open_every: common.open_every,
+        },
     )
     .await?;
     let started = Instant::now();
@@ -1714,6 +1720,7 @@ fn check(result: &mut RunResult, reports: &[Report]) {
     }
     result.figure("pushes received", sum(|r| r.received));
     result.figure("duplicates dropped", sum(|r| r.duplicates));
+    result.figure("pushes reported opened", sum(|r| r.opened));
     result.figure("unexpected disconnects", sum(|r| r.disconnects));
     result.figure("failed connection attempts", sum(|r| r.connect_failures));
     let rss = sum(|r| r.rss_bytes);

@@ -150,6 +150,26 @@ fn isolation_measures_the_app_alone_and_under_a_flood() {
     );
 }
 
+/// Devices that report what they open: the node takes the reports (no device is cut off).
+#[test]
+fn devices_report_pushes_opened() {
+    let result = run(&[
+        "unicast",
+        "--rate",
+        "50",
+        "--duration",
+        "1",
+        "--open-every",
+        "2",
+    ]);
+    let figures = &result["figures"];
+    let received = figures["pushes received"].as_u64().expect("received");
+    let opened = figures["pushes reported opened"].as_u64().expect("opened");
+    assert!(received >= 40, "{figures}");
+    assert_eq!(opened, received / 2, "{figures}");
+    assert_eq!(figures["unexpected disconnects"], 0, "{figures}");
+}
+
 /// Pushes scheduled for one second through two gateways, one SIGKILLed just after it:
 /// every push arrives, once (the run fails on a loss or a second copy).
 #[test]

@@ -816,6 +816,7 @@ fn status_json(
             "targets": if status.shared { json!(null) } else { json!(status.targets) },
             "delivered": delivered,
             "acked": acked,
+            "opened": record.opened,
             "waiting": waiting,
             "expired": lapsed,
             "dropped": dropped,

@@ -549,14 +549,7 @@ impl Pipeline {
             offset,
             message: message.clone(),
         };
-        let status = MessageStatus {
-            state: State::Accepted.into(),
-            class: request.class.name().to_owned(),
-            shared: true,
-            accepted_at_ms: message.accepted_at_ms,
-            expires_at_ms: message.expires_at_ms,
-            ..MessageStatus::default()
-        };
+        let status = accepted_status(&message, request.class, true);
         let (live, ()) = tokio::join!(
             self.fanout.deliver_shared(&request.app, delivery),
             self.keep_status(&request.app, &message.id, status),
@@ -640,16 +633,11 @@ impl Pipeline {
         }
         let recorded = seqs.len() as u32;
         let status = MessageStatus {
-            state: State::Accepted.into(),
-            class: request.class.name().to_owned(),
-            shared: false,
-            accepted_at_ms: message.accepted_at_ms,
-            expires_at_ms: message.expires_at_ms,
             targets: recorded,
             unknown: counts.unknown,
             dropped: counts.dropped,
             skipped: counts.skipped,
-            ..MessageStatus::default()
+            ..accepted_status(&message, request.class, false)
         };
         let status = self.keep_status(&request.app, &message.id, status);
         if let Some(pace) = request.pace
@@ -711,6 +699,18 @@ impl Pipeline {
             drop(place);
         });
         Ok(())
+    }
+}
+
+/// The status of `message`, accepted now in `class` (`shared`: stored once for the app).
+fn accepted_status(message: &Message, class: Class, shared: bool) -> MessageStatus {
+    MessageStatus {
+        state: State::Accepted.into(),
+        class: class.name().to_owned(),
+        shared,
+        accepted_at_ms: message.accepted_at_ms,
+        expires_at_ms: message.expires_at_ms,
+        ..MessageStatus::default()
     }
 }
 

@@ -34,8 +34,16 @@ pub struct Receipts {
 
 #[derive(Default)]
 struct Pending {
-    apps: HashMap<Arc<str>, HashMap<String, (u64, u64)>>,
+    apps: HashMap<Arc<str>, HashMap<String, Counts>>,
+    /// Entries held: messages, and devices that opened one.
     messages: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    delivered: u64,
+    acked: u64,
+    opened_by: Vec<String>,
 }
 
 impl Receipts {
@@ -51,6 +59,21 @@ impl Receipts {
             messages.iter().map(|message| message.id.as_str()),
             (0, 1),
         );
+    }
+
+    /// Counts `message` of `app` opened on the device `token` (once per device: the store
+    /// keeps which devices did).
+    pub fn opened(&self, app: &str, token: &str, message: String) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Pending { apps, messages } = &mut *pending;
+        if *messages >= MAX_PENDING {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *messages += 1;
+        let counts = apps.entry(Arc::from(app)).or_default();
+        let entry = counts.entry(message).or_default();
+        entry.opened_by.push(token.to_owned());
     }
 
     fn count<'a>(&self, app: &str, ids: impl IntoIterator<Item = &'a str>, (d, a): (u64, u64)) {
@@ -78,8 +101,8 @@ impl Receipts {
                     counts.entry(id.to_owned()).or_default()
                 }
             };
-            entry.0 += d;
-            entry.1 += a;
+            entry.delivered += d;
+            entry.acked += a;
         }
     }
 
@@ -95,14 +118,13 @@ impl Receipts {
             .apps
             .into_iter()
             .flat_map(|(app, counts)| {
-                counts
-                    .into_iter()
-                    .map(move |(id, (delivered, acked))| ReceiptCount {
-                        app: app.to_string(),
-                        id,
-                        delivered,
-                        acked,
-                    })
+                counts.into_iter().map(move |(id, counts)| ReceiptCount {
+                    app: app.to_string(),
+                    id,
+                    delivered: counts.delivered,
+                    acked: counts.acked,
+                    opened_by: counts.opened_by,
+                })
             })
             .collect()
     }
@@ -172,6 +194,12 @@ mod tests {
             [("a", "m1", 2, 1), ("a", "m2", 1, 0), ("b", "m1", 1, 0)]
         );
         assert!(receipts.take().is_empty());
+        receipts.opened("a", "t1", "m1".into());
+        receipts.opened("a", "t2", "m1".into());
+        let taken = receipts.take();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].opened_by, ["t1", "t2"]);
+        assert_eq!((taken[0].delivered, taken[0].acked), (0, 0));
     }
 
     #[test]

@@ -207,6 +207,8 @@ pub enum FrameOutcome {
         /// The messages acknowledged, to count.
         messages: Vec<Arc<Message>>,
     },
+    /// The user opened this message (its id): count it.
+    Opened(String),
 }
 
 /// Acknowledgements the Hello carried beyond what the store knew, to persist.
@@ -393,6 +395,9 @@ impl Lane {
     }
 }
 
+/// The longest message id a device may report opened.
+const MAX_MESSAGE_ID: usize = 128;
+
 /// An authenticated device session.
 #[derive(Debug)]
 pub struct Session {
@@ -465,6 +470,11 @@ impl Session {
                 kind: Some(server_frame::Kind::Pong(Pong { nonce })),
             })),
             Some(client_frame::Kind::Pong(_)) => Ok(FrameOutcome::Nothing),
+            Some(client_frame::Kind::Opened(opened)) => match opened.message_id.len() {
+                0 => Ok(FrameOutcome::Nothing),
+                1..=MAX_MESSAGE_ID => Ok(FrameOutcome::Opened(opened.message_id)),
+                _ => Err(SessionError::Protocol("a message id over 128 bytes")),
+            },
             Some(client_frame::Kind::Hello(_)) => Err(SessionError::Protocol("a second Hello")),
             None => Err(SessionError::Protocol("an empty frame")),
         }

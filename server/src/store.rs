@@ -537,6 +537,8 @@ pub struct ReceiptCount {
     pub delivered: u64,
     /// Acknowledged by the device.
     pub acked: u64,
+    /// The devices (tokens) that reported it opened; each counts once, however often.
+    pub opened_by: Vec<String>,
 }
 
 /// A message's status as kept, and what devices did with it.
@@ -548,6 +550,8 @@ pub struct StatusRecord {
     pub delivered: u64,
     /// Acknowledged by devices.
     pub acked: u64,
+    /// Devices that reported it opened, each once.
+    pub opened: u64,
 }
 
 /// Messages' statuses, and the counts of what devices did with them, kept for a retention.

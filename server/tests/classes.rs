@@ -34,14 +34,7 @@ async fn realtime_is_never_stored_and_marketing_expires() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
-    let bob = connect(&server, "bob", &DeviceState::default()).await;
-    let bob_state = DeviceState {
-        device_token: bob.welcome().device_token.clone(),
-        ..DeviceState::default()
-    };
-    drop(bob);
-    // Let the server see bob leave.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob_state = support::offline_device(&server, "bob").await;
     let (status, answer) = server
         .push(
             json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": 1}, "class": "realtime"}),

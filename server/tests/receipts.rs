@@ -49,13 +49,7 @@ async fn a_message_status_follows_its_life_in_standalone() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path(), &[]);
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
-    // Bob's device exists, and is offline.
-    let bob = connect(&server, "bob", &DeviceState::default()).await;
-    let bob_state = DeviceState {
-        device_token: bob.welcome().device_token.clone(),
-        ..DeviceState::default()
-    };
-    drop(bob);
+    let bob_state = support::offline_device(&server, "bob").await;
 
     let (status, answer) = server
         .push(json!({"audience": {"uids": ["ann", "bob"]}, "payload": {"n": 1}, "ttl": 300}))
@@ -80,6 +74,34 @@ async fn a_message_status_follows_its_life_in_standalone() {
     assert_eq!(receive(&mut bob).await, id);
     let body = status_until(get, |body| counts(body) == (2, 2)).await;
     assert_eq!(body["counts"]["waiting"], 0, "{body}");
+    assert_eq!(body["counts"]["opened"], 0, "{body}");
+
+    // Opened: once per device, however often, on whichever connection.
+    ann.opened(&id).await.expect("opened");
+    ann.opened(&id).await.expect("opened");
+    let body = status_until(get, |body| body["counts"]["opened"] == 1).await;
+    assert_eq!(counts(&body), (2, 2));
+    let ann_state = DeviceState {
+        device_token: ann.welcome().device_token.clone(),
+        last_seq: 1,
+        ..DeviceState::default()
+    };
+    drop(ann);
+    let mut ann = connect(&server, "ann", &ann_state).await;
+    ann.opened(&id).await.expect("opened");
+    bob.opened(&id).await.expect("opened");
+    bob.opened("no-such-message").await.expect("opened");
+    status_until(get, |body| body["counts"]["opened"] == 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, body) = get().await;
+    assert_eq!(
+        body["counts"]["opened"], 2,
+        "ann's second connection counted again: {body}"
+    );
+    let (status, _) = server
+        .call("GET", "/v1/messages/no-such-message", None)
+        .await;
+    assert_eq!(status, 404, "an opened report makes no message");
 
     // A copy nobody picks up expires with its TTL.
     drop(bob);
@@ -198,6 +220,13 @@ async fn cluster_mode_counts_on_the_node_and_answers_on_the_gateway() {
     assert_eq!(receive(&mut bob).await, id);
     let body = status_until(get, |body| counts(body) == (2, 2)).await;
     assert_eq!(body["counts"]["waiting"], 0, "{body}");
+    for _ in 0..2 {
+        ann.opened(&id).await.expect("opened");
+        bob.opened(&id).await.expect("opened");
+    }
+    status_until(get, |body| body["counts"]["opened"] == 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get().await.1["counts"]["opened"], 2, "each device once");
 
     // A broadcast: each device that got it, counted once per flush by the node.
     let (status, answer) = gateway

@@ -1308,6 +1308,7 @@ async fn statuses_keep_their_counts(backend: &Backend) {
         id: "m1".into(),
         delivered,
         acked,
+        opened_by: Vec::new(),
     };
     let none = store.message_status("demo", "m1").await.expect("status");
     assert_eq!((none.status, none.delivered, none.acked), (None, 0, 0));
@@ -1351,6 +1352,21 @@ async fn statuses_keep_their_counts(backend: &Backend) {
     assert_eq!((kept.delivered, kept.acked), (5, 4));
     let other = store.message_status("other", "m1").await.expect("status");
     assert_eq!((other.status, other.delivered, other.acked), (None, 1, 0));
+    // Each device that opened it counts once, however often it says so.
+    let opened = |tokens: &[&str]| ReceiptCount {
+        opened_by: tokens.iter().map(|token| (*token).to_owned()).collect(),
+        ..count("demo", 0, 0)
+    };
+    store
+        .count_receipts(vec![opened(&["t1", "t1", "t2"])], until)
+        .await
+        .expect("count");
+    store
+        .count_receipts(vec![opened(&["t2", "t3"])], until)
+        .await
+        .expect("count");
+    let kept = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!((kept.delivered, kept.acked, kept.opened), (5, 4, 3));
 }
 
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;

@@ -68,6 +68,9 @@ enum Command {
         /// Keep the token of every this-many-th device, for the `tokens` command.
         #[arg(long, default_value_t = 0)]
         keep_tokens_every: u32,
+        /// Report every this-many-th push received as opened by its user (0: none).
+        #[arg(long, default_value_t = 0)]
+        open_every: u32,
     },
 }
 
@@ -129,6 +132,7 @@ async fn run(cli: Cli) -> ExitCode {
             connect_rate,
             ca,
             keep_tokens_every,
+            open_every,
         } => {
             let settings = swarm::SwarmSettings {
                 urls,
@@ -139,6 +143,7 @@ async fn run(cli: Cli) -> ExitCode {
                     ..ConnectOptions::default()
                 },
                 keep_tokens_every,
+                open_every,
             };
             return swarm(devices, settings).await;
         }

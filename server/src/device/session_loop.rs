@@ -91,6 +91,11 @@ impl Live {
                 }
                 Ok(None)
             }
+            Ok(FrameOutcome::Opened(id)) => {
+                let app = self.connection.app();
+                context.receipts.opened(app, &self.token, id);
+                Ok(None)
+            }
             Err(error) => Err(Ending::session(error)),
         }
     }
@@ -351,6 +356,10 @@ async fn on_frame<T: DeviceTransport>(
             {
                 ack_failed(&error);
             }
+            Ok(())
+        }
+        Ok(FrameOutcome::Opened(id)) => {
+            context.receipts.opened(app, token, id);
             Ok(())
         }
         Err(error) => Err(Ending::session(error)),

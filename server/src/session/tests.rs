@@ -566,3 +566,26 @@ fn below_the_floor_a_live_entry_must_follow_the_last_one_sent() {
         "3 may be on its way: read the store"
     );
 }
+
+#[test]
+fn an_opened_report_is_counted_and_checked() {
+    let now = Instant::now();
+    let mut session = live_session(now);
+    let opened = |id: String| ClientFrame {
+        kind: Some(client_frame::Kind::Opened(pigeon_proto::device::Opened {
+            message_id: id,
+        })),
+    };
+    assert_eq!(
+        session.handle_frame(now, opened("m1".into())),
+        Ok(FrameOutcome::Opened("m1".into()))
+    );
+    assert_eq!(
+        session.handle_frame(now, opened(String::new())),
+        Ok(FrameOutcome::Nothing)
+    );
+    assert_eq!(
+        session.handle_frame(now, opened("x".repeat(129))),
+        Err(SessionError::Protocol("a message id over 128 bytes"))
+    );
+}

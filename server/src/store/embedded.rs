@@ -40,7 +40,8 @@
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
 //! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
-//! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms) |
+//! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms; opened) |
+//! | `opened` | `app \0 id \0 token` | () (the devices that opened the message; gone with its status) |
 //! | `status_expiry` | (kept until ms, `app \0 id`) | () (a row whose status is kept longer is left) |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
@@ -87,7 +88,8 @@ const CAPPED: TableDefinition<(u64, &str), u32> = TableDefinition::new("capped")
 const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
 const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
-const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64)> = TableDefinition::new("status");
+const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64, u64)> = TableDefinition::new("status");
+const OPENED: TableDefinition<&str, ()> = TableDefinition::new("opened");
 const STATUS_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("status_expiry");
 /// The states of `schedule_ids` below a remembered-until time.
 const WAITING: u64 = 0;
@@ -249,6 +251,7 @@ impl EmbeddedStore {
             txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
             txn.open_table(STATUS).map_err(backend)?;
             txn.open_table(STATUS_EXPIRY).map_err(backend)?;
+            txn.open_table(OPENED).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
@@ -913,7 +916,7 @@ impl Writer {
                 status,
                 keep_until_ms,
             } => tables
-                .put_status(&key, Some(&status), 0, 0, keep_until_ms)
+                .put_status(&key, Some(&status), (0, 0, &[]), keep_until_ms)
                 .map(|()| Reply::Done),
             Op::CountReceipts {
                 counts,
@@ -921,7 +924,8 @@ impl Writer {
             } => {
                 for count in counts {
                     let key = status_key(&count.app, &count.id);
-                    tables.put_status(&key, None, count.delivered, count.acked, keep_until_ms)?;
+                    let counts = (count.delivered, count.acked, count.opened_by.as_slice());
+                    tables.put_status(&key, None, counts, keep_until_ms)?;
                 }
                 Ok(Reply::Done)
             }
@@ -957,7 +961,8 @@ struct Tables<'txn> {
     schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
-    status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64)>,
+    status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64, u64)>,
+    opened: redb::Table<'txn, &'static str, ()>,
     status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
 }
 
@@ -984,27 +989,34 @@ impl<'txn> Tables<'txn> {
             schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
             status: txn.open_table(STATUS).map_err(backend)?,
             status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
+            opened: txn.open_table(OPENED).map_err(backend)?,
         })
     }
 
-    /// Writes a message's status (when given) and adds to its counts; it is kept until
-    /// `keep_until_ms` at least.
+    /// Writes a message's status (when given) and adds to its counts (delivered, acked, and
+    /// the devices that opened it, each once); it is kept until `keep_until_ms` at least.
     fn put_status(
         &mut self,
         key: &str,
         status: Option<&[u8]>,
-        delivered: u64,
-        acked: u64,
+        (delivered, acked, opened_by): (u64, u64, &[String]),
         keep_until_ms: u64,
     ) -> Result<()> {
-        let (old, old_delivered, old_acked, old_until) =
+        let (old, old_delivered, old_acked, old_until, mut opened) =
             match self.status.get(key).map_err(backend)? {
                 Some(row) => {
-                    let (old, delivered, acked, until) = row.value();
-                    (old.to_vec(), delivered, acked, until)
+                    let (old, delivered, acked, until, opened) = row.value();
+                    (old.to_vec(), delivered, acked, until, opened)
                 }
-                None => (Vec::new(), 0, 0, 0),
+                None => (Vec::new(), 0, 0, 0, 0),
             };
+        for token in opened_by {
+            let device = format!("{key}\0{token}");
+            let before = self.opened.insert(device.as_str(), ()).map_err(backend)?;
+            if before.is_none() {
+                opened += 1;
+            }
+        }
         let status = status.unwrap_or(&old);
         let until = old_until.max(keep_until_ms);
         let row = (
@@ -1012,6 +1024,7 @@ impl<'txn> Tables<'txn> {
             old_delivered.saturating_add(delivered),
             old_acked.saturating_add(acked),
             until,
+            opened,
         );
         self.status.insert(key, row).map_err(backend)?;
         if until != old_until {
@@ -1751,6 +1764,19 @@ impl<'txn> Tables<'txn> {
                 .map(|row| row.value().3);
             if until.is_some_and(|until| until <= at) {
                 self.status.remove(key.as_str()).map_err(backend)?;
+                let prefix = format!("{key}\0");
+                let devices: Vec<String> = self
+                    .opened
+                    .range(prefix.as_str()..)
+                    .map_err(backend)?
+                    .map_while(|entry| {
+                        let key = entry.ok()?.0.value().to_owned();
+                        key.starts_with(prefix.as_str()).then_some(key)
+                    })
+                    .collect();
+                for device in devices {
+                    self.opened.remove(device.as_str()).map_err(backend)?;
+                }
             }
         }
         Ok(())
@@ -1817,7 +1843,7 @@ impl Statuses for EmbeddedStore {
             let Some(row) = table.get(key.as_str()).map_err(backend)? else {
                 return Ok(StatusRecord::default());
             };
-            let (status, delivered, acked, _) = row.value();
+            let (status, delivered, acked, _, opened) = row.value();
             let status = match status.is_empty() {
                 true => None,
                 false => Some(MessageStatus::decode(status).map_err(backend)?),
@@ -1826,6 +1852,7 @@ impl Statuses for EmbeddedStore {
                 status,
                 delivered,
                 acked,
+                opened,
             })
         })
         .await

@@ -280,6 +280,19 @@ pub async fn connect(server: &Server, uid: &str, state: &DeviceState) -> Connect
         .expect("connect")
 }
 
+/// Registers a device of `uid` and leaves it offline: the state to reconnect it with.
+pub async fn offline_device(server: &Server, uid: &str) -> DeviceState {
+    let device = connect(server, uid, &DeviceState::default()).await;
+    let state = DeviceState {
+        device_token: device.welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    drop(device);
+    // Let the server see it leave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    state
+}
+
 /// The next push, or a failure after [`WAIT`].
 pub async fn next_push(connection: &mut Connection) -> Push {
     tokio::time::timeout(WAIT, connection.next_push())

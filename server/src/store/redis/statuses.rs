@@ -2,7 +2,8 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`: delivered and acked counts |
+//! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`, `o`: delivered, acked and opened counts |
+//! | `p:ms:{app:<shard>}:id:o` | set | the devices (tokens) that opened the message, so each counts once |
 //!
 //! The key lives as long as the longest retention it was written with. An app's statuses
 //! are spread over [`SHARDS`] hash tags by their id, so that a node's flush adds the counts
@@ -27,23 +28,38 @@ const SHARDS: u64 = 32;
 /// Messages whose counts one script call adds, at most.
 const PER_CALL: usize = 256;
 
-/// ARGV: milliseconds to keep each key at least, then the status (empty: none), delivered
-/// and acked of each key in turn.
+/// KEYS: per message, its hash and the set of devices that opened it. ARGV: milliseconds to
+/// keep each key at least, then per message its status (empty: none), delivered, acked,
+/// and how many tokens follow (devices that opened it), then those tokens.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local keep = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local status, d, a = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+local j = 2
+for i = 1, #KEYS, 2 do
+  local key, opened = KEYS[i], KEYS[i + 1]
+  local status, d, a, n = ARGV[j], ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
+  j = j + 4
   if status ~= '' then redis.call('HSET', key, 's', status) end
   if d ~= '0' then redis.call('HINCRBY', key, 'd', d) end
   if a ~= '0' then redis.call('HINCRBY', key, 'a', a) end
+  if n > 0 then
+    local added = 0
+    for t = j, j + n - 1 do added = added + redis.call('SADD', opened, ARGV[t]) end
+    j = j + n
+    if added > 0 then redis.call('HINCRBY', key, 'o', added) end
+    if redis.call('PTTL', opened) < keep then redis.call('PEXPIRE', opened, keep) end
+  end
   if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 return 1
 ",
     )
 });
+
+/// One message's part of a [`PUT`]: its key, status (empty: none), delivered, acked, and
+/// the devices that opened it.
+type Row<'a> = (String, Vec<u8>, u64, u64, &'a [String]);
 
 /// The shard of a message id (FNV-1a).
 fn shard(id: &str) -> u64 {
@@ -59,16 +75,21 @@ impl RedisStore {
     }
 
     /// Writes statuses and adds counts, for keys of one hash tag.
-    async fn put(
-        &self,
-        rows: &[(String, Vec<u8>, u64, u64)],
-        keep_until_ms: u64,
-    ) -> Result<(), StoreError> {
+    async fn put(&self, rows: &[Row<'_>], keep_until_ms: u64) -> Result<(), StoreError> {
         let keep_ms = keep_until_ms.saturating_sub(unix_millis()).max(1);
         let mut invocation = PUT.prepare_invoke();
         invocation.arg(keep_ms);
-        for (key, status, delivered, acked) in rows {
-            invocation.key(key).arg(status).arg(delivered).arg(acked);
+        for (key, status, delivered, acked, opened_by) in rows {
+            invocation
+                .key(key)
+                .key(format!("{key}:o"))
+                .arg(status)
+                .arg(delivered)
+                .arg(acked)
+                .arg(opened_by.len());
+            for token in opened_by.iter() {
+                invocation.arg(token);
+            }
         }
         let mut connection = self.connection();
         let _: i64 = invocation
@@ -88,7 +109,13 @@ impl Statuses for RedisStore {
         status: MessageStatus,
         keep_until_ms: u64,
     ) -> Result<(), StoreError> {
-        let row = (self.status_key(app, id), status.encode_to_vec(), 0, 0);
+        let row = (
+            self.status_key(app, id),
+            status.encode_to_vec(),
+            0,
+            0,
+            &[][..],
+        );
         self.put(&[row], keep_until_ms).await
     }
 
@@ -98,13 +125,14 @@ impl Statuses for RedisStore {
         keep_until_ms: u64,
     ) -> Result<(), StoreError> {
         // One call per app and shard (and per PER_CALL messages).
-        let mut groups: HashMap<(&str, u64), Vec<(String, Vec<u8>, u64, u64)>> = HashMap::new();
+        let mut groups: HashMap<(&str, u64), Vec<Row<'_>>> = HashMap::new();
         for count in &counts {
             let row = (
                 self.status_key(&count.app, &count.id),
                 Vec::new(),
                 count.delivered,
                 count.acked,
+                count.opened_by.as_slice(),
             );
             groups
                 .entry((count.app.as_str(), shard(&count.id)))
@@ -121,13 +149,13 @@ impl Statuses for RedisStore {
 
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError> {
         let mut connection = self.connection();
-        let (status, delivered, acked): (Option<Vec<u8>>, Option<u64>, Option<u64>) =
-            redis::cmd("HMGET")
-                .arg(self.status_key(app, id))
-                .arg(&["s", "d", "a"][..])
-                .query_async(&mut connection)
-                .await
-                .map_err(backend)?;
+        type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>);
+        let (status, delivered, acked, opened): Fields = redis::cmd("HMGET")
+            .arg(self.status_key(app, id))
+            .arg(&["s", "d", "a", "o"][..])
+            .query_async(&mut connection)
+            .await
+            .map_err(backend)?;
         let status = status
             .filter(|status| !status.is_empty())
             .map(|status| MessageStatus::decode(status.as_slice()))
@@ -137,6 +165,7 @@ impl Statuses for RedisStore {
             status,
             delivered: delivered.unwrap_or(0),
             acked: acked.unwrap_or(0),
+            opened: opened.unwrap_or(0),
         })
     }
 }
