@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::push::{Class, Pipeline, PushError, PushOutcome, PushRequest};
 use crate::rate_limit::{Limited, RateLimiter};
 use crate::store::{Cancel, StoreError, TagChange};
+use pigeon_proto::push as push_proto;
 
 /// What the app-facing handlers (HTTP and gRPC) share.
 pub struct PushApi {
@@ -760,17 +761,27 @@ async fn get_message(
         async {
             let app = authenticate(&api.apps, &headers)?;
             let id = path_param(id, "id")?;
-            if id.is_empty() || id.len() > MAX_KEY_LEN {
-                return Err(ApiError::NoSuchMessage(id));
-            }
-            let record = api.pipeline.message_status(&app.id, &id).await?;
-            let Some(status) = &record.status else {
-                return Err(ApiError::NoSuchMessage(id));
-            };
-            Ok(ok(status_json(&id, status, &record, unix_millis())))
+            let view = message_status(&api.pipeline, &app.id, &id).await?;
+            Ok(ok(status_json(&view)))
         }
         .await,
     )
+}
+
+/// `app`'s message `id`'s status as the API shows it now (HTTP and gRPC alike).
+pub async fn message_status(
+    pipeline: &Pipeline,
+    app: &str,
+    id: &str,
+) -> Result<push_proto::MessageStatus, ApiError> {
+    if id.is_empty() || id.len() > MAX_KEY_LEN {
+        return Err(ApiError::NoSuchMessage(id.to_owned()));
+    }
+    let record = pipeline.message_status(app, id).await?;
+    match &record.status {
+        Some(status) => Ok(status_view(id, status, &record, unix_millis())),
+        None => Err(ApiError::NoSuchMessage(id.to_owned())),
+    }
 }
 
 /// A message's status as the API shows it at `now_ms`. For a direct push, `targets` are
@@ -778,12 +789,12 @@ async fn get_message(
 /// `waiting` until it expires, then `expired` (a TTL-0 push is never stored: the targets
 /// it did not reach at once are `dropped`). A push stored once (to `all` or tags) has no
 /// list of targets: its counts are of the devices that got it.
-fn status_json(
+fn status_view(
     id: &str,
     status: &pigeon_proto::store::MessageStatus,
     record: &crate::store::StatusRecord,
     now_ms: u64,
-) -> serde_json::Value {
+) -> push_proto::MessageStatus {
     use pigeon_proto::store::message_status::State;
     let state = status.state();
     let accepted = state == State::Accepted;
@@ -795,41 +806,63 @@ fn status_json(
         State::Accepted if expired => "expired",
         State::Accepted | State::Unspecified => "accepted",
     };
-    let (delivered, acked) = (record.delivered, record.acked);
-    let open = u64::from(status.targets).saturating_sub(acked);
+    let targets = u64::from(status.targets);
+    let open = targets.saturating_sub(record.acked);
     let mut dropped = u64::from(status.dropped);
     let (waiting, lapsed) = match (status.shared, ttl_zero, expired) {
-        (true, ..) => (json!(null), json!(null)),
+        (true, ..) => (None, None),
         (false, true, _) => {
-            dropped += u64::from(status.targets).saturating_sub(delivered);
-            (json!(0), json!(0))
+            dropped += targets.saturating_sub(record.delivered);
+            (Some(0), Some(0))
         }
-        (false, false, true) => (json!(0), json!(open)),
-        (false, false, false) => (json!(open), json!(0)),
+        (false, false, true) => (Some(0), Some(open)),
+        (false, false, false) => (Some(open), Some(0)),
     };
+    push_proto::MessageStatus {
+        message_id: id.to_owned(),
+        state: state_name.to_owned(),
+        class: status.class.clone(),
+        audience: if status.shared { "shared" } else { "direct" }.to_owned(),
+        accepted_at_ms: if accepted { status.accepted_at_ms } else { 0 },
+        expires_at_ms: if accepted { status.expires_at_ms } else { 0 },
+        send_at_ms: status.send_at_ms,
+        targets: (!status.shared).then_some(targets),
+        delivered: record.delivered,
+        acked: record.acked,
+        opened: record.opened,
+        waiting,
+        expired: lapsed,
+        dropped,
+        skipped: u64::from(status.skipped),
+        unknown: u64::from(status.unknown),
+    }
+}
+
+/// A message's status as JSON.
+fn status_json(view: &push_proto::MessageStatus) -> serde_json::Value {
     let mut body = json!({
-        "message_id": id,
-        "state": state_name,
-        "class": status.class,
-        "audience": if status.shared { "shared" } else { "direct" },
+        "message_id": view.message_id,
+        "state": view.state,
+        "class": view.class,
+        "audience": view.audience,
         "counts": {
-            "targets": if status.shared { json!(null) } else { json!(status.targets) },
-            "delivered": delivered,
-            "acked": acked,
-            "opened": record.opened,
-            "waiting": waiting,
-            "expired": lapsed,
-            "dropped": dropped,
-            "skipped": status.skipped,
-            "unknown": status.unknown,
+            "targets": view.targets,
+            "delivered": view.delivered,
+            "acked": view.acked,
+            "opened": view.opened,
+            "waiting": view.waiting,
+            "expired": view.expired,
+            "dropped": view.dropped,
+            "skipped": view.skipped,
+            "unknown": view.unknown,
         },
     });
-    if accepted {
-        body["accepted_at"] = json!(rfc3339(status.accepted_at_ms));
-        body["expires_at"] = json!(rfc3339(status.expires_at_ms));
+    if view.accepted_at_ms > 0 {
+        body["accepted_at"] = json!(rfc3339(view.accepted_at_ms));
+        body["expires_at"] = json!(rfc3339(view.expires_at_ms));
     }
-    if status.send_at_ms > 0 {
-        body["send_at"] = json!(rfc3339(status.send_at_ms));
+    if view.send_at_ms > 0 {
+        body["send_at"] = json!(rfc3339(view.send_at_ms));
     }
     body
 }

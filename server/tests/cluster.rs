@@ -481,4 +481,22 @@ async fn unregistering_a_device_closes_its_connection_on_its_node() {
     let answer = gateway.push_to(&["dee"], json!({"n": 1})).await;
     assert_eq!(answer["targets"]["stored"], 0, "{answer}");
     assert_eq!(answer["targets"]["delivered"], 0, "{answer}");
+    // Over gRPC: another device of dee's, unregistered; the first is NOT_FOUND now.
+    let second = connect(&node, "dee", &DeviceState::default()).await;
+    let second_token = second.welcome().device_token.clone();
+    let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .expect("gRPC connect");
+    let delete = |token: &str| {
+        support::cluster::with_api_key(pigeon_proto::push::DeleteDeviceRequest {
+            token: token.to_owned(),
+        })
+    };
+    let deleted = client.delete_device(delete(&second_token)).await;
+    assert_eq!(
+        deleted.expect("DeleteDevice").into_inner().token,
+        second_token
+    );
+    let again = client.delete_device(delete(&token)).await;
+    assert_eq!(again.expect_err("gone").code(), tonic::Code::NotFound);
 }

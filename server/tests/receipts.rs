@@ -10,6 +10,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pigeon_client::{Connection, DeviceState};
+use pigeon_proto::push::GetMessageRequest;
+use pigeon_proto::push::push_client::PushClient;
 use serde_json::{Value, json};
 use support::cluster::{self as cluster, Deployment, GatewayProcess, NodeProcess, Redis};
 use support::{Server, WAIT, connect, next_push};
@@ -243,6 +245,39 @@ async fn cluster_mode_counts_on_the_node_and_answers_on_the_gateway() {
     )
     .await;
     assert_eq!(body["audience"], "shared", "{body}");
+
+    // The same over gRPC.
+    let mut client = PushClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .expect("gRPC connect");
+    let request = |id: &str| {
+        cluster::with_api_key(GetMessageRequest {
+            message_id: id.to_owned(),
+        })
+    };
+    let status = client
+        .get_message(request(&id))
+        .await
+        .expect("GetMessage")
+        .into_inner();
+    assert_eq!(
+        (
+            status.state.as_str(),
+            status.audience.as_str(),
+            status.targets,
+            status.waiting
+        ),
+        ("accepted", "direct", Some(2), Some(0))
+    );
+    assert_eq!((status.delivered, status.acked, status.opened), (2, 2, 2));
+    let shared = client
+        .get_message(request(&all_id))
+        .await
+        .expect("GetMessage")
+        .into_inner();
+    assert_eq!((shared.audience.as_str(), shared.targets), ("shared", None));
+    let missing = client.get_message(request("no-such-message")).await;
+    assert_eq!(missing.expect_err("unknown").code(), tonic::Code::NotFound);
 
     // Another app does not see this app's messages.
     let (status, body) = support::call(

@@ -252,6 +252,26 @@ impl push_server::Push for PushGrpc {
             message_id: body.message_id,
         }))
     }
+
+    async fn get_message(
+        &self,
+        request: Request<push_proto::GetMessageRequest>,
+    ) -> Result<Response<push_proto::MessageStatus>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let status = api::message_status(&self.api.pipeline, &app, &body.message_id).await?;
+        Ok(Response::new(status))
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<push_proto::DeleteDeviceRequest>,
+    ) -> Result<Response<push_proto::DeleteDeviceResponse>, Status> {
+        let (app, body) = self.authorized(request)?;
+        self.api.devices.unregister(&app, &body.token).await?;
+        Ok(Response::new(push_proto::DeleteDeviceResponse {
+            token: body.token,
+        }))
+    }
 }
 
 /// A running gateway.
