@@ -39,9 +39,10 @@ use crate::intake::{self, Intake};
 use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
 use crate::metrics::Metrics;
 use crate::rate_limit::{Limited, RateLimiter};
+use crate::status_writer::StatusWriter;
 use crate::store::{
-    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, Store,
-    StoreError, Target,
+    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, StatusWrite,
+    Store, StoreError, Target,
 };
 
 /// A push's traffic class: what it is for, and so how it is stored and limited.
@@ -320,6 +321,7 @@ pub struct Pipeline {
     idempotency_window: Duration,
     /// How long a message's status is kept.
     retention: Duration,
+    statuses: StatusWriter,
 }
 
 /// Paced deliveries under way at once at most; past it a paced push is delivered at once.
@@ -341,6 +343,7 @@ impl Pipeline {
             limits.push_queue_timeout,
         );
         metrics.watch_intake(intake.clone());
+        let statuses = StatusWriter::start(store.clone());
         Self {
             store,
             fanout,
@@ -351,21 +354,32 @@ impl Pipeline {
             paced: Arc::new(tokio::sync::Semaphore::new(PACED)),
             idempotency_window: limits.idempotency_window,
             retention: limits.message_retention,
+            statuses,
         }
     }
 
-    /// Keeps `status` as `app`'s message `id`'s for the retention, from when it was
-    /// accepted (or is due). A status that cannot be written is logged: the message itself
-    /// is accepted, only its status is missing.
-    async fn keep_status(&self, app: &str, id: &str, status: MessageStatus) {
+    /// `status` as `app`'s message `id`'s, kept for the retention from when it was
+    /// accepted (or is due).
+    fn status_write(&self, app: &str, id: &str, status: MessageStatus) -> StatusWrite {
         let from = status.accepted_at_ms.max(status.send_at_ms);
-        let keep_until = from.saturating_add(self.retention.as_millis() as u64);
-        if let Err(error) = self.store.put_status(app, id, status, keep_until).await {
-            static THROTTLE: crate::log_throttle::Throttle = crate::log_throttle::Throttle::new();
-            if let Some(suppressed) = THROTTLE.allow() {
-                tracing::warn!(%error, suppressed, "keeping a message's status failed");
-            }
+        StatusWrite {
+            app: app.to_owned(),
+            id: id.to_owned(),
+            keep_until_ms: from.saturating_add(self.retention.as_millis() as u64),
+            status,
         }
+    }
+
+    /// Keeps the status of a push accepted now: written with the next batch.
+    async fn keep_status(&self, app: &str, id: &str, status: MessageStatus) {
+        let write = self.status_write(app, id, status);
+        self.statuses.keep(write).await;
+    }
+
+    /// Writes a status now, before anything that may write a later one (the push firing).
+    async fn write_status(&self, app: &str, id: &str, status: MessageStatus) {
+        let write = self.status_write(app, id, status);
+        self.statuses.write_now(vec![write]).await;
     }
 
     /// `app`'s message `id`'s status and counts.
@@ -440,7 +454,7 @@ impl Pipeline {
                 send_at_ms,
                 ..MessageStatus::default()
             };
-            self.keep_status(&app, &message_id, status).await;
+            self.write_status(&app, &message_id, status).await;
         }
         let stored = self
             .store
@@ -472,7 +486,7 @@ impl Pipeline {
             && let Some(mut status) = self.store.message_status(app, id).await?.status
         {
             status.state = State::Cancelled.into();
-            self.keep_status(app, id, status).await;
+            self.write_status(app, id, status).await;
         }
         Ok(cancel)
     }

@@ -541,6 +541,19 @@ pub struct ReceiptCount {
     pub opened_by: Vec<String>,
 }
 
+/// A message's status to keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusWrite {
+    /// The message's app.
+    pub app: String,
+    /// The message id.
+    pub id: String,
+    /// Its status.
+    pub status: MessageStatus,
+    /// Unix milliseconds until which it is kept at least.
+    pub keep_until_ms: u64,
+}
+
 /// A message's status as kept, and what devices did with it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatusRecord {
@@ -557,15 +570,9 @@ pub struct StatusRecord {
 /// Messages' statuses, and the counts of what devices did with them, kept for a retention.
 #[async_trait]
 pub trait Statuses: Send + Sync + 'static {
-    /// Keeps `status` as that of `app`'s message `id` until `keep_until_ms` (replacing an
-    /// earlier one; the counts stay).
-    async fn put_status(
-        &self,
-        app: &str,
-        id: &str,
-        status: MessageStatus,
-        keep_until_ms: u64,
-    ) -> Result<(), StoreError>;
+    /// Keeps each status as that of its message until its `keep_until_ms` (replacing an
+    /// earlier one; the counts stay), in the order given.
+    async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<(), StoreError>;
 
     /// Adds `counts`. A message whose status is not kept (yet) gets them kept for it until
     /// `keep_until_ms` (a status written later finds them).

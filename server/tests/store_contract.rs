@@ -1300,7 +1300,7 @@ async fn an_unregistered_device_leaves_nothing_behind(backend: &Backend) {
 async fn statuses_keep_their_counts(backend: &Backend) {
     use pigeon_proto::store::MessageStatus;
     use pigeon_proto::store::message_status::State;
-    use pigeon_server::store::ReceiptCount;
+    use pigeon_server::store::{ReceiptCount, StatusWrite};
     let store = &backend.store;
     let until = unix_millis() + 60_000;
     let count = |app: &str, delivered, acked| ReceiptCount {
@@ -1327,10 +1327,13 @@ async fn statuses_keep_their_counts(backend: &Backend) {
         send_at_ms: 42,
         ..MessageStatus::default()
     };
-    store
-        .put_status("demo", "m1", status.clone(), until)
-        .await
-        .expect("put");
+    let write = |status: &MessageStatus| StatusWrite {
+        app: "demo".into(),
+        id: "m1".into(),
+        status: status.clone(),
+        keep_until_ms: until,
+    };
+    store.put_statuses(vec![write(&status)]).await.expect("put");
     store
         .count_receipts(vec![count("demo", 3, 3), count("other", 1, 0)], until)
         .await
@@ -1341,10 +1344,11 @@ async fn statuses_keep_their_counts(backend: &Backend) {
     let accepted = MessageStatus {
         state: State::Accepted.into(),
         targets: 7,
-        ..status
+        ..status.clone()
     };
+    // Of two statuses written at once, the later stands.
     store
-        .put_status("demo", "m1", accepted.clone(), until)
+        .put_statuses(vec![write(&status), write(&accepted)])
         .await
         .expect("put");
     let kept = store.message_status("demo", "m1").await.expect("status");

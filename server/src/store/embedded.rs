@@ -63,8 +63,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
     DeviceInfo, DeviceTag, DeviceTags, DueJob, OfflineStore, ReceiptCount, Recorded, Registry,
-    Replay, Retagged, Routes, Schedules, StatusRecord, Statuses, StoreError, StreamHead,
-    StreamPlace, StreamRead, TagChange, TagChanged,
+    Replay, Retagged, Routes, Schedules, StatusRecord, StatusWrite, Statuses, StoreError,
+    StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
@@ -187,10 +187,9 @@ enum Op {
         app: String,
         token: String,
     },
-    PutStatus {
-        key: String,
-        status: Vec<u8>,
-        keep_until_ms: u64,
+    PutStatuses {
+        /// (key, encoded status, kept until ms), in order.
+        statuses: Vec<(String, Vec<u8>, u64)>,
     },
     CountReceipts {
         counts: Vec<ReceiptCount>,
@@ -911,13 +910,12 @@ impl Writer {
             Op::Unregister { app, token } => {
                 tables.unregister(&app, &token).map(Reply::Unregistered)
             }
-            Op::PutStatus {
-                key,
-                status,
-                keep_until_ms,
-            } => tables
-                .put_status(&key, Some(&status), (0, 0, &[]), keep_until_ms)
-                .map(|()| Reply::Done),
+            Op::PutStatuses { statuses } => {
+                for (key, status, keep_until_ms) in statuses {
+                    tables.put_status(&key, Some(&status), (0, 0, &[]), keep_until_ms)?;
+                }
+                Ok(Reply::Done)
+            }
             Op::CountReceipts {
                 counts,
                 keep_until_ms,
@@ -1812,19 +1810,17 @@ fn status_key(app: &str, id: &str) -> String {
 
 #[async_trait]
 impl Statuses for EmbeddedStore {
-    async fn put_status(
-        &self,
-        app: &str,
-        id: &str,
-        status: MessageStatus,
-        keep_until_ms: u64,
-    ) -> Result<()> {
-        let op = Op::PutStatus {
-            key: status_key(app, id),
-            status: status.encode_to_vec(),
-            keep_until_ms,
-        };
-        self.write(op, true).await.map(|_| ())
+    async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<()> {
+        let statuses = statuses
+            .into_iter()
+            .map(|write| {
+                let key = status_key(&write.app, &write.id);
+                (key, write.status.encode_to_vec(), write.keep_until_ms)
+            })
+            .collect();
+        self.write(Op::PutStatuses { statuses }, true)
+            .await
+            .map(|_| ())
     }
 
     async fn count_receipts(&self, counts: Vec<ReceiptCount>, keep_until_ms: u64) -> Result<()> {

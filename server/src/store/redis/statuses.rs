@@ -21,7 +21,7 @@ use redis::Script;
 
 use super::{RedisStore, backend, bounded};
 use crate::message::unix_millis;
-use crate::store::{ReceiptCount, StatusRecord, Statuses, StoreError};
+use crate::store::{ReceiptCount, StatusRecord, StatusWrite, Statuses, StoreError};
 
 /// Hash tags an app's statuses are spread over.
 const SHARDS: u64 = 32;
@@ -102,21 +102,24 @@ impl RedisStore {
 
 #[async_trait]
 impl Statuses for RedisStore {
-    async fn put_status(
-        &self,
-        app: &str,
-        id: &str,
-        status: MessageStatus,
-        keep_until_ms: u64,
-    ) -> Result<(), StoreError> {
-        let row = (
-            self.status_key(app, id),
-            status.encode_to_vec(),
-            0,
-            0,
-            &[][..],
-        );
-        self.put(&[row], keep_until_ms).await
+    async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<(), StoreError> {
+        // One call per app and shard, in the order given within it (a message's statuses
+        // are all in one shard); each kept as long as the longest of its call.
+        let mut groups: HashMap<(&str, u64), (Vec<Row<'_>>, u64)> = HashMap::new();
+        for write in &statuses {
+            let key = self.status_key(&write.app, &write.id);
+            let row = (key, write.status.encode_to_vec(), 0, 0, &[][..]);
+            let (rows, until) = groups
+                .entry((write.app.as_str(), shard(&write.id)))
+                .or_default();
+            rows.push(row);
+            *until = (*until).max(write.keep_until_ms);
+        }
+        let puts = groups
+            .values()
+            .flat_map(|(rows, until)| rows.chunks(PER_CALL).map(|rows| self.put(rows, *until)))
+            .collect();
+        bounded(puts).await.map(|_: Vec<()>| ())
     }
 
     async fn count_receipts(
