@@ -1309,6 +1309,7 @@ pub fn validate_push(
         pace,
         send_at_ms,
         message_id: None,
+        due_ms: 0,
         uids: audience.uids,
         tokens: audience.tokens,
         aliases: audience.aliases,

@@ -127,6 +127,9 @@ pub struct PushRequest {
     /// The id it was given when it was scheduled (a scheduled push firing); `None`: a new
     /// one.
     pub message_id: Option<String>,
+    /// When a scheduled push firing was due (unix ms; 0: not a scheduled push), for its
+    /// status.
+    pub due_ms: u64,
 }
 
 impl PushRequest {
@@ -182,6 +185,7 @@ impl PushRequest {
             idempotency_key: Some(idempotency_key),
             send_at_ms: None,
             message_id: Some(stored.message_id),
+            due_ms: stored.send_at_ms,
         }
     }
 }
@@ -482,11 +486,19 @@ impl Pipeline {
     /// Cancels `app`'s scheduled push `id`, if it has not been sent.
     pub async fn cancel(&self, app: &str, id: &str) -> Result<crate::store::Cancel, StoreError> {
         let cancel = self.store.cancel(app, id).await?;
-        if cancel == crate::store::Cancel::Cancelled
-            && let Some(mut status) = self.store.message_status(app, id).await?.status
-        {
-            status.state = State::Cancelled.into();
-            self.write_status(app, id, status).await;
+        if cancel == crate::store::Cancel::Cancelled {
+            // Cancelled whatever becomes of its status.
+            match self.store.message_status(app, id).await {
+                Ok(record) => {
+                    if let Some(mut status) = record.status {
+                        status.state = State::Cancelled.into();
+                        self.write_status(app, id, status).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, id, "a cancelled push's status was not updated")
+                }
+            }
         }
         Ok(cancel)
     }
@@ -563,7 +575,10 @@ impl Pipeline {
             offset,
             message: message.clone(),
         };
-        let status = accepted_status(&message, request.class, true);
+        let status = MessageStatus {
+            send_at_ms: request.due_ms,
+            ..accepted_status(&message, request.class, true)
+        };
         let (live, ()) = tokio::join!(
             self.fanout.deliver_shared(&request.app, delivery),
             self.keep_status(&request.app, &message.id, status),
@@ -651,6 +666,7 @@ impl Pipeline {
             unknown: counts.unknown,
             dropped: counts.dropped,
             skipped: counts.skipped,
+            send_at_ms: request.due_ms,
             ..accepted_status(&message, request.class, false)
         };
         let status = self.keep_status(&request.app, &message.id, status);
@@ -971,6 +987,7 @@ mod tests {
                 idempotency_key: None,
                 send_at_ms: None,
                 message_id: None,
+                due_ms: 0,
             })
             .await
             .expect("push");

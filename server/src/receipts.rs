@@ -8,7 +8,7 @@
 //! are left out until the next flush and counted in `pigeon_receipts_dropped_total`. A
 //! process that dies loses the counts of its last quarter second.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +21,9 @@ use crate::store::{ReceiptCount, Store};
 
 /// Messages whose counts wait for a flush, at most.
 pub const MAX_PENDING: usize = 100_000;
+/// Opened reports (a device and a message each) waiting for a flush, at most: a device
+/// sending them by the thousand cannot crowd out the delivery and ack counts.
+pub const MAX_OPENED: usize = 10_000;
 /// How often counts are added to the store.
 pub const FLUSH: Duration = Duration::from_millis(250);
 
@@ -35,15 +38,18 @@ pub struct Receipts {
 #[derive(Default)]
 struct Pending {
     apps: HashMap<Arc<str>, HashMap<String, Counts>>,
-    /// Entries held: messages, and devices that opened one.
+    /// Messages held.
     messages: usize,
+    /// Opened reports held.
+    opened: usize,
 }
 
 #[derive(Default)]
 struct Counts {
     delivered: u64,
     acked: u64,
-    opened_by: Vec<String>,
+    /// Each device once.
+    opened_by: HashSet<String>,
 }
 
 impl Receipts {
@@ -65,15 +71,23 @@ impl Receipts {
     /// keeps which devices did).
     pub fn opened(&self, app: &str, token: &str, message: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Pending { apps, messages } = &mut *pending;
-        if *messages >= MAX_PENDING {
+        let Pending {
+            apps,
+            messages,
+            opened,
+        } = &mut *pending;
+        if *opened >= MAX_OPENED || *messages >= MAX_PENDING {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        *messages += 1;
         let counts = apps.entry(Arc::from(app)).or_default();
-        let entry = counts.entry(message).or_default();
-        entry.opened_by.push(token.to_owned());
+        let entry = counts.entry(message).or_insert_with(|| {
+            *messages += 1;
+            Counts::default()
+        });
+        if entry.opened_by.insert(token.to_owned()) {
+            *opened += 1;
+        }
     }
 
     fn count<'a>(&self, app: &str, ids: impl IntoIterator<Item = &'a str>, (d, a): (u64, u64)) {
@@ -82,7 +96,7 @@ impl Receipts {
             return;
         }
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Pending { apps, messages } = &mut *pending;
+        let Pending { apps, messages, .. } = &mut *pending;
         if !apps.contains_key(app) {
             apps.insert(Arc::from(app), HashMap::new());
         }
@@ -123,7 +137,7 @@ impl Receipts {
                     id,
                     delivered: counts.delivered,
                     acked: counts.acked,
-                    opened_by: counts.opened_by,
+                    opened_by: counts.opened_by.into_iter().collect(),
                 })
             })
             .collect()
@@ -198,7 +212,9 @@ mod tests {
         receipts.opened("a", "t2", "m1".into());
         let taken = receipts.take();
         assert_eq!(taken.len(), 1);
-        assert_eq!(taken[0].opened_by, ["t1", "t2"]);
+        let mut opened_by = taken[0].opened_by.clone();
+        opened_by.sort();
+        assert_eq!(opened_by, ["t1", "t2"]);
         assert_eq!((taken[0].delivered, taken[0].acked), (0, 0));
     }
 

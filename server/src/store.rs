@@ -571,7 +571,8 @@ pub struct StatusRecord {
 #[async_trait]
 pub trait Statuses: Send + Sync + 'static {
     /// Keeps each status as that of its message until its `keep_until_ms` (replacing an
-    /// earlier one; the counts stay), in the order given.
+    /// earlier one; the counts stay); of two statuses of one message, the later in
+    /// `statuses` stands.
     async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<(), StoreError>;
 
     /// Adds `counts`. A message whose status is not kept (yet) gets them kept for it until

@@ -126,6 +126,7 @@ async fn a_tag_of_100000_devices_is_paged_and_pushed_to_once() {
             idempotency_key: None,
             send_at_ms: None,
             message_id: None,
+            due_ms: 0,
         })
         .await
         .expect("push");

@@ -179,6 +179,26 @@ async fn a_message_status_follows_its_life_in_standalone() {
     let (_, body) = server.call("GET", &later, None).await;
     assert_eq!(body["state"], "cancelled", "{body}");
 
+    // Scheduled, then sent: accepted, and still says when it was due.
+    let due_ms = pigeon_server::message::unix_millis() + 500;
+    let soon = pigeon_server::api::rfc3339(due_ms);
+    let (status, answer) = server
+        .push(
+            json!({"audience": {"uids": ["ann"]}, "payload": {"n": 6}, "send_at": soon, "ttl": 60}),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let fired_id = answer["message_id"].as_str().expect("id").to_owned();
+    assert_eq!(receive(&mut ann).await, fired_id);
+    let fired = format!("/v1/messages/{fired_id}");
+    let body = status_until(
+        || server.call("GET", &fired, None),
+        |body| counts(body) == (1, 1),
+    )
+    .await;
+    assert_eq!(body["state"], "accepted", "{body}");
+    assert_eq!(body["send_at"], soon.as_str(), "{body}");
+
     // Ids that are no message of the app.
     for path in [
         "/v1/messages/no-such-id",

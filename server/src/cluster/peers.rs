@@ -421,7 +421,7 @@ impl Fanout for Peers {
             .fold(0u32, u32::saturating_add)
     }
 
-    /// One Retag call to each node holding some of the devices.
+    /// A Takeover call to the node holding the connection.
     async fn close(&self, token: &str, route: &Route, code: CloseCode) {
         if let Err(error) = self.takeover(token, route, code).await {
             // Unreachable: the node is gone or going, and the connection with it.
@@ -429,6 +429,7 @@ impl Fanout for Peers {
         }
     }
 
+    /// One Retag call to each node holding some of the devices.
     async fn retag(&self, app: &str, devices: Vec<Retagged>) {
         let mut by_node: HashMap<String, Vec<WireTags>> = HashMap::new();
         for device in devices {

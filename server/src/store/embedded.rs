@@ -210,6 +210,8 @@ enum Reply {
     Scheduled(bool),
     Counted(Vec<bool>),
     Unregistered(Option<DeviceRecord>),
+    /// Whether a sweep left expired rows for the next.
+    Swept(bool),
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -272,8 +274,12 @@ impl EmbeddedStore {
             // The first sweep one interval after opening: replay skips expired rows meanwhile.
             let first = tokio::time::Instant::now() + SWEEP_INTERVAL;
             let mut interval = tokio::time::interval_at(first, SWEEP_INTERVAL);
+            let mut more = false;
             loop {
-                interval.tick().await;
+                // A sweep that found more than it removes goes on at once.
+                if !more {
+                    interval.tick().await;
+                }
                 let Some(writes) = sweeper.upgrade() else {
                     break;
                 };
@@ -285,7 +291,9 @@ impl EmbeddedStore {
                     break;
                 }
                 drop(writes);
+                more = false;
                 match answer.await {
+                    Ok(Ok(Reply::Swept(left))) => more = left,
                     Ok(Ok(_)) => {}
                     Ok(Err(error)) => tracing::warn!(%error, "sweeping expired messages failed"),
                     Err(_) => break,
@@ -848,7 +856,7 @@ impl Writer {
                 .accept(accept, self.max_stored_per_device, self.routes.as_ref())
                 .map(Reply::Accepted),
             Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
-            Op::Sweep { now_ms } => tables.sweep(now_ms).map(|()| Reply::Done),
+            Op::Sweep { now_ms } => tables.sweep(now_ms).map(Reply::Swept),
             Op::SetTags { app, token, tags } => {
                 tables.set_tags(&app, &token, tags).map(Reply::Retagged)
             }
@@ -1000,14 +1008,17 @@ impl<'txn> Tables<'txn> {
         (delivered, acked, opened_by): (u64, u64, &[String]),
         keep_until_ms: u64,
     ) -> Result<()> {
+        let row = self.status.get(key).map_err(backend)?.map(|row| {
+            let (old, delivered, acked, until, opened) = row.value();
+            (old.to_vec(), delivered, acked, until, opened)
+        });
+        if row.is_none() && status.is_none() && delivered == 0 && acked == 0 {
+            // Only "opened" reports, for a message with no status: none of the app's.
+            return Ok(());
+        }
+        let exists = row.is_some();
         let (old, old_delivered, old_acked, old_until, mut opened) =
-            match self.status.get(key).map_err(backend)? {
-                Some(row) => {
-                    let (old, delivered, acked, until, opened) = row.value();
-                    (old.to_vec(), delivered, acked, until, opened)
-                }
-                None => (Vec::new(), 0, 0, 0, 0),
-            };
+            row.unwrap_or((Vec::new(), 0, 0, 0, 0));
         for token in opened_by {
             let device = format!("{key}\0{token}");
             let before = self.opened.insert(device.as_str(), ()).map_err(backend)?;
@@ -1015,8 +1026,13 @@ impl<'txn> Tables<'txn> {
                 opened += 1;
             }
         }
+        // A status written keeps the row for its retention; counts only keep a row they
+        // create (so that each flush does not add an expiry row).
+        let until = match (status, exists) {
+            (Some(_), _) | (None, false) => old_until.max(keep_until_ms),
+            (None, true) => old_until,
+        };
         let status = status.unwrap_or(&old);
-        let until = old_until.max(keep_until_ms);
         let row = (
             status,
             old_delivered.saturating_add(delivered),
@@ -1699,7 +1715,9 @@ impl<'txn> Tables<'txn> {
         self.put_device(token, &record)
     }
 
-    fn sweep(&mut self, now_ms: u64) -> Result<()> {
+    /// Removes what expired before `now_ms`, up to [`SWEEP_LIMIT`] rows of a kind; whether
+    /// expired statuses are left (they are the many: one per push).
+    fn sweep(&mut self, now_ms: u64) -> Result<bool> {
         let expired: Vec<(String, u64)> = self
             .expiry
             .range((0, "", 0)..(now_ms, "", 0))
@@ -1751,7 +1769,9 @@ impl<'txn> Tables<'txn> {
                 .map_err(backend)?;
             self.schedule_ids.remove(key.as_str()).map_err(backend)?;
         }
-        for (at, key) in keys_before(&self.status_expiry, now_ms, SWEEP_LIMIT)? {
+        let statuses = keys_before(&self.status_expiry, now_ms, SWEEP_LIMIT)?;
+        let left = statuses.len() == SWEEP_LIMIT;
+        for (at, key) in statuses {
             self.status_expiry
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
@@ -1777,7 +1797,7 @@ impl<'txn> Tables<'txn> {
                 }
             }
         }
-        Ok(())
+        Ok(left)
     }
 }
 

@@ -20,7 +20,7 @@
 //! | `p:n:<node id>` | string | a live node's gRPC address, with the node's lease as its TTL |
 //! | `p:nodes` | set | the ids of the nodes (some may have lost their lease since) |
 //! | `p:sq:{sched}` and others | | scheduled pushes: see [`schedules`] |
-//! | `p:ms:{app:id}` | hash | a message's status and receipt counts: see [`statuses`] |
+//! | `p:ms:{app:<shard>}:id` and `...:o` | hash, set | a message's status, receipt counts and the devices that opened it: see [`statuses`] |
 //!
 //! Everything about one token shares the hash tag `{token}`, so each per-device operation is
 //! one Lua script on one slot: atomic on a single Redis and valid on a Redis Cluster. A push
@@ -197,8 +197,6 @@ impl Keys {
     }
 }
 
-/// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (1: counted);
-/// the count lives as long as its window (ARGV[2] ms).
 /// KEYS: the device's hash, queue, collapse keys and message ids; ARGV: the app. Deletes
 /// them all if the device is the app's: 1, else 0.
 static UNREGISTER: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
@@ -211,6 +209,8 @@ return 1
     )
 });
 
+/// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (1: counted);
+/// the count lives as long as its window (ARGV[2] ms).
 static COUNT_CAPPED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r"

@@ -40,6 +40,12 @@ for i = 1, #KEYS, 2 do
   local key, opened = KEYS[i], KEYS[i + 1]
   local status, d, a, n = ARGV[j], ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
   j = j + 4
+  -- Only opened reports, for a message with no status: none of the app's.
+  local skip = status == '' and d == '0' and a == '0' and redis.call('EXISTS', key) == 0
+  if skip then
+    j = j + n
+    n = 0
+  end
   if status ~= '' then redis.call('HSET', key, 's', status) end
   if d ~= '0' then redis.call('HINCRBY', key, 'd', d) end
   if a ~= '0' then redis.call('HINCRBY', key, 'a', a) end
@@ -50,7 +56,7 @@ for i = 1, #KEYS, 2 do
     if added > 0 then redis.call('HINCRBY', key, 'o', added) end
     if redis.call('PTTL', opened) < keep then redis.call('PEXPIRE', opened, keep) end
   end
-  if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+  if not skip and redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
 return 1
 ",
@@ -115,9 +121,16 @@ impl Statuses for RedisStore {
             rows.push(row);
             *until = (*until).max(write.keep_until_ms);
         }
+        // A group's calls one after another (so its statuses land in order), the groups at
+        // once.
         let puts = groups
             .values()
-            .flat_map(|(rows, until)| rows.chunks(PER_CALL).map(|rows| self.put(rows, *until)))
+            .map(|(rows, until)| async move {
+                for rows in rows.chunks(PER_CALL) {
+                    self.put(rows, *until).await?;
+                }
+                Ok(())
+            })
             .collect();
         bounded(puts).await.map(|_: Vec<()>| ())
     }
