@@ -149,7 +149,37 @@ impl Devices {
         opt_out.sort();
         opt_out.dedup();
         self.store.set_opt_out(app, uid, &opt_out).await?;
+        self.retag_opted_out(app, uid, &opt_out).await?;
         Ok(opt_out)
+    }
+
+    /// Gives each device of `uid` the reserved tags of what the uid opted out of (and
+    /// takes off those it no longer has), so that pushes stored once skip it.
+    async fn retag_opted_out(
+        &self,
+        app: &str,
+        uid: &str,
+        opt_out: &[String],
+    ) -> Result<(), ApiError> {
+        let tokens = self
+            .store
+            .tokens_for_uids(app, &[uid.to_owned()])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let mut changed = Vec::new();
+        for token in tokens {
+            let Some(info) = self.store.device(app, &token).await? else {
+                continue; // unbound meanwhile
+            };
+            let mut tags: Vec<String> = user_tags(info.tags.names());
+            tags.extend(opt_out.iter().map(|item| opt_out_tag(item)));
+            if let Some(retagged) = self.store.set_tags(app, &token, &tags).await? {
+                changed.push(retagged);
+            }
+        }
+        self.fanout.retag(app, changed).await;
+        Ok(())
     }
 
     /// The devices of `uid` (at most [`MAX_PAGE`]), in token order.
@@ -235,7 +265,7 @@ impl Devices {
             token: token.to_owned(),
             uid: info.uid,
             alias: (!info.alias.is_empty()).then_some(info.alias),
-            tags: info.tags.names(),
+            tags: user_tags(info.tags.names()),
             online,
         })
     }
@@ -273,7 +303,17 @@ impl Devices {
                 format!("a device has at most {most} tags"),
             ));
         }
-        let Some(retagged) = self.store.set_tags(app, token, &tags).await? else {
+        // The reserved tags of the device's opt-outs stay.
+        let Some(info) = self.store.device(app, token).await? else {
+            return Err(unknown_device(token));
+        };
+        let reserved = info
+            .tags
+            .names()
+            .into_iter()
+            .filter(|name| is_reserved(name));
+        let kept: Vec<String> = tags.iter().cloned().chain(reserved).collect();
+        let Some(retagged) = self.store.set_tags(app, token, &kept).await? else {
             return Err(unknown_device(token));
         };
         self.fanout.retag(app, vec![retagged]).await;
@@ -395,6 +435,28 @@ impl Devices {
 /// Whether `token` could name a device (the stores tell whether it does).
 fn valid_token(token: &str) -> bool {
     (1..=256).contains(&token.len())
+}
+
+/// The prefix of the tags Pigeon gives a device for what its user opted out of: `!` is no
+/// character of an app's tag names, so they never meet.
+const OPT_OUT_TAG: &str = "!optout:";
+
+/// The reserved tag of an opt-out item (`marketing`, `category:<name>`).
+pub fn opt_out_tag(item: &str) -> String {
+    format!("{OPT_OUT_TAG}{item}")
+}
+
+/// Whether a tag is one of Pigeon's own (an opt-out), not the app's.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(OPT_OUT_TAG)
+}
+
+/// The app's own tags among `names`.
+fn user_tags(names: Vec<String>) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|name| !is_reserved(name))
+        .collect()
 }
 
 fn unknown_device(token: &str) -> ApiError {

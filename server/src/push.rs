@@ -553,6 +553,17 @@ impl Pipeline {
     /// A push to every device of the app, or to tags: one entry of its stream `all`, one
     /// hand-off per process.
     async fn run_shared(&self, mut request: PushRequest) -> Result<PushOutcome, StoreError> {
+        // Devices of users who opted out carry a reserved tag for it: not for them.
+        if let Some(opted_out) = OptedOut::of(&request) {
+            let filter = request.tags.get_or_insert_with(TagFilter::default);
+            if opted_out.marketing {
+                filter.none.push(crate::devices::opt_out_tag("marketing"));
+            }
+            if let Some(category) = &opted_out.category {
+                let item = format!("category:{category}");
+                filter.none.push(crate::devices::opt_out_tag(&item));
+            }
+        }
         let (message, idempotency) =
             new_message(&mut request, unix_millis(), self.idempotency_window);
         let appended = self

@@ -361,6 +361,95 @@ async fn opted_out_users_are_skipped_and_counted() {
     assert_eq!(answer["error"]["field"], "category");
 }
 
+/// Pushes stored once (to `all`, to tags) skip the devices of users who opted out too:
+/// those devices carry a reserved tag for it, which the app neither sees nor can take off,
+/// and a device the user adds later carries it from the start.
+#[tokio::test]
+async fn opted_out_users_skip_pushes_to_everyone_and_to_tags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let mut bob = connect(&server, "bob", &DeviceState::default()).await;
+    let bob_token = bob.welcome().device_token.clone();
+    let (status, answer) = server
+        .call(
+            "PUT",
+            "/v1/users/bob/preferences",
+            Some(json!({"opt_out": ["marketing", "category:promo"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // The app's own tags of bob's device: replaced by the app, the opt-out stays.
+    let device = format!("/v1/devices/{bob_token}");
+    let (status, _) = server
+        .call(
+            "PUT",
+            &format!("{device}/tags"),
+            Some(json!({"tags": ["fans"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, answer) = server.call("GET", &device, None).await;
+    assert_eq!(
+        answer["tags"],
+        json!(["fans"]),
+        "reserved tags are not shown: {answer}"
+    );
+    let ann_token = ann.welcome().device_token.clone();
+    let (status, _) = server
+        .call(
+            "PUT",
+            &format!("/v1/devices/{ann_token}/tags"),
+            Some(json!({"tags": ["fans"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let pushes = [
+        json!({"audience": {"all": true}, "payload": {"n": 1}, "class": "marketing", "ttl": 60}),
+        json!({"audience": {"tags": ["fans"]}, "payload": {"n": 2}, "class": "marketing", "ttl": 60}),
+        json!({"audience": {"all": true}, "payload": {"n": 3}, "category": "promo", "ttl": 60}),
+        json!({"audience": {"all": true}, "payload": {"n": 4}, "ttl": 60}),
+    ];
+    for push in pushes {
+        let (status, answer) = server.push(push).await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    for n in 1..=4 {
+        let push = next_push(&mut ann).await;
+        assert_eq!(payload(&push)["n"], n);
+        ann.ack_push(&push).await.expect("ack");
+    }
+    // Bob gets only the plain notification.
+    let push = next_push(&mut bob).await;
+    assert_eq!(payload(&push)["n"], 4);
+    bob.ack_push(&push).await.expect("ack");
+    assert_no_push(&mut bob, Duration::from_millis(300)).await;
+
+    // Bob's new phone carries his opt-out from its first connect.
+    let mut phone = connect(&server, "bob", &DeviceState::default()).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"n": 5}, "class": "marketing", "ttl": 60}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(payload(&next_push(&mut ann).await)["n"], 5);
+    assert_no_push(&mut phone, Duration::from_millis(300)).await;
+    // Opting back in: marketing reaches bob again.
+    let (status, _) = server
+        .call(
+            "PUT",
+            "/v1/users/bob/preferences",
+            Some(json!({"opt_out": []})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"n": 6}, "class": "marketing", "ttl": 60}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(payload(&next_push(&mut phone).await)["n"], 6);
+}
+
 /// With a frequency cap of two marketing pushes per user per hour, the third skips them
 /// (counted); notifications are not capped.
 #[tokio::test]

@@ -500,3 +500,46 @@ async fn unregistering_a_device_closes_its_connection_on_its_node() {
     let again = client.delete_device(delete(&token)).await;
     assert_eq!(again.expect_err("gone").code(), tonic::Code::NotFound);
 }
+
+/// In cluster mode too, a marketing push to everyone skips the devices of a user who opted
+/// out (the gateway tags them through Redis and tells their node), including one that
+/// connects afterwards (its node tags it at admission).
+#[tokio::test]
+async fn opted_out_users_skip_marketing_to_everyone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut ann = connect(&node, "ann", &DeviceState::default()).await;
+    let mut bob = connect(&node, "bob", &DeviceState::default()).await;
+    let (status, answer) = gateway
+        .call(
+            "PUT",
+            "/v1/users/bob/preferences",
+            Some(json!({"opt_out": ["marketing"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let mut tablet = connect(&node, "bob", &DeviceState::default()).await;
+    for n in 1..=2 {
+        let class = if n == 1 { "marketing" } else { "notification" };
+        let (status, answer) = gateway
+            .push(
+                json!({"audience": {"all": true}, "payload": {"n": n}, "class": class, "ttl": 60}),
+            )
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    for n in 1..=2 {
+        assert_eq!(payload(&next_push(&mut ann).await)["n"], n);
+    }
+    for device in [&mut bob, &mut tablet] {
+        assert_eq!(
+            payload(&next_push(device).await)["n"],
+            2,
+            "marketing skipped"
+        );
+    }
+    assert_no_push(&mut bob, Duration::from_millis(300)).await;
+}

@@ -237,11 +237,31 @@ async fn resolve(
     let keys_of = |id: &str| context.app(id).map(AppSettings::keys);
     let claims = credential::verify(&hello.credential, keys_of, policy)
         .map_err(|error| Ending::session(SessionError::Unauthorized(error.to_string())))?;
-    let device = match context
-        .store
-        .admit_device(&claims.app, &claims.sub, &hello.device_token)
-        .await
-    {
+    let admitted = async {
+        let mut device = context
+            .store
+            .admit_device(&claims.app, &claims.sub, &hello.device_token)
+            .await?;
+        if !device.resumed {
+            // A new device of a user who opted out of something carries it from the start.
+            let uid = [claims.sub.clone()];
+            let opt_out = context.store.opt_outs(&claims.app, &uid).await?;
+            let items = opt_out.into_iter().flatten();
+            let tags: Vec<String> = items
+                .map(|item| crate::devices::opt_out_tag(&item))
+                .collect();
+            if !tags.is_empty()
+                && let Some(retagged) = context
+                    .store
+                    .set_tags(&claims.app, &device.token, &tags)
+                    .await?
+            {
+                device.tags = retagged.tags;
+            }
+        }
+        Ok::<_, crate::store::StoreError>(device)
+    };
+    let device = match admitted.await {
         Ok(device) => device,
         Err(error) => {
             static THROTTLE: Throttle = Throttle::new();
