@@ -611,30 +611,62 @@ impl Pipeline {
                 .skip_uids(self.store.as_ref(), &mut request, &mut counts)
                 .await?;
         }
-        if request.class == Class::Marketing
-            && let Some(cap) = self.frequency_caps.get(&request.app)
-        {
-            let window_ms = (cap.window.as_millis() as u64).max(1);
+        let cap = match request.class {
+            Class::Marketing => self.frequency_caps.get(&request.app).copied(),
+            _ => None,
+        };
+        // Uids counted against the cap, and those over it.
+        let mut capped = HashSet::new();
+        let mut over_cap = HashSet::new();
+        if let Some(cap) = cap {
             let counted = self
-                .store
-                .count_capped(
-                    &request.app,
-                    &request.uids,
-                    now_ms / window_ms,
-                    window_ms,
-                    cap.marketing,
-                )
+                .count_capped(&request.app, &request.uids, cap, now_ms)
                 .await?;
             let uids = std::mem::take(&mut request.uids);
             for (uid, counted) in uids.into_iter().zip(counted) {
+                capped.insert(uid.clone());
                 if counted {
                     request.uids.push(uid);
                 } else {
                     counts.skipped += 1;
+                    over_cap.insert(uid);
                 }
             }
         }
         let (mut tokens, named) = resolve(self.store.as_ref(), &request, &mut counts).await?;
+        if let Some(cap) = cap
+            && !named.is_empty()
+        {
+            // Devices named by token or alias are capped by their user, each user counted
+            // once however many of its devices the push names.
+            let mut uid_of = Vec::with_capacity(named.len());
+            for token in &named {
+                let device = self.store.device(&request.app, token).await?;
+                uid_of.push(device.map(|device| device.uid));
+            }
+            let mut fresh: Vec<String> = uid_of
+                .iter()
+                .flatten()
+                .filter(|uid| !capped.contains(*uid))
+                .cloned()
+                .collect();
+            fresh.sort();
+            fresh.dedup();
+            let counted = self.count_capped(&request.app, &fresh, cap, now_ms).await?;
+            for (uid, counted) in fresh.into_iter().zip(counted) {
+                if !counted {
+                    over_cap.insert(uid);
+                }
+            }
+            let skipped: HashSet<&String> = named
+                .iter()
+                .zip(&uid_of)
+                .filter(|(_, uid)| uid.as_ref().is_some_and(|uid| over_cap.contains(uid)))
+                .map(|(token, _)| token)
+                .collect();
+            counts.skipped += skipped.len() as u32;
+            tokens.retain(|token| !skipped.contains(token));
+        }
         if let Some(opted_out) = OptedOut::of(&request) {
             let skipped = opted_out
                 .named_tokens(self.store.as_ref(), &request.app, &named)
@@ -715,6 +747,24 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Counts one more capped push for each of `uids` in the current window of `cap`:
+    /// per uid, whether it was under the cap.
+    async fn count_capped(
+        &self,
+        app: &str,
+        uids: &[String],
+        cap: FrequencyCap,
+        now_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if uids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let window_ms = (cap.window.as_millis() as u64).max(1);
+        self.store
+            .count_capped(app, uids, now_ms / window_ms, window_ms, cap.marketing)
+            .await
+    }
+
     /// Hands `message` to `targets` in even steps over `pace`, in the background; gives
     /// the targets back when as many paced deliveries as allowed are under way.
     fn deliver_paced(

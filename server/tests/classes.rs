@@ -487,6 +487,38 @@ async fn a_frequency_cap_skips_users_over_it() {
     }
     assert_eq!(got, [0, 1, 3]);
     assert_no_push(&mut ann, Duration::from_millis(300)).await;
+
+    // Devices named by token or alias are capped by their user: ann is over the cap by any
+    // name; cy's two devices, named by alias and by token in one push, count once.
+    let ann_token = ann.welcome().device_token.clone();
+    let cy_phone = connect(&server, "cy", &DeviceState::default()).await;
+    let cy_tablet = connect(&server, "cy", &DeviceState::default()).await;
+    let alias = format!("/v1/devices/{}/alias", cy_phone.welcome().device_token);
+    let (status, _) = server
+        .call("PUT", &alias, Some(json!({"alias": "cy-phone"})))
+        .await;
+    assert_eq!(status, 200);
+    let tablet = cy_tablet.welcome().device_token.clone();
+    let by_name = |n: u32| {
+        json!({"audience": {"tokens": [ann_token, tablet], "aliases": ["cy-phone"]},
+               "payload": {"n": n}, "class": "marketing"})
+    };
+    for n in 4..6 {
+        let (status, answer) = server.push(by_name(n)).await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["targets"]["skipped"], 1, "ann only: {answer}");
+        assert_eq!(
+            answer["targets"]["delivered"], 2,
+            "cy's two devices: {answer}"
+        );
+    }
+    let (status, answer) = server.push(by_name(6)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["skipped"], 3,
+        "cy over the cap too: {answer}"
+    );
+    assert_no_push(&mut ann, Duration::from_millis(200)).await;
 }
 
 /// A push paced over two seconds reaches its twenty devices spread over that time, every
