@@ -206,6 +206,7 @@ impl Metrics {
                  pigeon_receipts_dropped_total {}",
                 receipts.dropped()
             );
+            receipts.render_latency(&mut out);
         }
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(

@@ -27,12 +27,21 @@ pub const MAX_OPENED: usize = 10_000;
 /// How often counts are added to the store.
 pub const FLUSH: Duration = Duration::from_millis(250);
 
+/// Upper bounds (seconds) of the delivery-latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0, 86400.0,
+];
+
 /// The counts of one process's connections since the last flush.
 #[derive(Default)]
 pub struct Receipts {
     /// App -> message id -> (delivered, acked).
     pending: Mutex<Pending>,
     dropped: AtomicU64,
+    /// From a message's acceptance to a device's ack of it: per bucket of
+    /// [`LATENCY_BUCKETS`] (and one past the last), their sum (ms) and count.
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -58,8 +67,20 @@ impl Receipts {
         self.count(app, messages, (1, 0));
     }
 
-    /// Counts `messages` of `app` acknowledged by a device.
+    /// Counts `messages` of `app` acknowledged by a device, and how long after their
+    /// acceptance they were.
     pub fn acked(&self, app: &str, messages: &[Arc<Message>]) {
+        let now_ms = crate::message::unix_millis();
+        for message in messages {
+            let ms = now_ms.saturating_sub(message.accepted_at_ms);
+            let seconds = ms as f64 / 1000.0;
+            let bucket = LATENCY_BUCKETS
+                .iter()
+                .position(|bound| seconds <= *bound)
+                .unwrap_or(LATENCY_BUCKETS.len());
+            self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+            self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
+        }
         self.count(
             app,
             messages.iter().map(|message| message.id.as_str()),
@@ -123,6 +144,27 @@ impl Receipts {
     /// Counts left out because too many messages waited for a flush.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The delivery-latency histogram in Prometheus's text format.
+    pub fn render_latency(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = "pigeon_delivery_latency_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} From a push's acceptance to a device's ack of it, for the acks \
+             this process's connections got.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = self.latency_sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
     }
 
     /// Takes the counts waiting for a flush.
@@ -216,6 +258,49 @@ mod tests {
         opened_by.sort();
         assert_eq!(opened_by, ["t1", "t2"]);
         assert_eq!((taken[0].delivered, taken[0].acked), (0, 0));
+    }
+
+    #[test]
+    fn acks_are_timed_from_acceptance() {
+        let receipts = Receipts::default();
+        let now = crate::message::unix_millis();
+        let recent = Arc::new(Message {
+            accepted_at_ms: now - 30,
+            ..(*message("m1")).clone()
+        });
+        let old = Arc::new(Message {
+            accepted_at_ms: now - 3_600_000 * 48,
+            ..(*message("m2")).clone()
+        });
+        receipts.acked("a", &[recent, old]);
+        let mut out = String::new();
+        receipts.render_latency(&mut out);
+        let line = |prefix: &str| {
+            out.lines()
+                .find(|line| line.starts_with(prefix))
+                .and_then(|line| line.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            line("pigeon_delivery_latency_seconds_bucket{le=\"0.025\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            line("pigeon_delivery_latency_seconds_bucket{le=\"0.05\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            line("pigeon_delivery_latency_seconds_bucket{le=\"86400\"}").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            line("pigeon_delivery_latency_seconds_bucket{le=\"+Inf\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            line("pigeon_delivery_latency_seconds_count").as_deref(),
+            Some("2")
+        );
     }
 
     #[test]

@@ -199,6 +199,12 @@ async fn a_message_status_follows_its_life_in_standalone() {
     assert_eq!(body["state"], "accepted", "{body}");
     assert_eq!(body["send_at"], soon.as_str(), "{body}");
 
+    // Every ack above was timed from its push's acceptance.
+    let timed = support::metric(&server, "pigeon_delivery_latency_seconds_count").await;
+    assert!(timed.is_some_and(|count| count >= 5), "{timed:?}");
+    let fast = support::metric(&server, "pigeon_delivery_latency_seconds_bucket{le=\"10\"}").await;
+    assert!(fast.is_some_and(|count| count >= 4), "{fast:?}");
+
     // Ids that are no message of the app.
     for path in [
         "/v1/messages/no-such-id",
