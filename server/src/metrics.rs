@@ -207,6 +207,7 @@ impl Metrics {
                 receipts.dropped()
             );
             receipts.render_latency(&mut out);
+            receipts.render_totals(&mut out);
         }
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(

@@ -51,6 +51,20 @@ struct Pending {
     messages: usize,
     /// Opened reports held.
     opened: usize,
+    /// Per app, since the process started: deliveries, acks, opened reports (for
+    /// `/metrics`; not taken by a flush).
+    totals: HashMap<Arc<str>, [u64; 3]>,
+}
+
+impl Pending {
+    fn total(&mut self, app: &str, kind: usize, add: u64) {
+        if !self.totals.contains_key(app) {
+            self.totals.insert(Arc::from(app), [0; 3]);
+        }
+        if let Some(totals) = self.totals.get_mut(app) {
+            totals[kind] += add;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -92,10 +106,12 @@ impl Receipts {
     /// keeps which devices did).
     pub fn opened(&self, app: &str, token: &str, message: String) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.total(app, 2, 1);
         let Pending {
             apps,
             messages,
             opened,
+            ..
         } = &mut *pending;
         if *opened >= MAX_OPENED || *messages >= MAX_PENDING {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -117,6 +133,7 @@ impl Receipts {
             return;
         }
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = 0;
         let Pending { apps, messages, .. } = &mut *pending;
         if !apps.contains_key(app) {
             apps.insert(Arc::from(app), HashMap::new());
@@ -138,6 +155,29 @@ impl Receipts {
             };
             entry.delivered += d;
             entry.acked += a;
+            seen += 1;
+        }
+        pending.total(app, 0, d * seen);
+        pending.total(app, 1, a * seen);
+    }
+
+    /// Per app, the deliveries, acks and opened reports this process counted, in
+    /// Prometheus's text format.
+    pub fn render_totals(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = "pigeon_app_receipts_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Pushes handed to connections, acks and opened reports, per app.\n\
+             # TYPE {name} counter"
+        );
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut apps: Vec<_> = pending.totals.iter().collect();
+        apps.sort();
+        for (app, totals) in apps {
+            for (kind, value) in ["delivered", "acked", "opened"].iter().zip(totals) {
+                let _ = writeln!(out, "{name}{{app=\"{app}\",kind=\"{kind}\"}} {value}");
+            }
         }
     }
 
@@ -169,10 +209,13 @@ impl Receipts {
 
     /// Takes the counts waiting for a flush.
     pub fn take(&self) -> Vec<ReceiptCount> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        pending
-            .apps
-            .into_iter()
+        let apps = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.messages = 0;
+            pending.opened = 0;
+            std::mem::take(&mut pending.apps)
+        };
+        apps.into_iter()
             .flat_map(|(app, counts)| {
                 counts.into_iter().map(move |(id, counts)| ReceiptCount {
                     app: app.to_string(),

@@ -199,6 +199,19 @@ async fn a_message_status_follows_its_life_in_standalone() {
     assert_eq!(body["state"], "accepted", "{body}");
     assert_eq!(body["send_at"], soon.as_str(), "{body}");
 
+    let acked = support::metric(
+        &server,
+        "pigeon_app_receipts_total{app=\"demo\",kind=\"acked\"}",
+    )
+    .await;
+    assert!(acked.is_some_and(|count| count >= 5), "{acked:?}");
+    let opened = support::metric(
+        &server,
+        "pigeon_app_receipts_total{app=\"demo\",kind=\"opened\"}",
+    )
+    .await;
+    assert_eq!(opened, Some(5), "every opened report, repeats too");
+
     // Every ack above was timed from its push's acceptance.
     let timed = support::metric(&server, "pigeon_delivery_latency_seconds_count").await;
     assert!(timed.is_some_and(|count| count >= 5), "{timed:?}");
