@@ -54,6 +54,11 @@ pub async fn run(
             }
             continue;
         }
+        // The places first, so every push claimed has one; those left over are given back
+        // at the end of the round.
+        let Ok(mut taken) = places.clone().try_acquire_many_owned(room as u32) else {
+            continue; // only this loop takes places: `room` were free
+        };
         let due = match store.claim_due(unix_millis(), LEASE, room).await {
             Ok(due) => due,
             Err(error) => {
@@ -66,9 +71,7 @@ pub async fn run(
         };
         let full = due.len() == room;
         for job in due {
-            let Ok(place) = places.clone().try_acquire_owned() else {
-                break; // not reached: `room` places were free, and only this loop takes them
-            };
+            let place = taken.split(1);
             let (store, pipeline) = (store.clone(), pipeline.clone());
             sending.spawn(async move {
                 fire(&store, &pipeline, job, retention).await;
