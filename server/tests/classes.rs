@@ -240,13 +240,23 @@ async fn gateways_share_the_rate_limits() {
 #[tokio::test]
 async fn a_high_push_goes_ahead_of_a_low_backlog() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__PUSH_CONCURRENCY", "1")]);
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("PIGEON_LIMITS__PUSH_CONCURRENCY", "1"),
+            ("PIGEON_LIMITS__MAX_AUDIENCE", "5000"),
+        ],
+    );
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/push", server.http_url);
+    // Each push names 4,999 uids with no device besides ann: resolving them keeps the one
+    // place in the pipeline busy long enough for the pushes sent after it to queue, however
+    // fast the machine.
+    let mut uids: Vec<String> = (1..5000).map(|n| format!("nobody-{n}")).collect();
+    uids.push("ann".into());
     let send = |n: u32, priority: &str| {
-        let body =
-            json!({"audience": {"uids": ["ann"]}, "payload": {"n": n}, "priority": priority});
+        let body = json!({"audience": {"uids": &uids}, "payload": {"n": n}, "priority": priority});
         client
             .post(&url)
             .bearer_auth(&server.api_key)
