@@ -282,6 +282,71 @@ pub struct AppSettings {
     /// How many marketing pushes one user gets at most (no cap by default).
     #[serde(default)]
     pub frequency_cap: Option<FrequencyCap>,
+    /// Where the app's receipt events are posted (none by default): docs/webhooks.md.
+    #[serde(default)]
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// An app's receipt callback: batches of events (a message handed to a device's
+/// connection, acknowledged by the device, opened by its user) posted to `url`, signed
+/// with the app's `secret`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// An `http` or `https` URL; redirects are not followed.
+    pub url: String,
+    /// The events posted; the others are not collected.
+    pub events: Vec<ReceiptKind>,
+    /// Events waiting to be posted at most, per process; past it new events are dropped
+    /// (and counted) until the receiver catches up.
+    pub queue: usize,
+    /// Events in one request at most.
+    pub batch: usize,
+    /// How long the first event of a batch waits for others, unless a whole batch waits.
+    #[serde(deserialize_with = "duration")]
+    pub linger: Duration,
+    /// Deadline of one request.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Requests made for one batch at most (the first and its retries); a batch the
+    /// receiver has not taken by then is dropped (and counted).
+    pub attempts: u32,
+    /// The wait before the first retry; each further one waits twice as long (at most 5
+    /// minutes).
+    #[serde(deserialize_with = "duration")]
+    pub backoff: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            events: ReceiptKind::ALL.to_vec(),
+            queue: 100_000,
+            batch: 1000,
+            linger: Duration::from_millis(250),
+            timeout: Duration::from_secs(10),
+            attempts: 8,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a device did with a message.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReceiptKind {
+    /// Handed to the device's connection.
+    Delivered,
+    /// Acknowledged by the device.
+    Acked,
+    /// Reported opened by the device's user.
+    Opened,
+}
+
+impl ReceiptKind {
+    /// Every kind.
+    pub const ALL: [ReceiptKind; 3] = [Self::Delivered, Self::Acked, Self::Opened];
 }
 
 /// At most `marketing` marketing pushes per user in each `window` (fixed windows, counted
@@ -353,6 +418,7 @@ impl AppSettings {
             previous_kid: None,
             rate_limits: RateLimits::default(),
             frequency_cap: None,
+            webhook: None,
         }
     }
 
@@ -742,6 +808,25 @@ impl Settings {
                     "marketing must be at least 1 and window at least 1s",
                 );
             }
+            if let Some(webhook) = &app.webhook {
+                let field = |name: &str| key(&format!("webhook.{name}"));
+                let scheme = reqwest::Url::parse(&webhook.url).map(|url| url.scheme().to_owned());
+                if !matches!(scheme.as_deref(), Ok("http" | "https")) {
+                    return bad(&field("url"), "must be an http:// or https:// URL");
+                }
+                for (name, value) in [
+                    ("queue", webhook.queue),
+                    ("batch", webhook.batch),
+                    ("attempts", webhook.attempts as usize),
+                ] {
+                    if value == 0 {
+                        return bad(&field(name), "must be at least 1");
+                    }
+                }
+                if webhook.timeout.is_zero() {
+                    return bad(&field("timeout"), "must be longer than 0");
+                }
+            }
             let limits = &app.rate_limits;
             for (class, rate) in [
                 ("total", &limits.total),
@@ -1116,6 +1201,63 @@ mod tests {
             error.to_string().contains("apps[0].frequency_cap"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn webhooks_are_read_and_checked() {
+        let app = [
+            ("PIGEON_APPS__0__ID", "one"),
+            ("PIGEON_APPS__0__API_KEY", "key-one-0123456789"),
+            (
+                "PIGEON_APPS__0__SECRET",
+                "s-0123456789-0123456789-0123456789",
+            ),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = app.to_vec();
+            vars.extend_from_slice(extra);
+            Settings::load(None, env(&vars))
+        };
+        let settings = with(&[
+            ("PIGEON_APPS__0__WEBHOOK__URL", "https://example.com/pigeon"),
+            ("PIGEON_APPS__0__WEBHOOK__EVENTS", "[\"acked\", \"opened\"]"),
+        ])
+        .expect("a webhook");
+        let webhook = settings.apps[0].webhook.clone().expect("webhook");
+        assert_eq!(webhook.events, [ReceiptKind::Acked, ReceiptKind::Opened]);
+        assert_eq!(webhook.queue, WebhookSettings::default().queue);
+        for (key, value, named) in [
+            (
+                "PIGEON_APPS__0__WEBHOOK__URL",
+                "ftp://example.com",
+                "apps[0].webhook.url",
+            ),
+            (
+                "PIGEON_APPS__0__WEBHOOK__URL",
+                "not a url",
+                "apps[0].webhook.url",
+            ),
+            (
+                "PIGEON_APPS__0__WEBHOOK__QUEUE",
+                "0",
+                "apps[0].webhook.queue",
+            ),
+            (
+                "PIGEON_APPS__0__WEBHOOK__ATTEMPTS",
+                "0",
+                "apps[0].webhook.attempts",
+            ),
+            (
+                "PIGEON_APPS__0__WEBHOOK__EVENTS",
+                "[\"bounced\"]",
+                "apps[0].webhook.events",
+            ),
+        ] {
+            let mut extra = vec![("PIGEON_APPS__0__WEBHOOK__URL", "http://127.0.0.1:9/")];
+            extra.push((key, value));
+            let error = with(&extra).expect_err(key);
+            assert!(error.to_string().contains(named), "{key}: {error}");
+        }
     }
 
     #[test]

@@ -68,4 +68,5 @@ pub mod status_writer;
 pub mod store;
 pub mod stream_keeper;
 pub mod tls;
+pub mod webhooks;
 pub mod websocket;

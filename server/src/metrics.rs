@@ -208,6 +208,7 @@ impl Metrics {
             );
             receipts.render_latency(&mut out);
             receipts.render_totals(&mut out);
+            receipts.webhooks().render(&mut out);
         }
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(

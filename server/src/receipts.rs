@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ReceiptKind;
 use crate::log_throttle::Throttle;
 use crate::message::{Message, unix_millis};
 use crate::store::{ReceiptCount, Store};
+use crate::webhooks::Webhooks;
 
 /// Messages whose counts wait for a flush, at most.
 pub const MAX_PENDING: usize = 100_000;
@@ -42,6 +44,8 @@ pub struct Receipts {
     /// [`LATENCY_BUCKETS`] (and one past the last), their sum (ms) and count.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ms: AtomicU64,
+    /// The apps' receipt callbacks, handed each event.
+    webhooks: Webhooks,
 }
 
 #[derive(Default)]
@@ -76,14 +80,36 @@ struct Counts {
 }
 
 impl Receipts {
-    /// Counts `messages` of `app` handed to a connection.
-    pub fn delivered<'a>(&self, app: &str, messages: impl IntoIterator<Item = &'a str>) {
+    /// Counts that also hand each event to the apps' `webhooks`.
+    pub fn new(webhooks: Webhooks) -> Self {
+        Self {
+            webhooks,
+            ..Self::default()
+        }
+    }
+
+    /// The apps' receipt callbacks.
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
+    }
+
+    /// Counts `messages` of `app` handed to the connection of the device `token`.
+    pub fn delivered<'a>(
+        &self,
+        app: &str,
+        token: &str,
+        messages: impl IntoIterator<Item = &'a str> + Clone,
+    ) {
+        self.webhooks
+            .record(app, ReceiptKind::Delivered, token, messages.clone());
         self.count(app, messages, (1, 0));
     }
 
-    /// Counts `messages` of `app` acknowledged by a device, and how long after their
-    /// acceptance they were.
-    pub fn acked(&self, app: &str, messages: &[Arc<Message>]) {
+    /// Counts `messages` of `app` acknowledged by the device `token`, and how long after
+    /// their acceptance they were.
+    pub fn acked(&self, app: &str, token: &str, messages: &[Arc<Message>]) {
+        let ids = messages.iter().map(|message| message.id.as_str());
+        self.webhooks.record(app, ReceiptKind::Acked, token, ids);
         let now_ms = crate::message::unix_millis();
         for message in messages {
             let ms = now_ms.saturating_sub(message.accepted_at_ms);
@@ -105,6 +131,8 @@ impl Receipts {
     /// Counts `message` of `app` opened on the device `token` (once per device: the store
     /// keeps which devices did).
     pub fn opened(&self, app: &str, token: &str, message: String) {
+        self.webhooks
+            .record(app, ReceiptKind::Opened, token, [message.as_str()]);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.total(app, 2, 1);
         let Pending {
@@ -279,9 +307,9 @@ mod tests {
     #[test]
     fn counts_sum_per_message_and_are_taken_once() {
         let receipts = Receipts::default();
-        receipts.delivered("a", ["m1", "m2", "m1"]);
-        receipts.acked("a", &[message("m1")]);
-        receipts.delivered("b", ["m1"]);
+        receipts.delivered("a", "t1", ["m1", "m2", "m1"]);
+        receipts.acked("a", "t1", &[message("m1")]);
+        receipts.delivered("b", "t1", ["m1"]);
         let mut taken = receipts.take();
         taken.sort_by(|x, y| (&x.app, &x.id).cmp(&(&y.app, &y.id)));
         let summary: Vec<_> = taken
@@ -315,7 +343,7 @@ mod tests {
             accepted_at_ms: now - 3_600_000 * 48,
             ..(*message("m2")).clone()
         });
-        receipts.acked("a", &[recent, old]);
+        receipts.acked("a", "t1", &[recent, old]);
         let mut out = String::new();
         receipts.render_latency(&mut out);
         let line = |prefix: &str| {
@@ -350,9 +378,9 @@ mod tests {
     fn messages_past_the_bound_are_left_out_and_counted() {
         let receipts = Receipts::default();
         let ids: Vec<String> = (0..MAX_PENDING + 5).map(|i| i.to_string()).collect();
-        receipts.delivered("a", ids.iter().map(String::as_str));
+        receipts.delivered("a", "t1", ids.iter().map(String::as_str));
         // A message already waiting is still counted.
-        receipts.delivered("a", ["0"]);
+        receipts.delivered("a", "t1", ["0"]);
         assert_eq!(receipts.dropped(), 5);
         let taken = receipts.take();
         assert_eq!(taken.len(), MAX_PENDING);

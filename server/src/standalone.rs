@@ -112,6 +112,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
     let receipts = context.receipts.clone();
+    receipts.webhooks().start(connections.shutdown());
     tokio::spawn(receipts.clone().run(
         store.clone(),
         limits.message_retention,

@@ -270,6 +270,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let device_addresses = devices.addresses();
     let handshakes = context.handshakes.clone();
     let receipts = context.receipts.clone();
+    receipts.webhooks().start(&shutdown);
     tokio::spawn(receipts.clone().run(
         context.store.clone(),
         limits.message_retention,

@@ -81,7 +81,6 @@ impl DeviceContext {
         Self {
             connections,
             store,
-            apps,
             session: Arc::new(SessionConfig {
                 handshake_timeout: limits.handshake_timeout,
                 heartbeat_interval: limits.heartbeat_interval,
@@ -93,7 +92,10 @@ impl DeviceContext {
             max_connections: limits.max_connections,
             max_credential_lifetime: limits.max_credential_lifetime,
             per_ip: PerIpLimits::new(limits),
-            receipts: Arc::default(),
+            receipts: Arc::new(crate::receipts::Receipts::new(
+                crate::webhooks::Webhooks::new(&apps),
+            )),
+            apps,
         }
     }
 

@@ -65,7 +65,7 @@ impl Live {
         &mut self,
         context: &DeviceContext,
     ) -> Result<Vec<ServerFrame>, Ending> {
-        take_inbox(context, &mut self.session, &self.connection)
+        take_inbox(context, &mut self.session, &self.connection, &self.token)
     }
 
     /// For a connection without a task: a frame from the device, handled as the session
@@ -80,7 +80,9 @@ impl Live {
             Ok(FrameOutcome::Nothing) => Ok(None),
             Ok(FrameOutcome::Send(frame)) => Ok(Some(frame)),
             Ok(FrameOutcome::Acked { seq, messages }) => {
-                context.receipts.acked(self.connection.app(), &messages);
+                context
+                    .receipts
+                    .acked(self.connection.app(), &self.token, &messages);
                 if let Some(seq) = seq {
                     let (context, token) = (context.clone(), self.token.clone());
                     tokio::spawn(async move {
@@ -198,7 +200,9 @@ pub(crate) async fn drive<T: DeviceTransport>(
                 let app = connection.app();
                 Box::pin(on_frame(transport, context, (app, token), session, *frame)).await?;
             }
-            Event::Woken => Box::pin(on_woken(transport, context, session, connection)).await?,
+            Event::Woken => {
+                Box::pin(on_woken(transport, context, session, connection, token)).await?;
+            }
             Event::Timer => {
                 let now = Instant::now();
                 let idle = park_at.is_some_and(|park_at| park_at <= now);
@@ -294,7 +298,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
-        count_delivered(context, app, &frames);
+        count_delivered(context, (app, token), &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     while let Some(request) = session.refill_stream() {
@@ -318,7 +322,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
-        count_delivered(context, app, &frames);
+        count_delivered(context, (app, token), &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     Ok(true)
@@ -350,7 +354,7 @@ async fn on_frame<T: DeviceTransport>(
             .await
             .map_err(Ending::transport),
         Ok(FrameOutcome::Acked { seq, messages }) => {
-            context.receipts.acked(app, &messages);
+            context.receipts.acked(app, token, &messages);
             if let Some(seq) = seq
                 && let Err(error) = context.store.ack(token, seq).await
             {
@@ -371,8 +375,9 @@ async fn on_woken<T: DeviceTransport>(
     context: &DeviceContext,
     session: &mut Session,
     connection: &Connection,
+    token: &str,
 ) -> Result<(), Ending> {
-    let frames = take_inbox(context, session, connection)?;
+    let frames = take_inbox(context, session, connection, token)?;
     send(transport, frames, context.session.idle_timeout)
         .await
         .map_err(Ending::transport)
@@ -384,6 +389,7 @@ fn take_inbox(
     context: &DeviceContext,
     session: &mut Session,
     connection: &Connection,
+    token: &str,
 ) -> Result<Vec<ServerFrame>, Ending> {
     let inbox = connection.take();
     if let Some(code) = inbox.close {
@@ -415,17 +421,17 @@ fn take_inbox(
             }
         })
         .collect();
-    count_delivered(context, connection.app(), &frames);
+    count_delivered(context, (connection.app(), token), &frames);
     Ok(frames)
 }
 
 /// Counts the pushes among `frames` as handed to a connection.
-fn count_delivered(context: &DeviceContext, app: &str, frames: &[ServerFrame]) {
+fn count_delivered(context: &DeviceContext, (app, token): (&str, &str), frames: &[ServerFrame]) {
     let ids = frames.iter().filter_map(|frame| match &frame.kind {
         Some(server_frame::Kind::Push(push)) => Some(push.message_id.as_str()),
         _ => None,
     });
-    context.receipts.delivered(app, ids);
+    context.receipts.delivered(app, token, ids);
 }
 
 async fn on_timer<T: DeviceTransport>(
