@@ -100,6 +100,7 @@ pub fn push_routes(api: Arc<PushApi>) -> Router {
         )
         .route("/v1/users/{uid}/devices", get(user_devices))
         .route("/v1/presence", get(presence))
+        .route("/v1/stats", get(stats))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(api)
 }
@@ -688,6 +689,89 @@ async fn presence(
             let uids: Vec<String> = query.uids.split(',').map(str::to_owned).collect();
             let presence = api.devices.presence(&app.id, &uids).await?;
             Ok(ok(json!({"presence": presence})))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+}
+
+/// `GET /v1/stats?from=&to=&step=`: the app's counts per class, a point per step (whole
+/// minutes) from `from` to `to` (RFC 3339; by default the last hour, by the minute).
+async fn stats(
+    State(api): State<Arc<PushApi>>,
+    headers: HeaderMap,
+    query: Result<Query<StatsQuery>, QueryRejection>,
+) -> Response {
+    answer(
+        async {
+            let app = authenticate(&api.apps, &headers)?;
+            let Query(query) =
+                query.map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?;
+            let time = |field: &str, text: Option<&String>, default_ms: u64| match text {
+                None => Ok(default_ms),
+                Some(text) => parse_rfc3339(text)
+                    .ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time")),
+            };
+            let to_ms = time("to", query.to.as_ref(), unix_millis())?;
+            // By default the hour up to the end of `to`'s minute.
+            let hour_before = to_ms.div_ceil(60_000).saturating_sub(60) * 60_000;
+            let from_ms = time("from", query.from.as_ref(), hour_before)?;
+            let step = match &query.step {
+                None => Duration::from_secs(60),
+                Some(text) => crate::config::parse_duration(text)
+                    .map_err(|message| ApiError::invalid("step", message))?,
+            };
+            if step.as_secs() < 60 || step.as_secs() % 60 != 0 || step.subsec_nanos() != 0 {
+                return Err(ApiError::invalid(
+                    "step",
+                    "must be whole minutes (1m at least)",
+                ));
+            }
+            if from_ms >= to_ms {
+                return Err(ApiError::invalid("to", "must be after from"));
+            }
+            // Whole minutes: from the one `from` is in to the one `to` is in.
+            let (from, to) = (from_ms / 60_000, to_ms.div_ceil(60_000));
+            let step = step.as_secs() / 60;
+            if (to - from).div_ceil(step) > crate::stats::MAX_POINTS {
+                return Err(ApiError::invalid(
+                    "step",
+                    format!(
+                        "gives more than {} points from `from` to `to`: take a longer step",
+                        crate::stats::MAX_POINTS
+                    ),
+                ));
+            }
+            let points = api.pipeline.stats(&app.id, (from, to), step).await?;
+            let points: Vec<_> = points
+                .iter()
+                .map(|point| {
+                    let mut body = json!({"at": rfc3339(point.minute * 60_000)});
+                    for (class, counts) in Class::ALL.iter().zip(&point.classes) {
+                        body[class.name()] = json!({
+                            "pushes": counts.pushes,
+                            "targets": counts.targets,
+                            "delivered": counts.delivered,
+                            "acked": counts.acked,
+                            "opened": counts.opened,
+                        });
+                    }
+                    body
+                })
+                .collect();
+            Ok(ok(json!({
+                "from": rfc3339(from * 60_000),
+                "to": rfc3339(to * 60_000),
+                "step_seconds": step * 60,
+                "points": points,
+            })))
         }
         .await,
     )

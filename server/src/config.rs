@@ -207,6 +207,9 @@ pub struct Limits {
     /// cancel then answers 409, not 404).
     #[serde(deserialize_with = "duration")]
     pub message_retention: Duration,
+    /// How long an app's statistics (`GET /v1/stats`) are kept, by the minute.
+    #[serde(deserialize_with = "duration")]
+    pub stats_retention: Duration,
     /// How long an idempotency key is remembered.
     #[serde(deserialize_with = "duration")]
     pub idempotency_window: Duration,
@@ -532,6 +535,7 @@ impl Default for Limits {
             max_marketing_ttl: Duration::from_secs(3 * 24 * 3600),
             max_send_ahead: Duration::from_secs(30 * 24 * 3600),
             message_retention: Duration::from_secs(7 * 24 * 3600),
+            stats_retention: Duration::from_secs(30 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
             push_concurrency: 64,
             push_concurrency_per_app: 16,

@@ -64,6 +64,7 @@ pub mod receipts;
 pub mod scheduler;
 pub mod session;
 pub mod standalone;
+pub mod stats;
 pub mod status_writer;
 pub mod store;
 pub mod stream_keeper;

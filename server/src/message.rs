@@ -10,6 +10,58 @@ use bytes::Bytes;
 use pigeon_proto::device::{Priority, Push};
 use pigeon_proto::store::StoredMessage;
 
+/// A push's traffic class: what it is for, and so how it is stored and limited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Class {
+    /// To devices online now only, never stored (a TTL of 0).
+    Realtime,
+    /// The default: stored for offline devices until its TTL, under the delivery contract.
+    #[default]
+    Notification,
+    /// Stored like a notification, with a TTL of at most `limits.max_marketing_ttl`.
+    Marketing,
+}
+
+impl Class {
+    /// Every class.
+    pub const ALL: [Class; 3] = [Class::Realtime, Class::Notification, Class::Marketing];
+
+    /// Its name in the API, the config and the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Realtime => "realtime",
+            Class::Notification => "notification",
+            Class::Marketing => "marketing",
+        }
+    }
+
+    /// The class of a name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|class| class.name() == name)
+    }
+}
+
+impl Class {
+    /// Its number in stored messages (`StoredMessage.class`): 0 is `notification`, the
+    /// class of messages stored before classes were.
+    pub fn to_stored(self) -> u32 {
+        match self {
+            Class::Notification => 0,
+            Class::Realtime => 1,
+            Class::Marketing => 2,
+        }
+    }
+
+    /// The class of a stored number; an unknown one is `notification`.
+    pub fn from_stored(number: u32) -> Self {
+        match number {
+            1 => Class::Realtime,
+            2 => Class::Marketing,
+            _ => Class::Notification,
+        }
+    }
+}
+
 /// One accepted push.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -19,6 +71,8 @@ pub struct Message {
     pub payload: Bytes,
     /// Priority, as given.
     pub priority: Priority,
+    /// Traffic class, as given (for the statistics of the process that delivers it).
+    pub class: Class,
     /// Unix milliseconds of acceptance.
     pub accepted_at_ms: u64,
     /// Unix milliseconds after which it is not delivered. Equal to `accepted_at_ms` for a
@@ -94,6 +148,7 @@ impl Message {
             expires_at_ms: self.expires_at_ms,
             collapse_key: self.collapse_key.clone(),
             filter: self.filter.as_deref().map(TagFilter::to_stored),
+            class: self.class.to_stored(),
         }
     }
 
@@ -101,6 +156,7 @@ impl Message {
     pub fn from_stored(stored: StoredMessage) -> Self {
         Self {
             priority: stored.priority(),
+            class: Class::from_stored(stored.class),
             id: stored.message_id,
             payload: stored.payload,
             accepted_at_ms: stored.accepted_at_ms,
@@ -224,6 +280,7 @@ mod tests {
             id: new_message_id(5),
             payload: Bytes::from_static(b"{\"a\":1}"),
             priority: Priority::High,
+            class: Default::default(),
             accepted_at_ms: 5,
             expires_at_ms: 10,
             collapse_key: "score".into(),

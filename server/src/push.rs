@@ -39,42 +39,14 @@ use crate::intake::{self, Intake};
 use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
 use crate::metrics::Metrics;
 use crate::rate_limit::{Limited, RateLimiter};
+use crate::stats::Stats;
 use crate::status_writer::StatusWriter;
 use crate::store::{
-    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, StatusWrite,
-    Store, StoreError, Target,
+    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, StatsCounts,
+    StatusWrite, Store, StoreError, Target,
 };
 
-/// A push's traffic class: what it is for, and so how it is stored and limited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Class {
-    /// To devices online now only, never stored (a TTL of 0).
-    Realtime,
-    /// The default: stored for offline devices until its TTL, under the delivery contract.
-    #[default]
-    Notification,
-    /// Stored like a notification, with a TTL of at most `limits.max_marketing_ttl`.
-    Marketing,
-}
-
-impl Class {
-    /// Every class.
-    pub const ALL: [Class; 3] = [Class::Realtime, Class::Notification, Class::Marketing];
-
-    /// Its name in the API, the config and the metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Class::Realtime => "realtime",
-            Class::Notification => "notification",
-            Class::Marketing => "marketing",
-        }
-    }
-
-    /// The class of a name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|class| class.name() == name)
-    }
-}
+pub use crate::message::Class;
 
 /// Why a push was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +298,10 @@ pub struct Pipeline {
     /// How long a message's status is kept.
     retention: Duration,
     statuses: StatusWriter,
+    /// Pushes and targets per app and class, for the statistics.
+    stats: Arc<Stats>,
+    /// How long the statistics are kept.
+    stats_retention: Duration,
 }
 
 /// Paced deliveries under way at once at most; past it a paced push is delivered at once.
@@ -348,7 +324,10 @@ impl Pipeline {
         );
         metrics.watch_intake(intake.clone());
         let statuses = StatusWriter::start(store.clone());
+        let stats = Stats::start(store.clone(), limits.stats_retention);
         Self {
+            stats,
+            stats_retention: limits.stats_retention,
             store,
             fanout,
             metrics,
@@ -393,6 +372,17 @@ impl Pipeline {
         id: &str,
     ) -> Result<crate::store::StatusRecord, StoreError> {
         self.store.message_status(app, id).await
+    }
+
+    /// `app`'s statistics of the minutes `from..to`, a point per `step` minutes.
+    pub async fn stats(
+        &self,
+        app: &str,
+        (from, to): (u64, u64),
+        step: u64,
+    ) -> Result<Vec<crate::stats::Point>, StoreError> {
+        let retention = self.stats_retention;
+        crate::stats::series(self.store.as_ref(), app, (from, to), step, retention).await
     }
 
     /// The pipeline with the frequency caps `apps` set.
@@ -538,6 +528,17 @@ impl Pipeline {
         match &outcome {
             Ok(PushOutcome::Accepted { targets, .. }) => {
                 self.metrics.push_accepted(&app, class, targets);
+                // A push stored once names no devices.
+                let named = match shared {
+                    true => 0,
+                    false => u64::from(targets.delivered) + u64::from(targets.stored),
+                };
+                let counts = StatsCounts {
+                    pushes: 1,
+                    targets: named,
+                    ..StatsCounts::default()
+                };
+                self.stats.add(&app, class, counts);
                 if shared {
                     let reached = u64::from(targets.delivered);
                     self.limiter.charge_targets(&app, class, reached).await;
@@ -822,6 +823,7 @@ fn new_message(
             .unwrap_or_else(|| new_message_id(now_ms)),
         payload: std::mem::take(&mut request.payload),
         priority: request.priority,
+        class: request.class,
         accepted_at_ms: now_ms,
         expires_at_ms: now_ms.saturating_add(request.ttl.as_millis() as u64),
         collapse_key: std::mem::take(&mut request.collapse_key),

@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiptKind;
 use crate::log_throttle::Throttle;
+use crate::message::Class;
 use crate::message::{Message, unix_millis};
-use crate::store::{ReceiptCount, Store};
+use crate::stats::Stats;
+use crate::store::{ReceiptCount, StatsCounts, Store};
 use crate::webhooks::Webhooks;
 
 /// Messages whose counts wait for a flush, at most.
@@ -28,6 +30,8 @@ pub const MAX_PENDING: usize = 100_000;
 pub const MAX_OPENED: usize = 10_000;
 /// How often counts are added to the store.
 pub const FLUSH: Duration = Duration::from_millis(250);
+/// Statistics are added to the store every this many flushes.
+const STATS_EVERY: u64 = 4;
 
 /// Upper bounds (seconds) of the delivery-latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -46,6 +50,8 @@ pub struct Receipts {
     latency_sum_ms: AtomicU64,
     /// The apps' receipt callbacks, handed each event.
     webhooks: Webhooks,
+    /// Deliveries, acks and opens per app and class, for the statistics.
+    stats: Stats,
 }
 
 #[derive(Default)]
@@ -98,10 +104,14 @@ impl Receipts {
         &self,
         app: &str,
         token: &str,
-        messages: impl IntoIterator<Item = &'a str> + Clone,
+        messages: impl IntoIterator<Item = &'a Message> + Clone,
     ) {
+        let ids = messages
+            .clone()
+            .into_iter()
+            .map(|message| message.id.as_str());
         self.webhooks
-            .record(app, ReceiptKind::Delivered, token, messages.clone());
+            .record(app, ReceiptKind::Delivered, token, ids);
         self.count(app, messages, (1, 0));
     }
 
@@ -121,11 +131,7 @@ impl Receipts {
             self.latency[bucket].fetch_add(1, Ordering::Relaxed);
             self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
         }
-        self.count(
-            app,
-            messages.iter().map(|message| message.id.as_str()),
-            (0, 1),
-        );
+        self.count(app, messages.iter().map(|message| &**message), (0, 1));
     }
 
     /// Counts `message` of `app` opened on the device `token` (once per device: the store
@@ -155,11 +161,18 @@ impl Receipts {
         }
     }
 
-    fn count<'a>(&self, app: &str, ids: impl IntoIterator<Item = &'a str>, (d, a): (u64, u64)) {
-        let mut ids = ids.into_iter().peekable();
-        if ids.peek().is_none() {
+    fn count<'a>(
+        &self,
+        app: &str,
+        sent: impl IntoIterator<Item = &'a Message>,
+        (d, a): (u64, u64),
+    ) {
+        let mut sent = sent.into_iter().peekable();
+        if sent.peek().is_none() {
             return;
         }
+        // Per class (in `Class::ALL` order), for the statistics.
+        let mut classes = [0u64; 3];
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = 0;
         let Pending { apps, messages, .. } = &mut *pending;
@@ -169,7 +182,11 @@ impl Receipts {
         let Some(counts) = apps.get_mut(app) else {
             return;
         };
-        for id in ids {
+        for message in sent {
+            if let Some(index) = Class::ALL.iter().position(|c| *c == message.class) {
+                classes[index] += 1;
+            }
+            let id = message.id.as_str();
             let entry = match counts.get_mut(id) {
                 Some(entry) => entry,
                 None if *messages >= MAX_PENDING => {
@@ -187,6 +204,15 @@ impl Receipts {
         }
         pending.total(app, 0, d * seen);
         pending.total(app, 1, a * seen);
+        drop(pending);
+        for (class, n) in Class::ALL.into_iter().zip(classes) {
+            let counts = StatsCounts {
+                delivered: d * n,
+                acked: a * n,
+                ..StatsCounts::default()
+            };
+            self.stats.add(app, class, counts);
+        }
     }
 
     /// Per app, the deliveries, acks and opened reports this process counted, in
@@ -261,11 +287,12 @@ impl Receipts {
     pub async fn run(
         self: Arc<Self>,
         store: Arc<dyn Store>,
-        retention: Duration,
+        (retention, stats_retention): (Duration, Duration),
         shutdown: CancellationToken,
     ) {
         let mut ticks = tokio::time::interval(FLUSH);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flushes = 0u64;
         loop {
             let stopping = tokio::select! {
                 _ = ticks.tick() => false,
@@ -274,12 +301,28 @@ impl Receipts {
             let counts = self.take();
             if !counts.is_empty() {
                 let keep_until = unix_millis().saturating_add(retention.as_millis() as u64);
-                if let Err(error) = store.count_receipts(counts, keep_until).await {
-                    static THROTTLE: Throttle = Throttle::new();
-                    if let Some(suppressed) = THROTTLE.allow() {
-                        tracing::warn!(%error, suppressed, "adding receipt counts failed; lost");
+                match store.count_receipts(counts, keep_until).await {
+                    Ok(opened) => {
+                        for opened in opened {
+                            let counts = StatsCounts {
+                                opened: opened.devices,
+                                ..StatsCounts::default()
+                            };
+                            self.stats.add(&opened.app, opened.class, counts);
+                        }
+                    }
+                    Err(error) => {
+                        static THROTTLE: Throttle = Throttle::new();
+                        if let Some(suppressed) = THROTTLE.allow() {
+                            tracing::warn!(%error, suppressed, "adding receipt counts failed; lost");
+                        }
                     }
                 }
+            }
+            // The statistics once a second: they are by the minute.
+            flushes += 1;
+            if stopping || flushes.is_multiple_of(STATS_EVERY) {
+                self.stats.flush(store.as_ref(), stats_retention).await;
             }
             if stopping {
                 return;
@@ -297,6 +340,7 @@ mod tests {
             id: id.into(),
             payload: bytes::Bytes::from_static(b"{}"),
             priority: Default::default(),
+            class: Default::default(),
             accepted_at_ms: 0,
             expires_at_ms: 0,
             collapse_key: String::new(),
@@ -307,9 +351,14 @@ mod tests {
     #[test]
     fn counts_sum_per_message_and_are_taken_once() {
         let receipts = Receipts::default();
-        receipts.delivered("a", "t1", ["m1", "m2", "m1"]);
-        receipts.acked("a", "t1", &[message("m1")]);
-        receipts.delivered("b", "t1", ["m1"]);
+        let (m1, m2) = (message("m1"), message("m2"));
+        let m2 = Arc::new(Message {
+            class: Class::Marketing,
+            ..(*m2).clone()
+        });
+        receipts.delivered("a", "t1", [&*m1, &*m2, &*m1]);
+        receipts.acked("a", "t1", std::slice::from_ref(&m1));
+        receipts.delivered("b", "t1", [&*m1]);
         let mut taken = receipts.take();
         taken.sort_by(|x, y| (&x.app, &x.id).cmp(&(&y.app, &y.id)));
         let summary: Vec<_> = taken
@@ -319,6 +368,21 @@ mod tests {
         assert_eq!(
             summary,
             [("a", "m1", 2, 1), ("a", "m2", 1, 0), ("b", "m1", 1, 0)]
+        );
+        // The same, per app and class, for the statistics.
+        let mut stats = receipts.stats.take();
+        stats.sort_by_key(|row| (row.app.clone(), row.class));
+        let stats: Vec<_> = stats
+            .iter()
+            .map(|r| (r.app.as_str(), r.class, r.counts.delivered, r.counts.acked))
+            .collect();
+        assert_eq!(
+            stats,
+            [
+                ("a", Class::Notification, 2, 1),
+                ("a", Class::Marketing, 1, 0),
+                ("b", Class::Notification, 1, 0)
+            ]
         );
         assert!(receipts.take().is_empty());
         receipts.opened("a", "t1", "m1".into());
@@ -377,10 +441,12 @@ mod tests {
     #[test]
     fn messages_past_the_bound_are_left_out_and_counted() {
         let receipts = Receipts::default();
-        let ids: Vec<String> = (0..MAX_PENDING + 5).map(|i| i.to_string()).collect();
-        receipts.delivered("a", "t1", ids.iter().map(String::as_str));
+        let messages: Vec<Arc<Message>> = (0..MAX_PENDING + 5)
+            .map(|i| message(&i.to_string()))
+            .collect();
+        receipts.delivered("a", "t1", messages.iter().map(|m| &**m));
         // A message already waiting is still counted.
-        receipts.delivered("a", "t1", ["0"]);
+        receipts.delivered("a", "t1", [&*messages[0]]);
         assert_eq!(receipts.dropped(), 5);
         let taken = receipts.take();
         assert_eq!(taken.len(), MAX_PENDING);

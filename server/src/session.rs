@@ -249,6 +249,16 @@ impl InFlight {
             .push_back((position, message));
     }
 
+    /// The message sent at `position`, if it is in flight (the latest are looked at first).
+    fn find(&self, position: u64) -> Option<&Arc<Message>> {
+        let positions = self.0.as_ref()?;
+        positions
+            .iter()
+            .rev()
+            .find(|(sent, _)| *sent == position)
+            .map(|(_, message)| message)
+    }
+
     /// Forgets the positions up to `position`; their messages.
     fn acknowledge(&mut self, position: u64) -> Vec<Arc<Message>> {
         let mut acked = Vec::new();
@@ -671,6 +681,14 @@ impl Session {
     /// The epoch of the stream `all` this session's offsets are in.
     pub fn stream_epoch(&self) -> u64 {
         self.all_epoch
+    }
+
+    /// The message of a push this session sent, while it waits for the device's ack.
+    pub fn sent_message(&self, push: &pigeon_proto::device::Push) -> Option<&Arc<Message>> {
+        match push.stream.is_empty() {
+            true => self.direct.in_flight.find(push.seq),
+            false => self.all.in_flight.find(push.offset),
+        }
     }
 }
 

@@ -115,7 +115,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     receipts.webhooks().start(connections.shutdown());
     tokio::spawn(receipts.clone().run(
         store.clone(),
-        limits.message_retention,
+        (limits.message_retention, limits.stats_retention),
         connections.shutdown().clone(),
     ));
     devices.start(Arc::new(context), &settings, &tracker);

@@ -35,7 +35,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pigeon_proto::store::MessageStatus;
 
-use crate::message::{Delivery, Message};
+use crate::message::{Class, Delivery, Message};
 
 pub mod embedded;
 pub mod redis;
@@ -541,6 +541,31 @@ pub struct ReceiptCount {
     pub opened_by: Vec<String>,
 }
 
+/// Devices that opened messages of one app and class for the first time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewlyOpened {
+    /// The messages' app.
+    pub app: String,
+    /// Their class.
+    pub class: Class,
+    /// Devices that had not opened them before.
+    pub devices: u64,
+}
+
+impl NewlyOpened {
+    /// Adds `devices` of `app`'s messages of `class` to `list` (one entry per app and class).
+    pub fn add_to(list: &mut Vec<NewlyOpened>, app: &str, class: Class, devices: u64) {
+        match list.iter_mut().find(|o| o.app == app && o.class == class) {
+            Some(sum) => sum.devices += devices,
+            None => list.push(NewlyOpened {
+                app: app.to_owned(),
+                class,
+                devices,
+            }),
+        }
+    }
+}
+
 /// A message's status to keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusWrite {
@@ -567,6 +592,70 @@ pub struct StatusRecord {
     pub opened: u64,
 }
 
+/// An app's counts of one class in one minute, as the statistics keep them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsRow {
+    /// The app.
+    pub app: String,
+    /// The minute (Unix seconds / 60).
+    pub minute: u64,
+    /// The pushes' class.
+    pub class: Class,
+    /// The counts.
+    pub counts: StatsCounts,
+}
+
+/// What an app's pushes of one class did in some time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsCounts {
+    /// Pushes accepted (a scheduled push when it fires).
+    pub pushes: u64,
+    /// Devices they were recorded for (direct pushes; a push to all or tags names none).
+    pub targets: u64,
+    /// Handed to a connection.
+    pub delivered: u64,
+    /// Acknowledged by the device.
+    pub acked: u64,
+    /// Opened, first reports per device and message.
+    pub opened: u64,
+}
+
+impl StatsCounts {
+    /// The counts in a fixed order: pushes, targets, delivered, acked, opened.
+    pub fn to_array(self) -> [u64; 5] {
+        [
+            self.pushes,
+            self.targets,
+            self.delivered,
+            self.acked,
+            self.opened,
+        ]
+    }
+
+    /// Back from [`StatsCounts::to_array`].
+    pub fn from_array([pushes, targets, delivered, acked, opened]: [u64; 5]) -> Self {
+        Self {
+            pushes,
+            targets,
+            delivered,
+            acked,
+            opened,
+        }
+    }
+
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: StatsCounts) {
+        let sum = self.to_array();
+        let other = other.to_array();
+        *self = Self::from_array(std::array::from_fn(|i| sum[i].saturating_add(other[i])));
+    }
+
+    /// Whether every count is 0.
+    pub fn is_empty(&self) -> bool {
+        self.to_array().iter().all(|count| *count == 0)
+    }
+}
+
 /// Messages' statuses, and the counts of what devices did with them, kept for a retention.
 #[async_trait]
 pub trait Statuses: Send + Sync + 'static {
@@ -576,15 +665,24 @@ pub trait Statuses: Send + Sync + 'static {
     async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<(), StoreError>;
 
     /// Adds `counts`. A message whose status is not kept (yet) gets them kept for it until
-    /// `keep_until_ms` (a status written later finds them).
+    /// `keep_until_ms` (a status written later finds them). Returns, per app and class, the
+    /// devices that opened a message for the first time (of messages with a status).
     async fn count_receipts(
         &self,
         counts: Vec<ReceiptCount>,
         keep_until_ms: u64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<NewlyOpened>, StoreError>;
 
     /// `app`'s message `id`'s status and counts, if kept.
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError>;
+
+    /// Adds `rows` to the apps' statistics, each kept for `retention` after its minute
+    /// (older ones may be forgotten).
+    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<(), StoreError>;
+
+    /// `app`'s statistics of the minutes `from..to`: a row per minute and class with counts
+    /// (none for those without), in no particular order.
+    async fn stats(&self, app: &str, from: u64, to: u64) -> Result<Vec<StatsRow>, StoreError>;
 }
 
 /// The registry, the offline store, the schedules and the statuses of one deployment,

@@ -331,3 +331,153 @@ async fn cluster_mode_counts_on_the_node_and_answers_on_the_gateway() {
     .await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// The sums over all points of `GET /v1/stats` (the last hour, by the minute): per class,
+/// (pushes, targets, delivered, acked, opened).
+fn stats_sums(body: &Value) -> Vec<(String, [u64; 5])> {
+    let points = body["points"].as_array().expect("points");
+    ["realtime", "notification", "marketing"]
+        .iter()
+        .map(|class| {
+            let mut sums = [0; 5];
+            for point in points {
+                for (sum, name) in
+                    sums.iter_mut()
+                        .zip(["pushes", "targets", "delivered", "acked", "opened"])
+                {
+                    *sum += point[class][name].as_u64().expect("count");
+                }
+            }
+            (class.to_string(), sums)
+        })
+        .collect()
+}
+
+/// Asks for the statistics until their sums are `expected`.
+async fn stats_until<F, Fut>(get: F, expected: &[(String, [u64; 5])]) -> Value
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (u16, Value)>,
+{
+    let begin = Instant::now();
+    loop {
+        let (status, body) = get().await;
+        assert_eq!(status, 200, "{body}");
+        if stats_sums(&body) == expected {
+            return body;
+        }
+        assert!(
+            begin.elapsed() < WAIT,
+            "statistics never got there: {:?}",
+            stats_sums(&body)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sums(rows: &[(&str, [u64; 5])]) -> Vec<(String, [u64; 5])> {
+    rows.iter()
+        .map(|(class, sums)| (class.to_string(), *sums))
+        .collect()
+}
+
+#[tokio::test]
+async fn statistics_count_pushes_and_receipts_by_class_in_standalone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let _bob = support::offline_device(&server, "bob").await;
+    for n in 0..2 {
+        let (status, answer) = server
+            .push(json!({"audience": {"uids": ["ann"]}, "payload": {"n": n}}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let first = receive(&mut ann).await;
+    receive(&mut ann).await;
+    ann.opened(&first).await.expect("opened");
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["ann", "bob"]}, "payload": {}, "class": "marketing"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    // Handed to ann, not acked; stored for bob.
+    next_push(&mut ann).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {}, "class": "realtime"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let push = next_push(&mut ann).await;
+    ann.ack_push(&push).await.expect("ack");
+
+    let expected = sums(&[
+        ("realtime", [1, 0, 1, 1, 0]),
+        ("notification", [2, 2, 2, 2, 1]),
+        ("marketing", [1, 2, 1, 0, 0]),
+    ]);
+    let get = || server.call("GET", "/v1/stats", None);
+    let body = stats_until(get, &expected).await;
+    assert_eq!(body["step_seconds"], 60, "{body}");
+    assert_eq!(body["points"].as_array().map(Vec::len), Some(60), "{body}");
+
+    // A day by the hour: the same sums, in 24 points.
+    let to = pigeon_server::api::rfc3339(pigeon_server::message::unix_millis() + 60_000);
+    let from = pigeon_server::api::rfc3339(pigeon_server::message::unix_millis() - 86_400_000);
+    let path = format!("/v1/stats?from={from}&to={to}&step=1h");
+    let (status, body) = server.call("GET", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["step_seconds"], 3600, "{body}");
+    assert_eq!(body["points"].as_array().map(Vec::len), Some(25), "{body}");
+    assert_eq!(stats_sums(&body), expected);
+
+    for (query, field) in [
+        ("step=30s", "step"),
+        ("step=90s", "step"),
+        ("step=soon", "step"),
+        ("from=yesterday", "from"),
+        ("to=2026-01-01T00:00:00Z&from=2026-01-02T00:00:00Z", "to"),
+        (
+            "from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&step=1m",
+            "step",
+        ),
+        ("uids=ann", "query"),
+    ] {
+        let (status, body) = server
+            .call("GET", &format!("/v1/stats?{query}"), None)
+            .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"]["field"], field, "{query}: {body}");
+    }
+}
+
+/// In cluster mode each gateway counts the pushes it accepts and the node what its devices
+/// did; every gateway answers the same series.
+#[tokio::test]
+async fn statistics_are_the_same_on_every_gateway() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let first = GatewayProcess::start(&deployment, &[]);
+    let second = GatewayProcess::start(&deployment, &[]);
+    let mut ann = cluster::connect(&node, "ann", &DeviceState::default()).await;
+    first.push_to(&["ann"], json!({"n": 1})).await;
+    let id = receive(&mut ann).await;
+    second.push_to(&["ann"], json!({"n": 2})).await;
+    receive(&mut ann).await;
+    ann.opened(&id).await.expect("opened");
+    let (status, answer) = second
+        .push(json!({"audience": {"all": true}, "payload": {}, "class": "marketing"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    receive(&mut ann).await;
+
+    let expected = sums(&[
+        ("realtime", [0; 5]),
+        ("notification", [2, 2, 2, 2, 1]),
+        ("marketing", [1, 0, 1, 1, 0]),
+    ]);
+    let from_first = stats_until(|| first.call("GET", "/v1/stats", None), &expected).await;
+    let (status, from_second) = second.call("GET", "/v1/stats", None).await;
+    assert_eq!(status, 200, "{from_second}");
+    assert_eq!(from_first["points"], from_second["points"]);
+}

@@ -17,12 +17,12 @@ use pigeon_proto::device::Priority;
 use pigeon_server::cluster::membership::Membership;
 use pigeon_server::config::{ClusterSettings, Limits};
 use pigeon_server::connections::ConnectionTable;
-use pigeon_server::message::{Message, TagFilter, new_message_id, unix_millis};
+use pigeon_server::message::{Class, Message, TagFilter, new_message_id, unix_millis};
 use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
     ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, Cancel, DeviceCounters, DeviceTags,
-    Recorded, Route, Store, StreamHead, TagChange, Target,
+    NewlyOpened, Recorded, Route, StatsCounts, StatsRow, Store, StreamHead, TagChange, Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
@@ -174,6 +174,7 @@ fn message(body: &str, ttl_ms: u64, collapse_key: &str) -> Arc<Message> {
         id: new_message_id(now),
         payload: Bytes::from(body.to_owned()),
         priority: Priority::Normal,
+        class: Default::default(),
         accepted_at_ms: now,
         expires_at_ms: now + ttl_ms,
         collapse_key: collapse_key.into(),
@@ -1361,16 +1362,102 @@ async fn statuses_keep_their_counts(backend: &Backend) {
         opened_by: tokens.iter().map(|token| (*token).to_owned()).collect(),
         ..count("demo", 0, 0)
     };
-    store
+    // The devices that opened it for the first time come back, by the message's class.
+    let newly = |devices| {
+        vec![NewlyOpened {
+            app: "demo".into(),
+            class: Class::Marketing,
+            devices,
+        }]
+    };
+    let first = store
         .count_receipts(vec![opened(&["t1", "t1", "t2"])], until)
         .await
         .expect("count");
-    store
+    assert_eq!(first, newly(2));
+    let second = store
         .count_receipts(vec![opened(&["t2", "t3"])], until)
         .await
         .expect("count");
+    assert_eq!(second, newly(1));
+    let again = store
+        .count_receipts(vec![opened(&["t3"])], until)
+        .await
+        .expect("count");
+    assert_eq!(again, []);
     let kept = store.message_status("demo", "m1").await.expect("status");
     assert_eq!((kept.delivered, kept.acked, kept.opened), (5, 4, 3));
+}
+
+/// Statistics add up per app, minute and class, and are read by a range of minutes.
+async fn statistics_add_up_by_minute_and_class(backend: &Backend) {
+    let store = &backend.store;
+    let retention = Duration::from_secs(30 * 86_400);
+    let now = unix_millis() / 60_000;
+    let row = |app: &str, minute: u64, class: Class, pushes: u64, delivered: u64| StatsRow {
+        app: app.into(),
+        minute,
+        class,
+        counts: StatsCounts {
+            pushes,
+            targets: 2 * pushes,
+            delivered,
+            ..StatsCounts::default()
+        },
+    };
+    // Minutes on both sides of an hour, two classes, two apps, added in two writes.
+    let hour_end = (now / 60) * 60 - 1;
+    store
+        .add_stats(
+            vec![
+                row("demo", hour_end, Class::Notification, 1, 0),
+                row("demo", hour_end + 1, Class::Notification, 2, 5),
+                row("demo", hour_end + 1, Class::Marketing, 1, 0),
+                row("other", hour_end + 1, Class::Notification, 9, 9),
+            ],
+            retention,
+        )
+        .await
+        .expect("add");
+    store
+        .add_stats(
+            vec![row("demo", hour_end + 1, Class::Notification, 0, 3)],
+            retention,
+        )
+        .await
+        .expect("add");
+    let mut rows = store
+        .stats("demo", hour_end - 10, hour_end + 10)
+        .await
+        .expect("stats");
+    rows.sort_by_key(|row| (row.minute, row.class));
+    assert_eq!(
+        rows,
+        [
+            row("demo", hour_end, Class::Notification, 1, 0),
+            StatsRow {
+                counts: StatsCounts {
+                    pushes: 2,
+                    targets: 4,
+                    delivered: 8,
+                    ..StatsCounts::default()
+                },
+                ..row("demo", hour_end + 1, Class::Notification, 0, 0)
+            },
+            row("demo", hour_end + 1, Class::Marketing, 1, 0),
+        ]
+    );
+    // A range is of whole minutes, its end left out.
+    let rows = store
+        .stats("demo", hour_end + 1, hour_end + 2)
+        .await
+        .expect("stats");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let rows = store
+        .stats("demo", hour_end - 10, hour_end)
+        .await
+        .expect("stats");
+    assert_eq!(rows, []);
 }
 
 type Case = for<'a> fn(&'a Backend) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
@@ -1381,7 +1468,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 22] = cases![
+const CASES: [(&str, Case); 23] = cases![
+    statistics_add_up_by_minute_and_class,
     an_unregistered_device_leaves_nothing_behind,
     statuses_keep_their_counts,
     capped_pushes_are_counted_per_uid_and_window,

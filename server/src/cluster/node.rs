@@ -273,7 +273,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     receipts.webhooks().start(&shutdown);
     tokio::spawn(receipts.clone().run(
         context.store.clone(),
-        limits.message_retention,
+        (limits.message_retention, limits.stats_retention),
         shutdown.clone(),
     ));
     tokio::spawn(crate::stream_keeper::run(

@@ -290,6 +290,7 @@ mod tests {
                 id: format!("m{offset}"),
                 payload: Bytes::new(),
                 priority: Priority::Normal,
+                class: Default::default(),
                 accepted_at_ms: 0,
                 expires_at_ms: 1,
                 collapse_key: String::new(),

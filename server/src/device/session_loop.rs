@@ -298,7 +298,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
-        count_delivered(context, (app, token), &frames);
+        count_delivered(context, (app, token), session, &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     while let Some(request) = session.refill_stream() {
@@ -322,7 +322,7 @@ async fn catch_up<T: DeviceTransport>(
         if frames.is_empty() {
             break;
         }
-        count_delivered(context, (app, token), &frames);
+        count_delivered(context, (app, token), session, &frames);
         send(transport, frames, context.session.idle_timeout).await?;
     }
     Ok(true)
@@ -421,17 +421,23 @@ fn take_inbox(
             }
         })
         .collect();
-    count_delivered(context, (connection.app(), token), &frames);
+    count_delivered(context, (connection.app(), token), session, &frames);
     Ok(frames)
 }
 
 /// Counts the pushes among `frames` as handed to a connection.
-fn count_delivered(context: &DeviceContext, (app, token): (&str, &str), frames: &[ServerFrame]) {
-    let ids = frames.iter().filter_map(|frame| match &frame.kind {
-        Some(server_frame::Kind::Push(push)) => Some(push.message_id.as_str()),
+fn count_delivered(
+    context: &DeviceContext,
+    (app, token): (&str, &str),
+    session: &Session,
+    frames: &[ServerFrame],
+) {
+    // Each push sent is in flight: its message is the session's.
+    let messages = frames.iter().filter_map(|frame| match &frame.kind {
+        Some(server_frame::Kind::Push(push)) => session.sent_message(push).map(|m| &**m),
         _ => None,
     });
-    context.receipts.delivered(app, token, ids);
+    context.receipts.delivered(app, token, messages);
 }
 
 async fn on_timer<T: DeviceTransport>(

@@ -38,6 +38,7 @@ fn delivery(seq: u64) -> Delivery {
             id: format!("m{seq}"),
             payload: Bytes::from_static(b"{}"),
             priority: Priority::Normal,
+            class: Default::default(),
             accepted_at_ms: 1,
             expires_at_ms: 1_000_000,
             collapse_key: String::new(),

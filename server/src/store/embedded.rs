@@ -43,6 +43,7 @@
 //! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms; opened) |
 //! | `opened` | `app \0 id \0 token` | () (the devices that opened the message; gone with its status) |
 //! | `status_expiry` | (kept until ms, `app \0 id`) | () (a row whose status is kept longer is left) |
+//! | `stats` | (minute, app, class: 0 notification, 1 realtime, 2 marketing) | [pushes, targets, delivered, acked, opened]; minutes past the retention swept as rows are added |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
 //! as these index rows.
@@ -62,12 +63,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, DueJob, OfflineStore, ReceiptCount, Recorded, Registry,
-    Replay, Retagged, Routes, Schedules, StatusRecord, StatusWrite, Statuses, StoreError,
-    StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, DueJob, NewlyOpened, OfflineStore, ReceiptCount, Recorded,
+    Registry, Replay, Retagged, Routes, Schedules, StatsCounts, StatsRow, StatusRecord,
+    StatusWrite, Statuses, StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
-use crate::message::{Delivery, Message, new_device_token, unix_millis};
+use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const BINDINGS: TableDefinition<&str, ()> = TableDefinition::new("bindings");
@@ -91,6 +92,7 @@ const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("s
 const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64, u64)> = TableDefinition::new("status");
 const OPENED: TableDefinition<&str, ()> = TableDefinition::new("opened");
 const STATUS_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("status_expiry");
+const STATS: TableDefinition<(u64, &str, u32), [u64; 5]> = TableDefinition::new("stats");
 /// The states of `schedule_ids` below a remembered-until time.
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
@@ -195,6 +197,11 @@ enum Op {
         counts: Vec<ReceiptCount>,
         keep_until_ms: u64,
     },
+    AddStats {
+        rows: Vec<StatsRow>,
+        /// The oldest minute kept.
+        oldest: u64,
+    },
 }
 
 enum Reply {
@@ -210,6 +217,7 @@ enum Reply {
     Scheduled(bool),
     Counted(Vec<bool>),
     Unregistered(Option<DeviceRecord>),
+    Opened(Vec<NewlyOpened>),
     /// Whether a sweep left expired rows for the next.
     Swept(bool),
 }
@@ -928,13 +936,19 @@ impl Writer {
                 counts,
                 keep_until_ms,
             } => {
+                let mut opened: Vec<NewlyOpened> = Vec::new();
                 for count in counts {
                     let key = status_key(&count.app, &count.id);
                     let counts = (count.delivered, count.acked, count.opened_by.as_slice());
-                    tables.put_status(&key, None, counts, keep_until_ms)?;
+                    let devices = tables.put_status(&key, None, counts, keep_until_ms)?;
+                    let Some(class) = tables.status_class(&key)?.filter(|_| devices > 0) else {
+                        continue;
+                    };
+                    NewlyOpened::add_to(&mut opened, &count.app, class, devices);
                 }
-                Ok(Reply::Done)
+                Ok(Reply::Opened(opened))
             }
+            Op::AddStats { rows, oldest } => tables.add_stats(rows, oldest).map(|()| Reply::Done),
         }
     }
 }
@@ -970,6 +984,7 @@ struct Tables<'txn> {
     status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64, u64)>,
     opened: redb::Table<'txn, &'static str, ()>,
     status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
+    stats: redb::Table<'txn, (u64, &'static str, u32), [u64; 5]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -996,36 +1011,89 @@ impl<'txn> Tables<'txn> {
             status: txn.open_table(STATUS).map_err(backend)?,
             status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
             opened: txn.open_table(OPENED).map_err(backend)?,
+            stats: txn.open_table(STATS).map_err(backend)?,
         })
+    }
+
+    /// Adds `rows` (those of minutes before `oldest` are left out), and forgets a few rows
+    /// of minutes before `oldest`.
+    fn add_stats(&mut self, rows: Vec<StatsRow>, oldest: u64) -> Result<()> {
+        for row in rows.iter().filter(|row| row.minute >= oldest) {
+            let key = (row.minute, row.app.as_str(), row.class.to_stored());
+            let mut counts = self
+                .stats
+                .get(key)
+                .map_err(backend)?
+                .map(|counts| StatsCounts::from_array(counts.value()))
+                .unwrap_or_default();
+            counts.add(row.counts);
+            self.stats.insert(key, counts.to_array()).map_err(backend)?;
+        }
+        let old: Vec<(u64, String, u32)> = self
+            .stats
+            .range((0, "", 0)..(oldest, "", 0))
+            .map_err(backend)?
+            .take(SWEEP_LIMIT)
+            .map(|entry| {
+                entry
+                    .map(|(key, _)| {
+                        let (minute, app, class) = key.value();
+                        (minute, app.to_owned(), class)
+                    })
+                    .map_err(backend)
+            })
+            .collect::<Result<_>>()?;
+        for (minute, app, class) in old {
+            self.stats
+                .remove((minute, app.as_str(), class))
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    /// The class of the message whose status is at `key`, when its status is kept.
+    fn status_class(&self, key: &str) -> Result<Option<Class>> {
+        let Some(row) = self.status.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let status = row.value().0;
+        if status.is_empty() {
+            return Ok(None);
+        }
+        let status = MessageStatus::decode(status).map_err(backend)?;
+        Ok(Some(Class::from_name(&status.class).unwrap_or_default()))
     }
 
     /// Writes a message's status (when given) and adds to its counts (delivered, acked, and
     /// the devices that opened it, each once); it is kept until `keep_until_ms` at least.
+    /// Returns how many devices opened it for the first time.
     fn put_status(
         &mut self,
         key: &str,
         status: Option<&[u8]>,
         (delivered, acked, opened_by): (u64, u64, &[String]),
         keep_until_ms: u64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let row = self.status.get(key).map_err(backend)?.map(|row| {
             let (old, delivered, acked, until, opened) = row.value();
             (old.to_vec(), delivered, acked, until, opened)
         });
         if row.is_none() && status.is_none() && delivered == 0 && acked == 0 {
             // Only "opened" reports, for a message with no status: none of the app's.
-            return Ok(());
+            return Ok(0);
         }
         let exists = row.is_some();
         let (old, old_delivered, old_acked, old_until, mut opened) =
             row.unwrap_or((Vec::new(), 0, 0, 0, 0));
+        let mut newly_opened = 0;
         for token in opened_by {
             let device = format!("{key}\0{token}");
             let before = self.opened.insert(device.as_str(), ()).map_err(backend)?;
             if before.is_none() {
-                opened += 1;
+                newly_opened += 1;
             }
         }
+        opened += newly_opened;
         // A status written keeps the row for its retention; counts only keep a row they
         // create (so that each flush does not add an expiry row).
         let until = match (status, exists) {
@@ -1046,7 +1114,7 @@ impl<'txn> Tables<'txn> {
                 .insert((until, key), ())
                 .map_err(backend)?;
         }
-        Ok(())
+        Ok(newly_opened)
     }
 
     /// Counts one more capped push per key in `window`, for those under `cap`; forgets a
@@ -1843,12 +1911,49 @@ impl Statuses for EmbeddedStore {
             .map(|_| ())
     }
 
-    async fn count_receipts(&self, counts: Vec<ReceiptCount>, keep_until_ms: u64) -> Result<()> {
+    async fn count_receipts(
+        &self,
+        counts: Vec<ReceiptCount>,
+        keep_until_ms: u64,
+    ) -> Result<Vec<NewlyOpened>> {
         let op = Op::CountReceipts {
             counts,
             keep_until_ms,
         };
-        self.write(op, true).await.map(|_| ())
+        match self.write(op, true).await? {
+            Reply::Opened(opened) => Ok(opened),
+            _ => Err(backend("unexpected reply to receipt counts")),
+        }
+    }
+
+    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<()> {
+        let oldest = (unix_millis() / 1000).saturating_sub(retention.as_secs()) / 60;
+        self.write(Op::AddStats { rows, oldest }, true)
+            .await
+            .map(|_| ())
+    }
+
+    async fn stats(&self, app: &str, from: u64, to: u64) -> Result<Vec<StatsRow>> {
+        let app = app.to_owned();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(STATS).map_err(backend)?;
+            let mut rows = Vec::new();
+            for entry in table.range((from, "", 0)..(to, "", 0)).map_err(backend)? {
+                let (key, counts) = entry.map_err(backend)?;
+                let (minute, row_app, class) = key.value();
+                if row_app == app {
+                    rows.push(StatsRow {
+                        app: app.clone(),
+                        minute,
+                        class: Class::from_stored(class),
+                        counts: StatsCounts::from_array(counts.value()),
+                    });
+                }
+            }
+            Ok(rows)
+        })
+        .await
     }
 
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord> {

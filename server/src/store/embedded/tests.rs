@@ -27,6 +27,7 @@ async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u6
         id: new_message_id(now),
         payload: Bytes::from(body.to_owned()),
         priority: Priority::Normal,
+        class: Default::default(),
         accepted_at_ms: now,
         expires_at_ms: now + ttl_ms,
         collapse_key: String::new(),

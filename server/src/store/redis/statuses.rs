@@ -5,6 +5,8 @@
 //! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`, `o`: delivered, acked and opened counts |
 //! | `p:ms:{app:<shard>}:id:o` | set | the devices (tokens) that opened the message, so each counts once |
 //!
+//! | `p:st:{app}:<hour>` | hash | the app's statistics of one hour (Unix seconds / 3600): field `<minute of the hour>:<class>:<count>` (class 0 notification, 1 realtime, 2 marketing; count 0 pushes, 1 targets, 2 delivered, 3 acked, 4 opened), kept for the retention after the hour |
+//!
 //! The key lives as long as the longest retention it was written with. An app's statuses
 //! are spread over [`SHARDS`] hash tags by their id, so that a node's flush adds the counts
 //! of all the messages of one shard in one script call: a flush costs at most [`SHARDS`]
@@ -13,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
@@ -20,8 +23,12 @@ use pigeon_proto::store::MessageStatus;
 use redis::Script;
 
 use super::{RedisStore, backend, bounded};
+use crate::message::Class;
 use crate::message::unix_millis;
-use crate::store::{ReceiptCount, StatusRecord, StatusWrite, Statuses, StoreError};
+use crate::store::{
+    NewlyOpened, ReceiptCount, StatsCounts, StatsRow, StatusRecord, StatusWrite, Statuses,
+    StoreError,
+};
 
 /// Hash tags an app's statuses are spread over.
 const SHARDS: u64 = 32;
@@ -30,12 +37,15 @@ const PER_CALL: usize = 256;
 
 /// KEYS: per message, its hash and the set of devices that opened it. ARGV: milliseconds to
 /// keep each key at least, then per message its status (empty: none), delivered, acked,
-/// and how many tokens follow (devices that opened it), then those tokens.
+/// and how many tokens follow (devices that opened it), then those tokens. Returns, for
+/// each message that devices opened for the first time and that has a status: how many
+/// devices, and its status.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local keep = tonumber(ARGV[1])
 local j = 2
+local opened_now = {}
 for i = 1, #KEYS, 2 do
   local key, opened = KEYS[i], KEYS[i + 1]
   local status, d, a, n = ARGV[j], ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
@@ -53,12 +63,18 @@ for i = 1, #KEYS, 2 do
     local added = 0
     for t = j, j + n - 1 do added = added + redis.call('SADD', opened, ARGV[t]) end
     j = j + n
-    if added > 0 then redis.call('HINCRBY', key, 'o', added) end
+    if added > 0 then
+      redis.call('HINCRBY', key, 'o', added)
+      local kept = redis.call('HGET', key, 's')
+      if kept and kept ~= '' then
+        table.insert(opened_now, {added, kept})
+      end
+    end
     if redis.call('PTTL', opened) < keep then redis.call('PEXPIRE', opened, keep) end
   end
   if not skip and redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
 end
-return 1
+return opened_now
 ",
     )
 });
@@ -80,8 +96,17 @@ impl RedisStore {
         format!("{}:ms:{{{app}:{}}}:{id}", self.keys.prefix(), shard(id))
     }
 
-    /// Writes statuses and adds counts, for keys of one hash tag.
-    async fn put(&self, rows: &[Row<'_>], keep_until_ms: u64) -> Result<(), StoreError> {
+    fn stats_key(&self, app: &str, hour: u64) -> String {
+        format!("{}:st:{{{app}}}:{hour}", self.keys.prefix())
+    }
+
+    /// Writes statuses and adds counts, for keys of one hash tag. Returns, for the messages
+    /// devices opened for the first time, how many devices and the message's class.
+    async fn put(
+        &self,
+        rows: &[Row<'_>],
+        keep_until_ms: u64,
+    ) -> Result<Vec<(u64, Class)>, StoreError> {
         let keep_ms = keep_until_ms.saturating_sub(unix_millis()).max(1);
         let mut invocation = PUT.prepare_invoke();
         invocation.arg(keep_ms);
@@ -98,11 +123,20 @@ impl RedisStore {
             }
         }
         let mut connection = self.connection();
-        let _: i64 = invocation
+        let opened: Vec<(u64, Vec<u8>)> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
-        Ok(())
+        Ok(opened
+            .into_iter()
+            .map(|(devices, status)| {
+                let class = MessageStatus::decode(status.as_slice())
+                    .ok()
+                    .and_then(|status| Class::from_name(&status.class))
+                    .unwrap_or_default();
+                (devices, class)
+            })
+            .collect())
     }
 }
 
@@ -139,7 +173,7 @@ impl Statuses for RedisStore {
         &self,
         counts: Vec<ReceiptCount>,
         keep_until_ms: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<NewlyOpened>, StoreError> {
         // One call per app and shard (and per PER_CALL messages).
         let mut groups: HashMap<(&str, u64), Vec<Row<'_>>> = HashMap::new();
         for count in &counts {
@@ -156,11 +190,106 @@ impl Statuses for RedisStore {
                 .push(row);
         }
         let puts = groups
-            .values()
-            .flat_map(|rows| rows.chunks(PER_CALL))
-            .map(|rows| self.put(rows, keep_until_ms))
+            .iter()
+            .flat_map(|((app, _), rows)| rows.chunks(PER_CALL).map(move |rows| (*app, rows)))
+            .map(|(app, rows)| async move {
+                let opened = self.put(rows, keep_until_ms).await?;
+                Ok((app, opened))
+            })
             .collect();
-        bounded(puts).await.map(|_: Vec<()>| ())
+        let calls: Vec<(&str, Vec<(u64, Class)>)> = bounded(puts).await?;
+        let mut opened: Vec<NewlyOpened> = Vec::new();
+        for (app, rows) in calls {
+            for (devices, class) in rows {
+                NewlyOpened::add_to(&mut opened, app, class, devices);
+            }
+        }
+        Ok(opened)
+    }
+
+    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<(), StoreError> {
+        // One pipeline per app and hour: its counts, and the hour's retention.
+        let mut hours: HashMap<(&str, u64), Vec<&StatsRow>> = HashMap::new();
+        for row in &rows {
+            hours
+                .entry((row.app.as_str(), row.minute / 60))
+                .or_default()
+                .push(row);
+        }
+        let now = unix_millis() / 1000;
+        let adds = hours
+            .into_iter()
+            .map(|((app, hour), rows)| {
+                let key = self.stats_key(app, hour);
+                let mut pipe = redis::pipe();
+                for row in rows {
+                    let counts = row.counts.to_array();
+                    for (index, count) in counts.iter().enumerate() {
+                        if *count > 0 {
+                            let field =
+                                format!("{}:{}:{index}", row.minute % 60, row.class.to_stored());
+                            pipe.hincr(&key, field, *count).ignore();
+                        }
+                    }
+                }
+                let until = (hour + 1) * 3600 + retention.as_secs();
+                pipe.expire(&key, until.saturating_sub(now).max(1) as i64)
+                    .ignore();
+                async move {
+                    let () = pipe
+                        .query_async(&mut self.connection())
+                        .await
+                        .map_err(backend)?;
+                    Ok(())
+                }
+            })
+            .collect();
+        bounded(adds).await.map(|_: Vec<()>| ())
+    }
+
+    async fn stats(&self, app: &str, from: u64, to: u64) -> Result<Vec<StatsRow>, StoreError> {
+        let reads = (from / 60..to.div_ceil(60))
+            .map(|hour| {
+                let key = self.stats_key(app, hour);
+                async move {
+                    let fields: HashMap<String, u64> = redis::cmd("HGETALL")
+                        .arg(key)
+                        .query_async(&mut self.connection())
+                        .await
+                        .map_err(backend)?;
+                    Ok((hour, fields))
+                }
+            })
+            .collect();
+        let hours: Vec<(u64, HashMap<String, u64>)> = bounded(reads).await?;
+        let mut rows: HashMap<(u64, u32), StatsCounts> = HashMap::new();
+        for (hour, fields) in hours {
+            for (field, count) in fields {
+                let mut parts = field.split(':').map(str::parse::<u64>);
+                let (Some(Ok(minute)), Some(Ok(class)), Some(Ok(index)), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                let minute = hour * 60 + minute;
+                if !(from..to).contains(&minute) || index > 4 {
+                    continue;
+                }
+                let counts = rows.entry((minute, class as u32)).or_default();
+                let mut array = counts.to_array();
+                array[index as usize] = count;
+                *counts = StatsCounts::from_array(array);
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .map(|((minute, class), counts)| StatsRow {
+                app: app.to_owned(),
+                minute,
+                class: Class::from_stored(class),
+                counts,
+            })
+            .collect())
     }
 
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError> {
