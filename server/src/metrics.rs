@@ -45,6 +45,12 @@ pub struct Metrics {
     per_app: Mutex<BTreeMap<String, [Option<AppCounts>; 3]>>,
     intake: std::sync::OnceLock<Arc<crate::intake::Intake>>,
     receipts: std::sync::OnceLock<Arc<crate::receipts::Receipts>>,
+    /// The nodes a gateway calls.
+    peers: std::sync::OnceLock<Arc<crate::cluster::peers::Peers>>,
+    /// Whether the process's store is Redis (whose call latency is shown).
+    redis: std::sync::atomic::AtomicBool,
+    /// The embedded store of a standalone process.
+    embedded: std::sync::OnceLock<crate::store::embedded::EmbeddedStore>,
 }
 
 impl Metrics {
@@ -112,6 +118,21 @@ impl Metrics {
     /// Shows how many pushes wait in `intake`.
     pub fn watch_intake(&self, intake: Arc<crate::intake::Intake>) {
         let _ = self.intake.set(intake);
+    }
+
+    /// Shows the latency of Deliver calls to the nodes `peers` calls, and their breakers.
+    pub fn watch_peers(&self, peers: Arc<crate::cluster::peers::Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// Shows the embedded store's queue and transactions.
+    pub fn watch_embedded(&self, store: crate::store::embedded::EmbeddedStore) {
+        let _ = self.embedded.set(store);
+    }
+
+    /// Shows the latency of calls to Redis.
+    pub fn watch_redis(&self) {
+        self.redis.store(true, Ordering::Relaxed);
     }
 
     /// Shows the receipt counts `receipts` left out.
@@ -210,6 +231,23 @@ impl Metrics {
             receipts.render_totals(&mut out);
             receipts.webhooks().render(&mut out);
         }
+        if let Some(peers) = self.peers.get() {
+            peers.render(&mut out);
+        }
+        if self.redis.load(Ordering::Relaxed) {
+            let name = "pigeon_redis_call_seconds";
+            Histogram::header(
+                &mut out,
+                name,
+                "Calls to Redis (a command, a pipeline or a script: one round trip), from \
+                 the call to the answer.",
+            );
+            crate::store::redis::CALL_LATENCY.render(&mut out, name, "");
+        }
+        if let Some(store) = self.embedded.get() {
+            store.render_metrics(&mut out);
+        }
+        crate::status_writer::render(&mut out);
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\
@@ -265,6 +303,91 @@ fn seen(
             .zip(classes)
             .filter_map(move |(class, counts)| Some((app.as_str(), *class, counts.as_ref()?)))
     })
+}
+
+/// Buckets a [`Histogram`] has at most (besides `+Inf`).
+const MAX_BUCKETS: usize = 16;
+
+/// Upper bounds (seconds) for the latency of a call inside the deployment (Redis, a node).
+pub const CALL_SECONDS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Upper bounds for a count of things written at once.
+pub const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// A Prometheus histogram of plain atomics: observations counted per bucket of `bounds`
+/// (at most [`MAX_BUCKETS`]; more are counted in `+Inf`), with their sum.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: [AtomicU64; MAX_BUCKETS + 1],
+    /// The sum of the observations, in millionths.
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram with the buckets `bounds` (ascending).
+    pub const fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS + 1],
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one observation of `value`.
+    pub fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .take(MAX_BUCKETS)
+            .position(|bound| value <= *bound)
+            .unwrap_or(MAX_BUCKETS);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let micros = (value.max(0.0) * 1_000_000.0) as u64;
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Counts one duration, in seconds.
+    pub fn observe_duration(&self, elapsed: std::time::Duration) {
+        self.observe(elapsed.as_secs_f64());
+    }
+
+    /// Writes the `# HELP` and `# TYPE` lines of histogram `name`.
+    pub fn header(out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    }
+
+    /// Writes this histogram's series of `name`, with the labels `labels` (`a="b",...`, or
+    /// empty) on each.
+    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let past = self.bounds.len().min(MAX_BUCKETS);
+        cumulative += self.buckets[past..]
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum::<u64>();
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1_000_000.0;
+        let braces = |labels: &str| match labels.is_empty() {
+            true => String::new(),
+            false => format!("{{{labels}}}"),
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {cumulative}", braces(labels));
+    }
 }
 
 #[cfg(test)]

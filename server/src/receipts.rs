@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiptKind;
 use crate::log_throttle::Throttle;
-use crate::message::Class;
-use crate::message::{Message, unix_millis};
+use crate::message::{Class, Message, unix_millis};
+use crate::metrics::Histogram;
 use crate::stats::Stats;
 use crate::store::{ReceiptCount, StatsCounts, Store};
 use crate::webhooks::Webhooks;
@@ -39,15 +39,12 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 /// The counts of one process's connections since the last flush.
-#[derive(Default)]
 pub struct Receipts {
     /// App -> message id -> (delivered, acked).
     pending: Mutex<Pending>,
     dropped: AtomicU64,
-    /// From a message's acceptance to a device's ack of it: per bucket of
-    /// [`LATENCY_BUCKETS`] (and one past the last), their sum (ms) and count.
-    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    latency_sum_ms: AtomicU64,
+    /// From a message's acceptance to a device's ack of it.
+    latency: Histogram,
     /// The apps' receipt callbacks, handed each event.
     webhooks: Webhooks,
     /// Deliveries, acks and opens per app and class, for the statistics.
@@ -85,12 +82,21 @@ struct Counts {
     opened_by: HashSet<String>,
 }
 
+impl Default for Receipts {
+    fn default() -> Self {
+        Self::new(Webhooks::default())
+    }
+}
+
 impl Receipts {
     /// Counts that also hand each event to the apps' `webhooks`.
     pub fn new(webhooks: Webhooks) -> Self {
         Self {
+            pending: Mutex::default(),
+            dropped: AtomicU64::new(0),
+            latency: Histogram::new(&LATENCY_BUCKETS),
             webhooks,
-            ..Self::default()
+            stats: Stats::default(),
         }
     }
 
@@ -123,13 +129,7 @@ impl Receipts {
         let now_ms = crate::message::unix_millis();
         for message in messages {
             let ms = now_ms.saturating_sub(message.accepted_at_ms);
-            let seconds = ms as f64 / 1000.0;
-            let bucket = LATENCY_BUCKETS
-                .iter()
-                .position(|bound| seconds <= *bound)
-                .unwrap_or(LATENCY_BUCKETS.len());
-            self.latency[bucket].fetch_add(1, Ordering::Relaxed);
-            self.latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
+            self.latency.observe(ms as f64 / 1000.0);
         }
         self.count(app, messages.iter().map(|message| &**message), (0, 1));
     }
@@ -242,23 +242,14 @@ impl Receipts {
 
     /// The delivery-latency histogram in Prometheus's text format.
     pub fn render_latency(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let name = "pigeon_delivery_latency_seconds";
-        let _ = writeln!(
+        Histogram::header(
             out,
-            "# HELP {name} From a push's acceptance to a device's ack of it, for the acks \
-             this process's connections got.\n# TYPE {name} histogram"
+            name,
+            "From a push's acceptance to a device's ack of it, for the acks this process's \
+             connections got.",
         );
-        let mut cumulative = 0;
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.latency[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = self.latency_sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        self.latency.render(out, name, "");
     }
 
     /// Takes the counts waiting for a flush.

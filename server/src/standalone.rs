@@ -127,6 +127,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     ));
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     metrics.watch_receipts(receipts);
+    metrics.watch_embedded((*store).clone());
     let store_for_schedules = store.clone();
     let push_api = Arc::new(PushApi::new(
         apps.clone(),

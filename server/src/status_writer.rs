@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::log_throttle::Throttle;
+use crate::metrics::{BATCH_SIZES, Histogram};
 use crate::store::{StatusWrite, Store};
 
 /// How long the writer gathers statuses before writing them.
@@ -68,7 +69,22 @@ async fn write_batches(store: Arc<dyn Store>, mut statuses: mpsc::Receiver<Statu
     }
 }
 
+/// Statuses written at once (a batch, or one written inline).
+static BATCHES: Histogram = Histogram::new(&BATCH_SIZES);
+
+/// The sizes of the status writes, in Prometheus's text format.
+pub fn render(out: &mut String) {
+    let name = "pigeon_status_write_batch_size";
+    Histogram::header(
+        out,
+        name,
+        "Messages' statuses written to the store at once.",
+    );
+    BATCHES.render(out, name, "");
+}
+
 async fn write(store: &dyn Store, statuses: Vec<StatusWrite>) {
+    BATCHES.observe(statuses.len() as f64);
     if let Err(error) = store.put_statuses(statuses).await {
         static THROTTLE: Throttle = Throttle::new();
         if let Some(suppressed) = THROTTLE.allow() {

@@ -292,13 +292,15 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let (store, membership, buckets) = open_redis(&settings).await?;
     let (http_listener, http_addr) = process::bind_http(&settings)?;
     let (grpc_listener, grpc_addr) = process::bind_grpc(&settings)?;
-    let peers = Peers::new(membership, settings.cluster.clone());
+    let peers = Arc::new(Peers::new(membership, settings.cluster.clone()));
     let metrics = Arc::new(Metrics::default());
+    metrics.watch_peers(peers.clone());
+    metrics.watch_redis();
     let push_api = Arc::new(PushApi::new(
         apps,
         limits,
         store.clone(),
-        Arc::new(peers),
+        peers,
         metrics.clone(),
         buckets,
     ));

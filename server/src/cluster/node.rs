@@ -286,6 +286,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
 
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     metrics.watch_receipts(receipts);
+    metrics.watch_redis();
     listener::serve_http(
         http_listener,
         api::ops_routes(metrics, &settings.metrics_token),

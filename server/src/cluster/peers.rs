@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::membership::Membership;
 use crate::config::ClusterSettings;
 use crate::message::{Message, SharedDelivery};
+use crate::metrics::{CALL_SECONDS, Histogram};
 use crate::push::{Fanout, RecordedTarget};
 use crate::store::{Retagged, Route, StoreError};
 
@@ -91,9 +92,8 @@ impl Breaker {
         };
     }
 
-    /// Whether calls are being skipped.
-    #[cfg(test)]
-    fn is_open(&self) -> bool {
+    /// Whether calls are being skipped (open, or half-open).
+    pub fn is_open(&self) -> bool {
         !matches!(*self.state(), BreakerState::Closed { .. })
     }
 }
@@ -112,6 +112,8 @@ pub struct Peers {
     addresses: DashMap<String, (Option<String>, Instant)>,
     clients: DashMap<String, NodeClient<Channel>>,
     breakers: DashMap<String, Arc<Breaker>>,
+    /// Per node, how long its Deliver calls took.
+    deliver_latency: DashMap<String, Arc<Histogram>>,
 }
 
 /// Why a call to a node did not happen or failed.
@@ -149,6 +151,43 @@ impl Peers {
             addresses: DashMap::new(),
             clients: DashMap::new(),
             breakers: DashMap::new(),
+            deliver_latency: DashMap::new(),
+        }
+    }
+
+    /// Per node, the latency of Deliver calls and whether its breaker is open, in
+    /// Prometheus's text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = "pigeon_node_deliver_seconds";
+        Histogram::header(
+            out,
+            name,
+            "Deliver calls to each node, from the call to its answer (or deadline).",
+        );
+        let mut nodes: Vec<_> = self
+            .deliver_latency
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .collect();
+        nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        for (node, latency) in nodes {
+            latency.render(out, name, &format!("node=\"{node}\""));
+        }
+        let name = "pigeon_node_breaker_open";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Whether calls to each node are held back by its circuit breaker \
+             (1: open or half-open).\n# TYPE {name} gauge"
+        );
+        let mut breakers: Vec<_> = self
+            .breakers
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.value().is_open()))
+            .collect();
+        breakers.sort();
+        for (node, open) in breakers {
+            let _ = writeln!(out, "{name}{{node=\"{node}\"}} {}", u8::from(open));
         }
     }
 
@@ -159,6 +198,7 @@ impl Peers {
         }
         if self.breakers.len() >= MAX_REMEMBERED_NODES {
             self.breakers.clear();
+            self.deliver_latency.clear();
         }
         self.breakers
             .entry(node.to_owned())
@@ -268,16 +308,30 @@ impl Peers {
         })
     }
 
-    /// Calls Deliver on `node`.
+    /// Calls Deliver on `node` (timed, when the call is made).
     pub async fn deliver(
         &self,
         node: &str,
         request: DeliverRequest,
     ) -> Result<DeliverResponse, PeerError> {
-        self.call(node, request, |mut client, request| async move {
-            client.deliver(request).await
-        })
-        .await
+        let start = Instant::now();
+        let result = self
+            .call(node, request, |mut client, request| async move {
+                client.deliver(request).await
+            })
+            .await;
+        if !matches!(result, Err(PeerError::Dead(_) | PeerError::Open(_))) {
+            let latency = match self.deliver_latency.get(node) {
+                Some(latency) => latency.clone(),
+                None => self
+                    .deliver_latency
+                    .entry(node.to_owned())
+                    .or_insert_with(|| Arc::new(Histogram::new(&CALL_SECONDS)))
+                    .clone(),
+            };
+            latency.observe_duration(start.elapsed());
+        }
+        result
     }
 
     /// Tells the node of `route` to close that connection of `token` with `code`.

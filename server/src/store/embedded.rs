@@ -69,6 +69,7 @@ use super::{
 };
 use crate::config::Limits;
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
+use crate::metrics::{BATCH_SIZES, Histogram};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const BINDINGS: TableDefinition<&str, ()> = TableDefinition::new("bindings");
@@ -804,6 +805,31 @@ fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
     StoredMessage::decode(bytes).map_err(backend)
 }
 
+/// Writes applied in each transaction (each transaction is one fsync).
+static TRANSACTION_OPS: Histogram = Histogram::new(&BATCH_SIZES);
+
+impl EmbeddedStore {
+    /// Writes waiting for the writer, and the writes of each transaction, in Prometheus's
+    /// text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let queued = self.writes.max_capacity() - self.writes.capacity();
+        let name = "pigeon_store_queue";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Writes waiting for the embedded store's writer (limits.store_queue \
+             at most).\n# TYPE {name} gauge\n{name} {queued}"
+        );
+        let name = "pigeon_store_transaction_writes";
+        Histogram::header(
+            out,
+            name,
+            "Writes the embedded store applied in one transaction (one fsync).",
+        );
+        TRANSACTION_OPS.render(out, name, "");
+    }
+}
+
 /// The single owner of write transactions.
 struct Writer {
     db: Arc<Database>,
@@ -823,6 +849,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            TRANSACTION_OPS.observe(batch.len() as f64);
             self.apply(&mut batch);
         }
     }

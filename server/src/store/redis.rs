@@ -32,7 +32,7 @@
 //! it records a push for it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::{StreamExt as _, TryStreamExt as _};
@@ -44,6 +44,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use crate::config::{ClusterSettings, Limits};
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
+use crate::metrics::{CALL_SECONDS, Histogram};
 use crate::store::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
     DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Route,
@@ -63,12 +64,26 @@ pub enum RedisConnection {
     Cluster(ClusterConnection),
 }
 
+/// How long each call to Redis took (a command, a pipeline or a script: one round trip),
+/// from every store of the process.
+pub static CALL_LATENCY: Histogram = Histogram::new(&CALL_SECONDS);
+
+/// `call`, timed into [`CALL_LATENCY`].
+fn timed<'a, T: Send + 'a>(call: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
+    Box::pin(async move {
+        let start = Instant::now();
+        let result = call.await;
+        CALL_LATENCY.observe_duration(start.elapsed());
+        result
+    })
+}
+
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
+        timed(match self {
             RedisConnection::Single(connection) => connection.req_packed_command(cmd),
             RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
-        }
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -77,14 +92,14 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
+        timed(match self {
             RedisConnection::Single(connection) => {
                 connection.req_packed_commands(pipeline, offset, count)
             }
             RedisConnection::Cluster(connection) => {
                 connection.req_packed_commands(pipeline, offset, count)
             }
-        }
+        })
     }
 
     fn get_db(&self) -> i64 {

@@ -279,6 +279,8 @@ pub struct NodeProcess {
     pub id: String,
     pub ws_url: String,
     pub grpc_addr: String,
+    /// `http://<addr>/metrics`.
+    pub metrics_url: String,
 }
 
 impl NodeProcess {
@@ -291,13 +293,19 @@ impl NodeProcess {
         let lines = stdout_lines(&mut child);
         let found = wait_for(
             &lines,
-            &["pigeon node ", "device websocket: ", "node grpc: "],
+            &[
+                "pigeon node ",
+                "device websocket: ",
+                "node grpc: ",
+                "metrics: ",
+            ],
         );
         Self {
             child,
             id: found[0].clone(),
             ws_url: found[1].clone(),
             grpc_addr: found[2].clone(),
+            metrics_url: found[3].clone(),
         }
     }
 
