@@ -207,6 +207,11 @@ pub struct Limits {
     /// cancel then answers 409, not 404).
     #[serde(deserialize_with = "duration")]
     pub message_retention: Duration,
+    /// A device not admitted for this long (and not connected) is unregistered, as by
+    /// `DELETE /v1/devices/{token}`: its token stops working, its queue and bindings go.
+    /// Tokens handed out to connections that never came back go the same way. 0: never.
+    #[serde(deserialize_with = "duration")]
+    pub device_inactivity: Duration,
     /// How long an app's statistics (`GET /v1/stats`) are kept, by the minute.
     #[serde(deserialize_with = "duration")]
     pub stats_retention: Duration,
@@ -536,6 +541,7 @@ impl Default for Limits {
             max_send_ahead: Duration::from_secs(30 * 24 * 3600),
             message_retention: Duration::from_secs(7 * 24 * 3600),
             stats_retention: Duration::from_secs(30 * 24 * 3600),
+            device_inactivity: Duration::from_secs(90 * 24 * 3600),
             idempotency_window: Duration::from_secs(24 * 3600),
             push_concurrency: 64,
             push_concurrency_per_app: 16,

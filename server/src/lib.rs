@@ -50,6 +50,7 @@ pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod device;
+pub mod device_expiry;
 pub mod devices;
 pub mod intake;
 pub mod listener;

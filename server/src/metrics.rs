@@ -248,6 +248,7 @@ impl Metrics {
             store.render_metrics(&mut out);
         }
         crate::status_writer::render(&mut out);
+        crate::device_expiry::render(&mut out);
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\

@@ -129,6 +129,13 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     metrics.watch_receipts(receipts);
     metrics.watch_embedded((*store).clone());
     let store_for_schedules = store.clone();
+    tokio::spawn(crate::device_expiry::run(
+        store.clone(),
+        connections.clone(),
+        apps.iter().map(|app| app.id.clone()).collect(),
+        limits.device_inactivity,
+        connections.shutdown().clone(),
+    ));
     let push_api = Arc::new(PushApi::new(
         apps.clone(),
         limits,

@@ -218,6 +218,19 @@ pub trait Registry: Send + Sync + 'static {
     /// its connection); `None` when it is no device of the app.
     async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError>;
 
+    /// Up to `limit` of `app`'s devices last admitted before `before_ms`, the longest idle
+    /// first, with their route when they are (or were, for a node that died) connected.
+    async fn inactive_devices(
+        &self,
+        app: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<Route>)>, StoreError>;
+
+    /// Notes that `app`'s device `token` is in use now (connected since before its last
+    /// admission would make it inactive).
+    async fn touch_device(&self, app: &str, token: &str) -> Result<(), StoreError>;
+
     /// The devices each of `aliases` names in `app`, in the order given.
     async fn tokens_for_aliases(
         &self,

@@ -517,3 +517,128 @@ async fn a_device_is_unregistered() {
     assert_ne!(again.welcome().device_token, token);
     support::assert_no_push(&mut again, std::time::Duration::from_millis(300)).await;
 }
+
+/// Waits until `done` holds of the answer to `GET path`.
+async fn until_answer(server: &Server, path: &str, done: impl Fn(u16, &Value) -> bool) {
+    let begin = std::time::Instant::now();
+    loop {
+        let (status, body) = call(server, "GET", path, None).await;
+        if done(status, &body) {
+            return;
+        }
+        assert!(
+            begin.elapsed() < support::WAIT,
+            "{path} never got there: {status} {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// With `limits.device_inactivity` at 4 s: a device that left is unregistered once it has
+/// been away that long (its token resumes nothing, its uid names nothing), one connected
+/// all along stays, and so does one that comes back in time.
+#[tokio::test]
+async fn inactive_devices_are_unregistered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__DEVICE_INACTIVITY", "4s")]);
+    let gone = connect(&server, "gone", &DeviceState::default()).await;
+    let gone_state = DeviceState {
+        device_token: gone.welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    gone.close().await;
+    let mut stays = connect(&server, "stays", &DeviceState::default()).await;
+    let stays_token = stays.welcome().device_token.clone();
+    let back = connect(&server, "back", &DeviceState::default()).await;
+    let back_state = DeviceState {
+        device_token: back.welcome().device_token.clone(),
+        ..DeviceState::default()
+    };
+    back.close().await;
+    // A message waits for the device that left.
+    let answer = server.push_to("gone", json!({"n": 1})).await;
+    assert_eq!(answer["targets"]["stored"], 1, "{answer}");
+    // Back after 2.5 s: it expires 4 s after that, well after the one that left.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let back = connect(&server, "back", &back_state).await;
+    assert!(back.welcome().resumed);
+    back.close().await;
+
+    let gone_path = format!("/v1/devices/{}", gone_state.device_token);
+    until_answer(&server, &gone_path, |status, _| status == 404).await;
+    let answer = server.push_to("gone", json!({"n": 2})).await;
+    assert_eq!(answer["targets"]["unknown"], 1, "{answer}");
+    let gone = connect(&server, "gone", &gone_state).await;
+    assert!(!gone.welcome().resumed, "an expired token resumes nothing");
+    assert_ne!(gone.welcome().device_token, gone_state.device_token);
+
+    // Connected all along, past the inactivity: still there, and still reached.
+    let (status, body) = call(&server, "GET", &format!("/v1/devices/{stays_token}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let answer = server.push_to("stays", json!({"n": 3})).await;
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    assert_eq!(payload(&next_push(&mut stays).await), json!({"n": 3}));
+    // Back within the inactivity: still there.
+    let (status, body) = call(
+        &server,
+        "GET",
+        &format!("/v1/devices/{}", back_state.device_token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        support::metric(&server, "pigeon_devices_expired_total")
+            .await
+            .is_some_and(|expired| expired >= 1)
+    );
+}
+
+/// In cluster mode the gateways expire devices: one that left, and one whose node was
+/// SIGKILLed (its route names a dead node); one connected all along stays.
+#[tokio::test]
+async fn gateways_expire_inactive_devices_of_the_cluster() {
+    use support::cluster::{self as cluster, Deployment, GatewayProcess, NodeProcess, Redis};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let inactivity = [("PIGEON_LIMITS__DEVICE_INACTIVITY", "3s")];
+    let node = NodeProcess::start(&deployment, &inactivity);
+    let mut doomed = NodeProcess::start(&deployment, &inactivity);
+    let gateway = GatewayProcess::start(&deployment, &inactivity);
+    let gone = cluster::connect(&node, "gone", &DeviceState::default()).await;
+    let gone_token = gone.welcome().device_token.clone();
+    gone.close().await;
+    let orphan = cluster::connect(&doomed, "orphan", &DeviceState::default()).await;
+    let orphan_token = orphan.welcome().device_token.clone();
+    doomed.kill();
+    let mut stays = cluster::connect(&node, "stays", &DeviceState::default()).await;
+    let stays_token = stays.welcome().device_token.clone();
+
+    for token in [&gone_token, &orphan_token] {
+        let path = format!("/v1/devices/{token}");
+        let begin = std::time::Instant::now();
+        loop {
+            let (status, body) = gateway.call("GET", &path, None).await;
+            if status == 404 {
+                break;
+            }
+            assert!(
+                begin.elapsed() < support::WAIT,
+                "{path} never expired: {status} {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let (status, body) = gateway
+        .call("GET", &format!("/v1/devices/{stays_token}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer = gateway
+        .push_to(&["stays", "gone", "orphan"], json!({"n": 1}))
+        .await;
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    assert_eq!(answer["targets"]["unknown"], 2, "{answer}");
+    assert_eq!(payload(&next_push(&mut stays).await), json!({"n": 1}));
+    drop(orphan);
+}

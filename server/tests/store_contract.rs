@@ -1227,6 +1227,54 @@ async fn capped_pushes_are_counted_per_uid_and_window(backend: &Backend) {
 
 /// An unregistered device is gone with everything that names it; another app cannot
 /// unregister it; its token is then unknown.
+/// Devices are found by when they were last admitted, the longest idle first; a touched
+/// one is not idle; an unregistered one is found no more; per app.
+async fn devices_are_found_by_their_last_admission(backend: &Backend) {
+    let store = &backend.store;
+    let ann = backend.device("ann").await;
+    let bob = backend.device("bob").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let later = unix_millis();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let idle = |before_ms| async move {
+        let found = store
+            .inactive_devices("demo", before_ms, 10)
+            .await
+            .expect("inactive");
+        found
+            .into_iter()
+            .map(|(token, _)| token)
+            .collect::<Vec<_>>()
+    };
+    let mut both = vec![ann.clone(), bob.clone()];
+    both.sort();
+    let mut found = idle(later).await;
+    found.sort();
+    assert_eq!(found, both);
+    assert_eq!(
+        store
+            .inactive_devices("other", later, 10)
+            .await
+            .expect("inactive"),
+        []
+    );
+    store.touch_device("demo", &ann).await.expect("touch");
+    assert_eq!(idle(later).await, std::slice::from_ref(&bob));
+    assert_eq!(idle(unix_millis() + 1000).await, [bob.clone(), ann.clone()]);
+    store.unregister("demo", &bob).await.expect("unregister");
+    assert_eq!(idle(unix_millis() + 1000).await, std::slice::from_ref(&ann));
+    // An admission notes the device only when its last note is old (a sixteenth of the
+    // inactivity, 90 days): not yet, so it is still idle since its touch.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let before_admission = unix_millis();
+    let again = store
+        .admit_device("demo", "ann", &ann)
+        .await
+        .expect("admit");
+    assert!(again.resumed);
+    assert_eq!(idle(before_admission).await, [ann]);
+}
+
 async fn an_unregistered_device_leaves_nothing_behind(backend: &Backend) {
     let store = &backend.store;
     let ann = backend.device("ann").await;
@@ -1468,7 +1516,8 @@ macro_rules! cases {
     };
 }
 
-const CASES: [(&str, Case); 23] = cases![
+const CASES: [(&str, Case); 24] = cases![
+    devices_are_found_by_their_last_admission,
     statistics_add_up_by_minute_and_class,
     an_unregistered_device_leaves_nothing_behind,
     statuses_keep_their_counts,

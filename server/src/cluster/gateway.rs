@@ -296,16 +296,24 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
     let metrics = Arc::new(Metrics::default());
     metrics.watch_peers(peers.clone());
     metrics.watch_redis();
+    let app_ids = apps.iter().map(|app| app.id.clone()).collect();
     let push_api = Arc::new(PushApi::new(
         apps,
         limits,
         store.clone(),
-        peers,
+        peers.clone(),
         metrics.clone(),
         buckets,
     ));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(crate::device_expiry::run(
+        store.clone(),
+        peers,
+        app_ids,
+        limits.device_inactivity,
+        shutdown.clone(),
+    ));
     tracker.spawn(crate::scheduler::run(
         store,
         push_api.pipeline.clone(),

@@ -43,6 +43,7 @@
 //! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms; opened) |
 //! | `opened` | `app \0 id \0 token` | () (the devices that opened the message; gone with its status) |
 //! | `status_expiry` | (kept until ms, `app \0 id`) | () (a row whose status is kept longer is left) |
+//! | `device_seen` | (app, last admitted ms, token) | () (the devices by when they were last admitted) |
 //! | `stats` | (minute, app, class: 0 notification, 1 realtime, 2 marketing) | [pushes, targets, delivered, acked, opened]; minutes past the retention swept as rows are added |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
@@ -64,7 +65,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
     DeviceInfo, DeviceTag, DeviceTags, DueJob, NewlyOpened, OfflineStore, ReceiptCount, Recorded,
-    Registry, Replay, Retagged, Routes, Schedules, StatsCounts, StatsRow, StatusRecord,
+    Registry, Replay, Retagged, Route, Routes, Schedules, StatsCounts, StatsRow, StatusRecord,
     StatusWrite, Statuses, StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
@@ -94,6 +95,7 @@ const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64, u64)> = TableDefiniti
 const OPENED: TableDefinition<&str, ()> = TableDefinition::new("opened");
 const STATUS_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("status_expiry");
 const STATS: TableDefinition<(u64, &str, u32), [u64; 5]> = TableDefinition::new("stats");
+const DEVICE_SEEN: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("device_seen");
 /// The states of `schedule_ids` below a remembered-until time.
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
@@ -190,6 +192,10 @@ enum Op {
         app: String,
         token: String,
     },
+    Seen {
+        app: String,
+        token: String,
+    },
     PutStatuses {
         /// (key, encoded status, kept until ms), in order.
         statuses: Vec<(String, Vec<u8>, u64)>,
@@ -262,6 +268,8 @@ impl EmbeddedStore {
             txn.open_table(STATUS).map_err(backend)?;
             txn.open_table(STATUS_EXPIRY).map_err(backend)?;
             txn.open_table(OPENED).map_err(backend)?;
+            txn.open_table(STATS).map_err(backend)?;
+            txn.open_table(DEVICE_SEEN).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
@@ -269,6 +277,7 @@ impl EmbeddedStore {
             db: db.clone(),
             max_stored_per_device: limits.max_stored_per_device,
             max_stored_per_stream: limits.max_stored_per_stream,
+            seen_refresh: seen_refresh(limits),
             routes: routes.clone(),
         };
         std::thread::Builder::new()
@@ -449,6 +458,39 @@ impl Registry for EmbeddedStore {
             }))
         })
         .await
+    }
+
+    async fn inactive_devices(
+        &self,
+        app: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<Route>)>> {
+        let app = app.to_owned();
+        let routes = self.routes.clone();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let seen = txn.open_table(DEVICE_SEEN).map_err(backend)?;
+            seen.range((app.as_str(), 0, "")..(app.as_str(), before_ms, ""))
+                .map_err(backend)?
+                .take(limit)
+                .map(|entry| {
+                    let (key, _) = entry.map_err(backend)?;
+                    let token = key.value().2.to_owned();
+                    let route = routes.route(&token);
+                    Ok((token, route))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn touch_device(&self, app: &str, token: &str) -> Result<()> {
+        let op = Op::Seen {
+            app: app.to_owned(),
+            token: token.to_owned(),
+        };
+        self.write(op, true).await.map(|_| ())
     }
 
     async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>> {
@@ -835,7 +877,17 @@ struct Writer {
     db: Arc<Database>,
     max_stored_per_device: u32,
     max_stored_per_stream: u32,
+    /// How old a device's last admission may be before an admission writes the new one;
+    /// `None`: devices never expire, none is written.
+    seen_refresh: Option<u64>,
     routes: Arc<dyn Routes>,
+}
+
+/// How old a device's last admission may be before an admission writes the new one (a
+/// sixteenth of `limits.device_inactivity`: a device expires up to that much late).
+pub(crate) fn seen_refresh(limits: &Limits) -> Option<u64> {
+    let inactivity = limits.device_inactivity.as_millis() as u64;
+    (inactivity > 0).then_some(inactivity / 16)
 }
 
 impl Writer {
@@ -886,7 +938,10 @@ impl Writer {
 
     fn apply_one(&self, tables: &mut Tables<'_>, op: Op) -> Result<Reply> {
         match op {
-            Op::Admit { app, uid, token } => tables.admit(&app, &uid, &token).map(Reply::Admitted),
+            Op::Admit { app, uid, token } => tables
+                .admit(&app, &uid, &token, self.seen_refresh)
+                .map(Reply::Admitted),
+            Op::Seen { app, token } => tables.touch(&app, &token).map(|()| Reply::Done),
             Op::Accept(accept) => tables
                 .accept(accept, self.max_stored_per_device, self.routes.as_ref())
                 .map(Reply::Accepted),
@@ -1012,6 +1067,7 @@ struct Tables<'txn> {
     opened: redb::Table<'txn, &'static str, ()>,
     status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
     stats: redb::Table<'txn, (u64, &'static str, u32), [u64; 5]>,
+    device_seen: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -1039,6 +1095,7 @@ impl<'txn> Tables<'txn> {
             status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
             opened: txn.open_table(OPENED).map_err(backend)?,
             stats: txn.open_table(STATS).map_err(backend)?,
+            device_seen: txn.open_table(DEVICE_SEEN).map_err(backend)?,
         })
     }
 
@@ -1305,6 +1362,9 @@ impl<'txn> Tables<'txn> {
         }
         let binding = format!("{app}\0{}\0{token}", record.uid);
         self.bindings.remove(binding.as_str()).map_err(backend)?;
+        self.device_seen
+            .remove((app, record.seen_ms, token))
+            .map_err(backend)?;
         self.devices.remove(token).map_err(backend)?;
         Ok(Some(record))
     }
@@ -1443,7 +1503,50 @@ impl<'txn> Tables<'txn> {
         Ok(AliasSet::Set)
     }
 
-    fn admit(&mut self, app: &str, uid: &str, token: &str) -> Result<AdmittedDevice> {
+    /// Notes in `record` and the index that `app`'s device `token` is in use now, when its
+    /// last note is older than `refresh` ms (`None`: never). Whether it did: the record is
+    /// then the caller's to write.
+    fn note_seen(
+        &mut self,
+        (app, token): (&str, &str),
+        record: &mut DeviceRecord,
+        refresh: Option<u64>,
+    ) -> Result<bool> {
+        let Some(refresh) = refresh else {
+            return Ok(false);
+        };
+        let now = unix_millis();
+        if now.saturating_sub(record.seen_ms) < refresh && record.seen_ms != 0 {
+            return Ok(false);
+        }
+        self.device_seen
+            .remove((app, record.seen_ms, token))
+            .map_err(backend)?;
+        self.device_seen
+            .insert((app, now, token), ())
+            .map_err(backend)?;
+        record.seen_ms = now;
+        Ok(true)
+    }
+
+    /// Notes that `app`'s device `token` is in use now (it is connected).
+    fn touch(&mut self, app: &str, token: &str) -> Result<()> {
+        let Some(mut record) = self.device_of(app, token)? else {
+            return Ok(());
+        };
+        if self.note_seen((app, token), &mut record, Some(0))? {
+            self.put_device(token, &record)?;
+        }
+        Ok(())
+    }
+
+    fn admit(
+        &mut self,
+        app: &str,
+        uid: &str,
+        token: &str,
+        seen_refresh: Option<u64>,
+    ) -> Result<AdmittedDevice> {
         // A token resumes only the device of its own app and uid: its queue is never handed
         // to anyone else.
         let meta = self.stream_meta(app, ALL)?;
@@ -1452,6 +1555,11 @@ impl<'txn> Tables<'txn> {
             && record.app == app
             && record.uid == uid
         {
+            if self.note_seen((app, token), &mut record, seen_refresh)?
+                && record.all_epoch == meta.epoch
+            {
+                self.put_device(token, &record)?;
+            }
             if record.all_epoch != meta.epoch {
                 // The stream was recreated (its history lost): the device starts over in
                 // the new epoch, and its acks count there.
@@ -1479,15 +1587,22 @@ impl<'txn> Tables<'txn> {
         }
         let token = new_device_token();
         // A new device reads the stream from its head on: not what came before it.
+        let now = unix_millis();
         let record = DeviceRecord {
             app: app.to_owned(),
             uid: uid.to_owned(),
-            created_at_ms: unix_millis(),
+            created_at_ms: now,
             all_epoch: meta.epoch,
             all_acked: meta.head,
+            seen_ms: seen_refresh.map_or(0, |_| now),
             ..DeviceRecord::default()
         };
         self.put_device(&token, &record)?;
+        if seen_refresh.is_some() {
+            self.device_seen
+                .insert((app, now, token.as_str()), ())
+                .map_err(backend)?;
+        }
         let binding = format!("{app}\0{uid}\0{token}");
         self.bindings
             .insert(binding.as_str(), ())

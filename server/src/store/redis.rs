@@ -3,13 +3,14 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters, tags (space-separated `name=since`), tagv (changes of the tags), alias |
+//! | `p:d:{token}` | hash | app, uid, seq (highest assigned), acked, node, conn, counters, tags (space-separated `name=since`), tagv (changes of the tags), alias, seen (when last admitted, ms) |
 //! | `p:q:{token}` | sorted set | pending messages: score = seq, member = `StoredMessage` |
 //! | `p:c:{token}` | hash | collapse key -> seq of its pending message |
 //! | `p:m:{token}` | hash | message id -> seq, for pushes with an idempotency key |
 //! | `p:u:{app:uid}` | set | the uid's device tokens |
 //! | `p:t:{app:tag}` | sorted set | the tag's device tokens (all scored 0, so they page in token order) |
 //! | `p:a:{app:alias}` | set | the alias's device tokens |
+//! | `p:seen:{app}` | sorted set | the app's devices: score = when last admitted (ms, noted at most every sixteenth of `limits.device_inactivity`), member = token |
 //! | `p:o:{app:uid}` | string | what the uid opted out of, one item a line |
 //! | `p:f:{app:uid}:<window>` | string | capped (marketing) pushes the uid got in a window; expires with it |
 //! | `p:s:{app:stream}` | sorted set | a shared stream's entries: score = offset, member = `StoredMessage` |
@@ -201,6 +202,9 @@ impl Keys {
     fn alias(&self, app: &str, alias: &str) -> String {
         format!("{}:a:{{{app}:{alias}}}", self.prefix)
     }
+    fn seen(&self, app: &str) -> String {
+        format!("{}:seen:{{{app}}}", self.prefix)
+    }
     fn idempotency(&self, app: &str, key: &str) -> String {
         format!("{}:i:{{{app}:{key}}}", self.prefix)
     }
@@ -290,13 +294,21 @@ end
 return {seq, node, conn}
 ";
 
-/// Resumes a known token of the app and uid. Returns `{seq, acked}`, or nil when the token
-/// is no device of that app and uid (its queue is never handed to anyone else).
+/// Resumes a known token of the app and uid. Returns `{seq, acked, all_epoch, all_acked,
+/// tags, tag version, seen}` (`seen`: 1 when the admission was noted, at ARGV[3] ms, because
+/// the last one noted is older than ARGV[4] ms; ARGV[4] empty: never noted), or nil when the
+/// token is no device of that app and uid (its queue is never handed to anyone else).
 const RESUME: &str = r"
 local owner = redis.call('HMGET', KEYS[1], 'app', 'uid')
 if owner[1] ~= ARGV[1] or owner[2] ~= ARGV[2] then return false end
-local f = redis.call('HMGET', KEYS[1], 'seq', 'acked', 'all_epoch', 'all_acked', 'tags', 'tagv')
-return {f[1] or '0', f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0'}
+local f = redis.call('HMGET', KEYS[1], 'seq', 'acked', 'all_epoch', 'all_acked', 'tags', 'tagv',
+  'seen')
+local seen = 0
+if ARGV[4] ~= '' and tonumber(ARGV[3]) - tonumber(f[7] or '0') >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[3])
+  seen = 1
+end
+return {f[1] or '0', f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '', f[6] or '0', seen}
 ";
 
 /// Creates a new device record, placed at the head of the app's stream `all` (ARGV[4], the
@@ -304,7 +316,7 @@ return {f[1] or '0', f[2] or '0', f[3] or '0', f[4] or '0', f[5] or '', f[6] or 
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'app', ARGV[1], 'uid', ARGV[2], 'seq', 0, 'acked', 0, 'created', ARGV[3],
-  'all_epoch', ARGV[4], 'all_acked', ARGV[5])
+  'all_epoch', ARGV[4], 'all_acked', ARGV[5], 'seen', ARGV[3])
 return 1
 ";
 
@@ -457,6 +469,9 @@ pub struct RedisStore {
     keys: Keys,
     cap: u32,
     stream_cap: u32,
+    /// How old a device's last noted admission may be before an admission notes it again
+    /// (`None`: devices never expire).
+    seen_refresh: Option<u64>,
     scripts: Scripts,
 }
 
@@ -469,6 +484,7 @@ impl RedisStore {
             keys: Keys::new(key_prefix),
             cap: limits.max_stored_per_device,
             stream_cap: limits.max_stored_per_stream,
+            seen_refresh: super::embedded::seen_refresh(limits),
             scripts: Scripts {
                 accept: Script::new(ACCEPT),
                 resume: Script::new(RESUME),
@@ -572,19 +588,29 @@ impl Registry for RedisStore {
         token: &str,
     ) -> Result<AdmittedDevice, StoreError> {
         let meta = self.meta(app, ALL).await?;
+        let now = unix_millis();
         if plausible_token(token) {
-            let resumed: Option<(u64, u64, u64, u64, String, u64)> = self
+            let resumed: Option<(u64, u64, u64, u64, String, u64, u8)> = self
                 .scripts
                 .resume
                 .key(self.keys.device(token))
                 .arg(app)
                 .arg(uid)
+                .arg(now)
+                .arg(
+                    self.seen_refresh
+                        .map(|ms| ms.to_string())
+                        .unwrap_or_default(),
+                )
                 .invoke_async(&mut self.connection())
                 .await
                 .map_err(backend)?;
-            if let Some((highest_seq, acked_seq, epoch, acked, tags, version)) = resumed {
+            if let Some((highest_seq, acked_seq, epoch, acked, tags, version, seen)) = resumed {
                 // Always bind: this repairs a binding lost half-way before.
                 self.bind(app, uid, token).await?;
+                if seen == 1 {
+                    self.index_seen(app, token, now).await?;
+                }
                 if epoch != meta.epoch {
                     // The stream was recreated (its history lost): the device starts over
                     // in the new epoch, and its acks count there.
@@ -617,7 +643,7 @@ impl Registry for RedisStore {
                 .key(self.keys.device(&token))
                 .arg(app)
                 .arg(uid)
-                .arg(unix_millis())
+                .arg(now)
                 .arg(meta.epoch)
                 .arg(meta.head)
                 .invoke_async(&mut self.connection())
@@ -625,6 +651,9 @@ impl Registry for RedisStore {
                 .map_err(backend)?;
             if created == 1 {
                 self.bind(app, uid, &token).await?;
+                if self.seen_refresh.is_some() {
+                    self.index_seen(app, &token, now).await?;
+                }
                 return Ok(AdmittedDevice {
                     token,
                     resumed: false,
@@ -1000,6 +1029,9 @@ impl Registry for RedisStore {
 
     async fn unregister(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>, StoreError> {
         let Some(info) = self.device(app, token).await? else {
+            // An index entry an interrupted unregister left behind goes too.
+            self.index_command("ZREM", self.keys.seen(app), token)
+                .await?;
             return Ok(None);
         };
         // The device's own keys first (one slot, one script): from then on the token is no
@@ -1027,7 +1059,56 @@ impl Registry for RedisStore {
             self.index_command("SREM", self.keys.alias(app, &info.alias), token)
                 .await?;
         }
+        self.index_command("ZREM", self.keys.seen(app), token)
+            .await?;
         Ok(Some(info))
+    }
+
+    async fn inactive_devices(
+        &self,
+        app: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<Route>)>, StoreError> {
+        let tokens: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.seen(app))
+            .arg("-inf")
+            .arg(format!("({before_ms}"))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        let devices = tokens
+            .into_iter()
+            .map(|token| async move {
+                let (node, conn): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(self.keys.device(&token))
+                    .arg(&["node", "conn"])
+                    .query_async(&mut self.connection())
+                    .await
+                    .map_err(backend)?;
+                let route = node.and_then(|node| route(node, conn.as_deref().unwrap_or("0")));
+                Ok((token, route))
+            })
+            .collect();
+        bounded(devices).await
+    }
+
+    async fn touch_device(&self, app: &str, token: &str) -> Result<(), StoreError> {
+        let Some(_) = self.device(app, token).await? else {
+            return Ok(());
+        };
+        let now = unix_millis();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.device(token))
+            .arg("seen")
+            .arg(now)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        self.index_seen(app, token, now).await
     }
 
     async fn tokens_for_aliases(
@@ -1150,6 +1231,19 @@ impl RedisStore {
             cmd.arg(0);
         }
         let _: i64 = cmd
+            .arg(token)
+            .query_async(&mut self.connection())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Notes in the app's index of devices by last admission that `token` was admitted at
+    /// `now` ms.
+    async fn index_seen(&self, app: &str, token: &str, now: u64) -> Result<(), StoreError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(self.keys.seen(app))
+            .arg(now)
             .arg(token)
             .query_async(&mut self.connection())
             .await
