@@ -767,20 +767,20 @@ async fn push_everyone(
     payload: serde_json::Value,
     errors: &mut BTreeMap<String, u64>,
     devices: u64,
-) -> u64 {
+) -> (u64, Option<String>) {
     let audience = json!({"all": true});
     push_shared(deployment, audience, payload, errors, devices).await
 }
 
 /// One push to an audience stored once (`all`, tags). Counts `devices` deliveries when
-/// accepted.
+/// accepted; and its message id.
 async fn push_shared(
     deployment: &Deployment,
     audience: serde_json::Value,
     payload: serde_json::Value,
     errors: &mut BTreeMap<String, u64>,
     devices: u64,
-) -> u64 {
+) -> (u64, Option<String>) {
     let body = json!({"audience": audience, "payload": payload, "ttl": 3600});
     let request = reqwest::Client::new()
         .post(format!("{}/v1/push", deployment.http_url))
@@ -788,10 +788,10 @@ async fn push_shared(
         .json(&body)
         .send();
     match classify_shared(request.await).await {
-        Ok(()) => devices,
+        Ok(id) => (devices, Some(id)),
         Err(kind) => {
             *errors.entry(kind).or_default() += 1;
-            0
+            (0, None)
         }
     }
 }
@@ -819,14 +819,41 @@ async fn accepted(
     Ok(body)
 }
 
-/// Whether a push stored once was accepted (202, not a duplicate), or its error kind. Its
-/// answer counts only the devices a node handed it to before the gateway's deadline.
-async fn classify_shared(response: reqwest::Result<reqwest::Response>) -> Result<(), String> {
+/// A push stored once that was accepted (202, not a duplicate): its message id; or its
+/// error kind. Its answer counts only the devices a node handed it to before the gateway's
+/// deadline.
+async fn classify_shared(response: reqwest::Result<reqwest::Response>) -> Result<String, String> {
     let body = accepted(response).await?;
     if body["duplicate"] == true {
         return Err("duplicate".into());
     }
-    Ok(())
+    Ok(body["message_id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Asks for message `id`'s status until its `acked` count reaches `expected`, or `patience`
+/// runs out; the last count seen.
+async fn acked_in_status(
+    deployment: &Deployment,
+    id: &str,
+    expected: u64,
+    patience: Duration,
+) -> anyhow::Result<u64> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + patience;
+    loop {
+        let status: serde_json::Value = client
+            .get(format!("{}/v1/messages/{id}", deployment.http_url))
+            .bearer_auth(&deployment.app.api_key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let acked = status["counts"]["acked"].as_u64().unwrap_or(0);
+        if acked >= expected || Instant::now() >= deadline {
+            return Ok(acked);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A push's accepted deliveries as the API counted them, or its error kind.
@@ -1070,7 +1097,7 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         }
     };
     let flood_outcome = |response: reqwest::Result<reqwest::Response>| async move {
-        classify_shared(response).await.map(|()| 1)
+        classify_shared(response).await.map(|_| 1)
     };
     // What the deployment carries of the flood alone: as many as 256 at a time get through.
     let measured = Duration::from_secs(5);
@@ -1431,6 +1458,7 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
     let mut accepted = 0;
     let (mut rates, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut to_first, mut to_last, mut api_times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut acks_counted = Vec::new();
     for round in 1..=rounds {
         if floor {
             let rate = floor::measure(common.devices).await?;
@@ -1446,10 +1474,11 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
         let sent_us = unix_micros();
         let begin = Instant::now();
         let payload = broadcast_payload(round);
-        let round_accepted = match audience {
-            Some(audience) => {
-                push_to_all(&run.deployment, &uids, audience, payload, &mut errors).await
-            }
+        let (round_accepted, message_id) = match audience {
+            Some(audience) => (
+                push_to_all(&run.deployment, &uids, audience, payload, &mut errors).await,
+                None,
+            ),
             None if tagged => {
                 let audience = json!({ "tags": [TAG] });
                 push_shared(&run.deployment, audience, payload, &mut errors, expected).await
@@ -1477,6 +1506,21 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
             .unwrap_or(sent_us);
         let seconds = last.saturating_sub(sent_us) as f64 / 1e6;
         let rate = round_accepted as f64 / seconds.max(1e-6);
+        // The devices ack what they get; the processes holding them count the acks for the
+        // message's status.
+        if let Some(id) = message_id.filter(|id| !id.is_empty()) {
+            let counted = acked_in_status(&run.deployment, &id, round_accepted, patience).await?;
+            let after = unix_micros().saturating_sub(sent_us) as f64 / 1e6;
+            eprintln!(
+                "round {round}: {counted} acks in the message's status {after:.1} s after the push"
+            );
+            if counted < round_accepted {
+                run.result.problem(format!(
+                    "round {round}: the message's status counted {counted} of {round_accepted} acks"
+                ));
+            }
+            acks_counted.push(after);
+        }
         if let (Some(before), Some(port)) = (commands_before, run.deployment.redis_port) {
             // Everything Redis did from the request to the last delivery, whoever asked.
             let after = deploy::redis_commands(port).await?;
@@ -1558,6 +1602,12 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
         "time to last delivery (ms, median)",
         round(median(&to_last), 1),
     );
+    if !acks_counted.is_empty() {
+        run.result.figure(
+            "all acks counted in the message's status (s after the push, median)",
+            round(median(&acks_counted), 2),
+        );
+    }
     run.result
         .figure("deliveries per second (median)", round(median(&rates), 0));
     if rounds > 1 {
@@ -1618,7 +1668,9 @@ async fn reconnect_storm(
     for k in 0..messages {
         let payload = json!({"stored": k});
         accepted += if shared {
-            push_everyone(&run.deployment, payload, &mut errors, common.devices as u64).await
+            push_everyone(&run.deployment, payload, &mut errors, common.devices as u64)
+                .await
+                .0
         } else {
             push_to_all(&run.deployment, &uids, AUDIENCE, payload, &mut errors).await
         };
