@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use pigeon_proto::device::Priority;
 use serde::Deserialize;
+use tracing::Instrument as _;
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -633,10 +634,12 @@ async fn delete_tag(
 
 async fn handle_push(api: &PushApi, request: Request) -> Result<Response, ApiError> {
     let app = authenticate(&api.apps, request.headers())?;
+    let span = crate::telemetry::push_span(&app.id, &crate::telemetry::Headers(request.headers()));
     let limits = &api.limits;
     let body = read_body(request, limits).await?;
     let request = parse_push(&app.id, &body, limits)?;
-    let body = match api.pipeline.push(request).await? {
+    let outcome = api.pipeline.push(request).instrument(span).await?;
+    let body = match outcome {
         PushOutcome::Accepted {
             message_id,
             targets,

@@ -42,6 +42,20 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Cluster mode (`pigeon node`, `pigeon gateway`): Redis, leases, fan-out.
     pub cluster: ClusterSettings,
+    /// Traces of pushes, exported with OpenTelemetry (off by default).
+    pub tracing: TracingSettings,
+}
+
+/// Where the spans of pushes go: an OpenTelemetry collector's OTLP/HTTP endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// The collector's base URL, e.g. `http://127.0.0.1:4318` (spans go to
+    /// `<url>/v1/traces`); empty (the default): no spans are recorded.
+    pub otlp_endpoint: String,
+    /// The service the spans are of; empty: `pigeon-standalone`, `pigeon-gateway` or
+    /// `pigeon-node`.
+    pub service_name: String,
 }
 
 /// Settings of cluster mode; standalone mode ignores them.
@@ -479,6 +493,7 @@ impl Default for Settings {
             metrics_token: Secret::default(),
             tls: None,
             cluster: ClusterSettings::default(),
+            tracing: TracingSettings::default(),
         }
     }
 }
@@ -737,6 +752,15 @@ impl Settings {
                 "metrics_token",
                 "must be at least 16 printable ASCII characters, no spaces",
             );
+        }
+        let endpoint = &self.tracing.otlp_endpoint;
+        if !endpoint.is_empty()
+            && !matches!(
+                reqwest::Url::parse(endpoint).map(|url| url.scheme().to_owned()).as_deref(),
+                Ok("http" | "https")
+            )
+        {
+            return bad("tracing.otlp_endpoint", "must be an http:// or https:// URL");
         }
         let cluster = &self.cluster;
         if cluster.redis.is_empty() {
@@ -1130,9 +1154,9 @@ mod tests {
         assert!(error.to_string().contains("apps[1].id"), "{error}");
     }
 
-    #[test]
-    fn rate_limits_are_read_and_checked() {
-        let app = [
+    /// The settings of one app `one` and `extra` variables.
+    fn with_app(extra: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut vars = vec![
             ("PIGEON_APPS__0__ID", "one"),
             ("PIGEON_APPS__0__API_KEY", "key-one-0123456789"),
             (
@@ -1140,11 +1164,13 @@ mod tests {
                 "s-0123456789-0123456789-0123456789",
             ),
         ];
-        let with = |extra: &[(&'static str, &'static str)]| {
-            let mut vars = app.to_vec();
-            vars.extend_from_slice(extra);
-            Settings::load(None, env(&vars))
-        };
+        vars.extend_from_slice(extra);
+        Settings::load(None, env(&vars))
+    }
+
+    #[test]
+    fn rate_limits_are_read_and_checked() {
+        let with = with_app;
         let settings = with(&[
             (
                 "PIGEON_APPS__0__RATE_LIMITS__MARKETING__PUSHES_PER_SECOND",
@@ -1215,19 +1241,7 @@ mod tests {
 
     #[test]
     fn webhooks_are_read_and_checked() {
-        let app = [
-            ("PIGEON_APPS__0__ID", "one"),
-            ("PIGEON_APPS__0__API_KEY", "key-one-0123456789"),
-            (
-                "PIGEON_APPS__0__SECRET",
-                "s-0123456789-0123456789-0123456789",
-            ),
-        ];
-        let with = |extra: &[(&'static str, &'static str)]| {
-            let mut vars = app.to_vec();
-            vars.extend_from_slice(extra);
-            Settings::load(None, env(&vars))
-        };
+        let with = with_app;
         let settings = with(&[
             ("PIGEON_APPS__0__WEBHOOK__URL", "https://example.com/pigeon"),
             ("PIGEON_APPS__0__WEBHOOK__EVENTS", "[\"acked\", \"opened\"]"),

@@ -69,6 +69,7 @@ pub mod stats;
 pub mod status_writer;
 pub mod store;
 pub mod stream_keeper;
+pub mod telemetry;
 pub mod tls;
 pub mod webhooks;
 pub mod websocket;

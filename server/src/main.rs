@@ -74,13 +74,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Standalone { config } => {
-            serve(config, |settings| run(standalone::start(settings)))
+        Command::Standalone { config } => serve(config, "standalone", |settings| {
+            run(standalone::start(settings))
+        }),
+        Command::Node { config } => {
+            serve(config, "node", |settings| run(cluster::node::start(settings)))
         }
-        Command::Node { config } => serve(config, |settings| run(cluster::node::start(settings))),
-        Command::Gateway { config } => {
-            serve(config, |settings| run(cluster::gateway::start(settings)))
-        }
+        Command::Gateway { config } => serve(config, "gateway", |settings| {
+            run(cluster::gateway::start(settings))
+        }),
         Command::Cert { dev: _, out } => match pigeon_server::tls::write_dev_certificate(&out) {
             Ok(files) => {
                 println!(
@@ -153,13 +155,15 @@ fn main() -> ExitCode {
 /// Loads the settings, starts logging and a runtime, and runs `server` on it.
 fn serve<F: std::future::Future<Output = ExitCode>>(
     config: Option<PathBuf>,
+    role: &str,
     server: impl FnOnce(Settings) -> F,
 ) -> ExitCode {
     let settings = match load(config) {
         Ok(settings) => settings,
         Err(code) => return code,
     };
-    init_tracing(&settings.log);
+    // Kept to the end: dropped after the runtime, it flushes the last spans.
+    let _telemetry = pigeon_server::telemetry::init(&settings.log, &settings.tracing, role);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -175,16 +179,6 @@ fn load(config: Option<PathBuf>) -> Result<Settings, ExitCode> {
         eprintln!("pigeon: bad configuration: {error}");
         ExitCode::from(2)
     })
-}
-
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// Runs a process of any role: starts it, prints its banner, serves until SIGTERM or

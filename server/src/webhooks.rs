@@ -168,41 +168,40 @@ impl Webhooks {
         }
         let mut hooks: Vec<_> = self.hooks.values().collect();
         hooks.sort_by(|a, b| a.app.cmp(&b.app));
-        let name = "pigeon_webhook_events_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Receipt events per app: posted (the receiver answered 2xx), \
-             dropped (the queue was full) and failed (a batch's attempts ran out).\n\
-             # TYPE {name} counter"
-        );
-        for hook in &hooks {
-            for (outcome, counter) in [
-                ("sent", &hook.sent),
-                ("dropped", &hook.dropped),
-                ("failed", &hook.failed),
-            ] {
-                let value = counter.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{name}{{app=\"{}\",outcome=\"{outcome}\"}} {value}",
-                    hook.app
-                );
-            }
-        }
-        let name = "pigeon_webhook_requests_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Webhook requests per app, by whether the receiver answered 2xx.\n\
-             # TYPE {name} counter"
-        );
-        for hook in &hooks {
-            for (result, counter) in [("ok", &hook.requests_ok), ("error", &hook.requests_failed)] {
-                let value = counter.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{name}{{app=\"{}\",result=\"{result}\"}} {value}",
-                    hook.app
-                );
+        type Counter = fn(&Hook) -> &AtomicU64;
+        let families: [(&str, &str, &str, &[(&str, Counter)]); 2] = [
+            (
+                "pigeon_webhook_events_total",
+                "Receipt events per app: posted (the receiver answered 2xx), dropped (the \
+                 queue was full) and failed (a batch's attempts ran out).",
+                "outcome",
+                &[
+                    ("sent", |hook| &hook.sent),
+                    ("dropped", |hook| &hook.dropped),
+                    ("failed", |hook| &hook.failed),
+                ],
+            ),
+            (
+                "pigeon_webhook_requests_total",
+                "Webhook requests per app, by whether the receiver answered 2xx.",
+                "result",
+                &[
+                    ("ok", |hook| &hook.requests_ok),
+                    ("error", |hook| &hook.requests_failed),
+                ],
+            ),
+        ];
+        for (name, help, label, series) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for hook in &hooks {
+                for (value_name, counter) in series {
+                    let value = counter(hook).load(Ordering::Relaxed);
+                    let app = &hook.app;
+                    let _ = writeln!(
+                        out,
+                        "{name}{{app=\"{app}\",{label}=\"{value_name}\"}} {value}"
+                    );
+                }
             }
         }
         let name = "pigeon_webhook_queue";

@@ -16,17 +16,7 @@ use support::{Server, assert_no_push, connect, metric, next_push, payload};
 /// A standalone server whose demo app has the rate limits `limits` (`PIGEON_APPS__0__`
 /// settings without the prefix, e.g. `RATE_LIMITS__MARKETING__PUSHES_PER_SECOND`).
 fn limited_server(dir: &std::path::Path, limits: &[(&str, &str)]) -> Server {
-    let app = pigeon_server::standalone::demo_app(dir).expect("demo app");
-    let mut env: Vec<(String, String)> = vec![
-        ("PIGEON_APPS__0__ID".into(), app.id.clone()),
-        ("PIGEON_APPS__0__API_KEY".into(), app.api_key.clone()),
-        ("PIGEON_APPS__0__SECRET".into(), app.secret.clone()),
-    ];
-    for (key, value) in limits {
-        env.push((format!("PIGEON_APPS__0__{key}"), (*value).to_owned()));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Server::start(dir, &env)
+    Server::start_with_app(dir, limits)
 }
 
 #[tokio::test]

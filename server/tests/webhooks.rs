@@ -159,18 +159,9 @@ fn summary(events: &[Value]) -> Vec<(String, String, String)> {
 /// A standalone server whose demo app posts its receipt events to `url`, with more of the
 /// app's `PIGEON_APPS__0__` settings (`WEBHOOK__QUEUE`, ...).
 fn server_with_webhook(dir: &std::path::Path, url: &str, settings: &[(&str, &str)]) -> Server {
-    let app = pigeon_server::standalone::demo_app(dir).expect("demo app");
-    let mut env: Vec<(String, String)> = vec![
-        ("PIGEON_APPS__0__ID".into(), app.id.clone()),
-        ("PIGEON_APPS__0__API_KEY".into(), app.api_key.clone()),
-        ("PIGEON_APPS__0__SECRET".into(), app.secret.clone()),
-        ("PIGEON_APPS__0__WEBHOOK__URL".into(), url.to_owned()),
-    ];
-    for (key, value) in settings {
-        env.push((format!("PIGEON_APPS__0__{key}"), (*value).to_owned()));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Server::start(dir, &env)
+    let mut settings = settings.to_vec();
+    settings.push(("WEBHOOK__URL", url));
+    Server::start_with_app(dir, &settings)
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
 use crate::push::{Class, PushOutcome};
+use tracing::Instrument as _;
 use crate::store::TagChange;
 
 /// The push API over gRPC, sharing the HTTP API's apps, limits and pipeline.
@@ -63,7 +64,9 @@ impl push_server::Push for PushGrpc {
         request: Request<push_proto::PushRequest>,
     ) -> Result<Response<push_proto::PushResponse>, Status> {
         let api = &self.api;
+        let span = crate::telemetry::push_span("", &crate::telemetry::Metadata(request.metadata()));
         let (app, body) = self.authorized(request)?;
+        span.record("app", app.as_str());
         let payload: &RawValue =
             serde_json::from_str(&body.payload_json).map_err(|error| ApiError::InvalidField {
                 field: "payload_json".into(),
@@ -117,7 +120,8 @@ impl push_server::Push for PushGrpc {
             },
             &api.limits,
         )?;
-        let response = match api.pipeline.push(push).await.map_err(ApiError::from)? {
+        let outcome = api.pipeline.push(push).instrument(span).await;
+        let response = match outcome.map_err(ApiError::from)? {
             PushOutcome::Accepted {
                 message_id,
                 targets,

@@ -118,10 +118,13 @@ impl node_server::Node for InternalApi {
         &self,
         request: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
+        let span = crate::telemetry::call_span("deliver", request.metadata());
+        let _entered = span.enter();
         let request = request.into_inner();
         let stored = request
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
+        span.record("targets", request.targets.len());
         if request.targets.len() > MAX_DELIVER_TARGETS {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_DELIVER_TARGETS} targets per call"
@@ -151,6 +154,7 @@ impl node_server::Node for InternalApi {
         &self,
         request: Request<DeliverSharedRequest>,
     ) -> Result<Response<DeliverSharedResponse>, Status> {
+        let span = crate::telemetry::call_span("deliver_shared", request.metadata());
         let request = request.into_inner();
         if request.stream != ALL {
             return Err(Status::invalid_argument(format!(
@@ -171,9 +175,11 @@ impl node_server::Node for InternalApi {
         // runtime's workers, which keep serving the node's connections meanwhile.
         let connections = self.connections.clone();
         let app = request.app;
-        let live = tokio::task::spawn_blocking(move || connections.deliver_shared(&app, delivery))
-            .await
-            .map_err(|_| Status::internal("the hand-out failed"))?;
+        let live = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| connections.deliver_shared(&app, delivery))
+        })
+        .await
+        .map_err(|_| Status::internal("the hand-out failed"))?;
         Ok(Response::new(DeliverSharedResponse { live }))
     }
 

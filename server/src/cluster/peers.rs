@@ -267,6 +267,7 @@ impl Peers {
         request
             .metadata_mut()
             .insert("authorization", self.authorization.clone());
+        crate::telemetry::inject(request.metadata_mut());
         request
     }
 

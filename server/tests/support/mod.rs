@@ -82,6 +82,22 @@ impl Server {
         Self::start_over(Transport::Ws, data_dir, env)
     }
 
+    /// Starts a plaintext server whose demo app (the one in `data_dir`) has more settings:
+    /// `PIGEON_APPS__0__` variables without the prefix (`RATE_LIMITS__TOTAL__BURST_SECONDS`,
+    /// `WEBHOOK__URL`, ...).
+    pub fn start_with_app(data_dir: &Path, settings: &[(&str, &str)]) -> Self {
+        let app = pigeon_server::standalone::demo_app(data_dir).expect("demo app");
+        let mut env: Vec<(String, String)> = vec![
+            ("PIGEON_APPS__0__ID".into(), app.id.clone()),
+            ("PIGEON_APPS__0__API_KEY".into(), app.api_key.clone()),
+            ("PIGEON_APPS__0__SECRET".into(), app.secret.clone()),
+        ];
+        for (key, value) in settings {
+            env.push((format!("PIGEON_APPS__0__{key}"), (*value).to_owned()));
+        }
+        Self::spawn(Transport::Ws, data_dir, env)
+    }
+
     /// Starts a server whose devices connect over `transport`. For wss and QUIC it gets a
     /// development certificate (written under `data_dir`) and listens for both.
     pub fn start_over(transport: Transport, data_dir: &Path, env: &[(&str, &str)]) -> Self {
