@@ -25,9 +25,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use pigeon_proto::device::Priority;
 use serde::Deserialize;
-use tracing::Instrument as _;
 use serde_json::json;
 use serde_json::value::RawValue;
+use tracing::Instrument as _;
 
 use pigeon_proto::credential::{MAX_UID_LEN, valid_uid};
 

@@ -756,11 +756,16 @@ impl Settings {
         let endpoint = &self.tracing.otlp_endpoint;
         if !endpoint.is_empty()
             && !matches!(
-                reqwest::Url::parse(endpoint).map(|url| url.scheme().to_owned()).as_deref(),
+                reqwest::Url::parse(endpoint)
+                    .map(|url| url.scheme().to_owned())
+                    .as_deref(),
                 Ok("http" | "https")
             )
         {
-            return bad("tracing.otlp_endpoint", "must be an http:// or https:// URL");
+            return bad(
+                "tracing.otlp_endpoint",
+                "must be an http:// or https:// URL",
+            );
         }
         let cluster = &self.cluster;
         if cluster.redis.is_empty() {

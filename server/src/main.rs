@@ -77,9 +77,9 @@ fn main() -> ExitCode {
         Command::Standalone { config } => serve(config, "standalone", |settings| {
             run(standalone::start(settings))
         }),
-        Command::Node { config } => {
-            serve(config, "node", |settings| run(cluster::node::start(settings)))
-        }
+        Command::Node { config } => serve(config, "node", |settings| {
+            run(cluster::node::start(settings))
+        }),
         Command::Gateway { config } => serve(config, "gateway", |settings| {
             run(cluster::gateway::start(settings))
         }),

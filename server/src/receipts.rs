@@ -274,7 +274,10 @@ impl Receipts {
     }
 
     /// Adds the counts to the store every [`FLUSH`], and once more at `shutdown`; they are
-    /// kept for `retention`. Counts a flush could not write are lost (logged).
+    /// kept for `retention`. A batch the store failed (Redis timed out: it may have done
+    /// part of it) is given again at the next flush under its id, and the store adds none
+    /// of it twice; meanwhile new counts wait (up to [`MAX_PENDING`] messages). A batch
+    /// that fails at shutdown is lost (logged).
     pub async fn run(
         self: Arc<Self>,
         store: Arc<dyn Store>,
@@ -284,15 +287,22 @@ impl Receipts {
         let mut ticks = tokio::time::interval(FLUSH);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flushes = 0u64;
+        // A batch the store failed, given again (under its id) before any other.
+        let mut failed: Option<(String, Vec<ReceiptCount>)> = None;
+        let process = rand::random::<u64>();
         loop {
             let stopping = tokio::select! {
                 _ = ticks.tick() => false,
                 () = shutdown.cancelled() => true,
             };
-            let counts = self.take();
-            if !counts.is_empty() {
+            flushes += 1;
+            let batch = failed.take().or_else(|| {
+                let counts = self.take();
+                (!counts.is_empty()).then(|| (format!("{process:016x}-{flushes}"), counts))
+            });
+            if let Some((id, counts)) = batch {
                 let keep_until = unix_millis().saturating_add(retention.as_millis() as u64);
-                match store.count_receipts(counts, keep_until).await {
+                match store.count_receipts(&counts, keep_until, &id).await {
                     Ok(opened) => {
                         for opened in opened {
                             let counts = StatsCounts {
@@ -305,13 +315,13 @@ impl Receipts {
                     Err(error) => {
                         static THROTTLE: Throttle = Throttle::new();
                         if let Some(suppressed) = THROTTLE.allow() {
-                            tracing::warn!(%error, suppressed, "adding receipt counts failed; lost");
+                            tracing::warn!(%error, suppressed, "adding receipt counts failed; given again at the next flush");
                         }
+                        failed = Some((id, counts));
                     }
                 }
             }
             // The statistics once a second: they are by the minute.
-            flushes += 1;
             if stopping || flushes.is_multiple_of(STATS_EVERY) {
                 self.stats.flush(store.as_ref(), stats_retention).await;
             }

@@ -677,13 +677,17 @@ pub trait Statuses: Send + Sync + 'static {
     /// `statuses` stands.
     async fn put_statuses(&self, statuses: Vec<StatusWrite>) -> Result<(), StoreError>;
 
-    /// Adds `counts`. A message whose status is not kept (yet) gets them kept for it until
-    /// `keep_until_ms` (a status written later finds them). Returns, per app and class, the
-    /// devices that opened a message for the first time (of messages with a status).
+    /// Adds `counts`, the batch `flush` (an id unique to it): a batch given again after a
+    /// failure (the same id and counts) adds nothing a first attempt added, however far it
+    /// got (Redis remembers each call of a batch for 10 minutes). A message whose status is
+    /// not kept (yet) gets them kept for it until `keep_until_ms` (a status written later
+    /// finds them). Returns, per app and class, the devices that opened a message for the
+    /// first time (of messages with a status; not those of calls a first attempt made).
     async fn count_receipts(
         &self,
-        counts: Vec<ReceiptCount>,
+        counts: &[ReceiptCount],
         keep_until_ms: u64,
+        flush: &str,
     ) -> Result<Vec<NewlyOpened>, StoreError>;
 
     /// `app`'s message `id`'s status and counts, if kept.

@@ -169,7 +169,9 @@ impl Webhooks {
         let mut hooks: Vec<_> = self.hooks.values().collect();
         hooks.sort_by(|a, b| a.app.cmp(&b.app));
         type Counter = fn(&Hook) -> &AtomicU64;
-        let families: [(&str, &str, &str, &[(&str, Counter)]); 2] = [
+        /// A counter family: its name, help, label, and each label value's counter.
+        type Family<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, Counter)]);
+        let families: [Family; 2] = [
             (
                 "pigeon_webhook_events_total",
                 "Receipt events per app: posted (the receiver answered 2xx), dropped (the \

@@ -86,8 +86,10 @@ async fn every_dashboard_query_names_a_metric_pigeon_exports() {
 
     // Standalone, with a webhook (nothing listens there: its requests fail, and count).
     let dir = tempfile::tempdir().expect("tempdir");
-    let server =
-        Server::start_with_app(dir.path(), &[("WEBHOOK__URL", "http://127.0.0.1:9/receipts")]);
+    let server = Server::start_with_app(
+        dir.path(),
+        &[("WEBHOOK__URL", "http://127.0.0.1:9/receipts")],
+    );
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
     let (status, answer) = server
         .push(json!({"audience": {"uids": ["ann"]}, "payload": {}}))
@@ -193,9 +195,10 @@ async fn trace_of(spans: &Mutex<Vec<ReceivedSpan>>, trace: &str) -> (ReceivedSpa
                     .find(|s| s.trace == trace && s.service == service && s.name == name)
                     .cloned()
             };
-            if let (Some(push), Some(deliver)) =
-                (find("pigeon-gateway", "push"), find("pigeon-node", "deliver"))
-            {
+            if let (Some(push), Some(deliver)) = (
+                find("pigeon-gateway", "push"),
+                find("pigeon-node", "deliver"),
+            ) {
                 return (push, deliver);
             }
             assert!(
@@ -236,7 +239,10 @@ async fn a_push_is_one_trace_across_gateway_and_node() {
     next_push(&mut ann).await;
     let (push, deliver) = trace_of(&spans, trace).await;
     assert_eq!(push.parent, caller_span, "{push:?}");
-    assert_eq!(deliver.parent, push.id, "the node's span is the push's child");
+    assert_eq!(
+        deliver.parent, push.id,
+        "the node's span is the push's child"
+    );
 
     // No traceparent: a trace of its own, still across both processes.
     gateway.push_to(&["ann"], json!({"n": 2})).await;
@@ -255,7 +261,10 @@ async fn a_push_is_one_trace_across_gateway_and_node() {
         assert!(begin.elapsed() < WAIT, "the second push has no span");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(other.parent.is_empty() || other.parent == "0000000000000000", "{other:?}");
+    assert!(
+        other.parent.is_empty() || other.parent == "0000000000000000",
+        "{other:?}"
+    );
     let (_, deliver) = trace_of(&spans, &other.trace).await;
     assert_eq!(deliver.parent, other.id);
 }

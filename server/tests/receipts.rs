@@ -481,3 +481,31 @@ async fn statistics_are_the_same_on_every_gateway() {
     assert_eq!(status, 200, "{from_second}");
     assert_eq!(from_first["points"], from_second["points"]);
 }
+
+/// Counts a node could not add while Redis was down are added once it is back, and once
+/// only.
+#[tokio::test]
+async fn counts_made_while_redis_is_down_are_added_once_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut ann = cluster::connect(&node, "ann", &DeviceState::default()).await;
+    let answer = gateway.push_to(&["ann"], json!({"n": 1})).await;
+    let id = answer["message_id"].as_str().expect("id").to_owned();
+    let push = next_push(&mut ann).await;
+    let path = format!("/v1/messages/{id}");
+    let get = || gateway.call("GET", &path, None);
+    status_until(get, |body| counts(body) == (1, 0)).await;
+
+    redis.kill();
+    // The ack is counted on the node; its flushes fail while Redis is away.
+    ann.ack_push(&push).await.expect("ack");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    redis.restart();
+    status_until(get, |body| counts(body) == (1, 1)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, body) = get().await;
+    assert_eq!(counts(&body), (1, 1), "added once: {body}");
+}

@@ -35,8 +35,8 @@ use crate::message::TagFilter;
 use crate::metrics::Metrics;
 use crate::process::{self, Running, StartError};
 use crate::push::{Class, PushOutcome};
-use tracing::Instrument as _;
 use crate::store::TagChange;
+use tracing::Instrument as _;
 
 /// The push API over gRPC, sharing the HTTP API's apps, limits and pipeline.
 struct PushGrpc {

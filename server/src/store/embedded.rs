@@ -2055,11 +2055,13 @@ impl Statuses for EmbeddedStore {
 
     async fn count_receipts(
         &self,
-        counts: Vec<ReceiptCount>,
+        counts: &[ReceiptCount],
         keep_until_ms: u64,
+        _flush: &str,
     ) -> Result<Vec<NewlyOpened>> {
+        // One transaction: a batch that failed added nothing, and is simply given again.
         let op = Op::CountReceipts {
-            counts,
+            counts: counts.to_vec(),
             keep_until_ms,
         };
         match self.write(op, true).await? {

@@ -4,6 +4,7 @@
 //! | --- | --- | --- |
 //! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`, `o`: delivered, acked and opened counts |
 //! | `p:ms:{app:<shard>}:id:o` | set | the devices (tokens) that opened the message, so each counts once |
+//! | `p:rf:{app:<shard>}:<batch>:<call>` | string | a call of a node's batch of counts that was done: the batch given again after a failure adds nothing twice (10 minutes) |
 //!
 //! | `p:st:{app}:<hour>` | hash | the app's statistics of one hour (Unix seconds / 3600): field `<minute of the hour>:<class>:<count>` (class 0 notification, 1 realtime, 2 marketing; count 0 pushes, 1 targets, 2 delivered, 3 acked, 4 opened), kept for the retention after the hour |
 //!
@@ -35,18 +36,22 @@ const SHARDS: u64 = 32;
 /// Messages whose counts one script call adds, at most.
 const PER_CALL: usize = 256;
 
-/// KEYS: per message, its hash and the set of devices that opened it. ARGV: milliseconds to
-/// keep each key at least, then per message its status (empty: none), delivered, acked,
-/// and how many tokens follow (devices that opened it), then those tokens. Returns, for
-/// each message that devices opened for the first time and that has a status: how many
-/// devices, and its status.
+/// KEYS: a key that marks the call done (when ARGV[2] is 1: a call whose key exists did its
+/// work before, and does nothing), then per message its hash and the set of devices that
+/// opened it. ARGV: milliseconds to keep each key at least, whether to mark the call done,
+/// then per message its status (empty: none), delivered, acked, and how many tokens follow
+/// (devices that opened it), then those tokens. Returns, for each message that devices
+/// opened for the first time and that has a status: how many devices, and its status.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local keep = tonumber(ARGV[1])
-local j = 2
+if ARGV[2] == '1' and not redis.call('SET', KEYS[1], '1', 'NX', 'PX', 600000) then
+  return {}
+end
+local j = 3
 local opened_now = {}
-for i = 1, #KEYS, 2 do
+for i = 2, #KEYS, 2 do
   local key, opened = KEYS[i], KEYS[i + 1]
   local status, d, a, n = ARGV[j], ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
   j = j + 4
@@ -100,16 +105,22 @@ impl RedisStore {
         format!("{}:st:{{{app}}}:{hour}", self.keys.prefix())
     }
 
-    /// Writes statuses and adds counts, for keys of one hash tag. Returns, for the messages
+    /// Writes statuses and adds counts, for keys of one hash tag; with `done` (a key of that
+    /// tag), once: a call that finds it did its work before. Returns, for the messages
     /// devices opened for the first time, how many devices and the message's class.
     async fn put(
         &self,
         rows: &[Row<'_>],
         keep_until_ms: u64,
+        done: Option<String>,
     ) -> Result<Vec<(u64, Class)>, StoreError> {
         let keep_ms = keep_until_ms.saturating_sub(unix_millis()).max(1);
         let mut invocation = PUT.prepare_invoke();
-        invocation.arg(keep_ms);
+        let once = done.is_some();
+        // Without a mark the first message's own key stands in (the key must be of the tag).
+        let done = done.or_else(|| rows.first().map(|row| row.0.clone()));
+        invocation.key(done.unwrap_or_default());
+        invocation.arg(keep_ms).arg(if once { "1" } else { "0" });
         for (key, status, delivered, acked, opened_by) in rows {
             invocation
                 .key(key)
@@ -161,7 +172,7 @@ impl Statuses for RedisStore {
             .values()
             .map(|(rows, until)| async move {
                 for rows in rows.chunks(PER_CALL) {
-                    self.put(rows, *until).await?;
+                    self.put(rows, *until, None).await?;
                 }
                 Ok(())
             })
@@ -171,12 +182,13 @@ impl Statuses for RedisStore {
 
     async fn count_receipts(
         &self,
-        counts: Vec<ReceiptCount>,
+        counts: &[ReceiptCount],
         keep_until_ms: u64,
+        flush: &str,
     ) -> Result<Vec<NewlyOpened>, StoreError> {
         // One call per app and shard (and per PER_CALL messages).
         let mut groups: HashMap<(&str, u64), Vec<Row<'_>>> = HashMap::new();
-        for count in &counts {
+        for count in counts {
             let row = (
                 self.status_key(&count.app, &count.id),
                 Vec::new(),
@@ -189,11 +201,19 @@ impl Statuses for RedisStore {
                 .or_default()
                 .push(row);
         }
+        // Each call marked done under the batch's id, the group and the chunk: the same
+        // counts given again group and chunk alike.
         let puts = groups
             .iter()
-            .flat_map(|((app, _), rows)| rows.chunks(PER_CALL).map(move |rows| (*app, rows)))
-            .map(|(app, rows)| async move {
-                let opened = self.put(rows, keep_until_ms).await?;
+            .flat_map(|(&(app, shard), rows)| {
+                rows.chunks(PER_CALL)
+                    .enumerate()
+                    .map(move |(chunk, rows)| (app, shard, chunk, rows))
+            })
+            .map(|(app, shard, chunk, rows)| async move {
+                let prefix = self.keys.prefix();
+                let done = format!("{prefix}:rf:{{{app}:{shard}}}:{flush}:{chunk}");
+                let opened = self.put(rows, keep_until_ms, Some(done)).await?;
                 Ok((app, opened))
             })
             .collect();
