@@ -705,6 +705,41 @@ struct StatsQuery {
     step: Option<String>,
 }
 
+/// The minutes `from..to` and the step (minutes) of a statistics request from `from_ms`
+/// (by default the hour up to the end of `to`'s minute) to `to_ms`, by `step` (by default a
+/// minute): whole minutes, at most [`crate::stats::MAX_POINTS`] points; else an error naming
+/// the field (HTTP and gRPC alike).
+pub fn stats_range(
+    from_ms: Option<u64>,
+    to_ms: u64,
+    step: Option<Duration>,
+) -> Result<(u64, u64, u64), ApiError> {
+    let from_ms = from_ms.unwrap_or(to_ms.div_ceil(60_000).saturating_sub(60) * 60_000);
+    let step = step.unwrap_or(Duration::from_secs(60));
+    if step.as_secs() < 60 || !step.as_secs().is_multiple_of(60) || step.subsec_nanos() != 0 {
+        return Err(ApiError::invalid(
+            "step",
+            "must be whole minutes (1m at least)",
+        ));
+    }
+    if from_ms >= to_ms {
+        return Err(ApiError::invalid("to", "must be after from"));
+    }
+    // Whole minutes: from the one `from` is in to the one `to` is in.
+    let (from, to) = (from_ms / 60_000, to_ms.div_ceil(60_000));
+    let step = step.as_secs() / 60;
+    if (to - from).div_ceil(step) > crate::stats::MAX_POINTS {
+        return Err(ApiError::invalid(
+            "step",
+            format!(
+                "gives more than {} points from `from` to `to`: take a longer step",
+                crate::stats::MAX_POINTS
+            ),
+        ));
+    }
+    Ok((from, to, step))
+}
+
 /// `GET /v1/stats?from=&to=&step=`: the app's counts per class, a point per step (whole
 /// minutes) from `from` to `to` (RFC 3339; by default the last hour, by the minute).
 async fn stats(
@@ -723,35 +758,19 @@ async fn stats(
                     .ok_or_else(|| ApiError::invalid(field, "must be an RFC 3339 time")),
             };
             let to_ms = time("to", query.to.as_ref(), unix_millis())?;
-            // By default the hour up to the end of `to`'s minute.
-            let hour_before = to_ms.div_ceil(60_000).saturating_sub(60) * 60_000;
-            let from_ms = time("from", query.from.as_ref(), hour_before)?;
+            let from_ms = query
+                .from
+                .as_ref()
+                .map(|from| time("from", Some(from), 0))
+                .transpose()?;
             let step = match &query.step {
-                None => Duration::from_secs(60),
-                Some(text) => crate::config::parse_duration(text)
-                    .map_err(|message| ApiError::invalid("step", message))?,
+                None => None,
+                Some(text) => Some(
+                    crate::config::parse_duration(text)
+                        .map_err(|message| ApiError::invalid("step", message))?,
+                ),
             };
-            if step.as_secs() < 60 || step.as_secs() % 60 != 0 || step.subsec_nanos() != 0 {
-                return Err(ApiError::invalid(
-                    "step",
-                    "must be whole minutes (1m at least)",
-                ));
-            }
-            if from_ms >= to_ms {
-                return Err(ApiError::invalid("to", "must be after from"));
-            }
-            // Whole minutes: from the one `from` is in to the one `to` is in.
-            let (from, to) = (from_ms / 60_000, to_ms.div_ceil(60_000));
-            let step = step.as_secs() / 60;
-            if (to - from).div_ceil(step) > crate::stats::MAX_POINTS {
-                return Err(ApiError::invalid(
-                    "step",
-                    format!(
-                        "gives more than {} points from `from` to `to`: take a longer step",
-                        crate::stats::MAX_POINTS
-                    ),
-                ));
-            }
+            let (from, to, step) = stats_range(from_ms, to_ms, step)?;
             let points = api.pipeline.stats(&app.id, (from, to), step).await?;
             let points: Vec<_> = points
                 .iter()

@@ -237,7 +237,8 @@ pub fn signature(secret: &[u8], unix_seconds: u64, body: &[u8]) -> String {
 
 /// Posts `hook`'s events in batches until `shutdown`.
 async fn post_batches(hook: Arc<Hook>, client: reqwest::Client, shutdown: CancellationToken) {
-    let process = rand::random::<u32>();
+    // Delivery ids unique across the processes posting for the app, and restarts.
+    let process = rand::random::<u64>();
     let mut batches = 0u64;
     loop {
         let waiting = hook.queue.lock().map_or(0, |queue| queue.len());
@@ -264,7 +265,7 @@ async fn post_batches(hook: Arc<Hook>, client: reqwest::Client, shutdown: Cancel
             continue;
         }
         batches += 1;
-        let delivery = format!("{process:08x}-{batches}");
+        let delivery = format!("{process:016x}-{batches}");
         let attempts = if stopping { 1 } else { hook.settings.attempts };
         post(&hook, &client, &delivery, &events, attempts, &shutdown).await;
     }

@@ -480,6 +480,51 @@ async fn statistics_are_the_same_on_every_gateway() {
     let (status, from_second) = second.call("GET", "/v1/stats", None).await;
     assert_eq!(status, 200, "{from_second}");
     assert_eq!(from_first["points"], from_second["points"]);
+
+    // The same over gRPC, by the hour; a step of no whole minutes is INVALID_ARGUMENT.
+    let mut client = PushClient::connect(format!("http://{}", second.grpc_addr))
+        .await
+        .expect("grpc");
+    let stats = client
+        .get_stats(cluster::with_api_key(pigeon_proto::push::GetStatsRequest {
+            step_seconds: 3600,
+            ..Default::default()
+        }))
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.step_seconds, 3600);
+    let sum =
+        |class: fn(&pigeon_proto::push::StatsPoint) -> Option<&pigeon_proto::push::StatsCounts>| {
+            let mut sums = [0; 5];
+            for counts in stats.points.iter().filter_map(class) {
+                for (sum, count) in sums.iter_mut().zip([
+                    counts.pushes,
+                    counts.targets,
+                    counts.delivered,
+                    counts.acked,
+                    counts.opened,
+                ]) {
+                    *sum += count;
+                }
+            }
+            sums
+        };
+    let over_grpc = vec![
+        ("realtime".to_owned(), sum(|p| p.realtime.as_ref())),
+        ("notification".to_owned(), sum(|p| p.notification.as_ref())),
+        ("marketing".to_owned(), sum(|p| p.marketing.as_ref())),
+    ];
+    assert_eq!(over_grpc, expected);
+    let status = client
+        .get_stats(cluster::with_api_key(pigeon_proto::push::GetStatsRequest {
+            step_seconds: 90,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("90 s");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("step:"), "{status:?}");
 }
 
 /// Counts a node could not add while Redis was down are added once it is back, and once

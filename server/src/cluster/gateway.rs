@@ -266,6 +266,52 @@ impl push_server::Push for PushGrpc {
         Ok(Response::new(status))
     }
 
+    async fn get_stats(
+        &self,
+        request: Request<push_proto::GetStatsRequest>,
+    ) -> Result<Response<push_proto::Stats>, Status> {
+        let (app, body) = self.authorized(request)?;
+        let to_ms = match body.to_ms {
+            0 => crate::message::unix_millis(),
+            to_ms => to_ms,
+        };
+        let from_ms = (body.from_ms > 0).then_some(body.from_ms);
+        let step = (body.step_seconds > 0)
+            .then(|| std::time::Duration::from_secs(u64::from(body.step_seconds)));
+        let (from, to, step) = api::stats_range(from_ms, to_ms, step)?;
+        let points = self
+            .api
+            .pipeline
+            .stats(&app, (from, to), step)
+            .await
+            .map_err(ApiError::from)?;
+        let counts = |counts: &crate::store::StatsCounts| push_proto::StatsCounts {
+            pushes: counts.pushes,
+            targets: counts.targets,
+            delivered: counts.delivered,
+            acked: counts.acked,
+            opened: counts.opened,
+        };
+        let points = points
+            .iter()
+            .map(|point| {
+                let [realtime, notification, marketing] = &point.classes;
+                push_proto::StatsPoint {
+                    at_ms: point.minute * 60_000,
+                    realtime: Some(counts(realtime)),
+                    notification: Some(counts(notification)),
+                    marketing: Some(counts(marketing)),
+                }
+            })
+            .collect();
+        Ok(Response::new(push_proto::Stats {
+            from_ms: from * 60_000,
+            to_ms: to * 60_000,
+            step_seconds: (step * 60) as u32,
+            points,
+        }))
+    }
+
     async fn delete_device(
         &self,
         request: Request<push_proto::DeleteDeviceRequest>,
