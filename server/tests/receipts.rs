@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use support::cluster::{self as cluster, Deployment, GatewayProcess, NodeProcess, Redis};
 use support::{Server, WAIT, connect, next_push};
 
-/// Asks for a status until `done` holds of it; the last one seen.
+/// Asks for a status (or the statistics) until `done` holds of it; the last one seen.
 async fn status_until<F, Fut>(get: F, done: impl Fn(&Value) -> bool) -> Value
 where
     F: Fn() -> Fut,
@@ -359,20 +359,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = (u16, Value)>,
 {
-    let begin = Instant::now();
-    loop {
-        let (status, body) = get().await;
-        assert_eq!(status, 200, "{body}");
-        if stats_sums(&body) == expected {
-            return body;
-        }
-        assert!(
-            begin.elapsed() < WAIT,
-            "statistics never got there: {:?}",
-            stats_sums(&body)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    status_until(get, |body| stats_sums(body) == expected).await
 }
 
 fn sums(rows: &[(&str, [u64; 5])]) -> Vec<(String, [u64; 5])> {
