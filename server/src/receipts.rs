@@ -417,26 +417,15 @@ mod tests {
                 .and_then(|line| line.rsplit(' ').next())
                 .map(str::to_owned)
         };
-        assert_eq!(
-            line("pigeon_delivery_latency_seconds_bucket{le=\"0.025\"}").as_deref(),
-            Some("0")
-        );
-        assert_eq!(
-            line("pigeon_delivery_latency_seconds_bucket{le=\"0.05\"}").as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            line("pigeon_delivery_latency_seconds_bucket{le=\"86400\"}").as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            line("pigeon_delivery_latency_seconds_bucket{le=\"+Inf\"}").as_deref(),
-            Some("2")
-        );
-        assert_eq!(
-            line("pigeon_delivery_latency_seconds_count").as_deref(),
-            Some("2")
-        );
+        for (series, count) in [
+            ("pigeon_delivery_latency_seconds_bucket{le=\"0.025\"}", "0"),
+            ("pigeon_delivery_latency_seconds_bucket{le=\"0.05\"}", "1"),
+            ("pigeon_delivery_latency_seconds_bucket{le=\"86400\"}", "1"),
+            ("pigeon_delivery_latency_seconds_bucket{le=\"+Inf\"}", "2"),
+            ("pigeon_delivery_latency_seconds_count", "2"),
+        ] {
+            assert_eq!(line(series).as_deref(), Some(count), "{series}");
+        }
     }
 
     #[test]

@@ -702,6 +702,14 @@ pub trait Statuses: Send + Sync + 'static {
     async fn stats(&self, app: &str, from: u64, to: u64) -> Result<Vec<StatsRow>, StoreError>;
 }
 
+/// How old a device's last noted admission may be before an admission notes it again (a
+/// sixteenth of `limits.device_inactivity`: a device expires up to that much late); `None`
+/// when devices never expire. Both stores note admissions so.
+pub(crate) fn seen_refresh(limits: &crate::config::Limits) -> Option<u64> {
+    let inactivity = limits.device_inactivity.as_millis() as u64;
+    (inactivity > 0).then_some(inactivity / 16)
+}
+
 /// The registry, the offline store, the schedules and the statuses of one deployment,
 /// which both stores are.
 pub trait Store: Registry + OfflineStore + Schedules + Statuses {}

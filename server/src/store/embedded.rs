@@ -277,7 +277,7 @@ impl EmbeddedStore {
             db: db.clone(),
             max_stored_per_device: limits.max_stored_per_device,
             max_stored_per_stream: limits.max_stored_per_stream,
-            seen_refresh: seen_refresh(limits),
+            seen_refresh: super::seen_refresh(limits),
             routes: routes.clone(),
         };
         std::thread::Builder::new()
@@ -881,13 +881,6 @@ struct Writer {
     /// `None`: devices never expire, none is written.
     seen_refresh: Option<u64>,
     routes: Arc<dyn Routes>,
-}
-
-/// How old a device's last admission may be before an admission writes the new one (a
-/// sixteenth of `limits.device_inactivity`: a device expires up to that much late).
-pub(crate) fn seen_refresh(limits: &Limits) -> Option<u64> {
-    let inactivity = limits.device_inactivity.as_millis() as u64;
-    (inactivity > 0).then_some(inactivity / 16)
 }
 
 impl Writer {

@@ -484,7 +484,7 @@ impl RedisStore {
             keys: Keys::new(key_prefix),
             cap: limits.max_stored_per_device,
             stream_cap: limits.max_stored_per_stream,
-            seen_refresh: super::embedded::seen_refresh(limits),
+            seen_refresh: super::seen_refresh(limits),
             scripts: Scripts {
                 accept: Script::new(ACCEPT),
                 resume: Script::new(RESUME),
