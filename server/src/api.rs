@@ -783,6 +783,7 @@ async fn stats(
                             "delivered": counts.delivered,
                             "acked": counts.acked,
                             "opened": counts.opened,
+                            "expired": counts.expiring.max(0),
                         });
                     }
                     body
@@ -913,8 +914,12 @@ fn status_view(
         State::Accepted | State::Unspecified => "accepted",
     };
     let targets = u64::from(status.targets);
-    let open = targets.saturating_sub(record.acked);
-    let mut dropped = u64::from(status.dropped);
+    // Neither acknowledged nor put out of the device's queue by a newer push.
+    let open = targets
+        .saturating_sub(record.acked)
+        .saturating_sub(record.collapsed)
+        .saturating_sub(record.dropped);
+    let mut dropped = u64::from(status.dropped) + record.dropped;
     let (waiting, lapsed) = match (status.shared, ttl_zero, expired) {
         (true, ..) => (None, None),
         (false, true, _) => {
@@ -941,6 +946,7 @@ fn status_view(
         dropped,
         skipped: u64::from(status.skipped),
         unknown: u64::from(status.unknown),
+        collapsed: record.collapsed,
     }
 }
 
@@ -958,6 +964,7 @@ fn status_json(view: &push_proto::MessageStatus) -> serde_json::Value {
             "opened": view.opened,
             "waiting": view.waiting,
             "expired": view.expired,
+            "collapsed": view.collapsed,
             "dropped": view.dropped,
             "skipped": view.skipped,
             "unknown": view.unknown,

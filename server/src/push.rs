@@ -22,7 +22,7 @@
 //!
 //! The HTTP and gRPC APIs only translate requests and errors.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,8 +42,8 @@ use crate::rate_limit::{Limited, RateLimiter};
 use crate::stats::Stats;
 use crate::status_writer::StatusWriter;
 use crate::store::{
-    ALL, Accept, AcceptOutcome, AppendOutcome, Recorded, Registry, Retagged, Route, StatsCounts,
-    StatusWrite, Store, StoreError, Target,
+    ALL, Accept, AcceptOutcome, AppendOutcome, Displaced, DisplacedBy, ReceiptCount, Recorded,
+    Registry, Retagged, Route, StatsCounts, StatusWrite, Store, StoreError, Target,
 };
 
 pub use crate::message::Class;
@@ -694,7 +694,14 @@ impl Pipeline {
             AcceptOutcome::Duplicate { message_id } => {
                 return Ok(PushOutcome::Duplicate { message_id });
             }
-            AcceptOutcome::Accepted { message, targets } => (message, targets),
+            AcceptOutcome::Accepted {
+                message,
+                targets,
+                displaced,
+            } => {
+                self.count_displaced(&request.app, displaced, now_ms);
+                (message, targets)
+            }
         };
         let mut seqs = Vec::new();
         for (token, recorded) in recorded {
@@ -705,6 +712,10 @@ impl Pipeline {
             }
         }
         let recorded = seqs.len() as u32;
+        if storable {
+            self.stats
+                .add_expiring(&request.app, &message, i64::from(recorded));
+        }
         let status = MessageStatus {
             targets: recorded,
             unknown: counts.unknown,
@@ -748,6 +759,30 @@ impl Pipeline {
 }
 
 impl Pipeline {
+    /// Adds the messages a push put out of devices' queues to their counts (and takes them
+    /// off the devices their messages will expire for).
+    fn count_displaced(&self, app: &str, displaced: Vec<Displaced>, now_ms: u64) {
+        let mut counts: HashMap<String, ReceiptCount> = HashMap::new();
+        for Displaced { message, by } in displaced {
+            self.stats.add_expiring(app, &message, -1);
+            let count = counts
+                .entry(message.id.clone())
+                .or_insert_with(|| ReceiptCount {
+                    app: app.to_owned(),
+                    id: message.id.clone(),
+                    ..ReceiptCount::default()
+                });
+            match by {
+                DisplacedBy::Collapsed => count.collapsed += 1,
+                DisplacedBy::Dropped => count.dropped += 1,
+            }
+        }
+        let keep_until_ms = now_ms.saturating_add(self.retention.as_millis() as u64);
+        for count in counts.into_values() {
+            self.statuses.count(count, keep_until_ms);
+        }
+    }
+
     /// Counts one more capped push for each of `uids` in the current window of `cap`:
     /// per uid, whether it was under the cap.
     async fn count_capped(

@@ -121,15 +121,20 @@ impl Receipts {
         self.count(app, messages, (1, 0));
     }
 
-    /// Counts `messages` of `app` acknowledged by the device `token`, and how long after
-    /// their acceptance they were.
-    pub fn acked(&self, app: &str, token: &str, messages: &[Arc<Message>]) {
+    /// Counts `messages` of `app` acknowledged by the device `token` (`direct`: pushes
+    /// recorded for the device, not of a shared stream), and how long after their
+    /// acceptance they were.
+    pub fn acked(&self, app: &str, token: &str, messages: &[Arc<Message>], direct: bool) {
         let ids = messages.iter().map(|message| message.id.as_str());
         self.webhooks.record(app, ReceiptKind::Acked, token, ids);
         let now_ms = crate::message::unix_millis();
         for message in messages {
             let ms = now_ms.saturating_sub(message.accepted_at_ms);
             self.latency.observe(ms as f64 / 1000.0);
+            if direct {
+                // It will not expire for this device.
+                self.stats.add_expiring(app, message, -1);
+            }
         }
         self.count(app, messages.iter().map(|message| &**message), (0, 1));
     }
@@ -268,6 +273,7 @@ impl Receipts {
                     delivered: counts.delivered,
                     acked: counts.acked,
                     opened_by: counts.opened_by.into_iter().collect(),
+                    ..ReceiptCount::default()
                 })
             })
             .collect()
@@ -358,7 +364,7 @@ mod tests {
             ..(*m2).clone()
         });
         receipts.delivered("a", "t1", [&*m1, &*m2, &*m1]);
-        receipts.acked("a", "t1", std::slice::from_ref(&m1));
+        receipts.acked("a", "t1", std::slice::from_ref(&m1), true);
         receipts.delivered("b", "t1", [&*m1]);
         let mut taken = receipts.take();
         taken.sort_by(|x, y| (&x.app, &x.id).cmp(&(&y.app, &y.id)));
@@ -408,7 +414,7 @@ mod tests {
             accepted_at_ms: now - 3_600_000 * 48,
             ..(*message("m2")).clone()
         });
-        receipts.acked("a", "t1", &[recent, old]);
+        receipts.acked("a", "t1", &[recent, old], true);
         let mut out = String::new();
         receipts.render_latency(&mut out);
         let line = |prefix: &str| {

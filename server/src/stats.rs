@@ -32,10 +32,29 @@ type Minutes = HashMap<(Class, u64), StatsCounts>;
 impl Stats {
     /// Adds `counts` to `app`'s of `class` in the current minute.
     pub fn add(&self, app: &str, class: Class, counts: StatsCounts) {
+        self.add_at(app, class, unix_millis() / 60_000, counts);
+    }
+
+    /// Adds `n` to the devices `app`'s direct messages of `class` that expire at
+    /// `expires_at_ms` will have expired for (a negative `n` takes devices off). Nothing for
+    /// a message that is never stored (TTL 0) or has expired by now.
+    pub fn add_expiring(&self, app: &str, message: &crate::message::Message, n: i64) {
+        let now_ms = unix_millis();
+        if message.expires_at_ms <= message.accepted_at_ms || message.expires_at_ms <= now_ms {
+            return;
+        }
+        let counts = StatsCounts {
+            expiring: n,
+            ..StatsCounts::default()
+        };
+        self.add_at(app, message.class, message.expires_at_ms / 60_000, counts);
+    }
+
+    /// Adds `counts` to `app`'s of `class` in `minute`.
+    fn add_at(&self, app: &str, class: Class, minute: u64, counts: StatsCounts) {
         if counts.is_empty() {
             return;
         }
-        let minute = unix_millis() / 60_000;
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         // The app's entry is found without allocating; only its first count adds one.
         if !pending.contains_key(app) {
@@ -112,7 +131,8 @@ pub struct Point {
 
 /// `app`'s counts in the minutes `from..to`, a point per `step` minutes from `from` (the
 /// last point may cover fewer minutes); points without counts are there, with zeros. Only
-/// the minutes of the last `retention` up to now are read: there are no others.
+/// the minutes of the last `retention` up to now are read: there are no others. `expiring`
+/// is that of the minutes that are past (the devices messages expired for), at least 0.
 pub async fn series(
     store: &dyn Store,
     app: &str,
@@ -139,8 +159,17 @@ pub async fn series(
         else {
             continue;
         };
+        let mut counts = row.counts;
+        if row.minute >= now {
+            counts.expiring = 0;
+        }
         if let Some(index) = Class::ALL.iter().position(|class| *class == row.class) {
-            point.classes[index].add(row.counts);
+            point.classes[index].add(counts);
+        }
+    }
+    for point in &mut points {
+        for counts in &mut point.classes {
+            counts.expiring = counts.expiring.max(0);
         }
     }
     Ok(points)

@@ -4,7 +4,11 @@
 //! one task writes what gathered over [`LINGER`] at once (in Redis, one call per app and
 //! shard). A status is then readable within about [`LINGER`] of the push's answer.
 //!
-//! Bounded: when [`QUEUE`] statuses wait, a push writes its own and waits for it.
+//! Counts the pipeline makes go the same way: how often a push put an older message out of a
+//! device's queue (collapsed, or dropped by the cap), added to that message's counts.
+//!
+//! Bounded: when [`QUEUE`] statuses wait, a push writes its own and waits for it; counts
+//! past it are left out (logged).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::log_throttle::Throttle;
 use crate::metrics::{BATCH_SIZES, Histogram};
-use crate::store::{StatusWrite, Store};
+use crate::store::{ReceiptCount, StatusWrite, Store};
 
 /// How long the writer gathers statuses before writing them.
 pub const LINGER: Duration = Duration::from_millis(10);
@@ -25,14 +29,21 @@ const BATCH: usize = 1024;
 /// The pipeline's end of the writer.
 pub struct StatusWriter {
     store: Arc<dyn Store>,
-    queue: mpsc::Sender<StatusWrite>,
+    queue: mpsc::Sender<Write>,
+}
+
+/// What the writer is given.
+enum Write {
+    Status(StatusWrite),
+    /// Counts to add, and until when (Unix ms) they are kept at least.
+    Count(ReceiptCount, u64),
 }
 
 impl StatusWriter {
     /// A writer to `store`, with its task (it ends when the writer is dropped).
     pub fn start(store: Arc<dyn Store>) -> Self {
-        let (queue, statuses) = mpsc::channel(QUEUE);
-        tokio::spawn(write_batches(store.clone(), statuses));
+        let (queue, writes) = mpsc::channel(QUEUE);
+        tokio::spawn(write_batches(store.clone(), writes));
         Self { store, queue }
     }
 
@@ -40,12 +51,32 @@ impl StatusWriter {
     /// full (or the writer gone). A status that cannot be written is logged: the message
     /// itself is accepted, only its status is missing.
     pub async fn keep(&self, status: StatusWrite) {
-        let status = match self.queue.try_send(status) {
+        let status = match self.queue.try_send(Write::Status(status)) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(status)) => status,
-            Err(mpsc::error::TrySendError::Closed(status)) => status,
+            Err(full_or_closed) => match full_or_closed.into_inner() {
+                Write::Status(status) => status,
+                Write::Count(..) => return,
+            },
         };
         self.write_now(vec![status]).await;
+    }
+
+    /// Queues `counts` to be added to their message's with the next batch, kept until
+    /// `keep_until_ms` at least; left out (logged) when the queue is full.
+    pub fn count(&self, counts: ReceiptCount, keep_until_ms: u64) {
+        if self
+            .queue
+            .try_send(Write::Count(counts, keep_until_ms))
+            .is_err()
+        {
+            static THROTTLE: Throttle = Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                tracing::warn!(
+                    suppressed,
+                    "messages' counts left out: the writer's queue is full"
+                );
+            }
+        }
     }
 
     /// Writes `statuses` now, and waits for it (for statuses whose order with later ones
@@ -55,17 +86,44 @@ impl StatusWriter {
     }
 }
 
-async fn write_batches(store: Arc<dyn Store>, mut statuses: mpsc::Receiver<StatusWrite>) {
+async fn write_batches(store: Arc<dyn Store>, mut writes: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(BATCH);
-    while statuses.recv_many(&mut batch, BATCH).await > 0 {
+    let process = rand::random::<u64>();
+    let mut batches = 0u64;
+    while writes.recv_many(&mut batch, BATCH).await > 0 {
         tokio::time::sleep(LINGER).await;
         while batch.len() < BATCH {
-            match statuses.try_recv() {
-                Ok(status) => batch.push(status),
+            match writes.try_recv() {
+                Ok(write) => batch.push(write),
                 Err(_) => break,
             }
         }
-        write(store.as_ref(), std::mem::take(&mut batch)).await;
+        let mut statuses = Vec::with_capacity(batch.len());
+        let mut counts = Vec::new();
+        let mut keep_until_ms = 0;
+        for write in batch.drain(..) {
+            match write {
+                Write::Status(status) => statuses.push(status),
+                Write::Count(count, until) => {
+                    counts.push(count);
+                    keep_until_ms = until.max(keep_until_ms);
+                }
+            }
+        }
+        // The statuses first: counts of a message whose status is in the same batch find it.
+        if !statuses.is_empty() {
+            write(store.as_ref(), statuses).await;
+        }
+        if !counts.is_empty() {
+            batches += 1;
+            let id = format!("w{process:016x}-{batches}");
+            if let Err(error) = store.count_receipts(&counts, keep_until_ms, &id).await {
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    tracing::warn!(%error, suppressed, "adding messages' counts failed; lost");
+                }
+            }
+        }
     }
 }
 

@@ -371,12 +371,33 @@ pub enum AcceptOutcome {
         message: Arc<Message>,
         /// Per target, in the order given: its token and what was recorded.
         targets: Vec<(String, Recorded)>,
+        /// Stored messages this one put out of its targets' queues.
+        displaced: Vec<Displaced>,
     },
     /// The idempotency key was used before, and that push was fully recorded.
     Duplicate {
         /// The first message's id.
         message_id: String,
     },
+}
+
+/// A stored message a newer one put out of a device's queue, as recording the newer one
+/// found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Displaced {
+    /// The message put out.
+    pub message: Arc<Message>,
+    /// Why.
+    pub by: DisplacedBy,
+}
+
+/// Why a stored message left a device's queue unread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisplacedBy {
+    /// A newer message with its collapse key replaced it.
+    Collapsed,
+    /// The device's queue was full (`limits.max_stored_per_device`): the oldest goes.
+    Dropped,
 }
 
 /// Rows read from a device's queue.
@@ -552,6 +573,10 @@ pub struct ReceiptCount {
     pub acked: u64,
     /// The devices (tokens) that reported it opened; each counts once, however often.
     pub opened_by: Vec<String>,
+    /// Replaced in a device's queue by a newer message with its collapse key.
+    pub collapsed: u64,
+    /// Dropped from a full device queue.
+    pub dropped: u64,
 }
 
 /// Devices that opened messages of one app and class for the first time.
@@ -603,6 +628,10 @@ pub struct StatusRecord {
     pub acked: u64,
     /// Devices that reported it opened, each once.
     pub opened: u64,
+    /// Replaced in a device's queue by a newer message with its collapse key.
+    pub collapsed: u64,
+    /// Dropped from a full device queue.
+    pub dropped: u64,
 }
 
 /// An app's counts of one class in one minute, as the statistics keep them.
@@ -631,10 +660,16 @@ pub struct StatsCounts {
     pub acked: u64,
     /// Opened, first reports per device and message.
     pub opened: u64,
+    /// Kept by the minute the messages expire in: devices a direct push was stored for
+    /// (added when it is recorded), less those that acknowledged it before it expired or
+    /// lost it to a newer one (taken off then). Once the minute is past, the devices it
+    /// expired for.
+    pub expiring: i64,
 }
 
 impl StatsCounts {
-    /// The counts in a fixed order: pushes, targets, delivered, acked, opened.
+    /// The counts in a fixed order: pushes, targets, delivered, acked, opened (not
+    /// `expiring`).
     pub fn to_array(self) -> [u64; 5] {
         [
             self.pushes,
@@ -645,7 +680,7 @@ impl StatsCounts {
         ]
     }
 
-    /// Back from [`StatsCounts::to_array`].
+    /// Back from [`StatsCounts::to_array`] (`expiring` 0).
     pub fn from_array([pushes, targets, delivered, acked, opened]: [u64; 5]) -> Self {
         Self {
             pushes,
@@ -653,19 +688,23 @@ impl StatsCounts {
             delivered,
             acked,
             opened,
+            expiring: 0,
         }
     }
 
     /// Adds `other`'s counts.
     pub fn add(&mut self, other: StatsCounts) {
         let sum = self.to_array();
-        let other = other.to_array();
-        *self = Self::from_array(std::array::from_fn(|i| sum[i].saturating_add(other[i])));
+        let added = other.to_array();
+        *self = Self {
+            expiring: self.expiring.saturating_add(other.expiring),
+            ..Self::from_array(std::array::from_fn(|i| sum[i].saturating_add(added[i])))
+        };
     }
 
     /// Whether every count is 0.
     pub fn is_empty(&self) -> bool {
-        self.to_array().iter().all(|count| *count == 0)
+        self.expiring == 0 && self.to_array().iter().all(|count| *count == 0)
     }
 }
 

@@ -330,6 +330,112 @@ async fn cluster_mode_counts_on_the_node_and_answers_on_the_gateway() {
     )
     .await;
     assert_eq!(status, 404, "{body}");
+
+    // A copy replaced by a newer push with its collapse key, counted through Redis.
+    drop(bob);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let score =
+        |n| json!({"audience": {"uids": ["bob"]}, "payload": {"n": n}, "collapse_key": "s"});
+    let (status, answer) = gateway.push(score(1)).await;
+    assert_eq!(status, 202, "{answer}");
+    let replaced = format!(
+        "/v1/messages/{}",
+        answer["message_id"].as_str().expect("id")
+    );
+    let (status, answer) = gateway.push(score(2)).await;
+    assert_eq!(status, 202, "{answer}");
+    let body = status_until(
+        || gateway.call("GET", &replaced, None),
+        |body| body["counts"]["collapsed"] == 1,
+    )
+    .await;
+    assert_eq!(body["counts"]["waiting"], 0, "{body}");
+}
+
+/// Pushes `body`, accepted; the path of its status.
+async fn status_path(server: &Server, body: Value) -> String {
+    let (status, answer) = server.push(body).await;
+    assert_eq!(status, 202, "{answer}");
+    format!(
+        "/v1/messages/{}",
+        answer["message_id"].as_str().expect("id")
+    )
+}
+
+/// A copy a newer push put out of a device's queue is counted on the message it replaced
+/// (`collapsed` for a collapse key, `dropped` for the per-device cap) and waits no more.
+/// The statistics count, in the minute it expired in, each device a direct push expired for
+/// before it acknowledged it.
+#[tokio::test]
+async fn replaced_and_expired_copies_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[("PIGEON_LIMITS__MAX_STORED_PER_DEVICE", "2")]);
+    let _bob = support::offline_device(&server, "bob").await;
+    let to_bob = |n: u64, collapse_key: &str| json!({"audience": {"uids": ["bob"]}, "payload": {"n": n}, "collapse_key": collapse_key});
+    let count = |body: &Value, name: &str| body["counts"][name].as_u64();
+
+    let first = status_path(&server, to_bob(1, "score")).await;
+    let second = status_path(&server, to_bob(2, "score")).await;
+    let body = status_until(
+        || server.call("GET", &first, None),
+        |body| count(body, "collapsed") == Some(1),
+    )
+    .await;
+    assert_eq!(count(&body, "waiting"), Some(0), "{body}");
+    assert_eq!(count(&body, "dropped"), Some(0), "{body}");
+    let (_, body) = server.call("GET", &second, None).await;
+    assert_eq!(count(&body, "collapsed"), Some(0), "{body}");
+    assert_eq!(count(&body, "waiting"), Some(1), "{body}");
+    // Bob's queue holds two: the fourth push drops the second.
+    status_path(&server, to_bob(3, "")).await;
+    status_path(&server, to_bob(4, "")).await;
+    let body = status_until(
+        || server.call("GET", &second, None),
+        |body| count(body, "dropped") == Some(1),
+    )
+    .await;
+    assert_eq!(count(&body, "waiting"), Some(0), "{body}");
+    assert_eq!(count(&body, "targets"), Some(1), "{body}");
+
+    // Expiries, counted by the minute they happen in: early in a minute, so that it ends
+    // soon after they expire.
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let _cat = support::offline_device(&server, "cat").await;
+    let into_minute = pigeon_server::message::unix_millis() % 60_000;
+    if into_minute > 55_000 {
+        tokio::time::sleep(Duration::from_millis(60_500 - into_minute)).await;
+    }
+    status_path(
+        &server,
+        json!({"audience": {"uids": ["ann", "cat"]}, "payload": {}, "ttl": 2}),
+    )
+    .await;
+    receive(&mut ann).await;
+    let marketing =
+        json!({"audience": {"uids": ["cat"]}, "payload": {}, "ttl": 2, "class": "marketing"});
+    status_path(&server, marketing).await;
+    let expired = |body: &Value| -> [u64; 3] {
+        let points = body["points"].as_array().cloned().unwrap_or_default();
+        ["realtime", "notification", "marketing"].map(|class| {
+            points
+                .iter()
+                .map(|point| point[class]["expired"].as_u64().expect("expired"))
+                .sum()
+        })
+    };
+    let begin = Instant::now();
+    loop {
+        let (status, body) = server.call("GET", "/v1/stats", None).await;
+        assert_eq!(status, 200, "{body}");
+        // Ann acknowledged hers; bob's copies have not expired yet.
+        match expired(&body) {
+            [0, 1, 1] => break,
+            [0, 0, 0] => {}
+            other => panic!("expired {other:?}: {body}"),
+        }
+        assert!(begin.elapsed() < Duration::from_secs(90), "{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The sums over all points of `GET /v1/stats` (the last hour, by the minute): per class,

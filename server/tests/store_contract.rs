@@ -22,7 +22,8 @@ use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
     ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, Cancel, DeviceCounters, DeviceTags,
-    NewlyOpened, Recorded, Route, StatsCounts, StatsRow, Store, StreamHead, TagChange, Target,
+    DisplacedBy, NewlyOpened, Recorded, Route, StatsCounts, StatsRow, Store, StreamHead, TagChange,
+    Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
@@ -213,6 +214,22 @@ fn recorded(outcome: &AcceptOutcome) -> Vec<Recorded> {
     }
 }
 
+/// The payloads of the messages a record put out of queues, and why.
+fn displaced(outcome: &AcceptOutcome) -> Vec<(String, DisplacedBy)> {
+    match outcome {
+        AcceptOutcome::Accepted { displaced, .. } => displaced
+            .iter()
+            .map(|d| {
+                (
+                    String::from_utf8_lossy(&d.message.payload).into_owned(),
+                    d.by,
+                )
+            })
+            .collect(),
+        other => panic!("expected accepted, got {other:?}"),
+    }
+}
+
 fn seq(seq: u64) -> Recorded {
     Recorded::Seq { seq, route: None }
 }
@@ -365,33 +382,54 @@ async fn expired_messages_are_never_replayed(backend: &Backend) {
 
 async fn a_collapse_key_replaces_the_pending_message(backend: &Backend) {
     let token = backend.device("alice").await;
-    backend
-        .record(message("score 1-0", 60_000, "score"), &[&token], None)
-        .await;
+    let first = message("score 1-0", 60_000, "score");
+    let outcome = backend.record(first.clone(), &[&token], None).await;
+    assert_eq!(displaced(&outcome), []);
     backend
         .record(message("other", 60_000, ""), &[&token], None)
         .await;
-    backend
+    let outcome = backend
         .record(message("score 2-0", 60_000, "score"), &[&token], None)
         .await;
+    // The message replaced comes back whole (its id and class are counted).
+    match &outcome {
+        AcceptOutcome::Accepted { displaced, .. } => {
+            assert_eq!(displaced.len(), 1);
+            assert_eq!(displaced[0].message, first);
+            assert_eq!(displaced[0].by, DisplacedBy::Collapsed);
+        }
+        other => panic!("expected accepted, got {other:?}"),
+    }
     assert_eq!(
         backend.pending(&token, 0).await,
         vec![(2, "other".into()), (3, "score 2-0".into())]
     );
     // Once acknowledged, a message with the key is no longer pending: nothing is replaced.
     backend.store.ack(&token, 3).await.expect("ack");
-    backend
+    let outcome = backend
         .record(message("score 3-0", 60_000, "score"), &[&token], None)
         .await;
+    assert_eq!(displaced(&outcome), []);
     let counters = backend.counters(&token).await;
     assert_eq!((counters.pending, counters.collapsed), (1, 1));
 }
 
 async fn the_per_device_cap_keeps_the_newest(backend: &Backend) {
     let token = backend.device("alice").await;
+    let mut dropped = Vec::new();
     for n in 1..=CAP + 2 {
-        backend.push(&token, &format!("m{n}")).await;
+        let outcome = backend
+            .record(message(&format!("m{n}"), 60_000, ""), &[&token], None)
+            .await;
+        dropped.extend(displaced(&outcome));
     }
+    assert_eq!(
+        dropped,
+        [
+            ("m1".to_owned(), DisplacedBy::Dropped),
+            ("m2".to_owned(), DisplacedBy::Dropped)
+        ]
+    );
     let seqs: Vec<u64> = backend
         .pending(&token, 0)
         .await
@@ -1357,7 +1395,7 @@ async fn statuses_keep_their_counts(backend: &Backend) {
         id: "m1".into(),
         delivered,
         acked,
-        opened_by: Vec::new(),
+        ..ReceiptCount::default()
     };
     let none = store.message_status("demo", "m1").await.expect("status");
     assert_eq!((none.status, none.delivered, none.acked), (None, 0, 0));
@@ -1446,6 +1484,45 @@ async fn statuses_keep_their_counts(backend: &Backend) {
     assert_eq!(again, []);
     let kept = store.message_status("demo", "m1").await.expect("status");
     assert_eq!((kept.delivered, kept.acked, kept.opened), (5, 4, 3));
+    // Copies put out of queues add up too, and leave the other counts.
+    let displaced = |collapsed, dropped| ReceiptCount {
+        collapsed,
+        dropped,
+        ..count("demo", 0, 0)
+    };
+    store
+        .count_receipts(&[displaced(2, 1)], until, "b6")
+        .await
+        .expect("count");
+    store
+        .count_receipts(&[displaced(1, 0)], until, "b7")
+        .await
+        .expect("count");
+    let kept = store.message_status("demo", "m1").await.expect("status");
+    assert_eq!(
+        (
+            kept.delivered,
+            kept.acked,
+            kept.opened,
+            kept.collapsed,
+            kept.dropped
+        ),
+        (5, 4, 3, 3, 1)
+    );
+    // Counts for a message without a status wait for it, as the others do.
+    store
+        .count_receipts(
+            &[ReceiptCount {
+                id: "m2".into(),
+                ..displaced(1, 2)
+            }],
+            until,
+            "b8",
+        )
+        .await
+        .expect("count");
+    let early = store.message_status("demo", "m2").await.expect("status");
+    assert_eq!((early.status, early.collapsed, early.dropped), (None, 1, 2));
 }
 
 /// Statistics add up per app, minute and class, and are read by a range of minutes.
@@ -1485,6 +1562,20 @@ async fn statistics_add_up_by_minute_and_class(backend: &Backend) {
         )
         .await
         .expect("add");
+    // `expiring` is signed: devices taken off may outnumber those added, for a while.
+    let expiring = |minute, expiring| StatsRow {
+        counts: StatsCounts {
+            expiring,
+            ..StatsCounts::default()
+        },
+        ..row("demo", minute, Class::Marketing, 0, 0)
+    };
+    for add in [5, -3, -4] {
+        store
+            .add_stats(vec![expiring(hour_end - 1, add)], retention)
+            .await
+            .expect("add");
+    }
     let mut rows = store
         .stats("demo", hour_end - 10, hour_end + 10)
         .await
@@ -1493,6 +1584,7 @@ async fn statistics_add_up_by_minute_and_class(backend: &Backend) {
     assert_eq!(
         rows,
         [
+            expiring(hour_end - 1, -2),
             row("demo", hour_end, Class::Notification, 1, 0),
             StatsRow {
                 counts: StatsCounts {
@@ -1513,7 +1605,7 @@ async fn statistics_add_up_by_minute_and_class(backend: &Backend) {
         .expect("stats");
     assert_eq!(rows.len(), 2, "{rows:?}");
     let rows = store
-        .stats("demo", hour_end - 10, hour_end)
+        .stats("demo", hour_end - 10, hour_end - 1)
         .await
         .expect("stats");
     assert_eq!(rows, []);

@@ -291,6 +291,7 @@ impl push_server::Push for PushGrpc {
             delivered: counts.delivered,
             acked: counts.acked,
             opened: counts.opened,
+            expired: counts.expiring.max(0) as u64,
         };
         let points = points
             .iter()

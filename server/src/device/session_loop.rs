@@ -80,9 +80,12 @@ impl Live {
             Ok(FrameOutcome::Nothing) => Ok(None),
             Ok(FrameOutcome::Send(frame)) => Ok(Some(frame)),
             Ok(FrameOutcome::Acked { seq, messages }) => {
-                context
-                    .receipts
-                    .acked(self.connection.app(), &self.token, &messages);
+                context.receipts.acked(
+                    self.connection.app(),
+                    &self.token,
+                    &messages,
+                    seq.is_some(),
+                );
                 if let Some(seq) = seq {
                     let (context, token) = (context.clone(), self.token.clone());
                     tokio::spawn(async move {
@@ -354,7 +357,7 @@ async fn on_frame<T: DeviceTransport>(
             .await
             .map_err(Ending::transport),
         Ok(FrameOutcome::Acked { seq, messages }) => {
-            context.receipts.acked(app, token, &messages);
+            context.receipts.acked(app, token, &messages, seq.is_some());
             if let Some(seq) = seq
                 && let Err(error) = context.store.ack(token, seq).await
             {

@@ -42,13 +42,16 @@
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
 //! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms; opened) |
 //! | `opened` | `app \0 id \0 token` | () (the devices that opened the message; gone with its status) |
+//! | `status_displaced` | `app \0 id` | (collapsed, dropped by the device cap): how often the message left a device's queue unread (gone with its status) |
 //! | `status_expiry` | (kept until ms, `app \0 id`) | () (a row whose status is kept longer is left) |
 //! | `device_seen` | (app, last admitted ms, token) | () (the devices by when they were last admitted) |
 //! | `stats` | (minute, app, class: 0 notification, 1 realtime, 2 marketing) | [pushes, targets, delivered, acked, opened]; minutes past the retention swept as rows are added |
+//! | `stats_expiring` | (minute, app, class) | the statistics' `expiring` count (signed), swept alike |
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
 //! as these index rows.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,9 +67,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, DueJob, NewlyOpened, OfflineStore, ReceiptCount, Recorded,
-    Registry, Replay, Retagged, Route, Routes, Schedules, StatsCounts, StatsRow, StatusRecord,
-    StatusWrite, Statuses, StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, Displaced, DisplacedBy, DueJob, NewlyOpened, OfflineStore,
+    ReceiptCount, Recorded, Registry, Replay, Retagged, Route, Routes, Schedules, StatsCounts,
+    StatsRow, StatusRecord, StatusWrite, Statuses, StoreError, StreamHead, StreamPlace, StreamRead,
+    TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
@@ -93,8 +97,12 @@ const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("sc
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
 const STATUS: TableDefinition<&str, (&[u8], u64, u64, u64, u64)> = TableDefinition::new("status");
 const OPENED: TableDefinition<&str, ()> = TableDefinition::new("opened");
+const STATUS_DISPLACED: TableDefinition<&str, (u64, u64)> =
+    TableDefinition::new("status_displaced");
 const STATUS_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("status_expiry");
 const STATS: TableDefinition<(u64, &str, u32), [u64; 5]> = TableDefinition::new("stats");
+const STATS_EXPIRING: TableDefinition<(u64, &str, u32), i64> =
+    TableDefinition::new("stats_expiring");
 const DEVICE_SEEN: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("device_seen");
 /// The states of `schedule_ids` below a remembered-until time.
 const WAITING: u64 = 0;
@@ -268,7 +276,9 @@ impl EmbeddedStore {
             txn.open_table(STATUS).map_err(backend)?;
             txn.open_table(STATUS_EXPIRY).map_err(backend)?;
             txn.open_table(OPENED).map_err(backend)?;
+            txn.open_table(STATUS_DISPLACED).map_err(backend)?;
             txn.open_table(STATS).map_err(backend)?;
+            txn.open_table(STATS_EXPIRING).map_err(backend)?;
             txn.open_table(DEVICE_SEEN).map_err(backend)?;
             txn.commit().map_err(backend)?;
         }
@@ -1002,8 +1012,9 @@ impl Writer {
                 tables.unregister(&app, &token).map(Reply::Unregistered)
             }
             Op::PutStatuses { statuses } => {
+                let none = ReceiptCount::default();
                 for (key, status, keep_until_ms) in statuses {
-                    tables.put_status(&key, Some(&status), (0, 0, &[]), keep_until_ms)?;
+                    tables.put_status(&key, Some(&status), &none, keep_until_ms)?;
                 }
                 Ok(Reply::Done)
             }
@@ -1014,8 +1025,7 @@ impl Writer {
                 let mut opened: Vec<NewlyOpened> = Vec::new();
                 for count in counts {
                     let key = status_key(&count.app, &count.id);
-                    let counts = (count.delivered, count.acked, count.opened_by.as_slice());
-                    let devices = tables.put_status(&key, None, counts, keep_until_ms)?;
+                    let devices = tables.put_status(&key, None, &count, keep_until_ms)?;
                     let Some(class) = tables.status_class(&key)?.filter(|_| devices > 0) else {
                         continue;
                     };
@@ -1058,7 +1068,9 @@ struct Tables<'txn> {
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
     status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64, u64)>,
     opened: redb::Table<'txn, &'static str, ()>,
+    status_displaced: redb::Table<'txn, &'static str, (u64, u64)>,
     status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
+    stats_expiring: redb::Table<'txn, (u64, &'static str, u32), i64>,
     stats: redb::Table<'txn, (u64, &'static str, u32), [u64; 5]>,
     device_seen: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
 }
@@ -1087,7 +1099,9 @@ impl<'txn> Tables<'txn> {
             status: txn.open_table(STATUS).map_err(backend)?,
             status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
             opened: txn.open_table(OPENED).map_err(backend)?,
+            status_displaced: txn.open_table(STATUS_DISPLACED).map_err(backend)?,
             stats: txn.open_table(STATS).map_err(backend)?,
+            stats_expiring: txn.open_table(STATS_EXPIRING).map_err(backend)?,
             device_seen: txn.open_table(DEVICE_SEEN).map_err(backend)?,
         })
     }
@@ -1097,35 +1111,24 @@ impl<'txn> Tables<'txn> {
     fn add_stats(&mut self, rows: Vec<StatsRow>, oldest: u64) -> Result<()> {
         for row in rows.iter().filter(|row| row.minute >= oldest) {
             let key = (row.minute, row.app.as_str(), row.class.to_stored());
-            let mut counts = self
-                .stats
-                .get(key)
-                .map_err(backend)?
-                .map(|counts| StatsCounts::from_array(counts.value()))
-                .unwrap_or_default();
-            counts.add(row.counts);
-            self.stats.insert(key, counts.to_array()).map_err(backend)?;
+            if row.counts.to_array() != [0; 5] {
+                let mut counts = self
+                    .stats
+                    .get(key)
+                    .map_err(backend)?
+                    .map(|counts| StatsCounts::from_array(counts.value()))
+                    .unwrap_or_default();
+                counts.add(row.counts);
+                self.stats.insert(key, counts.to_array()).map_err(backend)?;
+            }
+            if row.counts.expiring != 0 {
+                let expiring = self.stats_expiring.get(key).map_err(backend)?;
+                let expiring = expiring.map_or(0, |n| n.value()) + row.counts.expiring;
+                self.stats_expiring.insert(key, expiring).map_err(backend)?;
+            }
         }
-        let old: Vec<(u64, String, u32)> = self
-            .stats
-            .range((0, "", 0)..(oldest, "", 0))
-            .map_err(backend)?
-            .take(SWEEP_LIMIT)
-            .map(|entry| {
-                entry
-                    .map(|(key, _)| {
-                        let (minute, app, class) = key.value();
-                        (minute, app.to_owned(), class)
-                    })
-                    .map_err(backend)
-            })
-            .collect::<Result<_>>()?;
-        for (minute, app, class) in old {
-            self.stats
-                .remove((minute, app.as_str(), class))
-                .map_err(backend)?;
-        }
-        Ok(())
+        forget_minutes_before(&mut self.stats, oldest)?;
+        forget_minutes_before(&mut self.stats_expiring, oldest)
     }
 
     /// The class of the message whose status is at `key`, when its status is kept.
@@ -1141,21 +1144,39 @@ impl<'txn> Tables<'txn> {
         Ok(Some(Class::from_name(&status.class).unwrap_or_default()))
     }
 
-    /// Writes a message's status (when given) and adds to its counts (delivered, acked, and
-    /// the devices that opened it, each once); it is kept until `keep_until_ms` at least.
-    /// Returns how many devices opened it for the first time.
+    /// Writes a message's status (when given) and adds `counts` to its counts (the devices
+    /// that opened it each once; its app and id are not read); it is kept until
+    /// `keep_until_ms` at least. Returns how many devices opened it for the first time.
     fn put_status(
         &mut self,
         key: &str,
         status: Option<&[u8]>,
-        (delivered, acked, opened_by): (u64, u64, &[String]),
+        counts: &ReceiptCount,
         keep_until_ms: u64,
     ) -> Result<u64> {
         let row = self.status.get(key).map_err(backend)?.map(|row| {
             let (old, delivered, acked, until, opened) = row.value();
             (old.to_vec(), delivered, acked, until, opened)
         });
-        if row.is_none() && status.is_none() && delivered == 0 && acked == 0 {
+        let ReceiptCount {
+            delivered,
+            acked,
+            ref opened_by,
+            collapsed,
+            dropped,
+            ..
+        } = *counts;
+        if collapsed > 0 || dropped > 0 {
+            let (old_collapsed, old_dropped) = self
+                .status_displaced
+                .get(key)
+                .map_err(backend)?
+                .map_or((0, 0), |row| row.value());
+            let row = (old_collapsed + collapsed, old_dropped + dropped);
+            self.status_displaced.insert(key, row).map_err(backend)?;
+        }
+        let counted = delivered > 0 || acked > 0 || collapsed > 0 || dropped > 0;
+        if row.is_none() && status.is_none() && !counted {
             // Only "opened" reports, for a message with no status: none of the app's.
             return Ok(0);
         }
@@ -1797,14 +1818,23 @@ impl<'txn> Tables<'txn> {
         }
         let stored = accept.message.to_stored().encode_to_vec();
         let mut targets = Vec::with_capacity(accept.targets.len());
+        let mut displaced = Vec::new();
         for target in std::mem::take(&mut accept.targets) {
-            let recorded =
-                self.record_one(&accept, &target.token, target.store, &stored, cap, routes)?;
+            let (token, store) = (target.token.as_str(), target.store);
+            let recorded = self.record_one(
+                &accept,
+                token,
+                store,
+                &stored,
+                (cap, routes),
+                &mut displaced,
+            )?;
             targets.push((target.token, recorded));
         }
         Ok(AcceptOutcome::Accepted {
             message: accept.message,
             targets,
+            displaced,
         })
     }
 
@@ -1815,8 +1845,8 @@ impl<'txn> Tables<'txn> {
         token: &str,
         store: bool,
         stored: &[u8],
-        cap: u32,
-        routes: &dyn Routes,
+        (cap, routes): (u32, &dyn Routes),
+        displaced: &mut Vec<Displaced>,
     ) -> Result<Recorded> {
         let Some(mut record) = self.device(token)? else {
             return Ok(Recorded::Unknown);
@@ -1837,10 +1867,14 @@ impl<'txn> Tables<'txn> {
                 let previous = self.collapse.get(key.as_str()).map_err(backend)?;
                 let previous = previous.map(|value| value.value());
                 if let Some(previous) = previous
-                    && self.remove_message(token, previous)?
+                    && let Some(replaced) = self.take_message(token, previous)?
                 {
                     record.pending = record.pending.saturating_sub(1);
                     record.collapsed += 1;
+                    displaced.push(Displaced {
+                        message: Arc::new(Message::from_stored(replaced)),
+                        by: DisplacedBy::Collapsed,
+                    });
                 }
                 self.collapse.insert(key.as_str(), seq).map_err(backend)?;
             }
@@ -1857,7 +1891,12 @@ impl<'txn> Tables<'txn> {
                     record.pending = 0;
                     break;
                 };
-                self.remove_message(token, oldest)?;
+                if let Some(oldest) = self.take_message(token, oldest)? {
+                    displaced.push(Displaced {
+                        message: Arc::new(Message::from_stored(oldest)),
+                        by: DisplacedBy::Dropped,
+                    });
+                }
                 record.pending = record.pending.saturating_sub(1);
                 record.dropped += 1;
             }
@@ -1873,8 +1912,14 @@ impl<'txn> Tables<'txn> {
 
     /// Removes one stored message with its index rows; false when it was not there.
     fn remove_message(&mut self, token: &str, seq: u64) -> Result<bool> {
+        Ok(self.take_message(token, seq)?.is_some())
+    }
+
+    /// Removes one stored message with its index rows, and gives it back (`None` when it
+    /// was not there).
+    fn take_message(&mut self, token: &str, seq: u64) -> Result<Option<StoredMessage>> {
         let Some(value) = self.queue.remove((token, seq)).map_err(backend)? else {
-            return Ok(false);
+            return Ok(None);
         };
         let stored = decode_stored(value.value())?;
         drop(value);
@@ -1892,7 +1937,7 @@ impl<'txn> Tables<'txn> {
                 self.collapse.remove(key.as_str()).map_err(backend)?;
             }
         }
-        Ok(true)
+        Ok(Some(stored))
     }
 
     fn ack(&mut self, token: &str, seq: u64) -> Result<()> {
@@ -1985,6 +2030,9 @@ impl<'txn> Tables<'txn> {
                 .map(|row| row.value().3);
             if until.is_some_and(|until| until <= at) {
                 self.status.remove(key.as_str()).map_err(backend)?;
+                self.status_displaced
+                    .remove(key.as_str())
+                    .map_err(backend)?;
                 let prefix = format!("{key}\0");
                 let devices: Vec<String> = self
                     .opened
@@ -2075,20 +2123,29 @@ impl Statuses for EmbeddedStore {
         self.read(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(STATS).map_err(backend)?;
-            let mut rows = Vec::new();
+            let mut rows: BTreeMap<(u64, u32), StatsCounts> = BTreeMap::new();
             for entry in table.range((from, "", 0)..(to, "", 0)).map_err(backend)? {
                 let (key, counts) = entry.map_err(backend)?;
                 let (minute, row_app, class) = key.value();
                 if row_app == app {
-                    rows.push(StatsRow {
-                        app: app.clone(),
-                        minute,
-                        class: Class::from_stored(class),
-                        counts: StatsCounts::from_array(counts.value()),
-                    });
+                    rows.insert((minute, class), StatsCounts::from_array(counts.value()));
                 }
             }
-            Ok(rows)
+            let table = txn.open_table(STATS_EXPIRING).map_err(backend)?;
+            for entry in table.range((from, "", 0)..(to, "", 0)).map_err(backend)? {
+                let (key, expiring) = entry.map_err(backend)?;
+                let (minute, row_app, class) = key.value();
+                if row_app == app {
+                    rows.entry((minute, class)).or_default().expiring = expiring.value();
+                }
+            }
+            let rows = rows.into_iter().map(|((minute, class), counts)| StatsRow {
+                app: app.clone(),
+                minute,
+                class: Class::from_stored(class),
+                counts,
+            });
+            Ok(rows.collect())
         })
         .await
     }
@@ -2106,15 +2163,48 @@ impl Statuses for EmbeddedStore {
                 true => None,
                 false => Some(MessageStatus::decode(status).map_err(backend)?),
             };
+            let displaced = txn.open_table(STATUS_DISPLACED).map_err(backend)?;
+            let (collapsed, dropped) = displaced
+                .get(key.as_str())
+                .map_err(backend)?
+                .map_or((0, 0), |row| row.value());
             Ok(StatusRecord {
                 status,
                 delivered,
                 acked,
                 opened,
+                collapsed,
+                dropped,
             })
         })
         .await
     }
+}
+
+/// Forgets a few rows of a statistics table of minutes before `oldest`.
+fn forget_minutes_before<V: redb::Value + 'static>(
+    table: &mut redb::Table<'_, (u64, &'static str, u32), V>,
+    oldest: u64,
+) -> Result<()> {
+    let old: Vec<(u64, String, u32)> = table
+        .range((0, "", 0)..(oldest, "", 0))
+        .map_err(backend)?
+        .take(SWEEP_LIMIT)
+        .map(|entry| {
+            entry
+                .map(|(key, _)| {
+                    let (minute, app, class) = key.value();
+                    (minute, app.to_owned(), class)
+                })
+                .map_err(backend)
+        })
+        .collect::<Result<_>>()?;
+    for (minute, app, class) in old {
+        table
+            .remove((minute, app.as_str(), class))
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 /// The key of `app`'s scheduled push `id` in the schedule tables.

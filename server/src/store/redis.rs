@@ -48,8 +48,9 @@ use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::metrics::{CALL_SECONDS, Histogram};
 use crate::store::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, OfflineStore, Recorded, Registry, Replay, Retagged, Route,
-    StoreError, StreamHead, StreamPlace, StreamRead, TagChange, TagChanged,
+    DeviceInfo, DeviceTag, DeviceTags, Displaced, DisplacedBy, OfflineStore, Recorded, Registry,
+    Replay, Retagged, Route, StoreError, StreamHead, StreamPlace, StreamRead, TagChange,
+    TagChanged,
 };
 
 mod schedules;
@@ -251,35 +252,46 @@ fn plausible_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Records a message for one device. Returns `{seq, node, conn}`: seq 0 when the token is
-/// no device of the app, -1 when a TTL-0 message finds the device offline (not recorded).
-/// With an idempotency window, a message id already recorded for the device returns its
-/// first seq instead of a second copy.
+/// Records a message for one device. Returns `{seq, node, conn, displaced}`: seq 0 when
+/// the token is no device of the app, -1 when a TTL-0 message finds the device offline (not
+/// recorded); `displaced` the stored messages it put out of the queue, each as `c`
+/// (collapsed) or `d` (dropped by the cap) and its body. With an idempotency window, a
+/// message id already recorded for the device returns its first seq instead of a second
+/// copy.
 const ACCEPT: &str = r"
 local device, queue, collapse, ids = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local app, body, expires, collapse_key, message_id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local idempotency_ms, store, cap = tonumber(ARGV[6]), ARGV[7] == '1', tonumber(ARGV[8])
-if redis.call('HGET', device, 'app') ~= app then return {0, '', '0'} end
+if redis.call('HGET', device, 'app') ~= app then return {0, '', '0', {}} end
 local route = redis.call('HMGET', device, 'node', 'conn')
 local node, conn = route[1] or '', route[2] or '0'
 if idempotency_ms > 0 then
   local seen = redis.call('HGET', ids, message_id)
-  if seen then return {tonumber(seen), node, conn} end
+  if seen then return {tonumber(seen), node, conn, {}} end
 end
-if not store and node == '' then return {-1, '', '0'} end
+if not store and node == '' then return {-1, '', '0', {}} end
 local seq = redis.call('HINCRBY', device, 'seq', 1)
+local displaced = {}
 if store then
   if collapse_key ~= '' then
     local older = redis.call('HGET', collapse, collapse_key)
-    if older and redis.call('ZREMRANGEBYSCORE', queue, older, older) > 0 then
+    local replaced = older and redis.call('ZRANGE', queue, older, older, 'BYSCORE') or {}
+    if #replaced > 0 then
+      redis.call('ZREMRANGEBYSCORE', queue, older, older)
       redis.call('HINCRBY', device, 'collapsed', 1)
+      table.insert(displaced, 'c')
+      table.insert(displaced, replaced[1])
     end
     redis.call('HSET', collapse, collapse_key, seq)
   end
   redis.call('ZADD', queue, seq, body)
   local over = redis.call('ZCARD', queue) - cap
   if over > 0 then
-    redis.call('ZPOPMIN', queue, over)
+    local popped = redis.call('ZPOPMIN', queue, over)
+    for i = 1, #popped, 2 do
+      table.insert(displaced, 'd')
+      table.insert(displaced, popped[i])
+    end
     redis.call('HINCRBY', device, 'dropped', over)
   end
   for _, key in ipairs({queue, collapse}) do
@@ -291,7 +303,7 @@ if idempotency_ms > 0 then
   redis.call('HSET', ids, message_id, seq)
   redis.call('PEXPIRE', ids, idempotency_ms)
 end
-return {seq, node, conn}
+return {seq, node, conn, displaced}
 ";
 
 /// Resumes a known token of the app and uid. Returns `{seq, acked, all_epoch, all_acked,
@@ -549,33 +561,48 @@ impl RedisStore {
             let plausible = plausible_token(&target.token);
             async move {
                 if !plausible {
-                    return Ok(Recorded::Unknown);
+                    return Ok((Recorded::Unknown, Vec::new()));
                 }
-                let (seq, node, conn): (i64, String, String) = invocation
+                let (seq, node, conn, displaced): (i64, String, String, Vec<Vec<u8>>) = invocation
                     .invoke_async(&mut connection)
                     .await
                     .map_err(backend)?;
-                Ok::<_, StoreError>(match seq {
+                let recorded = match seq {
                     0 => Recorded::Unknown,
                     seq if seq < 0 => Recorded::Dropped,
                     seq => Recorded::Seq {
                         seq: seq as u64,
                         route: route(node, &conn),
                     },
-                })
+                };
+                Ok::<_, StoreError>((recorded, displaced))
             }
         });
-        let recorded = bounded(recordings.collect()).await?;
-        let targets = accept
-            .targets
-            .into_iter()
-            .map(|target| target.token)
-            .zip(recorded)
-            .collect();
+        let recorded: Vec<(Recorded, Vec<Vec<u8>>)> = bounded(recordings.collect()).await?;
+        let mut displaced = Vec::new();
+        let mut targets = Vec::with_capacity(recorded.len());
+        for (target, (recorded, put_out)) in accept.targets.into_iter().zip(recorded) {
+            targets.push((target.token, recorded));
+            for pair in put_out.chunks_exact(2) {
+                let by = match pair[0].as_slice() {
+                    b"c" => DisplacedBy::Collapsed,
+                    _ => DisplacedBy::Dropped,
+                };
+                // A body this store wrote; one that does not decode is not counted.
+                if let Ok(stored) = StoredMessage::decode(pair[1].as_slice()) {
+                    let message = Arc::new(Message::from_stored(stored));
+                    displaced.push(Displaced { message, by });
+                }
+            }
+        }
         if let Some(redis_key) = claim {
             self.finish_claim(&redis_key, &message.id).await?;
         }
-        Ok(AcceptOutcome::Accepted { message, targets })
+        Ok(AcceptOutcome::Accepted {
+            message,
+            targets,
+            displaced,
+        })
     }
 }
 

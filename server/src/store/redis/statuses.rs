@@ -2,11 +2,11 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`, `o`: delivered, acked and opened counts |
+//! | `p:ms:{app:<shard>}:id` | hash | `s`: the message's `MessageStatus` (absent while only counts arrived); `d`, `a`, `o`: delivered, acked and opened counts; `c`, `x`: how often it left a device's queue unread, collapsed or dropped by the cap |
 //! | `p:ms:{app:<shard>}:id:o` | set | the devices (tokens) that opened the message, so each counts once |
 //! | `p:rf:{app:<shard>}:<batch>:<call>` | string | a call of a node's batch of counts that was done: the batch given again after a failure adds nothing twice (10 minutes) |
 //!
-//! | `p:st:{app}:<hour>` | hash | the app's statistics of one hour (Unix seconds / 3600): field `<minute of the hour>:<class>:<count>` (class 0 notification, 1 realtime, 2 marketing; count 0 pushes, 1 targets, 2 delivered, 3 acked, 4 opened), kept for the retention after the hour |
+//! | `p:st:{app}:<hour>` | hash | the app's statistics of one hour (Unix seconds / 3600): field `<minute of the hour>:<class>:<count>` (class 0 notification, 1 realtime, 2 marketing; count 0 pushes, 1 targets, 2 delivered, 3 acked, 4 opened, 5 expiring: signed), kept for the retention after the hour |
 //!
 //! The key lives as long as the longest retention it was written with. An app's statuses
 //! are spread over [`SHARDS`] hash tags by their id, so that a node's flush adds the counts
@@ -39,8 +39,8 @@ const PER_CALL: usize = 256;
 /// KEYS: a key that marks the call done (when ARGV[2] is 1: a call whose key exists did its
 /// work before, and does nothing), then per message its hash and the set of devices that
 /// opened it. ARGV: milliseconds to keep each key at least, whether to mark the call done,
-/// then per message its status (empty: none), delivered, acked, and how many tokens follow
-/// (devices that opened it), then those tokens. Returns, for each message that devices
+/// then per message its status (empty: none), delivered, acked, collapsed, dropped, and how
+/// many tokens follow (devices that opened it), then those tokens. Returns, for each message that devices
 /// opened for the first time and that has a status: how many devices, and its status.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -53,17 +53,21 @@ local j = 3
 local opened_now = {}
 for i = 2, #KEYS, 2 do
   local key, opened = KEYS[i], KEYS[i + 1]
-  local status, d, a, n = ARGV[j], ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
-  j = j + 4
+  local status, n = ARGV[j], tonumber(ARGV[j + 5])
+  local counts = {d = ARGV[j + 1], a = ARGV[j + 2], c = ARGV[j + 3], x = ARGV[j + 4]}
+  j = j + 6
+  local counted = false
+  for _, count in pairs(counts) do counted = counted or count ~= '0' end
   -- Only opened reports, for a message with no status: none of the app's.
-  local skip = status == '' and d == '0' and a == '0' and redis.call('EXISTS', key) == 0
+  local skip = status == '' and not counted and redis.call('EXISTS', key) == 0
   if skip then
     j = j + n
     n = 0
   end
   if status ~= '' then redis.call('HSET', key, 's', status) end
-  if d ~= '0' then redis.call('HINCRBY', key, 'd', d) end
-  if a ~= '0' then redis.call('HINCRBY', key, 'a', a) end
+  for field, count in pairs(counts) do
+    if count ~= '0' then redis.call('HINCRBY', key, field, count) end
+  end
   if n > 0 then
     local added = 0
     for t = j, j + n - 1 do added = added + redis.call('SADD', opened, ARGV[t]) end
@@ -84,9 +88,12 @@ return opened_now
     )
 });
 
-/// One message's part of a [`PUT`]: its key, status (empty: none), delivered, acked, and
-/// the devices that opened it.
-type Row<'a> = (String, Vec<u8>, u64, u64, &'a [String]);
+/// One message's part of a [`PUT`]: its key, status (empty: none), and counts (their app
+/// and id are not read).
+type Row<'a> = (String, Vec<u8>, &'a ReceiptCount);
+
+/// No counts, for a row that writes a status.
+static NO_COUNTS: LazyLock<ReceiptCount> = LazyLock::new(ReceiptCount::default);
 
 /// The shard of a message id (FNV-1a).
 fn shard(id: &str) -> u64 {
@@ -121,15 +128,17 @@ impl RedisStore {
         let done = done.or_else(|| rows.first().map(|row| row.0.clone()));
         invocation.key(done.unwrap_or_default());
         invocation.arg(keep_ms).arg(if once { "1" } else { "0" });
-        for (key, status, delivered, acked, opened_by) in rows {
+        for (key, status, counts) in rows {
             invocation
                 .key(key)
                 .key(format!("{key}:o"))
                 .arg(status)
-                .arg(delivered)
-                .arg(acked)
-                .arg(opened_by.len());
-            for token in opened_by.iter() {
+                .arg(counts.delivered)
+                .arg(counts.acked)
+                .arg(counts.collapsed)
+                .arg(counts.dropped)
+                .arg(counts.opened_by.len());
+            for token in &counts.opened_by {
                 invocation.arg(token);
             }
         }
@@ -159,7 +168,7 @@ impl Statuses for RedisStore {
         let mut groups: HashMap<(&str, u64), (Vec<Row<'_>>, u64)> = HashMap::new();
         for write in &statuses {
             let key = self.status_key(&write.app, &write.id);
-            let row = (key, write.status.encode_to_vec(), 0, 0, &[][..]);
+            let row = (key, write.status.encode_to_vec(), &*NO_COUNTS);
             let (rows, until) = groups
                 .entry((write.app.as_str(), shard(&write.id)))
                 .or_default();
@@ -189,13 +198,7 @@ impl Statuses for RedisStore {
         // One call per app and shard (and per PER_CALL messages).
         let mut groups: HashMap<(&str, u64), Vec<Row<'_>>> = HashMap::new();
         for count in counts {
-            let row = (
-                self.status_key(&count.app, &count.id),
-                Vec::new(),
-                count.delivered,
-                count.acked,
-                count.opened_by.as_slice(),
-            );
+            let row = (self.status_key(&count.app, &count.id), Vec::new(), count);
             groups
                 .entry((count.app.as_str(), shard(&count.id)))
                 .or_default()
@@ -243,12 +246,13 @@ impl Statuses for RedisStore {
                 let key = self.stats_key(app, hour);
                 let mut pipe = redis::pipe();
                 for row in rows {
-                    let counts = row.counts.to_array();
-                    for (index, count) in counts.iter().enumerate() {
-                        if *count > 0 {
+                    let counts = row.counts.to_array().map(|count| count as i64);
+                    let counts = counts.into_iter().chain([row.counts.expiring]);
+                    for (index, count) in counts.enumerate() {
+                        if count != 0 {
                             let field =
                                 format!("{}:{}:{index}", row.minute % 60, row.class.to_stored());
-                            pipe.hincr(&key, field, *count).ignore();
+                            pipe.hincr(&key, field, count).ignore();
                         }
                     }
                 }
@@ -272,7 +276,7 @@ impl Statuses for RedisStore {
             .map(|hour| {
                 let key = self.stats_key(app, hour);
                 async move {
-                    let fields: HashMap<String, u64> = redis::cmd("HGETALL")
+                    let fields: HashMap<String, i64> = redis::cmd("HGETALL")
                         .arg(key)
                         .query_async(&mut self.connection())
                         .await
@@ -281,7 +285,7 @@ impl Statuses for RedisStore {
                 }
             })
             .collect();
-        let hours: Vec<(u64, HashMap<String, u64>)> = bounded(reads).await?;
+        let hours: Vec<(u64, HashMap<String, i64>)> = bounded(reads).await?;
         let mut rows: HashMap<(u64, u32), StatsCounts> = HashMap::new();
         for (hour, fields) in hours {
             for (field, count) in fields {
@@ -292,13 +296,20 @@ impl Statuses for RedisStore {
                     continue;
                 };
                 let minute = hour * 60 + minute;
-                if !(from..to).contains(&minute) || index > 4 {
+                if !(from..to).contains(&minute) || index > 5 {
                     continue;
                 }
                 let counts = rows.entry((minute, class as u32)).or_default();
+                if index == 5 {
+                    counts.expiring = count;
+                    continue;
+                }
                 let mut array = counts.to_array();
-                array[index as usize] = count;
-                *counts = StatsCounts::from_array(array);
+                array[index as usize] = count.max(0) as u64;
+                *counts = StatsCounts {
+                    expiring: counts.expiring,
+                    ..StatsCounts::from_array(array)
+                };
             }
         }
         Ok(rows
@@ -314,10 +325,11 @@ impl Statuses for RedisStore {
 
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError> {
         let mut connection = self.connection();
-        type Fields = (Option<Vec<u8>>, Option<u64>, Option<u64>, Option<u64>);
-        let (status, delivered, acked, opened): Fields = redis::cmd("HMGET")
+        type Count = Option<u64>;
+        type Fields = (Option<Vec<u8>>, Count, Count, Count, Count, Count);
+        let (status, delivered, acked, opened, collapsed, dropped): Fields = redis::cmd("HMGET")
             .arg(self.status_key(app, id))
-            .arg(&["s", "d", "a", "o"][..])
+            .arg(&["s", "d", "a", "o", "c", "x"][..])
             .query_async(&mut connection)
             .await
             .map_err(backend)?;
@@ -331,6 +343,8 @@ impl Statuses for RedisStore {
             delivered: delivered.unwrap_or(0),
             acked: acked.unwrap_or(0),
             opened: opened.unwrap_or(0),
+            collapsed: collapsed.unwrap_or(0),
+            dropped: dropped.unwrap_or(0),
         })
     }
 }
