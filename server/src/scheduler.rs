@@ -1,6 +1,7 @@
 //! Sends scheduled pushes when they are due. Every process with the push API runs one (the
 //! standalone process, each gateway): it claims what is due from the store, a batch at a
-//! time, sends each through the pipeline, and marks it fired. A claim holds for
+//! time, sends each batch through the pipeline at once (one place in it per app and lane;
+//! see `Pipeline::fire`), and marks the batch fired in one write. A claim holds for
 //! [`LEASE`]: if this process dies before it marks a push fired, another (or this one, once
 //! restarted) claims it again then, and the push's idempotency key (its message id, or its
 //! own key) makes the second sending a duplicate of the first. So each scheduled push is
@@ -29,9 +30,11 @@ pub const POLL: Duration = Duration::from_millis(100);
 /// never waits on this process's own backlog. They still wait for places in the pipeline
 /// (`intake`), shared with the push API; a claim that lapses meanwhile lets another process
 /// send the push too, which the idempotency key answers as a duplicate.
-const IN_FLIGHT: usize = 512;
+const IN_FLIGHT: usize = 2048;
 /// Pushes claimed at once, at most.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
+/// Pushes sent (and marked fired) together, at most.
+const SEND_BATCH: usize = 256;
 
 /// Sends due pushes until `shutdown`; `retention` is how long a sent push is remembered.
 /// Claims the next pushes while the last are still being sent.
@@ -70,12 +73,14 @@ pub async fn run(
             }
         };
         let full = due.len() == room;
-        for job in due {
-            let place = taken.split(1);
+        let mut due = due.into_iter().peekable();
+        while due.peek().is_some() {
+            let batch: Vec<DueJob> = due.by_ref().take(SEND_BATCH).collect();
+            let places = taken.split(batch.len());
             let (store, pipeline) = (store.clone(), pipeline.clone());
             sending.spawn(async move {
-                fire(&store, &pipeline, job, retention).await;
-                drop(place);
+                fire(&store, &pipeline, batch, retention).await;
+                drop(places);
             });
         }
         if !full {
@@ -90,24 +95,34 @@ pub async fn run(
     while sending.join_next().await.is_some() {}
 }
 
-async fn fire(store: &Arc<dyn Store>, pipeline: &Pipeline, job: DueJob, retention: Duration) {
-    match pipeline.fire(&job.job).await {
-        Ok(_) | Err(PushError::Limited(_) | PushError::Shed) => {}
-        Err(PushError::Store(error)) => {
-            // Left claimed: it is due again when the claim lapses.
-            static THROTTLE: Throttle = Throttle::new();
-            if let Some(suppressed) = THROTTLE.allow() {
-                tracing::warn!(%error, suppressed, id = %job.id, "sending a scheduled push failed; retried later");
+/// Sends `jobs` and marks those sent fired.
+async fn fire(store: &Arc<dyn Store>, pipeline: &Pipeline, jobs: Vec<DueJob>, retention: Duration) {
+    let bodies: Vec<&[u8]> = jobs.iter().map(|job| job.job.as_slice()).collect();
+    let outcomes = pipeline.fire(&bodies).await;
+    let mut sent = Vec::with_capacity(jobs.len());
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        match outcome {
+            Ok(_) | Err(PushError::Limited(_) | PushError::Shed) => {
+                sent.push((job.app.as_str(), job.id.as_str()));
             }
-            return;
+            Err(PushError::Store(error)) => {
+                // Left claimed: it is due again when the claim lapses.
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    tracing::warn!(%error, suppressed, id = %job.id, "sending a scheduled push failed; retried later");
+                }
+            }
         }
     }
+    if sent.is_empty() {
+        return;
+    }
     let keep_until = unix_millis().saturating_add(retention.as_millis() as u64);
-    if let Err(error) = store.fired(&job.app, &job.id, keep_until).await {
-        // It is claimed again after the lease and sent again: a duplicate, sent once.
+    if let Err(error) = store.fired(&sent, keep_until).await {
+        // They are claimed again after the lease and sent again: duplicates, sent once.
         static THROTTLE: Throttle = Throttle::new();
         if let Some(suppressed) = THROTTLE.allow() {
-            tracing::warn!(%error, suppressed, id = %job.id, "marking a scheduled push sent failed");
+            tracing::warn!(%error, suppressed, pushes = sent.len(), "marking scheduled pushes sent failed");
         }
     }
 }

@@ -555,9 +555,9 @@ pub trait Schedules: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DueJob>, StoreError>;
 
-    /// `app`'s push `id` fired: forget it, and remember until `keep_until_ms` that it did
-    /// (a cancel then answers [`Cancel::Fired`]).
-    async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<(), StoreError>;
+    /// These pushes (each `(app, id)`) fired: forget them, and remember until
+    /// `keep_until_ms` that they did (a cancel then answers [`Cancel::Fired`]). One write.
+    async fn fired(&self, pushes: &[(&str, &str)], keep_until_ms: u64) -> Result<(), StoreError>;
 }
 
 /// What devices did with one message, counted by a node since its last flush.

@@ -1166,7 +1166,7 @@ async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: 
         Cancel::Fired
     );
     store
-        .fired("demo", &first.id, now + 60_000)
+        .fired(&[("demo", &first.id)], now + 60_000)
         .await
         .expect("fired");
     assert_eq!(

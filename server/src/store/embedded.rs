@@ -193,7 +193,7 @@ enum Op {
         limit: usize,
     },
     Fired {
-        key: String,
+        keys: Vec<String>,
         keep_until_ms: u64,
     },
     Unregister {
@@ -1005,8 +1005,14 @@ impl Writer {
                 lease_ms,
                 limit,
             } => tables.claim_due(now_ms, lease_ms, limit).map(Reply::Due),
-            Op::Fired { key, keep_until_ms } => {
-                tables.fired(&key, keep_until_ms).map(|()| Reply::Done)
+            Op::Fired {
+                keys,
+                keep_until_ms,
+            } => {
+                for key in keys {
+                    tables.fired(&key, keep_until_ms)?;
+                }
+                Ok(Reply::Done)
             }
             Op::Unregister { app, token } => {
                 tables.unregister(&app, &token).map(Reply::Unregistered)
@@ -2258,9 +2264,12 @@ impl Schedules for EmbeddedStore {
         }
     }
 
-    async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<()> {
+    async fn fired(&self, pushes: &[(&str, &str)], keep_until_ms: u64) -> Result<()> {
         let op = Op::Fired {
-            key: schedule_key(app, id),
+            keys: pushes
+                .iter()
+                .map(|(app, id)| schedule_key(app, id))
+                .collect(),
             keep_until_ms,
         };
         self.write(op, true).await.map(|_| ())

@@ -68,14 +68,18 @@ return out
     )
 });
 
+/// KEYS: the due set, the bodies, the claims, then per push its fired mark; ARGV: how long
+/// to keep the marks (ms), then per push its member.
 static FIRED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local m = ARGV[1]
-redis.call('ZREM', KEYS[1], m)
-redis.call('HDEL', KEYS[2], m)
-redis.call('HDEL', KEYS[3], m)
-redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
+for i = 2, #ARGV do
+  local m = ARGV[i]
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('HDEL', KEYS[2], m)
+  redis.call('HDEL', KEYS[3], m)
+  redis.call('SET', KEYS[i + 2], '1', 'PX', ARGV[1])
+end
 return 1
 ",
     )
@@ -175,20 +179,22 @@ impl Schedules for RedisStore {
         Ok(jobs)
     }
 
-    async fn fired(&self, app: &str, id: &str, keep_until_ms: u64) -> Result<(), StoreError> {
+    async fn fired(&self, pushes: &[(&str, &str)], keep_until_ms: u64) -> Result<(), StoreError> {
+        if pushes.is_empty() {
+            return Ok(());
+        }
         let [due, bodies, claimed] = self.schedule_keys();
-        let member = format!("{app}:{id}");
         let keep_ms = keep_until_ms
             .saturating_sub(crate::message::unix_millis())
             .max(1);
+        let mut invocation = FIRED.prepare_invoke();
+        invocation.key(due).key(bodies).key(claimed).arg(keep_ms);
+        for (app, id) in pushes {
+            let member = format!("{app}:{id}");
+            invocation.key(self.fired_key(&member)).arg(member);
+        }
         let mut connection = self.connection.clone();
-        let _: i64 = FIRED
-            .key(due)
-            .key(bodies)
-            .key(claimed)
-            .key(self.fired_key(&member))
-            .arg(member)
-            .arg(keep_ms)
+        let _: i64 = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
