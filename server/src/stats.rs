@@ -6,7 +6,9 @@
 //! any gateway answers the same series.
 //!
 //! Bounded: one entry per app, class and minute since the last flush (the apps are the
-//! configured ones). A process that dies loses its last second's counts.
+//! configured ones). A flush the store fails is given again at the next one under its name
+//! (the store adds none of it twice), new counts waiting meanwhile. A process that dies
+//! loses its last second's counts, and a flush that failed at its shutdown.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -19,11 +21,18 @@ use crate::store::{StatsCounts, StatsRow, Store};
 /// How often the counts are added to the store.
 pub const FLUSH: Duration = Duration::from_secs(1);
 
+/// This process's part of the names of its flushes.
+static PROCESS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(rand::random);
+
 /// Counts since the last flush.
 #[derive(Default)]
 pub struct Stats {
     /// App -> (class, minute) -> counts.
     pending: Mutex<HashMap<Arc<str>, Minutes>>,
+    /// A flush the store failed, given again (under its name) before any other.
+    failed: tokio::sync::Mutex<Option<(String, Vec<StatsRow>)>>,
+    /// Flushes made, for their names.
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 /// One app's counts by class and minute.
@@ -83,18 +92,26 @@ impl Stats {
             .collect()
     }
 
-    /// Adds the counts since the last flush to `store`, kept for `retention`; lost (and
-    /// logged) when the store fails.
+    /// Adds the counts since the last flush to `store`, kept for `retention`. When the
+    /// store fails, the batch is given again at the next flush, under its name.
     pub async fn flush(&self, store: &dyn Store, retention: Duration) {
-        let rows = self.take();
-        if rows.is_empty() {
+        let mut failed = self.failed.lock().await;
+        let batch = failed.take().or_else(|| {
+            let rows = self.take();
+            let flush = self
+                .flushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (!rows.is_empty()).then(|| (format!("{:016x}-{flush}", *PROCESS), rows))
+        });
+        let Some((name, rows)) = batch else {
             return;
-        }
-        if let Err(error) = store.add_stats(rows, retention).await {
+        };
+        if let Err(error) = store.add_stats(rows.clone(), retention, &name).await {
             static THROTTLE: Throttle = Throttle::new();
             if let Some(suppressed) = THROTTLE.allow() {
-                tracing::warn!(%error, suppressed, "adding statistics failed; lost");
+                tracing::warn!(%error, suppressed, "adding statistics failed; given again at the next flush");
             }
+            *failed = Some((name, rows));
         }
     }
 

@@ -733,8 +733,15 @@ pub trait Statuses: Send + Sync + 'static {
     async fn message_status(&self, app: &str, id: &str) -> Result<StatusRecord, StoreError>;
 
     /// Adds `rows` to the apps' statistics, each kept for `retention` after its minute
-    /// (older ones may be forgotten).
-    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<(), StoreError>;
+    /// (older ones may be forgotten). `flush` names the batch: given again after a failure
+    /// (which may have done part of it), under the same name, it adds nothing twice (Redis
+    /// remembers each call of a batch for 10 minutes).
+    async fn add_stats(
+        &self,
+        rows: Vec<StatsRow>,
+        retention: Duration,
+        flush: &str,
+    ) -> Result<(), StoreError>;
 
     /// `app`'s statistics of the minutes `from..to`: a row per minute and class with counts
     /// (none for those without), in no particular order.

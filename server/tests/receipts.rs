@@ -620,8 +620,8 @@ async fn statistics_are_the_same_on_every_gateway() {
     assert!(status.message().starts_with("step:"), "{status:?}");
 }
 
-/// Counts a node could not add while Redis was down are added once it is back, and once
-/// only.
+/// Counts a node could not add while Redis was down (the message's, and the statistics')
+/// are added once it is back, and once only.
 #[tokio::test]
 async fn counts_made_while_redis_is_down_are_added_once_it_is_back() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -646,4 +646,14 @@ async fn counts_made_while_redis_is_down_are_added_once_it_is_back() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (_, body) = get().await;
     assert_eq!(counts(&body), (1, 1), "added once: {body}");
+    // So is the statistics' (flushed once a second: at least one flush failed).
+    let expected = sums(&[
+        ("realtime", [0; 5]),
+        ("notification", [1, 1, 1, 1, 0]),
+        ("marketing", [0; 5]),
+    ]);
+    stats_until(|| gateway.call("GET", "/v1/stats", None), &expected).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (_, body) = gateway.call("GET", "/v1/stats", None).await;
+    assert_eq!(stats_sums(&body), expected, "added once: {body}");
 }

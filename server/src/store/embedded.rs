@@ -2117,7 +2117,13 @@ impl Statuses for EmbeddedStore {
         }
     }
 
-    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<()> {
+    async fn add_stats(
+        &self,
+        rows: Vec<StatsRow>,
+        retention: Duration,
+        _flush: &str,
+    ) -> Result<()> {
+        // One transaction: a batch that failed added nothing, and is simply given again.
         let oldest = (unix_millis() / 1000).saturating_sub(retention.as_secs()) / 60;
         self.write(Op::AddStats { rows, oldest }, true)
             .await

@@ -6,13 +6,15 @@
 //! | `p:ms:{app:<shard>}:id:o` | set | the devices (tokens) that opened the message, so each counts once |
 //! | `p:rf:{app:<shard>}:<batch>:<call>` | string | a call of a node's batch of counts that was done: the batch given again after a failure adds nothing twice (10 minutes) |
 //!
+//! | `p:sd:{app}:<hour>:<batch>` | string | a batch of statistics added to that hour: given again after a failure it adds nothing twice (10 minutes) |
 //! | `p:st:{app}:<hour>` | hash | the app's statistics of one hour (Unix seconds / 3600): field `<minute of the hour>:<class>:<count>` (class 0 notification, 1 realtime, 2 marketing; count 0 pushes, 1 targets, 2 delivered, 3 acked, 4 opened, 5 expiring: signed), kept for the retention after the hour |
 //!
 //! The key lives as long as the longest retention it was written with. An app's statuses
 //! are spread over [`SHARDS`] hash tags by their id, so that a node's flush adds the counts
 //! of all the messages of one shard in one script call: a flush costs at most [`SHARDS`]
 //! calls per app, however many messages and devices it sums, and Redis Cluster still spreads
-//! an app's statuses over several slots.
+//! an app's statuses over several slots. One Redis server takes every shard in one call (a
+//! batch of statuses, or a flush, is one call per [`PER_CALL`] messages).
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -88,6 +90,20 @@ return opened_now
     )
 });
 
+/// KEYS: a statistics hour's hash, and the key that marks the batch's call done; ARGV: the
+/// hash's time to live (seconds), then field and count pairs. A call whose mark exists did
+/// its work before, and does nothing.
+static ADD_STATS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', 600000) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+",
+    )
+});
+
 /// One message's part of a [`PUT`]: its key, status (empty: none), and counts (their app
 /// and id are not read).
 type Row<'a> = (String, Vec<u8>, &'a ReceiptCount);
@@ -104,6 +120,15 @@ fn shard(id: &str) -> u64 {
 }
 
 impl RedisStore {
+    /// The group of a message's status in a store's calls: its shard in a Redis Cluster
+    /// (one slot per call); one Redis server takes keys of every shard in one call.
+    fn call_group(&self, id: &str) -> u64 {
+        match self.connection {
+            super::RedisConnection::Single(_) => 0,
+            super::RedisConnection::Cluster(_) => shard(id),
+        }
+    }
+
     fn status_key(&self, app: &str, id: &str) -> String {
         format!("{}:ms:{{{app}:{}}}:{id}", self.keys.prefix(), shard(id))
     }
@@ -170,7 +195,7 @@ impl Statuses for RedisStore {
             let key = self.status_key(&write.app, &write.id);
             let row = (key, write.status.encode_to_vec(), &*NO_COUNTS);
             let (rows, until) = groups
-                .entry((write.app.as_str(), shard(&write.id)))
+                .entry((write.app.as_str(), self.call_group(&write.id)))
                 .or_default();
             rows.push(row);
             *until = (*until).max(write.keep_until_ms);
@@ -200,7 +225,7 @@ impl Statuses for RedisStore {
         for count in counts {
             let row = (self.status_key(&count.app, &count.id), Vec::new(), count);
             groups
-                .entry((count.app.as_str(), shard(&count.id)))
+                .entry((count.app.as_str(), self.call_group(&count.id)))
                 .or_default()
                 .push(row);
         }
@@ -230,8 +255,14 @@ impl Statuses for RedisStore {
         Ok(opened)
     }
 
-    async fn add_stats(&self, rows: Vec<StatsRow>, retention: Duration) -> Result<(), StoreError> {
-        // One pipeline per app and hour: its counts, and the hour's retention.
+    async fn add_stats(
+        &self,
+        rows: Vec<StatsRow>,
+        retention: Duration,
+        flush: &str,
+    ) -> Result<(), StoreError> {
+        // One call per app and hour: its counts, and the hour's retention; marked done under
+        // the batch's name.
         let mut hours: HashMap<(&str, u64), Vec<&StatsRow>> = HashMap::new();
         for row in &rows {
             hours
@@ -243,8 +274,13 @@ impl Statuses for RedisStore {
         let adds = hours
             .into_iter()
             .map(|((app, hour), rows)| {
-                let key = self.stats_key(app, hour);
-                let mut pipe = redis::pipe();
+                let prefix = self.keys.prefix();
+                let mut invocation = ADD_STATS.prepare_invoke();
+                invocation
+                    .key(self.stats_key(app, hour))
+                    .key(format!("{prefix}:sd:{{{app}}}:{hour}:{flush}"));
+                let until = (hour + 1) * 3600 + retention.as_secs();
+                invocation.arg(until.saturating_sub(now).max(1));
                 for row in rows {
                     let counts = row.counts.to_array().map(|count| count as i64);
                     let counts = counts.into_iter().chain([row.counts.expiring]);
@@ -252,16 +288,13 @@ impl Statuses for RedisStore {
                         if count != 0 {
                             let field =
                                 format!("{}:{}:{index}", row.minute % 60, row.class.to_stored());
-                            pipe.hincr(&key, field, count).ignore();
+                            invocation.arg(field).arg(count);
                         }
                     }
                 }
-                let until = (hour + 1) * 3600 + retention.as_secs();
-                pipe.expire(&key, until.saturating_sub(now).max(1) as i64)
-                    .ignore();
                 async move {
-                    let () = pipe
-                        .query_async(&mut self.connection())
+                    let _: i64 = invocation
+                        .invoke_async(&mut self.connection())
                         .await
                         .map_err(backend)?;
                     Ok(())
