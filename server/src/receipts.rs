@@ -58,18 +58,22 @@ struct Pending {
     messages: usize,
     /// Opened reports held.
     opened: usize,
-    /// Per app, since the process started: deliveries, acks, opened reports (for
-    /// `/metrics`; not taken by a flush).
-    totals: HashMap<Arc<str>, [u64; 3]>,
+    /// Per app and class (in [`Class::ALL`] order), since the process started:
+    /// deliveries, acks, devices that opened a message first (for `/metrics`; not taken by
+    /// a flush).
+    totals: HashMap<Arc<str>, [[u64; 3]; 3]>,
 }
 
 impl Pending {
-    fn total(&mut self, app: &str, kind: usize, add: u64) {
+    fn total(&mut self, app: &str, class: Class, kind: usize, add: u64) {
+        let Some(class) = Class::ALL.iter().position(|c| *c == class) else {
+            return;
+        };
         if !self.totals.contains_key(app) {
-            self.totals.insert(Arc::from(app), [0; 3]);
+            self.totals.insert(Arc::from(app), [[0; 3]; 3]);
         }
         if let Some(totals) = self.totals.get_mut(app) {
-            totals[kind] += add;
+            totals[class][kind] += add;
         }
     }
 }
@@ -145,7 +149,6 @@ impl Receipts {
         self.webhooks
             .record(app, ReceiptKind::Opened, token, [message.as_str()]);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.total(app, 2, 1);
         let Pending {
             apps,
             messages,
@@ -176,10 +179,10 @@ impl Receipts {
         if sent.peek().is_none() {
             return;
         }
-        // Per class (in `Class::ALL` order), for the statistics.
+        // Per class (in `Class::ALL` order), for the statistics and the metrics (those left
+        // out of a full flush too).
         let mut classes = [0u64; 3];
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = 0;
         let Pending { apps, messages, .. } = &mut *pending;
         if !apps.contains_key(app) {
             apps.insert(Arc::from(app), HashMap::new());
@@ -205,10 +208,11 @@ impl Receipts {
             };
             entry.delivered += d;
             entry.acked += a;
-            seen += 1;
         }
-        pending.total(app, 0, d * seen);
-        pending.total(app, 1, a * seen);
+        for (class, n) in Class::ALL.into_iter().zip(classes) {
+            pending.total(app, class, 0, d * n);
+            pending.total(app, class, 1, a * n);
+        }
         drop(pending);
         for (class, n) in Class::ALL.into_iter().zip(classes) {
             let counts = StatsCounts {
@@ -220,22 +224,29 @@ impl Receipts {
         }
     }
 
-    /// Per app, the deliveries, acks and opened reports this process counted, in
+    /// Per app and class, the deliveries, acks and first opens this process counted, in
     /// Prometheus's text format.
     pub fn render_totals(&self, out: &mut String) {
         use std::fmt::Write as _;
         let name = "pigeon_app_receipts_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Pushes handed to connections, acks and opened reports, per app.\n\
+            "# HELP {name} Pushes handed to connections, acks, and devices that opened a \
+             message (first reports), per app and class.\n\
              # TYPE {name} counter"
         );
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let mut apps: Vec<_> = pending.totals.iter().collect();
         apps.sort();
         for (app, totals) in apps {
-            for (kind, value) in ["delivered", "acked", "opened"].iter().zip(totals) {
-                let _ = writeln!(out, "{name}{{app=\"{app}\",kind=\"{kind}\"}} {value}");
+            for (class, totals) in Class::ALL.iter().zip(totals) {
+                let class = class.name();
+                for (kind, value) in ["delivered", "acked", "opened"].iter().zip(totals) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{app=\"{app}\",class=\"{class}\",kind=\"{kind}\"}} {value}"
+                    );
+                }
             }
         }
     }
@@ -310,6 +321,11 @@ impl Receipts {
                 let keep_until = unix_millis().saturating_add(retention.as_millis() as u64);
                 match store.count_receipts(&counts, keep_until, &id).await {
                     Ok(opened) => {
+                        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        for opened in &opened {
+                            pending.total(&opened.app, opened.class, 2, opened.devices);
+                        }
+                        drop(pending);
                         for opened in opened {
                             let counts = StatsCounts {
                                 opened: opened.devices,
