@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use pigeon_proto::Message as _;
 use pigeon_proto::device::Priority;
 use pigeon_proto::store::message_status::State;
@@ -306,6 +307,8 @@ pub struct Pipeline {
 
 /// Paced deliveries under way at once at most; past it a paced push is delivered at once.
 const PACED: usize = 64;
+/// Pushes of one batch of due scheduled pushes run at once, at most (see [`Pipeline::fire`]).
+const FIRED_AT_ONCE: usize = 64;
 
 impl Pipeline {
     /// A pipeline over these parts, within `limits`.
@@ -499,8 +502,8 @@ impl Pipeline {
     ///
     /// A batch is one unit of work: its pushes of one app and lane take one place in the
     /// pipeline together (they wait their turn, however long: they were accepted already)
-    /// and run at once, so that their store writes share transactions (embedded) and round
-    /// trips (Redis) instead of queueing for places one by one.
+    /// and run [`FIRED_AT_ONCE`] at a time, so that their store writes share transactions
+    /// (embedded) and round trips (Redis) instead of queueing for places one by one.
     pub async fn fire(&self, jobs: &[&[u8]]) -> Vec<Result<PushOutcome, PushError>> {
         let mut groups: HashMap<(String, usize), Vec<(usize, PushRequest)>> = HashMap::new();
         let mut outcomes: Vec<Option<Result<PushOutcome, PushError>>> =
@@ -537,7 +540,10 @@ impl Pipeline {
                         (index, self.run(request, shared).await)
                     }
                 });
-                futures_util::future::join_all(runs).await
+                futures_util::stream::iter(runs)
+                    .buffer_unordered(FIRED_AT_ONCE)
+                    .collect::<Vec<_>>()
+                    .await
             });
         for (index, outcome) in futures_util::future::join_all(groups)
             .await
