@@ -30,6 +30,7 @@
 //! | `idempotency` | `app \0 key` | `IdempotencyRecord` |
 //! | `idempotency_expiry` | (expires at ms, `app \0 key`) | () |
 //! | `stream_entries` | (`app \0 stream`, offset) | `StoredMessage` |
+//! | `stream_size` | `app \0 stream` | the stream's entries (counted once for a stream written before this table, then kept with every entry added or removed) |
 //! | `stream_meta` | `app \0 stream` | `StreamMeta` (epoch, head, trimmed) |
 //! | `stream_expiry` | (expires at ms, `app \0 stream`, offset) | () |
 //! | `stream_collapse` | `app \0 stream \0 collapse key` | offset |
@@ -86,6 +87,7 @@ const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 const TAG_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("tag_devices");
 const STREAM_ENTRIES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("stream_entries");
+const STREAM_SIZE: TableDefinition<&str, u64> = TableDefinition::new("stream_size");
 const STREAM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stream_meta");
 const STREAM_EXPIRY: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("stream_expiry");
 const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream_collapse");
@@ -265,6 +267,7 @@ impl EmbeddedStore {
             txn.open_table(TAG_DEVICES).map_err(backend)?;
             txn.open_table(ALIAS_DEVICES).map_err(backend)?;
             txn.open_table(STREAM_ENTRIES).map_err(backend)?;
+            txn.open_table(STREAM_SIZE).map_err(backend)?;
             txn.open_table(STREAM_META).map_err(backend)?;
             txn.open_table(STREAM_EXPIRY).map_err(backend)?;
             txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
@@ -1064,6 +1067,7 @@ struct Tables<'txn> {
     tag_devices: redb::Table<'txn, &'static str, ()>,
     alias_devices: redb::Table<'txn, &'static str, ()>,
     stream_entries: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    stream_size: redb::Table<'txn, &'static str, u64>,
     stream_meta: redb::Table<'txn, &'static str, &'static [u8]>,
     stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
     stream_collapse: redb::Table<'txn, &'static str, u64>,
@@ -1094,6 +1098,7 @@ impl<'txn> Tables<'txn> {
             tag_devices: txn.open_table(TAG_DEVICES).map_err(backend)?,
             alias_devices: txn.open_table(ALIAS_DEVICES).map_err(backend)?,
             stream_entries: txn.open_table(STREAM_ENTRIES).map_err(backend)?,
+            stream_size: txn.open_table(STREAM_SIZE).map_err(backend)?,
             stream_meta: txn.open_table(STREAM_META).map_err(backend)?,
             stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
             stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
@@ -1735,23 +1740,30 @@ impl<'txn> Tables<'txn> {
                 epoch: meta.epoch,
             });
         }
+        let size = self.stream_size.get(key.as_str()).map_err(backend)?;
+        let before = match size.map(|size| size.value()) {
+            Some(size) => size,
+            None => self
+                .stream_entries
+                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+                .map_err(backend)?
+                .count() as u64,
+        };
         self.stream_entries
             .insert(
                 (key.as_str(), offset),
                 message.to_stored().encode_to_vec().as_slice(),
             )
             .map_err(backend)?;
+        self.stream_size
+            .insert(key.as_str(), before + 1)
+            .map_err(backend)?;
         self.stream_expiry
             .insert((message.expires_at_ms, key.as_str(), offset), ())
             .map_err(backend)?;
         // Past the cap the oldest entries go, before they expire: devices that had not read
         // them are told they may have missed some (see `StreamPlace::trimmed`).
-        let entries = self
-            .stream_entries
-            .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
-            .map_err(backend)?
-            .count();
-        let over = entries.saturating_sub(cap as usize);
+        let over = (before + 1).saturating_sub(u64::from(cap)) as usize;
         if over > 0 {
             let oldest: Vec<u64> = self
                 .stream_entries
@@ -1778,6 +1790,12 @@ impl<'txn> Tables<'txn> {
         let Some(value) = self.stream_entries.remove((key, offset)).map_err(backend)? else {
             return Ok(false);
         };
+        let size = self.stream_size.get(key).map_err(backend)?;
+        if let Some(size) = size.map(|size| size.value()) {
+            self.stream_size
+                .insert(key, size.saturating_sub(1))
+                .map_err(backend)?;
+        }
         let stored = decode_stored(value.value())?;
         drop(value);
         self.stream_expiry

@@ -114,3 +114,46 @@ async fn the_sweeper_removes_expired_rows_and_their_count() {
     assert_eq!(counters.map(|c| c.pending), Some(1));
     assert_eq!(seqs(&store, &token).await, [2]);
 }
+
+#[tokio::test]
+async fn a_stream_written_before_its_size_was_kept_is_counted_once_and_capped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = Arc::new(ConnectionTable::new(16, CancellationToken::new()));
+    let limits = Limits {
+        max_stored_per_stream: 3,
+        ..Limits::default()
+    };
+    let store = EmbeddedStore::open(dir.path(), &limits, table).expect("open");
+    let append = |n: u64| {
+        let now = unix_millis();
+        let message = Arc::new(Message {
+            id: format!("m{n}"),
+            payload: Bytes::from(format!("{n}")),
+            priority: Priority::Normal,
+            class: Default::default(),
+            accepted_at_ms: now,
+            expires_at_ms: now + 60_000,
+            collapse_key: String::new(),
+            filter: None,
+        });
+        store.append("demo", ALL, message, None)
+    };
+    let offsets = |read: StreamRead| -> Vec<u64> { read.entries.iter().map(|e| e.0).collect() };
+    for n in 1..=2 {
+        append(n).await.expect("append");
+    }
+    // As a store of an earlier release left it: entries, and no size.
+    {
+        let txn = store.db.begin_write().expect("write");
+        txn.open_table(STREAM_SIZE)
+            .expect("table")
+            .remove(format!("demo\0{ALL}").as_str())
+            .expect("remove");
+        txn.commit().expect("commit");
+    }
+    for n in 3..=5 {
+        append(n).await.expect("append");
+    }
+    let read = store.read_stream("demo", ALL, 0, 100).await.expect("read");
+    assert_eq!(offsets(read), [3, 4, 5]);
+}
