@@ -1,8 +1,8 @@
 //! Writes messages' statuses in batches. Each push accepted writes its status; one store
 //! write each would cost Redis (`appendfsync always`) an fsync of its own beside the
 //! push's record, on the path of every other push. So the pipeline queues them here and
-//! one task writes what gathered over [`LINGER`] at once (in Redis, one call per app and
-//! shard). A status is then readable within about [`LINGER`] of the push's answer.
+//! one task writes what gathered over [`LINGER`] at once (one Redis server: one call per
+//! app and 256 statuses; a Redis Cluster: per app and shard of the message ids). A status is then readable within about [`LINGER`] of the push's answer.
 //!
 //! Counts the pipeline makes go the same way: how often a push put an older message out of a
 //! device's queue (collapsed, or dropped by the cap), added to that message's counts.
