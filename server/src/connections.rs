@@ -480,6 +480,10 @@ impl ConnectionTable {
         entry: &SharedDelivery,
     ) -> u32 {
         let mut live = 0u32;
+        if state.members == 0 {
+            // No connection of the app here: nothing to look through.
+            return 0;
+        }
         let candidates = entry
             .message
             .filter
