@@ -1403,12 +1403,6 @@ pub fn validate_push(
                     format!("at most {MAX_PACE_SECONDS} seconds"),
                 ));
             }
-            if audience.all || by_tags {
-                return Err(ApiError::invalid(
-                    "pace",
-                    "pacing applies to uids, tokens and aliases (not yet to all and tags)",
-                ));
-            }
             if fields.class == Class::Realtime {
                 return Err(ApiError::invalid("pace", "a realtime push is not paced"));
             }

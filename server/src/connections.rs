@@ -24,13 +24,13 @@ use pigeon_proto::CloseCode;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Delivery, Message, SharedDelivery, TagFilter};
+use crate::message::{Delivery, Message, PACE_STEP, SharedDelivery, TagFilter};
 use crate::store::{DeviceTags, Route, Routes, StreamHead};
 
 mod stream;
 
 pub use stream::AppStream;
-use stream::{Accepted, StreamState};
+use stream::{Accepted, MAX_PACING, Pacing, StreamState};
 
 /// The live device connections of one process, by device token.
 pub struct ConnectionTable {
@@ -51,6 +51,8 @@ pub struct ConnectionTable {
     gap_opened: Notify,
     /// Tag changes heard of (see [`ConnectionTable::retags`]).
     retags: AtomicU64,
+    /// Woken when an app's stream starts pacing an entry (see [`ConnectionTable::run_pacing`]).
+    pacing_started: Notify,
 }
 
 /// One live device connection, as the rest of the process sees it.
@@ -298,6 +300,7 @@ impl ConnectionTable {
             apps: Mutex::new(HashMap::new()),
             gap_opened: Notify::new(),
             retags: AtomicU64::new(0),
+            pacing_started: Notify::new(),
         }
     }
 
@@ -409,7 +412,7 @@ impl ConnectionTable {
         match state.accept(delivery.clone()) {
             Accepted::HandOut(entries) => entries
                 .iter()
-                .map(|entry| self.hand_out(&stream, &state, entry))
+                .map(|entry| self.hand_out(&stream, &mut state, entry))
                 .fold(0, u32::saturating_add),
             Accepted::Nothing { gap } => {
                 if gap {
@@ -438,7 +441,7 @@ impl ConnectionTable {
     ) {
         let mut state = stream.lock();
         for entry in state.fill(epoch, entries, complete) {
-            self.hand_out(stream, &state, &entry);
+            self.hand_out(stream, &mut state, &entry);
         }
     }
 
@@ -472,14 +475,15 @@ impl ConnectionTable {
         self.gap_opened.notified().await;
     }
 
-    /// Hands one entry to the connections of the app it is for (the app's lock held).
+    /// Hands one entry to the connections of the app it is for (the app's lock held), or
+    /// starts handing it out over its pace; returns how many connections took it now, or
+    /// for a paced entry how many it is for.
     fn hand_out(
         &self,
         stream: &Arc<AppStream>,
-        state: &StreamState,
+        state: &mut StreamState,
         entry: &SharedDelivery,
     ) -> u32 {
-        let mut live = 0u32;
         if state.members == 0 {
             // No connection of the app here: nothing to look through.
             return 0;
@@ -489,10 +493,54 @@ impl ConnectionTable {
             .filter
             .as_deref()
             .and_then(|filter| state.candidates(filter));
+        let paced = entry.message.pace_ms > 0 && state.pacing.len() < MAX_PACING;
+        if !paced && state.pacing.is_empty() {
+            return self.offer_to(stream, candidates, |connection| {
+                connection.offer_shared(entry, self.queue_limit)
+            });
+        }
+        let connections = candidates.unwrap_or_else(|| self.members(stream));
+        if !paced {
+            // Connections still waiting for a paced entry take it first.
+            let mut live = 0u32;
+            for connection in &connections {
+                self.offer_paced_first(&state.pacing, connection);
+                if connection.offer_shared(entry, self.queue_limit) {
+                    live += 1;
+                }
+            }
+            return live;
+        }
+        let targets: Vec<Arc<Connection>> = connections
+            .into_iter()
+            .filter(|connection| connection.is_for(&entry.message, entry.offset))
+            .collect();
+        let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let mut pacing = Pacing::new(entry.clone(), targets, Instant::now());
+        for connection in pacing.due(Instant::now()) {
+            self.offer_paced_first(&state.pacing, connection);
+            connection.offer_shared(entry, self.queue_limit);
+        }
+        if !pacing.is_done() {
+            state.pacing.push(pacing);
+            self.pacing_started.notify_one();
+        }
+        count
+    }
+
+    /// Calls `offer` with each connection of `stream`'s app (or of `candidates`, when the
+    /// tag index narrowed them down); returns how many it said took the entry.
+    fn offer_to(
+        &self,
+        stream: &Arc<AppStream>,
+        candidates: Option<Vec<Arc<Connection>>>,
+        offer: impl Fn(&Connection) -> bool,
+    ) -> u32 {
+        let mut live = 0u32;
         match candidates {
             Some(candidates) => {
                 for connection in candidates {
-                    if connection.offer_shared(entry, self.queue_limit) {
+                    if offer(&connection) {
                         live += 1;
                     }
                 }
@@ -500,15 +548,67 @@ impl ConnectionTable {
             None => {
                 for connection in self.connections.iter() {
                     // Compared by address: every connection of an app shares its one copy.
-                    if Arc::ptr_eq(&connection.app, stream)
-                        && connection.offer_shared(entry, self.queue_limit)
-                    {
+                    if Arc::ptr_eq(&connection.app, stream) && offer(&connection) {
                         live += 1;
                     }
                 }
             }
         }
         live
+    }
+
+    /// The connections of `stream`'s app here.
+    fn members(&self, stream: &Arc<AppStream>) -> Vec<Arc<Connection>> {
+        self.connections
+            .iter()
+            .filter(|connection| Arc::ptr_eq(&connection.app, stream))
+            .map(|connection| connection.value().clone())
+            .collect()
+    }
+
+    /// Hands `connection` each entry of `pacing` it is still waiting for, ahead of its step
+    /// (a later entry is about to be handed to it).
+    fn offer_paced_first(&self, pacing: &[Pacing], connection: &Connection) {
+        for paced in pacing {
+            if paced.waits_for(connection) {
+                connection.offer_shared(&paced.entry, self.queue_limit);
+            }
+        }
+    }
+
+    /// Hands out the steps of paced entries that are due by `now`; returns whether an entry
+    /// is still being paced.
+    pub fn pace(&self, now: Instant) -> bool {
+        let mut pacing = false;
+        for stream in self.apps() {
+            let mut guard = stream.lock();
+            let state = &mut *guard;
+            for index in 0..state.pacing.len() {
+                let (earlier, rest) = state.pacing.split_at_mut(index);
+                let current = &mut rest[0];
+                let entry = current.entry.clone();
+                for connection in current.due(now) {
+                    self.offer_paced_first(earlier, connection);
+                    connection.offer_shared(&entry, self.queue_limit);
+                }
+            }
+            state.pacing.retain(|paced| !paced.is_done());
+            pacing |= !state.pacing.is_empty();
+        }
+        pacing
+    }
+
+    /// Hands out paced entries of the apps' streams step by step, until the table shuts
+    /// down.
+    pub async fn run_pacing(self: Arc<Self>) {
+        loop {
+            let busy = self.pace(Instant::now());
+            tokio::select! {
+                () = self.pacing_started.notified(), if !busy => {}
+                () = tokio::time::sleep(PACE_STEP), if busy => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// The device `token` of `app` has these tags now: its connection here, if any, is
@@ -708,11 +808,13 @@ mod tests {
     use crate::message::Message;
     use bytes::Bytes;
     use pigeon_proto::device::Priority;
+    use std::time::Duration;
 
     fn delivery(seq: u64) -> Delivery {
         Delivery {
             seq,
             message: Arc::new(Message {
+                pace_ms: 0,
                 id: "m".into(),
                 payload: Bytes::new(),
                 priority: Priority::Normal,
@@ -748,6 +850,7 @@ mod tests {
             epoch: 7,
             offset,
             message: Arc::new(Message {
+                pace_ms: 0,
                 id: format!("m{offset}"),
                 payload: Bytes::new(),
                 priority: Priority::Normal,
@@ -801,6 +904,35 @@ mod tests {
             &DeviceTags::default(),
         );
         assert_eq!(floor, 4);
+    }
+
+    #[test]
+    fn a_paced_entry_is_handed_out_in_steps_and_never_overtaken() {
+        let table = ConnectionTable::new(8, CancellationToken::new());
+        let devices: Vec<_> = (0..10)
+            .map(|index| join(&table, &format!("d{index}"), 0, &[]))
+            .collect();
+        let start = Instant::now();
+        let mut paced = shared(1, None);
+        Arc::get_mut(&mut paced.message).unwrap().pace_ms = 1_000;
+        // For all ten, over ten steps of 100 ms: the first step's one device gets it now.
+        assert_eq!(table.deliver_shared("demo", paced), 10);
+        let got = |devices: &[Arc<Connection>]| -> Vec<Vec<u64>> {
+            devices.iter().map(|device| offsets(device)).collect()
+        };
+        assert_eq!(got(&devices).iter().filter(|o| *o == &[1]).count(), 1);
+        // Half way through, half of them have had it.
+        assert!(table.pace(start + Duration::from_millis(450)));
+        assert_eq!(got(&devices).iter().filter(|o| *o == &[1]).count(), 4);
+        // A later entry for everyone: those still waiting are handed the paced one first.
+        assert_eq!(table.deliver_shared("demo", shared(2, None)), 10);
+        let offsets = got(&devices);
+        assert_eq!(offsets.iter().filter(|o| *o == &[2]).count(), 5);
+        assert_eq!(offsets.iter().filter(|o| *o == &[1, 2]).count(), 5);
+        // Their steps come later; the sessions take those as duplicates.
+        assert!(!table.pace(start + Duration::from_secs(1)));
+        assert_eq!(got(&devices).iter().filter(|o| *o == &[1]).count(), 5);
+        assert!(!table.pace(start + Duration::from_secs(2)));
     }
 
     #[test]

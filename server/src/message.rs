@@ -4,7 +4,7 @@
 //! offset.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use pigeon_proto::device::{Priority, Push};
@@ -62,6 +62,10 @@ impl Class {
     }
 }
 
+/// The shortest step of a paced delivery: a paced push is handed out in steps at least this
+/// far apart.
+pub const PACE_STEP: Duration = Duration::from_millis(100);
+
 /// One accepted push.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -83,6 +87,9 @@ pub struct Message {
     /// For a message of a shared stream: the devices it is for, by their tags (`None`:
     /// every device of the app).
     pub filter: Option<Box<TagFilter>>,
+    /// For a message of a shared stream: spread its live hand-out over this many
+    /// milliseconds (0: at once). Direct pushes are paced by the pipeline instead.
+    pub pace_ms: u64,
 }
 
 /// Which devices of an app a shared-stream message is for, by their tags: a device must
@@ -149,6 +156,7 @@ impl Message {
             collapse_key: self.collapse_key.clone(),
             filter: self.filter.as_deref().map(TagFilter::to_stored),
             class: self.class.to_stored(),
+            pace_ms: self.pace_ms,
         }
     }
 
@@ -165,6 +173,7 @@ impl Message {
             filter: stored
                 .filter
                 .map(|filter| Box::new(TagFilter::from_stored(filter))),
+            pace_ms: stored.pace_ms,
         }
     }
 }
@@ -277,6 +286,7 @@ mod tests {
     #[test]
     fn stored_form_round_trips() {
         let message = Message {
+            pace_ms: 60_000,
             id: new_message_id(5),
             payload: Bytes::from_static(b"{\"a\":1}"),
             priority: Priority::High,

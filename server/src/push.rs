@@ -37,7 +37,9 @@ use serde::Serialize;
 use crate::config::{FrequencyCap, Limits};
 use crate::connections::{ConnectionTable, Delivered};
 use crate::intake::{self, Intake};
-use crate::message::{Delivery, Message, SharedDelivery, TagFilter, new_message_id, unix_millis};
+use crate::message::{
+    Delivery, Message, PACE_STEP, SharedDelivery, TagFilter, new_message_id, unix_millis,
+};
 use crate::metrics::Metrics;
 use crate::rate_limit::{Limited, RateLimiter};
 use crate::stats::Stats;
@@ -73,7 +75,7 @@ pub struct PushRequest {
     pub class: Class,
     /// Its category, which users may opt out of; `None` for none.
     pub category: Option<String>,
-    /// Spread its live delivery over this long (direct audiences); `None`: at once.
+    /// Spread its live delivery over this long; `None`: at once.
     pub pace: Option<Duration>,
     /// Target uids.
     pub uids: Vec<String>,
@@ -606,8 +608,12 @@ impl Pipeline {
                 filter.none.push(crate::devices::opt_out_tag(&item));
             }
         }
-        let (message, idempotency) =
+        let (mut message, idempotency) =
             new_message(&mut request, unix_millis(), self.idempotency_window);
+        if let (Some(pace), Some(message)) = (request.pace, Arc::get_mut(&mut message)) {
+            // Stored with the entry: each process paces its own connections.
+            message.pace_ms = pace.as_millis() as u64;
+        }
         let appended = self
             .store
             .append(&request.app, ALL, message, idempotency)
@@ -882,9 +888,6 @@ fn accepted_status(message: &Message, class: Class, shared: bool) -> MessageStat
     }
 }
 
-/// The shortest step of a paced delivery.
-const PACE_STEP: Duration = Duration::from_millis(100);
-
 /// The message a request describes, accepted at `now_ms`, and its idempotency key with
 /// the time it stops counting.
 fn new_message(
@@ -904,6 +907,7 @@ fn new_message(
         expires_at_ms: now_ms.saturating_add(request.ttl.as_millis() as u64),
         collapse_key: std::mem::take(&mut request.collapse_key),
         filter: request.tags.take().map(Box::new),
+        pace_ms: 0,
     });
     let idempotency = request.idempotency_key.take().map(|key| {
         let until = now_ms.saturating_add(idempotency_window.as_millis() as u64);

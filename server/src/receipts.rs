@@ -360,6 +360,7 @@ mod tests {
 
     fn message(id: &str) -> Arc<Message> {
         Arc::new(Message {
+            pace_ms: 0,
             id: id.into(),
             payload: bytes::Bytes::from_static(b"{}"),
             priority: Default::default(),

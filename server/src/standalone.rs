@@ -125,6 +125,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         limits.heartbeat_interval,
         connections.shutdown().clone(),
     ));
+    tokio::spawn(connections.clone().run_pacing());
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     metrics.watch_receipts(receipts);
     metrics.watch_embedded((*store).clone());

@@ -557,10 +557,6 @@ async fn a_paced_push_is_spread_over_its_pace() {
     assert!(last < 4000, "within the pace: {arrivals:?}");
     for (body, field) in [
         (
-            json!({"audience": {"all": true}, "payload": {}, "pace": 2}),
-            "pace",
-        ),
-        (
             json!({"audience": {"uids": ["p1"]}, "payload": {}, "pace": 2, "class": "realtime"}),
             "pace",
         ),
@@ -572,5 +568,72 @@ async fn a_paced_push_is_spread_over_its_pace() {
         let (status, answer) = server.push(body.clone()).await;
         assert_eq!(status, 400, "{body}: {answer}");
         assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+}
+
+/// A push to everyone paced over two seconds reaches the twenty devices online spread over
+/// that time; a push after a paced one never overtakes it: a device still waiting for its
+/// step is handed the paced push first.
+#[tokio::test]
+async fn a_paced_push_to_everyone_is_spread_and_never_overtaken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut devices = Vec::new();
+    for n in 0..20 {
+        devices.push(connect(&server, &format!("e{n}"), &DeviceState::default()).await);
+    }
+    let sent = pigeon_server::message::unix_millis();
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"paced": 1}, "pace": 2}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["delivered"], 20,
+        "handed out over the pace: {answer}"
+    );
+    let mut arrivals = Vec::new();
+    for device in &mut devices {
+        let push = next_push(device).await;
+        assert_eq!(payload(&push), json!({"paced": 1}));
+        device.ack_push(&push).await.expect("ack");
+        arrivals.push(pigeon_server::message::unix_millis() - sent);
+    }
+    arrivals.sort_unstable();
+    let (first, last) = (arrivals[0], arrivals[19]);
+    assert!(first < 500, "the first step goes at once: {arrivals:?}");
+    assert!(
+        last >= 1500,
+        "the last step goes near the end of the pace: {arrivals:?}"
+    );
+    assert!(last < 4000, "within the pace: {arrivals:?}");
+
+    // A paced push, then one at once: every device gets both, the paced one first, and
+    // the second at once.
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"paced": 2}, "pace": 5}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let sent = pigeon_server::message::unix_millis();
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"paced": 3}}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    for device in &mut devices {
+        for expected in [2, 3] {
+            let push = next_push(device).await;
+            assert_eq!(payload(&push), json!({"paced": expected}));
+            device.ack_push(&push).await.expect("ack");
+        }
+        let waited = pigeon_server::message::unix_millis() - sent;
+        assert!(
+            waited < 2500,
+            "the later push waited for no step: {waited} ms"
+        );
+        assert_no_push(device, Duration::from_millis(10)).await;
+    }
+    // The steps of the paced push that came after: nothing more reaches a device.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for device in &mut devices {
+        assert_no_push(device, Duration::from_millis(10)).await;
     }
 }

@@ -172,6 +172,7 @@ impl Backend {
 fn message(body: &str, ttl_ms: u64, collapse_key: &str) -> Arc<Message> {
     let now = unix_millis();
     Arc::new(Message {
+        pace_ms: 0,
         id: new_message_id(now),
         payload: Bytes::from(body.to_owned()),
         priority: Priority::Normal,

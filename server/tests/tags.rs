@@ -360,5 +360,31 @@ async fn pushes_to_tags_in_cluster_mode() {
         );
         assert_no_push(&mut ann, QUIET).await;
         assert_no_push(&mut bob, QUIET).await;
+
+        // Paced over two seconds, the node hands a push to vip to its two devices in
+        // steps: one half way, the other at the end; a push to all right after a paced one
+        // reaches each device after it.
+        let sent = std::time::Instant::now();
+        let mut paced = to(json!({"tags": ["vip"]}), json!({"n": 6}));
+        paced["pace"] = json!(2);
+        let (status, answer) = gateway.push(paced).await;
+        assert_eq!((status, &answer["targets"]["delivered"]), (202, &json!(2)));
+        assert_no_push(&mut ann, QUIET).await;
+        assert_no_push(&mut bob, QUIET).await;
+        assert_eq!(take(&mut ann, 1).await, [shared(6, json!({"n": 6}))]);
+        assert_eq!(take(&mut bob, 1).await, [shared(6, json!({"n": 6}))]);
+        assert!(sent.elapsed() >= Duration::from_millis(900), "in steps");
+        let mut paced = to(json!({"tags": ["vip"]}), json!({"n": 7}));
+        paced["pace"] = json!(60);
+        gateway.push(paced).await;
+        gateway
+            .push(to(json!({"all": true}), json!({"n": 8})))
+            .await;
+        for device in [&mut ann, &mut bob] {
+            assert_eq!(
+                take(device, 2).await,
+                [shared(7, json!({"n": 7})), shared(8, json!({"n": 8}))]
+            );
+        }
     }
 }

@@ -288,6 +288,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         limits.heartbeat_interval,
         shutdown.clone(),
     ));
+    tokio::spawn(connections.clone().run_pacing());
     devices.start(Arc::new(context), &settings, &tracker);
 
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));

@@ -16,9 +16,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::message::{SharedDelivery, TagFilter};
+use crate::message::{PACE_STEP, SharedDelivery, TagFilter};
 
 use super::Connection;
 
@@ -29,6 +29,10 @@ const MAX_WAITING: usize = 4096;
 /// Epochs of a stream remembered as replaced, so a late hand-off of an old one is ignored
 /// instead of taken for a new one.
 const RETIRED_EPOCHS: usize = 4;
+
+/// Entries of one app's stream handed out over their pace at once at most; past that, an
+/// entry is handed out at once. (Each holds the connections it waits for: a pointer each.)
+pub(super) const MAX_PACING: usize = 16;
 
 /// One app of the process: its name, and its stream's state.
 #[derive(Debug)]
@@ -56,6 +60,67 @@ pub(super) struct StreamState {
     by_tag: HashMap<Arc<str>, HashMap<u64, Arc<Connection>>>,
     /// Tag names, each held once.
     names: HashSet<Arc<str>>,
+    /// Entries being handed out over their pace, in offset order.
+    pub(super) pacing: Vec<Pacing>,
+}
+
+/// An entry of the stream handed out in steps over its pace: to the connections here it
+/// was for when it came, a share of them each [`PACE_STEP`], by connection id.
+///
+/// The stream is handed to each connection in offset order, so a later entry for a
+/// connection still waiting for a paced one is handed the paced one first (sooner than its
+/// step): pacing spreads a push's delivery, and never lets a later push overtake it.
+#[derive(Debug)]
+pub(super) struct Pacing {
+    pub(super) entry: SharedDelivery,
+    /// By id, ascending; those from `next` on have not been handed the entry.
+    connections: Vec<Arc<Connection>>,
+    next: usize,
+    start: Instant,
+    pace: Duration,
+}
+
+impl Pacing {
+    /// `entry` to hand to `connections` over its pace from `start`.
+    pub(super) fn new(
+        entry: SharedDelivery,
+        mut connections: Vec<Arc<Connection>>,
+        start: Instant,
+    ) -> Self {
+        connections.sort_unstable_by_key(|connection| connection.id());
+        let pace = Duration::from_millis(entry.message.pace_ms);
+        Self {
+            entry,
+            connections,
+            next: 0,
+            start,
+            pace,
+        }
+    }
+
+    /// The connections whose step has come by `now` and that were not handed the entry
+    /// yet; from then on they count as handed it. The first step is due at `start`.
+    pub(super) fn due(&mut self, now: Instant) -> &[Arc<Connection>] {
+        let steps = (self.pace.as_millis() / PACE_STEP.as_millis()).max(1);
+        let elapsed = now.saturating_duration_since(self.start).as_millis();
+        let step = (elapsed / PACE_STEP.as_millis() + 1).min(steps);
+        let due = (self.connections.len() as u128 * step / steps) as usize;
+        let from = self.next;
+        self.next = due.max(from);
+        &self.connections[from..self.next]
+    }
+
+    /// Whether `connection` is still waiting for its step.
+    pub(super) fn waits_for(&self, connection: &Connection) -> bool {
+        self.connections[self.next..]
+            .binary_search_by_key(&connection.id(), |waiting| waiting.id())
+            .is_ok()
+    }
+
+    /// Whether every connection was handed the entry.
+    pub(super) fn is_done(&self) -> bool {
+        self.next >= self.connections.len()
+    }
 }
 
 /// What a hand-off to the stream found.
@@ -191,6 +256,7 @@ impl StreamState {
         self.through = head;
         self.waiting.clear();
         self.gap_since = None;
+        self.pacing.clear();
     }
 
     /// Whether a gap has been open since before `before`.
@@ -287,6 +353,7 @@ mod tests {
             epoch,
             offset,
             message: Arc::new(Message {
+                pace_ms: 0,
                 id: format!("m{offset}"),
                 payload: Bytes::new(),
                 priority: Priority::Normal,

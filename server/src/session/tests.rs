@@ -35,6 +35,7 @@ fn delivery(seq: u64) -> Delivery {
     Delivery {
         seq,
         message: Arc::new(Message {
+            pace_ms: 0,
             id: format!("m{seq}"),
             payload: Bytes::from_static(b"{}"),
             priority: Priority::Normal,

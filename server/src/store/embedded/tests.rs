@@ -24,6 +24,7 @@ fn open(dir: &Path) -> Result<EmbeddedStore> {
 async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u64 {
     let now = unix_millis();
     let message = Arc::new(Message {
+        pace_ms: 0,
         id: new_message_id(now),
         payload: Bytes::from(body.to_owned()),
         priority: Priority::Normal,
@@ -127,6 +128,7 @@ async fn a_stream_written_before_its_size_was_kept_is_counted_once_and_capped() 
     let append = |n: u64| {
         let now = unix_millis();
         let message = Arc::new(Message {
+            pace_ms: 0,
             id: format!("m{n}"),
             payload: Bytes::from(format!("{n}")),
             priority: Priority::Normal,
