@@ -221,11 +221,12 @@ pub struct RecordedTarget {
 /// (the nodes, over gRPC).
 #[async_trait::async_trait]
 pub trait Fanout: Send + Sync + 'static {
-    /// Hands `message` to the live connections of `targets`; returns how many were handed
-    /// to one. It cannot fail: a target not reached reads the message from the store at its
+    /// Hands `message` of `app` to the live connections of `targets`; returns how many were
+    /// handed to one. It cannot fail: a target not reached reads the message from the store at its
     /// next heartbeat, push or reconnect (a TTL-0 message is then lost, as "now or never"
     /// says).
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32;
+    async fn deliver(&self, app: &str, message: &Arc<Message>, targets: Vec<RecordedTarget>)
+    -> u32;
 
     /// Whether a route the store holds leads to a live connection (a route may outlive
     /// its node by a lease).
@@ -253,7 +254,12 @@ pub trait Fanout: Send + Sync + 'static {
 /// this hand-off reaches it before its next heartbeat.
 #[async_trait::async_trait]
 impl Fanout for ConnectionTable {
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
+    async fn deliver(
+        &self,
+        _app: &str,
+        message: &Arc<Message>,
+        targets: Vec<RecordedTarget>,
+    ) -> u32 {
         let mut live = 0;
         for target in targets {
             let delivery = Delivery {
@@ -775,7 +781,7 @@ impl Pipeline {
         if let Some(pace) = request.pace
             && seqs.len() > 1
         {
-            match self.deliver_paced(&message, seqs, pace) {
+            match self.deliver_paced(&request.app, &message, seqs, pace) {
                 // Recorded for every target: each is handed its copy within `pace`, or
                 // reads it from the store.
                 Ok(()) => {
@@ -789,7 +795,7 @@ impl Pipeline {
                 Err(targets) => seqs = targets,
             }
         }
-        let (live, ()) = tokio::join!(self.fanout.deliver(&message, seqs), status);
+        let (live, ()) = tokio::join!(self.fanout.deliver(&request.app, &message, seqs), status);
         counts.delivered += live;
         // A target not reached live reads the message from the store; a TTL-0 one has
         // lost it.
@@ -852,6 +858,7 @@ impl Pipeline {
     /// the targets back when as many paced deliveries as allowed are under way.
     fn deliver_paced(
         &self,
+        app: &str,
         message: &Arc<Message>,
         targets: Vec<RecordedTarget>,
         pace: Duration,
@@ -859,7 +866,7 @@ impl Pipeline {
         let Ok(place) = self.paced.clone().try_acquire_owned() else {
             return Err(targets);
         };
-        let (fanout, message) = (self.fanout.clone(), message.clone());
+        let (fanout, message, app) = (self.fanout.clone(), message.clone(), app.to_owned());
         tokio::spawn(async move {
             let steps = targets
                 .len()
@@ -868,7 +875,7 @@ impl Pipeline {
             let start = tokio::time::Instant::now();
             for (step, chunk) in targets.chunks(per_step).enumerate() {
                 tokio::time::sleep_until(start + pace.mul_f64(step as f64 / steps as f64)).await;
-                fanout.deliver(&message, chunk.to_vec()).await;
+                fanout.deliver(&app, &message, chunk.to_vec()).await;
             }
             drop(place);
         });
@@ -1059,7 +1066,12 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Fanout for ConnectsAfterRecord {
-        async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
+        async fn deliver(
+            &self,
+            app: &str,
+            message: &Arc<Message>,
+            targets: Vec<RecordedTarget>,
+        ) -> u32 {
             let (connection, _) = self.table.register(
                 &self.token,
                 "demo",
@@ -1069,7 +1081,7 @@ mod tests {
             if let Ok(mut connected) = self.connected.lock() {
                 *connected = Some(connection);
             }
-            Fanout::deliver(self.table.as_ref(), message, targets).await
+            Fanout::deliver(self.table.as_ref(), app, message, targets).await
         }
 
         async fn is_live(&self, _route: &Route) -> bool {

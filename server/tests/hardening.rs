@@ -333,6 +333,7 @@ async fn the_internal_api_needs_the_cluster_secret() {
             token: "any".into(),
             seq: 3000,
         }],
+        app: "demo".into(),
     };
     for authorization in [
         None,

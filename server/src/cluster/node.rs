@@ -31,6 +31,7 @@ use crate::api;
 use crate::config::Settings;
 use crate::connections::{ConnectionTable, Delivered};
 use crate::device::{DeviceContext, Presence};
+use crate::intake::{self, Intake, Permit};
 use crate::listener;
 use crate::log_throttle::Throttle;
 use crate::message::{Delivery, Message, SharedDelivery};
@@ -110,7 +111,24 @@ impl Presence for ClusterPresence {
 /// The node's internal gRPC API (the `pigeon.cluster.v1.Node` service).
 struct InternalApi {
     connections: Arc<ConnectionTable>,
+    /// Where Deliver and DeliverShared calls wait for a place to hand out their message:
+    /// by lane (the message's class and priority) and app, as pushes wait on a gateway.
+    intake: Arc<Intake>,
 }
+
+impl InternalApi {
+    /// A place to hand out `message` of `app`; refused with `RESOURCE_EXHAUSTED` when its
+    /// queue is full or the wait too long (its devices read it from the store).
+    async fn place(&self, app: &str, message: &Message) -> Result<Permit, Status> {
+        let lane = intake::lane(message.class, message.priority);
+        self.intake.enter(app, lane, true).await.map_err(|_| {
+            Status::resource_exhausted("too many deliveries waiting; the devices read the store")
+        })
+    }
+}
+
+/// Hand-outs a node runs at once per core; the others wait in its queues by lane and app.
+const DELIVERIES_PER_CORE: usize = 2;
 
 #[tonic::async_trait]
 impl node_server::Node for InternalApi {
@@ -131,6 +149,7 @@ impl node_server::Node for InternalApi {
             )));
         }
         let message = Arc::new(Message::from_stored(stored));
+        let _place = self.place(&request.app, &message).await?;
         let statuses = request
             .targets
             .into_iter()
@@ -171,12 +190,15 @@ impl node_server::Node for InternalApi {
             offset: request.offset,
             message: Arc::new(Message::from_stored(stored)),
         };
+        let place = self.place(&request.app, &delivery.message).await?;
         // The hand-out writes to every parked connection of the app it is for: off the
         // runtime's workers, which keep serving the node's connections meanwhile.
         let connections = self.connections.clone();
         let app = request.app;
         let live = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| connections.deliver_shared(&app, delivery))
+            let live = span.in_scope(|| connections.deliver_shared(&app, delivery));
+            drop(place);
+            live
         })
         .await
         .map_err(|_| Status::internal("the hand-out failed"))?;
@@ -291,9 +313,15 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     tokio::spawn(connections.clone().run_pacing());
     devices.start(Arc::new(context), &settings, &tracker);
 
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    let places = cores * DELIVERIES_PER_CORE;
+    // No app's share is capped here (the gateways cap an app's pushes): a lone app may use
+    // every place, and apps waiting take turns.
+    let intake = Intake::new(places, places, limits.push_queue, limits.push_queue_timeout);
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     metrics.watch_receipts(receipts);
     metrics.watch_redis();
+    metrics.watch_intake(intake.clone());
     listener::serve_http(
         http_listener,
         api::ops_routes(metrics, &settings.metrics_token),
@@ -307,6 +335,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         .add_service(NodeServer::with_interceptor(
             InternalApi {
                 connections: connections.clone(),
+                intake,
             },
             caller_check(&settings.cluster.secret),
         ))
@@ -404,5 +433,89 @@ impl Running for Node {
             tracing::warn!(%error, "giving up the node lease failed; it will lapse");
         }
         process::drain(&self.connections, &self.tracker, self.drain_timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connections::Outgoing;
+    use crate::store::StreamHead;
+    use pigeon_proto::cluster::DeliverTarget;
+    use pigeon_proto::device::Priority;
+    use pigeon_proto::store::StoredMessage;
+
+    fn request(id: &str, seq: u64, class: u32, priority: Priority) -> Request<DeliverRequest> {
+        Request::new(DeliverRequest {
+            message: Some(StoredMessage {
+                message_id: id.to_owned(),
+                priority: priority as i32,
+                class,
+                expires_at_ms: u64::MAX,
+                ..StoredMessage::default()
+            }),
+            targets: vec![DeliverTarget {
+                token: "t".to_owned(),
+                seq,
+            }],
+            app: "a".to_owned(),
+        })
+    }
+
+    /// Waits until `count` deliveries wait in `intake`.
+    async fn queued(intake: &Intake, count: usize) {
+        let wait = async {
+            while intake.waiting() < count {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("the calls wait in the node's queues");
+    }
+
+    /// Under a backlog, a node hands out a high-priority message before a marketing one
+    /// that waited longer.
+    #[tokio::test]
+    async fn deliveries_wait_by_lane() {
+        let connections = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
+        let (connection, _) = connections.register(
+            &Arc::from("t"),
+            "a",
+            StreamHead::default(),
+            &DeviceTags::default(),
+        );
+        let intake = Intake::new(1, 1, 16, Duration::from_secs(5));
+        let api = Arc::new(InternalApi {
+            connections,
+            intake: intake.clone(),
+        });
+        let busy = intake.enter("a", 1, true).await.expect("the only place");
+        let call = |request| {
+            let api = api.clone();
+            tokio::spawn(async move { node_server::Node::deliver(&*api, request).await })
+        };
+        let marketing = call(request("low", 1, 2, Priority::Normal));
+        queued(&intake, 1).await;
+        let high = call(request("high", 2, 0, Priority::High));
+        queued(&intake, 2).await;
+        assert!(
+            connection.take().pushes.is_empty(),
+            "nothing handed out yet"
+        );
+        drop(busy);
+        for call in [marketing, high] {
+            call.await.expect("join").expect("delivered");
+        }
+        let order: Vec<String> = connection
+            .take()
+            .pushes
+            .iter()
+            .map(|push| match push {
+                Outgoing::Direct(delivery) => delivery.message.id.clone(),
+                Outgoing::Shared(delivery) => delivery.message.id.clone(),
+            })
+            .collect();
+        assert_eq!(order, ["high", "low"]);
     }
 }

@@ -297,12 +297,18 @@ impl Peers {
         let (client, breaker) = self.callable(node).await?;
         let request = self.request(message, deadline);
         let result = tokio::time::timeout(deadline, rpc(client, request)).await;
+        // A node that sheds work (its delivery queues are full) is alive: not a failure.
+        let alive = match &result {
+            Ok(Ok(_)) => true,
+            Ok(Err(status)) => status.code() == tonic::Code::ResourceExhausted,
+            Err(_elapsed) => false,
+        };
+        breaker.report(alive, Instant::now());
         let outcome = match result {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(status.to_string()),
             Err(_elapsed) => Err(format!("no answer within {deadline:?}")),
         };
-        breaker.report(outcome.is_ok(), Instant::now());
         outcome.map_err(|message| PeerError::Call {
             node: node.to_owned(),
             message,
@@ -376,7 +382,12 @@ impl Peers {
 /// node's circuit breaker.
 #[async_trait::async_trait]
 impl Fanout for Peers {
-    async fn deliver(&self, message: &Arc<Message>, targets: Vec<RecordedTarget>) -> u32 {
+    async fn deliver(
+        &self,
+        app: &str,
+        message: &Arc<Message>,
+        targets: Vec<RecordedTarget>,
+    ) -> u32 {
         let mut by_node: HashMap<String, Vec<DeliverTarget>> = HashMap::new();
         for target in targets {
             let Some(route) = target.route else {
@@ -394,6 +405,7 @@ impl Fanout for Peers {
                 let request = DeliverRequest {
                     message: Some(stored.clone()),
                     targets,
+                    app: app.to_owned(),
                 };
                 let node = node.clone();
                 async move {
