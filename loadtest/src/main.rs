@@ -105,6 +105,10 @@ enum Scenario {
         /// once connected) instead of to `all`.
         #[arg(long, value_name = "K")]
         tag_every: Option<u32>,
+        /// Spread each push to all or to the tag over this many seconds (its `pace`), and
+        /// report how the arrivals spread.
+        #[arg(long, value_name = "SECONDS")]
+        pace: Option<u32>,
     },
     /// The loopback floor alone, for any number of sockets: one writer thread per
     /// `--per-process` sockets, each in its own process, all starting at once.
@@ -414,6 +418,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             rounds,
             floor,
             tag_every,
+            pace,
         } => {
             let audience = uids.then(|| {
                 let audience = audience.unwrap_or(if common.ws_urls.is_empty() {
@@ -428,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 rounds: (*rounds).max(1),
                 floor: *floor,
                 tagged: tag_every.is_some(),
+                pace: *pace,
             };
             broadcast(&mut run, common, plan).await
         }
@@ -769,7 +775,7 @@ async fn push_everyone(
     devices: u64,
 ) -> (u64, Option<String>) {
     let audience = json!({"all": true});
-    push_shared(deployment, audience, payload, errors, devices).await
+    push_shared(deployment, audience, payload, errors, devices, None).await
 }
 
 /// One push to an audience stored once (`all`, tags). Counts `devices` deliveries when
@@ -780,8 +786,12 @@ async fn push_shared(
     payload: serde_json::Value,
     errors: &mut BTreeMap<String, u64>,
     devices: u64,
+    pace: Option<u32>,
 ) -> (u64, Option<String>) {
-    let body = json!({"audience": audience, "payload": payload, "ttl": 3600});
+    let mut body = json!({"audience": audience, "payload": payload, "ttl": 3600});
+    if let Some(pace) = pace {
+        body["pace"] = json!(pace);
+    }
     let request = reqwest::Client::new()
         .post(format!("{}/v1/push", deployment.http_url))
         .bearer_auth(&deployment.app.api_key)
@@ -1391,6 +1401,8 @@ struct BroadcastPlan {
     floor: bool,
     /// Push to the tag the kept devices are given, instead of to `all`.
     tagged: bool,
+    /// Spread each push stored once over this many seconds.
+    pace: Option<u32>,
 }
 
 /// The tag a broadcast to a tag pushes to.
@@ -1438,6 +1450,7 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
         rounds,
         floor,
         tagged,
+        pace,
     } = plan;
     connect_all(run, common).await?;
     let uids: Vec<String> = (0..common.devices).map(fleet::uid).collect();
@@ -1459,6 +1472,8 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
     let (mut rates, mut floors, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut to_first, mut to_last, mut api_times) = (Vec::new(), Vec::new(), Vec::new());
     let mut acks_counted = Vec::new();
+    // With a pace: when each device got its push, after the push (µs).
+    let mut arrivals: Vec<u32> = Vec::new();
     for round in 1..=rounds {
         if floor {
             let rate = floor::measure(common.devices).await?;
@@ -1473,17 +1488,24 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
         };
         let sent_us = unix_micros();
         let begin = Instant::now();
-        let payload = broadcast_payload(round);
+        let mut payload = broadcast_payload(round);
+        if pace.is_some() {
+            // Stamped: each arrival is a latency sample, to show how the pace spread them.
+            payload["t"] = json!(sent_us);
+        }
         let (round_accepted, message_id) = match audience {
             Some(audience) => (
                 push_to_all(&run.deployment, &uids, audience, payload, &mut errors).await,
                 None,
             ),
-            None if tagged => {
-                let audience = json!({ "tags": [TAG] });
-                push_shared(&run.deployment, audience, payload, &mut errors, expected).await
+            None => {
+                let audience = match tagged {
+                    true => json!({ "tags": [TAG] }),
+                    false => json!({ "all": true }),
+                };
+                let deployment = &run.deployment;
+                push_shared(deployment, audience, payload, &mut errors, expected, pace).await
             }
-            None => push_everyone(&run.deployment, payload, &mut errors, expected).await,
         };
         api_times.push(begin.elapsed().as_secs_f64());
         accepted += round_accepted;
@@ -1499,6 +1521,13 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
         let patience = Duration::from_secs(60 + common.devices as u64 / 10_000 + heartbeat);
         expect_deliveries(run, accepted, patience).await?;
         let reports = run.fleet.reports().await?;
+        if pace.is_some() {
+            let new = before.iter().zip(&reports).flat_map(|(before, after)| {
+                let known = before.latencies_us.len().min(after.latencies_us.len());
+                after.latencies_us[known..].iter().copied()
+            });
+            arrivals.extend(new);
+        }
         let last = reports
             .iter()
             .map(|r| r.last_received_us)
@@ -1610,6 +1639,24 @@ async fn broadcast(run: &mut Run, common: &Common, plan: BroadcastPlan) -> anyho
     }
     run.result
         .figure("deliveries per second (median)", round(median(&rates), 0));
+    if let Some(pace) = pace {
+        arrivals.sort_unstable();
+        let at = |q: f64| {
+            let index = ((arrivals.len().saturating_sub(1)) as f64 * q) as usize;
+            arrivals.get(index).map_or(0.0, |us| f64::from(*us) / 1e6)
+        };
+        run.result.figure("pace (s)", pace);
+        run.result.figure(
+            "arrivals after the push (s): p10 / p50 / p90 / last",
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2}",
+                at(0.1),
+                at(0.5),
+                at(0.9),
+                at(1.0)
+            ),
+        );
+    }
     if rounds > 1 {
         run.result
             .figure("deliveries per second (each round)", listed(&rates));

@@ -235,8 +235,7 @@ impl Intake {
         lane: usize,
         bounded: bool,
     ) -> Result<Permit, Shed> {
-        let (tx, rx) = oneshot::channel();
-        {
+        let rx = {
             let mut state = self.state.lock().map_err(|_| Shed)?;
             let free = |state: &State, app: &str| state.held(app) < self.per_app;
             // A free place goes now, unless a push that may take it waits already.
@@ -258,8 +257,10 @@ impl Intake {
             if bounded && state.queues.len(lane, app) >= room {
                 return Err(Shed);
             }
+            let (tx, rx) = oneshot::channel();
             state.queues.push(lane, app, tx);
-        }
+            rx
+        };
         if bounded {
             // A sender whose receiver timed out is skipped when its turn comes.
             tokio::time::timeout(self.timeout, rx)
