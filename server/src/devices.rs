@@ -172,7 +172,10 @@ impl Devices {
             let Some(info) = self.store.device(app, &token).await? else {
                 continue; // unbound meanwhile
             };
-            let mut tags: Vec<String> = user_tags(info.tags.names());
+            let names = info.tags.names();
+            let caps = names.iter().filter(|name| crate::caps::is_cap_tag(name));
+            let mut tags: Vec<String> = caps.cloned().collect();
+            tags.extend(user_tags(names));
             tags.extend(opt_out.iter().map(|item| opt_out_tag(item)));
             if let Some(retagged) = self.store.set_tags(app, &token, &tags).await? {
                 changed.push(retagged);
@@ -446,9 +449,9 @@ pub fn opt_out_tag(item: &str) -> String {
     format!("{OPT_OUT_TAG}{item}")
 }
 
-/// Whether a tag is one of Pigeon's own (an opt-out), not the app's.
+/// Whether a tag is one of Pigeon's own (an opt-out, a frequency cap), not the app's.
 pub fn is_reserved(name: &str) -> bool {
-    name.starts_with(OPT_OUT_TAG)
+    name.starts_with('!')
 }
 
 /// The app's own tags among `names`.

@@ -46,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod caps;
 pub mod cluster;
 pub mod config;
 pub mod connections;

@@ -614,6 +614,14 @@ impl Pipeline {
                 filter.none.push(crate::devices::opt_out_tag(&item));
             }
         }
+        // Nor is a marketing push for the devices of users who had their cap this window.
+        if request.class == Class::Marketing
+            && let Some(cap) = self.frequency_caps.get(&request.app).copied()
+        {
+            let (window, _) = crate::caps::window(cap, unix_millis());
+            let filter = request.tags.get_or_insert_with(TagFilter::default);
+            filter.none.push(crate::caps::cap_tag(window));
+        }
         let (mut message, idempotency) =
             new_message(&mut request, unix_millis(), self.idempotency_window);
         if let (Some(pace), Some(message)) = (request.pace, Arc::get_mut(&mut message)) {
@@ -837,7 +845,8 @@ impl Pipeline {
     }
 
     /// Counts one more capped push for each of `uids` in the current window of `cap`:
-    /// per uid, whether it was under the cap.
+    /// per uid, whether it was under the cap. A uid that has had its cap with this push
+    /// is tagged for it (in the background), so pushes to all and tags skip it too.
     async fn count_capped(
         &self,
         app: &str,
@@ -848,10 +857,33 @@ impl Pipeline {
         if uids.is_empty() {
             return Ok(Vec::new());
         }
-        let window_ms = (cap.window.as_millis() as u64).max(1);
-        self.store
-            .count_capped(app, uids, now_ms / window_ms, window_ms, cap.marketing)
-            .await
+        let (window, window_ms) = crate::caps::window(cap, now_ms);
+        let counts = self
+            .store
+            .count_capped(app, uids, window, window_ms, cap.marketing)
+            .await?;
+        let reached: Vec<String> = uids
+            .iter()
+            .zip(&counts)
+            .filter(|(_, count)| count.is_some_and(|count| count >= cap.marketing))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if !reached.is_empty() {
+            let (store, fanout, app) = (self.store.clone(), self.fanout.clone(), app.to_owned());
+            tokio::spawn(async move {
+                let tagged = crate::caps::tag_capped(
+                    store.as_ref(),
+                    fanout.as_ref(),
+                    &app,
+                    &reached,
+                    window,
+                );
+                if let Err(error) = tagged.await {
+                    tracing::warn!(%error, "tagging users at their frequency cap failed");
+                }
+            });
+        }
+        Ok(counts.into_iter().map(|count| count.is_some()).collect())
     }
 
     /// Hands `message` to `targets` in even steps over `pace`, in the background; gives

@@ -118,6 +118,11 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         (limits.message_retention, limits.stats_retention),
         connections.shutdown().clone(),
     ));
+    tokio::spawn(context.caps.clone().run(
+        store.clone(),
+        connections.clone(),
+        connections.shutdown().clone(),
+    ));
     devices.start(Arc::new(context), &settings, &tracker);
     tokio::spawn(crate::stream_keeper::run(
         connections.clone(),

@@ -248,11 +248,25 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Counts one more capped push for each of `uids` of `app` in the window `window`
     /// (its number) that lasts `window_ms`, unless that uid has had `cap` already: per uid, in
-    /// the order given, whether it was counted (and so may get the push).
+    /// the order given, its count with this push when it was counted (and so may get the
+    /// push), `None` when it was over the cap.
     async fn count_capped(
         &self,
         app: &str,
         uids: &[String],
+        window: u64,
+        window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<Option<u32>>, StoreError>;
+
+    /// Counts, in the same counts as [`Store::count_capped`], a capped push stored once
+    /// (to all, or tags) that a user got: once per `(uid, message id)` in `got`, however
+    /// many of the uid's devices got it, and only while the uid is under `cap`. Per pair, in
+    /// the order given, whether the uid has had `cap` pushes now.
+    async fn count_shared_capped(
+        &self,
+        app: &str,
+        got: &[(String, String)],
         window: u64,
         window_ms: u64,
         cap: u32,

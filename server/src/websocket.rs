@@ -541,6 +541,7 @@ mod tests {
             max_credential_lifetime: Duration::from_secs(3600),
             per_ip: None,
             receipts: Arc::default(),
+            caps: Arc::new(crate::caps::SharedCaps::new(&[])),
         })
     }
 

@@ -637,3 +637,110 @@ async fn a_paced_push_to_everyone_is_spread_and_never_overtaken() {
         assert_no_push(device, Duration::from_millis(10)).await;
     }
 }
+
+/// Marketing pushes to everyone count against the users' frequency cap as their devices
+/// get them (each push once per user, however many of its devices got it): a user that
+/// has had its cap, by pushes to everyone or by direct ones, gets no more marketing to
+/// everyone in the window; notifications still reach it.
+#[tokio::test]
+async fn a_frequency_cap_holds_for_pushes_to_everyone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = limited_server(
+        dir.path(),
+        &[
+            ("FREQUENCY_CAP__MARKETING", "2"),
+            ("FREQUENCY_CAP__WINDOW", "1h"),
+        ],
+    );
+    let mut ann_phone = connect(&server, "ann", &DeviceState::default()).await;
+    let mut ann_tablet = connect(&server, "ann", &DeviceState::default()).await;
+    let mut bob = connect(&server, "bob", &DeviceState::default()).await;
+    let to_everyone = |n: u32, class: &str| json!({"audience": {"all": true}, "payload": {"n": n}, "class": class, "ttl": 600});
+    // The counts are taken every second: wait for them between pushes.
+    let counted = || tokio::time::sleep(Duration::from_millis(2500));
+    for n in [1, 2] {
+        let (status, answer) = server.push(to_everyone(n, "marketing")).await;
+        assert_eq!(status, 202, "{answer}");
+        for device in [&mut ann_phone, &mut ann_tablet, &mut bob] {
+            let push = next_push(device).await;
+            assert_eq!(payload(&push)["n"], n);
+            device.ack_push(&push).await.expect("ack");
+        }
+        counted().await;
+    }
+    // Ann's two devices counted her once per push: she is at the cap, as bob is.
+    let (_, answer) = server
+        .push(json!({"audience": {"uids": ["ann", "bob"]}, "payload": {}, "class": "marketing"}))
+        .await;
+    assert_eq!(answer["targets"]["skipped"], 2, "{answer}");
+    // Cy, at the cap through direct pushes, is tagged for it too.
+    let mut cy = connect(&server, "cy", &DeviceState::default()).await;
+    for n in [10, 11] {
+        let (_, answer) = server
+            .push(json!({"audience": {"uids": ["cy"]}, "payload": {"n": n}, "class": "marketing"}))
+            .await;
+        assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+        let push = next_push(&mut cy).await;
+        cy.ack_push(&push).await.expect("ack");
+    }
+    counted().await;
+    let (status, answer) = server.push(to_everyone(3, "marketing")).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = server.push(to_everyone(4, "notification")).await;
+    assert_eq!(status, 202, "{answer}");
+    for device in [&mut ann_phone, &mut ann_tablet, &mut bob, &mut cy] {
+        let push = next_push(device).await;
+        assert_eq!(
+            payload(&push)["n"],
+            4,
+            "the capped marketing push is not for them"
+        );
+        device.ack_push(&push).await.expect("ack");
+        assert_no_push(device, Duration::from_millis(100)).await;
+    }
+    // A user under the cap still gets marketing to everyone.
+    let mut dee = connect(&server, "dee", &DeviceState::default()).await;
+    let (status, _) = server.push(to_everyone(5, "marketing")).await;
+    assert_eq!(status, 202);
+    let push = next_push(&mut dee).await;
+    assert_eq!(payload(&push)["n"], 5);
+    assert_no_push(&mut bob, Duration::from_millis(300)).await;
+}
+
+/// In cluster mode the nodes count what their devices got of marketing pushes to everyone
+/// in Redis, and a user at the cap is tagged on every node that holds one of its devices.
+#[tokio::test]
+async fn a_frequency_cap_holds_for_pushes_to_everyone_across_nodes() {
+    use support::cluster::NodeProcess;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let cap = [
+        ("PIGEON_APPS__0__FREQUENCY_CAP__MARKETING", "1"),
+        ("PIGEON_APPS__0__FREQUENCY_CAP__WINDOW", "1h"),
+    ];
+    let one = NodeProcess::start(&deployment, &cap);
+    let two = NodeProcess::start(&deployment, &cap);
+    let gateway = GatewayProcess::start(&deployment, &cap);
+    let mut phone = support::cluster::connect(&one, "ann", &DeviceState::default()).await;
+    let mut tablet = support::cluster::connect(&two, "ann", &DeviceState::default()).await;
+    let to_everyone = |n: u32, class: &str| json!({"audience": {"all": true}, "payload": {"n": n}, "class": class, "ttl": 600});
+    let (status, answer) = gateway.push(to_everyone(1, "marketing")).await;
+    assert_eq!(status, 202, "{answer}");
+    // Only the phone acknowledges: node one counts ann, and tags her tablet on node two.
+    let push = next_push(&mut phone).await;
+    phone.ack_push(&push).await.expect("ack");
+    let _unacked = next_push(&mut tablet).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    gateway.push(to_everyone(2, "marketing")).await;
+    gateway.push(to_everyone(3, "notification")).await;
+    for device in [&mut phone, &mut tablet] {
+        let push = next_push(device).await;
+        assert_eq!(
+            payload(&push)["n"],
+            3,
+            "the capped marketing push is not for ann"
+        );
+    }
+}

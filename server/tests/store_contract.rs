@@ -1240,28 +1240,69 @@ async fn capped_pushes_are_counted_per_uid_and_window(backend: &Backend) {
         .count_capped("demo", &uids(&["ann", "bob"]), 7, hour, 2)
         .await
         .expect("count");
-    assert_eq!(first, [true, true]);
+    assert_eq!(first, [Some(1), Some(1)]);
     let second = store
         .count_capped("demo", &uids(&["ann"]), 7, hour, 2)
         .await
         .expect("count");
-    assert_eq!(second, [true]);
+    assert_eq!(second, [Some(2)]);
     let third = store
         .count_capped("demo", &uids(&["ann", "bob"]), 7, hour, 2)
         .await
         .expect("count");
-    assert_eq!(third, [false, true]);
+    assert_eq!(third, [None, Some(2)]);
     // Another window, another app: counted afresh.
     let next = store
         .count_capped("demo", &uids(&["ann"]), 8, hour, 2)
         .await
         .expect("count");
-    assert_eq!(next, [true]);
+    assert_eq!(next, [Some(1)]);
     let other = store
         .count_capped("other", &uids(&["ann"]), 7, hour, 2)
         .await
         .expect("count");
-    assert_eq!(other, [true]);
+    assert_eq!(other, [Some(1)]);
+
+    // Pushes stored once, counted as users got them: each once per user, in the same
+    // counts, until the cap.
+    let got = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(uid, message)| (uid.to_string(), message.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let reached = store
+        .count_shared_capped("demo", &got(&[("cy", "m1"), ("dee", "m1")]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(reached, [false, false]);
+    // Again (another device of theirs got it): not counted twice.
+    let reached = store
+        .count_shared_capped("demo", &got(&[("cy", "m1"), ("dee", "m1")]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(reached, [false, false]);
+    let reached = store
+        .count_shared_capped("demo", &got(&[("cy", "m2")]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(reached, [true]);
+    // A direct push finds cy at the cap; dee's one gets dee there.
+    let direct = store
+        .count_capped("demo", &uids(&["cy", "dee"]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(direct, [None, Some(2)]);
+    let reached = store
+        .count_shared_capped("demo", &got(&[("dee", "m3"), ("eve", "m3")]), 7, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(reached, [true, false], "dee had two already");
+    let reached = store
+        .count_shared_capped("demo", &got(&[("cy", "m1")]), 8, hour, 2)
+        .await
+        .expect("count");
+    assert_eq!(reached, [false], "another window");
 }
 
 /// An unregistered device is gone with everything that names it; another app cannot

@@ -267,9 +267,10 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         limits.outbound_queue,
         shutdown.clone(),
     ));
+    let peers = Arc::new(Peers::new(membership.clone(), settings.cluster.clone()));
     let presence = ClusterPresence {
         membership: membership.clone(),
-        peers: Arc::new(Peers::new(membership.clone(), settings.cluster.clone())),
+        peers: peers.clone(),
         node_id: node_id.clone(),
     };
     let context = DeviceContext::new(
@@ -311,6 +312,13 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         shutdown.clone(),
     ));
     tokio::spawn(connections.clone().run_pacing());
+    // Tags of capped users reach every node that holds one of their devices.
+    tokio::spawn(
+        context
+            .caps
+            .clone()
+            .run(context.store.clone(), peers, shutdown.clone()),
+    );
     devices.start(Arc::new(context), &settings, &tracker);
 
     let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());

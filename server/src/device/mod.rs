@@ -67,6 +67,9 @@ pub struct DeviceContext {
     pub per_ip: Option<Arc<PerIpLimits>>,
     /// What the devices did with messages, counted for the store.
     pub receipts: Arc<crate::receipts::Receipts>,
+    /// Marketing pushes to all and to tags the devices got, counted against their users'
+    /// frequency caps.
+    pub caps: Arc<crate::caps::SharedCaps>,
 }
 
 impl DeviceContext {
@@ -95,6 +98,7 @@ impl DeviceContext {
             receipts: Arc::new(crate::receipts::Receipts::new(
                 crate::webhooks::Webhooks::new(&apps),
             )),
+            caps: Arc::new(crate::caps::SharedCaps::new(&apps)),
             apps,
         }
     }

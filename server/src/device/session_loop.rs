@@ -86,6 +86,11 @@ impl Live {
                     &messages,
                     seq.is_some(),
                 );
+                if seq.is_none() {
+                    context
+                        .caps
+                        .got(self.connection.app(), &self.token, &messages);
+                }
                 if let Some(seq) = seq {
                     let (context, token) = (context.clone(), self.token.clone());
                     tokio::spawn(async move {
@@ -358,6 +363,9 @@ async fn on_frame<T: DeviceTransport>(
             .map_err(Ending::transport),
         Ok(FrameOutcome::Acked { seq, messages }) => {
             context.receipts.acked(app, token, &messages, seq.is_some());
+            if seq.is_none() {
+                context.caps.got(app, token, &messages);
+            }
             if let Some(seq) = seq
                 && let Err(error) = context.store.ack(token, seq).await
             {

@@ -38,6 +38,7 @@
 //! | `alias_devices` | `app \0 alias \0 token` | () |
 //! | `opt_out` | `app \0 uid` | what the uid opted out of, one item a line |
 //! | `capped` | (window number, `app \0 uid`) | capped (marketing) pushes the uid got in that window; earlier windows swept |
+//! | `capped_shared` | (window number, `app \0 uid \0 message id`) | a capped push stored once that the uid got and was counted for; earlier windows swept |
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
 //! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
@@ -94,6 +95,7 @@ const STREAM_COLLAPSE: TableDefinition<&str, u64> = TableDefinition::new("stream
 const ALIAS_DEVICES: TableDefinition<&str, ()> = TableDefinition::new("alias_devices");
 const OPT_OUT: TableDefinition<&str, &str> = TableDefinition::new("opt_out");
 const CAPPED: TableDefinition<(u64, &str), u32> = TableDefinition::new("capped");
+const CAPPED_SHARED: TableDefinition<(u64, &str), ()> = TableDefinition::new("capped_shared");
 const SCHEDULE: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("schedule");
 const SCHEDULE_IDS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("schedule_ids");
 const SCHEDULE_FIRED: TableDefinition<(u64, &str), ()> = TableDefinition::new("schedule_fired");
@@ -181,6 +183,12 @@ enum Op {
         window: u64,
         cap: u32,
     },
+    CountSharedCapped {
+        /// `app \0 uid` and the message id.
+        got: Vec<(String, String)>,
+        window: u64,
+        cap: u32,
+    },
     Schedule {
         key: String,
         at_ms: u64,
@@ -232,7 +240,8 @@ enum Reply {
     Cancel(Cancel),
     Due(Vec<DueJob>),
     Scheduled(bool),
-    Counted(Vec<bool>),
+    Counted(Vec<Option<u32>>),
+    Reached(Vec<bool>),
     Unregistered(Option<DeviceRecord>),
     Opened(Vec<NewlyOpened>),
     /// Whether a sweep left expired rows for the next.
@@ -273,6 +282,7 @@ impl EmbeddedStore {
             txn.open_table(STREAM_COLLAPSE).map_err(backend)?;
             txn.open_table(OPT_OUT).map_err(backend)?;
             txn.open_table(CAPPED).map_err(backend)?;
+            txn.open_table(CAPPED_SHARED).map_err(backend)?;
             txn.open_table(SCHEDULE).map_err(backend)?;
             txn.open_table(SCHEDULE_IDS).map_err(backend)?;
             txn.open_table(SCHEDULE_FIRED).map_err(backend)?;
@@ -623,13 +633,34 @@ impl Registry for EmbeddedStore {
         window: u64,
         _window_ms: u64,
         cap: u32,
-    ) -> Result<Vec<bool>> {
+    ) -> Result<Vec<Option<u32>>> {
         let keys = uids.iter().map(|uid| format!("{app}\0{uid}")).collect();
         match self
             .write(Op::CountCapped { keys, window, cap }, false)
             .await?
         {
             Reply::Counted(counted) => Ok(counted),
+            _ => Err(backend("unexpected reply to a count")),
+        }
+    }
+
+    async fn count_shared_capped(
+        &self,
+        app: &str,
+        got: &[(String, String)],
+        window: u64,
+        _window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>> {
+        let got = got
+            .iter()
+            .map(|(uid, message)| (format!("{app}\0{uid}"), message.clone()))
+            .collect();
+        match self
+            .write(Op::CountSharedCapped { got, window, cap }, false)
+            .await?
+        {
+            Reply::Reached(reached) => Ok(reached),
             _ => Err(backend("unexpected reply to a count")),
         }
     }
@@ -996,6 +1027,9 @@ impl Writer {
             Op::CountCapped { keys, window, cap } => {
                 tables.count_capped(&keys, window, cap).map(Reply::Counted)
             }
+            Op::CountSharedCapped { got, window, cap } => tables
+                .count_shared_capped(&got, window, cap)
+                .map(Reply::Reached),
             Op::SetOptOut { key, opt_out } => {
                 tables.set_opt_out(&key, &opt_out).map(|()| Reply::Done)
             }
@@ -1073,6 +1107,7 @@ struct Tables<'txn> {
     stream_collapse: redb::Table<'txn, &'static str, u64>,
     opt_out: redb::Table<'txn, &'static str, &'static str>,
     capped: redb::Table<'txn, (u64, &'static str), u32>,
+    capped_shared: redb::Table<'txn, (u64, &'static str), ()>,
     schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
     schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
     schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
@@ -1104,6 +1139,7 @@ impl<'txn> Tables<'txn> {
             stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
             opt_out: txn.open_table(OPT_OUT).map_err(backend)?,
             capped: txn.open_table(CAPPED).map_err(backend)?,
+            capped_shared: txn.open_table(CAPPED_SHARED).map_err(backend)?,
             schedule: txn.open_table(SCHEDULE).map_err(backend)?,
             schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
             schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
@@ -1228,27 +1264,76 @@ impl<'txn> Tables<'txn> {
 
     /// Counts one more capped push per key in `window`, for those under `cap`; forgets a
     /// few counts of earlier windows on the way.
-    fn count_capped(&mut self, keys: &[String], window: u64, cap: u32) -> Result<Vec<bool>> {
-        for (at, key) in keys_before(&self.capped, window, keys.len().max(16))? {
-            self.capped.remove((at, key.as_str())).map_err(backend)?;
-        }
+    fn count_capped(&mut self, keys: &[String], window: u64, cap: u32) -> Result<Vec<Option<u32>>> {
+        self.sweep_capped(window, keys.len())?;
         let mut counted = Vec::with_capacity(keys.len());
         for key in keys {
-            let n = self
-                .capped
-                .get((window, key.as_str()))
-                .map_err(backend)?
-                .map_or(0, |n| n.value());
+            let n = self.capped_count(window, key)?;
             if n >= cap {
-                counted.push(false);
+                counted.push(None);
             } else {
                 self.capped
                     .insert((window, key.as_str()), n + 1)
                     .map_err(backend)?;
-                counted.push(true);
+                counted.push(Some(n + 1));
             }
         }
         Ok(counted)
+    }
+
+    /// Counts each `(app \0 uid, message id)` of `got` once in `window`, while the uid is
+    /// under `cap`: per pair, whether the uid has had `cap` now.
+    fn count_shared_capped(
+        &mut self,
+        got: &[(String, String)],
+        window: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>> {
+        self.sweep_capped(window, got.len())?;
+        let mut reached = Vec::with_capacity(got.len());
+        for (key, message) in got {
+            let mut n = self.capped_count(window, key)?;
+            let seen = format!("{key}\0{message}");
+            if n < cap
+                && self
+                    .capped_shared
+                    .get((window, seen.as_str()))
+                    .map_err(backend)?
+                    .is_none()
+            {
+                self.capped_shared
+                    .insert((window, seen.as_str()), ())
+                    .map_err(backend)?;
+                n += 1;
+                self.capped
+                    .insert((window, key.as_str()), n)
+                    .map_err(backend)?;
+            }
+            reached.push(n >= cap);
+        }
+        Ok(reached)
+    }
+
+    /// The capped pushes `key` (`app \0 uid`) has had in `window`.
+    fn capped_count(&self, window: u64, key: &str) -> Result<u32> {
+        Ok(self
+            .capped
+            .get((window, key))
+            .map_err(backend)?
+            .map_or(0, |n| n.value()))
+    }
+
+    /// Forgets a few counts of windows before `window` (some more than `touched`).
+    fn sweep_capped(&mut self, window: u64, touched: usize) -> Result<()> {
+        for (at, key) in keys_before(&self.capped, window, touched.max(16))? {
+            self.capped.remove((at, key.as_str())).map_err(backend)?;
+        }
+        for (at, key) in keys_before(&self.capped_shared, window, touched.max(16))? {
+            self.capped_shared
+                .remove((at, key.as_str()))
+                .map_err(backend)?;
+        }
+        Ok(())
     }
 
     fn set_opt_out(&mut self, key: &str, opt_out: &str) -> Result<()> {

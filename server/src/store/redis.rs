@@ -13,6 +13,7 @@
 //! | `p:seen:{app}` | sorted set | the app's devices: score = when last admitted (ms, noted at most every sixteenth of `limits.device_inactivity`), member = token |
 //! | `p:o:{app:uid}` | string | what the uid opted out of, one item a line |
 //! | `p:f:{app:uid}:<window>` | string | capped (marketing) pushes the uid got in a window; expires with it |
+//! | `p:fs:{app:uid}:<window>` | set | the capped pushes stored once (to all, tags) counted for the uid in a window; expires with it |
 //! | `p:s:{app:stream}` | sorted set | a shared stream's entries: score = offset, member = `StoredMessage` |
 //! | `p:sm:{app:stream}` | hash | the stream's epoch, head (highest offset) and trimmed mark; never expires |
 //! | `p:sc:{app:stream}` | hash | collapse key -> offset of the stream's entry carrying it |
@@ -200,6 +201,9 @@ impl Keys {
     fn capped(&self, app: &str, uid: &str, window: u64) -> String {
         format!("{}:f:{{{app}:{uid}}}:{window}", self.prefix)
     }
+    fn capped_shared(&self, app: &str, uid: &str, window: u64) -> String {
+        format!("{}:fs:{{{app}:{uid}}}:{window}", self.prefix)
+    }
     fn alias(&self, app: &str, alias: &str) -> String {
         format!("{}:a:{{{app}:{alias}}}", self.prefix)
     }
@@ -229,8 +233,8 @@ return 1
     )
 });
 
-/// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (1: counted);
-/// the count lives as long as its window (ARGV[2] ms).
+/// Counts one more capped push in KEYS[1] unless it holds ARGV[1] already (the count
+/// with it; 0: over the cap); the count lives as long as its window (ARGV[2] ms).
 static COUNT_CAPPED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         r"
@@ -238,7 +242,26 @@ local n = tonumber(redis.call('GET', KEYS[1]) or '0')
 if n >= tonumber(ARGV[1]) then return 0 end
 redis.call('INCR', KEYS[1])
 if n == 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 1
+return n + 1
+",
+    )
+});
+
+/// Counts the push stored once ARGV[3] in KEYS[1] (as [`COUNT_CAPPED`]) unless KEYS[2], the
+/// set of those counted in the window, has it already, or the count is at the cap ARGV[1];
+/// 1 when the count is at the cap now.
+static COUNT_SHARED_CAPPED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cap = tonumber(ARGV[1])
+if n < cap and redis.call('SADD', KEYS[2], ARGV[3]) == 1 then
+  n = redis.call('INCR', KEYS[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+if n >= cap then return 1 end
+return 0
 ",
     )
 });
@@ -749,21 +772,53 @@ impl Registry for RedisStore {
         window: u64,
         window_ms: u64,
         cap: u32,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<Option<u32>>, StoreError> {
         bounded(
             uids.iter()
                 .map(|uid| {
                     let key = self.keys.capped(app, uid, window);
                     let mut connection = self.connection();
                     async move {
-                        let counted: i64 = COUNT_CAPPED
+                        let counted: u32 = COUNT_CAPPED
                             .key(key)
                             .arg(cap)
                             .arg(window_ms)
                             .invoke_async(&mut connection)
                             .await
                             .map_err(backend)?;
-                        Ok(counted == 1)
+                        Ok((counted > 0).then_some(counted))
+                    }
+                })
+                .collect(),
+        )
+        .await
+    }
+
+    async fn count_shared_capped(
+        &self,
+        app: &str,
+        got: &[(String, String)],
+        window: u64,
+        window_ms: u64,
+        cap: u32,
+    ) -> Result<Vec<bool>, StoreError> {
+        bounded(
+            got.iter()
+                .map(|(uid, message)| {
+                    let counts = self.keys.capped(app, uid, window);
+                    let seen = self.keys.capped_shared(app, uid, window);
+                    let mut connection = self.connection();
+                    async move {
+                        let reached: i64 = COUNT_SHARED_CAPPED
+                            .key(counts)
+                            .key(seen)
+                            .arg(cap)
+                            .arg(window_ms)
+                            .arg(message)
+                            .invoke_async(&mut connection)
+                            .await
+                            .map_err(backend)?;
+                        Ok(reached == 1)
                     }
                 })
                 .collect(),
