@@ -1013,6 +1013,22 @@ async fn unicast(
 /// harness lets it hold (4,096).
 const FLOOD_IN_FLIGHT: usize = 2048;
 
+/// Runs `work` on a runtime of its own, on threads of its own, and waits for it.
+async fn on_own_runtime<T: Send + 'static>(
+    work: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let outcome = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(work));
+        let _ = done.send(outcome);
+    });
+    result.await.context("the runtime's thread stopped")?
+}
+
 /// What an `isolation` run does.
 struct IsolationPlan {
     rate: u32,
@@ -1093,25 +1109,33 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         .timeout(Duration::from_secs(10))
         .build()?;
     let push_url = format!("{}/v1/push", run.deployment.http_url);
-    // The flood has its own connections, as another app's backend would.
-    let flood_http = reqwest::Client::builder()
-        .pool_max_idle_per_host(2048)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    // The flood is another app's backend: its own connections, and its own threads (on the
+    // harness's runtime, its thousands of requests in flight would delay the measured app's
+    // requests before they are sent).
     let flood = {
-        let (http, url, key) = (flood_http, push_url.clone(), flood_app.api_key.clone());
-        move || {
-            let body = json!({"audience": {"all": true}, "payload": {"promo": "x".repeat(32)},
-                              "class": "marketing", "ttl": 3600});
-            http.post(&url).bearer_auth(&key).json(&body).send()
+        let (url, key) = (push_url.clone(), flood_app.api_key.clone());
+        move |rate: f64, duration: Duration, in_flight: usize| {
+            let (url, key) = (url.clone(), key.clone());
+            on_own_runtime(async move {
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(2048)
+                    .timeout(Duration::from_secs(10))
+                    .build()?;
+                let request = move || {
+                    let body = json!({"audience": {"all": true}, "payload": {"promo": "x".repeat(32)},
+                                      "class": "marketing", "ttl": 3600});
+                    http.post(&url).bearer_auth(&key).json(&body).send()
+                };
+                let outcome = |response: reqwest::Result<reqwest::Response>| async move {
+                    classify_shared(response).await.map(|_| 1)
+                };
+                anyhow::Ok(paced(rate, duration, in_flight, request, outcome).await)
+            })
         }
-    };
-    let flood_outcome = |response: reqwest::Result<reqwest::Response>| async move {
-        classify_shared(response).await.map(|_| 1)
     };
     // What the deployment carries of the flood alone: as many as 256 at a time get through.
     let measured = Duration::from_secs(5);
-    let alone = paced(1e6, measured, 256, &flood, flood_outcome).await;
+    let alone = flood(1e6, measured, 256).await?;
     let capacity = alone.accepted as f64 / measured.as_secs_f64();
     anyhow::ensure!(capacity > 0.0, "the flood app's pushes were never accepted");
     let devices = common.devices;
@@ -1134,14 +1158,9 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     let offered = capacity * plan.flood_factor;
     let (loud, flooded) = tokio::join!(
         paced(rate, plan.duration, 256, &measured_pushes, measured_outcome),
-        paced(
-            offered,
-            plan.duration,
-            FLOOD_IN_FLIGHT,
-            &flood,
-            flood_outcome
-        ),
+        flood(offered, plan.duration, FLOOD_IN_FLIGHT),
     );
+    let flooded = flooded?;
     let accepted = quiet.accepted + loud.accepted;
     let mut errors = quiet.errors.clone();
     for (kind, count) in &loud.errors {

@@ -311,6 +311,8 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     /// How long the statistics are kept.
     stats_retention: Duration,
+    /// How long a refused push waits for its answer (`limits.refusal_delay`).
+    refusal_delay: Duration,
 }
 
 /// Paced deliveries under way at once at most; past it a paced push is delivered at once.
@@ -349,6 +351,7 @@ impl Pipeline {
             idempotency_window: limits.idempotency_window,
             retention: limits.message_retention,
             statuses,
+            refusal_delay: limits.refusal_delay,
         }
     }
 
@@ -413,18 +416,23 @@ impl Pipeline {
         // A place first, then the charge: a push refused for want of a place costs its app
         // nothing of its limits.
         let lane = intake::lane(class, request.priority);
-        let Ok(_permit) = self.intake.enter(&app, lane, true).await else {
+        let Ok(permit) = self.intake.enter(&app, lane, true).await else {
             self.metrics.push_shed(&app, class);
+            tokio::time::sleep(self.refusal_delay).await;
             return Err(PushError::Shed);
         };
         if let Err(limited) = self.limiter.admit(&app, class, named as u64).await {
+            drop(permit);
             self.metrics.push_limited(&app, class);
+            tokio::time::sleep(self.refusal_delay).await;
             return Err(PushError::Limited(limited));
         }
-        if let Some(send_at_ms) = request.send_at_ms {
-            return self.schedule(request, send_at_ms).await;
-        }
-        self.run(request, shared).await
+        let outcome = match request.send_at_ms {
+            Some(send_at_ms) => self.schedule(request, send_at_ms).await,
+            None => self.run(request, shared).await,
+        };
+        drop(permit);
+        outcome
     }
 
     /// Keeps a push to send at `send_at_ms`; [`Pipeline::fire`] sends it then.

@@ -99,6 +99,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         let (status, answer) = server.push(marketing(n)).await;
         assert_eq!(status, 202, "{answer}");
     }
+    let asked = std::time::Instant::now();
     let response = reqwest::Client::new()
         .post(format!("{}/v1/push", server.http_url))
         .bearer_auth(&server.api_key)
@@ -107,6 +108,12 @@ async fn rate_limits_answer_429_with_retry_after() {
         .await
         .expect("push");
     assert_eq!(response.status().as_u16(), 429);
+    // A refusal is answered after `limits.refusal_delay` (100 ms by default).
+    assert!(
+        asked.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        asked.elapsed()
+    );
     let retry_after: u64 = response.headers()["retry-after"]
         .to_str()
         .expect("ascii")
