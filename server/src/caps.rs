@@ -154,6 +154,17 @@ impl SharedCaps {
                     tracing::warn!(%error, suppressed, "counting frequency caps failed; those acknowledgements are not counted");
                 }
             }
+            let dropped = self.dropped.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    tracing::warn!(
+                        dropped,
+                        suppressed,
+                        "acknowledgements past {MAX_PENDING} between counts were not counted against frequency caps"
+                    );
+                }
+            }
         }
     }
 

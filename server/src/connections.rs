@@ -518,7 +518,7 @@ impl ConnectionTable {
         let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         let mut pacing = Pacing::new(entry.clone(), targets, Instant::now());
         for connection in pacing.due(Instant::now()) {
-            self.offer_paced_first(&state.pacing, connection);
+            self.offer_paced_first(&state.pacing, &connection);
             connection.offer_shared(entry, self.queue_limit);
         }
         if !pacing.is_done() {
@@ -588,7 +588,7 @@ impl ConnectionTable {
                 let current = &mut rest[0];
                 let entry = current.entry.clone();
                 for connection in current.due(now) {
-                    self.offer_paced_first(earlier, connection);
+                    self.offer_paced_first(earlier, &connection);
                     connection.offer_shared(&entry, self.queue_limit);
                 }
             }
@@ -933,6 +933,27 @@ mod tests {
         assert!(!table.pace(start + Duration::from_secs(1)));
         assert_eq!(got(&devices).iter().filter(|o| *o == &[1]).count(), 5);
         assert!(!table.pace(start + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_paced_entry_lets_go_of_connections_that_closed() {
+        let table = ConnectionTable::new(8, CancellationToken::new());
+        let mut devices: Vec<_> = (0..4)
+            .map(|index| join(&table, &format!("d{index}"), 0, &[]))
+            .collect();
+        let start = Instant::now();
+        let mut paced = shared(1, None);
+        Arc::get_mut(&mut paced.message).unwrap().pace_ms = 100_000;
+        assert_eq!(table.deliver_shared("demo", paced), 4);
+        let gone = devices.pop().unwrap();
+        let held = Arc::downgrade(&gone);
+        table.unregister("d3", gone.id());
+        drop(gone);
+        assert!(table.pace(start + Duration::from_secs(5)));
+        assert!(held.upgrade().is_some(), "still waiting for its step");
+        assert!(table.pace(start + Duration::from_secs(11)));
+        assert!(held.upgrade().is_none(), "let go of once closed");
+        assert!(devices.iter().all(|device| offsets(device).is_empty()));
     }
 
     #[test]

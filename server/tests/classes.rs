@@ -528,6 +528,30 @@ async fn a_frequency_cap_skips_users_over_it() {
     assert_no_push(&mut ann, Duration::from_millis(200)).await;
 }
 
+/// Each of `devices` gets a push of `body` and acks it; the first arrived soon after
+/// `sent` (unix ms), the last near two seconds after it, and none much later.
+async fn assert_spread_over_two_seconds(
+    devices: &mut [pigeon_client::Connection],
+    sent: u64,
+    body: Value,
+) {
+    let mut arrivals = Vec::new();
+    for device in devices.iter_mut() {
+        let push = next_push(device).await;
+        assert_eq!(payload(&push), body);
+        device.ack_push(&push).await.expect("ack");
+        arrivals.push(pigeon_server::message::unix_millis() - sent);
+    }
+    arrivals.sort_unstable();
+    let (first, last) = (arrivals[0], arrivals[arrivals.len() - 1]);
+    assert!(first < 500, "the first step goes at once: {arrivals:?}");
+    assert!(
+        last >= 1500,
+        "the last step goes near the end of the pace: {arrivals:?}"
+    );
+    assert!(last < 4000, "within the pace: {arrivals:?}");
+}
+
 /// A push paced over two seconds reaches its twenty devices spread over that time, every
 /// one of them; pacing is refused where it does not apply.
 #[tokio::test]
@@ -547,21 +571,7 @@ async fn a_paced_push_is_spread_over_its_pace() {
         .await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["targets"]["stored"], 20, "{answer}");
-    let mut arrivals = Vec::new();
-    for device in &mut devices {
-        let push = next_push(device).await;
-        assert_eq!(payload(&push), json!({"paced": true}));
-        device.ack_push(&push).await.expect("ack");
-        arrivals.push(pigeon_server::message::unix_millis() - sent);
-    }
-    arrivals.sort_unstable();
-    let (first, last) = (arrivals[0], arrivals[19]);
-    assert!(first < 500, "the first step goes at once: {arrivals:?}");
-    assert!(
-        last >= 1500,
-        "the last step goes near the end of the pace: {arrivals:?}"
-    );
-    assert!(last < 4000, "within the pace: {arrivals:?}");
+    assert_spread_over_two_seconds(&mut devices, sent, json!({"paced": true})).await;
     for (body, field) in [
         (
             json!({"audience": {"uids": ["p1"]}, "payload": {}, "pace": 2, "class": "realtime"}),
@@ -598,21 +608,7 @@ async fn a_paced_push_to_everyone_is_spread_and_never_overtaken() {
         answer["targets"]["delivered"], 20,
         "handed out over the pace: {answer}"
     );
-    let mut arrivals = Vec::new();
-    for device in &mut devices {
-        let push = next_push(device).await;
-        assert_eq!(payload(&push), json!({"paced": 1}));
-        device.ack_push(&push).await.expect("ack");
-        arrivals.push(pigeon_server::message::unix_millis() - sent);
-    }
-    arrivals.sort_unstable();
-    let (first, last) = (arrivals[0], arrivals[19]);
-    assert!(first < 500, "the first step goes at once: {arrivals:?}");
-    assert!(
-        last >= 1500,
-        "the last step goes near the end of the pace: {arrivals:?}"
-    );
-    assert!(last < 4000, "within the pace: {arrivals:?}");
+    assert_spread_over_two_seconds(&mut devices, sent, json!({"paced": 1})).await;
 
     // A paced push, then one at once: every device gets both, the paced one first, and
     // the second at once.

@@ -14,7 +14,7 @@
 //! at that moment (its *floor*): entries above it reach the connection from here, in
 //! order; entries up to it the session reads from the store.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -70,15 +70,26 @@ pub(super) struct StreamState {
 /// The stream is handed to each connection in offset order, so a later entry for a
 /// connection still waiting for a paced one is handed the paced one first (sooner than its
 /// step): pacing spreads a push's delivery, and never lets a later push overtake it.
+///
+/// It holds the connections still waiting, no more: those handed the entry are let go at
+/// each step, and those that closed meanwhile every [`SWEEP`] (a device that reconnects
+/// reads the entry from the store).
 #[derive(Debug)]
 pub(super) struct Pacing {
     pub(super) entry: SharedDelivery,
-    /// By id, ascending; those from `next` on have not been handed the entry.
-    connections: Vec<Arc<Connection>>,
-    next: usize,
+    /// Not handed the entry yet, by id, ascending.
+    waiting: VecDeque<Arc<Connection>>,
+    /// Connections it was for when it came.
+    total: usize,
+    /// Of those, handed the entry or gone.
+    done: usize,
     start: Instant,
     pace: Duration,
+    swept: Instant,
 }
+
+/// How often a paced entry lets go of the connections that closed while they waited.
+const SWEEP: Duration = Duration::from_secs(10);
 
 impl Pacing {
     /// `entry` to hand to `connections` over its pace from `start`.
@@ -91,35 +102,45 @@ impl Pacing {
         let pace = Duration::from_millis(entry.message.pace_ms);
         Self {
             entry,
-            connections,
-            next: 0,
+            total: connections.len(),
+            waiting: connections.into(),
+            done: 0,
             start,
             pace,
+            swept: start,
         }
     }
 
-    /// The connections whose step has come by `now` and that were not handed the entry
-    /// yet; from then on they count as handed it. The first step is due at `start`.
-    pub(super) fn due(&mut self, now: Instant) -> &[Arc<Connection>] {
+    /// The connections whose step has come by `now`, taken out of those waiting. The first
+    /// step is due at `start`.
+    pub(super) fn due(&mut self, now: Instant) -> Vec<Arc<Connection>> {
+        if now.saturating_duration_since(self.swept) >= SWEEP {
+            // Held only here: the connection closed (the table and the tag index let go).
+            let before = self.waiting.len();
+            self.waiting
+                .retain(|connection| Arc::strong_count(connection) > 1);
+            self.done += before - self.waiting.len();
+            self.swept = now;
+        }
         let steps = (self.pace.as_millis() / PACE_STEP.as_millis()).max(1);
         let elapsed = now.saturating_duration_since(self.start).as_millis();
         let step = (elapsed / PACE_STEP.as_millis() + 1).min(steps);
-        let due = (self.connections.len() as u128 * step / steps) as usize;
-        let from = self.next;
-        self.next = due.max(from);
-        &self.connections[from..self.next]
+        let due = (self.total as u128 * step / steps) as usize;
+        let count = due.saturating_sub(self.done).min(self.waiting.len());
+        self.done += count;
+        self.waiting.drain(..count).collect()
     }
 
     /// Whether `connection` is still waiting for its step.
     pub(super) fn waits_for(&self, connection: &Connection) -> bool {
-        self.connections[self.next..]
+        self.waiting
             .binary_search_by_key(&connection.id(), |waiting| waiting.id())
             .is_ok()
     }
 
-    /// Whether every connection was handed the entry.
+    /// Whether every connection was handed the entry (or is gone).
     pub(super) fn is_done(&self) -> bool {
-        self.next >= self.connections.len()
+        self.waiting.is_empty()
     }
 }
 
