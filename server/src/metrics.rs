@@ -51,6 +51,8 @@ pub struct Metrics {
     redis: std::sync::atomic::AtomicBool,
     /// The embedded store of a standalone process.
     embedded: std::sync::OnceLock<crate::store::embedded::EmbeddedStore>,
+    /// Deliveries a node refused for want of a place, per app and class.
+    deliveries_shed: Mutex<BTreeMap<(String, Class), u64>>,
 }
 
 impl Metrics {
@@ -143,6 +145,13 @@ impl Metrics {
     /// Counts a push refused because its queue was full or it waited too long.
     pub fn push_shed(&self, app: &str, class: Class) {
         self.count(app, class, |counts| counts.shed += 1);
+    }
+
+    /// Counts a Deliver or DeliverShared call a node refused for want of a place.
+    pub fn delivery_shed(&self, app: &str, class: Class) {
+        if let Ok(mut shed) = self.deliveries_shed.lock() {
+            *shed.entry((app.to_owned(), class)).or_default() += 1;
+        }
     }
 
     /// Counts a push refused by a rate limit.
@@ -249,6 +258,23 @@ impl Metrics {
         }
         crate::status_writer::render(&mut out);
         crate::device_expiry::render(&mut out);
+        if let Ok(shed) = self.deliveries_shed.lock()
+            && !shed.is_empty()
+        {
+            out.push_str(
+                "# HELP pigeon_node_deliveries_shed_total Deliver and DeliverShared calls a node \
+                 refused (their queue full, or waited too long), per app and class: those \
+                 devices read the message from the store.\n\
+                 # TYPE pigeon_node_deliveries_shed_total counter\n",
+            );
+            for ((app, class), count) in shed.iter() {
+                let _ = writeln!(
+                    out,
+                    "pigeon_node_deliveries_shed_total{{app=\"{app}\",class=\"{}\"}} {count}",
+                    class.name()
+                );
+            }
+        }
         if let Ok(per_app) = self.per_app.lock() {
             out.push_str(
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\

@@ -114,6 +114,7 @@ struct InternalApi {
     /// Where Deliver and DeliverShared calls wait for a place to hand out their message:
     /// by lane (the message's class and priority) and app, as pushes wait on a gateway.
     intake: Arc<Intake>,
+    metrics: Arc<Metrics>,
 }
 
 impl InternalApi {
@@ -122,6 +123,7 @@ impl InternalApi {
     async fn place(&self, app: &str, message: &Message) -> Result<Permit, Status> {
         let lane = intake::lane(message.class, message.priority);
         self.intake.enter(app, lane, true).await.map_err(|_| {
+            self.metrics.delivery_shed(app, message.class);
             Status::resource_exhausted("too many deliveries waiting; the devices read the store")
         })
     }
@@ -332,7 +334,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     metrics.watch_intake(intake.clone());
     listener::serve_http(
         http_listener,
-        api::ops_routes(metrics, &settings.metrics_token),
+        api::ops_routes(metrics.clone(), &settings.metrics_token),
         limits,
         shutdown.clone(),
         &tracker,
@@ -344,6 +346,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
             InternalApi {
                 connections: connections.clone(),
                 intake,
+                metrics: metrics.clone(),
             },
             caller_check(&settings.cluster.secret),
         ))
@@ -497,6 +500,7 @@ mod tests {
         let api = Arc::new(InternalApi {
             connections,
             intake: intake.clone(),
+            metrics: Arc::default(),
         });
         let busy = intake.enter("a", 1, true).await.expect("the only place");
         let call = |request| {
@@ -525,5 +529,38 @@ mod tests {
             })
             .collect();
         assert_eq!(order, ["high", "low"]);
+    }
+
+    /// A call past its queue's room is refused with RESOURCE_EXHAUSTED, and counted.
+    #[tokio::test]
+    async fn a_full_queue_refuses_a_delivery() {
+        let connections = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
+        let intake = Intake::new(1, 1, 1, Duration::from_secs(5));
+        let metrics = Arc::new(Metrics::default());
+        let api = Arc::new(InternalApi {
+            connections,
+            intake: intake.clone(),
+            metrics: metrics.clone(),
+        });
+        let _busy = intake.enter("a", 1, true).await.expect("the only place");
+        let waiting = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                node_server::Node::deliver(&*api, request("m1", 1, 2, Priority::Normal)).await
+            })
+        };
+        queued(&intake, 1).await;
+        let refused = node_server::Node::deliver(&*api, request("m2", 2, 2, Priority::Normal))
+            .await
+            .expect_err("no room");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            metrics
+                .render()
+                .contains("pigeon_node_deliveries_shed_total{app=\"a\",class=\"marketing\"} 1\n"),
+            "{}",
+            metrics.render()
+        );
+        waiting.abort();
     }
 }
