@@ -118,7 +118,6 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         (limits.message_retention, limits.stats_retention),
         connections.shutdown().clone(),
     ));
-    tokio::spawn(context.acks.clone().run(store.clone()));
     tokio::spawn(context.caps.clone().run(
         store.clone(),
         connections.clone(),

@@ -474,14 +474,6 @@ pub trait OfflineStore: Send + Sync + 'static {
     /// The device has processed everything up to `seq`: forget those messages.
     async fn ack(&self, token: &str, seq: u64) -> Result<(), StoreError>;
 
-    /// [`OfflineStore::ack`] for each `(token, seq)` of `acks` (each token once).
-    async fn ack_many(&self, acks: &[(String, u64)]) -> Result<(), StoreError> {
-        for (token, seq) in acks {
-            self.ack(token, *seq).await?;
-        }
-        Ok(())
-    }
-
     /// Up to `limit` unexpired messages of `token` with seq above `after`.
     async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError>;
 

@@ -542,7 +542,6 @@ mod tests {
             per_ip: None,
             receipts: Arc::default(),
             caps: Arc::new(crate::caps::SharedCaps::new(&[])),
-            acks: Arc::default(),
         })
     }
 

@@ -335,17 +335,6 @@ async fn acks_are_cumulative_and_never_above_the_highest_seq(backend: &Backend) 
     assert_eq!(backend.counters(&token).await.pending, 1);
     // Acks of unknown devices are ignored.
     backend.store.ack("never-issued", 9).await.expect("ack");
-
-    // Many devices' acks at once, as a process writes them.
-    let bob = backend.device("bob").await;
-    for n in 1..=3 {
-        backend.push(&bob, &format!("b{n}")).await;
-    }
-    assert_eq!(backend.push(&token, "m6").await, 6);
-    let acks = [(bob.clone(), 2), (token.clone(), 6), ("never-issued".to_owned(), 1)];
-    backend.store.ack_many(&acks).await.expect("acks");
-    assert_eq!(backend.pending(&bob, 0).await, vec![(3, "b3".into())]);
-    assert_eq!(backend.pending(&token, 0).await, Vec::new());
 }
 
 async fn replay_is_in_seq_order_and_pages(backend: &Backend) {

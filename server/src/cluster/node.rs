@@ -314,7 +314,6 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         shutdown.clone(),
     ));
     tokio::spawn(connections.clone().run_pacing());
-    tokio::spawn(context.acks.clone().run(context.store.clone()));
     // Tags of capped users reach every node that holds one of their devices.
     tokio::spawn(
         context

@@ -22,7 +22,6 @@ use crate::log_throttle::Throttle;
 use crate::session::{Session, SessionConfig, SessionError};
 use crate::store::{Store, StoreError};
 
-pub mod acks;
 pub mod admission;
 pub mod per_ip;
 pub mod session_loop;
@@ -71,8 +70,6 @@ pub struct DeviceContext {
     /// Marketing pushes to all and to tags the devices got, counted against their users'
     /// frequency caps.
     pub caps: Arc<crate::caps::SharedCaps>,
-    /// The devices' acks on their way to the store.
-    pub acks: Arc<acks::AckWriter>,
 }
 
 impl DeviceContext {
@@ -102,7 +99,6 @@ impl DeviceContext {
                 crate::webhooks::Webhooks::new(&apps),
             )),
             caps: Arc::new(crate::caps::SharedCaps::new(&apps)),
-            acks: Arc::default(),
             apps,
         }
     }

@@ -92,7 +92,12 @@ impl Live {
                         .got(self.connection.app(), &self.token, &messages);
                 }
                 if let Some(seq) = seq {
-                    context.acks.ack(&self.token, seq);
+                    let (context, token) = (context.clone(), self.token.clone());
+                    tokio::spawn(async move {
+                        if let Err(error) = context.store.ack(&token, seq).await {
+                            ack_failed(&error);
+                        }
+                    });
                 }
                 Ok(None)
             }
@@ -232,8 +237,10 @@ pub(crate) async fn welcome<T: DeviceTransport>(
     acks: HelloAcks,
 ) -> Result<(), TransportError> {
     send(transport, [welcome], context.session.idle_timeout).await?;
-    if let Some(seq) = acks.seq {
-        context.acks.ack(&live.token, seq);
+    if let Some(seq) = acks.seq
+        && let Err(error) = context.store.ack(&live.token, seq).await
+    {
+        ack_failed(&error);
     }
     if let Some(offset) = acks.all {
         let epoch = live.session.stream_epoch();
@@ -359,8 +366,10 @@ async fn on_frame<T: DeviceTransport>(
             if seq.is_none() {
                 context.caps.got(app, token, &messages);
             }
-            if let Some(seq) = seq {
-                context.acks.ack(token, seq);
+            if let Some(seq) = seq
+                && let Err(error) = context.store.ack(token, seq).await
+            {
+                ack_failed(&error);
             }
             Ok(())
         }

@@ -143,9 +143,6 @@ enum Op {
         token: String,
         seq: u64,
     },
-    AckMany {
-        acks: Vec<(String, u64)>,
-    },
     Sweep {
         now_ms: u64,
     },
@@ -708,13 +705,6 @@ impl OfflineStore for EmbeddedStore {
         self.write(op, true).await.map(|_| ())
     }
 
-    async fn ack_many(&self, acks: &[(String, u64)]) -> Result<()> {
-        let op = Op::AckMany {
-            acks: acks.to_vec(),
-        };
-        self.write(op, true).await.map(|_| ())
-    }
-
     async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay> {
         let token = token.to_owned();
         let now_ms = unix_millis();
@@ -993,10 +983,6 @@ impl Writer {
                 .accept(accept, self.max_stored_per_device, self.routes.as_ref())
                 .map(Reply::Accepted),
             Op::Ack { token, seq } => tables.ack(&token, seq).map(|()| Reply::Done),
-            Op::AckMany { acks } => acks
-                .iter()
-                .try_for_each(|(token, seq)| tables.ack(token, *seq))
-                .map(|()| Reply::Done),
             Op::Sweep { now_ms } => tables.sweep(now_ms).map(Reply::Swept),
             Op::SetTags { app, token, tags } => {
                 tables.set_tags(&app, &token, tags).map(Reply::Retagged)

@@ -1363,14 +1363,6 @@ impl OfflineStore for RedisStore {
         Ok(())
     }
 
-    async fn ack_many(&self, acks: &[(String, u64)]) -> Result<(), StoreError> {
-        let acks = acks
-            .iter()
-            .map(|(token, seq)| self.ack(token, *seq))
-            .collect();
-        bounded(acks).await.map(|_| ())
-    }
-
     async fn replay(&self, token: &str, after: u64, limit: u32) -> Result<Replay, StoreError> {
         self.read_range(&self.keys.queue(token), after, limit).await
     }
