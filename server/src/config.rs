@@ -244,9 +244,6 @@ pub struct Limits {
     pub push_concurrency: usize,
     /// Of those, pushes of one app at most: a flood of one app leaves places to the others.
     pub push_concurrency_per_app: usize,
-    /// Of those, pushes of one app at most while another app pushes too (within the last
-    /// second): a flood leaves the process's CPU to the others' pushes (docs/api.md).
-    pub push_concurrency_per_app_contended: usize,
     /// Pushes waiting per app and lane (a quarter of it for the marketing and low lane);
     /// past it the API answers 429.
     pub push_queue: usize,
@@ -568,7 +565,6 @@ impl Default for Limits {
             idempotency_window: Duration::from_secs(24 * 3600),
             push_concurrency: 64,
             push_concurrency_per_app: 16,
-            push_concurrency_per_app_contended: 4,
             push_queue: 4096,
             push_queue_timeout: Duration::from_secs(5),
             refusal_delay: Duration::from_millis(100),

@@ -10,9 +10,7 @@
 //!
 //! One app holds at most `limits.push_concurrency_per_app` of the places, so a flood of
 //! one app leaves places free for the others, and queues only so much work ahead of theirs
-//! in the store (whose writes are first come, first served); while another app pushes too,
-//! at most `limits.push_concurrency_per_app_contended`, so that a flood keeps only so much
-//! of the CPU busy. When a push leaves the
+//! in the store (whose writes are first come, first served). When a push leaves the
 //! pipeline, the next one is picked by smooth weighted round robin
 //! over the lanes that have pushes waiting (of eight picks under a full backlog, five go to
 //! lane 0, two to lane 1, one to lane 2), and by round robin over the apps waiting in that
@@ -24,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pigeon_proto::device::Priority;
 use tokio::sync::oneshot;
@@ -154,17 +152,10 @@ impl<T> WeightedQueues<T> {
     }
 }
 
-/// How recently another app must have pushed for an app's share of the places to be the
-/// contended one.
-const CONTENTION_WINDOW: Duration = Duration::from_secs(1);
-
 /// The gate in front of the pipeline.
 pub struct Intake {
     concurrency: usize,
-    /// One app's places at most.
     per_app: usize,
-    /// One app's places at most while another app pushes too.
-    contended: usize,
     queue: usize,
     timeout: Duration,
     state: Mutex<State>,
@@ -175,8 +166,6 @@ struct State {
     /// Places held per app (apps holding none are not kept).
     by_app: HashMap<String, usize>,
     queues: WeightedQueues<oneshot::Sender<Permit>>,
-    /// When each app last asked for a place.
-    recent: HashMap<String, Instant>,
 }
 
 impl State {
@@ -188,14 +177,6 @@ impl State {
         self.running += 1;
         *self.by_app.entry(app.to_owned()).or_default() += 1;
     }
-}
-
-/// Whether an app other than `app` asked for a place (by `recent`) within the contention
-/// window before `now`.
-fn contended(recent: &HashMap<String, Instant>, app: &str, now: Instant) -> bool {
-    recent
-        .iter()
-        .any(|(other, at)| other != app && now.duration_since(*at) < CONTENTION_WINDOW)
 }
 
 /// A place in the pipeline; the next push waiting gets it when this is dropped.
@@ -217,37 +198,20 @@ impl Drop for Permit {
 pub struct Shed;
 
 impl Intake {
-    /// `concurrency` pushes in the pipeline at once; of one app `per_app`, or `contended`
-    /// while another app pushes too (asked for a place within the last second); `queue`
-    /// waiting per app and lane (a quarter of it in lane 2), each for at most `timeout`.
-    pub fn new(
-        concurrency: usize,
-        (per_app, contended): (usize, usize),
-        queue: usize,
-        timeout: Duration,
-    ) -> Arc<Self> {
+    /// `concurrency` pushes in the pipeline at once, `per_app` of one app; `queue` waiting
+    /// per app and lane (a quarter of it in lane 2), each for at most `timeout`.
+    pub fn new(concurrency: usize, per_app: usize, queue: usize, timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             concurrency: concurrency.max(1),
             per_app: per_app.max(1),
-            contended: contended.clamp(1, per_app.max(1)),
             queue: queue.max(1),
             timeout,
             state: Mutex::new(State {
                 running: 0,
                 by_app: HashMap::new(),
                 queues: WeightedQueues::default(),
-                recent: HashMap::new(),
             }),
         })
-    }
-
-    /// The places `app` may hold now, by when the apps last asked (`recent`).
-    fn share(&self, recent: &HashMap<String, Instant>, app: &str, now: Instant) -> usize {
-        if contended(recent, app, now) {
-            self.contended
-        } else {
-            self.per_app
-        }
     }
 
     /// Pushes waiting, for metrics.
@@ -273,15 +237,7 @@ impl Intake {
     ) -> Result<Permit, Shed> {
         let rx = {
             let mut state = self.state.lock().map_err(|_| Shed)?;
-            let now = Instant::now();
-            match state.recent.get_mut(app) {
-                Some(at) => *at = now,
-                None => {
-                    state.recent.insert(app.to_owned(), now);
-                }
-            }
-            let free =
-                |state: &State, app: &str| state.held(app) < self.share(&state.recent, app, now);
+            let free = |state: &State, app: &str| state.held(app) < self.per_app;
             // A free place goes now, unless a push that may take it waits already.
             if state.running < self.concurrency
                 && free(&state, app)
@@ -329,17 +285,10 @@ impl Intake {
         }
         // The freed place (and any other free one) goes to the next pushes whose apps may
         // take one.
-        let now = Instant::now();
         while state.running < self.concurrency {
-            let State {
-                queues,
-                by_app,
-                recent,
-                ..
-            } = &mut *state;
-            let eligible = |waiting: &str| {
-                by_app.get(waiting).copied().unwrap_or(0) < self.share(recent, waiting, now)
-            };
+            let per_app = self.per_app;
+            let State { queues, by_app, .. } = &mut *state;
+            let eligible = |waiting: &str| by_app.get(waiting).copied().unwrap_or(0) < per_app;
             let Some((waiter, next)) = queues.pop_eligible_with_app(eligible) else {
                 return;
             };
@@ -360,39 +309,10 @@ impl Intake {
 mod tests {
     use super::*;
 
-    /// A lone app may hold its whole share of the places; once another app pushes too,
-    /// only the contended share.
-    #[tokio::test]
-    async fn another_app_pushing_shrinks_an_apps_share() {
-        let intake = Intake::new(8, (4, 1), 16, Duration::from_secs(5));
-        let mut lone = Vec::new();
-        for _ in 0..4 {
-            lone.push(intake.enter("flood", 2, true).await.expect("a place"));
-        }
-        assert_eq!(intake.waiting(), 0, "four places, none waiting");
-        drop(lone);
-        let _quiet = intake.enter("quiet", 1, true).await.expect("a place");
-        let first = intake.enter("flood", 2, true).await.expect("a place");
-        let second = tokio::spawn({
-            let intake = intake.clone();
-            async move { intake.enter("flood", 2, true).await.map(drop) }
-        });
-        let queued = async {
-            while intake.waiting() < 1 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), queued)
-            .await
-            .expect("the flood's second push waits: six places are free, but not for it");
-        drop(first);
-        assert_eq!(second.await.expect("join"), Ok(()));
-    }
-
     /// An app at its share of the places waits while another app takes a free one.
     #[tokio::test]
     async fn one_app_holds_at_most_its_share() {
-        let intake = Intake::new(4, (2, 2), 16, Duration::from_secs(5));
+        let intake = Intake::new(4, 2, 16, Duration::from_secs(5));
         let first = intake.enter("flood", 2, true).await.expect("place");
         let second = intake.enter("flood", 2, true).await.expect("place");
         let third = tokio::spawn({
@@ -463,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_sheds_and_a_freed_place_goes_by_weight() {
-        let intake = Intake::new(1, (1, 1), 4, Duration::from_secs(5));
+        let intake = Intake::new(1, 1, 4, Duration::from_secs(5));
         let running = intake.enter("a", 1, true).await.expect("free place");
         // Lane 2 holds a quarter of the queue: one.
         let low = tokio::spawn({
@@ -496,7 +416,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_push_waits_no_longer_than_the_timeout() {
-        let intake = Intake::new(1, (1, 1), 4, Duration::from_millis(100));
+        let intake = Intake::new(1, 1, 4, Duration::from_millis(100));
         let running = intake.enter("a", 1, true).await.expect("free place");
         let waited = intake.enter("a", 1, true).await;
         assert_eq!(waited.err(), Some(Shed));

@@ -331,10 +331,7 @@ impl Pipeline {
     ) -> Self {
         let intake = Intake::new(
             limits.push_concurrency,
-            (
-                limits.push_concurrency_per_app,
-                limits.push_concurrency_per_app_contended,
-            ),
+            limits.push_concurrency_per_app,
             limits.push_queue,
             limits.push_queue_timeout,
         );

@@ -327,12 +327,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let places = cores * DELIVERIES_PER_CORE;
     // No app's share is capped here (the gateways cap an app's pushes): a lone app may use
     // every place, and apps waiting take turns.
-    let intake = Intake::new(
-        places,
-        (places, places),
-        limits.push_queue,
-        limits.push_queue_timeout,
-    );
+    let intake = Intake::new(places, places, limits.push_queue, limits.push_queue_timeout);
     let metrics = Arc::new(Metrics::with_devices(connections.clone(), handshakes));
     metrics.watch_receipts(receipts);
     metrics.watch_redis();
@@ -501,7 +496,7 @@ mod tests {
             StreamHead::default(),
             &DeviceTags::default(),
         );
-        let intake = Intake::new(1, (1, 1), 16, Duration::from_secs(5));
+        let intake = Intake::new(1, 1, 16, Duration::from_secs(5));
         let api = Arc::new(InternalApi {
             connections,
             intake: intake.clone(),
@@ -540,7 +535,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_a_delivery() {
         let connections = Arc::new(ConnectionTable::new(8, CancellationToken::new()));
-        let intake = Intake::new(1, (1, 1), 1, Duration::from_secs(5));
+        let intake = Intake::new(1, 1, 1, Duration::from_secs(5));
         let metrics = Arc::new(Metrics::default());
         let api = Arc::new(InternalApi {
             connections,
