@@ -63,25 +63,15 @@ pub async fn tag_capped(
         return Ok(());
     }
     let tag = cap_tag(window);
-    let mut changed = Vec::new();
-    for tokens in store.tokens_for_uids(app, uids).await? {
-        for token in tokens {
-            let Some(device) = store.device(app, &token).await? else {
-                continue; // unbound meanwhile
-            };
-            let mut tags = device.tags.names();
-            if tags.contains(&tag) {
-                continue;
-            }
-            tags.retain(|name| !is_cap_tag(name));
-            tags.push(tag.clone());
-            if let Some(retagged) = store.set_tags(app, &token, &tags).await? {
-                changed.push(retagged);
-            }
+    let retag = |mut tags: Vec<String>| {
+        if tags.contains(&tag) {
+            return None;
         }
-    }
-    fanout.retag(app, changed).await;
-    Ok(())
+        tags.retain(|name| !is_cap_tag(name));
+        tags.push(tag.clone());
+        Some(tags)
+    };
+    crate::devices::retag_users(store, fanout, app, uids, retag).await
 }
 
 /// The acknowledged marketing pushes stored once of a process's devices, counted against

@@ -161,27 +161,15 @@ impl Devices {
         uid: &str,
         opt_out: &[String],
     ) -> Result<(), ApiError> {
-        let tokens = self
-            .store
-            .tokens_for_uids(app, &[uid.to_owned()])
-            .await?
-            .pop()
-            .unwrap_or_default();
-        let mut changed = Vec::new();
-        for token in tokens {
-            let Some(info) = self.store.device(app, &token).await? else {
-                continue; // unbound meanwhile
-            };
-            let names = info.tags.names();
+        let uids = [uid.to_owned()];
+        let retag = |names: Vec<String>| {
             let caps = names.iter().filter(|name| crate::caps::is_cap_tag(name));
             let mut tags: Vec<String> = caps.cloned().collect();
             tags.extend(user_tags(names));
             tags.extend(opt_out.iter().map(|item| opt_out_tag(item)));
-            if let Some(retagged) = self.store.set_tags(app, &token, &tags).await? {
-                changed.push(retagged);
-            }
-        }
-        self.fanout.retag(app, changed).await;
+            Some(tags)
+        };
+        retag_users(self.store.as_ref(), self.fanout.as_ref(), app, &uids, retag).await?;
         Ok(())
     }
 
@@ -460,6 +448,33 @@ fn user_tags(names: Vec<String>) -> Vec<String> {
         .into_iter()
         .filter(|name| !is_reserved(name))
         .collect()
+}
+
+/// Gives each device of `uids` (of `app`) the tags `retag` makes of its tags now (`None`:
+/// leave it as it is), and tells the processes holding them.
+pub async fn retag_users(
+    store: &dyn Store,
+    fanout: &dyn Fanout,
+    app: &str,
+    uids: &[String],
+    retag: impl Fn(Vec<String>) -> Option<Vec<String>>,
+) -> Result<(), StoreError> {
+    let mut changed = Vec::new();
+    for tokens in store.tokens_for_uids(app, uids).await? {
+        for token in tokens {
+            let Some(device) = store.device(app, &token).await? else {
+                continue; // unbound meanwhile
+            };
+            let Some(tags) = retag(device.tags.names()) else {
+                continue;
+            };
+            if let Some(retagged) = store.set_tags(app, &token, &tags).await? {
+                changed.push(retagged);
+            }
+        }
+    }
+    fanout.retag(app, changed).await;
+    Ok(())
 }
 
 fn unknown_device(token: &str) -> ApiError {
