@@ -16,8 +16,12 @@
 //! bound.
 //!
 //! # Reads
-//! Reads run on tokio's blocking pool in their own read transactions; a commit is visible to
-//! every read that starts after it.
+//! Reads run in their own read transactions; a commit is visible to every read that starts
+//! after it. A read of a few keys (a push's uids, a device) runs on the calling task's
+//! thread: it is a few microseconds in redb's page cache, less than handing it to tokio's
+//! blocking pool and back, two thread switches that were a push's largest cost under load.
+//! Scans (a device's queue, the app's stream, a tag's devices) and reads of many keys run
+//! on the blocking pool.
 //!
 //! # Tables
 //! | table | key | value |
@@ -112,6 +116,8 @@ const DEVICE_SEEN: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
 
+/// Keys a read may look up on the calling thread; a read of more goes to the blocking pool.
+const INLINE_KEYS: usize = 16;
 /// Operations applied in one transaction at most.
 const MAX_BATCH: usize = 512;
 /// Expired rows removed by one sweep at most (the next sweep goes on).
@@ -370,7 +376,7 @@ impl EmbeddedStore {
             .iter()
             .map(|name| format!("{app}\0{name}\0"))
             .collect();
-        self.read(move |db| {
+        self.read_keys(prefixes.len(), move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let index = txn.open_table(table).map_err(backend)?;
             prefixes
@@ -423,6 +429,19 @@ impl EmbeddedStore {
             .await
             .map_err(backend)?
     }
+
+    /// A read of `keys` keys: on this thread for at most [`INLINE_KEYS`] (see the module
+    /// docs), else on the blocking pool.
+    async fn read_keys<T: Send + 'static>(
+        &self,
+        keys: usize,
+        read: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if keys <= INLINE_KEYS {
+            return read(&self.db);
+        }
+        self.read(read).await
+    }
 }
 
 #[async_trait]
@@ -446,7 +465,7 @@ impl Registry for EmbeddedStore {
     async fn known_tokens(&self, app: &str, tokens: &[String]) -> Result<Vec<bool>> {
         let app = app.to_owned();
         let tokens = tokens.to_vec();
-        self.read(move |db| {
+        self.read_keys(tokens.len(), move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let devices = txn.open_table(DEVICES).map_err(backend)?;
             tokens
@@ -466,7 +485,7 @@ impl Registry for EmbeddedStore {
     async fn device(&self, app: &str, token: &str) -> Result<Option<DeviceInfo>> {
         let (app, token) = (app.to_owned(), token.to_owned());
         let routes = self.routes.clone();
-        self.read(move |db| {
+        self.read_keys(1, move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let devices = txn.open_table(DEVICES).map_err(backend)?;
             let Some(value) = devices.get(token.as_str()).map_err(backend)? else {
@@ -667,7 +686,7 @@ impl Registry for EmbeddedStore {
 
     async fn opt_outs(&self, app: &str, uids: &[String]) -> Result<Vec<Vec<String>>> {
         let keys: Vec<String> = uids.iter().map(|uid| format!("{app}\0{uid}")).collect();
-        self.read(move |db| {
+        self.read_keys(keys.len(), move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(OPT_OUT).map_err(backend)?;
             keys.iter()
@@ -738,7 +757,7 @@ impl OfflineStore for EmbeddedStore {
 
     async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>> {
         let token = token.to_owned();
-        self.read(move |db| {
+        self.read_keys(1, move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let devices = txn.open_table(DEVICES).map_err(backend)?;
             let record = devices
@@ -776,7 +795,7 @@ impl OfflineStore for EmbeddedStore {
 
     async fn stream_head(&self, app: &str, stream: &str) -> Result<StreamHead> {
         let key = format!("{app}\0{stream}");
-        self.read(move |db| {
+        self.read_keys(1, move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let metas = txn.open_table(STREAM_META).map_err(backend)?;
             let head = match metas.get(key.as_str()).map_err(backend)? {
