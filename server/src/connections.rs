@@ -24,7 +24,7 @@ use pigeon_proto::CloseCode;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Delivery, Message, PACE_STEP, SharedDelivery, TagFilter};
+use crate::message::{Delivery, Match, Message, PACE_STEP, SharedDelivery, TagFilter};
 use crate::store::{DeviceTags, Route, Routes, StreamHead};
 
 mod stream;
@@ -126,9 +126,14 @@ impl Connection {
 
     /// Whether the message at `offset` of the app's stream is for this device.
     pub fn is_for(&self, message: &Message, offset: u64) -> bool {
+        self.decide(message, offset) == Match::For
+    }
+
+    /// Whether the message at `offset` of the app's stream is for this device, or skips it.
+    fn decide(&self, message: &Message, offset: u64) -> Match {
         match message.filter.as_deref() {
-            None => true,
-            Some(filter) => lock(&self.outbound).is_for(filter, offset),
+            None => Match::For,
+            Some(filter) => lock(&self.outbound).decide(filter, offset),
         }
     }
 
@@ -207,14 +212,21 @@ impl Connection {
     }
 
     /// Queues a live push of a shared stream, as [`Connection::offer`] does a direct one,
-    /// if it is for this device; false when it was not queued.
-    fn offer_shared(&self, delivery: &SharedDelivery, limit: usize) -> bool {
+    /// if it is for this device.
+    fn offer_shared(&self, delivery: &SharedDelivery, limit: usize) -> HandedOut {
         let queued = {
             let mut outbound = lock(&self.outbound);
-            if let Some(filter) = delivery.message.filter.as_deref()
-                && !outbound.is_for(filter, delivery.offset)
-            {
-                return false;
+            if let Some(filter) = delivery.message.filter.as_deref() {
+                match outbound.decide(filter, delivery.offset) {
+                    Match::For => {}
+                    Match::NotFor => return HandedOut::default(),
+                    Match::Skipped => {
+                        return HandedOut {
+                            live: 0,
+                            skipped: 1,
+                        };
+                    }
+                }
             }
             if outbound.queue.len() < limit {
                 outbound.queue.push_back(Outgoing::Shared(delivery.clone()));
@@ -225,14 +237,39 @@ impl Connection {
             }
         };
         self.wake();
-        queued
+        HandedOut {
+            live: u32::from(queued),
+            skipped: 0,
+        }
+    }
+}
+
+/// What handing out an entry of an app's shared stream did: the connections that took it
+/// live, and those it skipped (their users opted out, or had their frequency cap; see
+/// [`TagFilter::decide`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandedOut {
+    /// Connections that took it live.
+    pub live: u32,
+    /// Connections it skipped.
+    pub skipped: u32,
+}
+
+impl std::ops::Add for HandedOut {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            live: self.live.saturating_add(other.live),
+            skipped: self.skipped.saturating_add(other.skipped),
+        }
     }
 }
 
 impl Outbound {
-    fn is_for(&self, filter: &TagFilter, offset: u64) -> bool {
+    fn decide(&self, filter: &TagFilter, offset: u64) -> Match {
         let list = self.tag_list();
-        filter.matches(offset, |name| {
+        filter.decide(offset, |name| {
             list.binary_search_by(|(have, _)| (**have).cmp(name))
                 .ok()
                 .map(|index| list[index].1)
@@ -405,27 +442,27 @@ impl ConnectionTable {
 
     /// Hands an entry of `app`'s shared stream to every connection of the app here that it
     /// is for, in offset order (an entry that overtook an earlier one waits for it); returns
-    /// how many took it live now.
-    pub fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+    /// how many took it live now, and how many it skipped.
+    pub fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> HandedOut {
         let stream = self.app_stream(app);
         let mut state = stream.lock();
         match state.accept(delivery.clone()) {
             Accepted::HandOut(entries) => entries
                 .iter()
                 .map(|entry| self.hand_out(&stream, &mut state, entry))
-                .fold(0, u32::saturating_add),
+                .fold(HandedOut::default(), std::ops::Add::add),
             Accepted::Nothing { gap } => {
                 if gap {
                     self.gap_opened.notify_one();
                 }
-                0
+                HandedOut::default()
             }
             Accepted::NewEpoch => {
                 // The stream was recreated (its history lost): every device here must
                 // reconnect to learn it.
                 state.restart(delivery.epoch, delivery.offset.saturating_sub(1));
                 self.close_app(&stream, CloseCode::StreamReset);
-                0
+                HandedOut::default()
             }
         }
     }
@@ -476,17 +513,17 @@ impl ConnectionTable {
     }
 
     /// Hands one entry to the connections of the app it is for (the app's lock held), or
-    /// starts handing it out over its pace; returns how many connections took it now, or
-    /// for a paced entry how many it is for.
+    /// starts handing it out over its pace; returns how many connections took it now (for
+    /// a paced entry how many it is for), and how many it skipped.
     fn hand_out(
         &self,
         stream: &Arc<AppStream>,
         state: &mut StreamState,
         entry: &SharedDelivery,
-    ) -> u32 {
+    ) -> HandedOut {
         if state.members == 0 {
             // No connection of the app here: nothing to look through.
-            return 0;
+            return HandedOut::default();
         }
         let candidates = entry
             .message
@@ -502,18 +539,26 @@ impl ConnectionTable {
         let connections = candidates.unwrap_or_else(|| self.members(stream));
         if !paced {
             // Connections still waiting for a paced entry take it first.
-            let mut live = 0u32;
+            let mut handed = HandedOut::default();
             for connection in &connections {
                 self.offer_paced_first(&state.pacing, connection);
-                if connection.offer_shared(entry, self.queue_limit) {
-                    live += 1;
-                }
+                handed = handed + connection.offer_shared(entry, self.queue_limit);
             }
-            return live;
+            return handed;
         }
+        let mut skipped = 0u32;
         let targets: Vec<Arc<Connection>> = connections
             .into_iter()
-            .filter(|connection| connection.is_for(&entry.message, entry.offset))
+            .filter(
+                |connection| match connection.decide(&entry.message, entry.offset) {
+                    Match::For => true,
+                    Match::NotFor => false,
+                    Match::Skipped => {
+                        skipped = skipped.saturating_add(1);
+                        false
+                    }
+                },
+            )
             .collect();
         let count = u32::try_from(targets.len()).unwrap_or(u32::MAX);
         let mut pacing = Pacing::new(entry.clone(), targets, Instant::now());
@@ -525,36 +570,37 @@ impl ConnectionTable {
             state.pacing.push(pacing);
             self.pacing_started.notify_one();
         }
-        count
+        HandedOut {
+            live: count,
+            skipped,
+        }
     }
 
     /// Calls `offer` with each connection of `stream`'s app (or of `candidates`, when the
-    /// tag index narrowed them down); returns how many it said took the entry.
+    /// tag index narrowed them down); returns what they did with the entry, summed.
     fn offer_to(
         &self,
         stream: &Arc<AppStream>,
         candidates: Option<Vec<Arc<Connection>>>,
-        offer: impl Fn(&Connection) -> bool,
-    ) -> u32 {
-        let mut live = 0u32;
+        offer: impl Fn(&Connection) -> HandedOut,
+    ) -> HandedOut {
+        let mut handed = HandedOut::default();
         match candidates {
             Some(candidates) => {
                 for connection in candidates {
-                    if offer(&connection) {
-                        live += 1;
-                    }
+                    handed = handed + offer(&connection);
                 }
             }
             None => {
                 for connection in self.connections.iter() {
                     // Compared by address: every connection of an app shares its one copy.
-                    if Arc::ptr_eq(&connection.app, stream) && offer(&connection) {
-                        live += 1;
+                    if Arc::ptr_eq(&connection.app, stream) {
+                        handed = handed + offer(&connection);
                     }
                 }
             }
         }
-        live
+        handed
     }
 
     /// The connections of `stream`'s app here.
@@ -877,9 +923,11 @@ mod tests {
             any: tags.iter().map(|t| (*t).to_owned()).collect(),
             ..TagFilter::default()
         };
-        assert_eq!(table.deliver_shared("demo", shared(1, None)), 3);
+        assert_eq!(table.deliver_shared("demo", shared(1, None)).live, 3);
         assert_eq!(
-            table.deliver_shared("demo", shared(2, Some(any(&["news"])))),
+            table
+                .deliver_shared("demo", shared(2, Some(any(&["news"]))))
+                .live,
             1
         );
         // 4 overtook 3: nobody gets it until 3 comes.
@@ -887,10 +935,17 @@ mod tests {
             none: vec!["sports".into()],
             ..TagFilter::default()
         };
-        assert_eq!(table.deliver_shared("demo", shared(4, Some(not_sports))), 0);
+        assert_eq!(
+            table
+                .deliver_shared("demo", shared(4, Some(not_sports)))
+                .live,
+            0
+        );
         // 3 reaches a and b, and releases 4, which reaches c.
         assert_eq!(
-            table.deliver_shared("demo", shared(3, Some(any(&["news", "sports"])))),
+            table
+                .deliver_shared("demo", shared(3, Some(any(&["news", "sports"]))))
+                .live,
             3
         );
         assert_eq!(offsets(&sports), [1, 3]);
@@ -916,7 +971,7 @@ mod tests {
         let mut paced = shared(1, None);
         Arc::get_mut(&mut paced.message).unwrap().pace_ms = 1_000;
         // For all ten, over ten steps of 100 ms: the first step's one device gets it now.
-        assert_eq!(table.deliver_shared("demo", paced), 10);
+        assert_eq!(table.deliver_shared("demo", paced).live, 10);
         let got = |devices: &[Arc<Connection>]| -> Vec<Vec<u64>> {
             devices.iter().map(|device| offsets(device)).collect()
         };
@@ -925,7 +980,7 @@ mod tests {
         assert!(table.pace(start + Duration::from_millis(450)));
         assert_eq!(got(&devices).iter().filter(|o| *o == &[1]).count(), 4);
         // A later entry for everyone: those still waiting are handed the paced one first.
-        assert_eq!(table.deliver_shared("demo", shared(2, None)), 10);
+        assert_eq!(table.deliver_shared("demo", shared(2, None)).live, 10);
         let offsets = got(&devices);
         assert_eq!(offsets.iter().filter(|o| *o == &[2]).count(), 5);
         assert_eq!(offsets.iter().filter(|o| *o == &[1, 2]).count(), 5);
@@ -944,7 +999,7 @@ mod tests {
         let start = Instant::now();
         let mut paced = shared(1, None);
         Arc::get_mut(&mut paced.message).unwrap().pace_ms = 100_000;
-        assert_eq!(table.deliver_shared("demo", paced), 4);
+        assert_eq!(table.deliver_shared("demo", paced).live, 4);
         let gone = devices.pop().unwrap();
         let held = Arc::downgrade(&gone);
         table.unregister("d3", gone.id());
@@ -974,12 +1029,27 @@ mod tests {
             any: vec![tag.to_owned()],
             ..TagFilter::default()
         };
-        assert_eq!(table.deliver_shared("demo", shared(1, Some(to("old")))), 0);
-        assert_eq!(table.deliver_shared("demo", shared(2, Some(to("new")))), 1);
+        assert_eq!(
+            table
+                .deliver_shared("demo", shared(1, Some(to("old"))))
+                .live,
+            0
+        );
+        assert_eq!(
+            table
+                .deliver_shared("demo", shared(2, Some(to("new"))))
+                .live,
+            1
+        );
         assert_eq!(offsets(&device), [2]);
         // Gone: out of the index.
         table.unregister("a", device.id());
-        assert_eq!(table.deliver_shared("demo", shared(3, Some(to("new")))), 0);
+        assert_eq!(
+            table
+                .deliver_shared("demo", shared(3, Some(to("new"))))
+                .live,
+            0
+        );
     }
 
     #[test]
@@ -988,7 +1058,7 @@ mod tests {
         let device = join(&table, "a", 5, &[]);
         let mut reset = shared(1, None);
         reset.epoch = 9;
-        assert_eq!(table.deliver_shared("demo", reset), 0);
+        assert_eq!(table.deliver_shared("demo", reset).live, 0);
         assert_eq!(device.take().close, Some(CloseCode::StreamReset));
     }
 

@@ -104,16 +104,43 @@ pub struct TagFilter {
     pub none: Vec<String>,
 }
 
+/// Whether a message of a shared stream is for a device (see [`TagFilter::decide`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// It is.
+    For,
+    /// It is not: the audience's tags leave the device out.
+    NotFor,
+    /// The audience includes the device, but its user's preferences or frequency cap skip
+    /// it.
+    Skipped,
+}
+
 impl TagFilter {
     /// Whether the message at `offset` of the stream is for a device whose tags `since`
     /// describes: the offset at which it got a tag (the stream's head then), `None` for a
     /// tag it does not have. A tag got at or after the message's offset does not count: a
     /// device that joins a tag does not get what was pushed to it before.
     pub fn matches(&self, offset: u64, since: impl Fn(&str) -> Option<u64>) -> bool {
+        self.decide(offset, since) == Match::For
+    }
+
+    /// As [`TagFilter::matches`], telling apart a device the message is not for only
+    /// because of one of Pigeon's own tags in `none` (its user opted out, or had its
+    /// frequency cap): such a device is skipped, and counted so.
+    pub fn decide(&self, offset: u64, since: impl Fn(&str) -> Option<u64>) -> Match {
         let has = |tag: &String| since(tag).is_some_and(|since| since < offset);
-        (self.any.is_empty() || self.any.iter().any(has))
-            && self.all.iter().all(has)
-            && !self.none.iter().any(has)
+        if !(self.any.is_empty() || self.any.iter().any(has)) || !self.all.iter().all(has) {
+            return Match::NotFor;
+        }
+        let mut skipped = false;
+        for tag in self.none.iter().filter(|tag| has(tag)) {
+            if !crate::devices::is_reserved(tag) {
+                return Match::NotFor;
+            }
+            skipped = true;
+        }
+        if skipped { Match::Skipped } else { Match::For }
     }
 
     pub(crate) fn to_stored(&self) -> pigeon_proto::store::TagFilter {
@@ -329,5 +356,35 @@ mod tests {
         };
         assert!(none_only.matches(1, tags(&[])));
         assert!(!none_only.matches(5, tags(&[("muted", 0)])));
+    }
+
+    #[test]
+    fn a_device_left_out_only_by_reserved_tags_is_skipped() {
+        let filter = TagFilter {
+            any: vec!["fans".into()],
+            all: Vec::new(),
+            none: vec!["muted".into(), "!optout:marketing".into(), "!cap:7".into()],
+        };
+        let tags = |list: &'static [(&'static str, u64)]| {
+            move |tag: &str| list.iter().find(|(name, _)| *name == tag).map(|(_, s)| *s)
+        };
+        assert_eq!(filter.decide(10, tags(&[("fans", 0)])), Match::For);
+        assert_eq!(
+            filter.decide(10, tags(&[("fans", 0), ("!cap:7", 2)])),
+            Match::Skipped
+        );
+        assert_eq!(
+            filter.decide(
+                10,
+                tags(&[("fans", 0), ("!optout:marketing", 2), ("!cap:7", 2)])
+            ),
+            Match::Skipped
+        );
+        // Not in the audience, or left out by the app's own tags: not skipped, not for it.
+        assert_eq!(filter.decide(10, tags(&[("!cap:7", 2)])), Match::NotFor);
+        assert_eq!(
+            filter.decide(10, tags(&[("fans", 0), ("muted", 1), ("!cap:7", 2)])),
+            Match::NotFor
+        );
     }
 }

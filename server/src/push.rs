@@ -35,7 +35,7 @@ use pigeon_proto::store::{MessageStatus, ScheduledPush};
 use serde::Serialize;
 
 use crate::config::{FrequencyCap, Limits};
-use crate::connections::{ConnectionTable, Delivered};
+use crate::connections::{ConnectionTable, Delivered, HandedOut};
 use crate::intake::{self, Intake};
 use crate::message::{
     Delivery, Message, PACE_STEP, SharedDelivery, TagFilter, new_message_id, unix_millis,
@@ -233,9 +233,10 @@ pub trait Fanout: Send + Sync + 'static {
     async fn is_live(&self, route: &Route) -> bool;
 
     /// Hands a message of `app`'s shared stream to every live connection of the app it is
-    /// for; returns how many took it. It cannot fail: a device not reached reads it from
-    /// the stream.
-    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32;
+    /// for; returns how many took it, and how many it skipped (their users opted out, or
+    /// had their frequency cap). It cannot fail: a device not reached reads it from the
+    /// stream.
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> HandedOut;
 
     /// Tells the processes holding the connections of `devices` (devices of `app`) their
     /// new tags, so pushes to tags accepted from now on reach them. It cannot fail: a
@@ -278,7 +279,7 @@ impl Fanout for ConnectionTable {
         true
     }
 
-    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> HandedOut {
         ConnectionTable::deliver_shared(self, app, delivery)
     }
 
@@ -660,14 +661,15 @@ impl Pipeline {
             send_at_ms: request.due_ms,
             ..accepted_status(&message, request.class, true)
         };
-        let (live, ()) = tokio::join!(
+        let (handed, ()) = tokio::join!(
             self.fanout.deliver_shared(&request.app, delivery),
             self.keep_status(&request.app, &message.id, status),
         );
         Ok(PushOutcome::Accepted {
             message_id: message.id.clone(),
             targets: TargetCounts {
-                delivered: live,
+                delivered: handed.live,
+                skipped: handed.skipped,
                 ..TargetCounts::default()
             },
         })
@@ -1128,7 +1130,7 @@ mod tests {
             true
         }
 
-        async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+        async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> HandedOut {
             self.table.deliver_shared(app, delivery)
         }
 

@@ -412,16 +412,37 @@ async fn opted_out_users_skip_pushes_to_everyone_and_to_tags() {
         .await;
     assert_eq!(status, 200);
 
+    // Bob's connected device is skipped by the first three, and counted so.
     let pushes = [
-        json!({"audience": {"all": true}, "payload": {"n": 1}, "class": "marketing", "ttl": 60}),
-        json!({"audience": {"tags": ["fans"]}, "payload": {"n": 2}, "class": "marketing", "ttl": 60}),
-        json!({"audience": {"all": true}, "payload": {"n": 3}, "category": "promo", "ttl": 60}),
-        json!({"audience": {"all": true}, "payload": {"n": 4}, "ttl": 60}),
+        (
+            json!({"audience": {"all": true}, "payload": {"n": 1}, "class": "marketing", "ttl": 60}),
+            1,
+        ),
+        (
+            json!({"audience": {"tags": ["fans"]}, "payload": {"n": 2}, "class": "marketing", "ttl": 60}),
+            1,
+        ),
+        (
+            json!({"audience": {"all": true}, "payload": {"n": 3}, "category": "promo", "ttl": 60}),
+            1,
+        ),
+        (
+            json!({"audience": {"all": true}, "payload": {"n": 4}, "ttl": 60}),
+            0,
+        ),
     ];
-    for push in pushes {
+    for (push, skipped) in pushes {
         let (status, answer) = server.push(push).await;
         assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["targets"]["skipped"], skipped, "{answer}");
+        assert_eq!(answer["targets"]["delivered"], 2 - skipped, "{answer}");
     }
+    let skipped = metric(
+        &server,
+        "pigeon_app_push_targets_total{app=\"demo\",class=\"marketing\",state=\"skipped\"}",
+    )
+    .await;
+    assert_eq!(skipped, Some(2));
     for n in 1..=4 {
         let push = next_push(&mut ann).await;
         assert_eq!(payload(&push)["n"], n);
@@ -689,6 +710,10 @@ async fn a_frequency_cap_holds_for_pushes_to_everyone() {
     counted().await;
     let (status, answer) = server.push(to_everyone(3, "marketing")).await;
     assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["skipped"], 4,
+        "every device connected: {answer}"
+    );
     let (status, answer) = server.push(to_everyone(4, "notification")).await;
     assert_eq!(status, 202, "{answer}");
     for device in [&mut ann_phone, &mut ann_tablet, &mut bob, &mut cy] {
@@ -736,7 +761,11 @@ async fn a_frequency_cap_holds_for_pushes_to_everyone_across_nodes() {
     phone.ack_push(&push).await.expect("ack");
     let _unacked = next_push(&mut tablet).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    gateway.push(to_everyone(2, "marketing")).await;
+    let (status, answer) = gateway.push(to_everyone(2, "marketing")).await;
+    assert_eq!(status, 202, "{answer}");
+    // Each node counts its device skipped; the gateway adds them up.
+    assert_eq!(answer["targets"]["skipped"], 2, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 0, "{answer}");
     gateway.push(to_everyone(3, "notification")).await;
     for device in [&mut phone, &mut tablet] {
         let push = next_push(device).await;

@@ -197,14 +197,17 @@ impl node_server::Node for InternalApi {
         // runtime's workers, which keep serving the node's connections meanwhile.
         let connections = self.connections.clone();
         let app = request.app;
-        let live = tokio::task::spawn_blocking(move || {
-            let live = span.in_scope(|| connections.deliver_shared(&app, delivery));
+        let handed = tokio::task::spawn_blocking(move || {
+            let handed = span.in_scope(|| connections.deliver_shared(&app, delivery));
             drop(place);
-            live
+            handed
         })
         .await
         .map_err(|_| Status::internal("the hand-out failed"))?;
-        Ok(Response::new(DeliverSharedResponse { live }))
+        Ok(Response::new(DeliverSharedResponse {
+            live: handed.live,
+            skipped: handed.skipped,
+        }))
     }
 
     async fn retag(

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::membership::Membership;
 use crate::config::ClusterSettings;
+use crate::connections::HandedOut;
 use crate::message::{Message, SharedDelivery};
 use crate::metrics::{CALL_SECONDS, Histogram};
 use crate::push::{Fanout, RecordedTarget};
@@ -447,12 +448,12 @@ impl Fanout for Peers {
     /// bounded by the number of nodes; holding some back made their devices wait for the
     /// slowest of the others); each node hands the message to its own connections of the
     /// app.
-    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> u32 {
+    async fn deliver_shared(&self, app: &str, delivery: SharedDelivery) -> HandedOut {
         let nodes = match self.live_nodes().await {
             Ok(nodes) => nodes,
             Err(error) => {
                 tracing::warn!(%error, "listing the nodes failed; devices read the stream when they connect");
-                return 0;
+                return HandedOut::default();
             }
         };
         let message = delivery.message.to_stored();
@@ -474,10 +475,13 @@ impl Fanout for Peers {
                     })
                     .await;
                 match response {
-                    Ok(response) => response.live,
+                    Ok(response) => HandedOut {
+                        live: response.live,
+                        skipped: response.skipped,
+                    },
                     Err(error) => {
                         tracing::warn!(%error, "shared deliver failed; its devices read the stream");
-                        0
+                        HandedOut::default()
                     }
                 }
             }
@@ -485,7 +489,7 @@ impl Fanout for Peers {
         futures_util::future::join_all(calls)
             .await
             .into_iter()
-            .fold(0u32, u32::saturating_add)
+            .fold(HandedOut::default(), std::ops::Add::add)
     }
 
     /// A Takeover call to the node holding the connection.
