@@ -45,8 +45,8 @@ use crate::rate_limit::{Limited, RateLimiter};
 use crate::stats::Stats;
 use crate::status_writer::StatusWriter;
 use crate::store::{
-    ALL, Accept, AcceptOutcome, AppendOutcome, Displaced, DisplacedBy, ReceiptCount, Recorded,
-    Registry, Retagged, Route, StatsCounts, StatusWrite, Store, StoreError, Target,
+    ALL, Accept, AcceptOutcome, AppendOutcome, Displaced, DisplacedBy, Once, ReceiptCount,
+    Recorded, Registry, Retagged, Route, StatsCounts, StatusWrite, Store, StoreError, Target,
 };
 
 pub use crate::message::Class;
@@ -130,18 +130,14 @@ impl PushRequest {
         }
     }
 
-    /// A scheduled push, to fire now: its id is kept, and it carries an idempotency key
-    /// (its own, or its id) so that firing it twice after a crash sends it once.
+    /// A scheduled push, to fire now: its id is kept, and it is recorded with
+    /// [`Once::Fires`] so that firing it twice after a crash sends it once (its own
+    /// idempotency key did its work when it was scheduled).
     fn from_scheduled(stored: ScheduledPush) -> Self {
         let class = match stored.class {
             0 => Class::Realtime,
             2 => Class::Marketing,
             _ => Class::Notification,
-        };
-        let idempotency_key = if stored.idempotency_key.is_empty() {
-            format!("scheduled:{}", stored.message_id)
-        } else {
-            stored.idempotency_key
         };
         Self {
             priority: Priority::try_from(stored.priority).unwrap_or(Priority::Normal),
@@ -157,7 +153,7 @@ impl PushRequest {
             payload: stored.payload,
             ttl: Duration::from_millis(stored.ttl_ms),
             collapse_key: stored.collapse_key,
-            idempotency_key: Some(idempotency_key),
+            idempotency_key: None,
             send_at_ms: None,
             message_id: Some(stored.message_id),
             due_ms: stored.send_at_ms,
@@ -366,6 +362,12 @@ impl Pipeline {
             keep_until_ms: from.saturating_add(self.retention.as_millis() as u64),
             status,
         }
+    }
+
+    /// How long an idempotency key counts, and how long a message (and a scheduled push's
+    /// firing) is remembered.
+    fn windows(&self) -> (Duration, Duration) {
+        (self.idempotency_window, self.retention)
     }
 
     /// Keeps the status of a push accepted now: written with the next batch.
@@ -631,16 +633,12 @@ impl Pipeline {
             let filter = request.tags.get_or_insert_with(TagFilter::default);
             filter.none.push(crate::caps::cap_tag(window));
         }
-        let (mut message, idempotency) =
-            new_message(&mut request, unix_millis(), self.idempotency_window);
+        let (mut message, once) = new_message(&mut request, unix_millis(), self.windows());
         if let (Some(pace), Some(message)) = (request.pace, Arc::get_mut(&mut message)) {
             // Stored with the entry: each process paces its own connections.
             message.pace_ms = pace.as_millis() as u64;
         }
-        let appended = self
-            .store
-            .append(&request.app, ALL, message, idempotency)
-            .await?;
+        let appended = self.store.append(&request.app, ALL, message, once).await?;
         let (message, offset, epoch) = match appended {
             AppendOutcome::Duplicate { message_id } => {
                 return Ok(PushOutcome::Duplicate { message_id });
@@ -746,7 +744,7 @@ impl Pipeline {
             counts.skipped += skipped.len() as u32;
             tokens.retain(|token| !skipped.contains(token));
         }
-        let (message, idempotency) = new_message(&mut request, now_ms, self.idempotency_window);
+        let (message, once) = new_message(&mut request, now_ms, self.windows());
         let storable = message.is_storable();
         let targets = tokens
             .into_iter()
@@ -759,7 +757,7 @@ impl Pipeline {
             app: request.app.clone(),
             message,
             targets,
-            idempotency,
+            once,
         };
         let (message, recorded) = match self.store.record(accept).await? {
             AcceptOutcome::Duplicate { message_id } => {
@@ -939,11 +937,15 @@ fn accepted_status(message: &Message, class: Class, shared: bool) -> MessageStat
 
 /// The message a request describes, accepted at `now_ms`, and its idempotency key with
 /// the time it stops counting.
+/// The message of `request`, accepted at `now_ms`, and what keeps it from being recorded
+/// twice: its idempotency key, counting for `idempotency_window`; or, for a scheduled push
+/// firing, that it fires once, remembered for `retention`.
 fn new_message(
     request: &mut PushRequest,
     now_ms: u64,
-    idempotency_window: Duration,
-) -> (Arc<Message>, Option<(String, u64)>) {
+    (idempotency_window, retention): (Duration, Duration),
+) -> (Arc<Message>, Option<Once>) {
+    let fires = request.due_ms > 0;
     let message = Arc::new(Message {
         id: request
             .message_id
@@ -958,11 +960,18 @@ fn new_message(
         filter: request.tags.take().map(Box::new),
         pace_ms: 0,
     });
-    let idempotency = request.idempotency_key.take().map(|key| {
-        let until = now_ms.saturating_add(idempotency_window.as_millis() as u64);
-        (key, until)
-    });
-    (message, idempotency)
+    let once = match request.idempotency_key.take() {
+        _ if fires => Some(Once::Fires {
+            id: message.id.clone(),
+            keep_until_ms: now_ms.saturating_add(retention.as_millis() as u64),
+        }),
+        Some(key) => Some(Once::Key {
+            key,
+            until_ms: now_ms.saturating_add(idempotency_window.as_millis() as u64),
+        }),
+        None => None,
+    };
+    (message, once)
 }
 
 /// What a push is that users may opt out of: a marketing push, or one with a category.

@@ -3,9 +3,11 @@
 //! time, sends each batch through the pipeline at once (one place in it per app and lane;
 //! see `Pipeline::fire`), and marks the batch fired in one write. A claim holds for
 //! [`LEASE`]: if this process dies before it marks a push fired, another (or this one, once
-//! restarted) claims it again then, and the push's idempotency key (its message id, or its
-//! own key) makes the second sending a duplicate of the first. So each scheduled push is
-//! sent once, by one process, however many run.
+//! restarted) claims it again then. Each push is recorded with
+//! [`Once::Fires`](crate::store::Once): the store records it only if it has not fired (the
+//! embedded store marks it fired in the same transaction; Redis keeps a key per push
+//! sent), which makes the second sending a duplicate of the first. So each scheduled push
+//! is sent once, by one process, however many run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +24,14 @@ use crate::store::{DueJob, Store};
 /// How long a claimed push is left to the process that claimed it: how late a push claimed
 /// by a process that dies is sent by another. Sending one takes milliseconds; one that waits
 /// longer for a place in the pipeline is sent again by another process when its claim
-/// lapses, and its idempotency key makes that a duplicate.
+/// lapses, and is then a duplicate.
 pub const LEASE: Duration = Duration::from_secs(5);
 /// How often the store is asked for due pushes when there were none.
 pub const POLL: Duration = Duration::from_millis(100);
 /// Pushes one process sends at once: claimed only when there is room for them, so a claim
 /// never waits on this process's own backlog. They still wait for places in the pipeline
 /// (`intake`), shared with the push API; a claim that lapses meanwhile lets another process
-/// send the push too, which the idempotency key answers as a duplicate.
+/// send the push too, which the store answers as a duplicate.
 const IN_FLIGHT: usize = 2048;
 /// Pushes claimed at once, at most.
 const BATCH: usize = 1024;

@@ -355,8 +355,43 @@ pub struct Accept {
     pub message: Arc<Message>,
     /// Its targets.
     pub targets: Vec<Target>,
-    /// The idempotency key, and when it stops counting (Unix ms).
-    pub idempotency: Option<(String, u64)>,
+    /// What keeps it from being recorded twice, if anything.
+    pub once: Option<Once>,
+}
+
+/// What keeps a push from being recorded (or appended) twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Once {
+    /// The app's idempotency key, counting until `until_ms` (Unix ms): a push with the same
+    /// key before then is a duplicate of the first.
+    Key {
+        /// The key.
+        key: String,
+        /// When it stops counting.
+        until_ms: u64,
+    },
+    /// The push is the app's scheduled push `id` firing: it is recorded only if that push
+    /// is still waiting (not fired, not cancelled), and marked fired (remembered until
+    /// `keep_until_ms`) as it is recorded. Otherwise it is a duplicate.
+    Fires {
+        /// The scheduled push's id (the message's).
+        id: String,
+        /// Until when it is remembered as fired.
+        keep_until_ms: u64,
+    },
+}
+
+impl Once {
+    /// The idempotency key (and when it stops counting) that stands for this in a store
+    /// that does not mark a scheduled push fired as it records it (Redis: there
+    /// [`Schedules::fired`] marks it after, and a push sent again after a crash is a
+    /// duplicate by this key).
+    pub fn as_key(&self) -> (std::borrow::Cow<'_, str>, u64) {
+        match self {
+            Once::Key { key, until_ms } => (key.as_str().into(), *until_ms),
+            Once::Fires { id, keep_until_ms } => (format!("scheduled:{id}").into(), *keep_until_ms),
+        }
+    }
 }
 
 /// What recording a push did for one target.
@@ -388,7 +423,8 @@ pub enum AcceptOutcome {
         /// Stored messages this one put out of its targets' queues.
         displaced: Vec<Displaced>,
     },
-    /// The idempotency key was used before, and that push was fully recorded.
+    /// Not recorded: its idempotency key was used before, for a push that was fully
+    /// recorded; or the scheduled push it fires fired before, or was cancelled.
     Duplicate {
         /// The first message's id.
         message_id: String,
@@ -485,14 +521,14 @@ pub trait OfflineStore: Send + Sync + 'static {
     /// takes one too, but is not stored); a message with a
     /// collapse key replaces the stream's earlier entry with that key; past
     /// `max_stored_per_stream` entries the oldest is dropped (and the stream's `trimmed`
-    /// mark moves past it). With an idempotency key, appended once per key within its
-    /// window, as [`OfflineStore::record`] does.
+    /// mark moves past it). Appended once as `once` says, as [`OfflineStore::record`]
+    /// does.
     async fn append(
         &self,
         app: &str,
         stream: &str,
         message: Arc<Message>,
-        idempotency: Option<(String, u64)>,
+        once: Option<Once>,
     ) -> Result<AppendOutcome, StoreError>;
 
     /// Where `app`'s `stream` stands: its epoch and the highest offset assigned.
@@ -559,9 +595,9 @@ pub trait Schedules: Send + Sync + 'static {
     async fn cancel(&self, app: &str, id: &str) -> Result<Cancel, StoreError>;
 
     /// Claims up to `limit` pushes due at `now_ms`: each is due again `lease` later (for
-    /// another process, or this one) unless [`Schedules::fired`] says it fired before. A
-    /// push may so fire twice after a crash; it carries its message id as its idempotency
-    /// key, which makes the second a duplicate.
+    /// another process, or this one) unless it fired before (recorded with
+    /// [`Once::Fires`], or marked by [`Schedules::fired`]). A push may so be sent twice
+    /// after a crash; recorded with [`Once::Fires`], the second is a duplicate.
     async fn claim_due(
         &self,
         now_ms: u64,
@@ -569,8 +605,9 @@ pub trait Schedules: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DueJob>, StoreError>;
 
-    /// These pushes (each `(app, id)`) fired: forget them, and remember until
-    /// `keep_until_ms` that they did (a cancel then answers [`Cancel::Fired`]). One write.
+    /// These pushes (each `(app, id)`) fired, or will never be sent (refused, unreadable):
+    /// forget them, and remember until `keep_until_ms` that they did (a cancel then
+    /// answers [`Cancel::Fired`]). One write. Those cancelled meanwhile stay cancelled.
     async fn fired(&self, pushes: &[(&str, &str)], keep_until_ms: u64) -> Result<(), StoreError>;
 }
 

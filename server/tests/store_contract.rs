@@ -22,8 +22,8 @@ use pigeon_server::store::embedded::EmbeddedStore;
 use pigeon_server::store::redis::{RedisConnection, RedisStore};
 use pigeon_server::store::{
     ALL, Accept, AcceptOutcome, AliasSet, AppendOutcome, Cancel, DeviceCounters, DeviceTags,
-    DisplacedBy, NewlyOpened, Recorded, Route, StatsCounts, StatsRow, Store, StreamHead, TagChange,
-    Target,
+    DisplacedBy, NewlyOpened, Once, Recorded, Route, StatsCounts, StatsRow, Store, StreamHead,
+    TagChange, Target,
 };
 use support::cluster::{Redis, RedisCluster};
 use tokio_util::sync::CancellationToken;
@@ -201,7 +201,17 @@ fn accept(
             })
             .collect(),
         message,
-        idempotency: idempotency.map(|(key, until)| (key.to_owned(), until)),
+        once: idempotency.map(|(key, until_ms)| Once::Key {
+            key: key.to_owned(),
+            until_ms,
+        }),
+    }
+}
+
+fn keyed(key: &str, until_ms: u64) -> Once {
+    Once::Key {
+        key: key.into(),
+        until_ms,
     }
 }
 
@@ -1096,7 +1106,7 @@ async fn a_shared_push_with_an_idempotency_key_is_appended_once(backend: &Backen
     let first = message("first", 60_000, "");
     let first_id = first.id.clone();
     let appended = store
-        .append("demo", ALL, first, Some(("sale-1".into(), far)))
+        .append("demo", ALL, first, Some(keyed("sale-1", far)))
         .await
         .expect("append");
     assert!(matches!(
@@ -1108,7 +1118,7 @@ async fn a_shared_push_with_an_idempotency_key_is_appended_once(backend: &Backen
             "demo",
             ALL,
             message("again", 60_000, ""),
-            Some(("sale-1".into(), far)),
+            Some(keyed("sale-1", far)),
         )
         .await
         .expect("append");
@@ -1123,7 +1133,8 @@ async fn a_shared_push_with_an_idempotency_key_is_appended_once(backend: &Backen
 }
 
 /// Scheduled pushes: claimed once due, by one claimer at a time until the lease lapses;
-/// cancellable while waiting, not once claimed or fired.
+/// cancellable while waiting, not once claimed or fired; recorded with `Once::Fires`, once
+/// however often the claimer (or the next, after a crash) records it.
 async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: &Backend) {
     let store = &backend.store;
     let now = unix_millis();
@@ -1165,6 +1176,23 @@ async fn scheduled_pushes_are_claimed_once_and_cancelled_while_waiting(backend: 
     assert_eq!(
         store.cancel("demo", &first.id).await.expect("cancel"),
         Cancel::Fired
+    );
+    // Fired: recorded once, then marked.
+    let fires = Once::Fires {
+        id: first.id.clone(),
+        keep_until_ms: now + 60_000,
+    };
+    let token = backend.device("ann").await;
+    let mut one = (*message("one", 60_000, "")).clone();
+    one.id = first.id.clone();
+    let mut firing = accept("demo", Arc::new(one), &[&token], None);
+    firing.once = Some(fires.clone());
+    let outcome = store.record(firing.clone()).await.expect("record");
+    assert_eq!(recorded(&outcome), [seq(1)]);
+    let again = store.record(firing).await.expect("record");
+    assert!(
+        matches!(&again, AcceptOutcome::Duplicate { message_id } if *message_id == first.id),
+        "{again:?}"
     );
     store
         .fired(&[("demo", &first.id)], now + 60_000)

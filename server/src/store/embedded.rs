@@ -44,7 +44,7 @@
 //! | `capped` | (window number, `app \0 uid`) | capped (marketing) pushes the uid got in that window; earlier windows swept |
 //! | `capped_shared` | (window number, `app \0 uid \0 message id`) | a capped push stored once that the uid got and was counted for; earlier windows swept |
 //! | `schedule` | (due at ms, `app \0 id`) | `ScheduledPush` |
-//! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed, else fired and remembered until that ms) |
+//! | `schedule_ids` | `app \0 id` | (due at ms, state: 0 waiting, 1 claimed (written by earlier releases), else fired and remembered until that ms) |
 //! | `schedule_fired` | (remembered until ms, `app \0 id`) | () |
 //! | `status` | `app \0 id` | (`MessageStatus`, empty until written; delivered; acked; kept until ms; opened) |
 //! | `opened` | `app \0 id \0 token` | () (the devices that opened the message; gone with its status) |
@@ -56,8 +56,15 @@
 //!
 //! A device's own tags and alias are in its `DeviceRecord`, written in the same transaction
 //! as these index rows.
+//!
+//! # Scheduled pushes
+//! One process has the store, so a claim of a due push is kept in its memory, not written:
+//! a process that dies takes its claims with it, and what it claimed is due again when it
+//! opens the store again. A push fires in the transaction that records it
+//! ([`Once::Fires`]): its schedule rows are removed then, and one already fired or
+//! cancelled is not recorded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,9 +81,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, Cancel, DeviceCounters,
     DeviceInfo, DeviceTag, DeviceTags, Displaced, DisplacedBy, DueJob, NewlyOpened, OfflineStore,
-    ReceiptCount, Recorded, Registry, Replay, Retagged, Route, Routes, Schedules, StatsCounts,
-    StatsRow, StatusRecord, StatusWrite, Statuses, StoreError, StreamHead, StreamPlace, StreamRead,
-    TagChange, TagChanged,
+    Once, ReceiptCount, Recorded, Registry, Replay, Retagged, Route, Routes, Schedules,
+    StatsCounts, StatsRow, StatusRecord, StatusWrite, Statuses, StoreError, StreamHead,
+    StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
@@ -112,7 +119,8 @@ const STATS: TableDefinition<(u64, &str, u32), [u64; 5]> = TableDefinition::new(
 const STATS_EXPIRING: TableDefinition<(u64, &str, u32), i64> =
     TableDefinition::new("stats_expiring");
 const DEVICE_SEEN: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("device_seen");
-/// The states of `schedule_ids` below a remembered-until time.
+/// The states of `schedule_ids` below a remembered-until time. Claims are no longer
+/// written; a row an earlier release claimed is due again at its claim's end.
 const WAITING: u64 = 0;
 const CLAIMED: u64 = 1;
 
@@ -131,6 +139,9 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<Job>,
     routes: Arc<dyn Routes>,
+    /// Scheduled pushes this process claimed (their `schedule_ids` key), with when their
+    /// claim ends (Unix ms).
+    claims: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 struct Job {
@@ -173,7 +184,7 @@ enum Op {
         app: String,
         stream: String,
         message: Arc<Message>,
-        idempotency: Option<(String, u64)>,
+        once: Option<Once>,
     },
     AckStream {
         token: String,
@@ -202,11 +213,6 @@ enum Op {
     },
     Cancel {
         key: String,
-    },
-    ClaimDue {
-        now_ms: u64,
-        lease_ms: u64,
-        limit: usize,
     },
     Fired {
         keys: Vec<String>,
@@ -244,7 +250,6 @@ enum Reply {
     Alias(AliasSet),
     Appended(AppendOutcome),
     Cancel(Cancel),
-    Due(Vec<DueJob>),
     Scheduled(bool),
     Counted(Vec<Option<u32>>),
     Reached(Vec<bool>),
@@ -313,7 +318,12 @@ impl EmbeddedStore {
             .name("pigeon-store-writer".into())
             .spawn(move || writer.run(jobs))
             .map_err(backend)?;
-        let store = Self { db, writes, routes };
+        let store = Self {
+            db,
+            writes,
+            routes,
+            claims: Arc::default(),
+        };
         // The sweeper holds only a weak sender, so dropping the last store handle closes
         // the queue, which ends the writer thread and releases the database file.
         let sweeper = store.writes.downgrade();
@@ -779,13 +789,13 @@ impl OfflineStore for EmbeddedStore {
         app: &str,
         stream: &str,
         message: Arc<Message>,
-        idempotency: Option<(String, u64)>,
+        once: Option<Once>,
     ) -> Result<AppendOutcome> {
         let op = Op::Append {
             app: app.to_owned(),
             stream: stream.to_owned(),
             message,
-            idempotency,
+            once,
         };
         match self.write(op, false).await? {
             Reply::Appended(outcome) => Ok(outcome),
@@ -1026,15 +1036,9 @@ impl Writer {
                 app,
                 stream,
                 message,
-                idempotency,
+                once,
             } => tables
-                .append(
-                    &app,
-                    &stream,
-                    message,
-                    idempotency,
-                    self.max_stored_per_stream,
-                )
+                .append(&app, &stream, message, once, self.max_stored_per_stream)
                 .map(Reply::Appended),
             Op::AckStream {
                 token,
@@ -1056,17 +1060,12 @@ impl Writer {
                 tables.schedule(&key, at_ms, &job).map(Reply::Scheduled)
             }
             Op::Cancel { key } => tables.cancel(&key).map(Reply::Cancel),
-            Op::ClaimDue {
-                now_ms,
-                lease_ms,
-                limit,
-            } => tables.claim_due(now_ms, lease_ms, limit).map(Reply::Due),
             Op::Fired {
                 keys,
                 keep_until_ms,
             } => {
                 for key in keys {
-                    tables.fired(&key, keep_until_ms)?;
+                    tables.fire(&key, keep_until_ms)?;
                 }
                 Ok(Reply::Done)
             }
@@ -1392,51 +1391,21 @@ impl<'txn> Tables<'txn> {
         Ok(Cancel::Cancelled)
     }
 
-    /// Due pushes, each moved `lease_ms` on and marked claimed.
-    fn claim_due(&mut self, now_ms: u64, lease_ms: u64, limit: usize) -> Result<Vec<DueJob>> {
-        let due: Vec<(u64, String, Vec<u8>)> = self
-            .schedule
-            .range((0, "")..=(now_ms, "\u{10ffff}"))
-            .map_err(backend)?
-            .take(limit)
-            .map(|entry| {
-                entry
-                    .map(|(key, job)| {
-                        let (at, key) = key.value();
-                        (at, key.to_owned(), job.value().to_vec())
-                    })
-                    .map_err(backend)
-            })
-            .collect::<Result<_>>()?;
-        let again = now_ms.saturating_add(lease_ms);
-        let mut jobs = Vec::with_capacity(due.len());
-        for (at, key, job) in due {
-            self.schedule.remove((at, key.as_str())).map_err(backend)?;
-            self.schedule
-                .insert((again, key.as_str()), job.as_slice())
-                .map_err(backend)?;
-            self.schedule_ids
-                .insert(key.as_str(), (again, CLAIMED))
-                .map_err(backend)?;
-            let (app, id) = key.split_once('\0').unwrap_or((key.as_str(), ""));
-            jobs.push(DueJob {
-                app: app.to_owned(),
-                id: id.to_owned(),
-                job,
-            });
-        }
-        Ok(jobs)
-    }
-
-    fn fired(&mut self, key: &str, keep_until_ms: u64) -> Result<()> {
-        if let Some((due, _)) = self
+    /// Marks the scheduled push at `key` fired, remembered until `keep_until_ms`, if it is
+    /// waiting; false when it fired before or was cancelled (or never was).
+    fn fire(&mut self, key: &str, keep_until_ms: u64) -> Result<bool> {
+        let Some((due, state)) = self
             .schedule_ids
             .get(key)
             .map_err(backend)?
             .map(|v| v.value())
-        {
-            self.schedule.remove((due, key)).map_err(backend)?;
+        else {
+            return Ok(false);
+        };
+        if state > CLAIMED {
+            return Ok(false);
         }
+        self.schedule.remove((due, key)).map_err(backend)?;
         let keep_until_ms = keep_until_ms.max(CLAIMED + 1);
         self.schedule_ids
             .insert(key, (0, keep_until_ms))
@@ -1444,7 +1413,20 @@ impl<'txn> Tables<'txn> {
         self.schedule_fired
             .insert((keep_until_ms, key), ())
             .map_err(backend)?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether `once` lets a push be recorded: its idempotency key is not taken (and is now
+    /// `message_id`'s), or the scheduled push it fires was waiting (and is now fired).
+    /// When it does not: the id of the message already sent.
+    fn first_time(&mut self, app: &str, once: &Once, message_id: &str) -> Result<Option<String>> {
+        match once {
+            Once::Key { key, until_ms } => self.claim_idempotency(app, key, *until_ms, message_id),
+            Once::Fires { id, keep_until_ms } => {
+                let fired = self.fire(&schedule_key(app, id), *keep_until_ms)?;
+                Ok((!fired).then(|| id.clone()))
+            }
+        }
     }
 
     fn device(&self, token: &str) -> Result<Option<DeviceRecord>> {
@@ -1809,11 +1791,11 @@ impl<'txn> Tables<'txn> {
         app: &str,
         stream: &str,
         message: Arc<Message>,
-        idempotency: Option<(String, u64)>,
+        once: Option<Once>,
         cap: u32,
     ) -> Result<AppendOutcome> {
-        if let Some((key, until)) = &idempotency
-            && let Some(message_id) = self.claim_idempotency(app, key, *until, &message.id)?
+        if let Some(once) = &once
+            && let Some(message_id) = self.first_time(app, once, &message.id)?
         {
             return Ok(AppendOutcome::Duplicate { message_id });
         }
@@ -1938,9 +1920,8 @@ impl<'txn> Tables<'txn> {
         cap: u32,
         routes: &dyn Routes,
     ) -> Result<AcceptOutcome> {
-        if let Some((key, until)) = &accept.idempotency
-            && let Some(message_id) =
-                self.claim_idempotency(&accept.app, key, *until, &accept.message.id)?
+        if let Some(once) = &accept.once
+            && let Some(message_id) = self.first_time(&accept.app, once, &accept.message.id)?
         {
             return Ok(AcceptOutcome::Duplicate { message_id });
         }
@@ -2362,6 +2343,11 @@ impl Schedules for EmbeddedStore {
 
     async fn cancel(&self, app: &str, id: &str) -> Result<Cancel> {
         let key = schedule_key(app, id);
+        // Claimed: being sent. (Claimed after this, it is not sent: its record finds it
+        // cancelled.)
+        if self.claims.lock().map_err(backend)?.contains_key(&key) {
+            return Ok(Cancel::Fired);
+        }
         match self.write(Op::Cancel { key }, true).await? {
             Reply::Cancel(cancel) => Ok(cancel),
             _ => Err(backend("unexpected reply to a cancel")),
@@ -2369,35 +2355,65 @@ impl Schedules for EmbeddedStore {
     }
 
     async fn claim_due(&self, now_ms: u64, lease: Duration, limit: usize) -> Result<Vec<DueJob>> {
-        // Asked every 100 ms: a read finds nothing due without a write (and its fsync).
-        let any_due = self
-            .read(move |db| {
-                let txn = db.begin_read().map_err(backend)?;
-                let schedule = txn.open_table(SCHEDULE).map_err(backend)?;
-                let first = schedule.first().map_err(backend)?;
-                Ok(first.is_some_and(|(key, _)| key.value().0 <= now_ms))
-            })
-            .await?;
-        if !any_due {
-            return Ok(Vec::new());
-        }
-        let op = Op::ClaimDue {
-            now_ms,
-            lease_ms: lease.as_millis() as u64,
-            limit,
-        };
-        match self.write(op, true).await? {
-            Reply::Due(jobs) => Ok(jobs),
-            _ => Err(backend("unexpected reply to a claim")),
-        }
+        let claims = self.claims.clone();
+        let until = now_ms.saturating_add(lease.as_millis() as u64);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let schedule = txn.open_table(SCHEDULE).map_err(backend)?;
+            // Only the scheduler claims, one claim at a time: the lock is uncontended.
+            let mut claims = claims.lock().map_err(backend)?;
+            claims.retain(|_, until| *until > now_ms);
+            let mut jobs = Vec::new();
+            for entry in schedule
+                .range((0, "")..=(now_ms, "\u{10ffff}"))
+                .map_err(backend)?
+            {
+                if jobs.len() == limit {
+                    break;
+                }
+                let (key, job) = entry.map_err(backend)?;
+                let key = key.value().1;
+                if claims.contains_key(key) {
+                    continue;
+                }
+                claims.insert(key.to_owned(), until);
+                let (app, id) = key.split_once('\0').unwrap_or((key, ""));
+                jobs.push(DueJob {
+                    app: app.to_owned(),
+                    id: id.to_owned(),
+                    job: job.value().to_vec(),
+                });
+            }
+            Ok(jobs)
+        })
+        .await
     }
 
     async fn fired(&self, pushes: &[(&str, &str)], keep_until_ms: u64) -> Result<()> {
+        let keys: Vec<String> = pushes
+            .iter()
+            .map(|(app, id)| schedule_key(app, id))
+            .collect();
+        // Most were marked as they were recorded: only the others are written.
+        let keys = self
+            .read_keys(keys.len(), move |db| {
+                let txn = db.begin_read().map_err(backend)?;
+                let ids = txn.open_table(SCHEDULE_IDS).map_err(backend)?;
+                let mut waiting = Vec::new();
+                for key in keys {
+                    let state = ids.get(key.as_str()).map_err(backend)?;
+                    if state.is_some_and(|state| state.value().1 <= CLAIMED) {
+                        waiting.push(key);
+                    }
+                }
+                Ok(waiting)
+            })
+            .await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
         let op = Op::Fired {
-            keys: pushes
-                .iter()
-                .map(|(app, id)| schedule_key(app, id))
-                .collect(),
+            keys,
             keep_until_ms,
         };
         self.write(op, true).await.map(|_| ())

@@ -49,8 +49,8 @@ use crate::message::{Delivery, Message, new_device_token, unix_millis};
 use crate::metrics::{CALL_SECONDS, Histogram};
 use crate::store::{
     ALL, Accept, AcceptOutcome, AdmittedDevice, AliasSet, AppendOutcome, DeviceCounters,
-    DeviceInfo, DeviceTag, DeviceTags, Displaced, DisplacedBy, OfflineStore, Recorded, Registry,
-    Replay, Retagged, Route, StoreError, StreamHead, StreamPlace, StreamRead, TagChange,
+    DeviceInfo, DeviceTag, DeviceTags, Displaced, DisplacedBy, OfflineStore, Once, Recorded,
+    Registry, Replay, Retagged, Route, StoreError, StreamHead, StreamPlace, StreamRead, TagChange,
     TagChanged,
 };
 
@@ -550,9 +550,9 @@ impl RedisStore {
         let mut message = accept.message;
         let mut idempotency_ms = 0u64;
         let mut claim = None;
-        if let Some((key, until_ms)) = &accept.idempotency {
+        if let Some((key, until_ms)) = accept.once.as_ref().map(Once::as_key) {
             idempotency_ms = until_ms.saturating_sub(unix_millis()).max(1);
-            let redis_key = self.keys.idempotency(&accept.app, key);
+            let redis_key = self.keys.idempotency(&accept.app, &key);
             match self.claim(&redis_key, &message.id, idempotency_ms).await? {
                 Claim::Done(first) => return Ok(AcceptOutcome::Duplicate { message_id: first }),
                 Claim::Pending(first) => {
@@ -1392,7 +1392,7 @@ impl OfflineStore for RedisStore {
         app: &str,
         stream: &str,
         message: Arc<Message>,
-        idempotency: Option<(String, u64)>,
+        once: Option<Once>,
     ) -> Result<AppendOutcome, StoreError> {
         // As `record`: the key claimed first (`p:<id>`), then the append, then marked done
         // (`d:<id>`); a retry that finds the claim pending appends under the first id, and
@@ -1400,9 +1400,9 @@ impl OfflineStore for RedisStore {
         let mut message = message;
         let mut idempotency_ms = 0u64;
         let mut claim = None;
-        if let Some((key, until_ms)) = &idempotency {
+        if let Some((key, until_ms)) = once.as_ref().map(Once::as_key) {
             idempotency_ms = until_ms.saturating_sub(unix_millis()).max(1);
-            let redis_key = self.keys.idempotency(app, key);
+            let redis_key = self.keys.idempotency(app, &key);
             match self.claim(&redis_key, &message.id, idempotency_ms).await? {
                 Claim::Done(first) => return Ok(AppendOutcome::Duplicate { message_id: first }),
                 Claim::Pending(first) => {

@@ -21,11 +21,11 @@ fn open(dir: &Path) -> Result<EmbeddedStore> {
     EmbeddedStore::open(dir, &limits, table)
 }
 
-async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u64 {
+fn message(id: String, body: &str, ttl_ms: u64) -> Arc<Message> {
     let now = unix_millis();
-    let message = Arc::new(Message {
+    Arc::new(Message {
         pace_ms: 0,
-        id: new_message_id(now),
+        id,
         payload: Bytes::from(body.to_owned()),
         priority: Priority::Normal,
         class: Default::default(),
@@ -33,17 +33,34 @@ async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u6
         expires_at_ms: now + ttl_ms,
         collapse_key: String::new(),
         filter: None,
-    });
+    })
+}
+
+fn accept(message: Arc<Message>, token: &str, once: Option<Once>) -> Accept {
+    Accept {
+        app: "demo".into(),
+        message,
+        targets: vec![Target {
+            token: token.into(),
+            store: true,
+        }],
+        once,
+    }
+}
+
+/// The record of `demo`'s scheduled push `id` firing, to `token`.
+fn firing(id: &str, token: &str) -> Accept {
+    let fires = Once::Fires {
+        id: id.into(),
+        keep_until_ms: unix_millis() + 60_000,
+    };
+    accept(message(id.into(), id, 60_000), token, Some(fires))
+}
+
+async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u64 {
+    let message = message(new_message_id(unix_millis()), body, ttl_ms);
     let outcome = store
-        .record(Accept {
-            app: "demo".into(),
-            message,
-            targets: vec![Target {
-                token: token.into(),
-                store: true,
-            }],
-            idempotency: None,
-        })
+        .record(accept(message, token, None))
         .await
         .expect("record");
     match outcome {
@@ -158,4 +175,113 @@ async fn a_stream_written_before_its_size_was_kept_is_counted_once_and_capped() 
     }
     let read = store.read_stream("demo", ALL, 0, 100).await.expect("read");
     assert_eq!(offsets(read), [3, 4, 5]);
+}
+
+/// Claims are the process's: a store opened again (the process restarted) claims what was
+/// claimed and not sent; a push recorded with `Once::Fires` is sent, never claimed again
+/// (even when its claim lapses before it is marked fired), and not cancelled.
+#[tokio::test]
+async fn claims_live_in_memory_and_a_recorded_push_has_fired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = unix_millis();
+    let lease = Duration::from_secs(5);
+    let reopen = || async {
+        loop {
+            match open(dir.path()) {
+                Ok(store) => break store,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    };
+    {
+        let store = open(dir.path()).expect("open");
+        for id in ["m1", "m2"] {
+            let scheduled = store.schedule("demo", id, now, b"push".to_vec()).await;
+            assert!(scheduled.expect("schedule"));
+        }
+        let due = store.claim_due(now, lease, 10).await.expect("claim");
+        assert_eq!(due.len(), 2, "{due:?}");
+        assert!(
+            store
+                .claim_due(now, lease, 10)
+                .await
+                .expect("claim")
+                .is_empty()
+        );
+    }
+    // The process died with its claims: both are due again at once.
+    let store = reopen().await;
+    let due = store.claim_due(now, lease, 10).await.expect("claim");
+    let mut ids: Vec<&str> = due.iter().map(|job| job.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["m1", "m2"]);
+    // m1 is recorded (it fires); m2's claim lapses unsent.
+    let device = store.admit_device("demo", "ann", "").await.expect("admit");
+    let accept = firing("m1", &device.token);
+    let first = store.record(accept.clone()).await.expect("record");
+    assert!(matches!(first, AcceptOutcome::Accepted { .. }), "{first:?}");
+    let again = store.record(accept).await.expect("record");
+    assert!(
+        matches!(again, AcceptOutcome::Duplicate { .. }),
+        "{again:?}"
+    );
+    assert_eq!(seqs(&store, &device.token).await, [1]);
+    let later = now + lease.as_millis() as u64 + 1;
+    let due = store.claim_due(later, lease, 10).await.expect("claim");
+    let ids: Vec<&str> = due.iter().map(|job| job.id.as_str()).collect();
+    assert_eq!(ids, ["m2"]);
+    assert_eq!(
+        store.cancel("demo", "m1").await.expect("cancel"),
+        Cancel::Fired
+    );
+    // Marking both fired writes m2's mark (m1's is there).
+    store
+        .fired(&[("demo", "m1"), ("demo", "m2")], now + 60_000)
+        .await
+        .expect("fired");
+    let much_later = later + lease.as_millis() as u64 + 1;
+    let due = store.claim_due(much_later, lease, 10).await.expect("claim");
+    assert!(due.is_empty(), "{due:?}");
+    assert_eq!(
+        store.cancel("demo", "m2").await.expect("cancel"),
+        Cancel::Fired
+    );
+}
+
+/// A push cancelled after it was claimed, but before it was recorded, is not sent.
+#[tokio::test]
+async fn a_push_cancelled_before_its_record_is_not_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).expect("open");
+    let now = unix_millis();
+    assert!(
+        store
+            .schedule("demo", "m1", now, b"push".to_vec())
+            .await
+            .expect("schedule")
+    );
+    // The cancel is checked before the claim is made (the race the claim check leaves).
+    assert_eq!(
+        store.cancel("demo", "m1").await.expect("cancel"),
+        Cancel::Cancelled
+    );
+    let device = store.admit_device("demo", "ann", "").await.expect("admit");
+    let outcome = store
+        .record(firing("m1", &device.token))
+        .await
+        .expect("record");
+    assert!(
+        matches!(outcome, AcceptOutcome::Duplicate { .. }),
+        "{outcome:?}"
+    );
+    assert!(seqs(&store, &device.token).await.is_empty());
+    // And marking it fired leaves it cancelled (unknown), not fired.
+    store
+        .fired(&[("demo", "m1")], now + 60_000)
+        .await
+        .expect("fired");
+    assert_eq!(
+        store.cancel("demo", "m1").await.expect("cancel"),
+        Cancel::Unknown
+    );
 }
