@@ -935,8 +935,6 @@ fn accepted_status(message: &Message, class: Class, shared: bool) -> MessageStat
     }
 }
 
-/// The message a request describes, accepted at `now_ms`, and its idempotency key with
-/// the time it stops counting.
 /// The message of `request`, accepted at `now_ms`, and what keeps it from being recorded
 /// twice: its idempotency key, counting for `idempotency_window`; or, for a scheduled push
 /// firing, that it fires once, remembered for `retention`.

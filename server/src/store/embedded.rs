@@ -2409,14 +2409,19 @@ impl Schedules for EmbeddedStore {
                 Ok(waiting)
             })
             .await?;
-        if keys.is_empty() {
-            return Ok(());
+        if !keys.is_empty() {
+            let op = Op::Fired {
+                keys,
+                keep_until_ms,
+            };
+            self.write(op, true).await?;
         }
-        let op = Op::Fired {
-            keys,
-            keep_until_ms,
-        };
-        self.write(op, true).await.map(|_| ())
+        // Fired, every one: no longer claimed (nor due).
+        let mut claims = self.claims.lock().map_err(backend)?;
+        for (app, id) in pushes {
+            claims.remove(&schedule_key(app, id));
+        }
+        Ok(())
     }
 }
 
