@@ -10,7 +10,7 @@
 //!
 //! One app holds at most `limits.push_concurrency_per_app` of the places, so a flood of
 //! one app leaves places free for the others, and queues only so much work ahead of theirs
-//! in the store (whose writes are first come, first served). When a push leaves the
+//! in the store (whose writer orders what waits for it by the same lanes and apps). When a push leaves the
 //! pipeline, the next one is picked by smooth weighted round robin
 //! over the lanes that have pushes waiting (of eight picks under a full backlog, five go to
 //! lane 0, two to lane 1, one to lane 2), and by round robin over the apps waiting in that
@@ -89,11 +89,13 @@ impl<T> WeightedQueues<T> {
     /// Queues `item` of `app` in `lane`.
     pub fn push(&mut self, lane: usize, app: &str, item: T) {
         let lane = &mut self.lanes[lane.min(2)];
-        let queue = lane.waiting.entry(app.to_owned()).or_default();
-        if queue.is_empty() {
-            lane.turns.push_back(app.to_owned());
+        // A queue is removed when it empties, so one that is there has its turn.
+        if let Some(queue) = lane.waiting.get_mut(app) {
+            queue.push_back(item);
+            return;
         }
-        queue.push_back(item);
+        lane.turns.push_back(app.to_owned());
+        lane.waiting.insert(app.to_owned(), VecDeque::from([item]));
     }
 
     /// The next item: of the lane whose turn it is by weight, of the app whose turn it is

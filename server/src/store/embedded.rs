@@ -15,6 +15,15 @@
 //! refused with [`StoreError::Overloaded`] (the API answers 429) rather than queued without
 //! bound.
 //!
+//! When more is waiting than one transaction takes, what goes first is chosen as the push
+//! pipeline chooses ([`WeightedQueues`]): by lane, weighted 5:2:1, and in turn by app. A
+//! push's record or append waits in its push's lane and app (a marketing push's
+//! frequency-cap count in lane 2 with it); the store's upkeep (acks, admissions, statuses,
+//! schedules, sweeps) in lane 0. So a notification's record is not queued behind another
+//! app's backlog of marketing appends, and one app's writes behind another's. The writer
+//! takes at most [`TAKEN`] writes out of the queue into its lanes (writes of one lane and
+//! app keep their order); the rest wait in the queue in the order they came.
+//!
 //! # Reads
 //! Reads run in their own read transactions; a commit is visible to every read that starts
 //! after it. A read of a few keys (a push's uids, a device) runs on the calling task's
@@ -71,6 +80,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
+use pigeon_proto::device::Priority;
 use pigeon_proto::store::{
     DeviceRecord, DeviceTag as StoredTag, IdempotencyRecord, MessageStatus, StoredMessage,
     StreamMeta,
@@ -86,6 +96,7 @@ use super::{
     StreamPlace, StreamRead, TagChange, TagChanged,
 };
 use crate::config::Limits;
+use crate::intake::{self, WeightedQueues};
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
 use crate::metrics::{BATCH_SIZES, Histogram};
 
@@ -128,6 +139,12 @@ const CLAIMED: u64 = 1;
 const INLINE_KEYS: usize = 16;
 /// Operations applied in one transaction at most.
 const MAX_BATCH: usize = 512;
+/// Operations the writer takes out of its queue into its lanes at most: the writes ordered
+/// by lane, beside the queue's `limits.store_queue` in the order they came.
+const TAKEN: usize = 4 * MAX_BATCH;
+/// The app of the store's upkeep (acks, admissions, statuses, schedules, sweeps) in the
+/// writer's lanes.
+const UPKEEP: &str = "";
 /// Expired rows removed by one sweep at most (the next sweep goes on).
 const SWEEP_LIMIT: usize = 10_000;
 /// How often expired messages and idempotency keys are removed.
@@ -239,6 +256,28 @@ enum Op {
         /// The oldest minute kept.
         oldest: u64,
     },
+}
+
+impl Op {
+    /// The lane and app the operation waits in for a transaction (see "Writes" above).
+    fn lane(&self) -> (usize, &str) {
+        let marketing = intake::lane(Class::Marketing, Priority::Normal);
+        fn app_of(key: Option<&String>) -> &str {
+            key.and_then(|key| key.split('\0').next()).unwrap_or(UPKEEP)
+        }
+        match self {
+            Op::Accept(accept) => (
+                intake::lane(accept.message.class, accept.message.priority),
+                &accept.app,
+            ),
+            Op::Append { app, message, .. } => (intake::lane(message.class, message.priority), app),
+            Op::CountCapped { keys, .. } => (marketing, app_of(keys.first())),
+            Op::CountSharedCapped { got, .. } => {
+                (marketing, app_of(got.first().map(|(key, _)| key)))
+            }
+            _ => (0, UPKEEP),
+        }
+    }
 }
 
 enum Reply {
@@ -957,16 +996,33 @@ struct Writer {
 }
 
 impl Writer {
+    /// Applies the queue's operations until it is closed and empty: each transaction takes
+    /// what waits, by lane and app when more waits than one takes.
     fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        let mut lanes = WeightedQueues::default();
+        let mut taken = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Some(job) = jobs.blocking_recv() {
-            batch.push(job);
-            while batch.len() < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+        loop {
+            if taken == 0 {
+                let Some(job) = jobs.blocking_recv() else {
+                    return;
+                };
+                take(&mut lanes, job);
+                taken += 1;
             }
+            while taken < TAKEN {
+                let Ok(job) = jobs.try_recv() else {
+                    break;
+                };
+                take(&mut lanes, job);
+                taken += 1;
+            }
+            while batch.len() < MAX_BATCH
+                && let Some(job) = lanes.pop()
+            {
+                batch.push(job);
+            }
+            taken -= batch.len();
             TRANSACTION_OPS.observe(batch.len() as f64);
             self.apply(&mut batch);
         }
@@ -1097,6 +1153,13 @@ impl Writer {
             Op::AddStats { rows, oldest } => tables.add_stats(rows, oldest).map(|()| Reply::Done),
         }
     }
+}
+
+/// Queues `job` in its lane and app for the writer.
+fn take(lanes: &mut WeightedQueues<Job>, job: Job) {
+    let (lane, app) = job.op.lane();
+    let app = app.to_owned();
+    lanes.push(lane, &app, job);
 }
 
 fn error_copy(error: &StoreError) -> StoreError {

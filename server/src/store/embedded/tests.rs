@@ -285,3 +285,58 @@ async fn a_push_cancelled_before_its_record_is_not_sent() {
         Cancel::Unknown
     );
 }
+
+/// When more waits than one transaction takes, the writer takes it by lane (weighted as the
+/// pipeline's lanes), not in the order it came: a notification queued behind a transaction's
+/// worth of marketing records is recorded first; the marketing records keep their order.
+#[tokio::test]
+async fn the_writer_takes_a_backlog_by_lane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).expect("open");
+    let device = store.admit_device("demo", "ann", "").await.expect("admit");
+    // A second writer on the same database, its queue filled before it starts.
+    let writer = Writer {
+        db: store.db.clone(),
+        max_stored_per_device: 10_000,
+        max_stored_per_stream: 10_000,
+        seen_refresh: None,
+        routes: store.routes.clone(),
+    };
+    let (writes, jobs) = mpsc::channel(TAKEN);
+    let mut answers = Vec::new();
+    let mut queue = |class: Class, body: &str| {
+        let message = Message {
+            class,
+            ..(*message(new_message_id(unix_millis()), body, 60_000)).clone()
+        };
+        let (reply, answer) = oneshot::channel();
+        let op = Op::Accept(accept(Arc::new(message), &device.token, None));
+        assert!(writes.try_send(Job { op, reply }).is_ok());
+        answers.push((body.to_owned(), answer));
+    };
+    for i in 0..MAX_BATCH {
+        queue(Class::Marketing, &format!("marketing {i}"));
+    }
+    queue(Class::Notification, "notification");
+    drop(writes);
+    tokio::task::spawn_blocking(move || writer.run(jobs))
+        .await
+        .expect("writer");
+    let mut order = Vec::new();
+    for (body, answer) in answers {
+        let Ok(Reply::Accepted(AcceptOutcome::Accepted { targets, .. })) =
+            answer.await.expect("answered")
+        else {
+            panic!("{body} not accepted");
+        };
+        let Recorded::Seq { seq, .. } = targets[0].1 else {
+            panic!("{body} not recorded");
+        };
+        order.push((seq, body));
+    }
+    order.sort();
+    let bodies: Vec<&str> = order.iter().map(|(_, body)| body.as_str()).collect();
+    let mut expected = vec!["notification".to_owned()];
+    expected.extend((0..MAX_BATCH).map(|i| format!("marketing {i}")));
+    assert_eq!(bodies, expected);
+}
