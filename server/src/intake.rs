@@ -10,12 +10,12 @@
 //!
 //! One app holds at most `limits.push_concurrency_per_app` of the places, so a flood of
 //! one app leaves places free for the others, and queues only so much work ahead of theirs
-//! in the store (whose writer orders what waits for it by the same lanes and apps). When a push leaves the
-//! pipeline, the next one is picked by smooth weighted round robin
-//! over the lanes that have pushes waiting (of eight picks under a full backlog, five go to
-//! lane 0, two to lane 1, one to lane 2), and by round robin over the apps waiting in that
-//! lane: one app's backlog fills its own queues and takes its turn, so another app's pushes
-//! wait for a turn, not for the backlog. A push finding its queue full (`limits.push_queue`
+//! in the store (the embedded store's writer takes what waits for it by the same lanes and
+//! apps). When a push leaves the pipeline, the next one is picked by smooth weighted round
+//! robin over the lanes that have pushes waiting (of eight picks under a full backlog, five
+//! go to lane 0, two to lane 1, one to lane 2), and by round robin over the apps waiting in
+//! that lane: one app's backlog fills its own queues and takes its turn, so another app's
+//! pushes wait for a turn, not for the backlog. A push finding its queue full (`limits.push_queue`
 //! per app and lane; a quarter of it for lane 2, so marketing is shed first) or waiting
 //! longer than `limits.push_queue_timeout` is refused (429 with `Retry-After`), and nothing
 //! of it was accepted.
