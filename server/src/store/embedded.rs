@@ -76,6 +76,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -155,6 +156,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writes: mpsc::Sender<Job>,
+    /// Writes the writer has taken out of `writes` into its lanes, not yet applied.
+    taken: Arc<AtomicUsize>,
     routes: Arc<dyn Routes>,
     /// Scheduled pushes this process claimed (their `schedule_ids` key), with when their
     /// claim ends (Unix ms).
@@ -346,8 +349,10 @@ impl EmbeddedStore {
             txn.commit().map_err(backend)?;
         }
         let (writes, jobs) = mpsc::channel(queue);
+        let taken = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             db: db.clone(),
+            taken: taken.clone(),
             max_stored_per_device: limits.max_stored_per_device,
             max_stored_per_stream: limits.max_stored_per_stream,
             seen_refresh: super::seen_refresh(limits),
@@ -360,6 +365,7 @@ impl EmbeddedStore {
         let store = Self {
             db,
             writes,
+            taken,
             routes,
             claims: Arc::default(),
         };
@@ -967,12 +973,14 @@ impl EmbeddedStore {
     /// text format.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let queued = self.writes.max_capacity() - self.writes.capacity();
+        let queued = self.writes.max_capacity() - self.writes.capacity()
+            + self.taken.load(Ordering::Relaxed);
         let name = "pigeon_store_queue";
         let _ = writeln!(
             out,
-            "# HELP {name} Writes waiting for the embedded store's writer (limits.store_queue \
-             at most).\n# TYPE {name} gauge\n{name} {queued}"
+            "# HELP {name} Writes waiting for the embedded store's writer: in its queue \
+             (limits.store_queue at most) and taken into its lanes ({TAKEN} at most).\n\
+             # TYPE {name} gauge\n{name} {queued}"
         );
         let name = "pigeon_store_transaction_writes";
         Histogram::header(
@@ -987,6 +995,8 @@ impl EmbeddedStore {
 /// The single owner of write transactions.
 struct Writer {
     db: Arc<Database>,
+    /// How many writes it has taken into its lanes and not yet applied (for the metrics).
+    taken: Arc<AtomicUsize>,
     max_stored_per_device: u32,
     max_stored_per_stream: u32,
     /// How old a device's last admission may be before an admission writes the new one;
@@ -1023,6 +1033,7 @@ impl Writer {
                 batch.push(job);
             }
             taken -= batch.len();
+            self.taken.store(taken, Ordering::Relaxed);
             TRANSACTION_OPS.observe(batch.len() as f64);
             self.apply(&mut batch);
         }

@@ -297,6 +297,7 @@ async fn the_writer_takes_a_backlog_by_lane() {
     // A second writer on the same database, its queue filled before it starts.
     let writer = Writer {
         db: store.db.clone(),
+        taken: Arc::default(),
         max_stored_per_device: 10_000,
         max_stored_per_stream: 10_000,
         seen_refresh: None,
