@@ -97,6 +97,10 @@ pub enum Outgoing {
     Direct(Delivery),
     /// An entry of the app's stream.
     Shared(SharedDelivery),
+    /// The offset of an entry of the app's stream that skips the device (its user opted
+    /// out, or had its frequency cap): passed over, as the store read passes over one, so
+    /// that the device does not read it again (and it is counted skipped once).
+    Skipped(u64),
 }
 
 /// What a connection's task takes from its [`Connection`] when woken.
@@ -124,13 +128,8 @@ impl Connection {
         self.app.name()
     }
 
-    /// Whether the message at `offset` of the app's stream is for this device.
-    pub fn is_for(&self, message: &Message, offset: u64) -> bool {
-        self.decide(message, offset) == Match::For
-    }
-
     /// Whether the message at `offset` of the app's stream is for this device, or skips it.
-    fn decide(&self, message: &Message, offset: u64) -> Match {
+    pub fn decide(&self, message: &Message, offset: u64) -> Match {
         match message.filter.as_deref() {
             None => Match::For,
             Some(filter) => lock(&self.outbound).decide(filter, offset),
@@ -221,6 +220,8 @@ impl Connection {
                     Match::For => {}
                     Match::NotFor => return HandedOut::default(),
                     Match::Skipped => {
+                        drop(outbound);
+                        self.pass_over(delivery.offset, limit);
                         return HandedOut {
                             live: 0,
                             skipped: 1,
@@ -241,6 +242,22 @@ impl Connection {
             live: u32::from(queued),
             skipped: 0,
         }
+    }
+}
+
+impl Connection {
+    /// Tells the connection's session that the entry at `offset` of the app's stream
+    /// skips the device, after the live pushes queued before it; left out when the queue
+    /// is full (the session then reads the entry from the store, and counts it again).
+    fn pass_over(&self, offset: u64, limit: usize) {
+        {
+            let mut outbound = lock(&self.outbound);
+            if outbound.queue.len() >= limit {
+                return;
+            }
+            outbound.queue.push_back(Outgoing::Skipped(offset));
+        }
+        self.wake();
     }
 }
 
@@ -290,7 +307,7 @@ impl Inbox {
     pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
         self.pushes.iter().filter_map(|push| match push {
             Outgoing::Direct(delivery) => Some(delivery),
-            Outgoing::Shared(_) => None,
+            Outgoing::Shared(_) | Outgoing::Skipped(_) => None,
         })
     }
 
@@ -298,7 +315,7 @@ impl Inbox {
     pub fn shared(&self) -> impl Iterator<Item = &SharedDelivery> {
         self.pushes.iter().filter_map(|push| match push {
             Outgoing::Shared(delivery) => Some(delivery),
-            Outgoing::Direct(_) => None,
+            Outgoing::Direct(_) | Outgoing::Skipped(_) => None,
         })
     }
 }
@@ -555,6 +572,9 @@ impl ConnectionTable {
                     Match::NotFor => false,
                     Match::Skipped => {
                         skipped = skipped.saturating_add(1);
+                        // After the paced entries it still waits for, as a live entry.
+                        self.offer_paced_first(&state.pacing, connection);
+                        connection.pass_over(entry.offset, self.queue_limit);
                         false
                     }
                 },

@@ -276,6 +276,14 @@ impl Metrics {
             }
         }
         if let Ok(per_app) = self.per_app.lock() {
+            // Devices that read a push from the store and skipped it are counted where they
+            // are connected (a node counts no pushes of its own).
+            let mut per_app = per_app.clone();
+            let skipped = self.receipts.get().map(|r| r.skipped_totals());
+            for (app, class, count) in skipped.into_iter().flatten() {
+                let classes = per_app.entry(app).or_default();
+                classes[class as usize].get_or_insert_default().skipped += count;
+            }
             out.push_str(
                 "# HELP pigeon_app_pushes_total Push requests per app and class, by result.\n\
                  # TYPE pigeon_app_pushes_total counter\n",

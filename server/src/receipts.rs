@@ -59,10 +59,15 @@ struct Pending {
     /// Opened reports held.
     opened: usize,
     /// Per app and class (in [`Class::ALL`] order), since the process started:
-    /// deliveries, acks, devices that opened a message first (for `/metrics`; not taken by
-    /// a flush).
-    totals: HashMap<Arc<str>, [[u64; 3]; 3]>,
+    /// deliveries, acks, devices that opened a message first, and devices a push skipped
+    /// when they read it from the store (for `/metrics`; not taken by a flush).
+    totals: HashMap<Arc<str>, [[u64; KINDS]; 3]>,
 }
+
+/// The kinds of [`Pending::totals`], in their order.
+const KINDS: usize = 4;
+/// Where a device read a push from the store and skipped it, in [`Pending::totals`].
+const SKIPPED: usize = 3;
 
 impl Pending {
     fn total(&mut self, app: &str, class: Class, kind: usize, add: u64) {
@@ -70,7 +75,7 @@ impl Pending {
             return;
         };
         if !self.totals.contains_key(app) {
-            self.totals.insert(Arc::from(app), [[0; 3]; 3]);
+            self.totals.insert(Arc::from(app), [[0; KINDS]; 3]);
         }
         if let Some(totals) = self.totals.get_mut(app) {
             totals[class][kind] += add;
@@ -141,6 +146,35 @@ impl Receipts {
             }
         }
         self.count(app, messages.iter().map(|message| &**message), (0, 1));
+    }
+
+    /// Counts `messages` of `app` that a device read from the store (the stream `all`)
+    /// and skipped: its user opted out of them, or had its frequency cap. Only counted
+    /// here, for `/metrics`: the devices connected when a push was accepted that it skipped
+    /// are counted then, by the process that accepted it.
+    pub fn skipped(&self, app: &str, messages: &[Arc<Message>]) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for message in messages {
+            pending.total(app, message.class, SKIPPED, 1);
+        }
+    }
+
+    /// Per app and class, the devices that read a push from the store and skipped it
+    /// (see [`Receipts::skipped`]), where there are any.
+    pub fn skipped_totals(&self) -> Vec<(String, Class, u64)> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals = Vec::new();
+        for (app, classes) in &pending.totals {
+            for (class, kinds) in Class::ALL.into_iter().zip(classes) {
+                if kinds[SKIPPED] > 0 {
+                    totals.push((app.to_string(), class, kinds[SKIPPED]));
+                }
+            }
+        }
+        totals
     }
 
     /// Counts `message` of `app` opened on the device `token` (once per device: the store
@@ -241,7 +275,8 @@ impl Receipts {
         for (app, totals) in apps {
             for (class, totals) in Class::ALL.iter().zip(totals) {
                 let class = class.name();
-                for (kind, value) in ["delivered", "acked", "opened"].iter().zip(totals) {
+                let kinds = ["delivered", "acked", "opened"];
+                for (kind, value) in kinds.iter().zip(&totals[..kinds.len()]) {
                     let _ = writeln!(
                         out,
                         "{name}{{app=\"{app}\",class=\"{class}\",kind=\"{kind}\"}} {value}"

@@ -19,7 +19,10 @@
 //! same with offsets for seqs ([`Session::handle_shared_push`], [`Session::refill_stream`],
 //! [`Session::handle_stream_refill`]), with two differences. An entry of the stream that is
 //! not for the device (a push to tags it lacks) is passed over: it counts as sent and
-//! acknowledged, and is never sent. And offsets the device is sent need not follow each
+//! acknowledged, and is never sent. One that skips the device (its user opted out, or had
+//! its frequency cap) is passed over too, and reported to be counted; when it skips a
+//! connected device, the session is told ([`Session::pass_over_shared`]) so that its place
+//! moves on as if it had read it. And offsets the device is sent need not follow each
 //! other: the connection table hands the stream out in offset order, so above the offset it
 //! had handed out when the connection registered (the lane's *floor*), a live entry after
 //! the last one sent means that the ones between were not for the device.
@@ -46,7 +49,7 @@ use pigeon_proto::device::{
 
 use pigeon_proto::device::{StreamPosition, StreamState};
 
-use crate::message::{Delivery, Message, SharedDelivery};
+use crate::message::{Delivery, Match, Message, SharedDelivery};
 use crate::store::{ALL, DeviceTags, StreamPlace};
 
 /// The knobs of a session, shared by all sessions of a node.
@@ -359,6 +362,15 @@ impl Lane {
         Some(true)
     }
 
+    /// Passes over a position not for the device when it would have been sent live: as
+    /// [`Lane::offer`] decides, without a window to fill.
+    fn pass_over(&mut self, position: u64, floor: u64) {
+        let in_order = position == self.last_sent + 1 || self.last_sent >= floor;
+        if self.caught_up && position > self.last_sent && in_order {
+            self.last_sent = position;
+        }
+    }
+
     fn sent(&mut self, position: u64, message: Arc<Message>) {
         self.last_sent = position;
         self.in_flight.push(position, message);
@@ -375,21 +387,26 @@ impl Lane {
     }
 
     /// The positions of `rows` (ascending, each with its message and whether it is for the
-    /// device) to send now; notes whether the store is caught up with after them. A row not
-    /// for the device is passed over.
+    /// device) to send now, and the messages of those it skipped; notes whether the store is
+    /// caught up with after them. A row not for the device, or skipping it, is passed over
+    /// (each once: a row at or below the last position sent is not looked at again).
     fn refilled<'a>(
         &mut self,
-        rows: impl Iterator<Item = (u64, &'a Arc<Message>, bool)>,
+        rows: impl Iterator<Item = (u64, &'a Arc<Message>, Match)>,
         more: bool,
         window: u32,
-    ) -> Vec<u64> {
+    ) -> (Vec<u64>, Vec<Arc<Message>>) {
         let mut sent = Vec::new();
+        let mut skipped = Vec::new();
         let mut left_out = false;
-        for (position, message, for_device) in rows {
+        for (position, message, decided) in rows {
             if position <= self.last_sent {
                 continue;
             }
-            if !for_device {
+            if decided != Match::For {
+                if decided == Match::Skipped {
+                    skipped.push(message.clone());
+                }
                 self.last_sent = position;
                 continue;
             }
@@ -401,8 +418,18 @@ impl Lane {
             sent.push(position);
         }
         self.caught_up = !more && !left_out;
-        sent
+        (sent, skipped)
     }
+}
+
+/// What a page of the stream `all` read from the store gives (see
+/// [`Session::handle_stream_refill`]).
+#[derive(Debug, Default)]
+pub struct StreamRefilled {
+    /// The pushes to send.
+    pub frames: Vec<ServerFrame>,
+    /// The messages of the entries that skipped the device, to count.
+    pub skipped: Vec<Arc<Message>>,
 }
 
 /// The longest message id a device may report opened.
@@ -561,6 +588,14 @@ impl Session {
         }
     }
 
+    /// The entry at `offset` of the stream `all` skips the device (see
+    /// [`Outgoing::Skipped`](crate::connections::Outgoing::Skipped)): passed over when it
+    /// would have been sent live, so that a later read of the store does not read it again.
+    /// Otherwise (behind, or below the floor after a gap) the store read passes over it.
+    pub fn pass_over_shared(&mut self, offset: u64) {
+        self.all.pass_over(offset, self.all_floor);
+    }
+
     /// The node had to drop a live direct push for this connection (its queue was full);
     /// what was dropped is in the store, so read from there.
     pub fn fall_behind(&mut self) {
@@ -587,9 +622,9 @@ impl Session {
     /// asked for), and whether the store holds more after them. Returns the frames to send.
     pub fn handle_refill(&mut self, rows: &[Delivery], more: bool) -> Vec<ServerFrame> {
         let window = self.config.ack_window;
-        let sent = self.direct.refilled(
+        let (sent, _) = self.direct.refilled(
             rows.iter()
-                .map(|delivery| (delivery.seq, &delivery.message, true)),
+                .map(|delivery| (delivery.seq, &delivery.message, Match::For)),
             more,
             window,
         );
@@ -600,20 +635,22 @@ impl Session {
     }
 
     /// The answer to [`Session::refill_stream`]: entries of the stream `all` (ascending
-    /// offset), and whether it holds more after them; `is_for` tells whether an entry is
-    /// for the device. Returns the frames to send.
+    /// offset), and whether it holds more after them; `decide` tells whether an entry is
+    /// for the device, not for it, or skips it (its user opted out, or had its frequency
+    /// cap). Returns the frames to send and the messages of the entries it skipped, each
+    /// once in the session.
     pub fn handle_stream_refill(
         &mut self,
         entries: &[(u64, Arc<Message>)],
         more: bool,
-        is_for: impl Fn(u64, &Message) -> bool,
-    ) -> Vec<ServerFrame> {
+        decide: impl Fn(u64, &Message) -> Match,
+    ) -> StreamRefilled {
         let window = self.config.ack_window;
         let rows = entries
             .iter()
-            .map(|(offset, message)| (*offset, message, is_for(*offset, message)));
-        let sent = self.all.refilled(rows, more, window);
-        entries
+            .map(|(offset, message)| (*offset, message, decide(*offset, message)));
+        let (sent, skipped) = self.all.refilled(rows, more, window);
+        let frames = entries
             .iter()
             .filter(|(offset, _)| sent.contains(offset))
             .map(|(offset, message)| {
@@ -625,7 +662,8 @@ impl Session {
                 };
                 push_frame(delivery.to_frame())
             })
-            .collect()
+            .collect();
+        StreamRefilled { frames, skipped }
     }
 
     /// When [`Session::handle_timeout`] must next be called.

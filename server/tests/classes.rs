@@ -462,6 +462,37 @@ async fn opted_out_users_skip_pushes_to_everyone_and_to_tags() {
     assert_eq!(status, 202, "{answer}");
     assert_eq!(payload(&next_push(&mut ann).await)["n"], 5);
     assert_no_push(&mut phone, Duration::from_millis(300)).await;
+    let skipped_metric =
+        "pigeon_app_push_targets_total{app=\"demo\",class=\"marketing\",state=\"skipped\"}";
+    assert_eq!(
+        metric(&server, skipped_metric).await,
+        Some(4),
+        "bob's two devices"
+    );
+
+    // The phone goes away, and a push to all comes meanwhile: it skips the phone when the
+    // phone reads it from the store, and is counted then. The push that skipped the phone
+    // while it was connected moved its place in the stream on: it is not counted again.
+    let mut phone_state = DeviceState::default();
+    phone_state.welcomed(phone.welcome());
+    phone.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"all": true}, "payload": {"n": 7}, "class": "marketing", "ttl": 60}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["skipped"], 1,
+        "only bob's connected device: {answer}"
+    );
+    assert_eq!(payload(&next_push(&mut ann).await)["n"], 7);
+    let mut phone = connect(&server, "bob", &phone_state).await;
+    assert_no_push(&mut phone, Duration::from_millis(300)).await;
+    assert_eq!(
+        metric(&server, skipped_metric).await,
+        Some(6),
+        "bob's device at acceptance, the phone as it read the store"
+    );
     // Opting back in: marketing reaches bob again.
     let (status, _) = server
         .call(

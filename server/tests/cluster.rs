@@ -13,7 +13,7 @@ use serde_json::json;
 use support::cluster::{
     Deployment, GatewayProcess, NodeProcess, Redis, RedisCluster, connect, state_of,
 };
-use support::{WAIT, assert_no_push, closed, next_push, payload};
+use support::{WAIT, assert_no_push, closed, metric_at, next_push, payload};
 
 #[tokio::test]
 async fn a_push_reaches_devices_of_one_uid_on_different_nodes() {
@@ -535,11 +535,41 @@ async fn opted_out_users_skip_marketing_to_everyone() {
         assert_eq!(payload(&next_push(&mut ann).await)["n"], n);
     }
     for device in [&mut bob, &mut tablet] {
-        assert_eq!(
-            payload(&next_push(device).await)["n"],
-            2,
-            "marketing skipped"
-        );
+        let push = next_push(device).await;
+        assert_eq!(payload(&push)["n"], 2, "marketing skipped");
+        device.ack_push(&push).await.expect("ack");
     }
     assert_no_push(&mut bob, Duration::from_millis(300)).await;
+
+    // The tablet goes away and a marketing push comes meanwhile: the gateway counts the
+    // devices it skipped at acceptance (bob's), the node the tablet as it reads the store.
+    let mut kept = DeviceState::default();
+    kept.welcomed(tablet.welcome());
+    tablet.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, answer) = gateway
+        .push(json!({"audience": {"all": true}, "payload": {"n": 3}, "class": "marketing", "ttl": 60}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["targets"]["skipped"], 1,
+        "bob's connected device: {answer}"
+    );
+    assert_eq!(payload(&next_push(&mut ann).await)["n"], 3);
+    let mut tablet = connect(&node, "bob", &kept).await;
+    assert_no_push(&mut tablet, Duration::from_millis(300)).await;
+    let skipped =
+        "pigeon_app_push_targets_total{app=\"demo\",class=\"marketing\",state=\"skipped\"}";
+    let gateway_url = format!("{}/metrics", gateway.http_url);
+    assert_eq!(
+        metric_at(&gateway_url, skipped).await,
+        Some(3),
+        "at acceptance"
+    );
+    assert_eq!(
+        metric_at(&node.metrics_url, skipped).await,
+        Some(1),
+        "the tablet, as it read the store (the marketing push it skipped while connected \
+         moved its place on)"
+    );
 }

@@ -529,6 +529,7 @@ mod tests {
             .map(|push| match push {
                 Outgoing::Direct(delivery) => delivery.message.id.clone(),
                 Outgoing::Shared(delivery) => delivery.message.id.clone(),
+                Outgoing::Skipped(offset) => panic!("nothing was skipped, got {offset}"),
             })
             .collect();
         assert_eq!(order, ["high", "low"]);

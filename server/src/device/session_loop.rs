@@ -14,7 +14,7 @@ use super::transport::{DeviceTransport, TransportError};
 use super::{DeviceContext, Ending};
 use crate::connections::{Connection, ConnectionTable, Outgoing};
 use crate::log_throttle::Throttle;
-use crate::session::{FrameOutcome, HelloAcks, PushDecision, Session};
+use crate::session::{FrameOutcome, HelloAcks, PushDecision, Session, StreamRefilled};
 use crate::store::{ALL, DeviceTags, StreamHead};
 
 /// An admitted device's session, apart from its transport: what the session loop keeps
@@ -321,8 +321,10 @@ async fn catch_up<T: DeviceTransport>(
                 return Ok(false);
             }
         };
-        let is_for = |offset, message: &_| connection.is_for(message, offset);
-        let frames = session.handle_stream_refill(&read.entries, read.more, is_for);
+        let decide = |offset, message: &_| connection.decide(message, offset);
+        let StreamRefilled { frames, skipped } =
+            session.handle_stream_refill(&read.entries, read.more, decide);
+        context.receipts.skipped(app, &skipped);
         if frames.is_empty() && session.refill_stream().is_some() {
             // A page of entries none of which was for the device: read on.
             continue;
@@ -425,6 +427,10 @@ fn take_inbox(
             let decision = match push {
                 Outgoing::Direct(delivery) => session.handle_push(delivery),
                 Outgoing::Shared(delivery) => session.handle_shared_push(delivery),
+                Outgoing::Skipped(offset) => {
+                    session.pass_over_shared(*offset);
+                    return None;
+                }
             };
             match decision {
                 PushDecision::Send(frame) => Some(frame),

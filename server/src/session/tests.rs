@@ -445,6 +445,7 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     assert!(
         session
             .handle_stream_refill(&[], false, everyone)
+            .frames
             .is_empty()
     );
     let PushDecision::Send(frame) = session.handle_shared_push(&shared(3)) else {
@@ -465,7 +466,9 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
         .into_iter()
         .map(|offset| (offset, delivery(offset).message))
         .collect();
-    let frames = session.handle_stream_refill(&entries, false, everyone);
+    let frames = session
+        .handle_stream_refill(&entries, false, everyone)
+        .frames;
     let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
     assert_eq!(offsets, [4, 5]);
     // The direct lane is a lane of its own.
@@ -499,8 +502,8 @@ fn the_stream_lane_sends_in_order_and_reads_the_store_for_gaps() {
     );
 }
 
-fn everyone(_offset: u64, _message: &Message) -> bool {
-    true
+fn everyone(_offset: u64, _message: &Message) -> Match {
+    Match::For
 }
 
 #[test]
@@ -514,8 +517,11 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
         .into_iter()
         .map(|offset| (offset, delivery(offset).message))
         .collect();
-    let only_3 = |offset: u64, _: &Message| offset == 3;
-    let frames = session.handle_stream_refill(&entries, false, only_3);
+    let only_3 = |offset: u64, _: &Message| match offset {
+        3 => Match::For,
+        _ => Match::NotFor,
+    };
+    let frames = session.handle_stream_refill(&entries, false, only_3).frames;
     let offsets: Vec<u64> = frames.iter().map(|frame| pushed_offset(frame).2).collect();
     assert_eq!(offsets, [3]);
     assert_eq!(session.stream_sent(), 5);
@@ -545,11 +551,38 @@ fn entries_not_for_the_device_are_passed_over_and_count_as_acknowledged() {
     session.fall_behind_stream();
     assert!(
         session
-            .handle_stream_refill(&later, false, |_, _| false)
+            .handle_stream_refill(&later, false, |_, _| Match::NotFor)
+            .frames
             .is_empty()
     );
     assert_eq!(session.stream_to_persist(), Some((7, 10)));
     assert_eq!(session.stream_to_persist(), None);
+}
+
+#[test]
+fn entries_that_skip_the_device_are_passed_over_and_reported_once() {
+    let now = Instant::now();
+    let (mut session, _, _) = Session::start(now, &placed(2, 2, 0, None), config());
+    // The store holds 3 (for the device), 4 (its user opted out of it) and 5 (not for it).
+    let entries: Vec<(u64, Arc<Message>)> = [3, 4, 5]
+        .into_iter()
+        .map(|offset| (offset, delivery(offset).message))
+        .collect();
+    let decide = |offset: u64, _: &Message| match offset {
+        3 => Match::For,
+        4 => Match::Skipped,
+        _ => Match::NotFor,
+    };
+    let page = session.handle_stream_refill(&entries, false, decide);
+    let offsets: Vec<u64> = page.frames.iter().map(|f| pushed_offset(f).2).collect();
+    assert_eq!(offsets, [3]);
+    let skipped: Vec<&str> = page.skipped.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(skipped, ["m4"]);
+    assert_eq!(session.stream_sent(), 5);
+    // Read again (behind once more): passed already, so neither sent nor counted again.
+    session.fall_behind_stream();
+    let again = session.handle_stream_refill(&entries, false, decide);
+    assert!(again.frames.is_empty() && again.skipped.is_empty());
 }
 
 #[test]
@@ -560,6 +593,7 @@ fn below_the_floor_a_live_entry_must_follow_the_last_one_sent() {
     assert!(
         session
             .handle_stream_refill(&[], false, everyone)
+            .frames
             .is_empty()
     );
     assert_eq!(

@@ -372,12 +372,12 @@ where
 
 /// The value of the metric `name` on the server's `/metrics`.
 pub async fn metric(server: &Server, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("{}/metrics", server.http_url))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    metric_at(&format!("{}/metrics", server.http_url), name).await
+}
+
+/// The value of the metric `name` at `url` (a process's `/metrics`).
+pub async fn metric_at(url: &str, name: &str) -> Option<u64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
