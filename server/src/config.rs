@@ -252,7 +252,8 @@ pub struct Limits {
     pub push_queue_timeout: Duration,
     /// How long a push refused with 429 (over a rate limit, or its queue full) waits for its
     /// answer: a client that floods on a few connections is slowed to what they carry
-    /// (docs/api.md). 0: answered at once.
+    /// (docs/api.md). One over a rate limit is answered when it may be retried, if that is
+    /// sooner. 0: answered at once.
     #[serde(deserialize_with = "duration")]
     pub refusal_delay: Duration,
     /// Write requests waiting for the store's writer; past it the API answers 503.
@@ -567,7 +568,7 @@ impl Default for Limits {
             push_concurrency_per_app: 16,
             push_queue: 4096,
             push_queue_timeout: Duration::from_secs(5),
-            refusal_delay: Duration::from_millis(100),
+            refusal_delay: Duration::from_secs(1),
             credential_ttl: Duration::from_secs(3600),
             max_credential_lifetime: Duration::from_secs(7 * 24 * 3600),
             store_queue: 16_384,

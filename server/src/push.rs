@@ -308,7 +308,8 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     /// How long the statistics are kept.
     stats_retention: Duration,
-    /// How long a refused push waits for its answer (`limits.refusal_delay`).
+    /// How long a refused push waits for its answer at most (`limits.refusal_delay`): a
+    /// push over a rate limit waits until it may be retried, if that is sooner.
     refusal_delay: Duration,
 }
 
@@ -427,7 +428,8 @@ impl Pipeline {
         if let Err(limited) = self.limiter.admit(&app, class, named as u64).await {
             drop(permit);
             self.metrics.push_limited(&app, class);
-            tokio::time::sleep(self.refusal_delay).await;
+            // Answered once it may be retried, if that is sooner.
+            tokio::time::sleep(self.refusal_delay.min(limited.retry_after)).await;
             return Err(PushError::Limited(limited));
         }
         let outcome = match request.send_at_ms {
