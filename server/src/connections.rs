@@ -243,12 +243,11 @@ impl Connection {
             skipped: 0,
         }
     }
-}
 
-impl Connection {
     /// Tells the connection's session that the entry at `offset` of the app's stream
-    /// skips the device, after the live pushes queued before it; left out when the queue
-    /// is full (the session then reads the entry from the store, and counts it again).
+    /// skips the device, after the live pushes queued before it. Left out when the queue
+    /// is full: the device may then read the entry from the store later (after a
+    /// reconnect), where it is counted again.
     fn pass_over(&self, offset: u64, limit: usize) {
         {
             let mut outbound = lock(&self.outbound);
