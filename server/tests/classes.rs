@@ -235,6 +235,14 @@ async fn gateways_share_the_rate_limits() {
     assert!(status.message().starts_with("class:"), "{status:?}");
 }
 
+/// 4,999 uids with no device, and ann: resolving them keeps a pipeline of one place busy
+/// long enough for the pushes sent after it to queue, however fast the machine.
+fn slow_audience() -> Vec<String> {
+    let mut uids: Vec<String> = (1..5000).map(|n| format!("nobody-{n}")).collect();
+    uids.push("ann".into());
+    uids
+}
+
 /// Past its queue's room, a push is refused with 429 `overloaded` and `Retry-After`, answered
 /// after `limits.refusal_delay` (1 s by default); marketing's queue is a quarter of the
 /// others', so a notification still finds room; every push accepted arrives.
@@ -252,10 +260,7 @@ async fn a_full_queue_answers_429_overloaded_after_the_refusal_delay() {
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/push", server.http_url);
-    // Each push names 4,999 uids with no device besides ann: resolving them keeps the one
-    // place in the pipeline busy while the others arrive.
-    let mut uids: Vec<String> = (1..5000).map(|n| format!("nobody-{n}")).collect();
-    uids.push("ann".into());
+    let uids = slow_audience();
     let send = |n: u32, class: &str| {
         let body = json!({"audience": {"uids": &uids}, "payload": {"n": n}, "class": class});
         let request = client.post(&url).bearer_auth(&server.api_key).json(&body);
@@ -320,11 +325,7 @@ async fn a_high_push_goes_ahead_of_a_low_backlog() {
     let mut ann = connect(&server, "ann", &DeviceState::default()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/v1/push", server.http_url);
-    // Each push names 4,999 uids with no device besides ann: resolving them keeps the one
-    // place in the pipeline busy long enough for the pushes sent after it to queue, however
-    // fast the machine.
-    let mut uids: Vec<String> = (1..5000).map(|n| format!("nobody-{n}")).collect();
-    uids.push("ann".into());
+    let uids = slow_audience();
     let send = |n: u32, priority: &str| {
         let body = json!({"audience": {"uids": &uids}, "payload": {"n": n}, "priority": priority});
         client
