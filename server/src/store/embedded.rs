@@ -1046,7 +1046,7 @@ impl Writer {
             let mut txn = self.db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate);
             {
-                let mut tables = Tables::open(&txn)?;
+                let mut tables = Tables::new(&txn);
                 for job in batch.iter_mut() {
                     let op = std::mem::replace(&mut job.op, Op::Sweep { now_ms: 0 });
                     replies.push(self.apply_one(&mut tables, op)?);
@@ -1124,7 +1124,7 @@ impl Writer {
                 tables.set_opt_out(&key, &opt_out).map(|()| Reply::Done)
             }
             Op::Schedule { key, at_ms, job } => {
-                tables.schedule(&key, at_ms, &job).map(Reply::Scheduled)
+                tables.add_schedule(&key, at_ms, &job).map(Reply::Scheduled)
             }
             Op::Cancel { key } => tables.cancel(&key).map(Reply::Cancel),
             Op::Fired {
@@ -1181,70 +1181,68 @@ fn error_copy(error: &StoreError) -> StoreError {
     }
 }
 
-/// The tables of one write transaction.
-struct Tables<'txn> {
-    devices: redb::Table<'txn, &'static str, &'static [u8]>,
-    bindings: redb::Table<'txn, &'static str, ()>,
-    queue: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
-    expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
-    collapse: redb::Table<'txn, &'static str, u64>,
-    idempotency: redb::Table<'txn, &'static str, &'static [u8]>,
-    idempotency_expiry: redb::Table<'txn, (u64, &'static str), ()>,
-    tag_devices: redb::Table<'txn, &'static str, ()>,
-    alias_devices: redb::Table<'txn, &'static str, ()>,
-    stream_entries: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
-    stream_size: redb::Table<'txn, &'static str, u64>,
-    stream_meta: redb::Table<'txn, &'static str, &'static [u8]>,
-    stream_expiry: redb::Table<'txn, (u64, &'static str, u64), ()>,
-    stream_collapse: redb::Table<'txn, &'static str, u64>,
-    opt_out: redb::Table<'txn, &'static str, &'static str>,
-    capped: redb::Table<'txn, (u64, &'static str), u32>,
-    capped_shared: redb::Table<'txn, (u64, &'static str), ()>,
-    schedule: redb::Table<'txn, (u64, &'static str), &'static [u8]>,
-    schedule_ids: redb::Table<'txn, &'static str, (u64, u64)>,
-    schedule_fired: redb::Table<'txn, (u64, &'static str), ()>,
-    status: redb::Table<'txn, &'static str, (&'static [u8], u64, u64, u64, u64)>,
-    opened: redb::Table<'txn, &'static str, ()>,
-    status_displaced: redb::Table<'txn, &'static str, (u64, u64)>,
-    status_expiry: redb::Table<'txn, (u64, &'static str), ()>,
-    stats_expiring: redb::Table<'txn, (u64, &'static str, u32), i64>,
-    stats: redb::Table<'txn, (u64, &'static str, u32), [u64; 5]>,
-    device_seen: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
+/// The tables of one write transaction, each opened when first used: a transaction of a
+/// few writes touches a few tables, and every table opened costs the opening and, at the
+/// commit, a lookup of its root (BENCHMARKS.md, "Tables opened when used").
+macro_rules! tables {
+    ($($name:ident: $definition:ident, $key:ty, $value:ty;)*) => {
+        struct Tables<'txn> {
+            txn: &'txn redb::WriteTransaction,
+            $($name: Option<redb::Table<'txn, $key, $value>>,)*
+        }
+
+        impl<'txn> Tables<'txn> {
+            fn new(txn: &'txn redb::WriteTransaction) -> Self {
+                Self {
+                    txn,
+                    $($name: None,)*
+                }
+            }
+
+            $(
+                fn $name(&mut self) -> Result<&mut redb::Table<'txn, $key, $value>> {
+                    let table = match self.$name.take() {
+                        Some(table) => table,
+                        None => self.txn.open_table($definition).map_err(backend)?,
+                    };
+                    Ok(self.$name.insert(table))
+                }
+            )*
+        }
+    };
 }
 
-impl<'txn> Tables<'txn> {
-    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self> {
-        Ok(Self {
-            devices: txn.open_table(DEVICES).map_err(backend)?,
-            bindings: txn.open_table(BINDINGS).map_err(backend)?,
-            queue: txn.open_table(QUEUE).map_err(backend)?,
-            expiry: txn.open_table(EXPIRY).map_err(backend)?,
-            collapse: txn.open_table(COLLAPSE).map_err(backend)?,
-            idempotency: txn.open_table(IDEMPOTENCY).map_err(backend)?,
-            idempotency_expiry: txn.open_table(IDEMPOTENCY_EXPIRY).map_err(backend)?,
-            tag_devices: txn.open_table(TAG_DEVICES).map_err(backend)?,
-            alias_devices: txn.open_table(ALIAS_DEVICES).map_err(backend)?,
-            stream_entries: txn.open_table(STREAM_ENTRIES).map_err(backend)?,
-            stream_size: txn.open_table(STREAM_SIZE).map_err(backend)?,
-            stream_meta: txn.open_table(STREAM_META).map_err(backend)?,
-            stream_expiry: txn.open_table(STREAM_EXPIRY).map_err(backend)?,
-            stream_collapse: txn.open_table(STREAM_COLLAPSE).map_err(backend)?,
-            opt_out: txn.open_table(OPT_OUT).map_err(backend)?,
-            capped: txn.open_table(CAPPED).map_err(backend)?,
-            capped_shared: txn.open_table(CAPPED_SHARED).map_err(backend)?,
-            schedule: txn.open_table(SCHEDULE).map_err(backend)?,
-            schedule_ids: txn.open_table(SCHEDULE_IDS).map_err(backend)?,
-            schedule_fired: txn.open_table(SCHEDULE_FIRED).map_err(backend)?,
-            status: txn.open_table(STATUS).map_err(backend)?,
-            status_expiry: txn.open_table(STATUS_EXPIRY).map_err(backend)?,
-            opened: txn.open_table(OPENED).map_err(backend)?,
-            status_displaced: txn.open_table(STATUS_DISPLACED).map_err(backend)?,
-            stats: txn.open_table(STATS).map_err(backend)?,
-            stats_expiring: txn.open_table(STATS_EXPIRING).map_err(backend)?,
-            device_seen: txn.open_table(DEVICE_SEEN).map_err(backend)?,
-        })
-    }
+tables! {
+    devices: DEVICES, &'static str, &'static [u8];
+    bindings: BINDINGS, &'static str, ();
+    queue: QUEUE, (&'static str, u64), &'static [u8];
+    expiry: EXPIRY, (u64, &'static str, u64), ();
+    collapse: COLLAPSE, &'static str, u64;
+    idempotency: IDEMPOTENCY, &'static str, &'static [u8];
+    idempotency_expiry: IDEMPOTENCY_EXPIRY, (u64, &'static str), ();
+    tag_devices: TAG_DEVICES, &'static str, ();
+    alias_devices: ALIAS_DEVICES, &'static str, ();
+    stream_entries: STREAM_ENTRIES, (&'static str, u64), &'static [u8];
+    stream_size: STREAM_SIZE, &'static str, u64;
+    stream_meta: STREAM_META, &'static str, &'static [u8];
+    stream_expiry: STREAM_EXPIRY, (u64, &'static str, u64), ();
+    stream_collapse: STREAM_COLLAPSE, &'static str, u64;
+    opt_out: OPT_OUT, &'static str, &'static str;
+    capped: CAPPED, (u64, &'static str), u32;
+    capped_shared: CAPPED_SHARED, (u64, &'static str), ();
+    schedule: SCHEDULE, (u64, &'static str), &'static [u8];
+    schedule_ids: SCHEDULE_IDS, &'static str, (u64, u64);
+    schedule_fired: SCHEDULE_FIRED, (u64, &'static str), ();
+    status: STATUS, &'static str, (&'static [u8], u64, u64, u64, u64);
+    opened: OPENED, &'static str, ();
+    status_displaced: STATUS_DISPLACED, &'static str, (u64, u64);
+    status_expiry: STATUS_EXPIRY, (u64, &'static str), ();
+    stats_expiring: STATS_EXPIRING, (u64, &'static str, u32), i64;
+    stats: STATS, (u64, &'static str, u32), [u64; 5];
+    device_seen: DEVICE_SEEN, (&'static str, u64, &'static str), ();
+}
 
+impl Tables<'_> {
     /// Adds `rows` (those of minutes before `oldest` are left out), and forgets a few rows
     /// of minutes before `oldest`.
     fn add_stats(&mut self, rows: Vec<StatsRow>, oldest: u64) -> Result<()> {
@@ -1252,27 +1250,31 @@ impl<'txn> Tables<'txn> {
             let key = (row.minute, row.app.as_str(), row.class.to_stored());
             if row.counts.to_array() != [0; 5] {
                 let mut counts = self
-                    .stats
+                    .stats()?
                     .get(key)
                     .map_err(backend)?
                     .map(|counts| StatsCounts::from_array(counts.value()))
                     .unwrap_or_default();
                 counts.add(row.counts);
-                self.stats.insert(key, counts.to_array()).map_err(backend)?;
+                self.stats()?
+                    .insert(key, counts.to_array())
+                    .map_err(backend)?;
             }
             if row.counts.expiring != 0 {
-                let expiring = self.stats_expiring.get(key).map_err(backend)?;
+                let expiring = self.stats_expiring()?.get(key).map_err(backend)?;
                 let expiring = expiring.map_or(0, |n| n.value()) + row.counts.expiring;
-                self.stats_expiring.insert(key, expiring).map_err(backend)?;
+                self.stats_expiring()?
+                    .insert(key, expiring)
+                    .map_err(backend)?;
             }
         }
-        forget_minutes_before(&mut self.stats, oldest)?;
-        forget_minutes_before(&mut self.stats_expiring, oldest)
+        forget_minutes_before(self.stats()?, oldest)?;
+        forget_minutes_before(self.stats_expiring()?, oldest)
     }
 
     /// The class of the message whose status is at `key`, when its status is kept.
-    fn status_class(&self, key: &str) -> Result<Option<Class>> {
-        let Some(row) = self.status.get(key).map_err(backend)? else {
+    fn status_class(&mut self, key: &str) -> Result<Option<Class>> {
+        let Some(row) = self.status()?.get(key).map_err(backend)? else {
             return Ok(None);
         };
         let status = row.value().0;
@@ -1293,7 +1295,7 @@ impl<'txn> Tables<'txn> {
         counts: &ReceiptCount,
         keep_until_ms: u64,
     ) -> Result<u64> {
-        let row = self.status.get(key).map_err(backend)?.map(|row| {
+        let row = self.status()?.get(key).map_err(backend)?.map(|row| {
             let (old, delivered, acked, until, opened) = row.value();
             (old.to_vec(), delivered, acked, until, opened)
         });
@@ -1307,12 +1309,12 @@ impl<'txn> Tables<'txn> {
         } = *counts;
         if collapsed > 0 || dropped > 0 {
             let (old_collapsed, old_dropped) = self
-                .status_displaced
+                .status_displaced()?
                 .get(key)
                 .map_err(backend)?
                 .map_or((0, 0), |row| row.value());
             let row = (old_collapsed + collapsed, old_dropped + dropped);
-            self.status_displaced.insert(key, row).map_err(backend)?;
+            self.status_displaced()?.insert(key, row).map_err(backend)?;
         }
         let counted = delivered > 0 || acked > 0 || collapsed > 0 || dropped > 0;
         if row.is_none() && status.is_none() && !counted {
@@ -1325,7 +1327,10 @@ impl<'txn> Tables<'txn> {
         let mut newly_opened = 0;
         for token in opened_by {
             let device = format!("{key}\0{token}");
-            let before = self.opened.insert(device.as_str(), ()).map_err(backend)?;
+            let before = self
+                .opened()?
+                .insert(device.as_str(), ())
+                .map_err(backend)?;
             if before.is_none() {
                 newly_opened += 1;
             }
@@ -1345,9 +1350,9 @@ impl<'txn> Tables<'txn> {
             until,
             opened,
         );
-        self.status.insert(key, row).map_err(backend)?;
+        self.status()?.insert(key, row).map_err(backend)?;
         if until != old_until {
-            self.status_expiry
+            self.status_expiry()?
                 .insert((until, key), ())
                 .map_err(backend)?;
         }
@@ -1364,7 +1369,7 @@ impl<'txn> Tables<'txn> {
             if n >= cap {
                 counted.push(None);
             } else {
-                self.capped
+                self.capped()?
                     .insert((window, key.as_str()), n + 1)
                     .map_err(backend)?;
                 counted.push(Some(n + 1));
@@ -1388,16 +1393,16 @@ impl<'txn> Tables<'txn> {
             let seen = format!("{key}\0{message}");
             if n < cap
                 && self
-                    .capped_shared
+                    .capped_shared()?
                     .get((window, seen.as_str()))
                     .map_err(backend)?
                     .is_none()
             {
-                self.capped_shared
+                self.capped_shared()?
                     .insert((window, seen.as_str()), ())
                     .map_err(backend)?;
                 n += 1;
-                self.capped
+                self.capped()?
                     .insert((window, key.as_str()), n)
                     .map_err(backend)?;
             }
@@ -1407,9 +1412,9 @@ impl<'txn> Tables<'txn> {
     }
 
     /// The capped pushes `key` (`app \0 uid`) has had in `window`.
-    fn capped_count(&self, window: u64, key: &str) -> Result<u32> {
+    fn capped_count(&mut self, window: u64, key: &str) -> Result<u32> {
         Ok(self
-            .capped
+            .capped()?
             .get((window, key))
             .map_err(backend)?
             .map_or(0, |n| n.value()))
@@ -1417,11 +1422,11 @@ impl<'txn> Tables<'txn> {
 
     /// Forgets a few counts of windows before `window` (some more than `touched`).
     fn sweep_capped(&mut self, window: u64, touched: usize) -> Result<()> {
-        for (at, key) in keys_before(&self.capped, window, touched.max(16))? {
-            self.capped.remove((at, key.as_str())).map_err(backend)?;
+        for (at, key) in keys_before(self.capped()?, window, touched.max(16))? {
+            self.capped()?.remove((at, key.as_str())).map_err(backend)?;
         }
-        for (at, key) in keys_before(&self.capped_shared, window, touched.max(16))? {
-            self.capped_shared
+        for (at, key) in keys_before(self.capped_shared()?, window, touched.max(16))? {
+            self.capped_shared()?
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
         }
@@ -1430,19 +1435,21 @@ impl<'txn> Tables<'txn> {
 
     fn set_opt_out(&mut self, key: &str, opt_out: &str) -> Result<()> {
         if opt_out.is_empty() {
-            self.opt_out.remove(key).map_err(backend)?;
+            self.opt_out()?.remove(key).map_err(backend)?;
         } else {
-            self.opt_out.insert(key, opt_out).map_err(backend)?;
+            self.opt_out()?.insert(key, opt_out).map_err(backend)?;
         }
         Ok(())
     }
 
-    fn schedule(&mut self, key: &str, at_ms: u64, job: &[u8]) -> Result<bool> {
-        if self.schedule_ids.get(key).map_err(backend)?.is_some() {
+    fn add_schedule(&mut self, key: &str, at_ms: u64, job: &[u8]) -> Result<bool> {
+        if self.schedule_ids()?.get(key).map_err(backend)?.is_some() {
             return Ok(false);
         }
-        self.schedule.insert((at_ms, key), job).map_err(backend)?;
-        self.schedule_ids
+        self.schedule()?
+            .insert((at_ms, key), job)
+            .map_err(backend)?;
+        self.schedule_ids()?
             .insert(key, (at_ms, WAITING))
             .map_err(backend)?;
         Ok(true)
@@ -1450,7 +1457,7 @@ impl<'txn> Tables<'txn> {
 
     fn cancel(&mut self, key: &str) -> Result<Cancel> {
         let Some((due, state)) = self
-            .schedule_ids
+            .schedule_ids()?
             .get(key)
             .map_err(backend)?
             .map(|v| v.value())
@@ -1460,8 +1467,8 @@ impl<'txn> Tables<'txn> {
         if state != WAITING {
             return Ok(Cancel::Fired);
         }
-        self.schedule.remove((due, key)).map_err(backend)?;
-        self.schedule_ids.remove(key).map_err(backend)?;
+        self.schedule()?.remove((due, key)).map_err(backend)?;
+        self.schedule_ids()?.remove(key).map_err(backend)?;
         Ok(Cancel::Cancelled)
     }
 
@@ -1469,7 +1476,7 @@ impl<'txn> Tables<'txn> {
     /// waiting; false when it fired before or was cancelled (or never was).
     fn fire(&mut self, key: &str, keep_until_ms: u64) -> Result<bool> {
         let Some((due, state)) = self
-            .schedule_ids
+            .schedule_ids()?
             .get(key)
             .map_err(backend)?
             .map(|v| v.value())
@@ -1479,12 +1486,12 @@ impl<'txn> Tables<'txn> {
         if state > CLAIMED {
             return Ok(false);
         }
-        self.schedule.remove((due, key)).map_err(backend)?;
+        self.schedule()?.remove((due, key)).map_err(backend)?;
         let keep_until_ms = keep_until_ms.max(CLAIMED + 1);
-        self.schedule_ids
+        self.schedule_ids()?
             .insert(key, (0, keep_until_ms))
             .map_err(backend)?;
-        self.schedule_fired
+        self.schedule_fired()?
             .insert((keep_until_ms, key), ())
             .map_err(backend)?;
         Ok(true)
@@ -1503,8 +1510,8 @@ impl<'txn> Tables<'txn> {
         }
     }
 
-    fn device(&self, token: &str) -> Result<Option<DeviceRecord>> {
-        self.devices
+    fn device(&mut self, token: &str) -> Result<Option<DeviceRecord>> {
+        self.devices()?
             .get(token)
             .map_err(backend)?
             .map(|value| decode_device(value.value()))
@@ -1512,14 +1519,14 @@ impl<'txn> Tables<'txn> {
     }
 
     fn put_device(&mut self, token: &str, record: &DeviceRecord) -> Result<()> {
-        self.devices
+        self.devices()?
             .insert(token, record.encode_to_vec().as_slice())
             .map_err(backend)?;
         Ok(())
     }
 
     /// The record of `token` if it is a device of `app`.
-    fn device_of(&self, app: &str, token: &str) -> Result<Option<DeviceRecord>> {
+    fn device_of(&mut self, app: &str, token: &str) -> Result<Option<DeviceRecord>> {
         Ok(self.device(token)?.filter(|record| record.app == app))
     }
 
@@ -1529,7 +1536,7 @@ impl<'txn> Tables<'txn> {
             return Ok(None);
         };
         let seqs: Vec<u64> = self
-            .queue
+            .queue()?
             .range((token, 0)..=(token, u64::MAX))
             .map_err(backend)?
             .map(|entry| entry.map(|(key, _)| key.value().1).map_err(backend))
@@ -1539,18 +1546,20 @@ impl<'txn> Tables<'txn> {
         }
         for tag in &record.tags {
             let key = format!("{app}\0{}\0{token}", tag.name);
-            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+            self.tag_devices()?.remove(key.as_str()).map_err(backend)?;
         }
         if !record.alias.is_empty() {
             let key = format!("{app}\0{}\0{token}", record.alias);
-            self.alias_devices.remove(key.as_str()).map_err(backend)?;
+            self.alias_devices()?
+                .remove(key.as_str())
+                .map_err(backend)?;
         }
         let binding = format!("{app}\0{}\0{token}", record.uid);
-        self.bindings.remove(binding.as_str()).map_err(backend)?;
-        self.device_seen
+        self.bindings()?.remove(binding.as_str()).map_err(backend)?;
+        self.device_seen()?
             .remove((app, record.seen_ms, token))
             .map_err(backend)?;
-        self.devices.remove(token).map_err(backend)?;
+        self.devices()?.remove(token).map_err(backend)?;
         Ok(Some(record))
     }
 
@@ -1565,10 +1574,10 @@ impl<'txn> Tables<'txn> {
         };
         names.sort();
         names.dedup();
-        let head = self.stream_meta(app, ALL)?.head;
+        let head = self.read_stream_meta(app, ALL)?.head;
         for old in record.tags.iter().filter(|old| !names.contains(&old.name)) {
             let key = format!("{app}\0{}\0{token}", old.name);
-            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+            self.tag_devices()?.remove(key.as_str()).map_err(backend)?;
         }
         let mut tags = Vec::with_capacity(names.len());
         for name in names {
@@ -1576,7 +1585,9 @@ impl<'txn> Tables<'txn> {
                 Some(old) => old.since,
                 None => {
                     let key = format!("{app}\0{name}\0{token}");
-                    self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+                    self.tag_devices()?
+                        .insert(key.as_str(), ())
+                        .map_err(backend)?;
                     head
                 }
             };
@@ -1597,7 +1608,7 @@ impl<'txn> Tables<'txn> {
     ) -> Result<(TagChanged, Vec<Retagged>)> {
         let mut changed = TagChanged::default();
         let mut touched = Vec::new();
-        let head = self.stream_meta(app, ALL)?.head;
+        let head = self.read_stream_meta(app, ALL)?.head;
         for token in &change.add {
             let Some(mut record) = self.device_of(app, token)? else {
                 changed.unknown += 1;
@@ -1618,7 +1629,9 @@ impl<'txn> Tables<'txn> {
                 record.tags.insert(index, new);
                 record.tags_version += 1;
                 let key = format!("{app}\0{tag}\0{token}");
-                self.tag_devices.insert(key.as_str(), ()).map_err(backend)?;
+                self.tag_devices()?
+                    .insert(key.as_str(), ())
+                    .map_err(backend)?;
                 self.put_device(token, &record)?;
                 touched.push(retagged(token, &record));
             }
@@ -1626,7 +1639,7 @@ impl<'txn> Tables<'txn> {
         }
         for token in &change.remove {
             let key = format!("{app}\0{tag}\0{token}");
-            self.tag_devices.remove(key.as_str()).map_err(backend)?;
+            self.tag_devices()?.remove(key.as_str()).map_err(backend)?;
             let Some(mut record) = self.device_of(app, token)? else {
                 changed.unknown += 1;
                 continue;
@@ -1662,7 +1675,7 @@ impl<'txn> Tables<'txn> {
         if !alias.is_empty() {
             let prefix = format!("{app}\0{alias}\0");
             let named = self
-                .alias_devices
+                .alias_devices()?
                 .range(prefix.as_str()..)
                 .map_err(backend)?
                 .take(max_devices)
@@ -1675,13 +1688,15 @@ impl<'txn> Tables<'txn> {
                 return Ok(AliasSet::AliasFull);
             }
             let key = format!("{prefix}{token}");
-            self.alias_devices
+            self.alias_devices()?
                 .insert(key.as_str(), ())
                 .map_err(backend)?;
         }
         if !record.alias.is_empty() {
             let key = format!("{app}\0{}\0{token}", record.alias);
-            self.alias_devices.remove(key.as_str()).map_err(backend)?;
+            self.alias_devices()?
+                .remove(key.as_str())
+                .map_err(backend)?;
         }
         record.alias = alias.to_owned();
         self.put_device(token, &record)?;
@@ -1704,10 +1719,10 @@ impl<'txn> Tables<'txn> {
         if now.saturating_sub(record.seen_ms) < refresh && record.seen_ms != 0 {
             return Ok(false);
         }
-        self.device_seen
+        self.device_seen()?
             .remove((app, record.seen_ms, token))
             .map_err(backend)?;
-        self.device_seen
+        self.device_seen()?
             .insert((app, now, token), ())
             .map_err(backend)?;
         record.seen_ms = now;
@@ -1734,7 +1749,7 @@ impl<'txn> Tables<'txn> {
     ) -> Result<AdmittedDevice> {
         // A token resumes only the device of its own app and uid: its queue is never handed
         // to anyone else.
-        let meta = self.stream_meta(app, ALL)?;
+        let meta = self.read_stream_meta(app, ALL)?;
         if !token.is_empty()
             && let Some(mut record) = self.device(token)?
             && record.app == app
@@ -1784,12 +1799,12 @@ impl<'txn> Tables<'txn> {
         };
         self.put_device(&token, &record)?;
         if seen_refresh.is_some() {
-            self.device_seen
+            self.device_seen()?
                 .insert((app, now, token.as_str()), ())
                 .map_err(backend)?;
         }
         let binding = format!("{app}\0{uid}\0{token}");
-        self.bindings
+        self.bindings()?
             .insert(binding.as_str(), ())
             .map_err(backend)?;
         Ok(AdmittedDevice {
@@ -1803,9 +1818,9 @@ impl<'txn> Tables<'txn> {
     }
 
     /// The meta of `app`'s `stream`, created (with a new epoch) if the stream has none.
-    fn stream_meta(&mut self, app: &str, stream: &str) -> Result<StreamMeta> {
+    fn read_stream_meta(&mut self, app: &str, stream: &str) -> Result<StreamMeta> {
         let key = format!("{app}\0{stream}");
-        if let Some(value) = self.stream_meta.get(key.as_str()).map_err(backend)? {
+        if let Some(value) = self.stream_meta()?.get(key.as_str()).map_err(backend)? {
             return StreamMeta::decode(value.value()).map_err(backend);
         }
         let meta = StreamMeta {
@@ -1817,7 +1832,7 @@ impl<'txn> Tables<'txn> {
     }
 
     fn put_stream_meta(&mut self, key: &str, meta: &StreamMeta) -> Result<()> {
-        self.stream_meta
+        self.stream_meta()?
             .insert(key, meta.encode_to_vec().as_slice())
             .map_err(backend)?;
         Ok(())
@@ -1834,7 +1849,7 @@ impl<'txn> Tables<'txn> {
     ) -> Result<Option<String>> {
         let id_key = format!("{app}\0{key}");
         let existing = self
-            .idempotency
+            .idempotency()?
             .get(id_key.as_str())
             .map_err(backend)?
             .map(|value| IdempotencyRecord::decode(value.value()).map_err(backend))
@@ -1843,7 +1858,7 @@ impl<'txn> Tables<'txn> {
             if existing.expires_at_ms > unix_millis() {
                 return Ok(Some(existing.message_id));
             }
-            self.idempotency_expiry
+            self.idempotency_expiry()?
                 .remove((existing.expires_at_ms, id_key.as_str()))
                 .map_err(backend)?;
         }
@@ -1851,10 +1866,10 @@ impl<'txn> Tables<'txn> {
             message_id: message_id.to_owned(),
             expires_at_ms: until,
         };
-        self.idempotency
+        self.idempotency()?
             .insert(id_key.as_str(), record.encode_to_vec().as_slice())
             .map_err(backend)?;
-        self.idempotency_expiry
+        self.idempotency_expiry()?
             .insert((until, id_key.as_str()), ())
             .map_err(backend)?;
         Ok(None)
@@ -1874,19 +1889,19 @@ impl<'txn> Tables<'txn> {
             return Ok(AppendOutcome::Duplicate { message_id });
         }
         let key = format!("{app}\0{stream}");
-        let mut meta = self.stream_meta(app, stream)?;
+        let mut meta = self.read_stream_meta(app, stream)?;
         meta.head += 1;
         let offset = meta.head;
         if !message.collapse_key.is_empty() {
             let collapse = format!("{key}\0{}", message.collapse_key);
             let older = self
-                .stream_collapse
+                .stream_collapse()?
                 .get(collapse.as_str())
                 .map_err(backend)?;
             if let Some(older) = older.map(|value| value.value()) {
                 self.remove_entry(&key, older)?;
             }
-            self.stream_collapse
+            self.stream_collapse()?
                 .insert(collapse.as_str(), offset)
                 .map_err(backend)?;
         }
@@ -1900,25 +1915,25 @@ impl<'txn> Tables<'txn> {
                 epoch: meta.epoch,
             });
         }
-        let size = self.stream_size.get(key.as_str()).map_err(backend)?;
+        let size = self.stream_size()?.get(key.as_str()).map_err(backend)?;
         let before = match size.map(|size| size.value()) {
             Some(size) => size,
             None => self
-                .stream_entries
+                .stream_entries()?
                 .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
                 .map_err(backend)?
                 .count() as u64,
         };
-        self.stream_entries
+        self.stream_entries()?
             .insert(
                 (key.as_str(), offset),
                 message.to_stored().encode_to_vec().as_slice(),
             )
             .map_err(backend)?;
-        self.stream_size
+        self.stream_size()?
             .insert(key.as_str(), before + 1)
             .map_err(backend)?;
-        self.stream_expiry
+        self.stream_expiry()?
             .insert((message.expires_at_ms, key.as_str(), offset), ())
             .map_err(backend)?;
         // Past the cap the oldest entries go, before they expire: devices that had not read
@@ -1926,7 +1941,7 @@ impl<'txn> Tables<'txn> {
         let over = (before + 1).saturating_sub(u64::from(cap)) as usize;
         if over > 0 {
             let oldest: Vec<u64> = self
-                .stream_entries
+                .stream_entries()?
                 .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
                 .map_err(backend)?
                 .take(over)
@@ -1947,29 +1962,32 @@ impl<'txn> Tables<'txn> {
 
     /// Removes one entry of a stream with its index rows; false when it was not there.
     fn remove_entry(&mut self, key: &str, offset: u64) -> Result<bool> {
-        let Some(value) = self.stream_entries.remove((key, offset)).map_err(backend)? else {
-            return Ok(false);
+        let stored = match self
+            .stream_entries()?
+            .remove((key, offset))
+            .map_err(backend)?
+        {
+            Some(value) => decode_stored(value.value())?,
+            None => return Ok(false),
         };
-        let size = self.stream_size.get(key).map_err(backend)?;
+        let size = self.stream_size()?.get(key).map_err(backend)?;
         if let Some(size) = size.map(|size| size.value()) {
-            self.stream_size
+            self.stream_size()?
                 .insert(key, size.saturating_sub(1))
                 .map_err(backend)?;
         }
-        let stored = decode_stored(value.value())?;
-        drop(value);
-        self.stream_expiry
+        self.stream_expiry()?
             .remove((stored.expires_at_ms, key, offset))
             .map_err(backend)?;
         if !stored.collapse_key.is_empty() {
             let collapse = format!("{key}\0{}", stored.collapse_key);
             let points_here = self
-                .stream_collapse
+                .stream_collapse()?
                 .get(collapse.as_str())
                 .map_err(backend)?
                 .is_some_and(|value| value.value() == offset);
             if points_here {
-                self.stream_collapse
+                self.stream_collapse()?
                     .remove(collapse.as_str())
                     .map_err(backend)?;
             }
@@ -2047,7 +2065,7 @@ impl<'txn> Tables<'txn> {
             let collapse_key = &accept.message.collapse_key;
             if !collapse_key.is_empty() {
                 let key = format!("{token}\0{collapse_key}");
-                let previous = self.collapse.get(key.as_str()).map_err(backend)?;
+                let previous = self.collapse()?.get(key.as_str()).map_err(backend)?;
                 let previous = previous.map(|value| value.value());
                 if let Some(previous) = previous
                     && let Some(replaced) = self.take_message(token, previous)?
@@ -2059,11 +2077,13 @@ impl<'txn> Tables<'txn> {
                         by: DisplacedBy::Collapsed,
                     });
                 }
-                self.collapse.insert(key.as_str(), seq).map_err(backend)?;
+                self.collapse()?
+                    .insert(key.as_str(), seq)
+                    .map_err(backend)?;
             }
             while record.pending >= cap {
                 let oldest = self
-                    .queue
+                    .queue()?
                     .range((token, 0)..=(token, u64::MAX))
                     .map_err(backend)?
                     .next()
@@ -2083,8 +2103,10 @@ impl<'txn> Tables<'txn> {
                 record.pending = record.pending.saturating_sub(1);
                 record.dropped += 1;
             }
-            self.queue.insert((token, seq), stored).map_err(backend)?;
-            self.expiry
+            self.queue()?
+                .insert((token, seq), stored)
+                .map_err(backend)?;
+            self.expiry()?
                 .insert((accept.message.expires_at_ms, token, seq), ())
                 .map_err(backend)?;
             record.pending += 1;
@@ -2101,23 +2123,23 @@ impl<'txn> Tables<'txn> {
     /// Removes one stored message with its index rows, and gives it back (`None` when it
     /// was not there).
     fn take_message(&mut self, token: &str, seq: u64) -> Result<Option<StoredMessage>> {
-        let Some(value) = self.queue.remove((token, seq)).map_err(backend)? else {
+        let Some(value) = self.queue()?.remove((token, seq)).map_err(backend)? else {
             return Ok(None);
         };
         let stored = decode_stored(value.value())?;
         drop(value);
-        self.expiry
+        self.expiry()?
             .remove((stored.expires_at_ms, token, seq))
             .map_err(backend)?;
         if !stored.collapse_key.is_empty() {
             let key = format!("{token}\0{}", stored.collapse_key);
             let points_here = self
-                .collapse
+                .collapse()?
                 .get(key.as_str())
                 .map_err(backend)?
                 .is_some_and(|value| value.value() == seq);
             if points_here {
-                self.collapse.remove(key.as_str()).map_err(backend)?;
+                self.collapse()?.remove(key.as_str()).map_err(backend)?;
             }
         }
         Ok(Some(stored))
@@ -2132,7 +2154,7 @@ impl<'txn> Tables<'txn> {
             return Ok(());
         }
         let seqs: Vec<u64> = self
-            .queue
+            .queue()?
             .range((token, record.acked_seq + 1)..=(token, seq))
             .map_err(backend)?
             .map(|entry| entry.map(|(key, _)| key.value().1).map_err(backend))
@@ -2150,7 +2172,7 @@ impl<'txn> Tables<'txn> {
     /// expired statuses are left (they are the many: one per push).
     fn sweep(&mut self, now_ms: u64) -> Result<bool> {
         let expired: Vec<(String, u64)> = self
-            .expiry
+            .expiry()?
             .range((0, "", 0)..(now_ms, "", 0))
             .map_err(backend)?
             .take(SWEEP_LIMIT)
@@ -2172,7 +2194,7 @@ impl<'txn> Tables<'txn> {
             }
         }
         let expired_entries: Vec<(String, u64)> = self
-            .stream_expiry
+            .stream_expiry()?
             .range((0, "", 0)..(now_ms, "", 0))
             .map_err(backend)?
             .take(SWEEP_LIMIT)
@@ -2188,37 +2210,37 @@ impl<'txn> Tables<'txn> {
         for (stream, offset) in expired_entries {
             self.remove_entry(&stream, offset)?;
         }
-        for (at, key) in keys_before(&self.idempotency_expiry, now_ms, SWEEP_LIMIT)? {
-            self.idempotency_expiry
+        for (at, key) in keys_before(self.idempotency_expiry()?, now_ms, SWEEP_LIMIT)? {
+            self.idempotency_expiry()?
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
-            self.idempotency.remove(key.as_str()).map_err(backend)?;
+            self.idempotency()?.remove(key.as_str()).map_err(backend)?;
         }
-        for (at, key) in keys_before(&self.schedule_fired, now_ms, SWEEP_LIMIT)? {
-            self.schedule_fired
+        for (at, key) in keys_before(self.schedule_fired()?, now_ms, SWEEP_LIMIT)? {
+            self.schedule_fired()?
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
-            self.schedule_ids.remove(key.as_str()).map_err(backend)?;
+            self.schedule_ids()?.remove(key.as_str()).map_err(backend)?;
         }
-        let statuses = keys_before(&self.status_expiry, now_ms, SWEEP_LIMIT)?;
+        let statuses = keys_before(self.status_expiry()?, now_ms, SWEEP_LIMIT)?;
         let left = statuses.len() == SWEEP_LIMIT;
         for (at, key) in statuses {
-            self.status_expiry
+            self.status_expiry()?
                 .remove((at, key.as_str()))
                 .map_err(backend)?;
             let until = self
-                .status
+                .status()?
                 .get(key.as_str())
                 .map_err(backend)?
                 .map(|row| row.value().3);
             if until.is_some_and(|until| until <= at) {
-                self.status.remove(key.as_str()).map_err(backend)?;
-                self.status_displaced
+                self.status()?.remove(key.as_str()).map_err(backend)?;
+                self.status_displaced()?
                     .remove(key.as_str())
                     .map_err(backend)?;
                 let prefix = format!("{key}\0");
                 let devices: Vec<String> = self
-                    .opened
+                    .opened()?
                     .range(prefix.as_str()..)
                     .map_err(backend)?
                     .map_while(|entry| {
@@ -2227,7 +2249,7 @@ impl<'txn> Tables<'txn> {
                     })
                     .collect();
                 for device in devices {
-                    self.opened.remove(device.as_str()).map_err(backend)?;
+                    self.opened()?.remove(device.as_str()).map_err(backend)?;
                 }
             }
         }
