@@ -350,11 +350,7 @@ impl Lane {
         if !self.caught_up {
             return Some(false);
         }
-        // Positions are assigned one by one, so below the floor a live push that is not the
-        // next one overtook one still on its way (or one that only the store has): read
-        // from the store, which keeps the order.
-        let in_order = position == self.last_sent + 1 || self.last_sent >= floor;
-        if !in_order || self.window_full(window) {
+        if !self.in_order(position, floor) || self.window_full(window) {
             self.caught_up = false;
             return Some(false);
         }
@@ -365,10 +361,17 @@ impl Lane {
     /// Passes over a position not for the device when it would have been sent live: as
     /// [`Lane::offer`] decides, without a window to fill.
     fn pass_over(&mut self, position: u64, floor: u64) {
-        let in_order = position == self.last_sent + 1 || self.last_sent >= floor;
-        if self.caught_up && position > self.last_sent && in_order {
+        if self.caught_up && position > self.last_sent && self.in_order(position, floor) {
             self.last_sent = position;
         }
+    }
+
+    /// Whether a live `position` may follow the last one sent. Positions are assigned one
+    /// by one, so below the floor a live push that is not the next one overtook one still
+    /// on its way (or one that only the store has): that is read from the store, which
+    /// keeps the order.
+    fn in_order(&self, position: u64, floor: u64) -> bool {
+        position == self.last_sent + 1 || self.last_sent >= floor
     }
 
     fn sent(&mut self, position: u64, message: Arc<Message>) {
