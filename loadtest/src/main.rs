@@ -157,6 +157,10 @@ enum Scenario {
         /// The flood, as a multiple of the flood app's pushes per second alone.
         #[arg(long, default_value_t = 3.0)]
         flood_factor: f64,
+        /// The class of the flood's pushes: `marketing`, `notification`, or `realtime`
+        /// (never stored).
+        #[arg(long, default_value = "marketing")]
+        flood_class: String,
     },
     /// Scheduled pushes: `--pushes` pushes to the devices' uids (taking turns), all
     /// scheduled for the same second through every gateway; with `--kill-gateway`, the first
@@ -447,11 +451,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             rate,
             duration,
             flood_factor,
+            flood_class,
         } => {
+            anyhow::ensure!(
+                ["marketing", "notification", "realtime"].contains(&flood_class.as_str()),
+                "--flood-class must be marketing, notification or realtime"
+            );
             let plan = IsolationPlan {
                 rate: *rate,
                 duration: Duration::from_secs(*duration),
                 flood_factor: *flood_factor,
+                flood_class: flood_class.clone(),
             };
             isolation(&mut run, common, plan).await
         }
@@ -1034,6 +1044,8 @@ struct IsolationPlan {
     rate: u32,
     duration: Duration,
     flood_factor: f64,
+    /// The flood's class (a realtime push has no TTL: it is never stored).
+    flood_class: String,
 }
 
 /// What came of pushes sent at a pace.
@@ -1114,18 +1126,19 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     // requests before they are sent).
     let flood = {
         let (url, key) = (push_url.clone(), flood_app.api_key.clone());
+        let mut body = json!({"audience": {"all": true}, "payload": {"promo": "x".repeat(32)},
+                              "class": plan.flood_class});
+        if plan.flood_class != "realtime" {
+            body["ttl"] = json!(3600);
+        }
         move |rate: f64, duration: Duration, in_flight: usize| {
-            let (url, key) = (url.clone(), key.clone());
+            let (url, key, body) = (url.clone(), key.clone(), body.clone());
             on_own_runtime(async move {
                 let http = reqwest::Client::builder()
                     .pool_max_idle_per_host(2048)
                     .timeout(Duration::from_secs(10))
                     .build()?;
-                let request = move || {
-                    let body = json!({"audience": {"all": true}, "payload": {"promo": "x".repeat(32)},
-                                      "class": "marketing", "ttl": 3600});
-                    http.post(&url).bearer_auth(&key).json(&body).send()
-                };
+                let request = move || http.post(&url).bearer_auth(&key).json(&body).send();
                 let outcome = |response: reqwest::Result<reqwest::Response>| async move {
                     classify_shared(response).await.map(|_| 1)
                 };
@@ -1151,9 +1164,12 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     let measured_outcome =
         |response: reqwest::Result<reqwest::Response>| async move { classify(response).await };
     let rate = f64::from(plan.rate);
+    let metrics_url = format!("{}/metrics", run.deployment.http_url);
+    let waits_at_start = StoreWaits::read(&http, &metrics_url).await;
     // Phase 1: the app alone.
     let quiet = paced(rate, plan.duration, 256, &measured_pushes, measured_outcome).await;
     let before = run.fleet.reports().await?;
+    let waits_alone = StoreWaits::read(&http, &metrics_url).await;
     // Phase 2: the same, under the flood.
     let offered = capacity * plan.flood_factor;
     let (loud, flooded) = tokio::join!(
@@ -1167,6 +1183,7 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         *errors.entry(format!("flooded: {kind}")).or_default() += count;
     }
     run.result.errors = errors;
+    let waits_flooded = StoreWaits::read(&http, &metrics_url).await;
     expect_deliveries(run, accepted, Duration::from_secs(60)).await?;
     let after = run.fleet.reports().await?;
     let mut alone_latencies: Vec<u32> = before
@@ -1237,8 +1254,99 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         "measured p99 flooded / alone",
         round(f64::from(flooded_p.p99) / f64::from(alone_p.p99.max(1)), 2),
     );
+    result.figure("flood class", plan.flood_class.as_str());
+    // The embedded store's own account (standalone): how long the measured app's writes
+    // (lane "normal") waited for their commit in each phase.
+    if let (Some(start), Some(alone), Some(flooded)) = (waits_at_start, waits_alone, waits_flooded)
+    {
+        let (quiet, loud) = (alone.since(&start), flooded.since(&alone));
+        result.figure(
+            "store: normal-lane writes' mean wait alone / flooded (ms)",
+            format!("{:.2} / {:.2}", quiet.mean_ms(), loud.mean_ms()),
+        );
+        result.figure(
+            "store: normal-lane writes' p99 wait at most alone / flooded (ms)",
+            format!("{} / {}", quiet.p99_bound_ms(), loud.p99_bound_ms()),
+        );
+    }
     result.latency = Some(flooded_p);
     Ok(())
+}
+
+/// The embedded store's histogram of how long writes of the lane "normal" waited for their
+/// commit (`pigeon_store_write_seconds`), as read from a process's `/metrics`.
+#[derive(Clone, Debug)]
+struct StoreWaits {
+    /// (upper bound in seconds, cumulative count), ascending, `+Inf` last.
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl StoreWaits {
+    /// The histogram at `url`; `None` when the process has no embedded store (cluster).
+    async fn read(http: &reqwest::Client, url: &str) -> Option<Self> {
+        let text = http.get(url).send().await.ok()?.text().await.ok()?;
+        Self::parse(&text)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        const NAME: &str = "pigeon_store_write_seconds";
+        const LANE: &str = "lane=\"normal\"";
+        let mut waits = Self {
+            buckets: Vec::new(),
+            sum: 0.0,
+            count: 0,
+        };
+        for line in text.lines().filter(|line| line.contains(LANE)) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if let Some(labels) = series.strip_prefix(&format!("{NAME}_bucket{{")) {
+                let bound = labels.split("le=\"").nth(1)?.trim_end_matches("\"}");
+                let bound = match bound {
+                    "+Inf" => f64::INFINITY,
+                    bound => bound.parse().ok()?,
+                };
+                waits.buckets.push((bound, value.parse().ok()?));
+            } else if series.starts_with(&format!("{NAME}_sum")) {
+                waits.sum = value.parse().ok()?;
+            } else if series.starts_with(&format!("{NAME}_count")) {
+                waits.count = value.parse().ok()?;
+            }
+        }
+        (!waits.buckets.is_empty()).then_some(waits)
+    }
+
+    /// What was observed after `earlier`.
+    fn since(&self, earlier: &Self) -> Self {
+        let buckets = self.buckets.iter().zip(&earlier.buckets);
+        Self {
+            buckets: buckets
+                .map(|(&(bound, now), &(_, then))| (bound, now.saturating_sub(then)))
+                .collect(),
+            sum: self.sum - earlier.sum,
+            count: self.count.saturating_sub(earlier.count),
+        }
+    }
+
+    fn mean_ms(&self) -> f64 {
+        round(self.sum * 1e3 / self.count.max(1) as f64, 2)
+    }
+
+    /// The upper bound of the bucket the 99th percentile falls in, in ms.
+    fn p99_bound_ms(&self) -> String {
+        let needed = (self.count as f64 * 0.99).ceil() as u64;
+        let bound = self
+            .buckets
+            .iter()
+            .find(|(_, count)| *count >= needed.max(1))
+            .map_or(f64::INFINITY, |(bound, _)| *bound);
+        match bound.is_finite() {
+            true => format!("{}", round(bound * 1e3, 3)),
+            false => "over the last bucket".to_owned(),
+        }
+    }
 }
 
 /// `schedule-burst`: see [`Scenario::ScheduleBurst`].
@@ -1852,4 +1960,43 @@ fn mib(bytes: u64) -> f64 {
 fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreWaits;
+
+    const SCRAPE: &str = "\
+pigeon_store_write_seconds_bucket{lane=\"high\",le=\"0.0005\"} 9
+pigeon_store_write_seconds_bucket{lane=\"normal\",le=\"0.0005\"} 50
+pigeon_store_write_seconds_bucket{lane=\"normal\",le=\"0.001\"} 90
+pigeon_store_write_seconds_bucket{lane=\"normal\",le=\"0.0025\"} 99
+pigeon_store_write_seconds_bucket{lane=\"normal\",le=\"+Inf\"} 100
+pigeon_store_write_seconds_sum{lane=\"normal\"} 0.08
+pigeon_store_write_seconds_count{lane=\"normal\"} 100
+";
+
+    #[test]
+    fn store_waits_are_read_per_phase() {
+        let earlier = StoreWaits::parse(SCRAPE).expect("parsed");
+        assert_eq!(earlier.count, 100);
+        assert_eq!(earlier.p99_bound_ms(), "2.5");
+        assert!((earlier.mean_ms() - 0.8).abs() < 1e-9);
+        // 100 more, 10 of them past the last finite bucket.
+        let later = StoreWaits::parse(
+            &SCRAPE
+                .replace("} 50", "} 100")
+                .replace("} 90", "} 170")
+                .replace("} 99", "} 190")
+                .replace("\"+Inf\"} 100", "\"+Inf\"} 200")
+                .replace("0.08", "1.08")
+                .replace("count{lane=\"normal\"} 100", "count{lane=\"normal\"} 200"),
+        )
+        .expect("parsed");
+        let phase = later.since(&earlier);
+        assert_eq!(phase.count, 100);
+        assert_eq!(phase.p99_bound_ms(), "over the last bucket");
+        assert!((phase.mean_ms() - 10.0).abs() < 1e-9);
+        assert!(StoreWaits::parse("pigeon_store_queue 0\n").is_none());
+    }
 }

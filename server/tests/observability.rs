@@ -120,6 +120,68 @@ async fn every_dashboard_query_names_a_metric_pigeon_exports() {
     );
 }
 
+/// The value of the sample line `series` (name and labels, exactly) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The embedded store times each write from its queueing to its commit, in the lane it
+/// waited in: a notification's record in "normal", a marketing push's in "low", the
+/// store's upkeep (admitting a device, its ack, the messages' statuses) in "high".
+#[tokio::test]
+async fn the_embedded_store_times_writes_by_lane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start_with_app(dir.path(), &[]);
+    let url = format!("{}/metrics", server.http_url);
+    let count = |text: &str, lane: &str| {
+        sample(
+            text,
+            &format!("pigeon_store_write_seconds_count{{lane=\"{lane}\"}}"),
+        )
+    };
+    let mut ann = connect(&server, "ann", &DeviceState::default()).await;
+    let before = scrape(&url).await;
+    assert_eq!(count(&before, "normal"), Some(0.0), "no push yet");
+    assert_eq!(count(&before, "low"), Some(0.0), "no push yet");
+    assert!(count(&before, "high") >= Some(1.0), "ann's admission");
+    for class in ["notification", "marketing"] {
+        let (status, answer) = server
+            .push(json!({"audience": {"uids": ["ann"]}, "payload": {}, "class": class, "ttl": 60}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        let push = next_push(&mut ann).await;
+        ann.ack_push(&push).await.expect("ack");
+    }
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        let text = scrape(&url).await;
+        // The acks are written after the pushes' records, in the lane "high".
+        if count(&text, "high") >= count(&before, "high").map(|n| n + 2.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the acks were not written: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        count(&after, "normal"),
+        Some(1.0),
+        "the notification's record"
+    );
+    assert_eq!(
+        count(&after, "low"),
+        Some(1.0),
+        "the marketing push's record"
+    );
+    let transactions = sample(&after, "pigeon_store_transaction_seconds_count").unwrap_or(0.0);
+    assert!(transactions >= 3.0, "{transactions} transactions timed");
+    let waited = sample(&after, "pigeon_store_write_seconds_sum{lane=\"normal\"}").unwrap_or(0.0);
+    assert!(waited > 0.0 && waited < 5.0, "the record waited {waited} s");
+}
+
 /// One span a collector received: its service, name, trace id, id and parent's id (hex).
 #[derive(Clone, Debug)]
 struct ReceivedSpan {

@@ -77,7 +77,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pigeon_proto::Message as _;
@@ -99,7 +99,7 @@ use super::{
 use crate::config::Limits;
 use crate::intake::{self, WeightedQueues};
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
-use crate::metrics::{BATCH_SIZES, Histogram};
+use crate::metrics::{BATCH_SIZES, CALL_SECONDS, Histogram};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const BINDINGS: TableDefinition<&str, ()> = TableDefinition::new("bindings");
@@ -167,6 +167,8 @@ pub struct EmbeddedStore {
 struct Job {
     op: Op,
     reply: oneshot::Sender<Result<Reply, StoreError>>,
+    /// When it was queued for the writer.
+    queued: Instant,
 }
 
 enum Op {
@@ -389,7 +391,12 @@ impl EmbeddedStore {
                 let op = Op::Sweep {
                     now_ms: unix_millis(),
                 };
-                if writes.send(Job { op, reply }).await.is_err() {
+                let job = Job {
+                    op,
+                    reply,
+                    queued: Instant::now(),
+                };
+                if writes.send(job).await.is_err() {
                     break;
                 }
                 drop(writes);
@@ -460,7 +467,11 @@ impl EmbeddedStore {
 
     async fn write(&self, op: Op, wait_for_room: bool) -> Result<Reply> {
         let (reply, answer) = oneshot::channel();
-        let job = Job { op, reply };
+        let job = Job {
+            op,
+            reply,
+            queued: Instant::now(),
+        };
         if wait_for_room {
             self.writes
                 .send(job)
@@ -967,6 +978,12 @@ fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
 
 /// Writes applied in each transaction (each transaction is one fsync).
 static TRANSACTION_OPS: Histogram = Histogram::new(&BATCH_SIZES);
+/// How long each transaction took, from its start to its commit (the fsync included).
+static TRANSACTION_SECONDS: Histogram = Histogram::new(&CALL_SECONDS);
+/// How long each write took, from its queueing to its transaction's commit, by lane.
+static WRITE_SECONDS: [Histogram; 3] = [const { Histogram::new(&CALL_SECONDS) }; 3];
+/// The names of the lanes in the metrics, by lane.
+const LANE_NAMES: [&str; 3] = ["high", "normal", "low"];
 
 impl EmbeddedStore {
     /// Writes waiting for the writer, and the writes of each transaction, in Prometheus's
@@ -989,6 +1006,26 @@ impl EmbeddedStore {
             "Writes the embedded store applied in one transaction (one fsync).",
         );
         TRANSACTION_OPS.render(out, name, "");
+        let name = "pigeon_store_transaction_seconds";
+        Histogram::header(
+            out,
+            name,
+            "Time the embedded store took for one transaction: its writes and its commit \
+             (the fsync).",
+        );
+        TRANSACTION_SECONDS.render(out, name, "");
+        let name = "pigeon_store_write_seconds";
+        Histogram::header(
+            out,
+            name,
+            "Time a write waited for the embedded store, from its queueing to its \
+             transaction's commit, by the lane it waited in: high (high-priority pushes and \
+             the store's upkeep: acks, admissions, statuses), normal, low (marketing and \
+             low-priority pushes).",
+        );
+        for (histogram, lane) in WRITE_SECONDS.iter().zip(LANE_NAMES) {
+            histogram.render(out, name, &format!("lane=\"{lane}\""));
+        }
     }
 }
 
@@ -1041,7 +1078,9 @@ impl Writer {
 
     /// Applies a batch in one transaction and answers every job.
     fn apply(&self, batch: &mut Vec<Job>) {
+        let started = Instant::now();
         let mut replies = Vec::with_capacity(batch.len());
+        let lanes: Vec<usize> = batch.iter().map(|job| job.op.lane().0).collect();
         let outcome = (|| -> Result<()> {
             let mut txn = self.db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate);
@@ -1054,6 +1093,11 @@ impl Writer {
             }
             txn.commit().map_err(backend)
         })();
+        let committed = Instant::now();
+        TRANSACTION_SECONDS.observe_duration(committed - started);
+        for (job, lane) in batch.iter().zip(lanes) {
+            WRITE_SECONDS[lane].observe_duration(committed - job.queued);
+        }
         match outcome {
             Ok(()) => {
                 for (job, reply) in batch.drain(..).zip(replies) {

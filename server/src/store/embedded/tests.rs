@@ -312,7 +312,12 @@ async fn the_writer_takes_a_backlog_by_lane() {
         };
         let (reply, answer) = oneshot::channel();
         let op = Op::Accept(accept(Arc::new(message), &device.token, None));
-        assert!(writes.try_send(Job { op, reply }).is_ok());
+        let job = Job {
+            op,
+            reply,
+            queued: Instant::now(),
+        };
+        assert!(writes.try_send(job).is_ok());
         answers.push((body.to_owned(), answer));
     };
     for i in 0..MAX_BATCH {
