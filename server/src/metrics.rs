@@ -343,7 +343,8 @@ fn seen(
 /// Buckets a [`Histogram`] has at most (besides `+Inf`).
 const MAX_BUCKETS: usize = 16;
 
-/// Upper bounds (seconds) for the latency of a call inside the deployment (Redis, a node).
+/// Upper bounds (seconds) for the latency of a call inside the deployment (Redis, a node,
+/// the embedded store's writer).
 pub const CALL_SECONDS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];

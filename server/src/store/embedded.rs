@@ -171,6 +171,17 @@ struct Job {
     queued: Instant,
 }
 
+impl Job {
+    /// `op`, queued now, answered on `reply`.
+    fn new(op: Op, reply: oneshot::Sender<Result<Reply, StoreError>>) -> Self {
+        Self {
+            op,
+            reply,
+            queued: Instant::now(),
+        }
+    }
+}
+
 enum Op {
     Admit {
         app: String,
@@ -391,12 +402,7 @@ impl EmbeddedStore {
                 let op = Op::Sweep {
                     now_ms: unix_millis(),
                 };
-                let job = Job {
-                    op,
-                    reply,
-                    queued: Instant::now(),
-                };
-                if writes.send(job).await.is_err() {
+                if writes.send(Job::new(op, reply)).await.is_err() {
                     break;
                 }
                 drop(writes);
@@ -467,11 +473,7 @@ impl EmbeddedStore {
 
     async fn write(&self, op: Op, wait_for_room: bool) -> Result<Reply> {
         let (reply, answer) = oneshot::channel();
-        let job = Job {
-            op,
-            reply,
-            queued: Instant::now(),
-        };
+        let job = Job::new(op, reply);
         if wait_for_room {
             self.writes
                 .send(job)
@@ -986,8 +988,8 @@ static WRITE_SECONDS: [Histogram; 3] = [const { Histogram::new(&CALL_SECONDS) };
 const LANE_NAMES: [&str; 3] = ["high", "normal", "low"];
 
 impl EmbeddedStore {
-    /// Writes waiting for the writer, and the writes of each transaction, in Prometheus's
-    /// text format.
+    /// Writes waiting for the writer, the writes and time of each transaction, and how long
+    /// writes waited by lane, in Prometheus's text format.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         let queued = self.writes.max_capacity() - self.writes.capacity()

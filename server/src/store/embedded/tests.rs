@@ -312,12 +312,7 @@ async fn the_writer_takes_a_backlog_by_lane() {
         };
         let (reply, answer) = oneshot::channel();
         let op = Op::Accept(accept(Arc::new(message), &device.token, None));
-        let job = Job {
-            op,
-            reply,
-            queued: Instant::now(),
-        };
-        assert!(writes.try_send(job).is_ok());
+        assert!(writes.try_send(Job::new(op, reply)).is_ok());
         answers.push((body.to_owned(), answer));
     };
     for i in 0..MAX_BATCH {
