@@ -1165,11 +1165,26 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         |response: reqwest::Result<reqwest::Response>| async move { classify(response).await };
     let rate = f64::from(plan.rate);
     let metrics_url = format!("{}/metrics", run.deployment.http_url);
+    // The deployment's own processes (not the harness's, nor the simulated devices').
+    let deployment_pids: Vec<u32> = {
+        let deployment = &run.deployment;
+        let gateways = deployment.gateways.iter().map(|(_, pid)| *pid);
+        let others = deployment.api_pid.into_iter().chain(deployment.redis_pid);
+        deployment
+            .node_pids
+            .iter()
+            .copied()
+            .chain(gateways)
+            .chain(others)
+            .collect()
+    };
     let waits_at_start = StoreWaits::read(&http, &metrics_url).await;
+    let cpu_at_start = (deploy::cpu_total(&deployment_pids), Instant::now());
     // Phase 1: the app alone.
     let quiet = paced(rate, plan.duration, 256, &measured_pushes, measured_outcome).await;
     let before = run.fleet.reports().await?;
     let waits_alone = StoreWaits::read(&http, &metrics_url).await;
+    let cpu_alone = (deploy::cpu_total(&deployment_pids), Instant::now());
     // Phase 2: the same, under the flood.
     let offered = capacity * plan.flood_factor;
     let (loud, flooded) = tokio::join!(
@@ -1184,6 +1199,7 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     }
     run.result.errors = errors;
     let waits_flooded = StoreWaits::read(&http, &metrics_url).await;
+    let cpu_flooded = (deploy::cpu_total(&deployment_pids), Instant::now());
     expect_deliveries(run, accepted, Duration::from_secs(60)).await?;
     let after = run.fleet.reports().await?;
     let mut alone_latencies: Vec<u32> = before
@@ -1255,6 +1271,21 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         round(f64::from(flooded_p.p99) / f64::from(alone_p.p99.max(1)), 2),
     );
     result.figure("flood class", plan.flood_class.as_str());
+    // Cores the deployment's processes used in each phase (of the machine's).
+    let cores = |(cpu_then, then): (f64, Instant), (cpu_now, now): (f64, Instant)| {
+        round(
+            (cpu_now - cpu_then) / now.duration_since(then).as_secs_f64().max(1e-3),
+            2,
+        )
+    };
+    result.figure(
+        "deployment's CPU alone / flooded (cores)",
+        format!(
+            "{} / {}",
+            cores(cpu_at_start, cpu_alone),
+            cores(cpu_alone, cpu_flooded)
+        ),
+    );
     // The embedded store's own account (standalone): how long the measured app's writes
     // (lane "normal") waited for their commit in each phase.
     if let (Some(start), Some(alone), Some(flooded)) = (waits_at_start, waits_alone, waits_flooded)
@@ -1964,7 +1995,29 @@ fn round(value: f64, digits: i32) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::StoreWaits;
+    use super::{StoreWaits, deploy};
+
+    #[test]
+    fn cpu_is_read_per_process() {
+        let me = std::process::id();
+        let before = deploy::cpu_total(&[me]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        // Spins until the reading has grown by 0.1 s of CPU.
+        while deploy::cpu_total(&[me]) - before < 0.1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reading never grew"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        let (once, twice) = (deploy::cpu_total(&[me]), deploy::cpu_total(&[me, me]));
+        // A pid named twice counts once.
+        assert!((twice - once).abs() < 0.05, "{once} against {twice}");
+        assert_eq!(deploy::cpu_total(&[u32::MAX]), 0.0);
+    }
 
     const SCRAPE: &str = "\
 pigeon_store_write_seconds_bucket{lane=\"high\",le=\"0.0005\"} 9
