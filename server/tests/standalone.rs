@@ -319,6 +319,40 @@ fn state_of_token(state: &DeviceState, last_seq: u64) -> DeviceState {
     }
 }
 
+/// A drain closes every parked connection with 1001, however the lot's own drain and the
+/// close requests cross: each connection is asked to close while the lot brings every parked
+/// one back to a task, and a close request taken by one of the two must not be lost to the
+/// other (the connection would then stay open past the drain deadline).
+#[tokio::test]
+async fn sigterm_closes_every_parked_connection() {
+    const DEVICES: usize = 200;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[("PIGEON_LIMITS__DRAIN_TIMEOUT", "8s")]);
+    let mut devices = Vec::with_capacity(DEVICES);
+    for n in 0..DEVICES {
+        devices.push(connect(&server, &format!("u{n}"), &DeviceState::default()).await);
+    }
+    // Idle, so parked (the tests' servers park at once).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "pigeon_parked_connections").await < Some(DEVICES as u64) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the devices were not parked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let began = std::time::Instant::now();
+    assert!(server.terminate(), "pigeon did not exit cleanly on SIGTERM");
+    assert!(
+        began.elapsed() < Duration::from_secs(8),
+        "the drain took {:?}",
+        began.elapsed()
+    );
+    for device in &mut devices {
+        assert_eq!(closed(device).await.close_code(), Some(1001));
+    }
+}
+
 async fn sigterm_drains_devices_with_going_away_and_keeps_everything(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start_over(transport, dir.path(), &[]);

@@ -131,6 +131,15 @@ enum InPlace {
     End(Ending),
 }
 
+/// What serving a parked connection in place left.
+enum Served {
+    /// It stays parked.
+    Stayed,
+    /// It left the lot, taken out in the step that served it (so that nothing else resumes
+    /// it meanwhile without the ending): for a task, which ends it with the ending if any.
+    Left(Box<Parked>, Option<Ending>),
+}
+
 /// The events a parked socket is watched for; one-shot, re-armed after each in-place read.
 fn interest() -> EpollFlags {
     EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLONESHOT
@@ -354,7 +363,7 @@ impl Lot {
                 }
             }
         });
-        self.settle(key, outcome);
+        self.settle(outcome);
     }
 
     /// The waker that brings the parked connection `key` back.
@@ -381,12 +390,15 @@ impl Lot {
             }
             outcome
         });
-        self.settle(key, outcome);
+        self.settle(outcome);
     }
 
-    /// Runs `serve` on the parked connection `key` (if it is still here), and moves its
-    /// timer when its deadline moved.
-    fn in_place(&self, key: u64, serve: impl FnOnce(&mut Parked) -> InPlace) -> Option<InPlace> {
+    /// Runs `serve` on the parked connection `key` (if it is still here): moves its timer
+    /// when its deadline moved, or takes it out of the lot, in the same step, when it needs
+    /// its task or ends. (Taken out later, another wake-up, or the lot's drain, could
+    /// resume it first, and an ending `serve` took from the connection, a close request,
+    /// would be lost.)
+    fn in_place(&self, key: u64, serve: impl FnOnce(&mut Parked) -> InPlace) -> Option<Served> {
         let (slot, generation) = split(key);
         let mut state = self.state();
         let State { parked, timers, .. } = &mut *state;
@@ -394,30 +406,56 @@ impl Lot {
         if parked.generation != generation {
             return None;
         }
-        let outcome = serve(parked);
-        let wake_at = parked.live.wake_at();
-        let mut earliest = false;
-        if matches!(outcome, InPlace::Stay) && wake_at != parked.wake_at {
-            timers.remove(&(parked.wake_at, key));
-            earliest = timers.first().is_none_or(|&(at, _)| wake_at < at);
-            timers.insert((wake_at, key));
-            parked.wake_at = wake_at;
-        }
+        let ending = match serve(parked) {
+            InPlace::Stay => {
+                let wake_at = parked.live.wake_at();
+                let mut earliest = false;
+                if wake_at != parked.wake_at {
+                    timers.remove(&(parked.wake_at, key));
+                    earliest = timers.first().is_none_or(|&(at, _)| wake_at < at);
+                    timers.insert((wake_at, key));
+                    parked.wake_at = wake_at;
+                }
+                drop(state);
+                if earliest {
+                    self.timer_added.notify_one();
+                }
+                return Some(Served::Stayed);
+            }
+            InPlace::Task => None,
+            InPlace::End(ending) => Some(ending),
+        };
+        let parked = self.take_out(&mut state, key)?;
         drop(state);
-        if earliest {
-            self.timer_added.notify_one();
-        }
-        Some(outcome)
+        Some(Served::Left(parked, ending))
     }
 
     /// What serving a connection in place came to.
-    fn settle(self: &Arc<Self>, key: u64, outcome: Option<InPlace>) {
-        match outcome {
+    fn settle(self: &Arc<Self>, served: Option<Served>) {
+        match served {
             None => {}
-            Some(InPlace::Stay) => self.connections.count_served_parked(),
-            Some(InPlace::Task) => self.unpark(key),
-            Some(InPlace::End(ending)) => self.unpark_to(key, Some(ending)),
+            Some(Served::Stayed) => self.connections.count_served_parked(),
+            Some(Served::Left(parked, ending)) => self.resume_left(parked, ending),
         }
+    }
+
+    /// Takes the parked connection `key` out of the lot; `None` if it already left.
+    fn take_out(&self, state: &mut State, key: u64) -> Option<Box<Parked>> {
+        let (slot, generation) = split(key);
+        // An empty slot is reserved by a connection still on its way in: its `park` looks
+        // at what woke it once it is in.
+        let Some(Some(parked)) = state.parked.get(slot) else {
+            return None;
+        };
+        if parked.generation != generation {
+            return None;
+        }
+        let Some(Some(parked)) = state.parked.try_remove(slot) else {
+            return None;
+        };
+        self.connections.count_parked(false);
+        state.timers.remove(&(parked.wake_at, key));
+        Some(parked)
     }
 
     /// Brings the parked connection `key` back into a task; nothing if it already left.
@@ -428,24 +466,14 @@ impl Lot {
     /// Brings the parked connection `key` back into a task, to end it with `ending` if
     /// given; nothing if it already left.
     fn unpark_to(self: &Arc<Self>, key: u64, ending: Option<Ending>) {
-        let (slot, generation) = split(key);
-        let parked = {
-            let mut state = self.state();
-            // An empty slot is reserved by a connection still on its way in: its `park`
-            // looks at what woke it once it is in.
-            let Some(Some(parked)) = state.parked.get(slot) else {
-                return;
-            };
-            if parked.generation != generation {
-                return;
-            }
-            let Some(Some(parked)) = state.parked.try_remove(slot) else {
-                return;
-            };
-            self.connections.count_parked(false);
-            state.timers.remove(&(parked.wake_at, key));
-            parked
-        };
+        let parked = self.take_out(&mut self.state(), key);
+        if let Some(parked) = parked {
+            self.resume_left(parked, ending);
+        }
+    }
+
+    /// Runs a connection taken out of the lot in a task again (to end with `ending`).
+    fn resume_left(self: &Arc<Self>, parked: Box<Parked>, ending: Option<Ending>) {
         // Before the socket is registered with tokio again. It is in the set unless it was
         // never added (a failed park), and a failed delete leaves at worst a stale key.
         let _ = self.epoll.get_ref().0.delete(&parked.stream);
