@@ -195,6 +195,17 @@ pub fn rss_of(pid: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time process `pid` ("self" for this one) has used, user and system, in seconds.
+pub fn cpu_seconds_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces), from the state on: utime and
+    // stime are the 12th and 13th, in USER_HZ (100 on Linux).
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / 100.0)
+}
+
 /// What the swarm's devices should be doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {

@@ -477,21 +477,9 @@ pub fn cpu_total(pids: &[u32]) -> f64 {
     let mut pids = pids.to_vec();
     pids.sort_unstable();
     pids.dedup();
-    let ticks: u64 = pids
-        .iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // The fields after the command (which may hold spaces), from the state on:
-            // utime and stime are the 12th and 13th.
-            let rest = stat.rsplit_once(')')?.1;
-            let mut fields = rest.split_whitespace().skip(11);
-            let user: u64 = fields.next()?.parse().ok()?;
-            let system: u64 = fields.next()?.parse().ok()?;
-            Some(user + system)
-        })
-        .sum();
-    // USER_HZ, 100 on Linux.
-    ticks as f64 / 100.0
+    pids.iter()
+        .filter_map(|pid| pigeon_client::swarm::cpu_seconds_of(&pid.to_string()))
+        .sum()
 }
 
 /// The directory of the running executable: where `pigeon` and `pigeon-sim` are built.

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use pigeon_client::swarm::cpu_seconds_of;
 use pigeon_proto::store::MessageStatus;
 use pigeon_server::config::Limits;
 use pigeon_server::connections::ConnectionTable;
@@ -60,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .collect::<Result<Vec<bool>, _>>()?;
 
-    let (began, cpu_before) = (Instant::now(), cpu_seconds());
+    let (began, cpu_before) = (Instant::now(), cpu_seconds_of("self").unwrap_or(0.0));
     let batches = ids.chunks(BATCH).enumerate().map(|(batch, ids)| {
         let (store, tokens) = (store.clone(), &tokens);
         async move {
@@ -108,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
         done += sent?;
     }
     let took = began.elapsed();
-    let cpu = cpu_seconds() - cpu_before;
+    let cpu = cpu_seconds_of("self").unwrap_or(0.0) - cpu_before;
     println!(
         "{done} pushes to {devices} devices: {:.2} s ({:.0} a second), {cpu:.2} s of CPU ({:.1} us a push)",
         took.as_secs_f64(),
@@ -155,22 +156,4 @@ async fn fire(
         },
         AcceptOutcome::Duplicate { .. } => anyhow::bail!("push {id} had fired"),
     }
-}
-
-/// The CPU this process has used (user and system), in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
 }
