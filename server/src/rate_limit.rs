@@ -12,9 +12,15 @@
 //!
 //! Where the buckets live: in the process (standalone), or in Redis, one key per bucket
 //! moved by one script that reads Redis's clock, so that every gateway of a cluster shares
-//! each limit exactly (an app's buckets share a hash tag: one slot of a Redis Cluster). If
-//! Redis cannot be asked, the push is let through: the store it is about to be recorded in
-//! is then failing too.
+//! each limit exactly (an app's buckets share a hash tag: one slot of a Redis Cluster).
+//! Each gateway also keeps what its own pushes took of each bucket, by its own clock: never
+//! more than Redis counts (a take Redis refuses is given back), so a push that finds no
+//! room there finds none in Redis either and is refused without asking it. A sender
+//! flooding past its limit through one gateway so costs Redis nothing. That count reads
+//! the gateway's clock where Redis's reads its own, a round trip to Redis apart at most:
+//! the limits are exact to within that. If Redis cannot be asked, the push is let through
+//! when the gateway's own count has room: the store it is about to be recorded in is then
+//! failing too, and each gateway still holds the limit for what it takes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -87,9 +93,9 @@ impl Default for LocalBuckets {
     }
 }
 
-#[async_trait]
-impl Buckets for LocalBuckets {
-    async fn take(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
+impl LocalBuckets {
+    /// Takes every charge if each bucket has room, as [`Buckets::take`] does.
+    fn take_now(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
         let now = self.epoch.elapsed().as_micros() as u64;
         let mut tats = self.tats.lock().map_err(|_| StoreError::Closed)?;
         Ok(take_all(charges, force, now, |bucket| {
@@ -101,6 +107,26 @@ impl Buckets for LocalBuckets {
             }
         })
         .err())
+    }
+
+    /// Gives back what a take of `charges` took. The bucket is then paid up to the later of
+    /// where it was and the take's time, which leaves it the same room from then on.
+    fn give_back(&self, charges: &[Charge]) {
+        let Ok(mut tats) = self.tats.lock() else {
+            return;
+        };
+        for charge in charges {
+            if let Some(tat) = tats.get_mut(&charge.bucket) {
+                *tat = tat.saturating_sub(charge.cost.saturating_mul(charge.interval_us));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Buckets for LocalBuckets {
+    async fn take(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
+        self.take_now(charges, force)
     }
 }
 
@@ -165,11 +191,14 @@ end
 return {0, 0}
 ";
 
-/// Buckets in Redis (cluster mode), shared by every gateway.
+/// Buckets in Redis (cluster mode), shared by every gateway, and what this gateway's own
+/// pushes took of them.
 pub struct RedisBuckets {
     connection: RedisConnection,
     prefix: String,
     script: Script,
+    /// This gateway's takes that Redis did not refuse: a bucket full here is full there.
+    own: LocalBuckets,
 }
 
 impl RedisBuckets {
@@ -179,6 +208,7 @@ impl RedisBuckets {
             connection,
             prefix: prefix.to_owned(),
             script: Script::new(TAKE),
+            own: LocalBuckets::default(),
         }
     }
 
@@ -192,6 +222,24 @@ impl RedisBuckets {
 #[async_trait]
 impl Buckets for RedisBuckets {
     async fn take(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
+        if let Some(limited) = self.own.take_now(charges, force)? {
+            return Ok(Some(limited));
+        }
+        let taken = self.take_in_redis(charges, force).await;
+        if let Ok(Some(_)) = taken {
+            self.own.give_back(charges);
+        }
+        taken
+    }
+}
+
+impl RedisBuckets {
+    /// [`Buckets::take`] by the script, in Redis.
+    async fn take_in_redis(
+        &self,
+        charges: &[Charge],
+        force: bool,
+    ) -> Result<Option<Limited>, StoreError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if force { "1" } else { "0" });
         for charge in charges {

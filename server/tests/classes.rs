@@ -5,10 +5,15 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pigeon_client::DeviceState;
 use pigeon_proto::push::push_client::PushClient;
+use pigeon_server::config::{AppSettings, ClusterSettings, Rate};
+use pigeon_server::push::Class;
+use pigeon_server::rate_limit::{RateLimiter, RedisBuckets};
+use pigeon_server::store::redis::RedisConnection;
 use serde_json::{Value, json};
 use support::cluster::{Deployment, GatewayProcess, Redis, with_api_key};
 use support::{Server, assert_no_push, connect, metric, next_push, payload};
@@ -233,6 +238,80 @@ async fn gateways_share_the_rate_limits() {
         .expect_err("no such class");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("class:"), "{status:?}");
+}
+
+/// Script runs the test's Redis has made since its counts were reset: each run of the rate
+/// limits' script reads Redis's clock once, and nothing else of Pigeon's here does.
+fn limit_scripts_run(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]).expect("redis-cli");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_time:calls="))
+        .map_or(0, |rest| {
+            rest.split(',')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .expect("calls")
+        })
+}
+
+/// A gateway refuses on its own a push its own takes leave no room for, without asking
+/// Redis; a take Redis refuses is given back, so another gateway's pushes still reach
+/// Redis; with Redis down a gateway still holds the limit for what it took.
+#[tokio::test]
+async fn a_gateway_refuses_what_its_own_takes_fill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = Redis::start(dir.path());
+    let mut app = AppSettings::new("demo", "k", "s");
+    // Five at once, then one every 2 s: no room comes back while the test runs.
+    app.rate_limits.total = Some(Rate {
+        pushes_per_second: Some(0.5),
+        targets_per_second: None,
+        burst_seconds: 10.0,
+    });
+    let settings = ClusterSettings {
+        redis: vec![redis.url()],
+        ..ClusterSettings::default()
+    };
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let connection = RedisConnection::open(&settings).await.expect("redis");
+        let buckets = Arc::new(RedisBuckets::new(connection, "test"));
+        gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
+    }
+    let (first, second) = (&gateways[0], &gateways[1]);
+    redis.cli(&["CONFIG", "RESETSTAT"]).expect("redis-cli");
+
+    let mut admitted = 0;
+    for _ in 0..20 {
+        if first.admit("demo", Class::Notification, 1).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5, "the burst, and no more");
+    assert_eq!(
+        limit_scripts_run(&redis),
+        5,
+        "the refusals never reached Redis"
+    );
+
+    // The second gateway has taken nothing: each of its pushes asks Redis, which refuses
+    // it, and gives its take back (else the sixth would be refused without asking).
+    for _ in 0..6 {
+        let limited = second
+            .admit("demo", Class::Notification, 1)
+            .await
+            .expect_err("the first gateway took the burst");
+        assert_eq!(limited.limit, "total.pushes_per_second");
+    }
+    assert_eq!(limit_scripts_run(&redis), 11);
+
+    // Redis gone: the first gateway's own takes still hold it to the limit; the second,
+    // which took none, lets its push through (the store would be failing too).
+    redis.kill();
+    assert!(first.admit("demo", Class::Notification, 1).await.is_err());
+    assert!(second.admit("demo", Class::Notification, 1).await.is_ok());
 }
 
 /// 4,999 uids with no device, and ann: resolving them keeps a pipeline of one place busy
