@@ -13,14 +13,15 @@
 //! Where the buckets live: in the process (standalone), or in Redis, one key per bucket
 //! moved by one script that reads Redis's clock, so that every gateway of a cluster shares
 //! each limit exactly (an app's buckets share a hash tag: one slot of a Redis Cluster).
-//! Each gateway also keeps what its own pushes took of each bucket, by its own clock: never
-//! more than Redis counts (a take Redis refuses is given back), so a push that finds no
-//! room there finds none in Redis either and is refused without asking it. A sender
-//! flooding past its limit through one gateway so costs Redis nothing. That count reads
-//! the gateway's clock where Redis's reads its own, a round trip to Redis apart at most:
-//! the limits are exact to within that. If Redis cannot be asked, the push is let through
-//! when the gateway's own count has room: the store it is about to be recorded in is then
-//! failing too, and each gateway still holds the limit for what it takes.
+//! Each gateway also keeps, by its own clock, a floor under each bucket: what its own pushes
+//! took (a take Redis refuses is given back), raised to what each answer of Redis shows the
+//! bucket owes. A push that finds no room over that floor finds none in Redis either, and
+//! is refused without asking it: a sender flooding past its limit makes each gateway ask
+//! Redis about once per unit of the limit's rate, however hard it floods. The floor reads
+//! the gateway's clock where Redis reads its own, a round trip to Redis apart at most: the
+//! limits are exact to within that. If Redis cannot be asked, the push is let through when
+//! the floor has room: the store it is about to be recorded in is then failing too, and each
+//! gateway still holds the limit for what it takes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -96,7 +97,7 @@ impl Default for LocalBuckets {
 impl LocalBuckets {
     /// Takes every charge if each bucket has room, as [`Buckets::take`] does.
     fn take_now(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
-        let now = self.epoch.elapsed().as_micros() as u64;
+        let now = self.now();
         let mut tats = self.tats.lock().map_err(|_| StoreError::Closed)?;
         Ok(take_all(charges, force, now, |bucket| {
             tats.get(bucket).copied().unwrap_or(0)
@@ -107,6 +108,24 @@ impl LocalBuckets {
             }
         })
         .err())
+    }
+
+    /// Now on the buckets' clock, in µs.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Raises each charge's bucket to be paid up to `at + owed` at least (µs on the buckets'
+    /// clock; `owed` per charge, in order).
+    fn raise(&self, charges: &[Charge], at: u64, owed: &[u64]) {
+        let Ok(mut tats) = self.tats.lock() else {
+            return;
+        };
+        for (charge, owed) in charges.iter().zip(owed) {
+            let floor = at.saturating_add(*owed);
+            let tat = tats.entry(charge.bucket.clone()).or_insert(0);
+            *tat = (*tat).max(floor);
+        }
     }
 
     /// Gives back what a take of `charges` took. The bucket is then paid up to the later of
@@ -168,12 +187,13 @@ fn limit_name(bucket: &str) -> String {
 
 /// The GCRA step of [`step`] and [`take_all`], in Redis: KEYS are the buckets; ARGV[1] is
 /// `1` to force, then cost, interval and burst (µs) per bucket. Answers 0, or the wait in µs
-/// and the index (from 1) of the fullest bucket.
+/// and the index (from 1) of the fullest bucket; then what each bucket owes once answered
+/// (µs it is paid up to past now).
 const TAKE: &str = r"
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local force = ARGV[1] == '1'
-local moved, wait, fullest = {}, 0, 0
+local moved, owed, wait, fullest = {}, {}, 0, 0
 for i, key in ipairs(KEYS) do
   local cost, interval, burst = tonumber(ARGV[i * 3 - 1]), tonumber(ARGV[i * 3]), tonumber(ARGV[i * 3 + 1])
   local paid_to = math.max(tonumber(redis.call('GET', key) or '0'), now)
@@ -181,14 +201,15 @@ for i, key in ipairs(KEYS) do
   if not force and needed > burst then
     if needed - burst > wait then wait, fullest = needed - burst, i end
   end
-  moved[i] = paid_to + cost * interval
+  moved[i], owed[i] = paid_to + cost * interval, paid_to - now
 end
-if wait > 0 then return {wait, fullest} end
+if wait > 0 then return {wait, fullest, unpack(owed)} end
 for i, key in ipairs(KEYS) do
   local ttl = math.ceil((moved[i] - now) / 1000) + 1000
   redis.call('SET', key, string.format('%.0f', moved[i]), 'PX', ttl)
+  owed[i] = moved[i] - now
 end
-return {0, 0}
+return {0, 0, unpack(owed)}
 ";
 
 /// Buckets in Redis (cluster mode), shared by every gateway, and what this gateway's own
@@ -197,8 +218,9 @@ pub struct RedisBuckets {
     connection: RedisConnection,
     prefix: String,
     script: Script,
-    /// This gateway's takes that Redis did not refuse: a bucket full here is full there.
-    own: LocalBuckets,
+    /// A floor under each bucket: this gateway's takes that Redis did not refuse, raised to
+    /// what Redis's answers show. A bucket full here is full there.
+    floor: LocalBuckets,
 }
 
 impl RedisBuckets {
@@ -208,7 +230,7 @@ impl RedisBuckets {
             connection,
             prefix: prefix.to_owned(),
             script: Script::new(TAKE),
-            own: LocalBuckets::default(),
+            floor: LocalBuckets::default(),
         }
     }
 
@@ -222,24 +244,28 @@ impl RedisBuckets {
 #[async_trait]
 impl Buckets for RedisBuckets {
     async fn take(&self, charges: &[Charge], force: bool) -> Result<Option<Limited>, StoreError> {
-        if let Some(limited) = self.own.take_now(charges, force)? {
+        if let Some(limited) = self.floor.take_now(charges, force)? {
             return Ok(Some(limited));
         }
-        let taken = self.take_in_redis(charges, force).await;
-        if let Ok(Some(_)) = taken {
-            self.own.give_back(charges);
+        // Redis's clock reads later than this: what it owes from then, it owes from now.
+        let asked = self.floor.now();
+        let (limited, owed) = self.take_in_redis(charges, force).await?;
+        if limited.is_some() {
+            self.floor.give_back(charges);
         }
-        taken
+        self.floor.raise(charges, asked, &owed);
+        Ok(limited)
     }
 }
 
 impl RedisBuckets {
-    /// [`Buckets::take`] by the script, in Redis.
+    /// [`Buckets::take`] by the script, in Redis; with what each bucket owes after it (µs,
+    /// per charge).
     async fn take_in_redis(
         &self,
         charges: &[Charge],
         force: bool,
-    ) -> Result<Option<Limited>, StoreError> {
+    ) -> Result<(Option<Limited>, Vec<u64>), StoreError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if force { "1" } else { "0" });
         for charge in charges {
@@ -250,20 +276,28 @@ impl RedisBuckets {
                 .arg(charge.burst_us);
         }
         let mut connection = self.connection.clone();
-        let (wait, fullest): (u64, usize) = invocation
+        let answer: Vec<u64> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(backend)?;
-        if wait == 0 {
-            return Ok(None);
+        let malformed = || StoreError::Backend("rate limit script: a malformed answer".into());
+        let [wait, fullest, owed @ ..] = answer.as_slice() else {
+            return Err(malformed());
+        };
+        if owed.len() != charges.len() {
+            return Err(malformed());
+        }
+        if *wait == 0 {
+            return Ok((None, owed.to_vec()));
         }
         let charge = charges
-            .get(fullest.saturating_sub(1))
+            .get((*fullest as usize).saturating_sub(1))
             .ok_or_else(|| StoreError::Backend("rate limit script: no such bucket".into()))?;
-        Ok(Some(Limited {
+        let limited = Limited {
             limit: limit_name(&charge.bucket),
-            retry_after: Duration::from_micros(wait),
-        }))
+            retry_after: Duration::from_micros(*wait),
+        };
+        Ok((Some(limited), owed.to_vec()))
     }
 }
 
@@ -418,6 +452,23 @@ mod tests {
                 retry_after: Duration::from_micros(1_001_000),
             })
         );
+    }
+
+    /// A take given back leaves the bucket the room it had; a raised bucket has none until
+    /// it is paid off.
+    #[test]
+    fn a_take_given_back_and_a_bucket_raised() {
+        let buckets = LocalBuckets::default();
+        let one = [every(1_000_000, 1_000_000, 1)];
+        let take = || buckets.take_now(&one, false).expect("lock");
+        assert_eq!(take(), None);
+        assert!(take().is_some(), "one a second");
+        buckets.give_back(&one);
+        assert_eq!(take(), None, "its room back");
+        buckets.give_back(&one);
+        buckets.raise(&one, buckets.now(), &[5_000_000]);
+        let limited = take().expect("owes 5 s");
+        assert!(limited.retry_after > Duration::from_secs(4), "{limited:?}");
     }
 
     #[tokio::test]

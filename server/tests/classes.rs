@@ -256,11 +256,11 @@ fn limit_scripts_run(redis: &Redis) -> u64 {
         })
 }
 
-/// A gateway refuses on its own a push its own takes leave no room for, without asking
-/// Redis; a take Redis refuses is given back, so another gateway's pushes still reach
-/// Redis; with Redis down a gateway still holds the limit for what it took.
+/// A gateway refuses on its own a push its own takes, or what Redis last told it, leave no
+/// room for: a flood past a limit asks Redis about once per unit of the limit, from each
+/// gateway. With Redis down a gateway still holds the limit for what it took.
 #[tokio::test]
-async fn a_gateway_refuses_what_its_own_takes_fill() {
+async fn a_gateway_refuses_what_its_floor_fills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis = Redis::start(dir.path());
     let mut app = AppSettings::new("demo", "k", "s");
@@ -275,12 +275,14 @@ async fn a_gateway_refuses_what_its_own_takes_fill() {
         ..ClusterSettings::default()
     };
     let mut gateways = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let connection = RedisConnection::open(&settings).await.expect("redis");
         let buckets = Arc::new(RedisBuckets::new(connection, "test"));
         gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
     }
-    let (first, second) = (&gateways[0], &gateways[1]);
+    let [first, second, third] = gateways.as_slice() else {
+        unreachable!("three gateways");
+    };
     redis.cli(&["CONFIG", "RESETSTAT"]).expect("redis-cli");
 
     let mut admitted = 0;
@@ -296,22 +298,24 @@ async fn a_gateway_refuses_what_its_own_takes_fill() {
         "the refusals never reached Redis"
     );
 
-    // The second gateway has taken nothing: each of its pushes asks Redis, which refuses
-    // it, and gives its take back (else the sixth would be refused without asking).
+    // The second gateway took nothing: its first push asks Redis, which refuses it and
+    // tells how full the bucket is; the next are refused without asking.
     for _ in 0..6 {
         let limited = second
             .admit("demo", Class::Notification, 1)
             .await
             .expect_err("the first gateway took the burst");
         assert_eq!(limited.limit, "total.pushes_per_second");
+        assert!(limited.retry_after > Duration::from_secs(1), "{limited:?}");
     }
-    assert_eq!(limit_scripts_run(&redis), 11);
+    assert_eq!(limit_scripts_run(&redis), 6);
 
-    // Redis gone: the first gateway's own takes still hold it to the limit; the second,
-    // which took none, lets its push through (the store would be failing too).
+    // Redis gone: the first two still refuse (what they know of the bucket); the third,
+    // which knows nothing of it, lets its push through (the store would be failing too).
     redis.kill();
     assert!(first.admit("demo", Class::Notification, 1).await.is_err());
-    assert!(second.admit("demo", Class::Notification, 1).await.is_ok());
+    assert!(second.admit("demo", Class::Notification, 1).await.is_err());
+    assert!(third.admit("demo", Class::Notification, 1).await.is_ok());
 }
 
 /// 4,999 uids with no device, and ann: resolving them keeps a pipeline of one place busy
