@@ -123,8 +123,12 @@ impl LocalBuckets {
         };
         for (charge, owed) in charges.iter().zip(owed) {
             let floor = at.saturating_add(*owed);
-            let tat = tats.entry(charge.bucket.clone()).or_insert(0);
-            *tat = (*tat).max(floor);
+            match tats.get_mut(&charge.bucket) {
+                Some(tat) => *tat = (*tat).max(floor),
+                None => {
+                    tats.insert(charge.bucket.clone(), floor);
+                }
+            }
         }
     }
 
@@ -212,8 +216,8 @@ end
 return {0, 0, unpack(owed)}
 ";
 
-/// Buckets in Redis (cluster mode), shared by every gateway, and what this gateway's own
-/// pushes took of them.
+/// Buckets in Redis (cluster mode), shared by every gateway, and the floor this gateway
+/// keeps under them.
 pub struct RedisBuckets {
     connection: RedisConnection,
     prefix: String,
@@ -247,7 +251,8 @@ impl Buckets for RedisBuckets {
         if let Some(limited) = self.floor.take_now(charges, force)? {
             return Ok(Some(limited));
         }
-        // Redis's clock reads later than this: what it owes from then, it owes from now.
+        // Read before asking: Redis reads its clock later, so each bucket is paid up to
+        // `asked + owed` at least.
         let asked = self.floor.now();
         let (limited, owed) = self.take_in_redis(charges, force).await?;
         if limited.is_some() {
