@@ -264,11 +264,11 @@ async fn a_gateway_refuses_what_its_floor_fills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis = Redis::start(dir.path());
     let mut app = AppSettings::new("demo", "k", "s");
-    // Five at once, then one every 2 s: no room comes back while the test runs.
+    // Five at once, then one every 10 s: no room comes back while the test runs.
     app.rate_limits.total = Some(Rate {
-        pushes_per_second: Some(0.5),
+        pushes_per_second: Some(0.1),
         targets_per_second: None,
-        burst_seconds: 10.0,
+        burst_seconds: 50.0,
     });
     let settings = ClusterSettings {
         redis: vec![redis.url()],
