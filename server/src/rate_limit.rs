@@ -22,6 +22,15 @@
 //! limits are exact to within that. If Redis cannot be asked, the push is let through when
 //! the floor has room: the store it is about to be recorded in is then failing too, and each
 //! gateway still holds the limit for what it takes.
+//!
+//! A gateway whose pushes take a limit's units quickly leases some ahead: with a take, it
+//! asks Redis for up to [`LEASE`] of the limit's rate more, granted only as far as the
+//! burst has room, and spends them on its next pushes without asking. What it asks for
+//! doubles each time a lease is spent before it lapses and halves each time one lapses
+//! unspent, so a gateway asks Redis about once per lease, and a gateway with few pushes
+//! leases nothing. Leased units are taken from the shared bucket when granted, so a limit
+//! is never exceeded by them; what a lease holds when it lapses ([`LAPSE`] after) is given
+//! back to the bucket with the gateway's next take of it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -190,17 +199,24 @@ fn limit_name(bucket: &str) -> String {
 }
 
 /// The GCRA step of [`step`] and [`take_all`], in Redis: KEYS are the buckets; ARGV[1] is
-/// `1` to force, then cost, interval and burst (µs) per bucket. Answers 0, or the wait in µs
-/// and the index (from 1) of the fullest bucket; then what each bucket owes once answered
-/// (µs it is paid up to past now).
+/// `1` to force, then cost, interval, burst (µs), units to lease and leased units given
+/// back (first, whatever the answer) per bucket. Answers 0, or the wait in µs and the index
+/// (from 1) of the fullest bucket; then what each bucket owes once answered (µs it is paid
+/// up to past now); when taken, then the units leased from each bucket: as many as asked
+/// for that each find room in the burst after the take.
 const TAKE: &str = r"
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local force = ARGV[1] == '1'
-local moved, owed, wait, fullest = {}, {}, 0, 0
+local moved, owed, leased, wait, fullest = {}, {}, {}, 0, 0
 for i, key in ipairs(KEYS) do
-  local cost, interval, burst = tonumber(ARGV[i * 3 - 1]), tonumber(ARGV[i * 3]), tonumber(ARGV[i * 3 + 1])
-  local paid_to = math.max(tonumber(redis.call('GET', key) or '0'), now)
+  local cost, interval, burst = tonumber(ARGV[i * 5 - 3]), tonumber(ARGV[i * 5 - 2]), tonumber(ARGV[i * 5 - 1])
+  local tat, given = tonumber(redis.call('GET', key) or '0'), tonumber(ARGV[i * 5 + 1])
+  if given > 0 and tat > now then
+    tat = math.max(tat - given * interval, now)
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+  local paid_to = math.max(tat, now)
   local needed = paid_to - now + interval
   if not force and needed > burst then
     if needed - burst > wait then wait, fullest = needed - burst, i end
@@ -209,12 +225,58 @@ for i, key in ipairs(KEYS) do
 end
 if wait > 0 then return {wait, fullest, unpack(owed)} end
 for i, key in ipairs(KEYS) do
+  local interval, burst, lease = tonumber(ARGV[i * 5 - 2]), tonumber(ARGV[i * 5 - 1]), tonumber(ARGV[i * 5])
+  local room = now + burst - interval - moved[i]
+  leased[i] = 0
+  if room >= 0 then leased[i] = math.min(lease, math.floor(room / interval) + 1) end
+  moved[i] = moved[i] + leased[i] * interval
   local ttl = math.ceil((moved[i] - now) / 1000) + 1000
   redis.call('SET', key, string.format('%.0f', moved[i]), 'PX', ttl)
   owed[i] = moved[i] - now
 end
-return {0, 0, unpack(owed)}
+local answer = {0, 0, unpack(owed)}
+for i = 1, #leased do answer[#answer + 1] = leased[i] end
+return answer
 ";
+
+/// How much of a limit's rate a gateway may hold leased.
+pub const LEASE: Duration = Duration::from_millis(10);
+
+/// How long leased units may wait to be spent.
+pub const LAPSE: Duration = Duration::from_millis(50);
+
+/// Units of one bucket this gateway took from Redis ahead of its pushes.
+#[derive(Default)]
+struct Lease {
+    /// Not spent yet.
+    units: u64,
+    /// When they lapse, in µs on the floor's clock.
+    until: u64,
+    /// How many to ask for with the next take.
+    ask: u64,
+    /// Asked for in takes not answered yet.
+    asked: u64,
+    /// Lapsed unspent, to give back with the next take.
+    lapsed: u64,
+}
+
+/// What a take through Redis asks of one bucket beside its cost.
+#[derive(Clone, Copy, Default)]
+struct Ask {
+    /// Units to lease.
+    lease: u64,
+    /// Units to give back.
+    give: u64,
+}
+
+/// What a take through Redis answered.
+struct Answer {
+    limited: Option<Limited>,
+    /// What each bucket owes (µs past Redis's now), leased units included.
+    owed: Vec<u64>,
+    /// Units leased from each bucket (none when refused).
+    leased: Vec<u64>,
+}
 
 /// Buckets in Redis (cluster mode), shared by every gateway, and the floor this gateway
 /// keeps under them.
@@ -225,6 +287,8 @@ pub struct RedisBuckets {
     /// A floor under each bucket: this gateway's takes that Redis did not refuse, raised to
     /// what Redis's answers show. A bucket full here is full there.
     floor: LocalBuckets,
+    /// Units leased ahead, by bucket: bounded as the floor is, by the config.
+    leases: Mutex<HashMap<String, Lease>>,
 }
 
 impl RedisBuckets {
@@ -235,6 +299,7 @@ impl RedisBuckets {
             prefix: prefix.to_owned(),
             script: Script::new(TAKE),
             floor: LocalBuckets::default(),
+            leases: Mutex::new(HashMap::new()),
         }
     }
 
@@ -254,31 +319,131 @@ impl Buckets for RedisBuckets {
         // Read before asking: Redis reads its clock later, so each bucket is paid up to
         // `asked + owed` at least.
         let asked = self.floor.now();
-        let (limited, owed) = self.take_in_redis(charges, force).await?;
-        if limited.is_some() {
+        let asks = match force {
+            true => vec![Ask::default(); charges.len()],
+            false => match self.spend_lease(charges, asked)? {
+                Some(asks) => asks,
+                None => return Ok(None),
+            },
+        };
+        let answer = self.take_in_redis(charges, force, &asks).await;
+        let leased = answer.as_ref().map_or(&[][..], |answer| &answer.leased);
+        self.settle_leases(charges, &asks, (answer.is_ok(), leased), asked);
+        let answer = answer?;
+        if answer.limited.is_some() {
             self.floor.give_back(charges);
         }
+        // The floor takes leased units as they are spent: raised to what is owed before them.
+        let owed: Vec<u64> = charges
+            .iter()
+            .zip(&answer.owed)
+            .zip(answer.leased.iter().chain(std::iter::repeat(&0)))
+            .map(|((charge, owed), leased)| {
+                owed.saturating_sub(leased.saturating_mul(charge.interval_us))
+            })
+            .collect();
         self.floor.raise(charges, asked, &owed);
-        Ok(limited)
+        Ok(answer.limited)
     }
 }
 
 impl RedisBuckets {
-    /// [`Buckets::take`] by the script, in Redis; with what each bucket owes after it (µs,
-    /// per charge).
+    /// Spends leased units on `charges` when every bucket has enough (answers `None`);
+    /// otherwise how many units to lease from each bucket with the take Redis is asked for
+    /// (what this gateway holds and has asked for stays within a lease's time of the rate).
+    fn spend_lease(&self, charges: &[Charge], now: u64) -> Result<Option<Vec<Ask>>, StoreError> {
+        let mut leases = self.leases.lock().map_err(|_| StoreError::Closed)?;
+        let enough = charges.iter().all(|charge| {
+            leases
+                .get(&charge.bucket)
+                .is_some_and(|lease| lease.until > now && lease.units >= charge.cost)
+        });
+        if enough {
+            for charge in charges {
+                if let Some(lease) = leases.get_mut(&charge.bucket) {
+                    lease.units -= charge.cost;
+                }
+            }
+            return Ok(None);
+        }
+        let asks = charges
+            .iter()
+            .map(|charge| {
+                let most = LEASE.as_micros() as u64 / charge.interval_us.max(1);
+                let Some(lease) = leases.get_mut(&charge.bucket) else {
+                    if most > 0 {
+                        leases.insert(charge.bucket.clone(), Lease::default());
+                    }
+                    return Ask::default();
+                };
+                if lease.until > now {
+                    // Spent (or nearly) in time: ask for more.
+                    lease.ask = lease.ask.saturating_mul(2).clamp(1, most.max(1));
+                } else {
+                    if lease.units > 0 {
+                        // Lapsed unspent: ask for less, and give them back.
+                        lease.ask /= 2;
+                    }
+                    lease.lapsed += std::mem::take(&mut lease.units);
+                }
+                let ask = lease
+                    .ask
+                    .min(most.saturating_sub(lease.units + lease.asked));
+                lease.asked += ask;
+                Ask {
+                    lease: ask,
+                    give: lease.lapsed,
+                }
+            })
+            .collect();
+        Ok(Some(asks))
+    }
+
+    /// Settles what a take asked (`asks`) once Redis `answered` (or could not be asked):
+    /// keeps the units it leased until [`LAPSE`] after `asked`, forgets those given back.
+    fn settle_leases(
+        &self,
+        charges: &[Charge],
+        asks: &[Ask],
+        (answered, leased): (bool, &[u64]),
+        asked: u64,
+    ) {
+        let Ok(mut leases) = self.leases.lock() else {
+            return;
+        };
+        let leased = leased.iter().chain(std::iter::repeat(&0));
+        for ((charge, ask), leased) in charges.iter().zip(asks).zip(leased) {
+            if let Some(lease) = leases.get_mut(&charge.bucket) {
+                lease.asked = lease.asked.saturating_sub(ask.lease);
+                if answered {
+                    lease.lapsed = lease.lapsed.saturating_sub(ask.give);
+                }
+                if *leased > 0 || lease.until <= asked {
+                    lease.units += leased;
+                    lease.until = asked + LAPSE.as_micros() as u64;
+                }
+            }
+        }
+    }
+
+    /// [`Buckets::take`] by the script, in Redis, leasing and giving back what `asks` says
+    /// of each bucket.
     async fn take_in_redis(
         &self,
         charges: &[Charge],
         force: bool,
-    ) -> Result<(Option<Limited>, Vec<u64>), StoreError> {
+        asks: &[Ask],
+    ) -> Result<Answer, StoreError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if force { "1" } else { "0" });
-        for charge in charges {
+        for (charge, ask) in charges.iter().zip(asks) {
             invocation
                 .key(self.key(&charge.bucket))
                 .arg(charge.cost)
                 .arg(charge.interval_us)
-                .arg(charge.burst_us);
+                .arg(charge.burst_us)
+                .arg(ask.lease)
+                .arg(ask.give);
         }
         let mut connection = self.connection.clone();
         let answer: Vec<u64> = invocation
@@ -286,14 +451,22 @@ impl RedisBuckets {
             .await
             .map_err(backend)?;
         let malformed = || StoreError::Backend("rate limit script: a malformed answer".into());
-        let [wait, fullest, owed @ ..] = answer.as_slice() else {
+        let [wait, fullest, rest @ ..] = answer.as_slice() else {
             return Err(malformed());
         };
-        if owed.len() != charges.len() {
-            return Err(malformed());
-        }
         if *wait == 0 {
-            return Ok((None, owed.to_vec()));
+            if rest.len() != 2 * charges.len() {
+                return Err(malformed());
+            }
+            let (owed, leased) = rest.split_at(charges.len());
+            return Ok(Answer {
+                limited: None,
+                owed: owed.to_vec(),
+                leased: leased.to_vec(),
+            });
+        }
+        if rest.len() != charges.len() {
+            return Err(malformed());
         }
         let charge = charges
             .get((*fullest as usize).saturating_sub(1))
@@ -302,7 +475,11 @@ impl RedisBuckets {
             limit: limit_name(&charge.bucket),
             retry_after: Duration::from_micros(*wait),
         };
-        Ok((Some(limited), owed.to_vec()))
+        Ok(Answer {
+            limited: Some(limited),
+            owed: rest.to_vec(),
+            leased: Vec::new(),
+        })
     }
 }
 

@@ -318,6 +318,66 @@ async fn a_gateway_refuses_what_its_floor_fills() {
     assert!(third.admit("demo", Class::Notification, 1).await.is_ok());
 }
 
+/// A gateway pushing fast leases a limit's units ahead and spends them without asking
+/// Redis: far fewer script runs than pushes, and two gateways together never take more
+/// than the limit allows.
+#[tokio::test]
+async fn gateways_lease_a_limit_ahead_and_never_exceed_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let mut app = AppSettings::new("demo", "k", "s");
+    // 2,000 a second (a lease of 10 ms holds 20 at most), a burst of 0.1 s (200).
+    app.rate_limits.total = Some(Rate {
+        pushes_per_second: Some(2000.0),
+        targets_per_second: None,
+        burst_seconds: 0.1,
+    });
+    let settings = ClusterSettings {
+        redis: vec![redis.url()],
+        ..ClusterSettings::default()
+    };
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let connection = RedisConnection::open(&settings).await.expect("redis");
+        let buckets = Arc::new(RedisBuckets::new(connection, "test"));
+        gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
+    }
+    redis.cli(&["CONFIG", "RESETSTAT"]).expect("redis-cli");
+
+    // One gateway alone, within the burst: every push admitted, most without Redis.
+    let began = std::time::Instant::now();
+    let alone = flood(&gateways[0], 150).await;
+    assert_eq!(alone, 150, "within the burst");
+    let runs = limit_scripts_run(&redis);
+    assert!(runs < 75, "{runs} script runs for 150 pushes");
+
+    // Both at once, far past the limit: together never more than the burst and the rate
+    // allow over the time since the first push (measured after, so an upper bound).
+    let (first, second) = tokio::join!(flood(&gateways[0], 3000), flood(&gateways[1], 3000));
+    let elapsed = began.elapsed().as_secs_f64();
+    let most = 200.0 + 2000.0 * elapsed + 1.0;
+    let admitted = alone + first + second;
+    assert!(
+        admitted as f64 <= most,
+        "{alone} + {first} + {second} admitted in {elapsed:.3} s, at most {most:.0} allowed"
+    );
+    assert!(
+        first > 0 && second > 0,
+        "each gateway got some: {first}, {second}"
+    );
+}
+
+/// How many of `pushes` notifications `gateway` admits, one after the other.
+async fn flood(gateway: &RateLimiter, pushes: u32) -> u64 {
+    let mut admitted = 0;
+    for _ in 0..pushes {
+        if gateway.admit("demo", Class::Notification, 1).await.is_ok() {
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
 /// 4,999 uids with no device, and ann: resolving them keeps a pipeline of one place busy
 /// long enough for the pushes sent after it to queue, however fast the machine.
 fn slow_audience() -> Vec<String> {
