@@ -263,23 +263,13 @@ fn limit_scripts_run(redis: &Redis) -> u64 {
 async fn a_gateway_refuses_what_its_floor_fills() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut redis = Redis::start(dir.path());
-    let mut app = AppSettings::new("demo", "k", "s");
     // Five at once, then one every 10 s: no room comes back while the test runs.
-    app.rate_limits.total = Some(Rate {
+    let total = Rate {
         pushes_per_second: Some(0.1),
         targets_per_second: None,
         burst_seconds: 50.0,
-    });
-    let settings = ClusterSettings {
-        redis: vec![redis.url()],
-        ..ClusterSettings::default()
     };
-    let mut gateways = Vec::new();
-    for _ in 0..3 {
-        let connection = RedisConnection::open(&settings).await.expect("redis");
-        let buckets = Arc::new(RedisBuckets::new(connection, "test"));
-        gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
-    }
+    let gateways = gateways_limiting(&redis, total, 3).await;
     let [first, second, third] = gateways.as_slice() else {
         unreachable!("three gateways");
     };
@@ -325,23 +315,13 @@ async fn a_gateway_refuses_what_its_floor_fills() {
 async fn gateways_lease_a_limit_ahead_and_never_exceed_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = Redis::start(dir.path());
-    let mut app = AppSettings::new("demo", "k", "s");
     // 2,000 a second (a lease of 10 ms holds 20 at most), a burst of 0.1 s (200).
-    app.rate_limits.total = Some(Rate {
+    let total = Rate {
         pushes_per_second: Some(2000.0),
         targets_per_second: None,
         burst_seconds: 0.1,
-    });
-    let settings = ClusterSettings {
-        redis: vec![redis.url()],
-        ..ClusterSettings::default()
     };
-    let mut gateways = Vec::new();
-    for _ in 0..2 {
-        let connection = RedisConnection::open(&settings).await.expect("redis");
-        let buckets = Arc::new(RedisBuckets::new(connection, "test"));
-        gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
-    }
+    let gateways = gateways_limiting(&redis, total, 2).await;
     redis.cli(&["CONFIG", "RESETSTAT"]).expect("redis-cli");
 
     // One gateway alone, within the burst: every push admitted, most without Redis.
@@ -365,6 +345,24 @@ async fn gateways_lease_a_limit_ahead_and_never_exceed_it() {
         first > 0 && second > 0,
         "each gateway got some: {first}, {second}"
     );
+}
+
+/// `count` gateways' rate limiters over `redis`, each on its own connection, for the app
+/// `demo` limited to `total`.
+async fn gateways_limiting(redis: &Redis, total: Rate, count: usize) -> Vec<RateLimiter> {
+    let mut app = AppSettings::new("demo", "k", "s");
+    app.rate_limits.total = Some(total);
+    let settings = ClusterSettings {
+        redis: vec![redis.url()],
+        ..ClusterSettings::default()
+    };
+    let mut gateways = Vec::new();
+    for _ in 0..count {
+        let connection = RedisConnection::open(&settings).await.expect("redis");
+        let buckets = Arc::new(RedisBuckets::new(connection, "test"));
+        gateways.push(RateLimiter::new(std::slice::from_ref(&app), buckets));
+    }
+    gateways
 }
 
 /// How many of `pushes` notifications `gateway` admits, one after the other.
