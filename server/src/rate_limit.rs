@@ -390,9 +390,10 @@ impl RedisBuckets {
                     .ask
                     .min(most.saturating_sub(lease.units + lease.asked));
                 lease.asked += ask;
+                // Given back by this take alone (another at once gives back none of them).
                 Ask {
                     lease: ask,
-                    give: lease.lapsed,
+                    give: std::mem::take(&mut lease.lapsed),
                 }
             })
             .collect();
@@ -400,7 +401,8 @@ impl RedisBuckets {
     }
 
     /// Settles what a take asked (`asks`) once Redis `answered` (or could not be asked):
-    /// keeps the units it leased until [`LAPSE`] after `asked`, forgets those given back.
+    /// keeps the units it leased until [`LAPSE`] after `asked`; those it was to give back
+    /// are given with the next take if Redis could not be asked.
     fn settle_leases(
         &self,
         charges: &[Charge],
@@ -415,8 +417,8 @@ impl RedisBuckets {
         for ((charge, ask), leased) in charges.iter().zip(asks).zip(leased) {
             if let Some(lease) = leases.get_mut(&charge.bucket) {
                 lease.asked = lease.asked.saturating_sub(ask.lease);
-                if answered {
-                    lease.lapsed = lease.lapsed.saturating_sub(ask.give);
+                if !answered {
+                    lease.lapsed += ask.give;
                 }
                 if *leased > 0 || lease.until <= asked {
                     lease.units += leased;
