@@ -161,6 +161,10 @@ enum Scenario {
         /// (never stored).
         #[arg(long, default_value = "marketing")]
         flood_class: String,
+        /// Rounds of the two phases (alone, then flooded), one after the other: each
+        /// round's ratio is reported, and their median.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
     },
     /// Scheduled pushes: `--pushes` pushes to the devices' uids (taking turns), all
     /// scheduled for the same second through every gateway; with `--kill-gateway`, the first
@@ -452,7 +456,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             duration,
             flood_factor,
             flood_class,
+            rounds,
         } => {
+            anyhow::ensure!(*rounds > 0, "--rounds must be at least 1");
             anyhow::ensure!(
                 ["marketing", "notification", "realtime"].contains(&flood_class.as_str()),
                 "--flood-class must be marketing, notification or realtime"
@@ -462,6 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 duration: Duration::from_secs(*duration),
                 flood_factor: *flood_factor,
                 flood_class: flood_class.clone(),
+                rounds: *rounds,
             };
             isolation(&mut run, common, plan).await
         }
@@ -1046,6 +1053,8 @@ struct IsolationPlan {
     flood_factor: f64,
     /// The flood's class (a realtime push has no TTL: it is never stored).
     flood_class: String,
+    /// Rounds of the two phases.
+    rounds: u32,
 }
 
 /// What came of pushes sent at a pace.
@@ -1107,6 +1116,10 @@ where
     tally.sent = sent;
     tally
 }
+
+/// Between a round's flooded phase and the next round's alone phase: the flood's accepted
+/// pushes finish their fan-out, statuses and counts.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// `isolation`: see [`Scenario::Isolation`].
 async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyhow::Result<()> {
@@ -1178,43 +1191,58 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
             .chain(others)
             .collect()
     };
-    let waits_at_start = StoreWaits::read(&http, &metrics_url).await;
-    let cpu_at_start = (deploy::cpu_total(&deployment_pids), Instant::now());
-    // Phase 1: the app alone.
-    let quiet = paced(rate, plan.duration, 256, &measured_pushes, measured_outcome).await;
-    let before = run.fleet.reports().await?;
-    let waits_alone = StoreWaits::read(&http, &metrics_url).await;
-    let cpu_alone = (deploy::cpu_total(&deployment_pids), Instant::now());
-    // Phase 2: the same, under the flood.
     let offered = capacity * plan.flood_factor;
-    let (loud, flooded) = tokio::join!(
-        paced(rate, plan.duration, 256, &measured_pushes, measured_outcome),
-        flood(offered, plan.duration, FLOOD_IN_FLIGHT),
-    );
-    let flooded = flooded?;
-    let accepted = quiet.accepted + loud.accepted;
-    let mut errors = quiet.errors.clone();
-    for (kind, count) in &loud.errors {
-        *errors.entry(format!("flooded: {kind}")).or_default() += count;
+    let mut phases = Phases::default();
+    let mut flooded = Tally::default();
+    let mut accepted = 0;
+    let mut errors = BTreeMap::new();
+    let mut seen = run.fleet.reports().await?;
+    for round in 0..plan.rounds {
+        // The app alone, once what the last flood left behind has settled.
+        if round > 0 {
+            tokio::time::sleep(SETTLE).await;
+        }
+        let began = Phase::start(&http, &metrics_url, &deployment_pids).await;
+        let quiet = paced(rate, plan.duration, 256, &measured_pushes, measured_outcome).await;
+        accepted += quiet.accepted;
+        phases.quiet_accepted += quiet.accepted;
+        count_errors(&mut errors, &quiet.errors, "");
+        let alone = arrived_since(run, accepted, &mut seen).await?;
+        phases
+            .alone
+            .end(began, alone, &http, &metrics_url, &deployment_pids)
+            .await;
+        // The same, under the flood.
+        let began = Phase::start(&http, &metrics_url, &deployment_pids).await;
+        let (loud, flood) = tokio::join!(
+            paced(rate, plan.duration, 256, &measured_pushes, measured_outcome),
+            flood(offered, plan.duration, FLOOD_IN_FLIGHT),
+        );
+        let flood = flood?;
+        accepted += loud.accepted;
+        phases.loud_accepted += loud.accepted;
+        count_errors(&mut errors, &loud.errors, "flooded: ");
+        flooded.accepted += flood.accepted;
+        flooded.skipped += flood.skipped;
+        count_errors(&mut flooded.errors, &flood.errors, "");
+        let under_flood = arrived_since(run, accepted, &mut seen).await?;
+        phases
+            .flooded
+            .end(began, under_flood, &http, &metrics_url, &deployment_pids)
+            .await;
     }
     run.result.errors = errors;
-    let waits_flooded = StoreWaits::read(&http, &metrics_url).await;
-    let cpu_flooded = (deploy::cpu_total(&deployment_pids), Instant::now());
     expect_deliveries(run, accepted, Duration::from_secs(60)).await?;
-    let after = run.fleet.reports().await?;
-    let mut alone_latencies: Vec<u32> = before
+    let flooded_time = plan.duration.as_secs_f64() * f64::from(plan.rounds);
+    let ratios: Vec<f64> = phases
+        .alone
+        .p99s
         .iter()
-        .flat_map(|report| report.latencies_us.iter().copied())
+        .zip(&phases.flooded.p99s)
+        .map(|(alone, flooded)| round(f64::from(*flooded) / f64::from((*alone).max(1)), 2))
         .collect();
-    let mut flooded_latencies: Vec<u32> = before
-        .iter()
-        .zip(&after)
-        .flat_map(|(before, after)| {
-            after.latencies_us[before.latencies_us.len()..]
-                .iter()
-                .copied()
-        })
-        .collect();
+    let mut alone_latencies = std::mem::take(&mut phases.alone.latencies);
+    let mut flooded_latencies = std::mem::take(&mut phases.flooded.latencies);
     let alone_p = Percentiles::of(&mut alone_latencies);
     let flooded_p = Percentiles::of(&mut flooded_latencies);
     let result = &mut run.result;
@@ -1227,7 +1255,7 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     result.figure("flood offered (pushes per second)", round(offered, 1));
     result.figure(
         "flood accepted during the flood (per second)",
-        round(flooded.accepted as f64 / plan.duration.as_secs_f64(), 1),
+        round(flooded.accepted as f64 / flooded_time, 1),
     );
     result.figure(
         "flood refused (HTTP 429)",
@@ -1248,7 +1276,7 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     );
     result.figure(
         "measured pushes accepted alone / flooded",
-        format!("{} / {}", quiet.accepted, loud.accepted),
+        format!("{} / {}", phases.quiet_accepted, phases.loud_accepted),
     );
     result.figure(
         "measured p50 alone / flooded (ms)",
@@ -1270,27 +1298,24 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
         "measured p99 flooded / alone",
         round(f64::from(flooded_p.p99) / f64::from(alone_p.p99.max(1)), 2),
     );
+    if plan.rounds > 1 {
+        result.figure("rounds", plan.rounds);
+        let each = ratios.iter().map(f64::to_string).collect::<Vec<_>>();
+        result.figure("measured p99 flooded / alone, each round", each.join(" / "));
+        result.figure(
+            "measured p99 flooded / alone, median of the rounds",
+            round(median(&ratios), 2),
+        );
+    }
     result.figure("flood class", plan.flood_class.as_str());
     // Cores the deployment's processes used in each phase (of the machine's).
-    let cores = |(cpu_then, then): (f64, Instant), (cpu_now, now): (f64, Instant)| {
-        round(
-            (cpu_now - cpu_then) / now.duration_since(then).as_secs_f64().max(1e-3),
-            2,
-        )
-    };
     result.figure(
         "deployment's CPU alone / flooded (cores)",
-        format!(
-            "{} / {}",
-            cores(cpu_at_start, cpu_alone),
-            cores(cpu_alone, cpu_flooded)
-        ),
+        format!("{} / {}", phases.alone.cores(), phases.flooded.cores()),
     );
     // The embedded store's own account (standalone): how long the measured app's writes
     // (lane "normal") waited for their commit in each phase.
-    if let (Some(start), Some(alone), Some(flooded)) = (waits_at_start, waits_alone, waits_flooded)
-    {
-        let (quiet, loud) = (alone.since(&start), flooded.since(&alone));
+    if let (Some(quiet), Some(loud)) = (&phases.alone.waits, &phases.flooded.waits) {
         result.figure(
             "store: normal-lane writes' mean wait alone / flooded (ms)",
             format!("{:.2} / {:.2}", quiet.mean_ms(), loud.mean_ms()),
@@ -1302,6 +1327,106 @@ async fn isolation(run: &mut Run, common: &Common, plan: IsolationPlan) -> anyho
     }
     result.latency = Some(flooded_p);
     Ok(())
+}
+
+/// What the isolation scenario saw in one kind of phase (alone, or flooded), over its rounds.
+#[derive(Default)]
+struct PhaseKind {
+    /// The measured app's latencies (µs), every round's.
+    latencies: Vec<u32>,
+    /// Each round's p99 (µs).
+    p99s: Vec<u32>,
+    /// CPU seconds the deployment used, and the seconds that took.
+    cpu_seconds: f64,
+    seconds: f64,
+    /// The embedded store's waits of the lane "normal" (standalone only).
+    waits: Option<StoreWaits>,
+}
+
+/// The two kinds of phase, and the measured app's pushes accepted in each.
+#[derive(Default)]
+struct Phases {
+    alone: PhaseKind,
+    flooded: PhaseKind,
+    quiet_accepted: u64,
+    loud_accepted: u64,
+}
+
+/// Where a phase began: the deployment's CPU, the clock, the store's waits.
+struct Phase {
+    cpu: f64,
+    at: Instant,
+    waits: Option<StoreWaits>,
+}
+
+impl Phase {
+    async fn start(http: &reqwest::Client, metrics_url: &str, pids: &[u32]) -> Self {
+        Self {
+            waits: StoreWaits::read(http, metrics_url).await,
+            cpu: deploy::cpu_total(pids),
+            at: Instant::now(),
+        }
+    }
+}
+
+impl PhaseKind {
+    /// Adds a phase that began at `began` and whose arrivals were `latencies`.
+    async fn end(
+        &mut self,
+        began: Phase,
+        mut latencies: Vec<u32>,
+        http: &reqwest::Client,
+        metrics_url: &str,
+        pids: &[u32],
+    ) {
+        self.cpu_seconds += deploy::cpu_total(pids) - began.cpu;
+        self.seconds += began.at.elapsed().as_secs_f64();
+        let waits = StoreWaits::read(http, metrics_url).await;
+        if let (Some(then), Some(now)) = (began.waits, waits) {
+            let waited = now.since(&then);
+            match &mut self.waits {
+                Some(total) => total.add(&waited),
+                None => self.waits = Some(waited),
+            }
+        }
+        self.p99s.push(Percentiles::of(&mut latencies).p99);
+        self.latencies.extend(latencies);
+    }
+
+    /// Cores the deployment used (of the machine's).
+    fn cores(&self) -> f64 {
+        round(self.cpu_seconds / self.seconds.max(1e-3), 2)
+    }
+}
+
+/// The latencies of what arrived since `seen`, once `accepted` pushes have arrived in all
+/// (or 10 s passed: what is missing then is counted at the end); `seen` moves on.
+async fn arrived_since(
+    run: &mut Run,
+    accepted: u64,
+    seen: &mut Vec<pigeon_client::swarm::Report>,
+) -> anyhow::Result<Vec<u32>> {
+    run.fleet
+        .wait_until(Duration::from_secs(10), |p| p.seq_sum >= accepted)
+        .await;
+    let now = run.fleet.reports().await?;
+    let latencies = seen
+        .iter()
+        .zip(&now)
+        .flat_map(|(before, after)| {
+            let from = before.latencies_us.len().min(after.latencies_us.len());
+            after.latencies_us[from..].iter().copied()
+        })
+        .collect();
+    *seen = now;
+    Ok(latencies)
+}
+
+/// Adds `more` to `errors`, each kind under `prefix`.
+fn count_errors(errors: &mut BTreeMap<String, u64>, more: &BTreeMap<String, u64>, prefix: &str) {
+    for (kind, count) in more {
+        *errors.entry(format!("{prefix}{kind}")).or_default() += count;
+    }
 }
 
 /// The embedded store's histogram of how long writes of the lane "normal" waited for their
@@ -1347,6 +1472,15 @@ impl StoreWaits {
             }
         }
         (!waits.buckets.is_empty()).then_some(waits)
+    }
+
+    /// Adds what `other` observed.
+    fn add(&mut self, other: &Self) {
+        for ((_, count), (_, more)) in self.buckets.iter_mut().zip(&other.buckets) {
+            *count += more;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
     }
 
     /// What was observed after `earlier`.
