@@ -119,8 +119,8 @@ fn a_standalone_broadcast_against_the_loopback_floor() {
     );
 }
 
-/// A second app floods while the measured one pushes: both phases measured, nothing of
-/// the measured app's lost, and the flood answered.
+/// A second app floods while the measured one pushes, in two rounds: both phases measured
+/// in each, nothing of the measured app's lost, and the flood answered.
 #[test]
 fn isolation_measures_the_app_alone_and_under_a_flood() {
     let result = run(&[
@@ -130,11 +130,23 @@ fn isolation_measures_the_app_alone_and_under_a_flood() {
         "20",
         "--duration",
         "1",
+        "--rounds",
+        "2",
     ]);
     let figures = &result["figures"];
     assert_eq!(
         figures["measured pushes accepted alone / flooded"],
-        "20 / 20"
+        "40 / 40"
+    );
+    let each = figures["measured p99 flooded / alone, each round"]
+        .as_str()
+        .expect("each round");
+    assert_eq!(each.split(" / ").count(), 2, "{figures}");
+    assert!(
+        figures["measured p99 flooded / alone, median of the rounds"]
+            .as_f64()
+            .expect("median")
+            > 0.0
     );
     assert!(
         figures["flood app alone: accepted pushes to all per second"]
