@@ -86,7 +86,9 @@ use pigeon_proto::store::{
     DeviceRecord, DeviceTag as StoredTag, IdempotencyRecord, MessageStatus, StoredMessage,
     StreamMeta,
 };
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -327,7 +329,15 @@ impl EmbeddedStore {
     pub fn open(dir: &Path, limits: &Limits, routes: Arc<dyn Routes>) -> Result<Self> {
         let queue = limits.store_queue;
         std::fs::create_dir_all(dir).map_err(backend)?;
-        let db = Database::create(dir.join("pigeon.redb")).map_err(backend)?;
+        let path = dir.join("pigeon.redb");
+        let db = Database::create(&path).map_err(|error| match error {
+            redb::DatabaseError::UpgradeRequired(format) => StoreError::Backend(format!(
+                "{} is in an earlier store format ({format}), which this build does not read: \
+                 let the build that wrote it deliver what it holds, then move the file aside",
+                path.display()
+            )),
+            error => backend(error),
+        })?;
         let db = Arc::new(db);
         {
             // Create every table, so that reads never meet a missing one.
@@ -1085,7 +1095,7 @@ impl Writer {
         let lanes: Vec<usize> = batch.iter().map(|job| job.op.lane().0).collect();
         let outcome = (|| -> Result<()> {
             let mut txn = self.db.begin_write().map_err(backend)?;
-            txn.set_durability(Durability::Immediate);
+            txn.set_durability(Durability::Immediate).map_err(backend)?;
             {
                 let mut tables = Tables::new(&txn);
                 for job in batch.iter_mut() {
