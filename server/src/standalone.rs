@@ -29,6 +29,7 @@ pub struct Standalone {
     pub apps: Vec<AppSettings>,
     data_dir: std::path::PathBuf,
     connections: Arc<ConnectionTable>,
+    store: Arc<EmbeddedStore>,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
 }
@@ -135,6 +136,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     metrics.watch_receipts(receipts);
     metrics.watch_embedded((*store).clone());
     let store_for_schedules = store.clone();
+    let store_to_close = store.clone();
     tokio::spawn(crate::device_expiry::run(
         store.clone(),
         connections.clone(),
@@ -171,6 +173,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         apps,
         data_dir: settings.data_dir.clone(),
         connections,
+        store: store_to_close,
         tracker,
         drain_timeout: limits.drain_timeout,
     })
@@ -189,8 +192,16 @@ impl Running for Standalone {
     }
 
     /// Drains: stops accepting, tells every device to reconnect (1001), and waits for the
-    /// connections to finish, up to the drain timeout.
+    /// connections to finish, up to the drain timeout; then closes the store, so that the
+    /// next start opens it at once.
     async fn shutdown(self) -> bool {
-        process::drain(&self.connections, &self.tracker, self.drain_timeout).await
+        let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
+        match self.store.close().await {
+            Ok(()) => drained,
+            Err(error) => {
+                tracing::error!(%error, "closing the store failed");
+                false
+            }
+        }
     }
 }

@@ -353,6 +353,50 @@ async fn sigterm_closes_every_parked_connection() {
     }
 }
 
+/// A server stopped with SIGTERM closes its store: the next start opens the file without
+/// checking all of it. A killed one leaves the file to be checked (that is what a crash
+/// costs); what it held is kept either way.
+#[tokio::test]
+async fn sigterm_closes_the_store_and_sigkill_leaves_it_to_be_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let state = offline_device(&server, "lena").await;
+    server.push_to("lena", json!(1)).await;
+    assert!(server.terminate(), "pigeon did not exit cleanly on SIGTERM");
+    assert!(
+        !store_needs_checking(dir.path()),
+        "the store was left unclosed by SIGTERM"
+    );
+    server.restart();
+    server.push_to("lena", json!(2)).await;
+    server.kill();
+    assert!(
+        store_needs_checking(dir.path()),
+        "a store left by SIGKILL opened as if closed"
+    );
+    server.restart();
+    let mut device = connect(&server, "lena", &state).await;
+    for n in 1..=2u64 {
+        let push = next_push(&mut device).await;
+        assert_eq!((push.seq, payload(&push)), (n, json!(n)));
+    }
+}
+
+/// Whether redb has to check (repair) the store of `dir` to open it. Opening it closes it
+/// cleanly again.
+fn store_needs_checking(dir: &std::path::Path) -> bool {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let checked = Arc::new(AtomicBool::new(false));
+    let flag = checked.clone();
+    let db = redb::Builder::new()
+        .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+        .create(dir.join("pigeon.redb"))
+        .expect("open the store");
+    drop(db);
+    checked.load(Ordering::Relaxed)
+}
+
 async fn sigterm_drains_devices_with_going_away_and_keeps_everything(transport: Transport) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start_over(transport, dir.path(), &[]);

@@ -76,7 +76,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -274,6 +274,8 @@ enum Op {
         /// The oldest minute kept.
         oldest: u64,
     },
+    /// The last write: see [`EmbeddedStore::close`].
+    Close,
 }
 
 impl Op {
@@ -330,18 +332,35 @@ impl EmbeddedStore {
         let queue = limits.store_queue;
         std::fs::create_dir_all(dir).map_err(backend)?;
         let path = dir.join("pigeon.redb");
-        let db = Database::create(&path).map_err(|error| match error {
-            redb::DatabaseError::UpgradeRequired(format) => StoreError::Backend(format!(
-                "{} is in an earlier store format ({format}), which this build does not read: \
+        let began = Instant::now();
+        let repaired = Arc::new(AtomicBool::new(false));
+        let noted = repaired.clone();
+        let db = redb::Builder::new()
+            .set_repair_callback(move |_| {
+                if !noted.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("the store was not closed cleanly: checking it before starting");
+                }
+            })
+            .create(&path)
+            .map_err(|error| match error {
+                redb::DatabaseError::UpgradeRequired(format) => StoreError::Backend(format!(
+                    "{} is in an earlier store format ({format}), which this build does not read: \
                  let the build that wrote it deliver what it holds, then move the file aside",
-                path.display()
-            )),
-            error => backend(error),
-        })?;
+                    path.display()
+                )),
+                error => backend(error),
+            })?;
+        if repaired.load(Ordering::Relaxed) {
+            let seconds = began.elapsed().as_secs_f64();
+            tracing::warn!(seconds, path = %path.display(), "the store was checked and opened");
+        }
         let db = Arc::new(db);
         {
-            // Create every table, so that reads never meet a missing one.
-            let txn = db.begin_write().map_err(backend)?;
+            // Create every table, so that reads never meet a missing one. Committed as a
+            // close is (see `close`): a process that dies before its first write leaves a
+            // file that opens at once.
+            let mut txn = db.begin_write().map_err(backend)?;
+            txn.set_quick_repair(true);
             txn.open_table(DEVICES).map_err(backend)?;
             txn.open_table(BINDINGS).map_err(backend)?;
             txn.open_table(QUEUE).map_err(backend)?;
@@ -426,6 +445,14 @@ impl EmbeddedStore {
             }
         });
         Ok(store)
+    }
+
+    /// Closes the store: writes queued before this are applied, then one last transaction
+    /// records the file's free pages with its commit, so that the next start opens the file at
+    /// once instead of checking all of it (as after a crash, which takes seconds a gigabyte).
+    /// Writes after it fail with [`StoreError::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        self.write(Op::Close, true).await.map(|_| ())
     }
 
     /// Removes messages and idempotency keys that expired before `now_ms`.
@@ -1057,24 +1084,30 @@ struct Writer {
 impl Writer {
     /// Applies the queue's operations until it is closed and empty: each transaction takes
     /// what waits, by lane and app when more waits than one takes.
+    /// A close waits until nothing else does, then ends it.
     fn run(self, mut jobs: mpsc::Receiver<Job>) {
         let mut lanes = WeightedQueues::default();
         let mut taken = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut closing = None;
         loop {
             if taken == 0 {
+                if let Some(close) = closing.take() {
+                    return self.close(close);
+                }
                 let Some(job) = jobs.blocking_recv() else {
                     return;
                 };
-                take(&mut lanes, job);
-                taken += 1;
+                take(&mut lanes, &mut closing, &mut taken, job);
             }
             while taken < TAKEN {
                 let Ok(job) = jobs.try_recv() else {
                     break;
                 };
-                take(&mut lanes, job);
-                taken += 1;
+                take(&mut lanes, &mut closing, &mut taken, job);
+            }
+            if taken == 0 {
+                continue;
             }
             while batch.len() < MAX_BATCH
                 && let Some(job) = lanes.pop()
@@ -1086,6 +1119,20 @@ impl Writer {
             TRANSACTION_OPS.observe(batch.len() as f64);
             self.apply(&mut batch);
         }
+    }
+
+    /// Commits an empty transaction that records the allocator's state (redb's quick
+    /// repair: two-phase, so that a commit is slower), answers `close` and lets the queue go.
+    fn close(&self, close: Job) {
+        let outcome = (|| -> Result<()> {
+            let mut txn = self.db.begin_write().map_err(backend)?;
+            txn.set_quick_repair(true);
+            txn.commit().map_err(backend)
+        })();
+        if let Err(error) = &outcome {
+            tracing::error!(%error, "closing the store failed: the next start checks it all");
+        }
+        let _ = close.reply.send(outcome.map(|()| Reply::Done));
     }
 
     /// Applies a batch in one transaction and answers every job.
@@ -1218,15 +1265,27 @@ impl Writer {
                 Ok(Reply::Opened(opened))
             }
             Op::AddStats { rows, oldest } => tables.add_stats(rows, oldest).map(|()| Reply::Done),
+            Op::Close => Ok(Reply::Done),
         }
     }
 }
 
-/// Queues `job` in its lane and app for the writer.
-fn take(lanes: &mut WeightedQueues<Job>, job: Job) {
+/// Queues `job` in its lane and app for the writer, counting it in `taken`; a close waits
+/// in `closing` (a second one is answered at once: the first closes).
+fn take(lanes: &mut WeightedQueues<Job>, closing: &mut Option<Job>, taken: &mut usize, job: Job) {
+    if let Op::Close = job.op {
+        match closing {
+            None => *closing = Some(job),
+            Some(_) => {
+                let _ = job.reply.send(Ok(Reply::Done));
+            }
+        }
+        return;
+    }
     let (lane, app) = job.op.lane();
     let app = app.to_owned();
     lanes.push(lane, &app, job);
+    *taken += 1;
 }
 
 fn error_copy(error: &StoreError) -> StoreError {

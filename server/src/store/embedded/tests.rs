@@ -110,6 +110,47 @@ async fn what_was_committed_survives_a_reopen() {
     assert_eq!((device.acked_seq, device.highest_seq), (2, 4));
 }
 
+/// A close applies the writes sent before it, then refuses every write; what was written
+/// is read back after a reopen.
+#[tokio::test]
+async fn a_close_applies_what_came_before_it_and_refuses_what_comes_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).expect("open");
+    let token = store
+        .admit_device("demo", "alice", "")
+        .await
+        .expect("admit")
+        .token;
+    let before: Vec<_> = (1..=8)
+        .map(|n| {
+            store.record(accept(
+                message(new_message_id(unix_millis()), &format!("m{n}"), 60_000),
+                &token,
+                None,
+            ))
+        })
+        .collect();
+    let (recorded, closed) = tokio::join!(futures_util::future::join_all(before), store.close());
+    closed.expect("close");
+    assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+    assert!(matches!(
+        store.ack(&token, 1).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(
+        store.close().await.is_err(),
+        "a second close after the first must fail"
+    );
+    drop(store);
+    let store = loop {
+        match open(dir.path()) {
+            Ok(store) => break store,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    assert_eq!(seqs(&store, &token).await, (1..=8).collect::<Vec<u64>>());
+}
+
 #[tokio::test]
 async fn the_sweeper_removes_expired_rows_and_their_count() {
     let dir = tempfile::tempdir().expect("tempdir");
