@@ -72,6 +72,17 @@ async fn push(store: &EmbeddedStore, token: &str, body: &str, ttl_ms: u64) -> u6
     }
 }
 
+/// Opens the store of `dir` again, once the writer thread of the one before it has gone
+/// with its channel (and so released the file).
+async fn reopen(dir: &Path) -> EmbeddedStore {
+    loop {
+        match open(dir) {
+            Ok(store) => break store,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 async fn seqs(store: &EmbeddedStore, token: &str) -> Vec<u64> {
     let replay = store.replay(token, 0, 100).await.expect("replay");
     replay.deliveries.iter().map(|d| d.seq).collect()
@@ -95,13 +106,7 @@ async fn what_was_committed_survives_a_reopen() {
         store.ack(&device.token, 2).await.expect("ack");
         device.token
     };
-    // Reopen: the writer thread of the first store has gone with its channel.
-    let store = loop {
-        match open(dir.path()) {
-            Ok(store) => break store,
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    };
+    let store = reopen(dir.path()).await;
     assert_eq!(seqs(&store, &token).await, [3, 4]);
     let device = store
         .admit_device("demo", "alice", &token)
@@ -142,12 +147,7 @@ async fn a_close_applies_what_came_before_it_and_refuses_what_comes_after() {
         "a second close after the first must fail"
     );
     drop(store);
-    let store = loop {
-        match open(dir.path()) {
-            Ok(store) => break store,
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    };
+    let store = reopen(dir.path()).await;
     assert_eq!(seqs(&store, &token).await, (1..=8).collect::<Vec<u64>>());
 }
 
@@ -226,14 +226,6 @@ async fn claims_live_in_memory_and_a_recorded_push_has_fired() {
     let dir = tempfile::tempdir().expect("tempdir");
     let now = unix_millis();
     let lease = Duration::from_secs(5);
-    let reopen = || async {
-        loop {
-            match open(dir.path()) {
-                Ok(store) => break store,
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    };
     {
         let store = open(dir.path()).expect("open");
         for id in ["m1", "m2"] {
@@ -251,7 +243,7 @@ async fn claims_live_in_memory_and_a_recorded_push_has_fired() {
         );
     }
     // The process died with its claims: both are due again at once.
-    let store = reopen().await;
+    let store = reopen(dir.path()).await;
     let due = store.claim_due(now, lease, 10).await.expect("claim");
     let mut ids: Vec<&str> = due.iter().map(|job| job.id.as_str()).collect();
     ids.sort();
