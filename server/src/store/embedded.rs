@@ -1257,7 +1257,10 @@ impl Writer {
                 for count in counts {
                     let key = status_key(&count.app, &count.id);
                     let devices = tables.put_status(&key, None, &count, keep_until_ms)?;
-                    let Some(class) = tables.status_class(&key)?.filter(|_| devices > 0) else {
+                    if devices == 0 {
+                        continue;
+                    }
+                    let Some(class) = tables.status_class(&key)? else {
                         continue;
                     };
                     NewlyOpened::add_to(&mut opened, &count.app, class, devices);
