@@ -1082,9 +1082,9 @@ struct Writer {
 }
 
 impl Writer {
-    /// Applies the queue's operations until it is closed and empty: each transaction takes
-    /// what waits, by lane and app when more waits than one takes.
-    /// A close waits until nothing else does, then ends it.
+    /// Applies the queue's operations until it is closed and empty, or a close comes: each
+    /// transaction takes what waits, by lane and app when more waits than one takes; a close
+    /// waits until nothing else does, then ends it.
     fn run(self, mut jobs: mpsc::Receiver<Job>) {
         let mut lanes = WeightedQueues::default();
         let mut taken = 0;
