@@ -383,6 +383,16 @@ impl Pipeline {
         self.statuses.write_now(vec![write]).await;
     }
 
+    /// Writes what the pipeline holds for the store (statuses waiting for their batch, the
+    /// statistics since the last flush): a process that stops does this before its store
+    /// closes.
+    pub async fn flush(&self) {
+        self.statuses.flush().await;
+        self.stats
+            .flush(self.store.as_ref(), self.stats_retention)
+            .await;
+    }
+
     /// `app`'s message `id`'s status and counts.
     pub async fn message_status(
         &self,

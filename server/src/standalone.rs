@@ -30,6 +30,9 @@ pub struct Standalone {
     data_dir: std::path::PathBuf,
     connections: Arc<ConnectionTable>,
     store: Arc<EmbeddedStore>,
+    pipeline: Arc<crate::push::Pipeline>,
+    /// The receipts' task, and what stops it: it ends after its last flush.
+    receipts: (tokio::task::JoinHandle<()>, CancellationToken),
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
 }
@@ -114,10 +117,12 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     let handshakes = context.handshakes.clone();
     let receipts = context.receipts.clone();
     receipts.webhooks().start(connections.shutdown());
-    tokio::spawn(receipts.clone().run(
+    // Stopped after the drain, so that its last flush counts the acks of the drain too.
+    let receipts_stop = CancellationToken::new();
+    let receipts_task = tokio::spawn(receipts.clone().run(
         store.clone(),
         (limits.message_retention, limits.stats_retention),
-        connections.shutdown().clone(),
+        receipts_stop.clone(),
     ));
     tokio::spawn(context.caps.clone().run(
         store.clone(),
@@ -158,6 +163,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         limits.message_retention,
         connections.shutdown().clone(),
     ));
+    let pipeline = push_api.pipeline.clone();
     let router =
         api::push_routes(push_api).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(
@@ -174,6 +180,8 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         data_dir: settings.data_dir.clone(),
         connections,
         store: store_to_close,
+        pipeline,
+        receipts: (receipts_task, receipts_stop),
         tracker,
         drain_timeout: limits.drain_timeout,
     })
@@ -192,10 +200,20 @@ impl Running for Standalone {
     }
 
     /// Drains: stops accepting, tells every device to reconnect (1001), and waits for the
-    /// connections to finish, up to the drain timeout; then closes the store, so that the
-    /// next start opens it at once.
+    /// connections to finish, up to the drain timeout. Then what the process holds for the
+    /// store is written (statuses, statistics, receipts' counts), and the store is closed,
+    /// so that the next start opens it at once.
     async fn shutdown(self) -> bool {
         let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
+        self.pipeline.flush().await;
+        let (receipts, stop_receipts) = self.receipts;
+        stop_receipts.cancel();
+        if tokio::time::timeout(self.drain_timeout, receipts)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the receipts' last flush did not end in time; its counts are lost");
+        }
         match self.store.close().await {
             Ok(()) => drained,
             Err(error) => {

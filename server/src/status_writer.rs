@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::log_throttle::Throttle;
 use crate::metrics::{BATCH_SIZES, Histogram};
@@ -37,6 +37,8 @@ enum Write {
     Status(StatusWrite),
     /// Counts to add, and until when (Unix ms) they are kept at least.
     Count(ReceiptCount, u64),
+    /// Answered once what was queued before it is written.
+    Flush(oneshot::Sender<()>),
 }
 
 impl StatusWriter {
@@ -55,7 +57,7 @@ impl StatusWriter {
             Ok(()) => return,
             Err(full_or_closed) => match full_or_closed.into_inner() {
                 Write::Status(status) => status,
-                Write::Count(..) => return,
+                Write::Count(..) | Write::Flush(_) => return,
             },
         };
         self.write_now(vec![status]).await;
@@ -76,6 +78,15 @@ impl StatusWriter {
                     "messages' counts left out: the writer's queue is full"
                 );
             }
+        }
+    }
+
+    /// Writes what is queued now, and waits for it: a process that stops does this before
+    /// its store closes.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.queue.send(Write::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
         }
     }
 
@@ -101,6 +112,7 @@ async fn write_batches(store: Arc<dyn Store>, mut writes: mpsc::Receiver<Write>)
         let mut statuses = Vec::with_capacity(batch.len());
         let mut counts = Vec::new();
         let mut keep_until_ms = 0;
+        let mut flushes = Vec::new();
         for write in batch.drain(..) {
             match write {
                 Write::Status(status) => statuses.push(status),
@@ -108,6 +120,7 @@ async fn write_batches(store: Arc<dyn Store>, mut writes: mpsc::Receiver<Write>)
                     counts.push(count);
                     keep_until_ms = until.max(keep_until_ms);
                 }
+                Write::Flush(done) => flushes.push(done),
             }
         }
         // The statuses first: counts of a message whose status is in the same batch find it.
@@ -123,6 +136,9 @@ async fn write_batches(store: Arc<dyn Store>, mut writes: mpsc::Receiver<Write>)
                     tracing::warn!(%error, suppressed, "adding messages' counts failed; lost");
                 }
             }
+        }
+        for done in flushes {
+            let _ = done.send(());
         }
     }
 }

@@ -48,6 +48,40 @@ fn counts(body: &Value) -> (u64, u64) {
     (count("delivered"), count("acked"))
 }
 
+/// A server stopped with SIGTERM right after a device acknowledged a push keeps what it had
+/// not written yet (the push's status and counts, the statistics): it writes them before
+/// its store closes.
+#[tokio::test]
+async fn counts_not_yet_flushed_survive_a_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let mut cy = connect(&server, "cy", &DeviceState::default()).await;
+    let (status, answer) = server
+        .push(json!({"audience": {"uids": ["cy"]}, "payload": {"n": 1}}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = receive(&mut cy).await;
+    cy.close().await;
+    assert!(server.terminate(), "pigeon did not exit cleanly on SIGTERM");
+    server.restart();
+    let path = format!("/v1/messages/{id}");
+    let (status, body) = server.call("GET", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body), (1, 1), "{body}");
+    let (status, body) = server.call("GET", "/v1/stats", None).await;
+    assert_eq!(status, 200, "{body}");
+    let notification = [1, 1, 1, 1, 0];
+    assert_eq!(
+        stats_sums(&body),
+        sums(&[
+            ("realtime", [0; 5]),
+            ("notification", notification),
+            ("marketing", [0; 5])
+        ]),
+        "{body}"
+    );
+}
+
 #[tokio::test]
 async fn a_message_status_follows_its_life_in_standalone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -227,6 +261,27 @@ async fn a_message_status_follows_its_life_in_standalone() {
         assert_eq!(status, 404, "{path}: {body}");
         assert_eq!(body["error"]["code"], "not_found", "{body}");
     }
+}
+
+/// A gateway stopped with SIGTERM right after a push writes the push's status before it
+/// exits: another gateway answers it.
+#[tokio::test]
+async fn a_gateway_stopped_right_after_a_push_keeps_its_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let _node = NodeProcess::start(&deployment, &[]);
+    let mut stopping = GatewayProcess::start(&deployment, &[]);
+    let answer = stopping.push_to(&["nobody-yet"], json!({"n": 1})).await;
+    let id = answer["message_id"].as_str().expect("id").to_owned();
+    assert!(
+        stopping.terminate(),
+        "the gateway did not exit cleanly on SIGTERM"
+    );
+    let other = GatewayProcess::start(&deployment, &[]);
+    let (status, body) = other.call("GET", &format!("/v1/messages/{id}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "accepted", "{body}");
 }
 
 #[tokio::test]

@@ -334,6 +334,7 @@ pub struct Gateway {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
+    pipeline: Arc<crate::push::Pipeline>,
 }
 
 /// Starts a gateway.
@@ -371,6 +372,7 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
         limits.message_retention,
         shutdown.clone(),
     ));
+    let pipeline = push_api.pipeline.clone();
     let router =
         api::push_routes(push_api.clone()).merge(api::ops_routes(metrics, &settings.metrics_token));
     listener::serve_http(http_listener, router, limits, shutdown.clone(), &tracker);
@@ -391,6 +393,7 @@ pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
         shutdown,
         tracker,
         drain_timeout: limits.drain_timeout,
+        pipeline,
     })
 }
 
@@ -402,12 +405,15 @@ impl Running for Gateway {
         )
     }
 
-    /// Stops taking requests and lets those in progress finish, up to the drain timeout.
+    /// Stops taking requests and lets those in progress finish, up to the drain timeout;
+    /// then writes what the pipeline holds for Redis (statuses, statistics).
     async fn shutdown(self) -> bool {
         self.shutdown.cancel();
         self.tracker.close();
-        tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
-            .is_ok()
+            .is_ok();
+        self.pipeline.flush().await;
+        drained
     }
 }
