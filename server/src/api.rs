@@ -177,6 +177,9 @@ pub enum ApiError {
     /// No scheduled message of the app has that id.
     #[error("no scheduled message {0} in this app")]
     NoSuchMessage(String),
+    /// No message of the app with that id has a status (none had, or it expired).
+    #[error("no message {0} in this app (a status is kept for limits.message_retention)")]
+    NoSuchStatus(String),
     /// A rate limit of the app is full; nothing was accepted.
     #[error("over the app's rate limit {}; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
     RateLimited(Limited),
@@ -191,9 +194,10 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded | ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotFound | ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::NotFound
+            | ApiError::NoSuchDevice(_)
+            | ApiError::NoSuchMessage(_)
+            | ApiError::NoSuchStatus(_) => StatusCode::NOT_FOUND,
             ApiError::AlreadySent(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadBody(_) => StatusCode::BAD_REQUEST,
@@ -209,9 +213,10 @@ impl ApiError {
             ApiError::Overloaded => "overloaded",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable => "unavailable",
-            ApiError::NotFound | ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
-                "not_found"
-            }
+            ApiError::NotFound
+            | ApiError::NoSuchDevice(_)
+            | ApiError::NoSuchMessage(_)
+            | ApiError::NoSuchStatus(_) => "not_found",
             ApiError::AlreadySent(_) => "already_sent",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BadBody(_) => "bad_body",
@@ -245,7 +250,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::NotFound | ApiError::MethodNotAllowed => {
                 Status::unimplemented(error.to_string())
             }
-            ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) => {
+            ApiError::NoSuchDevice(_) | ApiError::NoSuchMessage(_) | ApiError::NoSuchStatus(_) => {
                 Status::not_found(error.to_string())
             }
             ApiError::AlreadySent(_) => Status::failed_precondition(error.to_string()),
@@ -882,12 +887,12 @@ pub async fn message_status(
     id: &str,
 ) -> Result<push_proto::MessageStatus, ApiError> {
     if id.is_empty() || id.len() > MAX_KEY_LEN {
-        return Err(ApiError::NoSuchMessage(id.to_owned()));
+        return Err(ApiError::NoSuchStatus(id.to_owned()));
     }
     let record = pipeline.message_status(app, id).await?;
     match &record.status {
         Some(status) => Ok(status_view(id, status, &record, unix_millis())),
-        None => Err(ApiError::NoSuchMessage(id.to_owned())),
+        None => Err(ApiError::NoSuchStatus(id.to_owned())),
     }
 }
 
