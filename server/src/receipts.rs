@@ -38,6 +38,22 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0, 86400.0,
 ];
 
+/// The task adding a process's counts to the store ([`Receipts::start`]).
+pub struct Flushing {
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl Flushing {
+    /// Stops it, and waits up to `within` for its last flush.
+    pub async fn stop(self, within: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(within, self.task).await.is_err() {
+            tracing::warn!("the receipts' last flush did not end in time; its counts are lost");
+        }
+    }
+}
+
 /// The counts of one process's connections since the last flush.
 pub struct Receipts {
     /// App -> message id -> (delivered, acked).
@@ -323,6 +339,18 @@ impl Receipts {
                 })
             })
             .collect()
+    }
+
+    /// Starts [`Receipts::run`] with a stop of its own: a process stops it after its drain,
+    /// so that its last flush counts the acks of the drain too.
+    pub fn start(
+        self: Arc<Self>,
+        store: Arc<dyn Store>,
+        retentions: (Duration, Duration),
+    ) -> Flushing {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(self.run(store, retentions, stop.clone()));
+        Flushing { task, stop }
     }
 
     /// Adds the counts to the store every [`FLUSH`], and once more at `shutdown`; they are

@@ -31,8 +31,7 @@ pub struct Standalone {
     connections: Arc<ConnectionTable>,
     store: Arc<EmbeddedStore>,
     pipeline: Arc<crate::push::Pipeline>,
-    /// The receipts' task, and what stops it: it ends after its last flush.
-    receipts: (tokio::task::JoinHandle<()>, CancellationToken),
+    receipts: crate::receipts::Flushing,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
 }
@@ -117,13 +116,10 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
     let handshakes = context.handshakes.clone();
     let receipts = context.receipts.clone();
     receipts.webhooks().start(connections.shutdown());
-    // Stopped after the drain, so that its last flush counts the acks of the drain too.
-    let receipts_stop = CancellationToken::new();
-    let receipts_task = tokio::spawn(receipts.clone().run(
+    let flushing = receipts.clone().start(
         store.clone(),
         (limits.message_retention, limits.stats_retention),
-        receipts_stop.clone(),
-    ));
+    );
     tokio::spawn(context.caps.clone().run(
         store.clone(),
         connections.clone(),
@@ -181,7 +177,7 @@ pub async fn start(settings: Settings) -> Result<Standalone, StartError> {
         connections,
         store: store_to_close,
         pipeline,
-        receipts: (receipts_task, receipts_stop),
+        receipts: flushing,
         tracker,
         drain_timeout: limits.drain_timeout,
     })
@@ -206,14 +202,7 @@ impl Running for Standalone {
     async fn shutdown(self) -> bool {
         let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
         self.pipeline.flush().await;
-        let (receipts, stop_receipts) = self.receipts;
-        stop_receipts.cancel();
-        if tokio::time::timeout(self.drain_timeout, receipts)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the receipts' last flush did not end in time; its counts are lost");
-        }
+        self.receipts.stop(self.drain_timeout).await;
         match self.store.close().await {
             Ok(()) => drained,
             Err(error) => {

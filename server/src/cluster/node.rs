@@ -56,6 +56,7 @@ pub struct Node {
     connections: Arc<ConnectionTable>,
     tracker: TaskTracker,
     lease: tokio::task::JoinHandle<()>,
+    receipts: crate::receipts::Flushing,
     drain_timeout: Duration,
 }
 
@@ -305,11 +306,10 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
     let handshakes = context.handshakes.clone();
     let receipts = context.receipts.clone();
     receipts.webhooks().start(&shutdown);
-    tokio::spawn(receipts.clone().run(
+    let flushing = receipts.clone().start(
         context.store.clone(),
         (limits.message_retention, limits.stats_retention),
-        shutdown.clone(),
-    ));
+    );
     tokio::spawn(crate::stream_keeper::run(
         connections.clone(),
         context.store.clone(),
@@ -369,6 +369,7 @@ pub async fn start(settings: Settings) -> Result<Node, StartError> {
         connections,
         tracker,
         lease,
+        receipts: flushing,
         drain_timeout: limits.drain_timeout,
     })
 }
@@ -438,7 +439,8 @@ impl Running for Node {
     /// Drains: stops accepting and renewing the lease, closes every device with 1001 so it
     /// reconnects to another node (each close removes the device's route), gives up the
     /// lease so gateways stop calling, and waits for the connections up to the drain
-    /// timeout. Nothing unacknowledged is lost: it is all in the store already.
+    /// timeout; then adds its last counts of deliveries and acks to the store. Nothing
+    /// unacknowledged is lost: it is all in the store already.
     async fn shutdown(self) -> bool {
         // Stops accepting, stops renewing the lease, and closes every device (1001).
         self.connections.shut_down();
@@ -446,7 +448,9 @@ impl Running for Node {
         if let Err(error) = self.membership.drop_lease(&self.node_id).await {
             tracing::warn!(%error, "giving up the node lease failed; it will lapse");
         }
-        process::drain(&self.connections, &self.tracker, self.drain_timeout).await
+        let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
+        self.receipts.stop(self.drain_timeout).await;
+        drained
     }
 }
 
