@@ -384,13 +384,18 @@ impl Pipeline {
     }
 
     /// Writes what the pipeline holds for the store (statuses waiting for their batch, the
-    /// statistics since the last flush): a process that stops does this before its store
-    /// closes.
-    pub async fn flush(&self) {
-        self.statuses.flush().await;
-        self.stats
-            .flush(self.store.as_ref(), self.stats_retention)
-            .await;
+    /// statistics since the last flush), waiting up to `within`: a process that stops does
+    /// this before its store closes.
+    pub async fn flush(&self, within: Duration) {
+        let flush = async {
+            self.statuses.flush().await;
+            self.stats
+                .flush(self.store.as_ref(), self.stats_retention)
+                .await;
+        };
+        if tokio::time::timeout(within, flush).await.is_err() {
+            tracing::warn!("writing the statuses and statistics held did not end in time");
+        }
     }
 
     /// `app`'s message `id`'s status and counts.

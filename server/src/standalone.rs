@@ -201,7 +201,7 @@ impl Running for Standalone {
     /// so that the next start opens it at once.
     async fn shutdown(self) -> bool {
         let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
-        self.pipeline.flush().await;
+        self.pipeline.flush(self.drain_timeout).await;
         self.receipts.stop(self.drain_timeout).await;
         match self.store.close().await {
             Ok(()) => drained,

@@ -413,7 +413,7 @@ impl Running for Gateway {
         let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
             .is_ok();
-        self.pipeline.flush().await;
+        self.pipeline.flush(self.drain_timeout).await;
         drained
     }
 }
