@@ -413,13 +413,7 @@ impl GatewayProcess {
 
     /// SIGTERM, and wait for the process to exit; whether it exited cleanly.
     pub fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child
-            .wait()
-            .map(|status| status.success())
-            .unwrap_or(false)
+        super::terminate(&mut self.child)
     }
 }
 

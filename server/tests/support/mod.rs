@@ -249,13 +249,7 @@ impl Server {
 
     /// SIGTERM, and wait for the process to exit; returns whether it exited cleanly.
     pub fn terminate(&mut self) -> bool {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child
-            .wait()
-            .map(|status| status.success())
-            .unwrap_or(false)
+        terminate(&mut self.child)
     }
 
     /// Starts a new process on the same data directory and settings.
@@ -272,6 +266,17 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// SIGTERM to `child`, and waits for it to exit; whether it exited cleanly.
+pub fn terminate(child: &mut Child) -> bool {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child
+        .wait()
+        .map(|status| status.success())
+        .unwrap_or(false)
 }
 
 /// The lines a child prints on stdout, read on a thread.
