@@ -273,10 +273,7 @@ pub fn terminate(child: &mut Child) -> bool {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    child
-        .wait()
-        .map(|status| status.success())
-        .unwrap_or(false)
+    child.wait().map(|status| status.success()).unwrap_or(false)
 }
 
 /// The lines a child prints on stdout, read on a thread.
