@@ -203,10 +203,14 @@ impl Running for Standalone {
         let drained = process::drain(&self.connections, &self.tracker, self.drain_timeout).await;
         self.pipeline.flush(self.drain_timeout).await;
         self.receipts.stop(self.drain_timeout).await;
-        match self.store.close().await {
-            Ok(()) => drained,
-            Err(error) => {
+        match tokio::time::timeout(self.drain_timeout, self.store.close()).await {
+            Ok(Ok(())) => drained,
+            Ok(Err(error)) => {
                 tracing::error!(%error, "closing the store failed");
+                false
+            }
+            Err(_) => {
+                tracing::error!("closing the store did not end in time; the next start checks it");
                 false
             }
         }
