@@ -1268,6 +1268,7 @@ impl Writer {
                 Ok(Reply::Opened(opened))
             }
             Op::AddStats { rows, oldest } => tables.add_stats(rows, oldest).map(|()| Reply::Done),
+            // Never in a batch: `take` holds a close aside until nothing else waits.
             Op::Close => Ok(Reply::Done),
         }
     }
