@@ -47,7 +47,16 @@ async fn open_redis(
             urls: cluster.redis.join(","),
             source,
         })?;
-    let store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
+    let mut store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
+    let reads = RedisConnection::open_cached(cluster)
+        .await
+        .map_err(|source| StartError::Redis {
+            urls: cluster.redis.join(","),
+            source,
+        })?;
+    if let Some(reads) = reads {
+        store = store.with_reads(reads);
+    }
     let buckets = RedisBuckets::new(connection.clone(), &cluster.key_prefix);
     let membership = Membership::new(connection, &cluster.key_prefix);
     Ok((Arc::new(store), Arc::new(membership), Arc::new(buckets)))

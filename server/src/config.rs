@@ -94,6 +94,9 @@ pub struct ClusterSettings {
     /// How long an open breaker skips its node before letting one trial call through.
     #[serde(deserialize_with = "duration")]
     pub breaker_cooldown: Duration,
+    /// Uids whose device lists (and opt-outs) a gateway keeps in memory, kept current by
+    /// Redis's invalidations (client-side caching); 0: none, each push reads Redis.
+    pub registry_cache: usize,
 }
 
 /// A secret from the config: printed as `<redacted>`, so it never reaches a log.
@@ -531,6 +534,7 @@ impl Default for ClusterSettings {
             secret: Secret::default(),
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
+            registry_cache: 100_000,
         }
     }
 }

@@ -501,6 +501,67 @@ async fn unregistering_a_device_closes_its_connection_on_its_node() {
     assert_eq!(again.expect_err("gone").code(), tonic::Code::NotFound);
 }
 
+/// A gateway keeps uids' device lists and opt-outs in memory (`cluster.registry_cache`), and
+/// Redis tells it of each change: a push right after a device joins its user, or the user
+/// opts out, reaches exactly whom it should.
+#[tokio::test]
+async fn a_gateway_s_cached_device_lists_follow_each_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut phone = connect(&node, "eve", &DeviceState::default()).await;
+    let marketing = |n: u32| json!({"audience": {"uids": ["eve"]}, "payload": {"n": n}, "class": "marketing", "ttl": 60});
+    let answer = gateway.push_to(&["eve"], json!({"n": 1})).await;
+    assert_eq!(answer["targets"]["delivered"], 1, "{answer}");
+    let (status, answer) = gateway.push(marketing(2)).await;
+    assert_eq!(
+        (status, &answer["targets"]["delivered"]),
+        (202, &json!(1)),
+        "{answer}"
+    );
+    for n in 1..=2 {
+        let push = next_push(&mut phone).await;
+        assert_eq!(payload(&push)["n"], n);
+        phone.ack_push(&push).await.expect("ack");
+    }
+    // Read through the cache: Redis tracks the keys read (eve's devices and opt-outs).
+    let stats = redis.cli(&["INFO", "stats"]).unwrap_or_default();
+    let tracked = stats
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("tracking_total_keys:"))
+        .and_then(|keys| keys.parse::<u64>().ok());
+    assert_eq!(tracked, Some(2), "{stats}");
+
+    // A second device of eve's: the next push reaches both.
+    let mut laptop = connect(&node, "eve", &DeviceState::default()).await;
+    let answer = gateway.push_to(&["eve"], json!({"n": 3})).await;
+    assert_eq!(answer["targets"]["delivered"], 2, "{answer}");
+    for device in [&mut phone, &mut laptop] {
+        let push = next_push(device).await;
+        assert_eq!(payload(&push)["n"], 3);
+        device.ack_push(&push).await.expect("ack");
+    }
+
+    // Eve opts out of marketing: the next marketing push skips her (both devices).
+    let (status, answer) = gateway
+        .call(
+            "PUT",
+            "/v1/users/eve/preferences",
+            Some(json!({"opt_out": ["marketing"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = gateway.push(marketing(4)).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["skipped"], 1, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 0, "{answer}");
+    for device in [&mut phone, &mut laptop] {
+        assert_no_push(device, Duration::from_millis(300)).await;
+    }
+}
+
 /// In cluster mode too, a marketing push to everyone skips the devices of a user who opted
 /// out (the gateway tags them through Redis and tells their node), including one that
 /// connects afterwards (its node tags it at admission).

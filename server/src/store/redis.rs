@@ -33,6 +33,7 @@
 //! membership's (`crate::cluster::membership`); the store only reads a device's route when
 //! it records a push for it.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,8 +42,12 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use pigeon_proto::Message as _;
 use pigeon_proto::store::StoredMessage;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::caching::{CacheConfig, CacheMode};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{
+    Cmd, CommandCacheConfig, IntoConnectionInfo as _, Pipeline, ProtocolVersion, RedisFuture,
+    Script, Value,
+};
 
 use crate::config::{ClusterSettings, Limits};
 use crate::message::{Delivery, Message, new_device_token, unix_millis};
@@ -117,31 +122,76 @@ impl RedisConnection {
     /// Connects as `settings` say. A single Redis is connected lazily (a node or gateway may
     /// start before Redis does); a Redis Cluster must answer now, to learn its slots.
     pub async fn open(settings: &ClusterSettings) -> Result<Self, StoreError> {
+        Self::open_with(settings, None).await
+    }
+
+    /// A second connection as `settings` say, for the reads of [`cached`]: it keeps what they
+    /// read, up to `cluster.registry_cache` keys, until Redis says a key changed
+    /// (client-side caching: RESP3 and `CLIENT TRACKING`). Reconnected, it starts over
+    /// empty. `None` when the setting is 0.
+    pub async fn open_cached(settings: &ClusterSettings) -> Result<Option<Self>, StoreError> {
+        let Some(entries) = NonZeroUsize::new(settings.registry_cache) else {
+            return Ok(None);
+        };
+        let cache = CacheConfig::new()
+            .set_mode(CacheMode::OptIn)
+            .set_size(entries)
+            .set_default_client_ttl(CACHE_TTL);
+        Self::open_with(settings, Some(cache)).await.map(Some)
+    }
+
+    async fn open_with(
+        settings: &ClusterSettings,
+        cache: Option<CacheConfig>,
+    ) -> Result<Self, StoreError> {
         let timeout = settings.redis_timeout;
         if settings.redis_cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(settings.redis.clone())
+            let mut builder = redis::cluster::ClusterClientBuilder::new(settings.redis.clone())
                 .connection_timeout(timeout)
                 .response_timeout(timeout)
-                .retries(1)
-                .build()
-                .map_err(backend)?;
+                .retries(1);
+            if let Some(cache) = cache {
+                builder = builder
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .cache_config(cache);
+            }
+            let client = builder.build().map_err(backend)?;
             let connection = client.get_async_connection().await.map_err(backend)?;
             Ok(RedisConnection::Cluster(connection))
         } else {
             let url = settings.redis.first().ok_or_else(|| {
                 StoreError::Backend("cluster.redis names no Redis URL".to_owned())
             })?;
-            let client = redis::Client::open(url.as_str()).map_err(backend)?;
-            let config = ConnectionManagerConfig::new()
+            let mut info = url.as_str().into_connection_info().map_err(backend)?;
+            let mut config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
+            if let Some(cache) = cache {
+                let resp3 = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                info = info.set_redis_settings(resp3);
+                config = config.set_cache_config(cache);
+            }
+            let client = redis::Client::open(info).map_err(backend)?;
             let manager =
                 ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
             Ok(RedisConnection::Single(manager))
         }
     }
+}
+
+/// The longest a cached read is kept, in case an invalidation went astray.
+const CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// `command`, read through the cache of a connection from [`RedisConnection::open_cached`]
+/// (on another connection, an ordinary read).
+fn cached(mut command: Cmd) -> Cmd {
+    command.set_cache_config(CommandCacheConfig::new());
+    command
 }
 
 pub(crate) fn backend(error: redis::RedisError) -> StoreError {
@@ -501,6 +551,9 @@ struct Scripts {
 /// The Redis registry and offline store.
 pub struct RedisStore {
     connection: RedisConnection,
+    /// Where uids' device lists and opt-outs are read: a connection that caches them
+    /// ([`RedisConnection::open_cached`]), or `connection`.
+    reads: RedisConnection,
     keys: Keys,
     cap: u32,
     stream_cap: u32,
@@ -515,6 +568,7 @@ impl RedisStore {
     /// device and `limits.max_stored_per_stream` per shared stream.
     pub fn new(connection: RedisConnection, key_prefix: &str, limits: &Limits) -> Self {
         Self {
+            reads: connection.clone(),
             connection,
             keys: Keys::new(key_prefix),
             cap: limits.max_stored_per_device,
@@ -533,6 +587,12 @@ impl RedisStore {
                 ack_stream: Script::new(ACK_STREAM),
             },
         }
+    }
+
+    /// Reads uids' device lists and opt-outs over `reads` ([`RedisConnection::open_cached`]).
+    pub fn with_reads(mut self, reads: RedisConnection) -> Self {
+        self.reads = reads;
+        self
     }
 
     fn connection(&self) -> RedisConnection {
@@ -728,9 +788,9 @@ impl Registry for RedisStore {
             uids.iter()
                 .map(|uid| {
                     let key = self.keys.uid(app, uid);
-                    let mut connection = self.connection();
+                    let mut connection = self.reads.clone();
                     async move {
-                        redis::cmd("SMEMBERS")
+                        cached(redis::cmd("SMEMBERS"))
                             .arg(key)
                             .query_async::<Vec<String>>(&mut connection)
                             .await
@@ -831,9 +891,9 @@ impl Registry for RedisStore {
             uids.iter()
                 .map(|uid| {
                     let key = self.keys.opt_out(app, uid);
-                    let mut connection = self.connection();
+                    let mut connection = self.reads.clone();
                     async move {
-                        let text: Option<String> = redis::cmd("GET")
+                        let text: Option<String> = cached(redis::cmd("GET"))
                             .arg(key)
                             .query_async(&mut connection)
                             .await
