@@ -36,28 +36,26 @@ fn declared_apps(settings: &Settings) -> Result<Vec<AppSettings>, StartError> {
 }
 
 /// Connects to Redis: the registry and store, cluster membership and the rate limits' buckets,
-/// over one connection.
+/// over one connection, and the reads of uids' devices, opt-outs and the list of nodes over a
+/// second one that caches them (unless `cluster.registry_cache` is 0).
 async fn open_redis(
     settings: &Settings,
 ) -> Result<(Arc<dyn Store>, Arc<Membership>, Arc<dyn Buckets>), StartError> {
     let cluster = &settings.cluster;
-    let connection = RedisConnection::open(cluster)
-        .await
-        .map_err(|source| StartError::Redis {
-            urls: cluster.redis.join(","),
-            source,
-        })?;
-    let mut store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
+    let failed = |source| StartError::Redis {
+        urls: cluster.redis.join(","),
+        source,
+    };
+    let connection = RedisConnection::open(cluster).await.map_err(failed)?;
     let reads = RedisConnection::open_cached(cluster)
         .await
-        .map_err(|source| StartError::Redis {
-            urls: cluster.redis.join(","),
-            source,
-        })?;
-    if let Some(reads) = reads {
-        store = store.with_reads(reads);
-    }
+        .map_err(failed)?;
+    let mut store = RedisStore::new(connection.clone(), &cluster.key_prefix, &settings.limits);
     let buckets = RedisBuckets::new(connection.clone(), &cluster.key_prefix);
-    let membership = Membership::new(connection, &cluster.key_prefix);
+    let mut membership = Membership::new(connection, &cluster.key_prefix);
+    if let Some(reads) = reads {
+        store = store.with_reads(reads.clone());
+        membership = membership.with_reads(reads);
+    }
     Ok((Arc::new(store), Arc::new(membership), Arc::new(buckets)))
 }

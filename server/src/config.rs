@@ -94,8 +94,9 @@ pub struct ClusterSettings {
     /// How long an open breaker skips its node before letting one trial call through.
     #[serde(deserialize_with = "duration")]
     pub breaker_cooldown: Duration,
-    /// Uids whose device lists (and opt-outs) a gateway keeps in memory, kept current by
-    /// Redis's invalidations (client-side caching); 0: none, each push reads Redis.
+    /// Keys a gateway keeps in memory of what pushes read: uids' devices and opt-outs, the
+    /// list of nodes; kept current by Redis's invalidations (client-side caching). 0: none,
+    /// each push reads Redis.
     pub registry_cache: usize,
 }
 

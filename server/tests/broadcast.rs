@@ -157,6 +157,17 @@ async fn a_push_to_all_in_cluster_mode_reaches_the_devices_of_every_node() {
         .collect();
     assert_eq!(offsets, [1, 2]);
     assert_eq!(next_push(&mut first).await.offset, 2);
+
+    // A node started after those pushes gets the next one live: the gateway keeps the list
+    // of nodes in memory, and Redis tells it the list changed.
+    let three = NodeProcess::start(&deployment, &[]);
+    let mut third = support::cluster::connect(&three, "third", &DeviceState::default()).await;
+    let (status, answer) = gateway.push(all(json!({"n": 3}))).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["targets"]["delivered"], 3, "{answer}");
+    for device in [&mut first, &mut moved, &mut third] {
+        assert_eq!(shape(&next_push(device).await).3, json!({"n": 3}));
+    }
 }
 
 /// A node that missed a push's DeliverShared call (it was frozen when the gateway called)

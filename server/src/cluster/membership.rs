@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use crate::store::redis::{Keys, RedisConnection, backend};
+use crate::store::redis::{Keys, RedisConnection, backend, cached};
 use crate::store::{Route, StoreError};
 
 /// Routes a device to this node's connection. Returns the previous `{node, conn}`, or nil
@@ -40,6 +40,9 @@ return 0
 /// Leases and routes.
 pub struct Membership {
     connection: RedisConnection,
+    /// Where the list of nodes is read: a connection that caches it
+    /// ([`RedisConnection::open_cached`]), or `connection`.
+    reads: RedisConnection,
     keys: Keys,
     online: Script,
     offline: Script,
@@ -49,11 +52,18 @@ impl Membership {
     /// Membership over `connection`, with every key under `key_prefix`.
     pub fn new(connection: RedisConnection, key_prefix: &str) -> Self {
         Self {
+            reads: connection.clone(),
             connection,
             keys: Keys::new(key_prefix),
             online: Script::new(ONLINE),
             offline: Script::new(OFFLINE),
         }
+    }
+
+    /// Reads the list of nodes over `reads` ([`RedisConnection::open_cached`]).
+    pub fn with_reads(mut self, reads: RedisConnection) -> Self {
+        self.reads = reads;
+        self
     }
 
     fn connection(&self) -> RedisConnection {
@@ -137,9 +147,9 @@ impl Membership {
 
     /// The ids of the nodes listed in the cluster (some may have lost their lease since).
     pub async fn nodes(&self) -> Result<Vec<String>, StoreError> {
-        redis::cmd("SMEMBERS")
+        cached(redis::cmd("SMEMBERS"))
             .arg(self.keys.nodes())
-            .query_async(&mut self.connection())
+            .query_async(&mut self.reads.clone())
             .await
             .map_err(backend)
     }

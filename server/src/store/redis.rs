@@ -189,7 +189,7 @@ const CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// `command`, read through the cache of a connection from [`RedisConnection::open_cached`]
 /// (on another connection, an ordinary read).
-fn cached(mut command: Cmd) -> Cmd {
+pub(crate) fn cached(mut command: Cmd) -> Cmd {
     command.set_cache_config(CommandCacheConfig::new());
     command
 }
