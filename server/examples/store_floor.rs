@@ -9,7 +9,8 @@
 //! ```
 //!
 //! (devices, then pushes: each push to one device, in turn.) Prints the time the pushes took
-//! from the first record to the last receipt, and the CPU the process used meanwhile.
+//! from the first record to the last receipt, and the CPU the process used and the bytes it
+//! wrote meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Result<Vec<bool>, _>>()?;
 
     let (began, cpu_before) = (Instant::now(), cpu_seconds_of("self").unwrap_or(0.0));
+    let written_before = bytes_written();
     let batches = ids.chunks(BATCH).enumerate().map(|(batch, ids)| {
         let (store, tokens) = (store.clone(), &tokens);
         async move {
@@ -110,13 +112,25 @@ async fn main() -> anyhow::Result<()> {
     }
     let took = began.elapsed();
     let cpu = cpu_seconds_of("self").unwrap_or(0.0) - cpu_before;
+    let written = bytes_written().saturating_sub(written_before);
     println!(
-        "{done} pushes to {devices} devices: {:.2} s ({:.0} a second), {cpu:.2} s of CPU ({:.1} us a push)",
+        "{done} pushes to {devices} devices: {:.2} s ({:.0} a second), {cpu:.2} s of CPU ({:.1} us a push), {:.0} MB written ({:.1} KB a push)",
         took.as_secs_f64(),
         done as f64 / took.as_secs_f64(),
         cpu * 1e6 / done.max(1) as f64,
+        written as f64 / 1e6,
+        written as f64 / 1e3 / done.max(1) as f64,
     );
     Ok(())
+}
+
+/// Bytes this process has handed to `write` calls so far (`wchar` of `/proc/self/io`: the
+/// store's page writes, nearly all of it); 0 where that file cannot be read.
+fn bytes_written() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    io.lines()
+        .find_map(|line| line.strip_prefix("wchar: ")?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Records scheduled push `id` firing to `token`: the message and the seq it got.
