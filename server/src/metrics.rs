@@ -252,6 +252,7 @@ impl Metrics {
                  the call to the answer.",
             );
             crate::store::redis::CALL_LATENCY.render(&mut out, name, "");
+            crate::store::redis::render_cache(&mut out);
         }
         if let Some(store) = self.embedded.get() {
             store.render_metrics(&mut out);

@@ -560,6 +560,22 @@ async fn a_gateway_s_cached_device_lists_follow_each_change() {
     for device in [&mut phone, &mut laptop] {
         assert_no_push(device, Duration::from_millis(300)).await;
     }
+
+    // The gateway counts what its cache did: reads answered from memory (eve's devices for
+    // the second push), reads that went to Redis (the first of each key, and each after it
+    // changed), and her devices and her opt-outs each dropped once, as they changed.
+    let metrics = format!("{}/metrics", gateway.http_url);
+    let count = |result: &str| {
+        let name = format!("pigeon_registry_cache_total{{result=\"{result}\"}}");
+        let metrics = metrics.clone();
+        async move { metric_at(&metrics, &name).await }
+    };
+    assert!(count("hit").await >= Some(1));
+    assert!(
+        count("miss").await >= Some(4),
+        "devices twice, opt-outs twice"
+    );
+    assert_eq!(count("invalidated").await, Some(2));
 }
 
 /// In cluster mode too, a marketing push to everyone skips the devices of a user who opted

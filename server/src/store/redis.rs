@@ -33,8 +33,9 @@
 //! membership's (`crate::cluster::membership`); the store only reads a device's route when
 //! it records a push for it.
 
+use std::fmt::Write as _;
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -137,7 +138,9 @@ impl RedisConnection {
             .set_mode(CacheMode::OptIn)
             .set_size(entries)
             .set_default_client_ttl(CACHE_TTL);
-        Self::open_with(settings, Some(cache)).await.map(Some)
+        let connection = Self::open_with(settings, Some(cache)).await?;
+        let _ = CACHED.set(connection.clone());
+        Ok(Some(connection))
     }
 
     async fn open_with(
@@ -186,6 +189,33 @@ impl RedisConnection {
 
 /// The longest a cached read is kept, in case an invalidation went astray.
 const CACHE_TTL: Duration = Duration::from_secs(600);
+
+/// The process's caching connection, for its counts in `/metrics`.
+static CACHED: OnceLock<RedisConnection> = OnceLock::new();
+
+/// What the process's caching connection ([`RedisConnection::open_cached`]) has done, in the
+/// Prometheus text format; nothing without one.
+pub fn render_cache(out: &mut String) {
+    let statistics = CACHED.get().and_then(|connection| match connection {
+        RedisConnection::Single(connection) => connection.get_cache_statistics(),
+        RedisConnection::Cluster(connection) => connection.get_cache_statistics(),
+    });
+    let Some(statistics) = statistics else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP pigeon_registry_cache_total Reads of uids' devices, opt-outs and the list of \
+         nodes through the registry's cache (cluster.registry_cache): answered from memory \
+         (hit) or by Redis (miss); and keys dropped because Redis said they changed \
+         (invalidated).\n\
+         # TYPE pigeon_registry_cache_total counter\n\
+         pigeon_registry_cache_total{{result=\"hit\"}} {}\n\
+         pigeon_registry_cache_total{{result=\"miss\"}} {}\n\
+         pigeon_registry_cache_total{{result=\"invalidated\"}} {}",
+        statistics.hit, statistics.miss, statistics.invalidate,
+    );
+}
 
 /// `command`, read through the cache of a connection from [`RedisConnection::open_cached`]
 /// (on another connection, an ordinary read).
