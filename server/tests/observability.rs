@@ -180,6 +180,29 @@ async fn the_embedded_store_times_writes_by_lane() {
     assert!(transactions >= 3.0, "{transactions} transactions timed");
     let waited = sample(&after, "pigeon_store_write_seconds_sum{lane=\"normal\"}").unwrap_or(0.0);
     assert!(waited > 0.0 && waited < 5.0, "the record waited {waited} s");
+
+    // The devices' counters go to the store's counter log, folded into their records every
+    // two seconds while they change.
+    let deadline = Instant::now() + WAIT + Duration::from_secs(3);
+    let folded = loop {
+        let (status, answer) = server
+            .push(json!({"audience": {"uids": ["ann"]}, "payload": {}}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        let push = next_push(&mut ann).await;
+        ann.ack_push(&push).await.expect("ack");
+        let text = scrape(&url).await;
+        if sample(&text, "pigeon_store_fold_seconds_count") >= Some(1.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no fold: {text}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let held = sample(&folded, "pigeon_store_counter_devices");
+    assert!(
+        held.is_some_and(|held| held <= 1.0),
+        "{held:?} devices held"
+    );
 }
 
 /// One span a collector received: its service, name, trace id, id and parent's id (hex).

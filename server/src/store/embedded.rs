@@ -35,7 +35,8 @@
 //! # Tables
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | `devices` | token | `DeviceRecord` (app, uid, highest and acked seq, counters) |
+//! | `devices` | token | `DeviceRecord` (app, uid, highest and acked seq, counters; the counters as of the last fold of `counter_log`) |
+//! | `counter_log` | row number | (token, [highest seq, acked seq, pending, dropped, collapsed]): a device's counters after each change since the last fold (see `counters`) |
 //! | `bindings` | `app \0 uid \0 token` | () |
 //! | `queue` | (token, seq) | `StoredMessage` |
 //! | `expiry` | (expires at ms, token, seq) | () |
@@ -102,6 +103,7 @@ use crate::config::Limits;
 use crate::intake::{self, WeightedQueues};
 use crate::message::{Class, Delivery, Message, new_device_token, unix_millis};
 use crate::metrics::{BATCH_SIZES, CALL_SECONDS, Histogram};
+use counters::{COUNTER_LOG, Counters, Counts, FOLD_DEVICES, FOLD_INTERVAL, FOLD_ROWS, Staged};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const BINDINGS: TableDefinition<&str, ()> = TableDefinition::new("bindings");
@@ -164,6 +166,8 @@ pub struct EmbeddedStore {
     /// Scheduled pushes this process claimed (their `schedule_ids` key), with when their
     /// claim ends (Unix ms).
     claims: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// The devices' counters newer than their records (see `counters`).
+    counters: Arc<Counters>,
 }
 
 struct Job {
@@ -329,6 +333,17 @@ impl EmbeddedStore {
     /// sweeps expired rows. `limits.store_queue` bounds the writes waiting for the writer;
     /// `routes` says which devices are connected (for TTL-0 pushes).
     pub fn open(dir: &Path, limits: &Limits, routes: Arc<dyn Routes>) -> Result<Self> {
+        Self::open_folding(dir, limits, routes, FOLD_INTERVAL)
+    }
+
+    /// [`EmbeddedStore::open`], folding the counter log at most `fold_interval` after the
+    /// last fold (see `counters`).
+    fn open_folding(
+        dir: &Path,
+        limits: &Limits,
+        routes: Arc<dyn Routes>,
+        fold_interval: Duration,
+    ) -> Result<Self> {
         let queue = limits.store_queue;
         std::fs::create_dir_all(dir).map_err(backend)?;
         let path = dir.join("pigeon.redb");
@@ -388,8 +403,16 @@ impl EmbeddedStore {
             txn.open_table(STATS).map_err(backend)?;
             txn.open_table(STATS_EXPIRING).map_err(backend)?;
             txn.open_table(DEVICE_SEEN).map_err(backend)?;
+            let folded = counters::fold_left(&txn)?;
+            if folded > 0 {
+                tracing::info!(
+                    devices = folded,
+                    "folded the counters a crash left in the log"
+                );
+            }
             txn.commit().map_err(backend)?;
         }
+        let counters = Arc::new(Counters::default());
         let (writes, jobs) = mpsc::channel(queue);
         let taken = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
@@ -399,6 +422,11 @@ impl EmbeddedStore {
             max_stored_per_stream: limits.max_stored_per_stream,
             seen_refresh: super::seen_refresh(limits),
             routes: routes.clone(),
+            counters: counters.clone(),
+            fold_interval,
+            next_row: 0,
+            rows: 0,
+            folded_at: Instant::now(),
         };
         std::thread::Builder::new()
             .name("pigeon-store-writer".into())
@@ -410,6 +438,7 @@ impl EmbeddedStore {
             taken,
             routes,
             claims: Arc::default(),
+            counters,
         };
         // The sweeper holds only a weak sender, so dropping the last store handle closes
         // the queue, which ends the writer thread and releases the database file.
@@ -862,18 +891,29 @@ impl OfflineStore for EmbeddedStore {
 
     async fn counters(&self, token: &str) -> Result<Option<DeviceCounters>> {
         let token = token.to_owned();
+        let counters = self.counters.clone();
         self.read_keys(1, move |db| {
-            let txn = db.begin_read().map_err(backend)?;
-            let devices = txn.open_table(DEVICES).map_err(backend)?;
+            // Begun with the latest counters held, so that it sees the fold of any it no
+            // longer holds.
+            let (txn, latest) = counters.with_latest(|latest| {
+                let txn = db.begin_read().map_err(backend);
+                (txn, latest.get(&token).copied())
+            });
+            let devices = txn?.open_table(DEVICES).map_err(backend)?;
             let record = devices
                 .get(token.as_str())
                 .map_err(backend)?
                 .map(|value| decode_device(value.value()))
                 .transpose()?;
-            Ok(record.map(|record| DeviceCounters {
-                pending: u64::from(record.pending),
-                dropped: record.dropped,
-                collapsed: record.collapsed,
+            Ok(record.map(|mut record| {
+                if let Some(counts) = latest {
+                    counts.apply(&mut record);
+                }
+                DeviceCounters {
+                    pending: u64::from(record.pending),
+                    dropped: record.dropped,
+                    collapsed: record.collapsed,
+                }
             }))
         })
         .await
@@ -1019,6 +1059,8 @@ fn decode_stored(bytes: &[u8]) -> Result<StoredMessage> {
 static TRANSACTION_OPS: Histogram = Histogram::new(&BATCH_SIZES);
 /// How long each transaction took, from its start to its commit (the fsync included).
 static TRANSACTION_SECONDS: Histogram = Histogram::new(&CALL_SECONDS);
+/// How long each fold of the counter log into the devices' records took (see `counters`).
+static FOLD_SECONDS: Histogram = Histogram::new(&CALL_SECONDS);
 /// How long each write took, from its queueing to its transaction's commit, by lane.
 static WRITE_SECONDS: [Histogram; 3] = [const { Histogram::new(&CALL_SECONDS) }; 3];
 /// The names of the lanes in the metrics, by lane.
@@ -1065,6 +1107,23 @@ impl EmbeddedStore {
         for (histogram, lane) in WRITE_SECONDS.iter().zip(LANE_NAMES) {
             histogram.render(out, name, &format!("lane=\"{lane}\""));
         }
+        let name = "pigeon_store_counter_devices";
+        let devices = self.counters.devices();
+        let _ = writeln!(
+            out,
+            "# HELP {name} Devices whose counters (seqs, pending) changed since the embedded \
+             store last folded its counter log into their records: held in memory, \
+             {FOLD_DEVICES} at most.\n\
+             # TYPE {name} gauge\n{name} {devices}"
+        );
+        let name = "pigeon_store_fold_seconds";
+        Histogram::header(
+            out,
+            name,
+            "Time the embedded store took to fold its counter log into the devices' records \
+             (one transaction, every few seconds while devices' counters change).",
+        );
+        FOLD_SECONDS.render(out, name, "");
     }
 }
 
@@ -1079,13 +1138,20 @@ struct Writer {
     /// `None`: devices never expire, none is written.
     seen_refresh: Option<u64>,
     routes: Arc<dyn Routes>,
+    counters: Arc<Counters>,
+    fold_interval: Duration,
+    /// The key of the counter log's next row, the rows written since the last fold, and
+    /// when that was.
+    next_row: u64,
+    rows: u64,
+    folded_at: Instant,
 }
 
 impl Writer {
     /// Applies the queue's operations until it is closed and empty, or a close comes: each
     /// transaction takes what waits, by lane and app when more waits than one takes; a close
     /// waits until nothing else does, then ends it.
-    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+    fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         let mut lanes = WeightedQueues::default();
         let mut taken = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -1118,6 +1184,33 @@ impl Writer {
             self.taken.store(taken, Ordering::Relaxed);
             TRANSACTION_OPS.observe(batch.len() as f64);
             self.apply(&mut batch);
+            if self.rows >= FOLD_ROWS
+                || self.counters.devices() >= FOLD_DEVICES
+                || (self.rows > 0 && self.folded_at.elapsed() >= self.fold_interval)
+            {
+                self.fold();
+            }
+        }
+    }
+
+    /// Folds the counter log into the devices' records (see `counters`); a fold that fails
+    /// leaves the log as it was, for the next one.
+    fn fold(&mut self) {
+        let started = Instant::now();
+        let outcome = (|| -> Result<()> {
+            let mut txn = self.db.begin_write().map_err(backend)?;
+            txn.set_durability(Durability::Immediate).map_err(backend)?;
+            self.counters.fold(&txn)?;
+            txn.commit().map_err(backend)
+        })();
+        self.folded_at = Instant::now();
+        FOLD_SECONDS.observe_duration(self.folded_at - started);
+        match outcome {
+            Ok(()) => {
+                self.counters.folded();
+                self.rows = 0;
+            }
+            Err(error) => tracing::error!(%error, "folding the devices' counters failed"),
         }
     }
 
@@ -1127,7 +1220,10 @@ impl Writer {
         let outcome = (|| -> Result<()> {
             let mut txn = self.db.begin_write().map_err(backend)?;
             txn.set_quick_repair(true);
-            txn.commit().map_err(backend)
+            self.counters.fold(&txn)?;
+            txn.commit().map_err(backend)?;
+            self.counters.folded();
+            Ok(())
         })();
         if let Err(error) = &outcome {
             tracing::error!(%error, "closing the store failed: the next start checks it all");
@@ -1136,22 +1232,29 @@ impl Writer {
     }
 
     /// Applies a batch in one transaction and answers every job.
-    fn apply(&self, batch: &mut Vec<Job>) {
+    fn apply(&mut self, batch: &mut Vec<Job>) {
         let started = Instant::now();
         let mut replies = Vec::with_capacity(batch.len());
         let lanes: Vec<usize> = batch.iter().map(|job| job.op.lane().0).collect();
-        let outcome = (|| -> Result<()> {
+        let outcome = (|| -> Result<Staged> {
             let mut txn = self.db.begin_write().map_err(backend)?;
             txn.set_durability(Durability::Immediate).map_err(backend)?;
-            {
-                let mut tables = Tables::new(&txn);
+            let staged = {
+                let mut tables = Tables::new(&txn, &self.counters, self.next_row);
                 for job in batch.iter_mut() {
                     let op = std::mem::replace(&mut job.op, Op::Sweep { now_ms: 0 });
                     replies.push(self.apply_one(&mut tables, op)?);
                 }
-            }
-            txn.commit().map_err(backend)
+                tables.staged
+            };
+            txn.commit().map_err(backend)?;
+            Ok(staged)
         })();
+        let outcome = outcome.map(|staged| {
+            self.rows += staged.next - self.next_row;
+            self.next_row = staged.next;
+            self.counters.committed(staged.counts);
+        });
         let committed = Instant::now();
         TRANSACTION_SECONDS.observe_duration(committed - started);
         for (job, lane) in batch.iter().zip(lanes) {
@@ -1307,13 +1410,22 @@ macro_rules! tables {
     ($($name:ident: $definition:ident, $key:ty, $value:ty;)*) => {
         struct Tables<'txn> {
             txn: &'txn redb::WriteTransaction,
+            /// The devices' latest committed counters, and what this transaction changed.
+            counters: &'txn Counters,
+            staged: Staged,
             $($name: Option<redb::Table<'txn, $key, $value>>,)*
         }
 
         impl<'txn> Tables<'txn> {
-            fn new(txn: &'txn redb::WriteTransaction) -> Self {
+            fn new(
+                txn: &'txn redb::WriteTransaction,
+                counters: &'txn Counters,
+                next_row: u64,
+            ) -> Self {
                 Self {
                     txn,
+                    counters,
+                    staged: Staged::new(next_row),
                     $($name: None,)*
                 }
             }
@@ -1359,6 +1471,7 @@ tables! {
     stats_expiring: STATS_EXPIRING, (u64, &'static str, u32), i64;
     stats: STATS, (u64, &'static str, u32), [u64; 5];
     device_seen: DEVICE_SEEN, (&'static str, u64, &'static str), ();
+    counter_log: COUNTER_LOG, u64, (&'static str, [u64; 5]);
 }
 
 impl Tables<'_> {
@@ -1629,18 +1742,45 @@ impl Tables<'_> {
         }
     }
 
+    /// The record of `token`, with its latest counters (see `counters`).
     fn device(&mut self, token: &str) -> Result<Option<DeviceRecord>> {
-        self.devices()?
+        let record = self
+            .devices()?
             .get(token)
             .map_err(backend)?
             .map(|value| decode_device(value.value()))
-            .transpose()
+            .transpose()?;
+        let Some(mut record) = record else {
+            return Ok(None);
+        };
+        let latest = match self.staged.get(token) {
+            Some(staged) => staged,
+            None => self.counters.latest(token),
+        };
+        if let Some(counts) = latest {
+            counts.apply(&mut record);
+        }
+        Ok(Some(record))
     }
 
+    /// Writes the whole record of `token` (its counters as `device` read them).
     fn put_device(&mut self, token: &str, record: &DeviceRecord) -> Result<()> {
         self.devices()?
             .insert(token, record.encode_to_vec().as_slice())
             .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Writes the counters of `record` (the rest of it unchanged) to the log (see
+    /// `counters`).
+    fn put_counts(&mut self, token: &str, record: &DeviceRecord) -> Result<()> {
+        let counts = Counts::of(record);
+        let row = self.staged.next;
+        self.counter_log()?
+            .insert(row, (token, counts.to_array()))
+            .map_err(backend)?;
+        self.staged.next += 1;
+        self.staged.counts.insert(token.to_owned(), Some(counts));
         Ok(())
     }
 
@@ -1679,6 +1819,7 @@ impl Tables<'_> {
             .remove((app, record.seen_ms, token))
             .map_err(backend)?;
         self.devices()?.remove(token).map_err(backend)?;
+        self.staged.counts.insert(token.to_owned(), None);
         Ok(Some(record))
     }
 
@@ -2230,7 +2371,7 @@ impl Tables<'_> {
                 .map_err(backend)?;
             record.pending += 1;
         }
-        self.put_device(token, &record)?;
+        self.put_counts(token, &record)?;
         Ok(Recorded::Seq { seq, route })
     }
 
@@ -2284,7 +2425,7 @@ impl Tables<'_> {
             }
         }
         record.acked_seq = seq;
-        self.put_device(token, &record)
+        self.put_counts(token, &record)
     }
 
     /// Removes what expired before `now_ms`, up to [`SWEEP_LIMIT`] rows of a kind; whether
@@ -2309,7 +2450,7 @@ impl Tables<'_> {
                 && let Some(mut record) = self.device(&token)?
             {
                 record.pending = record.pending.saturating_sub(1);
-                self.put_device(&token, &record)?;
+                self.put_counts(&token, &record)?;
             }
         }
         let expired_entries: Vec<(String, u64)> = self
@@ -2640,5 +2781,6 @@ impl Schedules for EmbeddedStore {
     }
 }
 
+mod counters;
 #[cfg(test)]
 mod tests;

@@ -12,13 +12,17 @@ use pigeon_proto::device::Priority;
 use tokio_util::sync::CancellationToken;
 
 fn open(dir: &Path) -> Result<EmbeddedStore> {
+    open_folding(dir, counters::FOLD_INTERVAL)
+}
+
+fn open_folding(dir: &Path, fold_interval: Duration) -> Result<EmbeddedStore> {
     let table = Arc::new(ConnectionTable::new(16, CancellationToken::new()));
     let limits = Limits {
         store_queue: 16,
         max_stored_per_device: 10,
         ..Limits::default()
     };
-    EmbeddedStore::open(dir, &limits, table)
+    EmbeddedStore::open_folding(dir, &limits, table, fold_interval)
 }
 
 fn message(id: String, body: &str, ttl_ms: u64) -> Arc<Message> {
@@ -113,6 +117,140 @@ async fn what_was_committed_survives_a_reopen() {
         .await
         .expect("admit");
     assert_eq!((device.acked_seq, device.highest_seq), (2, 4));
+}
+
+/// The database file of `dir` itself, once the writer thread of the store before has gone
+/// with its channel (and so released the file).
+async fn raw_file(dir: &Path) -> Database {
+    loop {
+        match Database::open(dir.join("pigeon.redb")) {
+            Ok(db) => break db,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// What the file says of `token`: its record's counters, and the counter log's rows.
+fn on_file(db: &Database, token: &str) -> (Counts, u64) {
+    let txn = db.begin_read().expect("read");
+    let devices = txn.open_table(DEVICES).expect("devices");
+    let record = devices
+        .get(token)
+        .expect("get")
+        .expect("the device's record");
+    let record = decode_device(record.value()).expect("decode");
+    let log = txn.open_table(COUNTER_LOG).expect("counter log");
+    (Counts::of(&record), log.len().expect("len"))
+}
+
+/// Pushes and acks change a device's counters in the log, not in its record; a store that
+/// was not closed (as after a crash) leaves them there, and the next start folds them in:
+/// no seq is given twice, none acked comes back.
+#[tokio::test]
+async fn counters_left_in_the_log_are_folded_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = {
+        let store = open_folding(dir.path(), Duration::from_secs(3600)).expect("open");
+        let token = store
+            .admit_device("demo", "alice", "")
+            .await
+            .expect("admit")
+            .token;
+        for n in 1..=4 {
+            push(&store, &token, &format!("m{n}"), 60_000).await;
+        }
+        store.ack(&token, 2).await.expect("ack");
+        let counters = store.counters(&token).await.expect("counters");
+        assert_eq!(counters.map(|c| c.pending), Some(2));
+        token
+    };
+    {
+        let db = raw_file(dir.path()).await;
+        let (record, rows) = on_file(&db, &token);
+        assert_eq!(record, Counts::default(), "the record is as admitted");
+        assert_eq!(rows, 5, "four records and an ack");
+    }
+    let store = reopen(dir.path()).await;
+    let device = store
+        .admit_device("demo", "alice", &token)
+        .await
+        .expect("admit");
+    assert_eq!((device.acked_seq, device.highest_seq), (2, 4));
+    assert_eq!(push(&store, &token, "m5", 60_000).await, 5);
+    assert_eq!(seqs(&store, &token).await, [3, 4, 5]);
+    store.close().await.expect("close");
+    drop(store);
+    let db = raw_file(dir.path()).await;
+    let folded = Counts {
+        highest_seq: 5,
+        acked_seq: 2,
+        pending: 3,
+        ..Counts::default()
+    };
+    assert_eq!(on_file(&db, &token), (folded, 0), "a close folds the log");
+}
+
+/// The writer folds the log into the records once its interval has passed, and reads of a
+/// device's counters agree before and after.
+#[tokio::test]
+async fn the_writer_folds_the_counter_log_into_the_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = {
+        let store = open_folding(dir.path(), Duration::ZERO).expect("open");
+        let token = store
+            .admit_device("demo", "alice", "")
+            .await
+            .expect("admit")
+            .token;
+        for n in 1..=3 {
+            push(&store, &token, &format!("m{n}"), 60_000).await;
+        }
+        store.ack(&token, 1).await.expect("ack");
+        let counters = store.counters(&token).await.expect("counters");
+        assert_eq!(counters.map(|c| c.pending), Some(2));
+        token
+    };
+    let db = raw_file(dir.path()).await;
+    let folded = Counts {
+        highest_seq: 3,
+        acked_seq: 1,
+        pending: 2,
+        ..Counts::default()
+    };
+    assert_eq!(on_file(&db, &token), (folded, 0));
+}
+
+/// An unregistered device's rows in the log are dropped by the fold, not written into a
+/// record.
+#[tokio::test]
+async fn a_fold_drops_the_rows_of_a_device_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_folding(dir.path(), Duration::from_secs(3600)).expect("open");
+    let gone = store
+        .admit_device("demo", "bob", "")
+        .await
+        .expect("admit")
+        .token;
+    let kept = store
+        .admit_device("demo", "alice", "")
+        .await
+        .expect("admit")
+        .token;
+    push(&store, &gone, "m1", 60_000).await;
+    push(&store, &kept, "m1", 60_000).await;
+    assert!(
+        store
+            .unregister("demo", &gone)
+            .await
+            .expect("unregister")
+            .is_some()
+    );
+    assert_eq!(store.counters(&gone).await.expect("counters"), None);
+    drop(store);
+    let store = reopen(dir.path()).await;
+    assert_eq!(store.counters(&gone).await.expect("counters"), None);
+    let kept_counters = store.counters(&kept).await.expect("counters");
+    assert_eq!(kept_counters.map(|c| c.pending), Some(1));
 }
 
 /// A close applies the writes sent before it, then refuses every write; what was written
@@ -335,6 +473,11 @@ async fn the_writer_takes_a_backlog_by_lane() {
         max_stored_per_stream: 10_000,
         seen_refresh: None,
         routes: store.routes.clone(),
+        counters: store.counters.clone(),
+        fold_interval: counters::FOLD_INTERVAL,
+        next_row: 0,
+        rows: 0,
+        folded_at: Instant::now(),
     };
     let (writes, jobs) = mpsc::channel(TAKEN);
     let mut answers = Vec::new();
