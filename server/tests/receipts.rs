@@ -675,6 +675,45 @@ async fn statistics_are_the_same_on_every_gateway() {
     assert!(status.message().starts_with("step:"), "{status:?}");
 }
 
+/// A node stopped with SIGTERM right after its device's ack adds what it still held (the
+/// message's counts and the statistics, flushed every 250 ms and every second) before it
+/// exits.
+#[tokio::test]
+async fn a_node_adds_the_counts_it_held_when_stopped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = Redis::start(dir.path());
+    let deployment = Deployment::single(&redis);
+    let mut node = NodeProcess::start(&deployment, &[]);
+    let gateway = GatewayProcess::start(&deployment, &[]);
+    let mut ann = cluster::connect(&node, "ann", &DeviceState::default()).await;
+    let answer = gateway.push_to(&["ann"], json!({"n": 1})).await;
+    let id = answer["message_id"].as_str().expect("id").to_owned();
+    let push = next_push(&mut ann).await;
+    ann.ack_push(&push).await.expect("ack");
+    // Gone at once, so the drain ends within a few milliseconds of the ack: a periodic
+    // flush seldom comes between them.
+    node.terminate();
+    drop(ann);
+    assert_eq!(
+        node.exited_within(Duration::from_secs(15)),
+        Some(true),
+        "the node did not exit cleanly on SIGTERM"
+    );
+    let (status, body) = gateway
+        .call("GET", &format!("/v1/messages/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(counts(&body), (1, 1), "{body}");
+    // The push and its target are the gateway's to count (it adds them every second);
+    // the delivery and the ack only the stopped node's last flush can have added.
+    let expected = sums(&[
+        ("realtime", [0; 5]),
+        ("notification", [1, 1, 1, 1, 0]),
+        ("marketing", [0; 5]),
+    ]);
+    stats_until(|| gateway.call("GET", "/v1/stats", None), &expected).await;
+}
+
 /// Counts a node could not add while Redis was down (the message's, and the statistics')
 /// are added once it is back, and once only.
 #[tokio::test]
