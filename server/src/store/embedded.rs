@@ -1112,8 +1112,8 @@ impl EmbeddedStore {
         let _ = writeln!(
             out,
             "# HELP {name} Devices whose counters (seqs, pending) changed since the embedded \
-             store last folded its counter log into their records: held in memory, \
-             {FOLD_DEVICES} at most.\n\
+             store last folded its counter log into their records: held in memory, folded \
+             once past {FOLD_DEVICES}.\n\
              # TYPE {name} gauge\n{name} {devices}"
         );
         let name = "pigeon_store_fold_seconds";
